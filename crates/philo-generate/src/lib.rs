@@ -1,0 +1,10 @@
+//! Text generation with a Phi-3 model: sampling, incremental decoding through the KV cache, and
+//! stop conditions.
+
+pub mod error;
+pub mod sampling;
+pub mod token_stream;
+
+pub use error::{GenerateError, Result};
+pub use sampling::{Sampler, SamplingParams};
+pub use token_stream::{generate, GenerateOptions, Generation, StopReason, TokenStream};

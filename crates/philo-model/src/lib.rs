@@ -1,0 +1,18 @@
+//! The Phi-3 model for philo: configuration, checkpoint loading, the forward pass on candle and
+//! the KV cache for incremental decoding.
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod kv_cache;
+pub mod phi3;
+pub mod rope;
+pub mod tiny;
+pub mod weights;
+
+pub use checkpoint::ModelFiles;
+pub use config::{Phi3Config, RopeConfig, RopeScaling};
+pub use error::{ModelError, Result};
+pub use kv_cache::KvCache;
+pub use phi3::Phi3;
+pub use weights::SafetensorsStore;

@@ -1,0 +1,47 @@
+//! Keys and values of the tokens seen so far, one pair per decoder layer.
+
+use candle_core::Tensor;
+
+use crate::error::Result;
+
+/// The KV cache of a batch of sequences that advance together.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    /// Per layer: keys and values `[batch, kv_heads, seq, head_dim]`.
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    seq_len: usize,
+}
+
+impl KvCache {
+    /// An empty cache for a model of `num_layers` decoder layers.
+    pub fn new(num_layers: usize) -> Self {
+        KvCache {
+            layers: vec![None; num_layers],
+            seq_len: 0,
+        }
+    }
+
+    /// Number of positions cached.
+    pub fn seq_len(&self) -> usize {
+        self.seq_len
+    }
+
+    /// Forgets everything, keeping the layer count.
+    pub fn clear(&mut self) {
+        self.layers.iter_mut().for_each(|l| *l = None);
+        self.seq_len = 0;
+    }
+
+    /// Appends new keys/values of `layer` and returns all keys/values of that layer.
+    pub(crate) fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let merged = match &self.layers[layer] {
+            None => (k.clone(), v.clone()),
+            Some((past_k, past_v)) => (Tensor::cat(&[past_k, k], 2)?, Tensor::cat(&[past_v, v], 2)?),
+        };
+        if layer + 1 == self.layers.len() {
+            self.seq_len = merged.0.dim(2)?;
+        }
+        self.layers[layer] = Some(merged.clone());
+        Ok(merged)
+    }
+}

@@ -1,0 +1,352 @@
+//! The Phi-3 decoder (Phi3ForCausalLM): embedding, decoder layers of attention + gated MLP, final
+//! norm and LM head. Weights use the Hugging Face names (`model.layers.N.self_attn.qkv_proj.weight`).
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::config::Phi3Config;
+use crate::error::{ModelError, Result};
+use crate::kv_cache::KvCache;
+use crate::rope::RotaryEmbedding;
+use crate::weights::SafetensorsStore;
+
+/// y = x · Wᵀ for x of any leading shape.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// `[out_features, in_features]`, as PyTorch stores it.
+    pub weight: Tensor,
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let in_features = dims[dims.len() - 1];
+        let rows = x.elem_count() / in_features;
+        let y = x.reshape((rows, in_features))?.matmul(&self.weight.t()?)?;
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("x has a last dim") = self.weight.dim(0)?;
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+/// RMSNorm: the mean square is taken in f32 whatever the compute dtype.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x32 = x.to_dtype(DType::F32)?;
+        let mean_square = x32.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = x32.broadcast_div(&(mean_square + self.eps)?.sqrt()?)?;
+        Ok(normed.to_dtype(dtype)?.broadcast_mul(&self.weight)?)
+    }
+}
+
+/// Self-attention with a fused `qkv_proj` laid out [Q | K | V].
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub qkv_proj: Linear,
+    pub o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+/// Per-forward data shared by every layer.
+struct ForwardContext<'a> {
+    cos: Tensor,
+    sin: Tensor,
+    /// Additive mask `[batch, 1, seq, past + seq]` (0 or -inf-like), or None when nothing is masked.
+    mask: Option<Tensor>,
+    rotary: &'a RotaryEmbedding,
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &ForwardContext,
+        layer: usize,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let qkv = self.qkv_proj.forward(x)?;
+        let split = |offset: usize, heads: usize| -> Result<Tensor> {
+            Ok(qkv
+                .narrow(2, offset * d, heads * d)?
+                .reshape((b, s, heads, d))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let q = ctx.rotary.apply(&split(0, h)?, &ctx.cos, &ctx.sin)?;
+        let k = ctx.rotary.apply(&split(h, kvh)?, &ctx.cos, &ctx.sin)?;
+        let v = split(h + kvh, kvh)?;
+        let (k, v) = match cache {
+            Some(cache) => cache.append(layer, &k, &v)?,
+            None => (k, v),
+        };
+        let t = k.dim(2)?;
+        // Grouped-query attention without copying K/V: query head i uses KV head i / n_rep, so the
+        // n_rep query heads of one KV head are stacked along the sequence axis.
+        let n_rep = h / kvh;
+        let q = q.reshape((b, kvh, n_rep * s, d))?;
+        let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
+        let mut scores = scores.reshape((b, h, s, t))?.to_dtype(DType::F32)?;
+        if let Some(mask) = &ctx.mask {
+            scores = scores.broadcast_add(mask)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        let out = probs.reshape((b, kvh, n_rep * s, t))?.matmul(&v)?;
+        let out = out.reshape((b, h, s, d))?.transpose(1, 2)?.reshape((b, s, h * d))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+/// SiLU-gated MLP with a fused `gate_up_proj` laid out [gate | up].
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub gate_up_proj: Linear,
+    pub down_proj: Linear,
+    intermediate_size: usize,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate_up = self.gate_up_proj.forward(x)?;
+        let i = self.intermediate_size;
+        let gate = gate_up.narrow(D::Minus1, 0, i)?;
+        let up = gate_up.narrow(D::Minus1, i, i)?;
+        self.down_proj.forward(&(candle_nn::ops::silu(&gate)? * up)?)
+    }
+}
+
+/// One decoder layer: pre-norm attention and pre-norm MLP, each with a residual connection.
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+impl DecoderLayer {
+    fn forward(&self, x: &Tensor, ctx: &ForwardContext, layer: usize, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let attn = self.self_attn.forward(&self.input_layernorm.forward(x)?, ctx, layer, cache)?;
+        let x = (x + attn)?;
+        let mlp = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
+        Ok((x + mlp)?)
+    }
+}
+
+/// Phi-3 for causal language modelling.
+#[derive(Debug, Clone)]
+pub struct Phi3 {
+    pub embed_tokens: Tensor,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    pub lm_head: Linear,
+    rotary: RotaryEmbedding,
+    config: Phi3Config,
+    dtype: DType,
+    device: Device,
+}
+
+/// A value far below any real score that still keeps fully masked rows (left padding) finite.
+const MASKED: f32 = f32::MIN;
+
+impl Phi3 {
+    /// Loads the weights of `config` from `store`, converted to `dtype` on `device`.
+    pub fn load(config: &Phi3Config, store: &SafetensorsStore, dtype: DType, device: &Device) -> Result<Self> {
+        let c = config;
+        let (hd, d) = (c.hidden_size, c.head_dim);
+        let load = |name: &str, shape: &[usize]| store.load(name, shape, dtype, device);
+        let linear = |name: &str, out: usize, inp: usize| -> Result<Linear> {
+            Ok(Linear {
+                weight: load(&format!("{name}.weight"), &[out, inp])?,
+            })
+        };
+        let norm = |name: &str| -> Result<RmsNorm> {
+            Ok(RmsNorm {
+                weight: load(&format!("{name}.weight"), &[hd])?,
+                eps: c.rms_norm_eps,
+            })
+        };
+        let embed_tokens = load("model.embed_tokens.weight", &[c.vocab_size, hd])?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let qkv_out = (c.num_attention_heads + 2 * c.num_key_value_heads) * d;
+            layers.push(DecoderLayer {
+                input_layernorm: norm(&format!("{p}.input_layernorm"))?,
+                self_attn: Attention {
+                    qkv_proj: linear(&format!("{p}.self_attn.qkv_proj"), qkv_out, hd)?,
+                    o_proj: linear(&format!("{p}.self_attn.o_proj"), hd, c.num_attention_heads * d)?,
+                    num_heads: c.num_attention_heads,
+                    num_kv_heads: c.num_key_value_heads,
+                    head_dim: d,
+                },
+                post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm"))?,
+                mlp: Mlp {
+                    gate_up_proj: linear(&format!("{p}.mlp.gate_up_proj"), 2 * c.intermediate_size, hd)?,
+                    down_proj: linear(&format!("{p}.mlp.down_proj"), hd, c.intermediate_size)?,
+                    intermediate_size: c.intermediate_size,
+                },
+            });
+        }
+        let lm_head = if c.tie_word_embeddings && !store.contains("lm_head.weight") {
+            Linear {
+                weight: embed_tokens.clone(),
+            }
+        } else {
+            linear("lm_head", c.vocab_size, hd)?
+        };
+        Ok(Phi3 {
+            embed_tokens,
+            layers,
+            norm: norm("model.norm")?,
+            lm_head,
+            rotary: RotaryEmbedding::new(&c.rope),
+            config: c.clone(),
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &Phi3Config {
+        &self.config
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn rotary(&self) -> &RotaryEmbedding {
+        &self.rotary
+    }
+
+    /// A fresh KV cache for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.config.num_hidden_layers)
+    }
+
+    /// Logits `[batch, seq, vocab]` (f32) for every position of `input_ids` `[batch, seq]`.
+    ///
+    /// `attention_mask` `[batch, past + seq]` marks real tokens 1 and padding 0 over the cached and
+    /// new positions, as in transformers; positions count real tokens only, so a left-padded row
+    /// gives the logits of the same row unpadded. With `cache`, the new keys/values are appended.
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let hidden = self.hidden_states(input_ids, attention_mask, cache)?;
+        Ok(self.lm_head.forward(&hidden)?.to_dtype(DType::F32)?)
+    }
+
+    /// Logits `[batch, vocab]` (f32) of the last position only: what decoding needs.
+    pub fn forward_last(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let hidden = self.hidden_states(input_ids, attention_mask, cache)?;
+        let s = hidden.dim(1)?;
+        let last = hidden.narrow(1, s - 1, 1)?.squeeze(1)?;
+        Ok(self.lm_head.forward(&last)?.to_dtype(DType::F32)?)
+    }
+
+    /// Final-norm hidden states `[batch, seq, hidden]`.
+    pub fn hidden_states(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (b, s) = input_ids.dims2()?;
+        let past = cache.as_ref().map_or(0, |c| c.seq_len());
+        let mask_rows = match attention_mask {
+            Some(m) => {
+                let (mb, mt) = m.dims2()?;
+                if mb != b || mt != past + s {
+                    return Err(candle_core::Error::Msg(format!(
+                        "attention_mask is [{mb}, {mt}], expected [{b}, {}] (cached + new positions)",
+                        past + s
+                    ))
+                    .into());
+                }
+                Some(m.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+            }
+            None => None,
+        };
+        let positions = positions(mask_rows.as_deref(), b, past, s);
+        let max_position = positions.iter().copied().max().unwrap_or(0) as usize;
+        if let Some(cache) = &cache {
+            let cached_long = cache.seq_len() > 0 && self.rotary.uses_long_factors(cache.seq_len() - 1);
+            if cache.seq_len() > 0 && self.rotary.uses_long_factors(max_position) != cached_long {
+                return Err(ModelError::Candle(candle_core::Error::Msg(
+                    "this step crosses original_max_position_embeddings: LongRoPE switches to the long factors, so the cached prefix must be recomputed (clear the cache and feed the whole sequence)".into(),
+                )));
+            }
+        }
+        let long = self.rotary.uses_long_factors(max_position);
+        let (cos, sin) = self.rotary.cos_sin(&positions, long, self.dtype, &self.device)?;
+        let half = self.rotary.rotary_dim() / 2;
+        let ctx = ForwardContext {
+            cos: cos.reshape((b, s, half))?,
+            sin: sin.reshape((b, s, half))?,
+            mask: self.attention_bias(mask_rows.as_deref(), b, past, s)?,
+            rotary: &self.rotary,
+        };
+        let ids = input_ids.flatten_all()?;
+        let mut x = self.embed_tokens.index_select(&ids, 0)?.reshape((b, s, self.config.hidden_size))?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x, &ctx, i, cache.as_deref_mut())?;
+        }
+        self.norm.forward(&x)
+    }
+
+    /// Additive attention bias `[batch, 1, s, past + s]`: causal, sliding window, padding.
+    fn attention_bias(&self, mask_rows: Option<&[Vec<f32>]>, b: usize, past: usize, s: usize) -> Result<Option<Tensor>> {
+        let t = past + s;
+        let window = self.config.sliding_window.unwrap_or(usize::MAX);
+        let window_matters = t > window;
+        if s == 1 && mask_rows.is_none() && !window_matters {
+            return Ok(None);
+        }
+        let mut bias = vec![0f32; b * s * t];
+        for row in 0..b {
+            for qi in 0..s {
+                let i = past + qi;
+                let out = &mut bias[(row * s + qi) * t..(row * s + qi + 1) * t];
+                for (j, slot) in out.iter_mut().enumerate() {
+                    let visible = j <= i
+                        && i - j < window
+                        && mask_rows.is_none_or(|m| m[row][j] != 0.0);
+                    if !visible {
+                        *slot = MASKED;
+                    }
+                }
+            }
+        }
+        Ok(Some(Tensor::from_vec(bias, (b, 1, s, t), &self.device)?))
+    }
+}
+
+/// Position ids of the new tokens, `[batch * s]` row-major: the count of real tokens before each
+/// one (padding positions get 0), or simply past..past+s without a mask.
+fn positions(mask_rows: Option<&[Vec<f32>]>, b: usize, past: usize, s: usize) -> Vec<u32> {
+    let mut out = Vec::with_capacity(b * s);
+    for row in 0..b {
+        match mask_rows {
+            None => out.extend((past..past + s).map(|p| p as u32)),
+            Some(rows) => {
+                let mut seen = 0u32;
+                for (j, &m) in rows[row].iter().enumerate() {
+                    let real = m != 0.0;
+                    if j >= past {
+                        out.push(if real { seen } else { 0 });
+                    }
+                    if real {
+                        seen += 1;
+                    }
+                }
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,102 @@
+//! A tiny random Phi-3 checkpoint in the Hugging Face layout: the embedded default for demos and
+//! tests. It keeps the real Phi-3 vocabulary (32064) so the real tokenizer works with it.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+
+use crate::config::{Phi3Config, RopeConfig, RopeScaling};
+use crate::error::{ModelError, Result};
+
+/// The tiny shape: Phi-3-mini's layout and vocabulary in miniature.
+pub fn tiny_config() -> Phi3Config {
+    Phi3Config {
+        vocab_size: 32064,
+        hidden_size: 128,
+        intermediate_size: 256,
+        num_hidden_layers: 4,
+        num_attention_heads: 4,
+        num_key_value_heads: 4,
+        head_dim: 32,
+        rms_norm_eps: 1e-5,
+        max_position_embeddings: 4096,
+        rope: RopeConfig {
+            theta: 10_000.0,
+            rotary_dim: 32,
+            scaling: RopeScaling::None,
+        },
+        sliding_window: Some(2047),
+        tie_word_embeddings: false,
+        bos_token_id: Some(1),
+        eos_token_ids: vec![32000],
+        pad_token_id: Some(32000),
+        saved_dtype: Some("float32".into()),
+    }
+}
+
+/// Normal(0, std) samples by Box-Muller, reproducible from the generator.
+fn normal(rng: &mut rand::rngs::StdRng, n: usize, std: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            let u1: f32 = rng.random::<f32>().max(f32::MIN_POSITIVE);
+            let u2: f32 = rng.random();
+            std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+        })
+        .collect()
+}
+
+/// Random weights for `config` (normal(0, 0.02) matrices, unit norms), as `transformers` would
+/// initialise them, keyed by Hugging Face names.
+pub fn random_weights(config: &Phi3Config, seed: u64, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let c = config;
+    let mut weights = HashMap::new();
+    let mut matrix = |name: String, rows: usize, cols: usize, rng: &mut rand::rngs::StdRng| -> Result<()> {
+        let t = Tensor::from_vec(normal(rng, rows * cols, 0.02), (rows, cols), device)?;
+        weights.insert(name, t);
+        Ok(())
+    };
+    let d = c.head_dim;
+    matrix("model.embed_tokens.weight".into(), c.vocab_size, c.hidden_size, &mut rng)?;
+    for i in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        let qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * d;
+        matrix(format!("{p}.self_attn.qkv_proj.weight"), qkv, c.hidden_size, &mut rng)?;
+        matrix(format!("{p}.self_attn.o_proj.weight"), c.hidden_size, c.num_attention_heads * d, &mut rng)?;
+        matrix(format!("{p}.mlp.gate_up_proj.weight"), 2 * c.intermediate_size, c.hidden_size, &mut rng)?;
+        matrix(format!("{p}.mlp.down_proj.weight"), c.hidden_size, c.intermediate_size, &mut rng)?;
+    }
+    matrix("lm_head.weight".into(), c.vocab_size, c.hidden_size, &mut rng)?;
+    let ones = Tensor::ones(c.hidden_size, candle_core::DType::F32, device)?;
+    for i in 0..c.num_hidden_layers {
+        weights.insert(format!("model.layers.{i}.input_layernorm.weight"), ones.clone());
+        weights.insert(format!("model.layers.{i}.post_attention_layernorm.weight"), ones.clone());
+    }
+    weights.insert("model.norm.weight".into(), ones);
+    Ok(weights)
+}
+
+/// Writes config.json, generation_config.json and model.safetensors of a random model to `dir`.
+pub fn write_random_checkpoint(dir: &Path, config: &Phi3Config, seed: u64) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+    let weights = random_weights(config, seed, &Device::Cpu)?;
+    let write_json = |name: &str, value: &serde_json::Value| -> Result<()> {
+        let path = dir.join(name);
+        let text = serde_json::to_string_pretty(value).expect("JSON values serialise");
+        std::fs::write(&path, text).map_err(|e| ModelError::io(&path, e))
+    };
+    write_json("config.json", &config.to_json())?;
+    write_json(
+        "generation_config.json",
+        &serde_json::json!({
+            "bos_token_id": config.bos_token_id,
+            "eos_token_id": [32000, 32001, 32007],
+            "pad_token_id": config.pad_token_id,
+        }),
+    )?;
+    let path = dir.join("model.safetensors");
+    candle_core::safetensors::save(&weights, &path)?;
+    Ok(())
+}
