@@ -1,0 +1,876 @@
+//! Next-token sampling over one row of logits.
+//!
+//! The processors follow Hugging Face transformers' logits processors and are
+//! applied in this order:
+//!
+//! 1. repetition penalty (`RepetitionPenaltyLogitsProcessor`),
+//! 2. OpenAI-style frequency and presence penalties,
+//! 3. greedy argmax when the temperature is (almost) zero, otherwise
+//! 4. temperature, top-k, top-p, min-p and typical-p, then a seeded draw from
+//!    the softmax of the surviving logits.
+//!
+//! Filters work like the Hugging Face ones: they set removed logits to
+//! `-inf`, so each filter sees the distribution left by the previous one.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Temperatures below this are treated as greedy decoding; dividing by
+/// them would overflow the logits.
+const GREEDY_TEMPERATURE: f32 = 1e-5;
+
+/// Settings for [`Sampler`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplingParams {
+    /// Softmax temperature; `0` (anything below `1e-5`) means greedy decoding.
+    pub temperature: f32,
+    /// Keep only the `k` highest logits (ties with the k-th are kept too).
+    pub top_k: Option<usize>,
+    /// Nucleus sampling: keep the most likely tokens whose probabilities
+    /// sum to `top_p`. `1.0` disables it.
+    pub top_p: Option<f32>,
+    /// Locally typical sampling mass, in `(0, 1]`; `0.2` is a common choice.
+    /// `1.0` disables it.
+    pub typical_p: Option<f32>,
+    /// Drop tokens whose probability is below `min_p` times the largest one.
+    pub min_p: Option<f32>,
+    /// Divides positive and multiplies negative logits of every token already
+    /// seen; `> 1` discourages repeats.
+    pub repetition_penalty: Option<f32>,
+    /// Subtracted from a logit once per earlier occurrence of its token.
+    pub frequency_penalty: f32,
+    /// Subtracted once from the logit of every token seen at least once.
+    pub presence_penalty: f32,
+    /// RNG seed; `None` seeds from the operating system.
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.7,
+            top_k: None,
+            top_p: Some(0.9),
+            typical_p: None,
+            min_p: None,
+            repetition_penalty: None,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            seed: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Greedy decoding: always the highest logit (after penalties).
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            top_p: None,
+            ..Self::default()
+        }
+    }
+
+    /// Whether these settings decode greedily instead of sampling.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature < GREEDY_TEMPERATURE
+    }
+
+    /// Checks every parameter; the error names the first bad one.
+    pub fn validate(&self) -> Result<(), SamplingError> {
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return Err(invalid(
+                "temperature",
+                self.temperature,
+                "a finite value >= 0",
+            ));
+        }
+        if self.top_k == Some(0) {
+            return Err(invalid("top_k", 0, "at least 1"));
+        }
+        for (name, value) in [
+            ("top_p", self.top_p),
+            ("typical_p", self.typical_p),
+            ("min_p", self.min_p),
+        ] {
+            if let Some(v) = value {
+                if v.is_nan() || v <= 0.0 || v > 1.0 {
+                    return Err(invalid(name, v, "in (0, 1]"));
+                }
+            }
+        }
+        if let Some(p) = self.repetition_penalty {
+            if !p.is_finite() || p <= 0.0 {
+                return Err(invalid("repetition_penalty", p, "a finite value > 0"));
+            }
+        }
+        for (name, value) in [
+            ("frequency_penalty", self.frequency_penalty),
+            ("presence_penalty", self.presence_penalty),
+        ] {
+            if !value.is_finite() {
+                return Err(invalid(name, value, "finite"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A rejected [`SamplingParams`] value.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SamplingError {
+    /// `parameter` has a value outside its allowed range.
+    #[error("invalid sampling parameter `{parameter}` = {value}: must be {expected}")]
+    InvalidParameter {
+        /// Field name in [`SamplingParams`].
+        parameter: &'static str,
+        /// The rejected value, as written by `Display`.
+        value: String,
+        /// The allowed range.
+        expected: &'static str,
+    },
+}
+
+fn invalid(
+    parameter: &'static str,
+    value: impl std::fmt::Display,
+    expected: &'static str,
+) -> SamplingError {
+    SamplingError::InvalidParameter {
+        parameter,
+        value: value.to_string(),
+        expected,
+    }
+}
+
+/// Draws token ids from logits with fixed [`SamplingParams`] and its own RNG.
+///
+/// With a seed, the same sequence of `sample` calls on the same inputs gives
+/// the same tokens.
+#[derive(Debug)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+}
+
+impl Sampler {
+    /// Validates `params` and seeds the RNG.
+    pub fn new(params: SamplingParams) -> Result<Self, SamplingError> {
+        params.validate()?;
+        let rng = match params.seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_os_rng(),
+        };
+        Ok(Self { params, rng })
+    }
+
+    /// The settings this sampler was built with.
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Picks the next token from one row of `logits` (vocabulary size).
+    ///
+    /// `previous_tokens` feed the penalties (ids outside the vocabulary are
+    /// ignored). NaN logits are treated as `-inf`. If no token has a finite
+    /// logit, the draw is uniform (greedy returns token 0).
+    ///
+    /// # Panics
+    ///
+    /// If `logits` is empty.
+    pub fn sample(&mut self, logits: &[f32], previous_tokens: &[u32]) -> u32 {
+        assert!(!logits.is_empty(), "cannot sample from an empty logits row");
+        let p = &self.params;
+        let mut scores: Vec<f32> = logits
+            .iter()
+            .map(|&x| if x.is_nan() { f32::NEG_INFINITY } else { x })
+            .collect();
+        apply_penalties(&mut scores, previous_tokens, p);
+        if p.is_greedy() {
+            return argmax(&scores);
+        }
+        if p.temperature != 1.0 {
+            // Divide (not multiply by the inverse) to round like HF.
+            scores.iter_mut().for_each(|x| *x /= p.temperature);
+        }
+        if let Some(k) = p.top_k {
+            top_k_filter(&mut scores, k);
+        }
+        // At 1.0 these filters only remove tokens through rounding error
+        // (HF skips them there too).
+        if let Some(top_p) = p.top_p.filter(|&v| v < 1.0) {
+            top_p_filter(&mut scores, top_p);
+        }
+        if let Some(min_p) = p.min_p {
+            min_p_filter(&mut scores, min_p);
+        }
+        if let Some(mass) = p.typical_p.filter(|&v| v < 1.0) {
+            typical_p_filter(&mut scores, mass);
+        }
+        softmax_in_place(&mut scores);
+        draw(&scores, self.rng.random::<f64>())
+    }
+}
+
+/// Applies the repetition penalty, then the frequency and presence penalties
+/// of `params` to the tokens in `previous_tokens`.
+///
+/// Repetition penalty (HF): each distinct seen token's logit is divided by the
+/// penalty when positive and multiplied by it otherwise. Frequency/presence
+/// (OpenAI): `logit -= count * frequency_penalty + presence_penalty` for every
+/// token with `count > 0`. Ids outside `logits` are ignored.
+pub fn apply_penalties(logits: &mut [f32], previous_tokens: &[u32], params: &SamplingParams) {
+    let repetition = params.repetition_penalty.filter(|&p| p != 1.0);
+    let (frequency, presence) = (params.frequency_penalty, params.presence_penalty);
+    if previous_tokens.is_empty() || (repetition.is_none() && frequency == 0.0 && presence == 0.0) {
+        return;
+    }
+    // Sorting groups equal ids, giving each distinct token and its count in
+    // O(n log n) without a hash map.
+    let mut seen = previous_tokens.to_vec();
+    seen.sort_unstable();
+    for run in seen.chunk_by(|a, b| a == b) {
+        let Some(logit) = logits.get_mut(run[0] as usize) else {
+            continue;
+        };
+        if let Some(penalty) = repetition {
+            *logit = if *logit < 0.0 {
+                *logit * penalty
+            } else {
+                *logit / penalty
+            };
+        }
+        *logit -= run.len() as f32 * frequency + presence;
+    }
+}
+
+/// Index of the largest logit; the lowest index wins ties and NaN is
+/// ignored. Returns 0 when no value is above `-inf`.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let (mut best, mut best_value) = (0, f32::NEG_INFINITY);
+    for (i, &x) in logits.iter().enumerate() {
+        // Strict `>` keeps the first of equal values and skips NaN.
+        if x > best_value {
+            (best, best_value) = (i, x);
+        }
+    }
+    best as u32
+}
+
+/// Largest value, ignoring NaN; `-inf` for an empty or all-NaN slice.
+fn max_value(xs: &[f32]) -> f32 {
+    xs.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// Replaces logits by their softmax probabilities.
+///
+/// Sums in f64 to keep the large vocabulary's rounding error small. `+inf`
+/// logits share all the mass; if every logit is `-inf` the result is uniform.
+pub fn softmax_in_place(xs: &mut [f32]) {
+    let max = max_value(xs);
+    let mut sum = 0.0f64;
+    for x in xs.iter_mut() {
+        // `x == max` avoids `inf - inf = NaN` when the max is infinite.
+        *x = if *x == max { 1.0 } else { (*x - max).exp() };
+        sum += f64::from(*x);
+    }
+    for x in xs.iter_mut() {
+        *x = (f64::from(*x) / sum) as f32;
+    }
+}
+
+/// Samples an index from `probs` given a uniform `u` in `[0, 1)`.
+fn draw(probs: &[f32], u: f64) -> u32 {
+    let total: f64 = probs.iter().map(|&p| f64::from(p)).sum();
+    let target = u * total;
+    let mut acc = 0.0f64;
+    let mut last_possible = 0;
+    for (i, &p) in probs.iter().enumerate() {
+        if p > 0.0 {
+            acc += f64::from(p);
+            last_possible = i;
+            if acc > target {
+                return i as u32;
+            }
+        }
+    }
+    // Only reached if rounding puts `target` at the very top of the range.
+    last_possible as u32
+}
+
+/// Top-k (HF `TopKLogitsWarper`): sets to `-inf` every logit below the k-th
+/// largest, so values tied with the k-th survive.
+pub fn top_k_filter(logits: &mut [f32], k: usize) {
+    if k == 0 || k >= logits.len() {
+        return;
+    }
+    let mut values = logits.to_vec();
+    // Linear-time selection of the k-th largest value.
+    let (_, kth, _) = values.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+    let threshold = *kth;
+    for x in logits.iter_mut() {
+        if *x < threshold {
+            *x = f32::NEG_INFINITY;
+        }
+    }
+}
+
+/// Top-p / nucleus (HF `TopPLogitsWarper`): sorts ascending, and removes the
+/// tokens whose cumulative probability is `<= 1 - top_p`, always keeping the
+/// most likely one.
+///
+/// Among equal logits the higher id is removed first.
+pub fn top_p_filter(logits: &mut [f32], top_p: f32) {
+    let mut order: Vec<usize> = (0..logits.len())
+        .filter(|&i| logits[i] > f32::NEG_INFINITY)
+        .collect();
+    if order.len() <= 1 {
+        return;
+    }
+    order.sort_unstable_by(|&a, &b| logits[a].total_cmp(&logits[b]).then(b.cmp(&a)));
+    let mut probs = logits.to_vec();
+    softmax_in_place(&mut probs);
+    let threshold = 1.0 - f64::from(top_p);
+    let mut cumulative = 0.0f64;
+    // The last (most likely) token is never removed.
+    for &i in &order[..order.len() - 1] {
+        cumulative += f64::from(probs[i]);
+        if cumulative > threshold {
+            break;
+        }
+        logits[i] = f32::NEG_INFINITY;
+    }
+}
+
+/// Min-p (HF `MinPLogitsWarper`): removes tokens whose probability is below
+/// `min_p` times the top probability. The top token always survives.
+pub fn min_p_filter(logits: &mut [f32], min_p: f32) {
+    let mut probs = logits.to_vec();
+    softmax_in_place(&mut probs);
+    let threshold = min_p * max_value(&probs);
+    for (x, &p) in logits.iter_mut().zip(&probs) {
+        if p < threshold {
+            *x = f32::NEG_INFINITY;
+        }
+    }
+}
+
+/// Locally typical sampling (HF `TypicalLogitsWarper`).
+///
+/// Tokens are ranked by how close their surprisal `-ln p` is to the entropy
+/// of the distribution. Walking that ranking, tokens are kept up to and
+/// including the first one where the cumulative probability reaches `mass`
+/// (HF counts the tokens with cumulative probability `< mass`), plus any
+/// token exactly as typical as that last one. At least one token survives.
+pub fn typical_p_filter(logits: &mut [f32], mass: f32) {
+    let order: Vec<usize> = (0..logits.len())
+        .filter(|&i| logits[i] > f32::NEG_INFINITY)
+        .collect();
+    if order.len() <= 1 {
+        return;
+    }
+    // Log-softmax in f64 over the finite logits (the rest have p = 0).
+    let max = max_value(logits);
+    let shifted = |i: usize| {
+        if logits[i] == max {
+            0.0
+        } else {
+            f64::from(logits[i]) - f64::from(max)
+        }
+    };
+    let log_sum = order.iter().map(|&i| shifted(i).exp()).sum::<f64>().ln();
+    let log_p: Vec<f64> = order.iter().map(|&i| shifted(i) - log_sum).collect();
+    // Entropy; zero-probability terms are skipped (HF uses nansum).
+    let entropy: f64 = -log_p
+        .iter()
+        .map(|&lp| lp.exp() * lp)
+        .filter(|t| t.is_finite())
+        .sum::<f64>();
+    let distance: Vec<f64> = log_p.iter().map(|&lp| (-lp - entropy).abs()).collect();
+    // Rank positions within `order` by typicality.
+    let mut rank: Vec<usize> = (0..order.len()).collect();
+    rank.sort_unstable_by(|&a, &b| {
+        distance[a]
+            .total_cmp(&distance[b])
+            .then(order[a].cmp(&order[b]))
+    });
+    let mut cumulative = 0.0f64;
+    let mut below = 0;
+    for &r in &rank {
+        cumulative += log_p[r].exp();
+        if cumulative >= f64::from(mass) {
+            break;
+        }
+        below += 1;
+    }
+    let last = rank[below.min(rank.len() - 1)];
+    let cutoff = distance[last];
+    for (pos, &i) in order.iter().enumerate() {
+        if distance[pos] > cutoff {
+            logits[i] = f32::NEG_INFINITY;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Plain sampling at T = 1 with no filters, as a base for tests.
+    fn plain(seed: u64) -> SamplingParams {
+        SamplingParams {
+            temperature: 1.0,
+            top_p: None,
+            seed: Some(seed),
+            ..SamplingParams::default()
+        }
+    }
+
+    fn ln_probs(probs: &[f32]) -> Vec<f32> {
+        probs.iter().map(|p| p.ln()).collect()
+    }
+
+    /// Ids whose logit is still finite after a filter.
+    fn kept(logits: &[f32]) -> Vec<usize> {
+        (0..logits.len())
+            .filter(|&i| logits[i] > f32::NEG_INFINITY)
+            .collect()
+    }
+
+    fn counts(params: SamplingParams, logits: &[f32], draws: usize) -> Vec<usize> {
+        let mut sampler = Sampler::new(params).unwrap();
+        let mut counts = vec![0; logits.len()];
+        for _ in 0..draws {
+            counts[sampler.sample(logits, &[]) as usize] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn greedy_picks_argmax_lowest_id_on_ties() {
+        let mut s = Sampler::new(SamplingParams::greedy()).unwrap();
+        assert_eq!(s.sample(&[0.1, 2.0, -1.0, 1.9], &[]), 1);
+        assert_eq!(s.sample(&[1.0, 3.0, 3.0], &[]), 1);
+        assert_eq!(s.sample(&[f32::NAN, -5.0, f32::NAN], &[]), 1);
+    }
+
+    #[test]
+    fn argmax_ignores_nan() {
+        assert_eq!(argmax(&[f32::NAN, 1.0, 2.0, f32::NAN]), 2);
+        assert_eq!(argmax(&[f32::NAN, f32::NEG_INFINITY, f32::NAN]), 0);
+        assert_eq!(argmax(&[-3.0, -2.0, -2.0]), 1);
+    }
+
+    #[test]
+    fn tiny_temperature_matches_greedy() {
+        let logits = [0.3, 1.2, 1.0, -0.4, 1.1];
+        let greedy = Sampler::new(SamplingParams::greedy())
+            .unwrap()
+            .sample(&logits, &[]);
+        assert_eq!(greedy, 1);
+        // 1e-3 is above the greedy cutoff, so this really samples; the gap
+        // of 0.1 becomes 100 nats, leaving the others ~e^-100.
+        for seed in 0..50 {
+            let params = SamplingParams {
+                temperature: 1e-3,
+                ..plain(seed)
+            };
+            assert!(!params.is_greedy());
+            let mut s = Sampler::new(params).unwrap();
+            for _ in 0..20 {
+                assert_eq!(s.sample(&logits, &[]), greedy);
+            }
+        }
+    }
+
+    #[test]
+    fn top_k_one_always_returns_argmax() {
+        let logits = [0.5, 0.4, 0.6, 0.55];
+        for seed in 0..200 {
+            let params = SamplingParams {
+                top_k: Some(1),
+                ..plain(seed)
+            };
+            assert_eq!(Sampler::new(params).unwrap().sample(&logits, &[]), 2);
+        }
+    }
+
+    #[test]
+    fn top_k_two_never_returns_third_token() {
+        let logits = ln_probs(&[0.5, 0.3, 0.2]);
+        let params = SamplingParams {
+            top_k: Some(2),
+            ..plain(7)
+        };
+        let c = counts(params, &logits, 5_000);
+        assert_eq!(c[2], 0);
+        // Both survivors are reachable, at roughly 5:3.
+        assert!(c[0] > 2_800 && c[1] > 1_600, "{c:?}");
+    }
+
+    #[test]
+    fn top_k_keeps_ties_at_the_boundary() {
+        let mut logits = [3.0, 2.0, 2.0, 1.0];
+        top_k_filter(&mut logits, 2);
+        assert_eq!(kept(&logits), [0, 1, 2]);
+    }
+
+    #[test]
+    fn top_p_keeps_smallest_nucleus() {
+        // Ascending cumulative: 0.2, 0.5, 1.0; remove cum <= 0.25 -> only 2.
+        let mut logits = ln_probs(&[0.5, 0.3, 0.2]);
+        top_p_filter(&mut logits, 0.75);
+        assert_eq!(kept(&logits), [0, 1]);
+
+        // 1 - 0.6 = 0.4: still only token 2 falls at or below it.
+        let mut logits = ln_probs(&[0.5, 0.3, 0.2]);
+        top_p_filter(&mut logits, 0.6);
+        assert_eq!(kept(&logits), [0, 1]);
+
+        // 1 - 0.4 = 0.6: 0.2 and 0.5 fall below, the top token remains.
+        let mut logits = ln_probs(&[0.5, 0.3, 0.2]);
+        top_p_filter(&mut logits, 0.4);
+        assert_eq!(kept(&logits), [0]);
+    }
+
+    #[test]
+    fn top_p_removes_tokens_at_exactly_one_minus_p() {
+        // Four exact quarters: cumulative 0.25, 0.5, 0.75, 1.0. HF removes
+        // cum <= 1 - top_p, so the equality at 0.5 is removed too.
+        let mut logits = [0.0; 4];
+        top_p_filter(&mut logits, 0.5);
+        assert_eq!(kept(&logits).len(), 2);
+        // Ties go to the lower ids.
+        assert_eq!(kept(&logits), [0, 1]);
+
+        let mut logits = [0.0; 4];
+        top_p_filter(&mut logits, 0.75);
+        assert_eq!(kept(&logits), [0, 1, 2]);
+    }
+
+    #[test]
+    fn top_p_always_keeps_the_top_token() {
+        let mut logits = ln_probs(&[0.2, 0.5, 0.3]);
+        top_p_filter(&mut logits, 0.01);
+        assert_eq!(kept(&logits), [1]);
+    }
+
+    #[test]
+    fn min_p_removes_tokens_below_fraction_of_max() {
+        // Threshold 0.5 * 0.5 = 0.25: 0.3 stays, 0.2 goes.
+        let mut logits = ln_probs(&[0.5, 0.3, 0.2]);
+        min_p_filter(&mut logits, 0.5);
+        assert_eq!(kept(&logits), [0, 1]);
+
+        // Threshold 0.7 * 0.5 = 0.35 also removes 0.3.
+        let mut logits = ln_probs(&[0.5, 0.3, 0.2]);
+        min_p_filter(&mut logits, 0.7);
+        assert_eq!(kept(&logits), [0]);
+    }
+
+    #[test]
+    fn min_p_keeps_probabilities_equal_to_threshold() {
+        // min_p = 1 keeps exactly the tokens tied for the top probability.
+        let mut logits = [1.0, 0.0, 1.0];
+        min_p_filter(&mut logits, 1.0);
+        assert_eq!(kept(&logits), [0, 2]);
+    }
+
+    #[test]
+    fn typical_p_prefers_tokens_near_the_entropy() {
+        // p = [0.5, 0.3, 0.2]: H = 1.0297 nats; |-ln p - H| =
+        // [0.3365, 0.1743, 0.5798], so the ranking is 1, 0, 2 with
+        // cumulative probabilities 0.3, 0.8, 1.0.
+        let cases: [(f32, &[usize]); 4] = [
+            // 0.3 >= 0.2 already: only token 1, the argmax is removed.
+            (0.2, &[1]),
+            // 0.3 < 0.5, 0.8 >= 0.5: keep through the crossing token.
+            (0.5, &[0, 1]),
+            (0.7, &[0, 1]),
+            (0.9, &[0, 1, 2]),
+        ];
+        for (mass, expected) in cases {
+            let mut logits = ln_probs(&[0.5, 0.3, 0.2]);
+            typical_p_filter(&mut logits, mass);
+            assert_eq!(kept(&logits), expected, "mass {mass}");
+        }
+    }
+
+    #[test]
+    fn typical_p_keeps_equally_typical_tokens() {
+        // p = [0.4, 0.3, 0.3]: H = 1.0889; distances [0.1726, 0.1151, 0.1151].
+        // With mass 0.2 the first ranked token already reaches it, but its
+        // twin is just as typical and HF keeps both.
+        let mut logits = ln_probs(&[0.4, 0.3, 0.3]);
+        typical_p_filter(&mut logits, 0.2);
+        assert_eq!(kept(&logits), [1, 2]);
+    }
+
+    #[test]
+    fn typical_p_through_sampler_excludes_atypical_argmax() {
+        let logits = ln_probs(&[0.5, 0.3, 0.2]);
+        for seed in 0..100 {
+            let params = SamplingParams {
+                typical_p: Some(0.2),
+                ..plain(seed)
+            };
+            assert_eq!(Sampler::new(params).unwrap().sample(&logits, &[]), 1);
+        }
+    }
+
+    #[test]
+    fn repetition_penalty_divides_positive_and_multiplies_negative() {
+        let params = SamplingParams {
+            repetition_penalty: Some(2.0),
+            ..SamplingParams::greedy()
+        };
+        // Token 0 appears three times but is penalised once.
+        let mut logits = [3.0, 1.5, -1.0, -0.5];
+        apply_penalties(&mut logits, &[0, 2, 0, 0, 99], &params);
+        assert_eq!(logits, [1.5, 1.5, -2.0, -0.5]);
+
+        let mut s = Sampler::new(params).unwrap();
+        // Positive: 3 / 2 = 1.5 < 2 moves the argmax to token 1.
+        assert_eq!(s.sample(&[3.0, 2.0], &[]), 0);
+        assert_eq!(s.sample(&[3.0, 2.0], &[0]), 1);
+        // Negative: -1 * 2 = -2 < -1.5 moves the argmax to token 1.
+        assert_eq!(s.sample(&[-1.0, -1.5], &[]), 0);
+        assert_eq!(s.sample(&[-1.0, -1.5], &[0]), 1);
+    }
+
+    #[test]
+    fn frequency_and_presence_penalties() {
+        let params = SamplingParams {
+            frequency_penalty: 0.5,
+            presence_penalty: 0.25,
+            ..SamplingParams::greedy()
+        };
+        // Token 0: 2 - 3 * 0.5 - 0.25 = 0.25; token 1: 1 - 0.5 - 0.25 = 0.25;
+        // token 2 unseen.
+        let mut logits = [2.0, 1.0, 0.5];
+        apply_penalties(&mut logits, &[0, 1, 0, 0], &params);
+        assert_eq!(logits, [0.25, 0.25, 0.5]);
+        let mut s = Sampler::new(params).unwrap();
+        assert_eq!(s.sample(&[2.0, 1.0, 0.5], &[]), 0);
+        assert_eq!(s.sample(&[2.0, 1.0, 0.5], &[0, 1, 0, 0]), 2);
+
+        // Presence alone is flat: 2 - 1.25 = 0.75 < 1 whether seen once or
+        // many times.
+        let presence = SamplingParams {
+            presence_penalty: 1.25,
+            ..SamplingParams::greedy()
+        };
+        let mut s = Sampler::new(presence).unwrap();
+        assert_eq!(s.sample(&[2.0, 1.0], &[0]), 1);
+        assert_eq!(s.sample(&[2.0, 1.0], &[0, 0, 0, 0]), 1);
+        assert_eq!(s.sample(&[2.0, 1.25], &[0, 0, 0, 0]), 1);
+        assert_eq!(s.sample(&[2.0, 0.7], &[0, 0, 0, 0]), 0);
+    }
+
+    #[test]
+    fn empirical_frequencies_match_tempered_softmax() {
+        let logits = [1.0, 0.5, 0.0, -1.0];
+        let temperature = 0.7;
+        let mut expected: Vec<f32> = logits.iter().map(|x| x / temperature).collect();
+        softmax_in_place(&mut expected);
+        // Hand check of softmax(l / 0.7): [0.5597, 0.2740, 0.1341, 0.0322].
+        for (e, hand) in expected.iter().zip([0.5597, 0.2740, 0.1341, 0.0322]) {
+            assert!((e - hand).abs() < 1e-3, "{expected:?}");
+        }
+        let draws = 20_000;
+        let params = SamplingParams {
+            temperature,
+            ..plain(1234)
+        };
+        let c = counts(params, &logits, draws);
+        for (i, (&n, &p)) in c.iter().zip(&expected).enumerate() {
+            let freq = n as f32 / draws as f32;
+            // ~3 standard deviations at p = 0.5; T = 1 would be off by > 0.08.
+            assert!((freq - p).abs() < 0.01, "token {i}: {freq} vs {p}");
+        }
+    }
+
+    #[test]
+    fn same_seed_same_sequence_different_seed_differs() {
+        let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.1).collect();
+        let run = |seed| {
+            let mut s = Sampler::new(SamplingParams {
+                seed: Some(seed),
+                ..SamplingParams::default()
+            })
+            .unwrap();
+            (0..200).map(|_| s.sample(&logits, &[])).collect::<Vec<_>>()
+        };
+        assert_eq!(run(42), run(42));
+        assert_ne!(run(42), run(43));
+    }
+
+    #[test]
+    fn unseeded_sampler_works() {
+        let mut s = Sampler::new(SamplingParams {
+            top_k: Some(1),
+            ..SamplingParams::default()
+        })
+        .unwrap();
+        assert_eq!(s.sample(&[0.0, 5.0, 1.0], &[]), 1);
+    }
+
+    #[test]
+    fn softmax_handles_infinities() {
+        let mut xs = [f32::INFINITY, 0.0, f32::INFINITY, f32::NEG_INFINITY];
+        softmax_in_place(&mut xs);
+        assert_eq!(xs, [0.5, 0.0, 0.5, 0.0]);
+    }
+
+    #[test]
+    fn defaults_and_greedy_are_valid() {
+        let d = SamplingParams::default();
+        assert_eq!(d.temperature, 0.7);
+        assert_eq!(d.top_p, Some(0.9));
+        assert!(d.validate().is_ok());
+        assert!(!d.is_greedy());
+        let g = SamplingParams::greedy();
+        assert!(g.validate().is_ok());
+        assert!(g.is_greedy());
+    }
+
+    #[test]
+    fn validation_errors_name_the_parameter() {
+        let d = SamplingParams::default();
+        let bad = [
+            (
+                SamplingParams {
+                    temperature: -0.1,
+                    ..d
+                },
+                "temperature",
+            ),
+            (
+                SamplingParams {
+                    temperature: f32::NAN,
+                    ..d
+                },
+                "temperature",
+            ),
+            (
+                SamplingParams {
+                    temperature: f32::INFINITY,
+                    ..d
+                },
+                "temperature",
+            ),
+            (
+                SamplingParams {
+                    top_k: Some(0),
+                    ..d
+                },
+                "top_k",
+            ),
+            (
+                SamplingParams {
+                    top_p: Some(0.0),
+                    ..d
+                },
+                "top_p",
+            ),
+            (
+                SamplingParams {
+                    top_p: Some(1.01),
+                    ..d
+                },
+                "top_p",
+            ),
+            (
+                SamplingParams {
+                    top_p: Some(f32::NAN),
+                    ..d
+                },
+                "top_p",
+            ),
+            (
+                SamplingParams {
+                    typical_p: Some(0.0),
+                    ..d
+                },
+                "typical_p",
+            ),
+            (
+                SamplingParams {
+                    typical_p: Some(-0.2),
+                    ..d
+                },
+                "typical_p",
+            ),
+            (
+                SamplingParams {
+                    min_p: Some(1.5),
+                    ..d
+                },
+                "min_p",
+            ),
+            (
+                SamplingParams {
+                    repetition_penalty: Some(0.0),
+                    ..d
+                },
+                "repetition_penalty",
+            ),
+            (
+                SamplingParams {
+                    repetition_penalty: Some(-1.0),
+                    ..d
+                },
+                "repetition_penalty",
+            ),
+            (
+                SamplingParams {
+                    repetition_penalty: Some(f32::INFINITY),
+                    ..d
+                },
+                "repetition_penalty",
+            ),
+            (
+                SamplingParams {
+                    frequency_penalty: f32::NAN,
+                    ..d
+                },
+                "frequency_penalty",
+            ),
+            (
+                SamplingParams {
+                    presence_penalty: f32::NEG_INFINITY,
+                    ..d
+                },
+                "presence_penalty",
+            ),
+        ];
+        for (params, name) in bad {
+            let err = Sampler::new(params).unwrap_err();
+            let SamplingError::InvalidParameter { parameter, .. } = &err;
+            assert_eq!(*parameter, name);
+            assert!(err.to_string().contains(&format!("`{name}`")), "{err}");
+        }
+        // Edges that are allowed.
+        let ok = [
+            SamplingParams {
+                top_p: Some(1.0),
+                typical_p: Some(1.0),
+                min_p: Some(1.0),
+                ..d
+            },
+            SamplingParams {
+                frequency_penalty: -2.0,
+                presence_penalty: 2.0,
+                ..d
+            },
+            SamplingParams {
+                repetition_penalty: Some(0.5),
+                top_k: Some(1),
+                ..d
+            },
+        ];
+        for params in ok {
+            assert!(params.validate().is_ok(), "{params:?}");
+        }
+    }
+}

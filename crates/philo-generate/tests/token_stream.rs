@@ -1,0 +1,97 @@
+//! Decoding through the KV cache equals recomputing the whole sequence at every step, also when a
+//! LongRoPE model crosses original_max_position_embeddings mid-generation.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use philo_generate::{generate, GenerateOptions, SamplingParams, StopReason, TokenStream};
+use philo_model::{Phi3, Phi3Config, SafetensorsStore};
+
+fn load(case: &str) -> (Phi3, serde_json::Value) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/hf-reference/dev").join(case);
+    let config = Phi3Config::from_file(&dir.join("config.json")).unwrap();
+    let store = SafetensorsStore::open_dir(&dir).unwrap();
+    let model = Phi3::load(&config, &store, DType::F32, &Device::Cpu).unwrap();
+    let reference = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    (model, reference)
+}
+
+fn ids(value: &serde_json::Value) -> Vec<u32> {
+    value.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
+}
+
+/// Greedy continuation by a full forward of the whole sequence at each step (no cache).
+fn greedy_without_cache(model: &Phi3, mut tokens: Vec<u32>, n: usize) -> Vec<u32> {
+    let start = tokens.len();
+    for _ in 0..n {
+        let input = Tensor::new(tokens.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let logits = model.forward_last(&input, None, None).unwrap().squeeze(0).unwrap();
+        tokens.push(logits.argmax(0).unwrap().to_scalar::<u32>().unwrap());
+    }
+    tokens[start..].to_vec()
+}
+
+#[test]
+fn longrope_generation_across_the_switch_equals_recomputation() {
+    let (model, reference) = load("longrope");
+    // original_max_position_embeddings is 32: a 28-token prompt and 12 new tokens cross it.
+    let prompt = ids(&reference["inputs"]["in0"])[..28].to_vec();
+    let expected = greedy_without_cache(&model, prompt.clone(), 12);
+    let mut stream = TokenStream::new(&model, prompt, SamplingParams::greedy()).unwrap();
+    let produced: Vec<u32> = (0..12).map(|_| stream.next_token().unwrap()).collect();
+    assert_eq!(produced, expected);
+}
+
+#[test]
+fn cached_decoding_equals_recomputation_with_sliding_window() {
+    let (model, reference) = load("gqa_window");
+    let prompt = ids(&reference["inputs"]["in1"]);
+    let expected = greedy_without_cache(&model, prompt.clone(), 15);
+    let mut stream = TokenStream::new(&model, prompt, SamplingParams::greedy()).unwrap();
+    let produced: Vec<u32> = (0..15).map(|_| stream.next_token().unwrap()).collect();
+    assert_eq!(produced, expected);
+}
+
+#[test]
+fn generate_stops_on_stop_tokens_and_limits() {
+    let (model, reference) = load("mini4k");
+    let greedy = &reference["greedy"];
+    let (prompt, continuation) = (ids(&greedy["prompt"]), ids(&greedy["new_tokens"]));
+    let mut options = GenerateOptions {
+        max_new_tokens: 5,
+        stop_tokens: vec![],
+        sampling: SamplingParams::greedy(),
+    };
+    let out = generate(&model, prompt.clone(), &options, |_| std::ops::ControlFlow::Continue(())).unwrap();
+    assert_eq!((out.tokens.as_slice(), out.stop), (&continuation[..5], StopReason::MaxTokens));
+
+    // The fourth reference token as a stop token ends generation before it.
+    options.max_new_tokens = 20;
+    options.stop_tokens = vec![continuation[3]];
+    let out = generate(&model, prompt.clone(), &options, |_| std::ops::ControlFlow::Continue(())).unwrap();
+    let first_stop = continuation.iter().position(|t| *t == continuation[3]).unwrap();
+    assert_eq!((out.tokens.as_slice(), out.stop), (&continuation[..first_stop], StopReason::Eos));
+
+    // The callback cancels.
+    options.stop_tokens.clear();
+    let mut seen = 0;
+    let out = generate(&model, prompt, &options, |_| {
+        seen += 1;
+        if seen == 2 {
+            std::ops::ControlFlow::Break(())
+        } else {
+            std::ops::ControlFlow::Continue(())
+        }
+    })
+    .unwrap();
+    assert_eq!((out.tokens.len(), out.stop), (2, StopReason::Cancelled));
+}
+
+#[test]
+fn empty_and_oversized_prompts_are_refused() {
+    let (model, _) = load("longrope");
+    assert!(TokenStream::new(&model, vec![], SamplingParams::greedy()).is_err());
+    let context = model.config().max_position_embeddings;
+    let err = TokenStream::new(&model, vec![5; context], SamplingParams::greedy()).err().unwrap();
+    assert!(err.to_string().contains("context"), "{err}");
+}

@@ -1,0 +1,50 @@
+//! Shared helpers of the model crate's tests: the reference cases under tests/fixtures.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use philo_model::{Phi3, Phi3Config, SafetensorsStore};
+
+pub fn case_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/hf-reference/dev").join(name)
+}
+
+pub fn load_model(dir: &Path, dtype: DType) -> Phi3 {
+    let config = Phi3Config::from_file(&dir.join("config.json")).unwrap();
+    let store = SafetensorsStore::open_dir(dir).unwrap();
+    Phi3::load(&config, &store, dtype, &Device::Cpu).unwrap()
+}
+
+pub fn reference(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap()
+}
+
+pub fn reference_tensor(dir: &Path, name: &str) -> Tensor {
+    SafetensorsStore::open_files(&[dir.join("reference.safetensors")])
+        .unwrap()
+        .load_raw(name)
+        .unwrap()
+}
+
+pub fn input(reference: &serde_json::Value, key: &str) -> Vec<u32> {
+    reference["inputs"][key]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// max |a - b| / max |b|
+pub fn relative_diff(actual: &Tensor, expected: &Tensor) -> f32 {
+    let actual = actual.to_dtype(DType::F32).unwrap();
+    let diff = (&actual - expected).unwrap().abs().unwrap().max_all().unwrap();
+    let scale = expected.abs().unwrap().max_all().unwrap();
+    diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap()
+}
+
+pub fn row(ids: &[u32]) -> Tensor {
+    Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap()
+}

@@ -1,0 +1,60 @@
+//! Choosing where and in which precision the model runs.
+
+use candle_core::{DType, Device};
+
+/// `--device`: where tensors live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceChoice {
+    /// CUDA when this build has it and a GPU is present, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(DeviceChoice::Auto),
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "cuda" | "gpu" => Ok(DeviceChoice::Cuda),
+            _ => Err(format!("unknown device `{s}`: use auto, cpu or cuda")),
+        }
+    }
+}
+
+impl DeviceChoice {
+    /// Opens the device. Asking for CUDA in a build without it is an error that says how to get it.
+    pub fn open(self) -> anyhow::Result<Device> {
+        match self {
+            DeviceChoice::Cpu => Ok(Device::Cpu),
+            DeviceChoice::Auto => Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
+            DeviceChoice::Cuda => {
+                if !candle_core::utils::cuda_is_available() {
+                    anyhow::bail!("--device cuda: this philo was built without CUDA; rebuild with `cargo build --release --features cuda` (see README)");
+                }
+                Ok(Device::new_cuda(0)?)
+            }
+        }
+    }
+}
+
+/// `--dtype`: the compute precision; None picks f32 on the CPU and bf16 on a GPU.
+pub fn parse_dtype(s: &str) -> Result<DType, String> {
+    match s {
+        "f32" | "float32" => Ok(DType::F32),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f16" | "float16" => Ok(DType::F16),
+        _ => Err(format!("unknown dtype `{s}`: use f32, bf16 or f16")),
+    }
+}
+
+/// The dtype to compute in on `device` when the user named none.
+pub fn default_dtype(device: &Device) -> DType {
+    if device.is_cpu() {
+        DType::F32
+    } else {
+        DType::BF16
+    }
+}

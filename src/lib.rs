@@ -1,0 +1,11 @@
+//! philo: fine-tune (QLoRA) and serve Microsoft Phi-3 on one GPU, in Rust.
+//!
+//! This crate is the application layer behind the `philo` command: loading a model with its
+//! tokenizer and chat template ([`pipeline::Pipeline`]), the chat session, the tiny default model.
+//! The model itself lives in `philo-model`, text handling in `philo-text`, generation in
+//! `philo-generate`.
+
+pub mod chat;
+pub mod device;
+pub mod pipeline;
+pub mod tiny;

@@ -1,0 +1,105 @@
+//! A loaded model with everything generation needs: weights, tokenizer, chat template, stop tokens.
+
+use std::ops::ControlFlow;
+
+use anyhow::Context;
+use candle_core::{DType, Device};
+use philo_generate::{generate, GenerateOptions, Generation};
+use philo_model::{config::read_generation_eos, ModelFiles, Phi3, Phi3Config, SafetensorsStore};
+use philo_text::{ChatMessage, ChatTemplate, StreamDecoder, Tokenizer};
+
+/// Phi-3's stop tokens (`<|endoftext|>`, `<|assistant|>`, `<|end|>`), used when the checkpoint
+/// has no generation_config.json.
+pub const PHI3_STOP_TOKENS: [u32; 3] = [32000, 32001, 32007];
+
+/// Model, tokenizer and chat template of one checkpoint.
+pub struct Pipeline {
+    pub model: Phi3,
+    pub tokenizer: Tokenizer,
+    pub template: ChatTemplate,
+    pub stop_tokens: Vec<u32>,
+    pub files: ModelFiles,
+}
+
+impl Pipeline {
+    /// Loads `spec` (a folder or hub id) in `dtype` on `device`.
+    pub fn load(spec: &str, dtype: DType, device: &Device) -> anyhow::Result<Self> {
+        let files = ModelFiles::resolve(spec)?;
+        let config = Phi3Config::from_file(&files.config())?;
+        let tokenizer_path = files.optional("tokenizer.json").with_context(|| {
+            format!("{}: no tokenizer.json; copy the model's tokenizer files next to its weights", files.dir.display())
+        })?;
+        let tokenizer = Tokenizer::from_file(&tokenizer_path)?;
+        let template = match files.optional("tokenizer_config.json") {
+            Some(path) => ChatTemplate::from_tokenizer_config(&path)?,
+            None => ChatTemplate::phi3_default(),
+        };
+        let mut stop_tokens = match files.optional("generation_config.json") {
+            Some(path) => read_generation_eos(&path)?,
+            None => Vec::new(),
+        };
+        if stop_tokens.is_empty() {
+            stop_tokens = config.eos_token_ids.clone();
+        }
+        // Chat turns end with <|end|>; stop there even when generation_config forgets it.
+        for id in PHI3_STOP_TOKENS {
+            if (id as usize) < config.vocab_size && !stop_tokens.contains(&id) {
+                stop_tokens.push(id);
+            }
+        }
+        let store = SafetensorsStore::open_dir(&files.dir)?;
+        let model = Phi3::load(&config, &store, dtype, device)?;
+        Ok(Pipeline {
+            model,
+            tokenizer,
+            template,
+            stop_tokens,
+            files,
+        })
+    }
+
+    /// Token ids of a raw prompt (special tokens as the tokenizer adds them).
+    pub fn encode_prompt(&self, text: &str) -> anyhow::Result<Vec<u32>> {
+        Ok(self.tokenizer.encode(text, true)?)
+    }
+
+    /// Token ids of a conversation rendered by the chat template, ready for the assistant's turn.
+    pub fn encode_chat(&self, messages: &[ChatMessage]) -> anyhow::Result<Vec<u32>> {
+        let text = self.template.render(messages, true)?;
+        // The template writes BOS itself where the model wants one, as in transformers'
+        // apply_chat_template.
+        Ok(self.tokenizer.encode(&text, false)?)
+    }
+
+    /// Generates from `prompt`, handing each completed piece of text to `on_text`; `on_text`
+    /// returning `Break` stops the generation.
+    pub fn stream(
+        &self,
+        prompt: Vec<u32>,
+        options: &GenerateOptions,
+        mut on_text: impl FnMut(&str) -> ControlFlow<()>,
+    ) -> anyhow::Result<(Generation, String)> {
+        let mut decoder = StreamDecoder::new(&self.tokenizer);
+        let mut text = String::new();
+        let mut failure = None;
+        let generation = generate(&self.model, prompt, options, |token| match decoder.push(token) {
+            Ok(Some(piece)) => {
+                text.push_str(&piece);
+                on_text(&piece)
+            }
+            Ok(None) => ControlFlow::Continue(()),
+            Err(e) => {
+                failure = Some(e);
+                ControlFlow::Break(())
+            }
+        })?;
+        if let Some(e) = failure {
+            return Err(e.into());
+        }
+        if let Some(rest) = decoder.finish()? {
+            text.push_str(&rest);
+            let _ = on_text(&rest);
+        }
+        Ok((generation, text))
+    }
+}
