@@ -7,11 +7,11 @@ use philo_text::{ChatMessage, ChatTemplate, TextError, Tokenizer, TokenizerConfi
 
 const PHI3_4K_CONFIG: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../../tests/fixtures/tokenizer/phi-3-mini-4k-instruct/tokenizer_config.json"
+    "/../../assets/phi-3-tokenizer/tokenizer_config.json"
 );
 const PHI3_4K_TOKENIZER: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../../tests/fixtures/tokenizer/phi-3-mini-4k-instruct/tokenizer.json"
+    "/../../assets/phi-3-tokenizer/tokenizer.json"
 );
 const PHI3_EARLY_CONFIG: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),

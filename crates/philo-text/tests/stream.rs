@@ -7,7 +7,7 @@ use philo_text::{StreamDecoder, Tokenizer};
 
 const PHI3_TOKENIZER: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../../tests/fixtures/tokenizer/phi-3-mini-4k-instruct/tokenizer.json"
+    "/../../assets/phi-3-tokenizer/tokenizer.json"
 );
 const EARLY_TOKENIZER: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),

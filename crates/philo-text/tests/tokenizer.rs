@@ -6,7 +6,7 @@ use philo_text::{TextError, Tokenizer};
 
 const PHI3_TOKENIZER: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../../tests/fixtures/tokenizer/phi-3-mini-4k-instruct/tokenizer.json"
+    "/../../assets/phi-3-tokenizer/tokenizer.json"
 );
 const VECTORS_INP: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
