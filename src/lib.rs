@@ -5,6 +5,7 @@
 //! The model itself lives in `philo-model`, text handling in `philo-text`, generation in
 //! `philo-generate`.
 
+pub mod bench;
 pub mod chat;
 pub mod device;
 pub mod pipeline;

@@ -35,6 +35,8 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Measure throughput (tokens/s, peak memory) as a table and JSON.
+    Bench(BenchArgs),
     /// Run philo's main job end to end on the embedded tiny model.
     Demo {
         /// Where the tiny model is written (reused if present).
@@ -119,6 +121,69 @@ struct ChatArgs {
     system: Option<String>,
     #[command(flatten)]
     sampling: SamplingArgs,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BenchTask {
+    Prefill,
+    Decode,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    task: BenchTask,
+    /// A model folder or hub id; omit and pass --random for a random Phi-3-mini-shaped model.
+    #[arg(long, conflicts_with = "random")]
+    model: Option<String>,
+    /// Build a random model of the Phi-3-mini shape (hidden 3072, 32 layers, vocab 32064) in memory.
+    #[arg(long)]
+    random: bool,
+    /// With --random: keep only this many decoder layers (the CPU cannot hold all 32 in f32 quickly).
+    #[arg(long)]
+    layers: Option<usize>,
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
+    #[arg(long, value_parser = parse_dtype)]
+    dtype: Option<DType>,
+    /// Sequences per batch; repeat the flag for several runs (e.g. --batch 1 --batch 26).
+    #[arg(long, default_value = "1")]
+    batch: Vec<usize>,
+    /// Prefill: tokens per sequence. Decode: prompt length.
+    #[arg(long)]
+    seq: Option<usize>,
+    /// Decode: new tokens per sequence.
+    #[arg(long = "new_tokens", alias = "new-tokens", default_value_t = 128)]
+    new_tokens: usize,
+    /// Write the results as JSON to this file too.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let device = args.device.open()?;
+    let dtype = args.dtype.unwrap_or_else(|| default_dtype(&device));
+    let model = match (&args.model, args.random) {
+        (Some(spec), _) => Pipeline::load(spec, dtype, &device)?.model,
+        (None, true) => {
+            eprintln!("building a random Phi-3-mini-shaped model ...");
+            philo::bench::random_model(&philo_model::Phi3Config::phi3_mini_4k(), args.layers, dtype, &device)?
+        }
+        (None, false) => anyhow::bail!("philo bench needs --model DIR or --random"),
+    };
+    let mut results = Vec::new();
+    for &batch in &args.batch {
+        results.push(match args.task {
+            BenchTask::Prefill => philo::bench::prefill(&model, batch, args.seq.unwrap_or(2048), 2)?,
+            BenchTask::Decode => philo::bench::decode(&model, batch, args.seq.unwrap_or(128), args.new_tokens)?,
+        });
+    }
+    print!("{}", philo::bench::table(&results));
+    let json = serde_json::to_string_pretty(&results)?;
+    println!("{json}");
+    if let Some(path) = args.json {
+        std::fs::write(&path, json).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    }
+    Ok(())
 }
 
 fn load(args: &ModelArgs) -> anyhow::Result<Pipeline> {
@@ -213,6 +278,7 @@ fn main() -> ExitCode {
         Command::Chat(args) => chat(args),
         Command::NewTiny { dir, seed } => philo::tiny::write_tiny_model(&dir, seed)
             .map(|()| println!("wrote a tiny random Phi-3 model to {}", dir.display())),
+        Command::Bench(args) => bench(args),
         Command::Demo { dir } => demo(dir),
     };
     match result {

@@ -15,4 +15,4 @@ pub use config::{Phi3Config, RopeConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use kv_cache::KvCache;
 pub use phi3::Phi3;
-pub use weights::SafetensorsStore;
+pub use weights::{SafetensorsStore, WeightSource};

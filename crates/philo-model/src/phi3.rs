@@ -7,7 +7,7 @@ use crate::config::Phi3Config;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::rope::RotaryEmbedding;
-use crate::weights::SafetensorsStore;
+use crate::weights::WeightSource;
 
 /// y = x · Wᵀ for x of any leading shape.
 #[derive(Debug, Clone)]
@@ -160,10 +160,10 @@ const MASKED: f32 = f32::MIN;
 
 impl Phi3 {
     /// Loads the weights of `config` from `store`, converted to `dtype` on `device`.
-    pub fn load(config: &Phi3Config, store: &SafetensorsStore, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn load(config: &Phi3Config, store: &impl WeightSource, dtype: DType, device: &Device) -> Result<Self> {
         let c = config;
         let (hd, d) = (c.hidden_size, c.head_dim);
-        let load = |name: &str, shape: &[usize]| store.load(name, shape, dtype, device);
+        let load = |name: &str, shape: &[usize]| store.tensor(name, shape, dtype, device);
         let linear = |name: &str, out: usize, inp: usize| -> Result<Linear> {
             Ok(Linear {
                 weight: load(&format!("{name}.weight"), &[out, inp])?,

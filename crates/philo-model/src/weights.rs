@@ -18,6 +18,44 @@ struct TensorEntry {
     end: usize,
 }
 
+/// Where a model's weights come from: a checkpoint on disk, or tensors already in memory.
+pub trait WeightSource {
+    /// The tensor `name`, checked against `shape`, converted to `dtype` on `device`.
+    fn tensor(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor>;
+    /// Whether the source holds `name`.
+    fn contains(&self, name: &str) -> bool;
+}
+
+impl WeightSource for SafetensorsStore {
+    fn tensor(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        self.load(name, shape, dtype, device)
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+}
+
+impl WeightSource for HashMap<String, Tensor> {
+    fn tensor(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        let tensor = self.get(name).ok_or_else(|| ModelError::MissingTensor {
+            name: name.to_string(),
+            files: "the in-memory weights".into(),
+        })?;
+        if tensor.dims() != shape {
+            return Err(ModelError::TensorShape {
+                path: "<memory>".into(),
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                actual: tensor.dims().to_vec(),
+            });
+        }
+        Ok(tensor.to_dtype(dtype)?.to_device(device)?)
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.contains_key(name)
+    }
+}
+
 /// The memory-mapped safetensors files of one checkpoint.
 pub struct SafetensorsStore {
     files: Vec<(PathBuf, memmap2::Mmap)>,
@@ -84,11 +122,6 @@ impl SafetensorsStore {
             files.push((path.clone(), mmap));
         }
         Ok(SafetensorsStore { files, entries })
-    }
-
-    /// Whether the checkpoint holds a tensor of this name.
-    pub fn contains(&self, name: &str) -> bool {
-        self.entries.contains_key(name)
     }
 
     /// Names of all tensors.

@@ -1,0 +1,137 @@
+//! `philo bench`: throughput of prefill and decode, on a checkpoint or a random model of the
+//! Phi-3-mini shape built in memory (speed does not depend on the weight values).
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, D};
+use philo_model::tiny::device_random_weights;
+use philo_model::{Phi3, Phi3Config};
+use serde::Serialize;
+
+/// One measured configuration.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchResult {
+    pub task: String,
+    pub device: String,
+    pub dtype: String,
+    pub layers: usize,
+    pub batch: usize,
+    pub seq: usize,
+    pub tokens: usize,
+    pub seconds: f64,
+    pub tokens_per_second: f64,
+    /// Peak memory of the process (CPU: resident set; GPU: device memory in use), GiB.
+    pub peak_memory_gib: Option<f64>,
+}
+
+/// A random model of `config` with only `layers` decoder layers (all when None).
+pub fn random_model(config: &Phi3Config, layers: Option<usize>, dtype: DType, device: &Device) -> anyhow::Result<Phi3> {
+    let mut config = config.clone();
+    if let Some(layers) = layers {
+        config.num_hidden_layers = layers;
+    }
+    let weights = device_random_weights(&config, dtype, device)?;
+    Ok(Phi3::load(&config, &weights, dtype, device)?)
+}
+
+fn synchronize(device: &Device) -> anyhow::Result<()> {
+    device.synchronize()?;
+    Ok(())
+}
+
+fn random_prompt(batch: usize, len: usize, vocab: usize, device: &Device) -> anyhow::Result<Tensor> {
+    let ids: Vec<u32> = (0..batch * len).map(|i| ((i * 7919 + 13) % (vocab - 100)) as u32 + 100).collect();
+    Ok(Tensor::from_vec(ids, (batch, len), device)?)
+}
+
+fn describe(model: &Phi3) -> (String, String, usize) {
+    let device = if model.device().is_cuda() { "cuda" } else { "cpu" };
+    (device.into(), format!("{:?}", model.dtype()).to_lowercase(), model.config().num_hidden_layers)
+}
+
+/// Prefill of `batch` × `seq` tokens (logits of the last position only), best of `repeats`.
+pub fn prefill(model: &Phi3, batch: usize, seq: usize, repeats: usize) -> anyhow::Result<BenchResult> {
+    let input = random_prompt(batch, seq, model.config().vocab_size, model.device())?;
+    let mut best = f64::INFINITY;
+    for _ in 0..repeats.max(1) + 1 {
+        synchronize(model.device())?;
+        let start = Instant::now();
+        let logits = model.forward_last(&input, None, None)?;
+        let _ = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    let (device, dtype, layers) = describe(model);
+    let tokens = batch * seq;
+    Ok(BenchResult {
+        task: "prefill".into(),
+        device,
+        dtype,
+        layers,
+        batch,
+        seq,
+        tokens,
+        seconds: best,
+        tokens_per_second: tokens as f64 / best,
+        peak_memory_gib: peak_memory_gib(model.device()),
+    })
+}
+
+/// Greedy decoding of `new_tokens` per sequence after a `prompt_len` prefill, `batch` sequences.
+pub fn decode(model: &Phi3, batch: usize, prompt_len: usize, new_tokens: usize) -> anyhow::Result<BenchResult> {
+    let device = model.device();
+    let prompt = random_prompt(batch, prompt_len, model.config().vocab_size, device)?;
+    let mut cache = model.new_cache();
+    let logits = model.forward_last(&prompt, None, Some(&mut cache))?;
+    let mut next = logits.argmax(D::Minus1)?.unsqueeze(1)?;
+    synchronize(device)?;
+    let start = Instant::now();
+    for _ in 0..new_tokens {
+        let logits = model.forward_last(&next, None, Some(&mut cache))?;
+        // Reading the ids back each step is what a real generation loop does.
+        let ids = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+        next = Tensor::from_vec(ids, (batch, 1), device)?;
+    }
+    synchronize(device)?;
+    let seconds = start.elapsed().as_secs_f64();
+    let (device, dtype, layers) = describe(model);
+    let tokens = batch * new_tokens;
+    Ok(BenchResult {
+        task: "decode".into(),
+        device,
+        dtype,
+        layers,
+        batch,
+        seq: prompt_len,
+        tokens,
+        seconds,
+        tokens_per_second: tokens as f64 / seconds,
+        peak_memory_gib: peak_memory_gib(model.device()),
+    })
+}
+
+/// Peak resident memory of this process (CPU runs), from /proc/self/status.
+fn peak_memory_gib(device: &Device) -> Option<f64> {
+    if !device.is_cpu() {
+        return None;
+    }
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / (1024.0 * 1024.0))
+}
+
+/// A fixed-width table of results.
+pub fn table(results: &[BenchResult]) -> String {
+    let mut out = format!(
+        "{:<8} {:<5} {:<5} {:>6} {:>6} {:>6} {:>10} {:>12} {:>9}\n",
+        "task", "dev", "dtype", "layers", "batch", "seq", "seconds", "tokens/s", "peak GiB"
+    );
+    for r in results {
+        let peak = r.peak_memory_gib.map_or("-".to_string(), |g| format!("{g:.2}"));
+        out.push_str(&format!(
+            "{:<8} {:<5} {:<5} {:>6} {:>6} {:>6} {:>10.3} {:>12.1} {:>9}\n",
+            r.task, r.device, r.dtype, r.layers, r.batch, r.seq, r.seconds, r.tokens_per_second, peak
+        ));
+    }
+    out
+}
