@@ -25,7 +25,12 @@ pub struct BenchResult {
 }
 
 /// A random model of `config` with only `layers` decoder layers (all when None).
-pub fn random_model(config: &Phi3Config, layers: Option<usize>, dtype: DType, device: &Device) -> anyhow::Result<Phi3> {
+pub fn random_model(
+    config: &Phi3Config,
+    layers: Option<usize>,
+    dtype: DType,
+    device: &Device,
+) -> anyhow::Result<Phi3> {
     let mut config = config.clone();
     if let Some(layers) = layers {
         config.num_hidden_layers = layers;
@@ -39,18 +44,38 @@ fn synchronize(device: &Device) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn random_prompt(batch: usize, len: usize, vocab: usize, device: &Device) -> anyhow::Result<Tensor> {
-    let ids: Vec<u32> = (0..batch * len).map(|i| ((i * 7919 + 13) % (vocab - 100)) as u32 + 100).collect();
+fn random_prompt(
+    batch: usize,
+    len: usize,
+    vocab: usize,
+    device: &Device,
+) -> anyhow::Result<Tensor> {
+    let ids: Vec<u32> = (0..batch * len)
+        .map(|i| ((i * 7919 + 13) % (vocab - 100)) as u32 + 100)
+        .collect();
     Ok(Tensor::from_vec(ids, (batch, len), device)?)
 }
 
 fn describe(model: &Phi3) -> (String, String, usize) {
-    let device = if model.device().is_cuda() { "cuda" } else { "cpu" };
-    (device.into(), format!("{:?}", model.dtype()).to_lowercase(), model.config().num_hidden_layers)
+    let device = if model.device().is_cuda() {
+        "cuda"
+    } else {
+        "cpu"
+    };
+    (
+        device.into(),
+        format!("{:?}", model.dtype()).to_lowercase(),
+        model.config().num_hidden_layers,
+    )
 }
 
 /// Prefill of `batch` × `seq` tokens (logits of the last position only), best of `repeats`.
-pub fn prefill(model: &Phi3, batch: usize, seq: usize, repeats: usize) -> anyhow::Result<BenchResult> {
+pub fn prefill(
+    model: &Phi3,
+    batch: usize,
+    seq: usize,
+    repeats: usize,
+) -> anyhow::Result<BenchResult> {
     let input = random_prompt(batch, seq, model.config().vocab_size, model.device())?;
     let mut best = f64::INFINITY;
     for _ in 0..repeats.max(1) + 1 {
@@ -77,7 +102,12 @@ pub fn prefill(model: &Phi3, batch: usize, seq: usize, repeats: usize) -> anyhow
 }
 
 /// Greedy decoding of `new_tokens` per sequence after a `prompt_len` prefill, `batch` sequences.
-pub fn decode(model: &Phi3, batch: usize, prompt_len: usize, new_tokens: usize) -> anyhow::Result<BenchResult> {
+pub fn decode(
+    model: &Phi3,
+    batch: usize,
+    prompt_len: usize,
+    new_tokens: usize,
+) -> anyhow::Result<BenchResult> {
     let device = model.device();
     let prompt = random_prompt(batch, prompt_len, model.config().vocab_size, device)?;
     let mut cache = model.new_cache();
@@ -127,10 +157,20 @@ pub fn table(results: &[BenchResult]) -> String {
         "task", "dev", "dtype", "layers", "batch", "seq", "seconds", "tokens/s", "peak GiB"
     );
     for r in results {
-        let peak = r.peak_memory_gib.map_or("-".to_string(), |g| format!("{g:.2}"));
+        let peak = r
+            .peak_memory_gib
+            .map_or("-".to_string(), |g| format!("{g:.2}"));
         out.push_str(&format!(
             "{:<8} {:<5} {:<5} {:>6} {:>6} {:>6} {:>10.3} {:>12.1} {:>9}\n",
-            r.task, r.device, r.dtype, r.layers, r.batch, r.seq, r.seconds, r.tokens_per_second, peak
+            r.task,
+            r.device,
+            r.dtype,
+            r.layers,
+            r.batch,
+            r.seq,
+            r.seconds,
+            r.tokens_per_second,
+            peak
         ));
     }
     out

@@ -34,7 +34,9 @@ impl ChatInput {
         if !trimmed.starts_with('/') {
             return ChatInput::Message(line.to_string());
         }
-        let (command, rest) = trimmed.split_once(char::is_whitespace).unwrap_or((trimmed, ""));
+        let (command, rest) = trimmed
+            .split_once(char::is_whitespace)
+            .unwrap_or((trimmed, ""));
         match command {
             "/exit" | "/quit" => ChatInput::Exit,
             "/reset" => ChatInput::Reset,
@@ -115,7 +117,12 @@ impl<'p> ChatSession<'p> {
     }
 
     /// Answers `text`, streaming the answer to `out`; the answer (whole or stopped) joins the history.
-    pub fn reply(&mut self, text: &str, out: &mut impl Write, cancel: &AtomicBool) -> anyhow::Result<()> {
+    pub fn reply(
+        &mut self,
+        text: &str,
+        out: &mut impl Write,
+        cancel: &AtomicBool,
+    ) -> anyhow::Result<()> {
         self.history.push(ChatMessage::user(text));
         let prompt = self.fitted_prompt()?;
         let mut write_error = None;
@@ -174,9 +181,18 @@ mod tests {
         assert_eq!(ChatInput::parse("/exit\n"), ChatInput::Exit);
         assert_eq!(ChatInput::parse("/quit"), ChatInput::Exit);
         assert_eq!(ChatInput::parse("/reset"), ChatInput::Reset);
-        assert_eq!(ChatInput::parse("/system Be brief.  "), ChatInput::System("Be brief.".into()));
+        assert_eq!(
+            ChatInput::parse("/system Be brief.  "),
+            ChatInput::System("Be brief.".into())
+        );
         assert_eq!(ChatInput::parse("   \n"), ChatInput::Empty);
-        assert_eq!(ChatInput::parse("/nope x"), ChatInput::Unknown("/nope".into()));
-        assert_eq!(ChatInput::parse("hello /exit"), ChatInput::Message("hello /exit".into()));
+        assert_eq!(
+            ChatInput::parse("/nope x"),
+            ChatInput::Unknown("/nope".into())
+        );
+        assert_eq!(
+            ChatInput::parse("hello /exit"),
+            ChatInput::Message("hello /exit".into())
+        );
     }
 }

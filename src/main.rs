@@ -16,7 +16,11 @@ use philo_generate::{GenerateOptions, SamplingParams};
 use philo_text::ChatMessage;
 
 #[derive(Parser)]
-#[command(name = "philo", version, about = "Fine-tune (QLoRA) and serve Microsoft Phi-3 on one GPU")]
+#[command(
+    name = "philo",
+    version,
+    about = "Fine-tune (QLoRA) and serve Microsoft Phi-3 on one GPU"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -76,7 +80,11 @@ struct SamplingArgs {
     repetition_penalty: Option<f32>,
     #[arg(long)]
     seed: Option<u64>,
-    #[arg(long = "max_new_tokens", alias = "max-new-tokens", default_value_t = 256)]
+    #[arg(
+        long = "max_new_tokens",
+        alias = "max-new-tokens",
+        default_value_t = 256
+    )]
     max_new_tokens: usize,
 }
 
@@ -88,7 +96,7 @@ impl SamplingArgs {
             sampling: SamplingParams {
                 temperature: self.temperature,
                 top_k: self.top_k,
-                top_p: (self.top_p < 1.0).then_some(self.top_p),
+                top_p: Some(self.top_p),
                 typical_p: self.typical_p,
                 min_p: self.min_p,
                 repetition_penalty: self.repetition_penalty,
@@ -166,15 +174,24 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         (Some(spec), _) => Pipeline::load(spec, dtype, &device)?.model,
         (None, true) => {
             eprintln!("building a random Phi-3-mini-shaped model ...");
-            philo::bench::random_model(&philo_model::Phi3Config::phi3_mini_4k(), args.layers, dtype, &device)?
+            philo::bench::random_model(
+                &philo_model::Phi3Config::phi3_mini_4k(),
+                args.layers,
+                dtype,
+                &device,
+            )?
         }
         (None, false) => anyhow::bail!("philo bench needs --model DIR or --random"),
     };
     let mut results = Vec::new();
     for &batch in &args.batch {
         results.push(match args.task {
-            BenchTask::Prefill => philo::bench::prefill(&model, batch, args.seq.unwrap_or(2048), 2)?,
-            BenchTask::Decode => philo::bench::decode(&model, batch, args.seq.unwrap_or(128), args.new_tokens)?,
+            BenchTask::Prefill => {
+                philo::bench::prefill(&model, batch, args.seq.unwrap_or(2048), 2)?
+            }
+            BenchTask::Decode => {
+                philo::bench::decode(&model, batch, args.seq.unwrap_or(128), args.new_tokens)?
+            }
         });
     }
     print!("{}", philo::bench::table(&results));
@@ -236,7 +253,12 @@ fn chat(args: ChatArgs) -> anyhow::Result<()> {
         })?;
     }
     let mut session = ChatSession::new(&pipeline, options, args.system);
-    session.run(std::io::stdin().lock(), &mut std::io::stdout(), &cancel, &generating)
+    session.run(
+        std::io::stdin().lock(),
+        &mut std::io::stdout(),
+        &cancel,
+        &generating,
+    )
 }
 
 fn demo(dir: Option<PathBuf>) -> anyhow::Result<()> {
@@ -245,7 +267,11 @@ fn demo(dir: Option<PathBuf>) -> anyhow::Result<()> {
         philo::tiny::write_tiny_model(&dir, 0)?;
         println!("wrote the tiny default model to {}", dir.display());
     }
-    let pipeline = Pipeline::load(&dir.to_string_lossy(), DType::F32, &candle_core::Device::Cpu)?;
+    let pipeline = Pipeline::load(
+        &dir.to_string_lossy(),
+        DType::F32,
+        &candle_core::Device::Cpu,
+    )?;
     let question = "What is the capital of France?";
     println!("user: {question}\nassistant (random weights, so expect noise):");
     let prompt = pipeline.encode_chat(&[ChatMessage::user(question)])?;

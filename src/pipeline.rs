@@ -27,7 +27,10 @@ impl Pipeline {
         let files = ModelFiles::resolve(spec)?;
         let config = Phi3Config::from_file(&files.config())?;
         let tokenizer_path = files.optional("tokenizer.json").with_context(|| {
-            format!("{}: no tokenizer.json; copy the model's tokenizer files next to its weights", files.dir.display())
+            format!(
+                "{}: no tokenizer.json; copy the model's tokenizer files next to its weights",
+                files.dir.display()
+            )
         })?;
         let tokenizer = Tokenizer::from_file(&tokenizer_path)?;
         let template = match files.optional("tokenizer_config.json") {
@@ -82,15 +85,17 @@ impl Pipeline {
         let mut decoder = StreamDecoder::new(&self.tokenizer);
         let mut text = String::new();
         let mut failure = None;
-        let generation = generate(&self.model, prompt, options, |token| match decoder.push(token) {
-            Ok(Some(piece)) => {
-                text.push_str(&piece);
-                on_text(&piece)
-            }
-            Ok(None) => ControlFlow::Continue(()),
-            Err(e) => {
-                failure = Some(e);
-                ControlFlow::Break(())
+        let generation = generate(&self.model, prompt, options, |token| {
+            match decoder.push(token) {
+                Ok(Some(piece)) => {
+                    text.push_str(&piece);
+                    on_text(&piece)
+                }
+                Ok(None) => ControlFlow::Continue(()),
+                Err(e) => {
+                    failure = Some(e);
+                    ControlFlow::Break(())
+                }
             }
         })?;
         if let Some(e) = failure {

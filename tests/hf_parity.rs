@@ -68,8 +68,21 @@ impl Case {
 
 /// max |a - b| / max |b|
 fn relative_diff(actual: &Tensor, expected: &Tensor) -> f32 {
-    let diff = (actual - expected).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    let scale = expected.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff = (actual - expected)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let scale = expected
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     diff / scale
 }
 
@@ -77,20 +90,38 @@ fn relative_diff(actual: &Tensor, expected: &Tensor) -> f32 {
 fn hf_reference_cases() {
     let root = fixture_root();
     let cases = case_dirs(&root);
-    assert!(!cases.is_empty(), "no case folders under {}", root.display());
+    assert!(
+        !cases.is_empty(),
+        "no case folders under {}",
+        root.display()
+    );
     for dir in cases {
         let case = Case::load(&dir);
         let name = dir.display();
-        let inputs = case.reference["inputs"].as_object().expect("inputs").clone();
+        let inputs = case.reference["inputs"]
+            .as_object()
+            .expect("inputs")
+            .clone();
         let mut checked = 0;
         for (key, ids) in &inputs {
             let ids = case.ids(ids);
-            let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-            let logits = case.model.forward(&input, None, None).unwrap().squeeze(0).unwrap();
+            let input = Tensor::new(ids.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let logits = case
+                .model
+                .forward(&input, None, None)
+                .unwrap()
+                .squeeze(0)
+                .unwrap();
             let expected = case.tensors.load_raw(&format!("logits.{key}")).unwrap();
             let diff = relative_diff(&logits, &expected);
             eprintln!("{name}: logits.{key} relative difference {diff:.2e}");
-            assert!(diff <= 1e-4, "{name}: logits.{key} differ by {diff:e} (relative)");
+            assert!(
+                diff <= 1e-4,
+                "{name}: logits.{key} differ by {diff:e} (relative)"
+            );
             checked += 1;
         }
         assert!(checked > 0, "{name}: no inputs");
@@ -99,7 +130,12 @@ fn hf_reference_cases() {
         let prompt = case.ids(&greedy["prompt"]);
         let expected = case.ids(&greedy["new_tokens"]);
         let mut stream = TokenStream::new(&case.model, prompt, SamplingParams::greedy()).unwrap();
-        let produced: Vec<u32> = (0..expected.len()).map(|_| stream.next_token().unwrap()).collect();
-        assert_eq!(produced, expected, "{name}: greedy continuation through the KV cache");
+        let produced: Vec<u32> = (0..expected.len())
+            .map(|_| stream.next_token().unwrap())
+            .collect();
+        assert_eq!(
+            produced, expected,
+            "{name}: greedy continuation through the KV cache"
+        );
     }
 }

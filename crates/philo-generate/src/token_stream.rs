@@ -52,13 +52,18 @@ impl<'m> TokenStream<'m> {
     pub fn next_token(&mut self) -> Result<u32> {
         let rotary = self.model.rotary();
         let last = self.tokens.len() - 1;
-        if self.cached > 0 && rotary.uses_long_factors(last) && !rotary.uses_long_factors(self.cached - 1) {
+        if self.cached > 0
+            && rotary.uses_long_factors(last)
+            && !rotary.uses_long_factors(self.cached - 1)
+        {
             self.cache.clear();
             self.cached = 0;
         }
         let new = &self.tokens[self.cached..];
         let input = Tensor::new(new, self.model.device())?.unsqueeze(0)?;
-        let logits = self.model.forward_last(&input, None, Some(&mut self.cache))?;
+        let logits = self
+            .model
+            .forward_last(&input, None, Some(&mut self.cache))?;
         let logits = logits.squeeze(0)?.to_vec1::<f32>()?;
         self.cached = self.tokens.len();
         let token = self.sampler.sample(&logits, &self.tokens);

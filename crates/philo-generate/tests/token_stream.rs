@@ -8,24 +8,40 @@ use philo_generate::{generate, GenerateOptions, SamplingParams, StopReason, Toke
 use philo_model::{Phi3, Phi3Config, SafetensorsStore};
 
 fn load(case: &str) -> (Phi3, serde_json::Value) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/hf-reference/dev").join(case);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/hf-reference/dev")
+        .join(case);
     let config = Phi3Config::from_file(&dir.join("config.json")).unwrap();
     let store = SafetensorsStore::open_dir(&dir).unwrap();
     let model = Phi3::load(&config, &store, DType::F32, &Device::Cpu).unwrap();
-    let reference = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let reference =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
     (model, reference)
 }
 
 fn ids(value: &serde_json::Value) -> Vec<u32> {
-    value.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
 }
 
 /// Greedy continuation by a full forward of the whole sequence at each step (no cache).
 fn greedy_without_cache(model: &Phi3, mut tokens: Vec<u32>, n: usize) -> Vec<u32> {
     let start = tokens.len();
     for _ in 0..n {
-        let input = Tensor::new(tokens.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        let logits = model.forward_last(&input, None, None).unwrap().squeeze(0).unwrap();
+        let input = Tensor::new(tokens.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = model
+            .forward_last(&input, None, None)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
         tokens.push(logits.argmax(0).unwrap().to_scalar::<u32>().unwrap());
     }
     tokens[start..].to_vec()
@@ -62,15 +78,30 @@ fn generate_stops_on_stop_tokens_and_limits() {
         stop_tokens: vec![],
         sampling: SamplingParams::greedy(),
     };
-    let out = generate(&model, prompt.clone(), &options, |_| std::ops::ControlFlow::Continue(())).unwrap();
-    assert_eq!((out.tokens.as_slice(), out.stop), (&continuation[..5], StopReason::MaxTokens));
+    let out = generate(&model, prompt.clone(), &options, |_| {
+        std::ops::ControlFlow::Continue(())
+    })
+    .unwrap();
+    assert_eq!(
+        (out.tokens.as_slice(), out.stop),
+        (&continuation[..5], StopReason::MaxTokens)
+    );
 
     // The fourth reference token as a stop token ends generation before it.
     options.max_new_tokens = 20;
     options.stop_tokens = vec![continuation[3]];
-    let out = generate(&model, prompt.clone(), &options, |_| std::ops::ControlFlow::Continue(())).unwrap();
-    let first_stop = continuation.iter().position(|t| *t == continuation[3]).unwrap();
-    assert_eq!((out.tokens.as_slice(), out.stop), (&continuation[..first_stop], StopReason::Eos));
+    let out = generate(&model, prompt.clone(), &options, |_| {
+        std::ops::ControlFlow::Continue(())
+    })
+    .unwrap();
+    let first_stop = continuation
+        .iter()
+        .position(|t| *t == continuation[3])
+        .unwrap();
+    assert_eq!(
+        (out.tokens.as_slice(), out.stop),
+        (&continuation[..first_stop], StopReason::Eos)
+    );
 
     // The callback cancels.
     options.stop_tokens.clear();
@@ -92,6 +123,8 @@ fn empty_and_oversized_prompts_are_refused() {
     let (model, _) = load("longrope");
     assert!(TokenStream::new(&model, vec![], SamplingParams::greedy()).is_err());
     let context = model.config().max_position_embeddings;
-    let err = TokenStream::new(&model, vec![5; context], SamplingParams::greedy()).err().unwrap();
+    let err = TokenStream::new(&model, vec![5; context], SamplingParams::greedy())
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("context"), "{err}");
 }

@@ -11,6 +11,9 @@ pub struct ModelFiles {
     pub dir: PathBuf,
 }
 
+/// Gets one file of a hub repository to a local path, or says why not.
+type FetchFile = dyn Fn(&str) -> std::result::Result<PathBuf, String>;
+
 /// Files fetched from the hub besides the weights; only config.json is required.
 const HUB_FILES: [(&str, bool); 5] = [
     ("config.json", true),
@@ -56,7 +59,7 @@ impl ModelFiles {
     /// A hub repository, from the cache when offline, else downloaded.
     pub fn from_hub(repo: &str) -> Result<Self> {
         let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0");
-        let fetch: Box<dyn Fn(&str) -> std::result::Result<PathBuf, String>> = if offline {
+        let fetch: Box<FetchFile> = if offline {
             let cache = hf_hub::Cache::from_env().model(repo.to_string());
             Box::new(move |file| {
                 cache
@@ -75,7 +78,9 @@ impl ModelFiles {
         for (file, required) in HUB_FILES {
             match fetch(file) {
                 Ok(path) => {
-                    dir.get_or_insert_with(|| path.parent().map(Path::to_path_buf).unwrap_or_default());
+                    dir.get_or_insert_with(|| {
+                        path.parent().map(Path::to_path_buf).unwrap_or_default()
+                    });
                 }
                 Err(message) if required => return Err(hub_error(repo, file, message)),
                 Err(_) => {}
@@ -84,14 +89,20 @@ impl ModelFiles {
         let dir = dir.expect("config.json is required");
         match fetch("model.safetensors.index.json") {
             Ok(index) => {
-                let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
-                let json: serde_json::Value = serde_json::from_str(&text).map_err(|source| ModelError::Json {
-                    path: index.clone(),
-                    source,
-                })?;
+                let text =
+                    std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
+                let json: serde_json::Value =
+                    serde_json::from_str(&text).map_err(|cause| ModelError::Json {
+                        path: index.clone(),
+                        cause,
+                    })?;
                 let mut shards: Vec<String> = json["weight_map"]
                     .as_object()
-                    .map(|m| m.values().filter_map(|v| v.as_str().map(str::to_string)).collect())
+                    .map(|m| {
+                        m.values()
+                            .filter_map(|v| v.as_str().map(str::to_string))
+                            .collect()
+                    })
                     .unwrap_or_default();
                 shards.sort();
                 shards.dedup();
@@ -131,7 +142,8 @@ fn looks_like_hub_id(spec: &str) -> bool {
     let legal = |s: &str| {
         !s.is_empty()
             && !s.starts_with('.')
-            && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
     };
     matches!((parts.next(), parts.next(), parts.next()), (Some(a), Some(b), None) if legal(a) && legal(b))
 }

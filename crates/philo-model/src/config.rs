@@ -93,9 +93,9 @@ impl Phi3Config {
 
     /// Parses config text; `path` is only used to name the file in errors.
     pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
-        let raw: RawConfig = serde_json::from_str(text).map_err(|source| ModelError::Json {
+        let raw: RawConfig = serde_json::from_str(text).map_err(|cause| ModelError::Json {
             path: path.to_path_buf(),
-            source,
+            cause,
         })?;
         raw.resolve(path)
     }
@@ -133,7 +133,9 @@ fn factor_list(params: &Value, key: &str, path: &Path, field: &str) -> Result<Ve
         .map(|v| {
             v.as_f64()
                 .filter(|f| f.is_finite() && *f > 0.0)
-                .ok_or_else(|| ModelError::invalid(path, &field, format!("`{v}` is not a positive number")))
+                .ok_or_else(|| {
+                    ModelError::invalid(path, &field, format!("`{v}` is not a positive number"))
+                })
         })
         .collect()
 }
@@ -146,13 +148,19 @@ impl RawConfig {
                 return Err(ModelError::invalid(
                     path,
                     "model_type",
-                    format!("`{other}` is not supported; philo runs Phi-3 models (model_type \"phi3\")"),
+                    format!(
+                        "`{other}` is not supported; philo runs Phi-3 models (model_type \"phi3\")"
+                    ),
                 ))
             }
         }
         if let Some(act) = self.hidden_act.as_deref() {
             if act != "silu" {
-                return Err(ModelError::invalid(path, "hidden_act", format!("`{act}` is not supported; Phi-3 uses silu")));
+                return Err(ModelError::invalid(
+                    path,
+                    "hidden_act",
+                    format!("`{act}` is not supported; Phi-3 uses silu"),
+                ));
             }
         }
         let vocab_size = required(self.vocab_size, path, "vocab_size")?;
@@ -165,13 +173,18 @@ impl RawConfig {
             path,
             "num_key_value_heads",
         )?;
-        let max_position_embeddings =
-            required(self.max_position_embeddings, path, "max_position_embeddings")?;
+        let max_position_embeddings = required(
+            self.max_position_embeddings,
+            path,
+            "max_position_embeddings",
+        )?;
         if hidden_size % num_attention_heads != 0 {
             return Err(ModelError::invalid(
                 path,
                 "hidden_size",
-                format!("{hidden_size} is not divisible by num_attention_heads = {num_attention_heads}"),
+                format!(
+                    "{hidden_size} is not divisible by num_attention_heads = {num_attention_heads}"
+                ),
             ));
         }
         if num_attention_heads % num_key_value_heads != 0 {
@@ -190,20 +203,33 @@ impl RawConfig {
             (_, Some(s @ Value::Object(_))) => (Some(s.clone()), "rope_scaling"),
             _ => (None, "rope_scaling"),
         };
-        let param_f64 = |key: &str| params.as_ref().and_then(|p| p.get(key)).and_then(Value::as_f64);
-        let theta = param_f64("rope_theta").or(self.rope_theta).unwrap_or(10_000.0);
+        let param_f64 = |key: &str| {
+            params
+                .as_ref()
+                .and_then(|p| p.get(key))
+                .and_then(Value::as_f64)
+        };
+        let theta = param_f64("rope_theta")
+            .or(self.rope_theta)
+            .unwrap_or(10_000.0);
         let partial = param_f64("partial_rotary_factor")
             .or(self.partial_rotary_factor)
             .unwrap_or(1.0);
         if !(partial > 0.0 && partial <= 1.0) {
-            return Err(ModelError::invalid(path, "partial_rotary_factor", format!("{partial} is not in (0, 1]")));
-        }
-        let rotary_dim = (head_dim as f64 * partial) as usize;
-        if rotary_dim == 0 || rotary_dim % 2 != 0 {
             return Err(ModelError::invalid(
                 path,
                 "partial_rotary_factor",
-                format!("gives an odd or empty rotary dimension {rotary_dim} for head_dim {head_dim}"),
+                format!("{partial} is not in (0, 1]"),
+            ));
+        }
+        let rotary_dim = (head_dim as f64 * partial) as usize;
+        if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) {
+            return Err(ModelError::invalid(
+                path,
+                "partial_rotary_factor",
+                format!(
+                    "gives an odd or empty rotary dimension {rotary_dim} for head_dim {head_dim}"
+                ),
             ));
         }
         let rope_type = params.as_ref().and_then(|p| {
@@ -218,12 +244,19 @@ impl RawConfig {
                 let p = params.as_ref().expect("rope type comes from params");
                 let short_factor = factor_list(p, "short_factor", path, params_field)?;
                 let long_factor = factor_list(p, "long_factor", path, params_field)?;
-                for (name, list) in [("short_factor", &short_factor), ("long_factor", &long_factor)] {
+                for (name, list) in [
+                    ("short_factor", &short_factor),
+                    ("long_factor", &long_factor),
+                ] {
                     if list.len() != rotary_dim / 2 {
                         return Err(ModelError::invalid(
                             path,
                             &format!("{params_field}.{name}"),
-                            format!("has {} entries, the model needs rotary_dim / 2 = {}", list.len(), rotary_dim / 2),
+                            format!(
+                                "has {} entries, the model needs rotary_dim / 2 = {}",
+                                list.len(),
+                                rotary_dim / 2
+                            ),
                         ));
                     }
                 }
@@ -233,7 +266,11 @@ impl RawConfig {
                     .map(|v| v as usize)
                     .or(self.original_max_position_embeddings)
                     .ok_or_else(|| {
-                        ModelError::invalid(path, "original_max_position_embeddings", "missing, LongRoPE needs it")
+                        ModelError::invalid(
+                            path,
+                            "original_max_position_embeddings",
+                            "missing, LongRoPE needs it",
+                        )
                     })?;
                 let original = required(Some(original), path, "original_max_position_embeddings")?;
                 let attention_factor = match param_f64("attention_factor") {
@@ -258,12 +295,18 @@ impl RawConfig {
                 return Err(ModelError::invalid(
                     path,
                     &format!("{params_field}.rope_type"),
-                    format!("`{other}` is not supported; philo runs default and longrope (su) RoPE"),
+                    format!(
+                        "`{other}` is not supported; philo runs default and longrope (su) RoPE"
+                    ),
                 ))
             }
         };
         if let Some(0) = self.sliding_window {
-            return Err(ModelError::invalid(path, "sliding_window", "must be greater than 0"));
+            return Err(ModelError::invalid(
+                path,
+                "sliding_window",
+                "must be greater than 0",
+            ));
         }
         let rms_norm_eps = self.rms_norm_eps.unwrap_or(1e-5);
         Ok(Phi3Config {
@@ -283,9 +326,13 @@ impl RawConfig {
             },
             sliding_window: self.sliding_window,
             tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
-            bos_token_id: token_ids(&self.bos_token_id, path, "bos_token_id")?.first().copied(),
+            bos_token_id: token_ids(&self.bos_token_id, path, "bos_token_id")?
+                .first()
+                .copied(),
             eos_token_ids: token_ids(&self.eos_token_id, path, "eos_token_id")?,
-            pad_token_id: token_ids(&self.pad_token_id, path, "pad_token_id")?.first().copied(),
+            pad_token_id: token_ids(&self.pad_token_id, path, "pad_token_id")?
+                .first()
+                .copied(),
             saved_dtype: self.torch_dtype.or(self.dtype),
         })
     }
@@ -298,9 +345,9 @@ pub fn read_generation_eos(path: &Path) -> Result<Vec<u32>> {
         eos_token_id: Option<Value>,
     }
     let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-    let raw: GenerationConfig = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+    let raw: GenerationConfig = serde_json::from_str(&text).map_err(|cause| ModelError::Json {
         path: path.to_path_buf(),
-        source,
+        cause,
     })?;
     token_ids(&raw.eos_token_id, path, "eos_token_id")
 }

@@ -1,19 +1,21 @@
 //! Errors of the model crate. Each names the file, field or tensor involved so the user can fix it.
+//! Underlying errors are part of the message (fields named `cause`, not `source`, so that a
+//! printer of the error chain does not repeat them).
 
 use std::path::PathBuf;
 
 /// Everything that can go wrong while reading a checkpoint or running the model.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("{path}: not valid JSON: {source}")]
+    #[error("{path}: not valid JSON: {cause}")]
     Json {
         path: PathBuf,
-        source: serde_json::Error,
+        cause: serde_json::Error,
     },
     #[error("{dir}: no config.json here; point --model at a Hugging Face model folder (config.json + *.safetensors) or a hub id such as microsoft/Phi-3-mini-4k-instruct")]
     MissingConfig { dir: PathBuf },
@@ -53,10 +55,10 @@ pub enum ModelError {
 }
 
 impl ModelError {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub(crate) fn io(path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
         ModelError::Io {
             path: path.into(),
-            source,
+            cause,
         }
     }
 

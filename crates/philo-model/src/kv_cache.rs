@@ -33,10 +33,17 @@ impl KvCache {
     }
 
     /// Appends new keys/values of `layer` and returns all keys/values of that layer.
-    pub(crate) fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn append(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let merged = match &self.layers[layer] {
             None => (k.clone(), v.clone()),
-            Some((past_k, past_v)) => (Tensor::cat(&[past_k, k], 2)?, Tensor::cat(&[past_v, v], 2)?),
+            Some((past_k, past_v)) => {
+                (Tensor::cat(&[past_k, k], 2)?, Tensor::cat(&[past_v, v], 2)?)
+            }
         };
         if layer + 1 == self.layers.len() {
             self.seq_len = merged.0.dim(2)?;

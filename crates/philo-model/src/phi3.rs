@@ -101,7 +101,10 @@ impl Attention {
         }
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
         let out = probs.reshape((b, kvh, n_rep * s, t))?.matmul(&v)?;
-        let out = out.reshape((b, h, s, d))?.transpose(1, 2)?.reshape((b, s, h * d))?;
+        let out = out
+            .reshape((b, h, s, d))?
+            .transpose(1, 2)?
+            .reshape((b, s, h * d))?;
         self.o_proj.forward(&out)
     }
 }
@@ -120,7 +123,8 @@ impl Mlp {
         let i = self.intermediate_size;
         let gate = gate_up.narrow(D::Minus1, 0, i)?;
         let up = gate_up.narrow(D::Minus1, i, i)?;
-        self.down_proj.forward(&(candle_nn::ops::silu(&gate)? * up)?)
+        self.down_proj
+            .forward(&(candle_nn::ops::silu(&gate)? * up)?)
     }
 }
 
@@ -134,10 +138,20 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn forward(&self, x: &Tensor, ctx: &ForwardContext, layer: usize, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        let attn = self.self_attn.forward(&self.input_layernorm.forward(x)?, ctx, layer, cache)?;
+    fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &ForwardContext,
+        layer: usize,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let attn = self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x)?, ctx, layer, cache)?;
         let x = (x + attn)?;
-        let mlp = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
+        let mlp = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&x)?)?;
         Ok((x + mlp)?)
     }
 }
@@ -160,7 +174,12 @@ const MASKED: f32 = f32::MIN;
 
 impl Phi3 {
     /// Loads the weights of `config` from `store`, converted to `dtype` on `device`.
-    pub fn load(config: &Phi3Config, store: &impl WeightSource, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn load(
+        config: &Phi3Config,
+        store: &impl WeightSource,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let c = config;
         let (hd, d) = (c.hidden_size, c.head_dim);
         let load = |name: &str, shape: &[usize]| store.tensor(name, shape, dtype, device);
@@ -184,14 +203,22 @@ impl Phi3 {
                 input_layernorm: norm(&format!("{p}.input_layernorm"))?,
                 self_attn: Attention {
                     qkv_proj: linear(&format!("{p}.self_attn.qkv_proj"), qkv_out, hd)?,
-                    o_proj: linear(&format!("{p}.self_attn.o_proj"), hd, c.num_attention_heads * d)?,
+                    o_proj: linear(
+                        &format!("{p}.self_attn.o_proj"),
+                        hd,
+                        c.num_attention_heads * d,
+                    )?,
                     num_heads: c.num_attention_heads,
                     num_kv_heads: c.num_key_value_heads,
                     head_dim: d,
                 },
                 post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm"))?,
                 mlp: Mlp {
-                    gate_up_proj: linear(&format!("{p}.mlp.gate_up_proj"), 2 * c.intermediate_size, hd)?,
+                    gate_up_proj: linear(
+                        &format!("{p}.mlp.gate_up_proj"),
+                        2 * c.intermediate_size,
+                        hd,
+                    )?,
                     down_proj: linear(&format!("{p}.mlp.down_proj"), hd, c.intermediate_size)?,
                     intermediate_size: c.intermediate_size,
                 },
@@ -242,13 +269,23 @@ impl Phi3 {
     /// `attention_mask` `[batch, past + seq]` marks real tokens 1 and padding 0 over the cached and
     /// new positions, as in transformers; positions count real tokens only, so a left-padded row
     /// gives the logits of the same row unpadded. With `cache`, the new keys/values are appended.
-    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, cache: Option<&mut KvCache>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let hidden = self.hidden_states(input_ids, attention_mask, cache)?;
         Ok(self.lm_head.forward(&hidden)?.to_dtype(DType::F32)?)
     }
 
     /// Logits `[batch, vocab]` (f32) of the last position only: what decoding needs.
-    pub fn forward_last(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, cache: Option<&mut KvCache>) -> Result<Tensor> {
+    pub fn forward_last(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let hidden = self.hidden_states(input_ids, attention_mask, cache)?;
         let s = hidden.dim(1)?;
         let last = hidden.narrow(1, s - 1, 1)?.squeeze(1)?;
@@ -256,7 +293,12 @@ impl Phi3 {
     }
 
     /// Final-norm hidden states `[batch, seq, hidden]`.
-    pub fn hidden_states(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    pub fn hidden_states(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
         let past = cache.as_ref().map_or(0, |c| c.seq_len());
         let mask_rows = match attention_mask {
@@ -276,7 +318,8 @@ impl Phi3 {
         let positions = positions(mask_rows.as_deref(), b, past, s);
         let max_position = positions.iter().copied().max().unwrap_or(0) as usize;
         if let Some(cache) = &cache {
-            let cached_long = cache.seq_len() > 0 && self.rotary.uses_long_factors(cache.seq_len() - 1);
+            let cached_long =
+                cache.seq_len() > 0 && self.rotary.uses_long_factors(cache.seq_len() - 1);
             if cache.seq_len() > 0 && self.rotary.uses_long_factors(max_position) != cached_long {
                 return Err(ModelError::Candle(candle_core::Error::Msg(
                     "this step crosses original_max_position_embeddings: LongRoPE switches to the long factors, so the cached prefix must be recomputed (clear the cache and feed the whole sequence)".into(),
@@ -284,7 +327,9 @@ impl Phi3 {
             }
         }
         let long = self.rotary.uses_long_factors(max_position);
-        let (cos, sin) = self.rotary.cos_sin(&positions, long, self.dtype, &self.device)?;
+        let (cos, sin) = self
+            .rotary
+            .cos_sin(&positions, long, self.dtype, &self.device)?;
         let half = self.rotary.rotary_dim() / 2;
         let ctx = ForwardContext {
             cos: cos.reshape((b, s, half))?,
@@ -293,7 +338,10 @@ impl Phi3 {
             rotary: &self.rotary,
         };
         let ids = input_ids.flatten_all()?;
-        let mut x = self.embed_tokens.index_select(&ids, 0)?.reshape((b, s, self.config.hidden_size))?;
+        let mut x =
+            self.embed_tokens
+                .index_select(&ids, 0)?
+                .reshape((b, s, self.config.hidden_size))?;
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward(&x, &ctx, i, cache.as_deref_mut())?;
         }
@@ -301,7 +349,13 @@ impl Phi3 {
     }
 
     /// Additive attention bias `[batch, 1, s, past + s]`: causal, sliding window, padding.
-    fn attention_bias(&self, mask_rows: Option<&[Vec<f32>]>, b: usize, past: usize, s: usize) -> Result<Option<Tensor>> {
+    fn attention_bias(
+        &self,
+        mask_rows: Option<&[Vec<f32>]>,
+        b: usize,
+        past: usize,
+        s: usize,
+    ) -> Result<Option<Tensor>> {
         let t = past + s;
         let window = self.config.sliding_window.unwrap_or(usize::MAX);
         let window_matters = t > window;
@@ -314,9 +368,8 @@ impl Phi3 {
                 let i = past + qi;
                 let out = &mut bias[(row * s + qi) * t..(row * s + qi + 1) * t];
                 for (j, slot) in out.iter_mut().enumerate() {
-                    let visible = j <= i
-                        && i - j < window
-                        && mask_rows.is_none_or(|m| m[row][j] != 0.0);
+                    let visible =
+                        j <= i && i - j < window && mask_rows.is_none_or(|m| m[row][j] != 0.0);
                     if !visible {
                         *slot = MASKED;
                     }

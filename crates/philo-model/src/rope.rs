@@ -76,7 +76,13 @@ impl RotaryEmbedding {
 
     /// cos and sin of shape `[positions.len(), rotary_dim / 2]`, computed with the factors chosen
     /// by `long` (see [`RotaryEmbedding::uses_long_factors`]).
-    pub fn cos_sin(&self, positions: &[u32], long: bool, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+    pub fn cos_sin(
+        &self,
+        positions: &[u32],
+        long: bool,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
         let freqs = match &self.long {
             Some((long_freqs, _)) if long => long_freqs,
             _ => &self.short,

@@ -49,30 +49,71 @@ fn normal(rng: &mut rand::rngs::StdRng, n: usize, std: f32) -> Vec<f32> {
 
 /// Random weights for `config` (normal(0, 0.02) matrices, unit norms), as `transformers` would
 /// initialise them, keyed by Hugging Face names.
-pub fn random_weights(config: &Phi3Config, seed: u64, device: &Device) -> Result<HashMap<String, Tensor>> {
+pub fn random_weights(
+    config: &Phi3Config,
+    seed: u64,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let c = config;
     let mut weights = HashMap::new();
-    let mut matrix = |name: String, rows: usize, cols: usize, rng: &mut rand::rngs::StdRng| -> Result<()> {
-        let t = Tensor::from_vec(normal(rng, rows * cols, 0.02), (rows, cols), device)?;
-        weights.insert(name, t);
-        Ok(())
-    };
+    let mut matrix =
+        |name: String, rows: usize, cols: usize, rng: &mut rand::rngs::StdRng| -> Result<()> {
+            let t = Tensor::from_vec(normal(rng, rows * cols, 0.02), (rows, cols), device)?;
+            weights.insert(name, t);
+            Ok(())
+        };
     let d = c.head_dim;
-    matrix("model.embed_tokens.weight".into(), c.vocab_size, c.hidden_size, &mut rng)?;
+    matrix(
+        "model.embed_tokens.weight".into(),
+        c.vocab_size,
+        c.hidden_size,
+        &mut rng,
+    )?;
     for i in 0..c.num_hidden_layers {
         let p = format!("model.layers.{i}");
         let qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * d;
-        matrix(format!("{p}.self_attn.qkv_proj.weight"), qkv, c.hidden_size, &mut rng)?;
-        matrix(format!("{p}.self_attn.o_proj.weight"), c.hidden_size, c.num_attention_heads * d, &mut rng)?;
-        matrix(format!("{p}.mlp.gate_up_proj.weight"), 2 * c.intermediate_size, c.hidden_size, &mut rng)?;
-        matrix(format!("{p}.mlp.down_proj.weight"), c.hidden_size, c.intermediate_size, &mut rng)?;
+        matrix(
+            format!("{p}.self_attn.qkv_proj.weight"),
+            qkv,
+            c.hidden_size,
+            &mut rng,
+        )?;
+        matrix(
+            format!("{p}.self_attn.o_proj.weight"),
+            c.hidden_size,
+            c.num_attention_heads * d,
+            &mut rng,
+        )?;
+        matrix(
+            format!("{p}.mlp.gate_up_proj.weight"),
+            2 * c.intermediate_size,
+            c.hidden_size,
+            &mut rng,
+        )?;
+        matrix(
+            format!("{p}.mlp.down_proj.weight"),
+            c.hidden_size,
+            c.intermediate_size,
+            &mut rng,
+        )?;
     }
-    matrix("lm_head.weight".into(), c.vocab_size, c.hidden_size, &mut rng)?;
+    matrix(
+        "lm_head.weight".into(),
+        c.vocab_size,
+        c.hidden_size,
+        &mut rng,
+    )?;
     let ones = Tensor::ones(c.hidden_size, candle_core::DType::F32, device)?;
     for i in 0..c.num_hidden_layers {
-        weights.insert(format!("model.layers.{i}.input_layernorm.weight"), ones.clone());
-        weights.insert(format!("model.layers.{i}.post_attention_layernorm.weight"), ones.clone());
+        weights.insert(
+            format!("model.layers.{i}.input_layernorm.weight"),
+            ones.clone(),
+        );
+        weights.insert(
+            format!("model.layers.{i}.post_attention_layernorm.weight"),
+            ones.clone(),
+        );
     }
     weights.insert("model.norm.weight".into(), ones);
     Ok(weights)
@@ -103,20 +144,39 @@ pub fn write_random_checkpoint(dir: &Path, config: &Phi3Config, seed: u64) -> Re
 
 /// Random weights made directly on `device` in `dtype` (unseeded): fast enough for a
 /// Phi-3-mini-sized benchmark model on a GPU, where speed does not depend on the values.
-pub fn device_random_weights(config: &Phi3Config, dtype: candle_core::DType, device: &Device) -> Result<HashMap<String, Tensor>> {
+pub fn device_random_weights(
+    config: &Phi3Config,
+    dtype: candle_core::DType,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
     let c = config;
     let d = c.head_dim;
     let mut shapes: Vec<(String, Vec<usize>)> = vec![
-        ("model.embed_tokens.weight".into(), vec![c.vocab_size, c.hidden_size]),
+        (
+            "model.embed_tokens.weight".into(),
+            vec![c.vocab_size, c.hidden_size],
+        ),
         ("lm_head.weight".into(), vec![c.vocab_size, c.hidden_size]),
     ];
     for i in 0..c.num_hidden_layers {
         let p = format!("model.layers.{i}");
         let qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * d;
-        shapes.push((format!("{p}.self_attn.qkv_proj.weight"), vec![qkv, c.hidden_size]));
-        shapes.push((format!("{p}.self_attn.o_proj.weight"), vec![c.hidden_size, c.num_attention_heads * d]));
-        shapes.push((format!("{p}.mlp.gate_up_proj.weight"), vec![2 * c.intermediate_size, c.hidden_size]));
-        shapes.push((format!("{p}.mlp.down_proj.weight"), vec![c.hidden_size, c.intermediate_size]));
+        shapes.push((
+            format!("{p}.self_attn.qkv_proj.weight"),
+            vec![qkv, c.hidden_size],
+        ));
+        shapes.push((
+            format!("{p}.self_attn.o_proj.weight"),
+            vec![c.hidden_size, c.num_attention_heads * d],
+        ));
+        shapes.push((
+            format!("{p}.mlp.gate_up_proj.weight"),
+            vec![2 * c.intermediate_size, c.hidden_size],
+        ));
+        shapes.push((
+            format!("{p}.mlp.down_proj.weight"),
+            vec![c.hidden_size, c.intermediate_size],
+        ));
     }
     let mut weights = HashMap::new();
     for (name, shape) in shapes {
@@ -125,8 +185,14 @@ pub fn device_random_weights(config: &Phi3Config, dtype: candle_core::DType, dev
     }
     let ones = Tensor::ones(c.hidden_size, dtype, device)?;
     for i in 0..c.num_hidden_layers {
-        weights.insert(format!("model.layers.{i}.input_layernorm.weight"), ones.clone());
-        weights.insert(format!("model.layers.{i}.post_attention_layernorm.weight"), ones.clone());
+        weights.insert(
+            format!("model.layers.{i}.input_layernorm.weight"),
+            ones.clone(),
+        );
+        weights.insert(
+            format!("model.layers.{i}.post_attention_layernorm.weight"),
+            ones.clone(),
+        );
     }
     weights.insert("model.norm.weight".into(), ones);
     Ok(weights)

@@ -135,11 +135,20 @@ impl SafetensorsStore {
     }
 
     /// Loads `name`, checks its shape, converts it to `dtype` on `device`.
-    pub fn load(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
-        let entry = self.entries.get(name).ok_or_else(|| ModelError::MissingTensor {
-            name: name.to_string(),
-            files: self.describe_files(),
-        })?;
+    pub fn load(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let entry = self
+            .entries
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: name.to_string(),
+                files: self.describe_files(),
+            })?;
         let (path, mmap) = &self.files[entry.file];
         if entry.shape != shape {
             return Err(ModelError::TensorShape {
@@ -168,7 +177,11 @@ impl SafetensorsStore {
     }
 
     fn describe_files(&self) -> String {
-        let names: Vec<String> = self.files.iter().map(|(p, _)| p.display().to_string()).collect();
+        let names: Vec<String> = self
+            .files
+            .iter()
+            .map(|(p, _)| p.display().to_string())
+            .collect();
         names.join(", ")
     }
 }
@@ -176,10 +189,11 @@ impl SafetensorsStore {
 /// The shard files named by a `model.safetensors.index.json`, in first-seen order.
 fn shards_of_index(index: &Path) -> Result<Vec<PathBuf>> {
     let text = std::fs::read_to_string(index).map_err(|e| ModelError::io(index, e))?;
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|source| ModelError::Json {
-        path: index.to_path_buf(),
-        source,
-    })?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|cause| ModelError::Json {
+            path: index.to_path_buf(),
+            cause,
+        })?;
     let map = json
         .get("weight_map")
         .and_then(|m| m.as_object())
@@ -187,9 +201,9 @@ fn shards_of_index(index: &Path) -> Result<Vec<PathBuf>> {
     let dir = index.parent().unwrap_or(Path::new("."));
     let mut shards: Vec<PathBuf> = Vec::new();
     for (tensor, file) in map {
-        let file = file
-            .as_str()
-            .ok_or_else(|| ModelError::invalid(index, &format!("weight_map.{tensor}"), "not a file name"))?;
+        let file = file.as_str().ok_or_else(|| {
+            ModelError::invalid(index, &format!("weight_map.{tensor}"), "not a file name")
+        })?;
         let path = dir.join(file);
         if !shards.contains(&path) {
             shards.push(path);

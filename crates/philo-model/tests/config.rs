@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use philo_model::{ModelError, Phi3Config, RopeScaling};
 
 fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(rel)
 }
 
 fn parse(value: &serde_json::Value) -> Result<Phi3Config, ModelError> {
@@ -18,7 +20,8 @@ fn read(rel: &str) -> serde_json::Value {
 
 #[test]
 fn real_128k_config_has_longrope() {
-    let config = Phi3Config::from_file(&fixture("configs/phi-3-mini-128k-instruct.config.json")).unwrap();
+    let config =
+        Phi3Config::from_file(&fixture("configs/phi-3-mini-128k-instruct.config.json")).unwrap();
     assert_eq!(config.head_dim, 96);
     assert_eq!(config.rope.rotary_dim, 96);
     assert_eq!(config.sliding_window, Some(262144));
@@ -32,7 +35,10 @@ fn real_128k_config_has_longrope() {
             assert_eq!(long_factor.len(), 48);
             assert_eq!(short_factor.len(), 48);
             assert_eq!(*original_max_position_embeddings, 4096);
-            assert!((attention_factor - 1.1902).abs() <= 1e-4, "attention factor {attention_factor}");
+            assert!(
+                (attention_factor - 1.1902).abs() <= 1e-4,
+                "attention factor {attention_factor}"
+            );
         }
         other => panic!("expected LongRoPE, got {other:?}"),
     }
@@ -40,12 +46,23 @@ fn real_128k_config_has_longrope() {
 
 #[test]
 fn real_4k_config_has_plain_rope_and_window() {
-    let config = Phi3Config::from_file(&fixture("configs/phi-3-mini-4k-instruct.config.json")).unwrap();
+    let config =
+        Phi3Config::from_file(&fixture("configs/phi-3-mini-4k-instruct.config.json")).unwrap();
     assert_eq!(config.rope.scaling, RopeScaling::None);
     assert_eq!(config.sliding_window, Some(2047));
-    assert_eq!((config.hidden_size, config.num_hidden_layers, config.vocab_size), (3072, 32, 32064));
+    assert_eq!(
+        (
+            config.hidden_size,
+            config.num_hidden_layers,
+            config.vocab_size
+        ),
+        (3072, 32, 32064)
+    );
     let shape = Phi3Config::phi3_mini_4k();
-    assert_eq!((shape.hidden_size, shape.intermediate_size, shape.head_dim), (3072, 8192, 96));
+    assert_eq!(
+        (shape.hidden_size, shape.intermediate_size, shape.head_dim),
+        (3072, 8192, 96)
+    );
 }
 
 /// The transformers-5 layout of the longrope fixture and its classic-layout equivalent agree.
@@ -96,17 +113,26 @@ fn unsupported_configs_are_refused_naming_the_field() {
     let mut c = base.clone();
     c["model_type"] = "llama".into();
     let message = refusal(&c);
-    assert!(message.contains("model_type") && message.contains("llama"), "{message}");
+    assert!(
+        message.contains("model_type") && message.contains("llama"),
+        "{message}"
+    );
 
     let mut c = base.clone();
     c["rope_parameters"]["long_factor"] = serde_json::json!([1.0, 2.0, 3.0]);
     let message = refusal(&c);
-    assert!(message.contains("long_factor") && message.contains("3 entries") && message.contains("8"), "{message}");
+    assert!(
+        message.contains("long_factor") && message.contains("3 entries") && message.contains("8"),
+        "{message}"
+    );
 
     let mut c = base.clone();
     c["hidden_size"] = 66.into();
     let message = refusal(&c);
-    assert!(message.contains("hidden_size") && message.contains("num_attention_heads"), "{message}");
+    assert!(
+        message.contains("hidden_size") && message.contains("num_attention_heads"),
+        "{message}"
+    );
 
     let mut c = base.clone();
     c.as_object_mut().unwrap().remove("vocab_size");
@@ -123,7 +149,8 @@ fn unsupported_configs_are_refused_naming_the_field() {
 
 #[test]
 fn invalid_json_names_the_file() {
-    let err = Phi3Config::from_json_str("{ \"vocab_size\": ", Path::new("/m/config.json")).unwrap_err();
+    let err =
+        Phi3Config::from_json_str("{ \"vocab_size\": ", Path::new("/m/config.json")).unwrap_err();
     assert!(matches!(err, ModelError::Json { .. }));
     assert!(err.to_string().contains("/m/config.json"), "{err}");
 }

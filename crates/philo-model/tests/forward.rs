@@ -12,18 +12,29 @@ use philo_model::{ModelError, Phi3Config, SafetensorsStore};
 fn kv_cache_steps_match_full_forward() {
     // longrope's in1 stays below original_max_position_embeddings; gqa_window's in0 (24 tokens)
     // runs past its sliding window of 8 inside the cache.
-    for (case, key) in [("mini4k", "in0"), ("gqa_window", "in0"), ("longrope", "in1")] {
+    for (case, key) in [
+        ("mini4k", "in0"),
+        ("gqa_window", "in0"),
+        ("longrope", "in1"),
+    ] {
         let dir = case_dir(case);
         let model = load_model(&dir, DType::F32);
         let ids = input(&reference(&dir), key);
         let expected = reference_tensor(&dir, &format!("logits.{key}"));
         let mut cache = model.new_cache();
         let prefill = 5;
-        let logits = model.forward(&row(&ids[..prefill]), None, Some(&mut cache)).unwrap();
-        let diff = relative_diff(&logits.squeeze(0).unwrap(), &expected.narrow(0, 0, prefill).unwrap());
+        let logits = model
+            .forward(&row(&ids[..prefill]), None, Some(&mut cache))
+            .unwrap();
+        let diff = relative_diff(
+            &logits.squeeze(0).unwrap(),
+            &expected.narrow(0, 0, prefill).unwrap(),
+        );
         assert!(diff < 1e-4, "{case}: prefill logits differ by {diff:e}");
         for (i, &id) in ids.iter().enumerate().skip(prefill) {
-            let step = model.forward_last(&row(&[id]), None, Some(&mut cache)).unwrap();
+            let step = model
+                .forward_last(&row(&[id]), None, Some(&mut cache))
+                .unwrap();
             let diff = relative_diff(&step, &expected.narrow(0, i, 1).unwrap());
             assert!(diff < 1e-4, "{case}: step {i} logits differ by {diff:e}");
         }
@@ -44,7 +55,10 @@ fn left_padded_batch_matches_reference() {
         let mut padded = vec![0u32; pad];
         padded.extend(&short);
         let ids = Tensor::new(vec![long.clone(), padded], &Device::Cpu).unwrap();
-        let mask: Vec<Vec<u32>> = vec![vec![1; long.len()], (0..long.len()).map(|j| (j >= pad) as u32).collect()];
+        let mask: Vec<Vec<u32>> = vec![
+            vec![1; long.len()],
+            (0..long.len()).map(|j| (j >= pad) as u32).collect(),
+        ];
         let mask = Tensor::new(mask, &Device::Cpu).unwrap();
         let logits = model.forward(&ids, Some(&mask), None).unwrap();
         let first = logits.get(0).unwrap();
@@ -52,9 +66,15 @@ fn left_padded_batch_matches_reference() {
         assert!(diff < 1e-4, "{case}: batch row 0 differs by {diff:e}");
         let second = logits.get(1).unwrap().narrow(0, pad, short.len()).unwrap();
         let diff = relative_diff(&second, &reference_tensor(&dir, "logits.in1"));
-        assert!(diff < 1e-4, "{case}: padded batch row 1 differs by {diff:e}");
+        assert!(
+            diff < 1e-4,
+            "{case}: padded batch row 1 differs by {diff:e}"
+        );
         let values = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert!(values.iter().all(|v| v.is_finite()), "{case}: padding rows must stay finite");
+        assert!(
+            values.iter().all(|v| v.is_finite()),
+            "{case}: padding rows must stay finite"
+        );
     }
 }
 
@@ -69,25 +89,45 @@ fn padded_batch_decodes_through_cache() {
     let pad = a_prompt.len() - b_prompt.len();
     let mut b_padded = vec![0u32; pad];
     b_padded.extend(b_prompt);
-    let mut mask_rows = vec![vec![1u32; a_prompt.len()], (0..a_prompt.len()).map(|j| (j >= pad) as u32).collect::<Vec<_>>()];
+    let mut mask_rows = vec![
+        vec![1u32; a_prompt.len()],
+        (0..a_prompt.len())
+            .map(|j| (j >= pad) as u32)
+            .collect::<Vec<_>>(),
+    ];
     let mut cache = model.new_cache();
     let ids = Tensor::new(vec![a_prompt.to_vec(), b_padded], &Device::Cpu).unwrap();
     let mask = Tensor::new(mask_rows.clone(), &Device::Cpu).unwrap();
-    model.forward_last(&ids, Some(&mask), Some(&mut cache)).unwrap();
+    model
+        .forward_last(&ids, Some(&mask), Some(&mut cache))
+        .unwrap();
     // Feed the true continuations and compare with the unpadded full forward of each row.
-    let full_a = model.forward(&row(&a), None, None).unwrap().squeeze(0).unwrap();
-    let full_b = model.forward(&row(&b), None, None).unwrap().squeeze(0).unwrap();
+    let full_a = model
+        .forward(&row(&a), None, None)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let full_b = model
+        .forward(&row(&b), None, None)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
     for step in 0..5 {
         let (ta, tb) = (a[a_prompt.len() + step], b[b_prompt.len() + step]);
         mask_rows.iter_mut().for_each(|m| m.push(1));
         let mask = Tensor::new(mask_rows.clone(), &Device::Cpu).unwrap();
         let ids = Tensor::new(vec![vec![ta], vec![tb]], &Device::Cpu).unwrap();
-        let logits = model.forward_last(&ids, Some(&mask), Some(&mut cache)).unwrap();
+        let logits = model
+            .forward_last(&ids, Some(&mask), Some(&mut cache))
+            .unwrap();
         let ea = full_a.narrow(0, a_prompt.len() + step, 1).unwrap();
         let eb = full_b.narrow(0, b_prompt.len() + step, 1).unwrap();
         let da = relative_diff(&logits.narrow(0, 0, 1).unwrap(), &ea);
         let db = relative_diff(&logits.narrow(0, 1, 1).unwrap(), &eb);
-        assert!(da < 1e-4 && db < 1e-4, "step {step}: rows differ by {da:e} / {db:e}");
+        assert!(
+            da < 1e-4 && db < 1e-4,
+            "step {step}: rows differ by {da:e} / {db:e}"
+        );
     }
 }
 
@@ -97,7 +137,10 @@ fn write_checkpoint(tensors: &std::collections::HashMap<String, Tensor>, path: &
 
 fn all_tensors(dir: &std::path::Path) -> std::collections::HashMap<String, Tensor> {
     let store = SafetensorsStore::open_dir(dir).unwrap();
-    store.names().map(|n| (n.to_string(), store.load_raw(n).unwrap())).collect()
+    store
+        .names()
+        .map(|n| (n.to_string(), store.load_raw(n).unwrap()))
+        .collect()
 }
 
 /// A sharded checkpoint (index + two files) loads to the same model.
@@ -111,19 +154,32 @@ fn sharded_checkpoint_loads() {
     names.sort();
     let (first, second) = names.split_at(names.len() / 2);
     let mut weight_map = serde_json::Map::new();
-    for (file, part) in [("model-00001-of-00002.safetensors", first), ("model-00002-of-00002.safetensors", second)] {
-        let shard: std::collections::HashMap<String, Tensor> =
-            part.iter().map(|n| ((*n).clone(), tensors[*n].clone())).collect();
+    for (file, part) in [
+        ("model-00001-of-00002.safetensors", first),
+        ("model-00002-of-00002.safetensors", second),
+    ] {
+        let shard: std::collections::HashMap<String, Tensor> = part
+            .iter()
+            .map(|n| ((*n).clone(), tensors[*n].clone()))
+            .collect();
         write_checkpoint(&shard, &tmp.path().join(file));
         for n in part {
             weight_map.insert((*n).clone(), file.into());
         }
     }
     let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
-    std::fs::write(tmp.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+    std::fs::write(
+        tmp.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
     let model = load_model(tmp.path(), DType::F32);
     let ids = input(&reference(&src), "in0");
-    let logits = model.forward(&row(&ids), None, None).unwrap().squeeze(0).unwrap();
+    let logits = model
+        .forward(&row(&ids), None, None)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
     let diff = relative_diff(&logits, &reference_tensor(&src, "logits.in0"));
     assert!(diff < 1e-4, "sharded logits differ by {diff:e}");
 }
@@ -145,12 +201,20 @@ fn half_precision_checkpoints_and_compute() {
             .collect();
         write_checkpoint(&converted, &tmp.path().join("model.safetensors"));
         let model = load_model(tmp.path(), DType::F32);
-        let logits = model.forward(&row(&ids), None, None).unwrap().squeeze(0).unwrap();
+        let logits = model
+            .forward(&row(&ids), None, None)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
         let diff = relative_diff(&logits, &expected);
         assert!(diff < 2e-2, "{dtype:?} on disk: logits differ by {diff:e}");
     }
     let model = load_model(&src, DType::BF16);
-    let logits = model.forward(&row(&ids), None, None).unwrap().squeeze(0).unwrap();
+    let logits = model
+        .forward(&row(&ids), None, None)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
     let diff = relative_diff(&logits, &expected);
     assert!(diff < 5e-2, "bf16 compute: logits differ by {diff:e}");
 }
@@ -166,17 +230,31 @@ fn missing_and_misshapen_tensors_are_named() {
 
     tensors.remove("model.layers.1.mlp.down_proj.weight");
     write_checkpoint(&tensors, &path);
-    let store = SafetensorsStore::open_files(&[path.clone()]).unwrap();
+    let store = SafetensorsStore::open_files(std::slice::from_ref(&path)).unwrap();
     let err = philo_model::Phi3::load(&config, &store, DType::F32, &Device::Cpu).unwrap_err();
     assert!(matches!(err, ModelError::MissingTensor { .. }), "{err}");
     let message = err.to_string();
-    assert!(message.contains("model.layers.1.mlp.down_proj.weight") && message.contains("model.safetensors"), "{message}");
+    assert!(
+        message.contains("model.layers.1.mlp.down_proj.weight")
+            && message.contains("model.safetensors"),
+        "{message}"
+    );
 
-    tensors.insert("model.layers.1.mlp.down_proj.weight".into(), Tensor::zeros((64, 95), DType::F32, &Device::Cpu).unwrap());
+    tensors.insert(
+        "model.layers.1.mlp.down_proj.weight".into(),
+        Tensor::zeros((64, 95), DType::F32, &Device::Cpu).unwrap(),
+    );
     write_checkpoint(&tensors, &path);
-    let store = SafetensorsStore::open_files(&[path.clone()]).unwrap();
-    let err = philo_model::Phi3::load(&config, &store, DType::F32, &Device::Cpu).unwrap_err().to_string();
-    assert!(err.contains("model.layers.1.mlp.down_proj.weight") && err.contains("[64, 95]") && err.contains("[64, 96]"), "{err}");
+    let store = SafetensorsStore::open_files(std::slice::from_ref(&path)).unwrap();
+    let err = philo_model::Phi3::load(&config, &store, DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("model.layers.1.mlp.down_proj.weight")
+            && err.contains("[64, 95]")
+            && err.contains("[64, 96]"),
+        "{err}"
+    );
 }
 
 /// A truncated file is refused when opened, naming the file.
@@ -187,7 +265,9 @@ fn truncated_safetensors_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("model.safetensors");
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
-    let err = SafetensorsStore::open_files(&[path]).err().expect("a truncated file must be refused");
+    let err = SafetensorsStore::open_files(&[path])
+        .err()
+        .expect("a truncated file must be refused");
     assert!(matches!(err, ModelError::Safetensors { .. }), "{err}");
     assert!(err.to_string().contains("model.safetensors"), "{err}");
 }

@@ -87,9 +87,9 @@ pub struct TokenizerConfig {
 impl TokenizerConfig {
     /// Reads and parses a `tokenizer_config.json`.
     pub fn from_file(path: &Path) -> Result<Self, TextError> {
-        let json = std::fs::read_to_string(path).map_err(|source| TextError::Read {
+        let json = std::fs::read_to_string(path).map_err(|cause| TextError::Read {
             path: path.to_path_buf(),
-            source,
+            cause,
         })?;
         Self::parse(&json, path)
     }
@@ -250,9 +250,9 @@ impl ChatTemplate {
         bos_token: &str,
         eos_token: &str,
     ) -> Result<Self, TextError> {
-        let source = std::fs::read_to_string(path).map_err(|source| TextError::Read {
+        let source = std::fs::read_to_string(path).map_err(|cause| TextError::Read {
             path: path.to_path_buf(),
-            source,
+            cause,
         })?;
         Self::compile(&source, &path.display().to_string(), bos_token, eos_token)
     }

@@ -9,13 +9,12 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum TextError {
     /// A file (tokenizer.json, tokenizer_config.json) could not be read.
-    #[error("cannot read {path}: {source}; check that the path is right and the file is readable (re-download the model files if it is missing)")]
+    #[error("cannot read {path}: {cause}; check that the path is right and the file is readable (re-download the model files if it is missing)")]
     Read {
         /// The file that could not be read.
         path: PathBuf,
-        /// The underlying I/O error.
-        #[source]
-        source: std::io::Error,
+        /// The underlying I/O error (shown in the message, so not a chained `source`).
+        cause: std::io::Error,
     },
 
     /// A tokenizer.json was read but is not a tokenizer `tokenizers` understands.

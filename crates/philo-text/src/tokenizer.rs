@@ -22,9 +22,9 @@ impl Tokenizer {
     pub fn from_file(path: &Path) -> Result<Tokenizer, TextError> {
         // Read the bytes ourselves so a missing file and a malformed file get
         // different, clearer errors than `tokenizers` gives on its own.
-        let bytes = std::fs::read(path).map_err(|source| TextError::Read {
+        let bytes = std::fs::read(path).map_err(|cause| TextError::Read {
             path: path.to_path_buf(),
-            source,
+            cause,
         })?;
         let inner =
             tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| TextError::TokenizerParse {

@@ -8,7 +8,9 @@ use candle_core::{DType, Device, Tensor};
 use philo_model::{Phi3, Phi3Config, SafetensorsStore};
 
 pub fn case_dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/hf-reference/dev").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/hf-reference/dev")
+        .join(name)
 }
 
 pub fn load_model(dir: &Path, dtype: DType) -> Phi3 {
@@ -40,11 +42,19 @@ pub fn input(reference: &serde_json::Value, key: &str) -> Vec<u32> {
 /// max |a - b| / max |b|
 pub fn relative_diff(actual: &Tensor, expected: &Tensor) -> f32 {
     let actual = actual.to_dtype(DType::F32).unwrap();
-    let diff = (&actual - expected).unwrap().abs().unwrap().max_all().unwrap();
+    let diff = (&actual - expected)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
     let scale = expected.abs().unwrap().max_all().unwrap();
     diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap()
 }
 
 pub fn row(ids: &[u32]) -> Tensor {
-    Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap()
+    Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
 }

@@ -1,0 +1,1 @@
+//! Weight quantisation: NF4 compatible with bitsandbytes.

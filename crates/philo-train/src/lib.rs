@@ -1,0 +1,1 @@
+//! LoRA / QLoRA fine-tuning of Phi-3.
