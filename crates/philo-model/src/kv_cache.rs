@@ -39,10 +39,12 @@ impl KvCache {
         k: &Tensor,
         v: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
+        // Detached: a cache must not keep an autograd graph alive across steps.
+        let (k, v) = (k.detach(), v.detach());
         let merged = match &self.layers[layer] {
-            None => (k.clone(), v.clone()),
+            None => (k, v),
             Some((past_k, past_v)) => {
-                (Tensor::cat(&[past_k, k], 2)?, Tensor::cat(&[past_v, v], 2)?)
+                (Tensor::cat(&[past_k, &k], 2)?, Tensor::cat(&[past_v, &v], 2)?)
             }
         };
         if layer + 1 == self.layers.len() {

@@ -6,27 +6,9 @@ use candle_core::{DType, Device, Tensor, D};
 use crate::config::Phi3Config;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
+use crate::lora_linear::{DropoutSeed, LoraLinear};
 use crate::rope::RotaryEmbedding;
 use crate::weights::WeightSource;
-
-/// y = x · Wᵀ for x of any leading shape.
-#[derive(Debug, Clone)]
-pub struct Linear {
-    /// `[out_features, in_features]`, as PyTorch stores it.
-    pub weight: Tensor,
-}
-
-impl Linear {
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims();
-        let in_features = dims[dims.len() - 1];
-        let rows = x.elem_count() / in_features;
-        let y = x.reshape((rows, in_features))?.matmul(&self.weight.t()?)?;
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().expect("x has a last dim") = self.weight.dim(0)?;
-        Ok(y.reshape(out_dims)?)
-    }
-}
 
 /// RMSNorm: the mean square is taken in f32 whatever the compute dtype.
 #[derive(Debug, Clone)]
@@ -48,20 +30,21 @@ impl RmsNorm {
 /// Self-attention with a fused `qkv_proj` laid out [Q | K | V].
 #[derive(Debug, Clone)]
 pub struct Attention {
-    pub qkv_proj: Linear,
-    pub o_proj: Linear,
+    pub qkv_proj: LoraLinear,
+    pub o_proj: LoraLinear,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
 }
 
-/// Per-forward data shared by every layer.
-struct ForwardContext<'a> {
+/// Per-forward data shared by every layer: rotary tables, attention bias, dropout seed.
+pub struct ForwardContext {
     cos: Tensor,
     sin: Tensor,
-    /// Additive mask `[batch, 1, seq, past + seq]` (0 or -inf-like), or None when nothing is masked.
+    /// Additive mask `[batch, 1, seq, past + seq]` (0 or a huge negative), None when nothing is masked.
     mask: Option<Tensor>,
-    rotary: &'a RotaryEmbedding,
+    /// Set while training: LoRA dropout masks are drawn from it.
+    dropout: Option<DropoutSeed>,
 }
 
 impl Attention {
@@ -69,12 +52,13 @@ impl Attention {
         &self,
         x: &Tensor,
         ctx: &ForwardContext,
+        rotary: &RotaryEmbedding,
         layer: usize,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let qkv = self.qkv_proj.forward(x)?;
+        let qkv = self.qkv_proj.forward(x, ctx.dropout)?;
         let split = |offset: usize, heads: usize| -> Result<Tensor> {
             Ok(qkv
                 .narrow(2, offset * d, heads * d)?
@@ -82,8 +66,8 @@ impl Attention {
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let q = ctx.rotary.apply(&split(0, h)?, &ctx.cos, &ctx.sin)?;
-        let k = ctx.rotary.apply(&split(h, kvh)?, &ctx.cos, &ctx.sin)?;
+        let q = rotary.apply(&split(0, h)?, &ctx.cos, &ctx.sin)?;
+        let k = rotary.apply(&split(h, kvh)?, &ctx.cos, &ctx.sin)?;
         let v = split(h + kvh, kvh)?;
         let (k, v) = match cache {
             Some(cache) => cache.append(layer, &k, &v)?,
@@ -99,32 +83,38 @@ impl Attention {
         if let Some(mask) = &ctx.mask {
             scores = scores.broadcast_add(mask)?;
         }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        // The fused softmax has no backward; the composed one does, for training.
+        let probs = if scores.track_op() {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
+        let probs = probs.to_dtype(v.dtype())?;
         let out = probs.reshape((b, kvh, n_rep * s, t))?.matmul(&v)?;
         let out = out
             .reshape((b, h, s, d))?
             .transpose(1, 2)?
             .reshape((b, s, h * d))?;
-        self.o_proj.forward(&out)
+        self.o_proj.forward(&out, ctx.dropout)
     }
 }
 
 /// SiLU-gated MLP with a fused `gate_up_proj` laid out [gate | up].
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    pub gate_up_proj: Linear,
-    pub down_proj: Linear,
+    pub gate_up_proj: LoraLinear,
+    pub down_proj: LoraLinear,
     intermediate_size: usize,
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate_up = self.gate_up_proj.forward(x)?;
+    fn forward(&self, x: &Tensor, dropout: Option<DropoutSeed>) -> Result<Tensor> {
+        let gate_up = self.gate_up_proj.forward(x, dropout)?;
         let i = self.intermediate_size;
         let gate = gate_up.narrow(D::Minus1, 0, i)?;
         let up = gate_up.narrow(D::Minus1, i, i)?;
         self.down_proj
-            .forward(&(candle_nn::ops::silu(&gate)? * up)?)
+            .forward(&(candle_nn::ops::silu(&gate)? * up)?, dropout)
     }
 }
 
@@ -142,16 +132,17 @@ impl DecoderLayer {
         &self,
         x: &Tensor,
         ctx: &ForwardContext,
+        rotary: &RotaryEmbedding,
         layer: usize,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let attn = self
-            .self_attn
-            .forward(&self.input_layernorm.forward(x)?, ctx, layer, cache)?;
+        let attn =
+            self.self_attn
+                .forward(&self.input_layernorm.forward(x)?, ctx, rotary, layer, cache)?;
         let x = (x + attn)?;
         let mlp = self
             .mlp
-            .forward(&self.post_attention_layernorm.forward(&x)?)?;
+            .forward(&self.post_attention_layernorm.forward(&x)?, ctx.dropout)?;
         Ok((x + mlp)?)
     }
 }
@@ -162,7 +153,7 @@ pub struct Phi3 {
     pub embed_tokens: Tensor,
     pub layers: Vec<DecoderLayer>,
     pub norm: RmsNorm,
-    pub lm_head: Linear,
+    pub lm_head: LoraLinear,
     rotary: RotaryEmbedding,
     config: Phi3Config,
     dtype: DType,
@@ -183,10 +174,11 @@ impl Phi3 {
         let c = config;
         let (hd, d) = (c.hidden_size, c.head_dim);
         let load = |name: &str, shape: &[usize]| store.tensor(name, shape, dtype, device);
-        let linear = |name: &str, out: usize, inp: usize| -> Result<Linear> {
-            Ok(Linear {
-                weight: load(&format!("{name}.weight"), &[out, inp])?,
-            })
+        let linear = |name: &str, out: usize, inp: usize| -> Result<LoraLinear> {
+            Ok(LoraLinear::new(load(
+                &format!("{name}.weight"),
+                &[out, inp],
+            )?))
         };
         let norm = |name: &str| -> Result<RmsNorm> {
             Ok(RmsNorm {
@@ -225,9 +217,7 @@ impl Phi3 {
             });
         }
         let lm_head = if c.tie_word_embeddings && !store.contains("lm_head.weight") {
-            Linear {
-                weight: embed_tokens.clone(),
-            }
+            LoraLinear::new(embed_tokens.clone())
         } else {
             linear("lm_head", c.vocab_size, hd)?
         };
@@ -266,9 +256,11 @@ impl Phi3 {
 
     /// Logits `[batch, seq, vocab]` (f32) for every position of `input_ids` `[batch, seq]`.
     ///
-    /// `attention_mask` `[batch, past + seq]` marks real tokens 1 and padding 0 over the cached and
-    /// new positions, as in transformers; positions count real tokens only, so a left-padded row
-    /// gives the logits of the same row unpadded. With `cache`, the new keys/values are appended.
+    /// `attention_mask` `[batch, past + seq]` covers the cached and new positions, as in
+    /// transformers: 0 marks padding, 1 a real token. Values above 1 are segment ids for packed
+    /// rows: a token attends only to earlier tokens of its own segment, and positions restart at
+    /// each segment. Positions count the real tokens of a segment, so a left-padded row gives the
+    /// logits of the same row unpadded. With `cache`, the new keys/values are appended.
     pub fn forward(
         &self,
         input_ids: &Tensor,
@@ -276,7 +268,7 @@ impl Phi3 {
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let hidden = self.hidden_states(input_ids, attention_mask, cache)?;
-        Ok(self.lm_head.forward(&hidden)?.to_dtype(DType::F32)?)
+        Ok(self.lm_head.forward(&hidden, None)?.to_dtype(DType::F32)?)
     }
 
     /// Logits `[batch, vocab]` (f32) of the last position only: what decoding needs.
@@ -289,7 +281,7 @@ impl Phi3 {
         let hidden = self.hidden_states(input_ids, attention_mask, cache)?;
         let s = hidden.dim(1)?;
         let last = hidden.narrow(1, s - 1, 1)?.squeeze(1)?;
-        Ok(self.lm_head.forward(&last)?.to_dtype(DType::F32)?)
+        Ok(self.lm_head.forward(&last, None)?.to_dtype(DType::F32)?)
     }
 
     /// Final-norm hidden states `[batch, seq, hidden]`.
@@ -299,9 +291,45 @@ impl Phi3 {
         attention_mask: Option<&Tensor>,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let (b, s) = input_ids.dims2()?;
         let past = cache.as_ref().map_or(0, |c| c.seq_len());
-        let mask_rows = match attention_mask {
+        let ctx = self.context(input_ids, attention_mask, past, None)?;
+        if let Some(cache) = &cache {
+            let cached_long =
+                cache.seq_len() > 0 && self.rotary.uses_long_factors(cache.seq_len() - 1);
+            if cache.seq_len() > 0 && ctx.long_rope != cached_long {
+                return Err(ModelError::Candle(candle_core::Error::Msg(
+                    "this step crosses original_max_position_embeddings: LongRoPE switches to the long factors, so the cached prefix must be recomputed (clear the cache and feed the whole sequence)".into(),
+                )));
+            }
+        }
+        let mut x = self.embed(input_ids)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x, &ctx.inner, &self.rotary, i, cache.as_deref_mut())?;
+        }
+        self.norm.forward(&x)
+    }
+
+    /// Token embeddings `[batch, seq, hidden]` of `input_ids` `[batch, seq]`.
+    pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, s) = input_ids.dims2()?;
+        let ids = input_ids.flatten_all()?;
+        Ok(self
+            .embed_tokens
+            .index_select(&ids, 0)?
+            .reshape((b, s, self.config.hidden_size))?)
+    }
+
+    /// Everything the layers share for one forward of `input_ids` after `past` cached positions
+    /// (see [`Phi3::forward`] for `attention_mask`). `dropout` is set only while training.
+    pub fn context(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        past: usize,
+        dropout: Option<DropoutSeed>,
+    ) -> Result<LayerContext> {
+        let (b, s) = input_ids.dims2()?;
+        let segments = match attention_mask {
             Some(m) => {
                 let (mb, mt) = m.dims2()?;
                 if mb != b || mt != past + s {
@@ -311,65 +339,77 @@ impl Phi3 {
                     ))
                     .into());
                 }
-                Some(m.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+                Some(m.to_dtype(DType::U32)?.to_vec2::<u32>()?)
             }
             None => None,
         };
-        let positions = positions(mask_rows.as_deref(), b, past, s);
+        let positions = positions(segments.as_deref(), b, past, s);
         let max_position = positions.iter().copied().max().unwrap_or(0) as usize;
-        if let Some(cache) = &cache {
-            let cached_long =
-                cache.seq_len() > 0 && self.rotary.uses_long_factors(cache.seq_len() - 1);
-            if cache.seq_len() > 0 && self.rotary.uses_long_factors(max_position) != cached_long {
-                return Err(ModelError::Candle(candle_core::Error::Msg(
-                    "this step crosses original_max_position_embeddings: LongRoPE switches to the long factors, so the cached prefix must be recomputed (clear the cache and feed the whole sequence)".into(),
-                )));
-            }
-        }
-        let long = self.rotary.uses_long_factors(max_position);
+        let long_rope = self.rotary.uses_long_factors(max_position);
         let (cos, sin) = self
             .rotary
-            .cos_sin(&positions, long, self.dtype, &self.device)?;
+            .cos_sin(&positions, long_rope, self.dtype, &self.device)?;
         let half = self.rotary.rotary_dim() / 2;
-        let ctx = ForwardContext {
-            cos: cos.reshape((b, s, half))?,
-            sin: sin.reshape((b, s, half))?,
-            mask: self.attention_bias(mask_rows.as_deref(), b, past, s)?,
-            rotary: &self.rotary,
-        };
-        let ids = input_ids.flatten_all()?;
-        let mut x =
-            self.embed_tokens
-                .index_select(&ids, 0)?
-                .reshape((b, s, self.config.hidden_size))?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, &ctx, i, cache.as_deref_mut())?;
-        }
-        self.norm.forward(&x)
+        Ok(LayerContext {
+            inner: ForwardContext {
+                cos: cos.reshape((b, s, half))?,
+                sin: sin.reshape((b, s, half))?,
+                mask: self.attention_bias(segments.as_deref(), b, past, s)?,
+                dropout,
+            },
+            long_rope,
+        })
     }
 
-    /// Additive attention bias `[batch, 1, s, past + s]`: causal, sliding window, padding.
+    /// Decoder layer `index` on `x` `[batch, seq, hidden]`, without cache (training, where
+    /// layers are recomputed one by one for gradient checkpointing).
+    pub fn layer_forward(&self, index: usize, x: &Tensor, ctx: &LayerContext) -> Result<Tensor> {
+        self.layers[index].forward(x, &ctx.inner, &self.rotary, index, None)
+    }
+
+    /// Final norm and LM head: logits `[batch, seq, vocab]` in the compute dtype.
+    pub fn head(&self, x: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(&self.norm.forward(x)?, None)
+    }
+
+    /// Every LoRA-capable linear layer with its module name (`qkv_proj`, `o_proj`,
+    /// `gate_up_proj`, `down_proj`) and layer index.
+    pub fn linears_mut(&mut self) -> Vec<(usize, &'static str, &mut LoraLinear)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            out.push((i, "qkv_proj", &mut layer.self_attn.qkv_proj));
+            out.push((i, "o_proj", &mut layer.self_attn.o_proj));
+            out.push((i, "gate_up_proj", &mut layer.mlp.gate_up_proj));
+            out.push((i, "down_proj", &mut layer.mlp.down_proj));
+        }
+        out
+    }
+
+    /// Additive attention bias `[batch, 1, s, past + s]`: causal, sliding window, padding and
+    /// segments. None when nothing needs masking (one new token, no mask, window not reached).
     fn attention_bias(
         &self,
-        mask_rows: Option<&[Vec<f32>]>,
+        segments: Option<&[Vec<u32>]>,
         b: usize,
         past: usize,
         s: usize,
     ) -> Result<Option<Tensor>> {
         let t = past + s;
         let window = self.config.sliding_window.unwrap_or(usize::MAX);
-        let window_matters = t > window;
-        if s == 1 && mask_rows.is_none() && !window_matters {
+        if s == 1 && segments.is_none() && t <= window {
             return Ok(None);
         }
         let mut bias = vec![0f32; b * s * t];
         for row in 0..b {
             for qi in 0..s {
                 let i = past + qi;
+                let query_segment = segments.map(|m| m[row][i]);
                 let out = &mut bias[(row * s + qi) * t..(row * s + qi + 1) * t];
                 for (j, slot) in out.iter_mut().enumerate() {
-                    let visible =
-                        j <= i && i - j < window && mask_rows.is_none_or(|m| m[row][j] != 0.0);
+                    let visible = j <= i
+                        && i - j < window
+                        && segments
+                            .is_none_or(|m| m[row][j] != 0 && Some(m[row][j]) == query_segment);
                     if !visible {
                         *slot = MASKED;
                     }
@@ -380,21 +420,31 @@ impl Phi3 {
     }
 }
 
-/// Position ids of the new tokens, `[batch * s]` row-major: the count of real tokens before each
-/// one (padding positions get 0), or simply past..past+s without a mask.
-fn positions(mask_rows: Option<&[Vec<f32>]>, b: usize, past: usize, s: usize) -> Vec<u32> {
+/// [`ForwardContext`] plus which RoPE factors it uses, handed out for layer-by-layer training.
+pub struct LayerContext {
+    inner: ForwardContext,
+    long_rope: bool,
+}
+
+/// Position ids of the new tokens, `[batch * s]` row-major: the number of earlier real tokens of
+/// the same segment (padding gets 0), or simply past..past+s without a mask.
+fn positions(segments: Option<&[Vec<u32>]>, b: usize, past: usize, s: usize) -> Vec<u32> {
     let mut out = Vec::with_capacity(b * s);
     for row in 0..b {
-        match mask_rows {
+        match segments {
             None => out.extend((past..past + s).map(|p| p as u32)),
             Some(rows) => {
                 let mut seen = 0u32;
+                let mut segment = 0u32;
                 for (j, &m) in rows[row].iter().enumerate() {
-                    let real = m != 0.0;
-                    if j >= past {
-                        out.push(if real { seen } else { 0 });
+                    if m != segment {
+                        segment = m;
+                        seen = 0;
                     }
-                    if real {
+                    if j >= past {
+                        out.push(if m != 0 { seen } else { 0 });
+                    }
+                    if m != 0 {
                         seen += 1;
                     }
                 }

@@ -108,11 +108,26 @@ impl RotaryEmbedding {
     pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let head_dim = x.dim(3)?;
         if self.rotary_dim == head_dim {
-            return Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?);
+            return rotate(x, cos, sin);
         }
-        let rotated = x.narrow(3, 0, self.rotary_dim)?.contiguous()?;
-        let rotated = candle_nn::rotary_emb::rope(&rotated, cos, sin)?;
+        let rotated = rotate(&x.narrow(3, 0, self.rotary_dim)?, cos, sin)?;
         let pass = x.narrow(3, self.rotary_dim, head_dim - self.rotary_dim)?;
         Ok(Tensor::cat(&[&rotated, &pass], 3)?)
     }
+}
+
+/// x·cos + rotate_half(x)·sin. The fused kernel has no backward, so a tensor that carries
+/// gradients (training) goes through the composed form.
+fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if !x.track_op() {
+        return Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?);
+    }
+    let half = x.dim(3)? / 2;
+    // [b, s, half] → [b, 1, s, 2·half], as the rotate-half layout pairs i with i + half.
+    let cos = Tensor::cat(&[cos, cos], 2)?.unsqueeze(1)?;
+    let sin = Tensor::cat(&[sin, sin], 2)?.unsqueeze(1)?;
+    let x1 = x.narrow(3, 0, half)?;
+    let x2 = x.narrow(3, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], 3)?;
+    Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
 }

@@ -271,3 +271,30 @@ fn truncated_safetensors_is_refused() {
     assert!(matches!(err, ModelError::Safetensors { .. }), "{err}");
     assert!(err.to_string().contains("model.safetensors"), "{err}");
 }
+
+/// Two samples packed in one row with segment ids 1 and 2 give each sample's own logits:
+/// attention stays inside a segment and positions restart.
+#[test]
+fn packed_segments_attend_only_within_themselves() {
+    let dir = case_dir("mini4k");
+    let model = load_model(&dir, DType::F32);
+    let reference = reference(&dir);
+    let (a, b) = (input(&reference, "in1"), input(&reference, "in0"));
+    let b = &b[..10];
+    let mut ids = a.clone();
+    ids.extend(b);
+    ids.extend([0, 0]); // right padding
+    let segments: Vec<u32> = std::iter::repeat_n(1, a.len())
+        .chain(std::iter::repeat_n(2, b.len()))
+        .chain([0, 0])
+        .collect();
+    let mask = Tensor::new(segments.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let logits = model.forward(&row(&ids), Some(&mask), None).unwrap().squeeze(0).unwrap();
+    let first = logits.narrow(0, 0, a.len()).unwrap();
+    let diff = relative_diff(&first, &reference_tensor(&dir, "logits.in1"));
+    assert!(diff < 1e-4, "segment 1 differs by {diff:e}");
+    let second = logits.narrow(0, a.len(), b.len()).unwrap();
+    let expected = reference_tensor(&dir, "logits.in0").narrow(0, 0, b.len()).unwrap();
+    let diff = relative_diff(&second, &expected);
+    assert!(diff < 1e-4, "segment 2 differs by {diff:e}");
+}
