@@ -5,7 +5,11 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use philo_generate::{SamplingParams, TokenStream};
-use philo_model::{ModelFiles, Phi3, Phi3Config, SafetensorsStore};
+use philo_model::{Adapter, ModelFiles, Phi3, Phi3Config, SafetensorsStore};
+use philo_train::adamw::{AdamW, AdamWConfig};
+use philo_train::backward::{loss_and_grads, MicroBatch};
+use philo_train::lora_params::LoraParams;
+use philo_train::loss::count_targets;
 
 fn fixture_root() -> PathBuf {
     match std::env::var_os("PHILO_HF_FIXTURES") {
@@ -126,6 +130,10 @@ fn hf_reference_cases() {
         }
         assert!(checked > 0, "{name}: no inputs");
 
+        if dir.join("adapter").is_dir() {
+            check_lora(&case);
+        }
+
         let greedy = &case.reference["greedy"];
         let prompt = case.ids(&greedy["prompt"]);
         let expected = case.ids(&greedy["new_tokens"]);
@@ -138,4 +146,106 @@ fn hf_reference_cases() {
             "{name}: greedy continuation through the KV cache"
         );
     }
+}
+
+/// In-memory PEFT name (with the adapter name) of a saved-adapter name.
+fn reference_name(prefix: &str, name: &str) -> String {
+    format!("{prefix}.{}", name.replacen(".weight", ".default.weight", 1))
+}
+
+fn assert_close(case: &Case, what: &str, actual: &Tensor, expected_name: &str, tolerance: f32) {
+    let expected = case.tensors.load_raw(expected_name).unwrap();
+    let diff = relative_diff(actual, &expected);
+    eprintln!("{}: {what} relative difference {diff:.2e}", case.dir.display());
+    assert!(diff <= tolerance, "{}: {what} differs by {diff:e} (relative)", case.dir.display());
+}
+
+/// Tolerance of the LoRA gradients: the reference gradients themselves carry ~1e-4 relative f32
+/// noise on these sharp random models: the same gradients computed in f64 differ from them by
+/// 1.0e-4 (gqa_window), while the loss agrees to 2e-7.
+const GRAD_TOLERANCE: f32 = 2e-4;
+
+/// Tolerance of the adapter after three AdamW steps. These random models are ill-conditioned
+/// (gradient norms 10-50): Adam's per-element normalisation turns f32 rounding noise in the
+/// gradients into ~1e-4 relative noise in the parameters. Measured: running the identical
+/// procedure in f64 lands 3.4e-4 from the reference on `longrope` while every step's loss
+/// agrees to 1e-6, so the reference itself carries that noise; 1e-4 cannot be asked of it.
+const ADAMW_TOLERANCE: f32 = 5e-4;
+
+/// Adapter logits, LoRA loss and gradients, three AdamW steps, and the merged model.
+fn check_lora(case: &Case) {
+    let name = case.dir.display();
+    let adapter = Adapter::load(&case.dir.join("adapter")).unwrap();
+    let lora = &case.reference["lora"];
+    let row = |key: &str| {
+        let ids = case.ids(&case.reference["inputs"][key]);
+        (ids.clone(), Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap())
+    };
+
+    let mut model = case.model.clone();
+    adapter.attach(&mut model).unwrap();
+    let (_, in0) = row("in0");
+    let logits = model.forward(&in0, None, None).unwrap().squeeze(0).unwrap();
+    assert_close(case, "lora.logits.in0", &logits, "lora.logits.in0", 1e-4);
+
+    // Loss and gradients, with and without gradient checkpointing.
+    let params = LoraParams::from_model(&mut model).unwrap();
+    let labels: Vec<i64> = lora["labels"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+    let batch = MicroBatch {
+        input_ids: in0.clone(),
+        segments: None,
+        labels: vec![labels],
+    };
+    let n = count_targets(&batch.labels);
+    for checkpointing in [false, true] {
+        let out = loss_and_grads(&model, &params, &batch, n, checkpointing, None).unwrap();
+        let loss = out.loss_sum / n as f64;
+        let expected = lora["loss"].as_f64().unwrap();
+        assert!(((loss - expected) / expected).abs() <= 1e-4, "{name}: LoRA loss {loss} vs {expected}");
+        for (param, grad) in params.params.iter().zip(&out.grads) {
+            let reference = reference_name("lora.grad", &param.name);
+            assert_close(case, &format!("grad of {}", param.name), grad, &reference, GRAD_TOLERANCE);
+        }
+    }
+
+    // Three AdamW steps from the adapter's weights, labels = inputs.
+    let adamw = &case.reference["adamw"];
+    let betas = adamw["betas"].as_array().unwrap();
+    let config = AdamWConfig {
+        beta1: betas[0].as_f64().unwrap(),
+        beta2: betas[1].as_f64().unwrap(),
+        eps: adamw["eps"].as_f64().unwrap(),
+        weight_decay: adamw["weight_decay"].as_f64().unwrap(),
+    };
+    let lr = adamw["lr"].as_f64().unwrap();
+    let mut optimizer = AdamW::new(config, &params).unwrap();
+    let expected_losses = adamw["losses"].as_array().unwrap();
+    for (step, key) in adamw["inputs"].as_array().unwrap().iter().enumerate() {
+        let (ids, input) = row(key.as_str().unwrap());
+        let batch = MicroBatch {
+            input_ids: input,
+            segments: None,
+            labels: vec![ids.iter().map(|&i| i as i64).collect()],
+        };
+        let n = count_targets(&batch.labels);
+        let out = loss_and_grads(&model, &params, &batch, n, true, None).unwrap();
+        let loss = out.loss_sum / n as f64;
+        let expected = expected_losses[step].as_f64().unwrap();
+        assert!(((loss - expected) / expected).abs() <= 1e-4, "{name}: AdamW step {step} loss {loss} vs {expected}");
+        optimizer.update(&params, &out.grads, lr).unwrap();
+    }
+    for param in &params.params {
+        let reference = reference_name("adamw.final", &param.name);
+        let what = format!("AdamW result {}", param.name);
+        assert_close(case, &what, param.var.as_tensor(), &reference, ADAMW_TOLERANCE);
+    }
+
+    // Merge the original adapter into the base.
+    let mut merged = case.model.clone();
+    adapter.attach(&mut merged).unwrap();
+    merged.merge_lora().unwrap();
+    let logits = merged.forward(&in0, None, None).unwrap().squeeze(0).unwrap();
+    assert_close(case, "merged.logits.in0", &logits, "merged.logits.in0", 1e-4);
+    let weight = &merged.layers[0].self_attn.qkv_proj.weight;
+    assert_close(case, "merged qkv_proj weight", weight, "merged.weight.layers.0.qkv_proj", 1e-4);
 }

@@ -1,6 +1,7 @@
 //! The Phi-3 model for philo: configuration, checkpoint loading, the forward pass on candle and
 //! the KV cache for incremental decoding.
 
+pub mod adapter;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
@@ -11,6 +12,7 @@ pub mod rope;
 pub mod tiny;
 pub mod weights;
 
+pub use adapter::{Adapter, AdapterConfig};
 pub use checkpoint::ModelFiles;
 pub use config::{Phi3Config, RopeConfig, RopeScaling};
 pub use error::{ModelError, Result};

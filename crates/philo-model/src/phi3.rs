@@ -385,6 +385,14 @@ impl Phi3 {
         out
     }
 
+    /// Folds every LoRA adapter into its base weight (W + scale·B·A in f32) and removes it.
+    pub fn merge_lora(&mut self) -> Result<()> {
+        for (_, _, linear) in self.linears_mut() {
+            linear.merge()?;
+        }
+        Ok(())
+    }
+
     /// Additive attention bias `[batch, 1, s, past + s]`: causal, sliding window, padding and
     /// segments. None when nothing needs masking (one new token, no mask, window not reached).
     fn attention_bias(

@@ -1,1 +1,11 @@
-//! LoRA / QLoRA fine-tuning of Phi-3.
+//! LoRA / QLoRA fine-tuning of Phi-3: trainable adapters, loss and gradients (with gradient
+//! checkpointing), AdamW, learning-rate schedules, data, and the trainer.
+
+pub mod adamw;
+pub mod backward;
+pub mod data;
+pub mod error;
+pub mod lora_params;
+pub mod loss;
+
+pub use error::{Result, TrainError};

@@ -1,0 +1,23 @@
+//! Errors of fine-tuning.
+
+/// What can stop a fine-tune.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Model(#[from] philo_model::ModelError),
+    #[error(transparent)]
+    Text(#[from] philo_text::TextError),
+    #[error("{0}")]
+    Config(String),
+    #[error("{path}: {message}")]
+    File { path: std::path::PathBuf, message: String },
+}
+
+impl From<candle_core::Error> for TrainError {
+    fn from(e: candle_core::Error) -> Self {
+        TrainError::Model(e.into())
+    }
+}
+
+/// Result alias of the train crate.
+pub type Result<T> = std::result::Result<T, TrainError>;

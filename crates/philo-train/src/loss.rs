@@ -1,0 +1,91 @@
+//! The causal language-modelling loss as transformers computes it.
+
+use candle_core::{DType, Tensor, D};
+
+use crate::error::Result;
+
+/// Label of a position that does not count in the loss.
+pub const IGNORE_INDEX: i64 = -100;
+
+/// Which logit rows count and their target ids, after the shift by one: position t predicts
+/// label t + 1. Returns (row indices into the flattened `[batch·(seq-1)]` logits, targets).
+pub fn shifted_targets(labels: &[Vec<i64>]) -> (Vec<u32>, Vec<u32>) {
+    let mut rows = Vec::new();
+    let mut targets = Vec::new();
+    let seq = labels.first().map_or(0, Vec::len);
+    for (b, row) in labels.iter().enumerate() {
+        for t in 0..seq.saturating_sub(1) {
+            let label = row[t + 1];
+            if label != IGNORE_INDEX {
+                rows.push((b * (seq - 1) + t) as u32);
+                targets.push(label as u32);
+            }
+        }
+    }
+    (rows, targets)
+}
+
+/// Summed cross-entropy over the labelled positions: logits `[batch, seq, vocab]` (any dtype;
+/// computed in f32), labels `[batch][seq]` with -100 for ignored positions. None when no
+/// position is labelled. Dividing by the number of labelled positions gives transformers' mean;
+/// dividing by the count over all micro-batches of an accumulation window makes gradient
+/// accumulation equal one big batch.
+pub fn causal_lm_loss_sum(logits: &Tensor, labels: &[Vec<i64>]) -> Result<Option<Tensor>> {
+    let (b, s, v) = logits.dims3()?;
+    let (rows, targets) = shifted_targets(labels);
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let device = logits.device();
+    let shifted = logits.narrow(1, 0, s - 1)?.reshape((b * (s - 1), v))?;
+    let picked = shifted.index_select(&Tensor::new(rows.as_slice(), device)?, 0)?;
+    // Half precision is widened for the softmax; f32 and f64 stay as they are.
+    let picked = match picked.dtype() {
+        DType::F16 | DType::BF16 => picked.to_dtype(DType::F32)?,
+        _ => picked,
+    };
+    let log_probs = candle_nn::ops::log_softmax(&picked, D::Minus1)?;
+    let targets = Tensor::new(targets.as_slice(), device)?;
+    let nll = log_probs.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+    Ok(Some((nll.sum_all()?.neg())?))
+}
+
+/// Number of labelled positions after the shift.
+pub fn count_targets(labels: &[Vec<i64>]) -> usize {
+    shifted_targets(labels).0.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn mean_loss(logits: &Tensor, labels: &[Vec<i64>]) -> Option<f32> {
+        let sum = causal_lm_loss_sum(logits, labels).unwrap()?.to_scalar::<f32>().unwrap();
+        Some(sum / count_targets(labels) as f32)
+    }
+
+    #[test]
+    fn loss_of_a_uniform_distribution_is_log_vocab() {
+        let logits = Tensor::zeros((1, 4, 10), DType::F32, &Device::Cpu).unwrap();
+        let value = mean_loss(&logits, &[vec![1, 2, -100, 3]]).unwrap();
+        assert!((value - 10f32.ln()).abs() < 1e-6, "{value}");
+    }
+
+    #[test]
+    fn shift_pairs_position_t_with_label_t_plus_one() {
+        let (rows, targets) = shifted_targets(&[vec![-100, 5, -100, 7], vec![1, -100, 2, 3]]);
+        assert_eq!(rows, vec![0, 2, 4, 5]);
+        assert_eq!(targets, vec![5, 7, 2, 3]);
+    }
+
+    #[test]
+    fn confident_correct_logits_give_small_loss() {
+        let mut values = vec![0f32; 2 * 3];
+        values[1] = 20.0; // position 0 predicts id 1
+        let logits = Tensor::from_vec(values, (1, 2, 3), &Device::Cpu).unwrap();
+        let loss = mean_loss(&logits, &[vec![0, 1]]).unwrap();
+        assert!(loss < 1e-6, "{loss}");
+        assert!(mean_loss(&logits, &[vec![0, -100]]).is_none());
+    }
+}
