@@ -7,5 +7,7 @@ pub mod data;
 pub mod error;
 pub mod lora_params;
 pub mod loss;
+pub mod schedule;
+pub mod trainer;
 
 pub use error::{Result, TrainError};

@@ -1,0 +1,413 @@
+//! The fine-tuning loop: micro-batches from the prefetcher, gradient accumulation, clipping,
+//! AdamW with a schedule, logging to metrics.jsonl, evaluation, checkpoints and resume.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::Tensor;
+use philo_model::adapter::{save_adapter, write_atomic, AdapterConfig};
+use philo_model::memory::peak_memory_gib;
+use philo_model::{DropoutSeed, Phi3, SafetensorsStore};
+use serde::{Deserialize, Serialize};
+
+use crate::adamw::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::backward::{loss_and_grads, MicroBatch};
+use crate::data::{Batch, BatchPlan, BatchPosition, PrefetchLimit, Prefetcher, RowDataset};
+use crate::error::{Result, TrainError};
+use crate::lora_params::LoraParams;
+use crate::loss::{causal_lm_loss_sum, count_targets};
+use crate::schedule::{Schedule, ScheduleKind};
+
+/// How to train.
+#[derive(Debug, Clone)]
+pub struct TrainerConfig {
+    pub output_dir: PathBuf,
+    pub batch_size: usize,
+    pub gradient_accumulation_steps: usize,
+    pub epochs: usize,
+    /// Overrides `epochs` when set.
+    pub max_steps: Option<usize>,
+    pub lr: f64,
+    pub schedule: ScheduleKind,
+    pub warmup_steps: usize,
+    /// Warmup as a fraction of all steps; the larger of this and `warmup_steps` applies.
+    pub warmup_ratio: f64,
+    pub max_grad_norm: Option<f64>,
+    pub adamw: AdamWConfig,
+    pub seed: u64,
+    pub logging_steps: usize,
+    pub eval_steps: Option<usize>,
+    pub save_steps: Option<usize>,
+    pub gradient_checkpointing: bool,
+}
+
+/// What one logged optimizer step measured; also a line of metrics.jsonl.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StepMetrics {
+    pub step: usize,
+    pub epoch: f64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens_per_second: f64,
+    pub elapsed_seconds: f64,
+    pub eta_seconds: f64,
+    pub peak_memory_gib: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub eval_loss: Option<f64>,
+}
+
+/// Progress reports of a run, for a progress bar or a log.
+pub enum TrainEvent<'a> {
+    Started { total_steps: usize, start_step: usize, trainable: usize },
+    Step(&'a StepMetrics),
+    Saved { step: usize, dir: &'a Path },
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainSummary {
+    pub steps: usize,
+    pub interrupted: bool,
+    pub final_loss: Option<f64>,
+    pub final_eval_loss: Option<f64>,
+    pub history: Vec<StepMetrics>,
+}
+
+/// State saved with each checkpoint beside the adapter and optimizer files.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TrainerState {
+    step: usize,
+    position: BatchPosition,
+    seed: u64,
+    total_steps: usize,
+    elapsed_seconds: f64,
+}
+
+/// A fine-tune of the LoRA adapters on `model`.
+pub struct Trainer {
+    model: Phi3,
+    params: LoraParams,
+    optimizer: AdamW,
+    adapter_config: AdapterConfig,
+    train: Arc<RowDataset>,
+    eval: Option<Arc<RowDataset>>,
+    plan: BatchPlan,
+    config: TrainerConfig,
+    schedule: Schedule,
+    step: usize,
+    position: BatchPosition,
+    elapsed_before: f64,
+}
+
+impl Trainer {
+    /// Puts fresh adapters (`adapter_config`) on `model` and prepares the run.
+    pub fn new(
+        mut model: Phi3,
+        adapter_config: AdapterConfig,
+        train: RowDataset,
+        eval: Option<RowDataset>,
+        config: TrainerConfig,
+    ) -> Result<Self> {
+        if config.batch_size == 0 || config.gradient_accumulation_steps == 0 {
+            return Err(TrainError::Config("batch_size and gradient_accumulation_steps must be at least 1".into()));
+        }
+        let params = LoraParams::init(&mut model, &adapter_config, config.seed)?;
+        let optimizer = AdamW::new(config.adamw, &params)?;
+        let plan = BatchPlan::new(train.len(), config.batch_size, config.seed).map_err(|e| TrainError::Config(e.to_string()))?;
+        let steps_per_epoch = plan.batches_per_epoch().div_ceil(config.gradient_accumulation_steps);
+        let total_steps = config.max_steps.unwrap_or(steps_per_epoch * config.epochs).max(1);
+        let schedule = Schedule {
+            kind: config.schedule,
+            peak_lr: config.lr,
+            warmup_steps: config.warmup_steps.max((config.warmup_ratio * total_steps as f64).ceil() as usize),
+            total_steps,
+        };
+        Ok(Trainer {
+            model,
+            params,
+            optimizer,
+            adapter_config,
+            train: Arc::new(train),
+            eval: eval.filter(|e| !e.is_empty()).map(Arc::new),
+            plan,
+            config,
+            schedule,
+            step: 0,
+            position: BatchPosition::default(),
+            elapsed_before: 0.0,
+        })
+    }
+
+    /// Total optimizer steps of the run.
+    pub fn total_steps(&self) -> usize {
+        self.schedule.total_steps
+    }
+
+    /// The model with its trained adapters.
+    pub fn into_model(self) -> Phi3 {
+        self.model
+    }
+
+    /// Restores adapter, optimizer, step and data position from a checkpoint folder written by
+    /// this trainer. The dropout masks and the data order derive from the seed and the step, so
+    /// the continued run repeats the uninterrupted one.
+    pub fn resume_from(&mut self, dir: &Path) -> Result<()> {
+        let state_path = dir.join("trainer_state.json");
+        let text = std::fs::read_to_string(&state_path).map_err(|e| TrainError::File {
+            path: state_path.clone(),
+            message: format!("{e}; --resume needs a checkpoint folder written by philo finetune"),
+        })?;
+        let state: TrainerState = serde_json::from_str(&text).map_err(|e| TrainError::File {
+            path: state_path.clone(),
+            message: e.to_string(),
+        })?;
+        if state.seed != self.config.seed {
+            return Err(TrainError::Config(format!(
+                "{}: the checkpoint was trained with --seed {}, this run has {}; resume with the same settings",
+                state_path.display(),
+                state.seed,
+                self.config.seed
+            )));
+        }
+        let weights = dir.join("adapter_model.safetensors");
+        let store = SafetensorsStore::open_files(std::slice::from_ref(&weights))?;
+        for param in &self.params.params {
+            let t = store.load(&param.name, param.var.dims(), candle_core::DType::F32, param.var.device())?;
+            param.var.set(&t)?;
+        }
+        self.optimizer.load(&dir.join("optimizer.safetensors"), &self.params)?;
+        self.step = state.step;
+        self.position = state.position;
+        self.elapsed_before = state.elapsed_seconds;
+        Ok(())
+    }
+
+    /// The newest `checkpoint-N` folder in `output_dir`, if any.
+    pub fn latest_checkpoint(output_dir: &Path) -> Option<PathBuf> {
+        let entries = std::fs::read_dir(output_dir).ok()?;
+        entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().to_string();
+                let step: usize = name.strip_prefix("checkpoint-")?.parse().ok()?;
+                e.path().join("trainer_state.json").is_file().then(|| (step, e.path()))
+            })
+            .max_by_key(|(step, _)| *step)
+            .map(|(_, path)| path)
+    }
+
+    /// Trains until the last step or until `stop` is set (then a checkpoint is saved and the
+    /// run ends cleanly). A loss that is not finite stops the run with an error and keeps the
+    /// last good checkpoint.
+    pub fn run(&mut self, stop: &AtomicBool, mut on_event: impl FnMut(TrainEvent)) -> Result<TrainSummary> {
+        std::fs::create_dir_all(&self.config.output_dir).map_err(|e| TrainError::File {
+            path: self.config.output_dir.clone(),
+            message: e.to_string(),
+        })?;
+        let metrics_path = self.config.output_dir.join("metrics.jsonl");
+        let mut metrics = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&metrics_path)
+            .map_err(|e| TrainError::File {
+                path: metrics_path.clone(),
+                message: e.to_string(),
+            })?;
+        let total = self.schedule.total_steps;
+        let accum = self.config.gradient_accumulation_steps;
+        on_event(TrainEvent::Started {
+            total_steps: total,
+            start_step: self.step,
+            trainable: self.params.count(),
+        });
+        let remaining = (total.saturating_sub(self.step)) * accum;
+        let mut batches = Prefetcher::spawn(
+            Arc::clone(&self.train),
+            self.plan.clone(),
+            self.position,
+            PrefetchLimit::Batches(remaining),
+            4,
+        )
+        .map_err(|e| TrainError::Config(e.to_string()))?;
+        let started = Instant::now();
+        let start_step = self.step;
+        let mut history = Vec::new();
+        let mut tokens_since_log = 0usize;
+        let mut log_clock = Instant::now();
+        let mut interrupted = false;
+        let mut last_loss = None;
+        let mut last_eval = None;
+        while self.step < total {
+            if stop.load(Ordering::SeqCst) {
+                interrupted = true;
+                break;
+            }
+            let micro: Vec<(BatchPosition, Batch)> = batches.by_ref().take(accum).collect();
+            let Some((last_position, _)) = micro.last() else {
+                break;
+            };
+            let next_position = self.plan.next_position(*last_position);
+            let normalizer: usize = micro.iter().map(|(_, b)| count_targets(&b.labels)).sum();
+            let mut loss_sum = 0.0;
+            let mut grads: Option<Vec<Tensor>> = None;
+            for (i, (_, batch)) in micro.iter().enumerate() {
+                if count_targets(&batch.labels) == 0 {
+                    continue;
+                }
+                tokens_since_log += batch.batch_size() * batch.seq_len();
+                let tensors = batch.to_tensors(self.model.device())?;
+                let micro_batch = MicroBatch {
+                    input_ids: tensors.input_ids,
+                    segments: Some(tensors.segment_ids),
+                    labels: batch.labels.clone(),
+                };
+                let seed = self.config.seed ^ ((self.step * accum + i) as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+                let out = loss_and_grads(
+                    &self.model,
+                    &self.params,
+                    &micro_batch,
+                    normalizer,
+                    self.config.gradient_checkpointing,
+                    Some(DropoutSeed(seed)),
+                )?;
+                loss_sum += out.loss_sum;
+                grads = Some(match grads {
+                    None => out.grads,
+                    Some(acc) => acc.iter().zip(&out.grads).map(|(a, g)| a + g).collect::<candle_core::Result<_>>()?,
+                });
+            }
+            let Some(mut grads) = grads else {
+                // A window without labelled tokens: nothing to learn, the data moves on.
+                self.position = next_position;
+                self.step += 1;
+                continue;
+            };
+            let loss = loss_sum / normalizer.max(1) as f64;
+            if !loss.is_finite() {
+                return Err(TrainError::Config(format!(
+                    "the loss became {loss} at step {}: training stopped; the last checkpoint in {} is intact. Lower --lr or check the data",
+                    self.step + 1,
+                    self.config.output_dir.display()
+                )));
+            }
+            let grad_norm = clip_grad_norm(&mut grads, self.config.max_grad_norm)?;
+            let lr = self.schedule.lr(self.step);
+            self.optimizer.update(&self.params, &grads, lr)?;
+            self.step += 1;
+            self.position = next_position;
+            last_loss = Some(loss);
+
+            let eval_loss = match (self.config.eval_steps, &self.eval) {
+                (Some(every), Some(_)) if self.step.is_multiple_of(every) || self.step == total => {
+                    let value = self.evaluate()?;
+                    last_eval = value;
+                    value
+                }
+                _ => None,
+            };
+            if self.step.is_multiple_of(self.config.logging_steps.max(1)) || self.step == total || eval_loss.is_some() {
+                let elapsed = started.elapsed().as_secs_f64();
+                let done = (self.step - start_step) as f64;
+                let entry = StepMetrics {
+                    step: self.step,
+                    epoch: self.step as f64 * accum as f64 / self.plan.batches_per_epoch() as f64,
+                    loss,
+                    lr,
+                    grad_norm,
+                    tokens_per_second: tokens_since_log as f64 / log_clock.elapsed().as_secs_f64().max(1e-9),
+                    elapsed_seconds: self.elapsed_before + elapsed,
+                    eta_seconds: elapsed / done * (total - self.step) as f64,
+                    peak_memory_gib: peak_memory_gib(self.model.device()),
+                    eval_loss,
+                };
+                writeln!(metrics, "{}", serde_json::to_string(&entry).expect("metrics serialise")).map_err(|e| {
+                    TrainError::File {
+                        path: metrics_path.clone(),
+                        message: e.to_string(),
+                    }
+                })?;
+                on_event(TrainEvent::Step(&entry));
+                history.push(entry);
+                tokens_since_log = 0;
+                log_clock = Instant::now();
+            }
+            if let Some(every) = self.config.save_steps {
+                if self.step.is_multiple_of(every) && self.step < total {
+                    let dir = self.save_checkpoint(started.elapsed().as_secs_f64())?;
+                    on_event(TrainEvent::Saved { step: self.step, dir: &dir });
+                }
+            }
+        }
+        drop(batches);
+        if interrupted {
+            let dir = self.save_checkpoint(started.elapsed().as_secs_f64())?;
+            on_event(TrainEvent::Saved { step: self.step, dir: &dir });
+        } else {
+            save_adapter(&self.config.output_dir, &self.adapter_config, &mut self.model)?;
+            on_event(TrainEvent::Saved {
+                step: self.step,
+                dir: &self.config.output_dir,
+            });
+        }
+        Ok(TrainSummary {
+            steps: self.step,
+            interrupted,
+            final_loss: last_loss,
+            final_eval_loss: last_eval,
+            history,
+        })
+    }
+
+    /// Mean loss over the eval rows (labelled tokens weighted equally).
+    pub fn evaluate(&self) -> Result<Option<f64>> {
+        let Some(eval) = &self.eval else {
+            return Ok(None);
+        };
+        let mut sum = 0.0;
+        let mut count = 0usize;
+        let indices: Vec<usize> = (0..eval.len()).collect();
+        for chunk in indices.chunks(self.config.batch_size) {
+            let batch = eval.batch(chunk);
+            let n = count_targets(&batch.labels);
+            if n == 0 {
+                continue;
+            }
+            let tensors = batch.to_tensors(self.model.device())?;
+            let logits = self.model.forward(&tensors.input_ids, Some(&tensors.segment_ids), None)?;
+            if let Some(loss) = causal_lm_loss_sum(&logits.detach(), &batch.labels)? {
+                sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+                count += n;
+            }
+        }
+        Ok((count > 0).then(|| sum / count as f64))
+    }
+
+    /// Writes `checkpoint-{step}` (adapter, optimizer, state) through a temporary folder and a
+    /// rename, so an interrupted save never leaves a half checkpoint.
+    fn save_checkpoint(&mut self, elapsed: f64) -> Result<PathBuf> {
+        let out = &self.config.output_dir;
+        let final_dir = out.join(format!("checkpoint-{}", self.step));
+        let tmp = out.join(format!(".checkpoint-{}.tmp", self.step));
+        let _ = std::fs::remove_dir_all(&tmp);
+        save_adapter(&tmp, &self.adapter_config, &mut self.model)?;
+        self.optimizer.save(&tmp.join("optimizer.safetensors"), &self.params)?;
+        let state = TrainerState {
+            step: self.step,
+            position: self.position,
+            seed: self.config.seed,
+            total_steps: self.schedule.total_steps,
+            elapsed_seconds: self.elapsed_before + elapsed,
+        };
+        write_atomic(&tmp.join("trainer_state.json"), serde_json::to_string_pretty(&state).expect("state serialises").as_bytes())?;
+        let _ = std::fs::remove_dir_all(&final_dir);
+        std::fs::rename(&tmp, &final_dir).map_err(|e| TrainError::File {
+            path: final_dir.clone(),
+            message: e.to_string(),
+        })?;
+        Ok(final_dir)
+    }
+}
