@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, D};
+use philo_model::memory::peak_memory_gib;
 use philo_model::tiny::device_random_weights;
 use philo_model::{Phi3, Phi3Config};
 use serde::Serialize;
@@ -139,16 +140,6 @@ pub fn decode(
     })
 }
 
-/// Peak resident memory of this process (CPU runs), from /proc/self/status.
-fn peak_memory_gib(device: &Device) -> Option<f64> {
-    if !device.is_cpu() {
-        return None;
-    }
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / (1024.0 * 1024.0))
-}
 
 /// A fixed-width table of results.
 pub fn table(results: &[BenchResult]) -> String {

@@ -8,5 +8,7 @@
 pub mod bench;
 pub mod chat;
 pub mod device;
+pub mod finetune;
+pub mod merge;
 pub mod pipeline;
 pub mod tiny;

@@ -39,6 +39,10 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Fine-tune LoRA adapters (QLoRA by default) on a JSON/JSONL dataset; writes a PEFT adapter.
+    Finetune(Box<FinetuneArgs>),
+    /// Fold a LoRA adapter into its base model and write a Hugging Face checkpoint.
+    Merge(MergeArgs),
     /// Measure throughput (tokens/s, peak memory) as a table and JSON.
     Bench(BenchArgs),
     /// Run philo's main job end to end on the embedded tiny model.
@@ -60,6 +64,9 @@ struct ModelArgs {
     /// f32, bf16 or f16 (default: f32 on CPU, bf16 on GPU).
     #[arg(long, value_parser = parse_dtype)]
     dtype: Option<DType>,
+    /// A PEFT LoRA adapter folder (e.g. the output of philo finetune) to apply.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -131,6 +138,190 @@ struct ChatArgs {
     sampling: SamplingArgs,
 }
 
+#[derive(Args)]
+struct FinetuneArgs {
+    /// The base model: a folder or a hub id (microsoft/Phi-3-mini-4k-instruct).
+    #[arg(long = "base_model", alias = "base-model")]
+    base_model: String,
+    /// Training data: a JSON array or JSONL of messages, alpaca, prompt/completion or text records.
+    #[arg(long)]
+    dataset: PathBuf,
+    /// Where the adapter, checkpoints and metrics.jsonl go.
+    #[arg(long = "output_dir", alias = "output-dir", default_value = "philo-output")]
+    output_dir: PathBuf,
+    /// messages, sharegpt, alpaca, prompt_completion or text (detected when absent).
+    #[arg(long)]
+    format: Option<philo_train::data::DataFormat>,
+    #[arg(long = "batch_size", alias = "batch-size", alias = "per_device_train_batch_size", default_value_t = 4)]
+    batch_size: usize,
+    #[arg(long = "gradient_accumulation_steps", alias = "gradient-accumulation-steps", default_value_t = 1)]
+    gradient_accumulation_steps: usize,
+    #[arg(long = "lora_r", alias = "lora-r", default_value_t = 8)]
+    lora_r: usize,
+    #[arg(long = "lora_alpha", alias = "lora-alpha", default_value_t = 16.0)]
+    lora_alpha: f64,
+    #[arg(long = "lora_dropout", alias = "lora-dropout", default_value_t = 0.05)]
+    lora_dropout: f32,
+    /// Comma-separated modules to adapt.
+    #[arg(
+        long = "target_modules",
+        alias = "target-modules",
+        alias = "lora_target_modules",
+        value_delimiter = ',',
+        default_value = "qkv_proj,o_proj,gate_up_proj,down_proj"
+    )]
+    target_modules: Vec<String>,
+    /// Scale by alpha / sqrt(r) instead of alpha / r.
+    #[arg(long = "use_rslora", alias = "use-rslora")]
+    use_rslora: bool,
+    #[arg(long, alias = "learning_rate", alias = "learning-rate", default_value_t = 2e-4)]
+    lr: f64,
+    #[arg(long = "max_seq_length", alias = "max-seq-length", default_value_t = 2048)]
+    max_seq_length: usize,
+    #[arg(long, alias = "num_train_epochs", alias = "num-train-epochs", default_value_t = 1)]
+    epochs: usize,
+    /// Stop after this many optimizer steps (overrides --epochs).
+    #[arg(long = "max_steps", alias = "max-steps")]
+    max_steps: Option<usize>,
+    /// cosine, linear or constant.
+    #[arg(long = "lr_scheduler", alias = "lr-scheduler", alias = "lr_scheduler_type", default_value = "cosine")]
+    lr_scheduler: philo_train::schedule::ScheduleKind,
+    #[arg(long = "warmup_steps", alias = "warmup-steps", default_value_t = 0)]
+    warmup_steps: usize,
+    /// Warmup as a fraction of all steps (used when larger than --warmup_steps gives).
+    #[arg(long = "warmup_ratio", alias = "warmup-ratio", default_value_t = 0.0)]
+    warmup_ratio: f64,
+    /// Clip the global gradient norm (0 turns clipping off).
+    #[arg(long = "max_grad_norm", alias = "max-grad-norm", default_value_t = 1.0)]
+    max_grad_norm: f64,
+    #[arg(long = "weight_decay", alias = "weight-decay", default_value_t = 0.0)]
+    weight_decay: f64,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    #[arg(long = "logging_steps", alias = "logging-steps", default_value_t = 10)]
+    logging_steps: usize,
+    #[arg(long = "save_steps", alias = "save-steps")]
+    save_steps: Option<usize>,
+    #[arg(long = "eval_steps", alias = "eval-steps")]
+    eval_steps: Option<usize>,
+    /// Hold out this fraction of the data for evaluation.
+    #[arg(long = "eval_split", alias = "eval-split", default_value_t = 0.0)]
+    eval_split: f64,
+    /// Evaluate on this file instead of a split of the training data.
+    #[arg(long = "eval_dataset", alias = "eval-dataset")]
+    eval_dataset: Option<PathBuf>,
+    /// Compute the loss on prompt tokens too, not only on the assistant's.
+    #[arg(long = "train_on_prompt", alias = "train-on-prompt")]
+    train_on_prompt: bool,
+    /// Pack short samples into rows of max_seq_length (attention stays within each sample).
+    #[arg(long)]
+    packing: bool,
+    /// nf4 (QLoRA, default) or none (LoRA on the dense base).
+    #[arg(long, default_value = "nf4")]
+    quant: philo::finetune::BaseQuant,
+    /// Leave the NF4 block scales in f32 (default: quantised to 8 bits, as QLoRA does).
+    #[arg(long = "no_double_quant", alias = "no-double-quant")]
+    no_double_quant: bool,
+    /// Keep every activation instead of recomputing layers in the backward pass (more memory).
+    #[arg(long = "no_gradient_checkpointing", alias = "no-gradient-checkpointing")]
+    no_gradient_checkpointing: bool,
+    /// Continue from a checkpoint folder, or `latest` for the newest in --output_dir.
+    #[arg(long)]
+    resume: Option<String>,
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
+    #[arg(long, value_parser = parse_dtype)]
+    dtype: Option<DType>,
+}
+
+#[derive(Args)]
+struct MergeArgs {
+    #[arg(long = "base_model", alias = "base-model")]
+    base_model: String,
+    #[arg(long)]
+    adapter: PathBuf,
+    #[arg(long)]
+    output: PathBuf,
+    /// dtype of the written weights.
+    #[arg(long, value_parser = parse_dtype, default_value = "bf16")]
+    dtype: DType,
+}
+
+fn finetune(args: FinetuneArgs) -> anyhow::Result<()> {
+    let device = args.device.open()?;
+    let dtype = args.dtype.unwrap_or_else(|| default_dtype(&device));
+    let mut trainer = philo::finetune::FinetuneOptions::default_trainer(args.output_dir.clone());
+    trainer.batch_size = args.batch_size;
+    trainer.gradient_accumulation_steps = args.gradient_accumulation_steps;
+    trainer.epochs = args.epochs;
+    trainer.max_steps = args.max_steps;
+    trainer.lr = args.lr;
+    trainer.schedule = args.lr_scheduler;
+    trainer.warmup_steps = args.warmup_steps;
+    trainer.warmup_ratio = args.warmup_ratio;
+    trainer.max_grad_norm = (args.max_grad_norm > 0.0).then_some(args.max_grad_norm);
+    trainer.adamw.weight_decay = args.weight_decay;
+    trainer.seed = args.seed;
+    trainer.logging_steps = args.logging_steps;
+    trainer.save_steps = args.save_steps;
+    trainer.eval_steps = args.eval_steps.or((args.eval_split > 0.0 || args.eval_dataset.is_some()).then_some(args.logging_steps));
+    trainer.gradient_checkpointing = !args.no_gradient_checkpointing;
+    let resume = match args.resume.as_deref() {
+        None => None,
+        Some("latest") => Some(
+            philo_train::trainer::Trainer::latest_checkpoint(&args.output_dir)
+                .ok_or_else(|| anyhow::anyhow!("--resume latest: no checkpoint-N folder in {}", args.output_dir.display()))?,
+        ),
+        Some(path) => Some(PathBuf::from(path)),
+    };
+    let options = philo::finetune::FinetuneOptions {
+        base_model: args.base_model,
+        dataset: args.dataset,
+        output_dir: args.output_dir.clone(),
+        format: args.format,
+        max_seq_length: args.max_seq_length,
+        train_on_prompt: args.train_on_prompt,
+        packing: args.packing,
+        eval_split: args.eval_split,
+        eval_dataset: args.eval_dataset,
+        lora_r: args.lora_r,
+        lora_alpha: args.lora_alpha,
+        lora_dropout: args.lora_dropout,
+        target_modules: args.target_modules,
+        use_rslora: args.use_rslora,
+        quant: args.quant,
+        double_quant: !args.no_double_quant,
+        trainer,
+        resume,
+        dtype,
+        device,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        // First Ctrl-C: save a checkpoint and stop after the current step; a second one quits.
+        ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!("\nstopping after this step and saving a checkpoint (Ctrl-C again to quit now)");
+        })?;
+    }
+    let summary = philo::finetune::finetune(&options, &stop)?;
+    let eval = summary.final_eval_loss.map_or(String::new(), |e| format!(", eval loss {e:.4}"));
+    if summary.interrupted {
+        println!("stopped at step {}; resume with --resume latest", summary.steps);
+    } else {
+        println!(
+            "done: {} steps, loss {:.4}{eval}; adapter in {}",
+            summary.steps,
+            summary.final_loss.unwrap_or(f64::NAN),
+            args.output_dir.display()
+        );
+    }
+    Ok(())
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum BenchTask {
     Prefill,
@@ -171,7 +362,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let device = args.device.open()?;
     let dtype = args.dtype.unwrap_or_else(|| default_dtype(&device));
     let model = match (&args.model, args.random) {
-        (Some(spec), _) => Pipeline::load(spec, dtype, &device)?.model,
+        (Some(spec), _) => Pipeline::load(spec, None, dtype, &device)?.model,
         (None, true) => {
             eprintln!("building a random Phi-3-mini-shaped model ...");
             philo::bench::random_model(
@@ -206,7 +397,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
 fn load(args: &ModelArgs) -> anyhow::Result<Pipeline> {
     let device = args.device.open()?;
     let dtype = args.dtype.unwrap_or_else(|| default_dtype(&device));
-    Pipeline::load(&args.model, dtype, &device)
+    Pipeline::load(&args.model, args.adapter.as_deref(), dtype, &device)
 }
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
@@ -269,6 +460,7 @@ fn demo(dir: Option<PathBuf>) -> anyhow::Result<()> {
     }
     let pipeline = Pipeline::load(
         &dir.to_string_lossy(),
+        None,
         DType::F32,
         &candle_core::Device::Cpu,
     )?;
@@ -304,6 +496,9 @@ fn main() -> ExitCode {
         Command::Chat(args) => chat(args),
         Command::NewTiny { dir, seed } => philo::tiny::write_tiny_model(&dir, seed)
             .map(|()| println!("wrote a tiny random Phi-3 model to {}", dir.display())),
+        Command::Finetune(args) => finetune(*args),
+        Command::Merge(args) => philo::merge::merge(&args.base_model, &args.adapter, &args.output, args.dtype)
+            .map(|()| println!("wrote the merged model to {}", args.output.display())),
         Command::Bench(args) => bench(args),
         Command::Demo { dir } => demo(dir),
     };

@@ -1,11 +1,12 @@
 //! A loaded model with everything generation needs: weights, tokenizer, chat template, stop tokens.
 
 use std::ops::ControlFlow;
+use std::path::Path;
 
 use anyhow::Context;
 use candle_core::{DType, Device};
 use philo_generate::{generate, GenerateOptions, Generation};
-use philo_model::{config::read_generation_eos, ModelFiles, Phi3, Phi3Config, SafetensorsStore};
+use philo_model::{config::read_generation_eos, Adapter, ModelFiles, Phi3, Phi3Config, SafetensorsStore};
 use philo_text::{ChatMessage, ChatTemplate, StreamDecoder, Tokenizer};
 
 /// Phi-3's stop tokens (`<|endoftext|>`, `<|assistant|>`, `<|end|>`), used when the checkpoint
@@ -22,8 +23,9 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Loads `spec` (a folder or hub id) in `dtype` on `device`.
-    pub fn load(spec: &str, dtype: DType, device: &Device) -> anyhow::Result<Self> {
+    /// Loads `spec` (a folder or hub id) in `dtype` on `device`, with the PEFT adapter in
+    /// `adapter` on top when given.
+    pub fn load(spec: &str, adapter: Option<&Path>, dtype: DType, device: &Device) -> anyhow::Result<Self> {
         let files = ModelFiles::resolve(spec)?;
         let config = Phi3Config::from_file(&files.config())?;
         let tokenizer_path = files.optional("tokenizer.json").with_context(|| {
@@ -51,7 +53,10 @@ impl Pipeline {
             }
         }
         let store = SafetensorsStore::open_dir(&files.dir)?;
-        let model = Phi3::load(&config, &store, dtype, device)?;
+        let mut model = Phi3::load(&config, &store, dtype, device)?;
+        if let Some(dir) = adapter {
+            Adapter::load(dir)?.attach(&mut model)?;
+        }
         Ok(Pipeline {
             model,
             tokenizer,

@@ -1,7 +1,10 @@
-//! The linear layers of Phi-3: a frozen base weight, optionally with a LoRA adapter on top,
-//! y = x·Wᵀ + dropout(x)·Aᵀ·Bᵀ·scale.
+//! The linear layers of Phi-3: a frozen base weight (dense, or NF4 for QLoRA), optionally with a
+//! LoRA adapter on top, y = x·Wᵀ + dropout(x)·Aᵀ·Bᵀ·scale.
+
+use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
+use philo_quant::{dequantize_matmul, Nf4Tensor};
 use rand::{Rng, SeedableRng};
 
 use crate::error::Result;
@@ -26,11 +29,18 @@ pub struct Lora {
 #[derive(Debug, Clone, Copy)]
 pub struct DropoutSeed(pub u64);
 
+/// The frozen weight `[out_features, in_features]`, as PyTorch stores it.
+#[derive(Debug, Clone)]
+pub enum BaseWeight {
+    Dense(Tensor),
+    /// 4-bit NormalFloat blocks, dequantised on the fly in the input's dtype (QLoRA).
+    Nf4(Arc<Nf4Tensor>),
+}
+
 /// A frozen linear layer with an optional LoRA adapter.
 #[derive(Debug, Clone)]
 pub struct LoraLinear {
-    /// `[out_features, in_features]`, as PyTorch stores it.
-    pub weight: Tensor,
+    pub base: BaseWeight,
     pub lora: Option<Lora>,
 }
 
@@ -46,22 +56,51 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 }
 
 impl LoraLinear {
-    /// A layer without adapter.
+    /// A dense layer without adapter.
     pub fn new(weight: Tensor) -> Self {
-        LoraLinear { weight, lora: None }
+        LoraLinear {
+            base: BaseWeight::Dense(weight),
+            lora: None,
+        }
     }
 
     pub fn out_features(&self) -> usize {
-        self.weight.dims()[0]
+        match &self.base {
+            BaseWeight::Dense(w) => w.dims()[0],
+            BaseWeight::Nf4(w) => w.rows(),
+        }
     }
 
     pub fn in_features(&self) -> usize {
-        self.weight.dims()[1]
+        match &self.base {
+            BaseWeight::Dense(w) => w.dims()[1],
+            BaseWeight::Nf4(w) => w.cols(),
+        }
+    }
+
+    /// The base weight as a dense tensor of `dtype` on `device` (NF4 is dequantised).
+    pub fn dense_weight(&self, dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
+        Ok(match &self.base {
+            BaseWeight::Dense(w) => w.to_dtype(dtype)?.to_device(device)?,
+            BaseWeight::Nf4(w) => w.to_tensor(dtype, device).map_err(|e| candle_core::Error::Msg(e.to_string()))?,
+        })
+    }
+
+    /// Replaces a dense base by its NF4 quantisation (blocks of 64, optional double quantisation).
+    pub fn quantize_nf4(&mut self, double_quant: bool) -> Result<()> {
+        if let BaseWeight::Dense(w) = &self.base {
+            let q = Nf4Tensor::from_tensor(w, double_quant).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            self.base = BaseWeight::Nf4(Arc::new(q));
+        }
+        Ok(())
     }
 
     /// y = x·Wᵀ (+ the adapter's contribution); `dropout` is Some only while training.
     pub fn forward(&self, x: &Tensor, dropout: Option<DropoutSeed>) -> Result<Tensor> {
-        let y = matmul_t(x, &self.weight)?;
+        let y = match &self.base {
+            BaseWeight::Dense(w) => matmul_t(x, w)?,
+            BaseWeight::Nf4(w) => dequantize_matmul(x, w, x.dtype()).map_err(|e| candle_core::Error::Msg(e.to_string()))?,
+        };
         let Some(lora) = &self.lora else {
             return Ok(y);
         };
@@ -78,16 +117,17 @@ impl LoraLinear {
         Ok((y + (up * lora.scale)?)?)
     }
 
-    /// W + scale·B·A computed in f32, in the weight's dtype; the adapter is removed.
+    /// W + scale·B·A computed in f32 (an NF4 base is dequantised first); the result is dense in
+    /// the dense base's dtype (for NF4, the adapter's) and the adapter is removed.
     pub fn merge(&mut self) -> Result<()> {
         if let Some(lora) = self.lora.take() {
-            let dtype = self.weight.dtype();
-            let delta = (lora
-                .b
-                .to_dtype(DType::F32)?
-                .matmul(&lora.a.to_dtype(DType::F32)?)?
-                * lora.scale)?;
-            self.weight = (self.weight.to_dtype(DType::F32)? + delta)?.to_dtype(dtype)?;
+            let dtype = match &self.base {
+                BaseWeight::Dense(w) => w.dtype(),
+                BaseWeight::Nf4(_) => lora.a.dtype(),
+            };
+            let base = self.dense_weight(DType::F32, lora.a.device())?;
+            let delta = (lora.b.to_dtype(DType::F32)?.matmul(&lora.a.to_dtype(DType::F32)?)? * lora.scale)?;
+            self.base = BaseWeight::Dense((base + delta)?.to_dtype(dtype)?);
         }
         Ok(())
     }

@@ -47,6 +47,11 @@ fn normal(rng: &mut rand::rngs::StdRng, n: usize, std: f32) -> Vec<f32> {
         .collect()
 }
 
+/// Standard deviation of the tiny model's embedding and LM head. transformers' 0.02 would cap
+/// every logit near ±2.6 after the final RMSNorm, so no fine-tune could make one token likely;
+/// 0.1 lets a LoRA-steered hidden state reach logits of about ±13.
+const TINY_EMBEDDING_STD: f32 = 0.1;
+
 /// Random weights for `config` (normal(0, 0.02) matrices, unit norms), as `transformers` would
 /// initialise them, keyed by Hugging Face names.
 pub fn random_weights(
@@ -59,7 +64,12 @@ pub fn random_weights(
     let mut weights = HashMap::new();
     let mut matrix =
         |name: String, rows: usize, cols: usize, rng: &mut rand::rngs::StdRng| -> Result<()> {
-            let t = Tensor::from_vec(normal(rng, rows * cols, 0.02), (rows, cols), device)?;
+            let std = if name.contains("embed_tokens") || name.starts_with("lm_head") {
+                TINY_EMBEDDING_STD
+            } else {
+                0.02
+            };
+            let t = Tensor::from_vec(normal(rng, rows * cols, std), (rows, cols), device)?;
             weights.insert(name, t);
             Ok(())
         };

@@ -1,0 +1,180 @@
+//! `philo finetune`: load the base model and the data, train LoRA adapters, save a PEFT adapter.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+
+use anyhow::Context;
+use candle_core::{DType, Device};
+use indicatif::{ProgressBar, ProgressStyle};
+use philo_model::adapter::AdapterConfig;
+use philo_model::{ModelFiles, Phi3, Phi3Config, SafetensorsStore};
+use philo_text::{ChatTemplate, Tokenizer};
+use philo_train::adamw::AdamWConfig;
+use philo_train::data::{load_dataset, split_eval, DataFormat, DataOptions, RowDataset};
+use philo_train::schedule::ScheduleKind;
+use philo_train::trainer::{TrainEvent, TrainSummary, Trainer, TrainerConfig};
+
+/// How the frozen base weights are stored during training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BaseQuant {
+    /// The base in the compute dtype (plain LoRA).
+    None,
+    /// NF4 blocks of 64 (QLoRA), bit-compatible with bitsandbytes.
+    #[default]
+    Nf4,
+}
+
+impl std::str::FromStr for BaseQuant {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" | "bf16" | "dense" => Ok(BaseQuant::None),
+            "nf4" => Ok(BaseQuant::Nf4),
+            _ => Err(format!("unknown --quant `{s}`: use nf4 (QLoRA) or none (LoRA on a dense base)")),
+        }
+    }
+}
+
+/// Everything `philo finetune` takes.
+#[derive(Debug, Clone)]
+pub struct FinetuneOptions {
+    pub base_model: String,
+    pub dataset: PathBuf,
+    pub output_dir: PathBuf,
+    pub format: Option<DataFormat>,
+    pub max_seq_length: usize,
+    pub train_on_prompt: bool,
+    pub packing: bool,
+    pub eval_split: f64,
+    pub eval_dataset: Option<PathBuf>,
+    pub lora_r: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f32,
+    pub target_modules: Vec<String>,
+    pub use_rslora: bool,
+    pub quant: BaseQuant,
+    /// Quantise the NF4 block scales too (bitsandbytes' double quantisation).
+    pub double_quant: bool,
+    pub trainer: TrainerConfig,
+    /// Resume from this checkpoint folder.
+    pub resume: Option<PathBuf>,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+impl FinetuneOptions {
+    /// Defaults of the training loop for `output_dir` (the CLI overrides what the user gives).
+    pub fn default_trainer(output_dir: PathBuf) -> TrainerConfig {
+        TrainerConfig {
+            output_dir,
+            batch_size: 4,
+            gradient_accumulation_steps: 1,
+            epochs: 1,
+            max_steps: None,
+            lr: 2e-4,
+            schedule: ScheduleKind::Cosine,
+            warmup_steps: 0,
+            warmup_ratio: 0.0,
+            max_grad_norm: Some(1.0),
+            adamw: AdamWConfig::default(),
+            seed: 42,
+            logging_steps: 10,
+            eval_steps: None,
+            save_steps: None,
+            gradient_checkpointing: true,
+        }
+    }
+}
+
+/// Runs a fine-tune, reporting to a progress bar on stderr; `stop` (Ctrl-C) saves a checkpoint
+/// and ends the run cleanly.
+pub fn finetune(options: &FinetuneOptions, stop: &AtomicBool) -> anyhow::Result<TrainSummary> {
+    let files = ModelFiles::resolve(&options.base_model)?;
+    let config = Phi3Config::from_file(&files.config())?;
+    let tokenizer_path = files
+        .optional("tokenizer.json")
+        .with_context(|| format!("{}: no tokenizer.json beside the base model", files.dir.display()))?;
+    let tokenizer = Tokenizer::from_file(&tokenizer_path)?;
+    let template = match files.optional("tokenizer_config.json") {
+        Some(path) => ChatTemplate::from_tokenizer_config(&path)?,
+        None => ChatTemplate::phi3_default(),
+    };
+    let data_options = DataOptions {
+        format: options.format,
+        max_seq_length: options.max_seq_length,
+        train_on_prompt: options.train_on_prompt,
+        packing: options.packing,
+    };
+    let train_data = load_dataset(&options.dataset, &tokenizer, &template, &data_options)?;
+    eprintln!("{}: {}", options.dataset.display(), train_data.stats);
+    let pad = train_data.eos_id;
+    let (train, eval) = match &options.eval_dataset {
+        Some(path) => {
+            let eval = load_dataset(path, &tokenizer, &template, &data_options)?;
+            eprintln!("{}: {}", path.display(), eval.stats);
+            (train_data.examples, eval.examples)
+        }
+        None => split_eval(train_data.examples, options.eval_split, options.trainer.seed),
+    };
+    let train = RowDataset::from_options(train, &data_options, pad);
+    let eval = (!eval.is_empty()).then(|| RowDataset::from_options(eval, &data_options, pad));
+
+    let store = SafetensorsStore::open_dir(&files.dir)?;
+    let mut model = Phi3::load(&config, &store, options.dtype, &options.device)?;
+    if options.quant == BaseQuant::Nf4 {
+        model.quantize_nf4(options.double_quant)?;
+    }
+    let mut adapter = AdapterConfig::new(
+        options.lora_r,
+        options.lora_alpha,
+        options.lora_dropout,
+        options.target_modules.clone(),
+        options.use_rslora,
+    );
+    adapter.base_model_name_or_path = Some(options.base_model.clone());
+    let mut trainer = Trainer::new(model, adapter, train, eval, options.trainer.clone())?;
+    if let Some(dir) = &options.resume {
+        trainer.resume_from(dir)?;
+        eprintln!("resumed from {}", dir.display());
+    }
+
+    let bar = ProgressBar::new(trainer.total_steps() as u64);
+    // Without a terminal the bar is hidden; the step lines still go to stderr.
+    let say = |line: String| {
+        if bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            bar.println(line);
+        }
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps [{elapsed_precise} < {eta_precise}] {msg}")
+            .expect("valid template"),
+    );
+    let summary = trainer.run(stop, |event| match event {
+        TrainEvent::Started {
+            start_step,
+            trainable,
+            ..
+        } => {
+            bar.set_position(start_step as u64);
+            say(format!("training {trainable} LoRA parameters"));
+        }
+        TrainEvent::Step(m) => {
+            bar.set_position(m.step as u64);
+            let eval = m.eval_loss.map_or(String::new(), |e| format!(" eval {e:.4}"));
+            let memory = m.peak_memory_gib.map_or(String::new(), |g| format!(" peak {g:.2} GiB"));
+            bar.set_message(format!(
+                "loss {:.4}{eval} lr {:.2e} grad {:.2} {:.0} tok/s{memory}",
+                m.loss, m.lr, m.grad_norm, m.tokens_per_second
+            ));
+            say(format!(
+                "step {} loss {:.4}{eval} lr {:.2e} grad_norm {:.3} {:.0} tok/s{memory}",
+                m.step, m.loss, m.lr, m.grad_norm, m.tokens_per_second
+            ));
+        }
+        TrainEvent::Saved { step, dir } => say(format!("step {step}: saved {}", dir.display())),
+    })?;
+    bar.finish();
+    Ok(summary)
+}
