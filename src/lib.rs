@@ -7,6 +7,7 @@
 
 pub mod bench;
 pub mod chat;
+pub mod demo;
 pub mod device;
 pub mod finetune;
 pub mod merge;

@@ -45,7 +45,8 @@ enum Command {
     Merge(MergeArgs),
     /// Measure throughput (tokens/s, peak memory) as a table and JSON.
     Bench(BenchArgs),
-    /// Run philo's main job end to end on the embedded tiny model.
+    /// The main job end to end on the embedded tiny model: write it, QLoRA fine-tune it on a sample
+    /// dataset, and ask it what it learned.
     Demo {
         /// Where the tiny model is written (reused if present).
         #[arg(long)]
@@ -453,40 +454,17 @@ fn chat(args: ChatArgs) -> anyhow::Result<()> {
 }
 
 fn demo(dir: Option<PathBuf>) -> anyhow::Result<()> {
-    let dir = dir.unwrap_or_else(|| std::env::temp_dir().join("philo-demo-tiny"));
-    if !dir.join("config.json").exists() {
-        philo::tiny::write_tiny_model(&dir, 0)?;
-        println!("wrote the tiny default model to {}", dir.display());
+    let dir = dir.unwrap_or_else(|| std::env::temp_dir().join("philo-demo"));
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+        })?;
     }
-    let pipeline = Pipeline::load(
-        &dir.to_string_lossy(),
-        None,
-        DType::F32,
-        &candle_core::Device::Cpu,
-    )?;
-    let question = "What is the capital of France?";
-    println!("user: {question}\nassistant (random weights, so expect noise):");
-    let prompt = pipeline.encode_chat(&[ChatMessage::user(question)])?;
-    let options = GenerateOptions {
-        max_new_tokens: 32,
-        stop_tokens: pipeline.stop_tokens.clone(),
-        sampling: SamplingParams {
-            seed: Some(0),
-            ..SamplingParams::default()
-        },
-    };
-    let (generation, _) = pipeline.stream(prompt, &options, |piece| {
-        print!("{piece}");
-        let _ = std::io::stdout().flush();
-        ControlFlow::Continue(())
-    })?;
-    println!(
-        "\n[{} prompt tokens, {} new tokens, {:.1} tok/s on the CPU]",
-        generation.prompt_tokens,
-        generation.tokens.len(),
-        generation.decode_tokens_per_second()
-    );
-    Ok(())
+    philo::demo::demo(&dir, &stop)
 }
 
 fn main() -> ExitCode {
