@@ -139,6 +139,9 @@ fn parse_peft_name(name: &str) -> Option<(usize, String, String)> {
     Some((layer, module, which))
 }
 
+/// A, B of one split projection (q, k, v, gate or up) before fusing.
+type SplitPart = (Tensor, Tensor);
+
 /// How split modules fuse: the fused module and the order of its parts.
 fn fused_of(module: &str) -> Option<(&'static str, usize, usize)> {
     match module {
@@ -168,7 +171,7 @@ impl Adapter {
         let store = SafetensorsStore::open_files(std::slice::from_ref(&weights_path))?;
         let mut fused: HashMap<(usize, String), LoraPair> = HashMap::new();
         // (layer, fused module) → parts in order, each (A, B)
-        let mut split: HashMap<(usize, &'static str), Vec<Option<(Tensor, Tensor)>>> = HashMap::new();
+        let mut split: HashMap<(usize, &'static str), Vec<Option<SplitPart>>> = HashMap::new();
         let mut names: Vec<&str> = store.names().collect();
         names.sort();
         for name in names {

@@ -227,7 +227,7 @@ impl Trainer {
         let remaining = (total.saturating_sub(self.step)) * accum;
         let mut batches = Prefetcher::spawn(
             Arc::clone(&self.train),
-            self.plan.clone(),
+            self.plan,
             self.position,
             PrefetchLimit::Batches(remaining),
             4,
