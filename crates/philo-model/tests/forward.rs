@@ -288,13 +288,47 @@ fn packed_segments_attend_only_within_themselves() {
         .chain(std::iter::repeat_n(2, b.len()))
         .chain([0, 0])
         .collect();
-    let mask = Tensor::new(segments.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let logits = model.forward(&row(&ids), Some(&mask), None).unwrap().squeeze(0).unwrap();
+    let mask = Tensor::new(segments.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logits = model
+        .forward(&row(&ids), Some(&mask), None)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
     let first = logits.narrow(0, 0, a.len()).unwrap();
     let diff = relative_diff(&first, &reference_tensor(&dir, "logits.in1"));
     assert!(diff < 1e-4, "segment 1 differs by {diff:e}");
     let second = logits.narrow(0, a.len(), b.len()).unwrap();
-    let expected = reference_tensor(&dir, "logits.in0").narrow(0, 0, b.len()).unwrap();
+    let expected = reference_tensor(&dir, "logits.in0")
+        .narrow(0, 0, b.len())
+        .unwrap();
     let diff = relative_diff(&second, &expected);
     assert!(diff < 1e-4, "segment 2 differs by {diff:e}");
+}
+
+/// An NF4 base computes exactly what a dense model of its dequantised weights computes.
+#[test]
+fn nf4_base_runs_like_its_dequantised_weights() {
+    let dir = case_dir("mini4k");
+    let mut quantized = load_model(&dir, DType::F32);
+    quantized.quantize_nf4(true).unwrap();
+    let mut dense = quantized.clone();
+    for (_, _, linear) in dense.linears_mut() {
+        let weight = linear.dense_weight(DType::F32, &Device::Cpu).unwrap();
+        linear.base = philo_model::BaseWeight::Dense(weight);
+    }
+    assert!(quantized
+        .linears_mut()
+        .iter()
+        .all(|(_, _, l)| matches!(l.base, philo_model::BaseWeight::Nf4(_))));
+    let ids = input(&reference(&dir), "in0");
+    let a = quantized.forward(&row(&ids), None, None).unwrap();
+    let b = dense.forward(&row(&ids), None, None).unwrap();
+    let diff = relative_diff(&a, &b);
+    assert!(
+        diff < 1e-5,
+        "NF4 and its dequantised dense weights differ by {diff:e}"
+    );
 }
