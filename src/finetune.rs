@@ -176,5 +176,9 @@ pub fn finetune(options: &FinetuneOptions, stop: &AtomicBool) -> anyhow::Result<
         TrainEvent::Saved { step, dir } => say(format!("step {step}: saved {}", dir.display())),
     })?;
     bar.finish();
+    let out = &options.trainer.output_dir;
+    if let Err(e) = philo_train::loss_plot::write_loss_plot(&out.join("metrics.jsonl"), &out.join("loss.png")) {
+        eprintln!("warning: no loss plot: {e}");
+    }
     Ok(summary)
 }

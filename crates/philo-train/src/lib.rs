@@ -7,6 +7,7 @@ pub mod data;
 pub mod error;
 pub mod lora_params;
 pub mod loss;
+pub mod loss_plot;
 pub mod schedule;
 pub mod trainer;
 
