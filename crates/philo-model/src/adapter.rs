@@ -52,7 +52,13 @@ fn no_bias() -> String {
 
 impl AdapterConfig {
     /// A LoRA of rank `r` on `target_modules`.
-    pub fn new(r: usize, lora_alpha: f64, lora_dropout: f32, target_modules: Vec<String>, use_rslora: bool) -> Self {
+    pub fn new(
+        r: usize,
+        lora_alpha: f64,
+        lora_dropout: f32,
+        target_modules: Vec<String>,
+        use_rslora: bool,
+    ) -> Self {
         AdapterConfig {
             r,
             lora_alpha,
@@ -80,18 +86,27 @@ impl AdapterConfig {
     /// Reads and checks adapter_config.json.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-        let config: AdapterConfig = serde_json::from_str(&text).map_err(|cause| ModelError::Json {
-            path: path.to_path_buf(),
-            cause,
-        })?;
+        let config: AdapterConfig =
+            serde_json::from_str(&text).map_err(|cause| ModelError::Json {
+                path: path.to_path_buf(),
+                cause,
+            })?;
         if config.peft_type != "LORA" {
-            return Err(ModelError::invalid(path, "peft_type", format!("`{}`: philo reads LORA adapters", config.peft_type)));
+            return Err(ModelError::invalid(
+                path,
+                "peft_type",
+                format!("`{}`: philo reads LORA adapters", config.peft_type),
+            ));
         }
         if config.r == 0 {
             return Err(ModelError::invalid(path, "r", "must be greater than 0"));
         }
         if config.fan_in_fan_out {
-            return Err(ModelError::invalid(path, "fan_in_fan_out", "true is for Conv1D models; Phi-3 adapters have it false"));
+            return Err(ModelError::invalid(
+                path,
+                "fan_in_fan_out",
+                "true is for Conv1D models; Phi-3 adapters have it false",
+            ));
         }
         Ok(config)
     }
@@ -130,7 +145,9 @@ fn parse_peft_name(name: &str) -> Option<(usize, String, String)> {
     let (layer, rest) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let parts: Vec<&str> = rest.split('.').collect();
-    let lora_at = parts.iter().position(|p| *p == "lora_A" || *p == "lora_B")?;
+    let lora_at = parts
+        .iter()
+        .position(|p| *p == "lora_A" || *p == "lora_B")?;
     if lora_at < 1 || parts.last() != Some(&"weight") {
         return None;
     }
@@ -163,7 +180,10 @@ impl Adapter {
         if !config_path.is_file() {
             return Err(ModelError::io(
                 &config_path,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "no adapter_config.json: --adapter must be a PEFT adapter folder"),
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no adapter_config.json: --adapter must be a PEFT adapter folder",
+                ),
             ));
         }
         let config = AdapterConfig::from_file(&config_path)?;
@@ -176,7 +196,11 @@ impl Adapter {
         names.sort();
         for name in names {
             let Some((layer, module, which)) = parse_peft_name(name) else {
-                return Err(ModelError::invalid(&weights_path, name, "not a PEFT LoRA weight of a Phi-3 layer"));
+                return Err(ModelError::invalid(
+                    &weights_path,
+                    name,
+                    "not a PEFT LoRA weight of a Phi-3 layer",
+                ));
             };
             if which != "A" {
                 continue;
@@ -195,7 +219,9 @@ impl Adapter {
                     fused.insert((layer, module), LoraPair { a, b });
                 }
                 Some((target, index, parts)) => {
-                    let slots = split.entry((layer, target)).or_insert_with(|| vec![None; parts]);
+                    let slots = split
+                        .entry((layer, target))
+                        .or_insert_with(|| vec![None; parts]);
                     slots[index] = Some((a, b));
                 }
             }
@@ -277,7 +303,10 @@ fn to(t: &Tensor, dtype: DType, device: &Device) -> Result<Tensor> {
 
 /// A stable number for (layer, module), used to seed that adapter's dropout.
 pub fn lora_id(layer: usize, module: &str) -> u64 {
-    let index = TARGET_MODULES.iter().position(|m| *m == module).unwrap_or(0);
+    let index = TARGET_MODULES
+        .iter()
+        .position(|m| *m == module)
+        .unwrap_or(0);
     (layer as u64) * 8 + index as u64 + 1
 }
 
@@ -307,7 +336,9 @@ pub fn save_adapter(dir: &Path, config: &AdapterConfig, model: &mut Phi3) -> Res
     let mut tensors = HashMap::new();
     for (layer, module, linear) in model.linears_mut() {
         if let Some(lora) = &linear.lora {
-            let cpu = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?) };
+            let cpu = |t: &Tensor| -> Result<Tensor> {
+                Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)
+            };
             tensors.insert(peft_name(layer, module, "A"), cpu(&lora.a)?);
             tensors.insert(peft_name(layer, module, "B"), cpu(&lora.b)?);
         }
@@ -322,7 +353,10 @@ pub fn save_adapter(dir: &Path, config: &AdapterConfig, model: &mut Phi3) -> Res
 
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp"));
     std::fs::write(&tmp, bytes).map_err(|e| ModelError::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
@@ -336,7 +370,10 @@ mod tests {
     fn peft_names_round_trip() {
         for module in TARGET_MODULES {
             let name = peft_name(3, module, "A");
-            assert_eq!(parse_peft_name(&name), Some((3, module.to_string(), "A".to_string())));
+            assert_eq!(
+                parse_peft_name(&name),
+                Some((3, module.to_string(), "A".to_string()))
+            );
         }
         assert_eq!(
             peft_name(0, "qkv_proj", "B"),
@@ -353,15 +390,39 @@ mod tests {
     fn fused_split_adapter_equals_the_sum_of_parts() {
         let dev = Device::Cpu;
         let part = |seed: f64, out: usize| {
-            let a = (Tensor::arange(0f32, 2.0 * 5.0, &dev).unwrap().reshape((2, 5)).unwrap() * seed).unwrap();
-            let b = (Tensor::arange(0f32, out as f32 * 2.0, &dev).unwrap().reshape((out, 2)).unwrap() * (seed + 1.0)).unwrap();
+            let a = (Tensor::arange(0f32, 2.0 * 5.0, &dev)
+                .unwrap()
+                .reshape((2, 5))
+                .unwrap()
+                * seed)
+                .unwrap();
+            let b = (Tensor::arange(0f32, out as f32 * 2.0, &dev)
+                .unwrap()
+                .reshape((out, 2))
+                .unwrap()
+                * (seed + 1.0))
+                .unwrap();
             (a, b)
         };
         let parts = vec![part(0.1, 3), part(-0.2, 4), part(0.3, 4)];
         let fused = fuse(&parts).unwrap();
         let delta = fused.b.matmul(&fused.a).unwrap();
-        let expected = Tensor::cat(&parts.iter().map(|(a, b)| b.matmul(a).unwrap()).collect::<Vec<_>>(), 0).unwrap();
-        let diff = (delta - expected).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let expected = Tensor::cat(
+            &parts
+                .iter()
+                .map(|(a, b)| b.matmul(a).unwrap())
+                .collect::<Vec<_>>(),
+            0,
+        )
+        .unwrap();
+        let diff = (delta - expected)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(diff < 1e-5, "{diff}");
     }
 }

@@ -43,9 +43,10 @@ impl KvCache {
         let (k, v) = (k.detach(), v.detach());
         let merged = match &self.layers[layer] {
             None => (k, v),
-            Some((past_k, past_v)) => {
-                (Tensor::cat(&[past_k, &k], 2)?, Tensor::cat(&[past_v, &v], 2)?)
-            }
+            Some((past_k, past_v)) => (
+                Tensor::cat(&[past_k, &k], 2)?,
+                Tensor::cat(&[past_v, &v], 2)?,
+            ),
         };
         if layer + 1 == self.layers.len() {
             self.seq_len = merged.0.dim(2)?;

@@ -82,14 +82,17 @@ impl LoraLinear {
     pub fn dense_weight(&self, dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
         Ok(match &self.base {
             BaseWeight::Dense(w) => w.to_dtype(dtype)?.to_device(device)?,
-            BaseWeight::Nf4(w) => w.to_tensor(dtype, device).map_err(|e| candle_core::Error::Msg(e.to_string()))?,
+            BaseWeight::Nf4(w) => w
+                .to_tensor(dtype, device)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?,
         })
     }
 
     /// Replaces a dense base by its NF4 quantisation (blocks of 64, optional double quantisation).
     pub fn quantize_nf4(&mut self, double_quant: bool) -> Result<()> {
         if let BaseWeight::Dense(w) = &self.base {
-            let q = Nf4Tensor::from_tensor(w, double_quant).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            let q = Nf4Tensor::from_tensor(w, double_quant)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
             self.base = BaseWeight::Nf4(Arc::new(q));
         }
         Ok(())
@@ -99,7 +102,8 @@ impl LoraLinear {
     pub fn forward(&self, x: &Tensor, dropout: Option<DropoutSeed>) -> Result<Tensor> {
         let y = match &self.base {
             BaseWeight::Dense(w) => matmul_t(x, w)?,
-            BaseWeight::Nf4(w) => dequantize_matmul(x, w, x.dtype()).map_err(|e| candle_core::Error::Msg(e.to_string()))?,
+            BaseWeight::Nf4(w) => dequantize_matmul(x, w, x.dtype())
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?,
         };
         let Some(lora) = &self.lora else {
             return Ok(y);
@@ -126,7 +130,11 @@ impl LoraLinear {
                 BaseWeight::Nf4(_) => lora.a.dtype(),
             };
             let base = self.dense_weight(DType::F32, lora.a.device())?;
-            let delta = (lora.b.to_dtype(DType::F32)?.matmul(&lora.a.to_dtype(DType::F32)?)? * lora.scale)?;
+            let delta = (lora
+                .b
+                .to_dtype(DType::F32)?
+                .matmul(&lora.a.to_dtype(DType::F32)?)?
+                * lora.scale)?;
             self.base = BaseWeight::Dense((base + delta)?.to_dtype(dtype)?);
         }
         Ok(())

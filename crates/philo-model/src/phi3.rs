@@ -389,15 +389,36 @@ impl Phi3 {
     /// dequantised); the LM head is left out when tied.
     pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
         let dense = |l: &LoraLinear| l.dense_weight(self.dtype, &self.device);
-        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.clone())];
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            self.embed_tokens.clone(),
+        )];
         for (i, layer) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
-            out.push((format!("{p}.input_layernorm.weight"), layer.input_layernorm.weight.clone()));
-            out.push((format!("{p}.self_attn.qkv_proj.weight"), dense(&layer.self_attn.qkv_proj)?));
-            out.push((format!("{p}.self_attn.o_proj.weight"), dense(&layer.self_attn.o_proj)?));
-            out.push((format!("{p}.post_attention_layernorm.weight"), layer.post_attention_layernorm.weight.clone()));
-            out.push((format!("{p}.mlp.gate_up_proj.weight"), dense(&layer.mlp.gate_up_proj)?));
-            out.push((format!("{p}.mlp.down_proj.weight"), dense(&layer.mlp.down_proj)?));
+            out.push((
+                format!("{p}.input_layernorm.weight"),
+                layer.input_layernorm.weight.clone(),
+            ));
+            out.push((
+                format!("{p}.self_attn.qkv_proj.weight"),
+                dense(&layer.self_attn.qkv_proj)?,
+            ));
+            out.push((
+                format!("{p}.self_attn.o_proj.weight"),
+                dense(&layer.self_attn.o_proj)?,
+            ));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                layer.post_attention_layernorm.weight.clone(),
+            ));
+            out.push((
+                format!("{p}.mlp.gate_up_proj.weight"),
+                dense(&layer.mlp.gate_up_proj)?,
+            ));
+            out.push((
+                format!("{p}.mlp.down_proj.weight"),
+                dense(&layer.mlp.down_proj)?,
+            ));
         }
         out.push(("model.norm.weight".to_string(), self.norm.weight.clone()));
         if !self.config.tie_word_embeddings {
