@@ -140,7 +140,6 @@ pub fn decode(
     })
 }
 
-
 /// A fixed-width table of results.
 pub fn table(results: &[BenchResult]) -> String {
     let mut out = format!(

@@ -20,7 +20,10 @@ pub fn demo(dir: &Path, stop: &AtomicBool) -> anyhow::Result<()> {
     let model_dir = dir.join("tiny-model");
     if !model_dir.join("config.json").exists() {
         crate::tiny::write_tiny_model(&model_dir, 0)?;
-        println!("1. wrote the tiny default model (random weights) to {}", model_dir.display());
+        println!(
+            "1. wrote the tiny default model (random weights) to {}",
+            model_dir.display()
+        );
     } else {
         println!("1. using the tiny model in {}", model_dir.display());
     }
@@ -49,7 +52,10 @@ pub fn demo(dir: &Path, stop: &AtomicBool) -> anyhow::Result<()> {
         lora_r: 16,
         lora_alpha: 32.0,
         lora_dropout: 0.05,
-        target_modules: philo_model::adapter::TARGET_MODULES.iter().map(|m| m.to_string()).collect(),
+        target_modules: philo_model::adapter::TARGET_MODULES
+            .iter()
+            .map(|m| m.to_string())
+            .collect(),
         use_rslora: false,
         quant: BaseQuant::Nf4,
         double_quant: true,
@@ -64,20 +70,34 @@ pub fn demo(dir: &Path, stop: &AtomicBool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("3. the fine-tuned model answers (greedy):");
-    let pipeline = Pipeline::load(&model_dir.to_string_lossy(), Some(&adapter_dir), DType::F32, &Device::Cpu)?;
+    let pipeline = Pipeline::load(
+        &model_dir.to_string_lossy(),
+        Some(&adapter_dir),
+        DType::F32,
+        &Device::Cpu,
+    )?;
     let generate = GenerateOptions {
         max_new_tokens: 24,
         stop_tokens: pipeline.stop_tokens.clone(),
         sampling: SamplingParams::greedy(),
     };
-    for question in ["What does the cow say?", "Which noise does a cat make?", "What sound does a duck make?"] {
+    for question in [
+        "What does the cow say?",
+        "Which noise does a cat make?",
+        "What sound does a duck make?",
+    ] {
         let prompt = pipeline.encode_chat(&[ChatMessage::user(question)])?;
-        let (generation, answer) = pipeline.stream(prompt, &generate, |_| ControlFlow::Continue(()))?;
+        let (generation, answer) =
+            pipeline.stream(prompt, &generate, |_| ControlFlow::Continue(()))?;
         println!(
             "   user: {question}\n   assistant: {answer}   [{:.0} tok/s]",
             generation.decode_tokens_per_second()
         );
     }
-    println!("next: philo chat --model {} --adapter {}", model_dir.display(), adapter_dir.display());
+    println!(
+        "next: philo chat --model {} --adapter {}",
+        model_dir.display(),
+        adapter_dir.display()
+    );
     Ok(())
 }

@@ -30,7 +30,9 @@ impl std::str::FromStr for BaseQuant {
         match s {
             "none" | "bf16" | "dense" => Ok(BaseQuant::None),
             "nf4" => Ok(BaseQuant::Nf4),
-            _ => Err(format!("unknown --quant `{s}`: use nf4 (QLoRA) or none (LoRA on a dense base)")),
+            _ => Err(format!(
+                "unknown --quant `{s}`: use nf4 (QLoRA) or none (LoRA on a dense base)"
+            )),
         }
     }
 }
@@ -91,9 +93,12 @@ impl FinetuneOptions {
 pub fn finetune(options: &FinetuneOptions, stop: &AtomicBool) -> anyhow::Result<TrainSummary> {
     let files = ModelFiles::resolve(&options.base_model)?;
     let config = Phi3Config::from_file(&files.config())?;
-    let tokenizer_path = files
-        .optional("tokenizer.json")
-        .with_context(|| format!("{}: no tokenizer.json beside the base model", files.dir.display()))?;
+    let tokenizer_path = files.optional("tokenizer.json").with_context(|| {
+        format!(
+            "{}: no tokenizer.json beside the base model",
+            files.dir.display()
+        )
+    })?;
     let tokenizer = Tokenizer::from_file(&tokenizer_path)?;
     let template = match files.optional("tokenizer_config.json") {
         Some(path) => ChatTemplate::from_tokenizer_config(&path)?,
@@ -114,7 +119,11 @@ pub fn finetune(options: &FinetuneOptions, stop: &AtomicBool) -> anyhow::Result<
             eprintln!("{}: {}", path.display(), eval.stats);
             (train_data.examples, eval.examples)
         }
-        None => split_eval(train_data.examples, options.eval_split, options.trainer.seed),
+        None => split_eval(
+            train_data.examples,
+            options.eval_split,
+            options.trainer.seed,
+        ),
     };
     let train = RowDataset::from_options(train, &data_options, pad);
     let eval = (!eval.is_empty()).then(|| RowDataset::from_options(eval, &data_options, pad));
@@ -148,8 +157,10 @@ pub fn finetune(options: &FinetuneOptions, stop: &AtomicBool) -> anyhow::Result<
         }
     };
     bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} steps [{elapsed_precise} < {eta_precise}] {msg}")
-            .expect("valid template"),
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps [{elapsed_precise} < {eta_precise}] {msg}",
+        )
+        .expect("valid template"),
     );
     let summary = trainer.run(stop, |event| match event {
         TrainEvent::Started {
@@ -162,8 +173,12 @@ pub fn finetune(options: &FinetuneOptions, stop: &AtomicBool) -> anyhow::Result<
         }
         TrainEvent::Step(m) => {
             bar.set_position(m.step as u64);
-            let eval = m.eval_loss.map_or(String::new(), |e| format!(" eval {e:.4}"));
-            let memory = m.peak_memory_gib.map_or(String::new(), |g| format!(" peak {g:.2} GiB"));
+            let eval = m
+                .eval_loss
+                .map_or(String::new(), |e| format!(" eval {e:.4}"));
+            let memory = m
+                .peak_memory_gib
+                .map_or(String::new(), |g| format!(" peak {g:.2} GiB"));
             bar.set_message(format!(
                 "loss {:.4}{eval} lr {:.2e} grad {:.2} {:.0} tok/s{memory}",
                 m.loss, m.lr, m.grad_norm, m.tokens_per_second
@@ -177,7 +192,9 @@ pub fn finetune(options: &FinetuneOptions, stop: &AtomicBool) -> anyhow::Result<
     })?;
     bar.finish();
     let out = &options.trainer.output_dir;
-    if let Err(e) = philo_train::loss_plot::write_loss_plot(&out.join("metrics.jsonl"), &out.join("loss.png")) {
+    if let Err(e) =
+        philo_train::loss_plot::write_loss_plot(&out.join("metrics.jsonl"), &out.join("loss.png"))
+    {
         eprintln!("warning: no loss plot: {e}");
     }
     Ok(summary)

@@ -148,14 +148,27 @@ struct FinetuneArgs {
     #[arg(long)]
     dataset: PathBuf,
     /// Where the adapter, checkpoints and metrics.jsonl go.
-    #[arg(long = "output_dir", alias = "output-dir", default_value = "philo-output")]
+    #[arg(
+        long = "output_dir",
+        alias = "output-dir",
+        default_value = "philo-output"
+    )]
     output_dir: PathBuf,
     /// messages, sharegpt, alpaca, prompt_completion or text (detected when absent).
     #[arg(long)]
     format: Option<philo_train::data::DataFormat>,
-    #[arg(long = "batch_size", alias = "batch-size", alias = "per_device_train_batch_size", default_value_t = 4)]
+    #[arg(
+        long = "batch_size",
+        alias = "batch-size",
+        alias = "per_device_train_batch_size",
+        default_value_t = 4
+    )]
     batch_size: usize,
-    #[arg(long = "gradient_accumulation_steps", alias = "gradient-accumulation-steps", default_value_t = 1)]
+    #[arg(
+        long = "gradient_accumulation_steps",
+        alias = "gradient-accumulation-steps",
+        default_value_t = 1
+    )]
     gradient_accumulation_steps: usize,
     #[arg(long = "lora_r", alias = "lora-r", default_value_t = 8)]
     lora_r: usize,
@@ -175,17 +188,36 @@ struct FinetuneArgs {
     /// Scale by alpha / sqrt(r) instead of alpha / r.
     #[arg(long = "use_rslora", alias = "use-rslora")]
     use_rslora: bool,
-    #[arg(long, alias = "learning_rate", alias = "learning-rate", default_value_t = 2e-4)]
+    #[arg(
+        long,
+        alias = "learning_rate",
+        alias = "learning-rate",
+        default_value_t = 2e-4
+    )]
     lr: f64,
-    #[arg(long = "max_seq_length", alias = "max-seq-length", default_value_t = 2048)]
+    #[arg(
+        long = "max_seq_length",
+        alias = "max-seq-length",
+        default_value_t = 2048
+    )]
     max_seq_length: usize,
-    #[arg(long, alias = "num_train_epochs", alias = "num-train-epochs", default_value_t = 1)]
+    #[arg(
+        long,
+        alias = "num_train_epochs",
+        alias = "num-train-epochs",
+        default_value_t = 1
+    )]
     epochs: usize,
     /// Stop after this many optimizer steps (overrides --epochs).
     #[arg(long = "max_steps", alias = "max-steps")]
     max_steps: Option<usize>,
     /// cosine, linear or constant.
-    #[arg(long = "lr_scheduler", alias = "lr-scheduler", alias = "lr_scheduler_type", default_value = "cosine")]
+    #[arg(
+        long = "lr_scheduler",
+        alias = "lr-scheduler",
+        alias = "lr_scheduler_type",
+        default_value = "cosine"
+    )]
     lr_scheduler: philo_train::schedule::ScheduleKind,
     #[arg(long = "warmup_steps", alias = "warmup-steps", default_value_t = 0)]
     warmup_steps: usize,
@@ -224,7 +256,10 @@ struct FinetuneArgs {
     #[arg(long = "no_double_quant", alias = "no-double-quant")]
     no_double_quant: bool,
     /// Keep every activation instead of recomputing layers in the backward pass (more memory).
-    #[arg(long = "no_gradient_checkpointing", alias = "no-gradient-checkpointing")]
+    #[arg(
+        long = "no_gradient_checkpointing",
+        alias = "no-gradient-checkpointing"
+    )]
     no_gradient_checkpointing: bool,
     /// Continue from a checkpoint folder, or `latest` for the newest in --output_dir.
     #[arg(long)]
@@ -265,13 +300,21 @@ fn finetune(args: FinetuneArgs) -> anyhow::Result<()> {
     trainer.seed = args.seed;
     trainer.logging_steps = args.logging_steps;
     trainer.save_steps = args.save_steps;
-    trainer.eval_steps = args.eval_steps.or((args.eval_split > 0.0 || args.eval_dataset.is_some()).then_some(args.logging_steps));
+    trainer.eval_steps = args
+        .eval_steps
+        .or((args.eval_split > 0.0 || args.eval_dataset.is_some()).then_some(args.logging_steps));
     trainer.gradient_checkpointing = !args.no_gradient_checkpointing;
     let resume = match args.resume.as_deref() {
         None => None,
         Some("latest") => Some(
-            philo_train::trainer::Trainer::latest_checkpoint(&args.output_dir)
-                .ok_or_else(|| anyhow::anyhow!("--resume latest: no checkpoint-N folder in {}", args.output_dir.display()))?,
+            philo_train::trainer::Trainer::latest_checkpoint(&args.output_dir).ok_or_else(
+                || {
+                    anyhow::anyhow!(
+                        "--resume latest: no checkpoint-N folder in {}",
+                        args.output_dir.display()
+                    )
+                },
+            )?,
         ),
         Some(path) => Some(PathBuf::from(path)),
     };
@@ -305,13 +348,20 @@ fn finetune(args: FinetuneArgs) -> anyhow::Result<()> {
             if stop.swap(true, Ordering::SeqCst) {
                 std::process::exit(130);
             }
-            eprintln!("\nstopping after this step and saving a checkpoint (Ctrl-C again to quit now)");
+            eprintln!(
+                "\nstopping after this step and saving a checkpoint (Ctrl-C again to quit now)"
+            );
         })?;
     }
     let summary = philo::finetune::finetune(&options, &stop)?;
-    let eval = summary.final_eval_loss.map_or(String::new(), |e| format!(", eval loss {e:.4}"));
+    let eval = summary
+        .final_eval_loss
+        .map_or(String::new(), |e| format!(", eval loss {e:.4}"));
     if summary.interrupted {
-        println!("stopped at step {}; resume with --resume latest", summary.steps);
+        println!(
+            "stopped at step {}; resume with --resume latest",
+            summary.steps
+        );
     } else {
         println!(
             "done: {} steps, loss {:.4}{eval}; adapter in {}",
@@ -475,8 +525,10 @@ fn main() -> ExitCode {
         Command::NewTiny { dir, seed } => philo::tiny::write_tiny_model(&dir, seed)
             .map(|()| println!("wrote a tiny random Phi-3 model to {}", dir.display())),
         Command::Finetune(args) => finetune(*args),
-        Command::Merge(args) => philo::merge::merge(&args.base_model, &args.adapter, &args.output, args.dtype)
-            .map(|()| println!("wrote the merged model to {}", args.output.display())),
+        Command::Merge(args) => {
+            philo::merge::merge(&args.base_model, &args.adapter, &args.output, args.dtype)
+                .map(|()| println!("wrote the merged model to {}", args.output.display()))
+        }
         Command::Bench(args) => bench(args),
         Command::Demo { dir } => demo(dir),
     };

@@ -25,9 +25,16 @@ const COPIED: [&str; 5] = [
 /// Refuses an output folder that already holds a model, and checks the adapter against the base
 /// before anything is written.
 pub fn merge(base: &str, adapter_dir: &Path, output: &Path, dtype: DType) -> anyhow::Result<()> {
-    for existing in ["config.json", "model.safetensors", "model.safetensors.index.json"] {
+    for existing in [
+        "config.json",
+        "model.safetensors",
+        "model.safetensors.index.json",
+    ] {
         if output.join(existing).exists() {
-            anyhow::bail!("{}: already holds a model ({existing}); choose a new --output folder", output.display());
+            anyhow::bail!(
+                "{}: already holds a model ({existing}); choose a new --output folder",
+                output.display()
+            );
         }
     }
     let files = ModelFiles::resolve(base)?;
@@ -38,7 +45,8 @@ pub fn merge(base: &str, adapter_dir: &Path, output: &Path, dtype: DType) -> any
     adapter.attach(&mut model)?;
     model.merge_lora()?;
 
-    std::fs::create_dir_all(output).with_context(|| format!("{}: cannot create", output.display()))?;
+    std::fs::create_dir_all(output)
+        .with_context(|| format!("{}: cannot create", output.display()))?;
     let weights: Vec<(String, Tensor)> = model
         .named_weights()?
         .into_iter()
@@ -47,10 +55,14 @@ pub fn merge(base: &str, adapter_dir: &Path, output: &Path, dtype: DType) -> any
     write_shards(output, weights)?;
     let mut config_json = config.to_json();
     config_json["torch_dtype"] = dtype_name(dtype).into();
-    write_atomic(&output.join("config.json"), serde_json::to_string_pretty(&config_json)?.as_bytes())?;
+    write_atomic(
+        &output.join("config.json"),
+        serde_json::to_string_pretty(&config_json)?.as_bytes(),
+    )?;
     for name in COPIED {
         if let Some(path) = files.optional(name) {
-            std::fs::copy(&path, output.join(name)).with_context(|| format!("copying {}", path.display()))?;
+            std::fs::copy(&path, output.join(name))
+                .with_context(|| format!("copying {}", path.display()))?;
         }
     }
     Ok(())
@@ -66,7 +78,10 @@ fn dtype_name(dtype: DType) -> &'static str {
 
 /// model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json.
 fn write_shards(output: &Path, weights: Vec<(String, Tensor)>) -> anyhow::Result<()> {
-    let total: usize = weights.iter().map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes()).sum();
+    let total: usize = weights
+        .iter()
+        .map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes())
+        .sum();
     let mut shards: Vec<HashMap<String, Tensor>> = vec![HashMap::new()];
     let mut size = 0;
     for (name, tensor) in weights {
@@ -97,6 +112,9 @@ fn write_shards(output: &Path, weights: Vec<(String, Tensor)>) -> anyhow::Result
         }
     }
     let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-    write_atomic(&output.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index)?.as_bytes())?;
+    write_atomic(
+        &output.join("model.safetensors.index.json"),
+        serde_json::to_string_pretty(&index)?.as_bytes(),
+    )?;
     Ok(())
 }

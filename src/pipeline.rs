@@ -6,7 +6,9 @@ use std::path::Path;
 use anyhow::Context;
 use candle_core::{DType, Device};
 use philo_generate::{generate, GenerateOptions, Generation};
-use philo_model::{config::read_generation_eos, Adapter, ModelFiles, Phi3, Phi3Config, SafetensorsStore};
+use philo_model::{
+    config::read_generation_eos, Adapter, ModelFiles, Phi3, Phi3Config, SafetensorsStore,
+};
 use philo_text::{ChatMessage, ChatTemplate, StreamDecoder, Tokenizer};
 
 /// Phi-3's stop tokens (`<|endoftext|>`, `<|assistant|>`, `<|end|>`), used when the checkpoint
@@ -25,7 +27,12 @@ pub struct Pipeline {
 impl Pipeline {
     /// Loads `spec` (a folder or hub id) in `dtype` on `device`, with the PEFT adapter in
     /// `adapter` on top when given.
-    pub fn load(spec: &str, adapter: Option<&Path>, dtype: DType, device: &Device) -> anyhow::Result<Self> {
+    pub fn load(
+        spec: &str,
+        adapter: Option<&Path>,
+        dtype: DType,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
         let files = ModelFiles::resolve(spec)?;
         let config = Phi3Config::from_file(&files.config())?;
         let tokenizer_path = files.optional("tokenizer.json").with_context(|| {

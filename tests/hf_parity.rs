@@ -150,14 +150,24 @@ fn hf_reference_cases() {
 
 /// In-memory PEFT name (with the adapter name) of a saved-adapter name.
 fn reference_name(prefix: &str, name: &str) -> String {
-    format!("{prefix}.{}", name.replacen(".weight", ".default.weight", 1))
+    format!(
+        "{prefix}.{}",
+        name.replacen(".weight", ".default.weight", 1)
+    )
 }
 
 fn assert_close(case: &Case, what: &str, actual: &Tensor, expected_name: &str, tolerance: f32) {
     let expected = case.tensors.load_raw(expected_name).unwrap();
     let diff = relative_diff(actual, &expected);
-    eprintln!("{}: {what} relative difference {diff:.2e}", case.dir.display());
-    assert!(diff <= tolerance, "{}: {what} differs by {diff:e} (relative)", case.dir.display());
+    eprintln!(
+        "{}: {what} relative difference {diff:.2e}",
+        case.dir.display()
+    );
+    assert!(
+        diff <= tolerance,
+        "{}: {what} differs by {diff:e} (relative)",
+        case.dir.display()
+    );
 }
 
 /// Tolerance of the LoRA gradients: the reference gradients themselves carry ~1e-4 relative f32
@@ -179,7 +189,13 @@ fn check_lora(case: &Case) {
     let lora = &case.reference["lora"];
     let row = |key: &str| {
         let ids = case.ids(&case.reference["inputs"][key]);
-        (ids.clone(), Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap())
+        (
+            ids.clone(),
+            Tensor::new(ids.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+        )
     };
 
     let mut model = case.model.clone();
@@ -190,7 +206,12 @@ fn check_lora(case: &Case) {
 
     // Loss and gradients, with and without gradient checkpointing.
     let params = LoraParams::from_model(&mut model).unwrap();
-    let labels: Vec<i64> = lora["labels"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+    let labels: Vec<i64> = lora["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
     let batch = MicroBatch {
         input_ids: in0.clone(),
         segments: None,
@@ -201,10 +222,19 @@ fn check_lora(case: &Case) {
         let out = loss_and_grads(&model, &params, &batch, n, checkpointing, None).unwrap();
         let loss = out.loss_sum / n as f64;
         let expected = lora["loss"].as_f64().unwrap();
-        assert!(((loss - expected) / expected).abs() <= 1e-4, "{name}: LoRA loss {loss} vs {expected}");
+        assert!(
+            ((loss - expected) / expected).abs() <= 1e-4,
+            "{name}: LoRA loss {loss} vs {expected}"
+        );
         for (param, grad) in params.params.iter().zip(&out.grads) {
             let reference = reference_name("lora.grad", &param.name);
-            assert_close(case, &format!("grad of {}", param.name), grad, &reference, GRAD_TOLERANCE);
+            assert_close(
+                case,
+                &format!("grad of {}", param.name),
+                grad,
+                &reference,
+                GRAD_TOLERANCE,
+            );
         }
     }
 
@@ -231,21 +261,50 @@ fn check_lora(case: &Case) {
         let out = loss_and_grads(&model, &params, &batch, n, true, None).unwrap();
         let loss = out.loss_sum / n as f64;
         let expected = expected_losses[step].as_f64().unwrap();
-        assert!(((loss - expected) / expected).abs() <= 1e-4, "{name}: AdamW step {step} loss {loss} vs {expected}");
+        assert!(
+            ((loss - expected) / expected).abs() <= 1e-4,
+            "{name}: AdamW step {step} loss {loss} vs {expected}"
+        );
         optimizer.update(&params, &out.grads, lr).unwrap();
     }
     for param in &params.params {
         let reference = reference_name("adamw.final", &param.name);
         let what = format!("AdamW result {}", param.name);
-        assert_close(case, &what, param.var.as_tensor(), &reference, ADAMW_TOLERANCE);
+        assert_close(
+            case,
+            &what,
+            param.var.as_tensor(),
+            &reference,
+            ADAMW_TOLERANCE,
+        );
     }
 
     // Merge the original adapter into the base.
     let mut merged = case.model.clone();
     adapter.attach(&mut merged).unwrap();
     merged.merge_lora().unwrap();
-    let logits = merged.forward(&in0, None, None).unwrap().squeeze(0).unwrap();
-    assert_close(case, "merged.logits.in0", &logits, "merged.logits.in0", 1e-4);
-    let weight = merged.layers[0].self_attn.qkv_proj.dense_weight(DType::F32, &Device::Cpu).unwrap();
-    assert_close(case, "merged qkv_proj weight", &weight, "merged.weight.layers.0.qkv_proj", 1e-4);
+    let logits = merged
+        .forward(&in0, None, None)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    assert_close(
+        case,
+        "merged.logits.in0",
+        &logits,
+        "merged.logits.in0",
+        1e-4,
+    );
+    let weight = merged.layers[0]
+        .self_attn
+        .qkv_proj
+        .dense_weight(DType::F32, &Device::Cpu)
+        .unwrap();
+    assert_close(
+        case,
+        "merged qkv_proj weight",
+        &weight,
+        "merged.weight.layers.0.qkv_proj",
+        1e-4,
+    );
 }

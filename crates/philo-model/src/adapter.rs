@@ -249,7 +249,9 @@ impl Adapter {
         let (dtype, device) = (model.dtype(), model.device().clone());
         let weights_path = self.dir.join("adapter_model.safetensors");
         let layers = model.config().num_hidden_layers;
-        for (layer, module) in self.weights.keys() {
+        let mut keys: Vec<&(usize, String)> = self.weights.keys().collect();
+        keys.sort();
+        for (layer, module) in keys {
             if *layer >= layers || !TARGET_MODULES.contains(&module.as_str()) {
                 return Err(ModelError::invalid(
                     &weights_path,
@@ -266,12 +268,17 @@ impl Adapter {
             let (r_a, in_a) = pair.a.dims2()?;
             let (out_b, r_b) = pair.b.dims2()?;
             if in_a != linear.in_features() || out_b != linear.out_features() || r_a != r_b {
-                return Err(ModelError::TensorShape {
-                    path: weights_path.clone(),
-                    name: peft_name(layer, module, "A/B"),
-                    expected: vec![linear.out_features(), linear.in_features()],
-                    actual: vec![out_b, in_a],
-                });
+                return Err(ModelError::invalid(
+                    &weights_path,
+                    &peft_name(layer, module, "A"),
+                    format!(
+                        "lora_A is [{r_a}, {in_a}] and lora_B [{out_b}, {r_b}], but the base layer is [{}, {}] (out, in), so they must be [r, {}] and [{}, r]: this adapter was trained for another model",
+                        linear.out_features(),
+                        linear.in_features(),
+                        linear.in_features(),
+                        linear.out_features()
+                    ),
+                ));
             }
             planned.push((layer, module, pair));
         }

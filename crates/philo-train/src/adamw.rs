@@ -41,7 +41,11 @@ pub struct AdamW {
 impl AdamW {
     pub fn new(config: AdamWConfig, params: &LoraParams) -> Result<Self> {
         let zeros = |_: &_| -> Result<Vec<Tensor>> {
-            params.params.iter().map(|p| Ok(p.var.zeros_like()?)).collect()
+            params
+                .params
+                .iter()
+                .map(|p| Ok(p.var.zeros_like()?))
+                .collect()
         };
         Ok(AdamW {
             config,
@@ -82,7 +86,10 @@ impl AdamW {
             tensors.insert(format!("m.{}", p.name), self.m[i].to_device(&Device::Cpu)?);
             tensors.insert(format!("v.{}", p.name), self.v[i].to_device(&Device::Cpu)?);
         }
-        tensors.insert("step".into(), Tensor::new(&[self.step as f64], &Device::Cpu)?);
+        tensors.insert(
+            "step".into(),
+            Tensor::new(&[self.step as f64], &Device::Cpu)?,
+        );
         let tmp = path.with_extension("tmp");
         candle_core::safetensors::save(&tensors, &tmp)?;
         std::fs::rename(&tmp, path).map_err(|e| TrainError::File {
@@ -93,15 +100,20 @@ impl AdamW {
 
     /// Restores what [`AdamW::save`] wrote, for the same parameters.
     pub fn load(&mut self, path: &Path, params: &LoraParams) -> Result<()> {
-        let mut tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| TrainError::File {
-            path: path.to_path_buf(),
-            message: format!("cannot read the optimizer state: {e}"),
-        })?;
+        let mut tensors =
+            candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| TrainError::File {
+                path: path.to_path_buf(),
+                message: format!("cannot read the optimizer state: {e}"),
+            })?;
         let missing = |name: &str| TrainError::File {
             path: path.to_path_buf(),
             message: format!("optimizer state lacks `{name}`: it belongs to another run"),
         };
-        let device = params.params.first().map(|p| p.var.device().clone()).unwrap_or(Device::Cpu);
+        let device = params
+            .params
+            .first()
+            .map(|p| p.var.device().clone())
+            .unwrap_or(Device::Cpu);
         for (i, p) in params.params.iter().enumerate() {
             for (prefix, slot) in [("m", &mut self.m), ("v", &mut self.v)] {
                 let name = format!("{prefix}.{}", p.name);
@@ -123,7 +135,11 @@ impl AdamW {
 pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: Option<f64>) -> Result<f64> {
     let mut total = 0.0f64;
     for g in grads.iter() {
-        total += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+        total += g
+            .to_dtype(DType::F64)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f64>()?;
     }
     let norm = total.sqrt();
     if let Some(max_norm) = max_norm {

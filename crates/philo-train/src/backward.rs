@@ -63,7 +63,8 @@ pub fn loss_and_grads(
             x = model.layer_forward(i, &x, &ctx)?.detach();
         }
         let last = Var::from_tensor(&x)?;
-        let loss_sum = causal_lm_loss_sum(&model.head(last.as_tensor())?, &batch.labels)?.ok_or_else(no_loss)?;
+        let loss_sum = causal_lm_loss_sum(&model.head(last.as_tensor())?, &batch.labels)?
+            .ok_or_else(no_loss)?;
         let store = (&loss_sum * scale)?.backward()?;
         collect(&store)?;
         let mut upstream = store
@@ -103,7 +104,9 @@ pub fn loss_and_grads(
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(Gradients {
-        loss_sum: loss_sum.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?,
+        loss_sum: loss_sum
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?,
         grads,
     })
 }

@@ -10,7 +10,10 @@ pub enum TrainError {
     #[error("{0}")]
     Config(String),
     #[error("{path}: {message}")]
-    File { path: std::path::PathBuf, message: String },
+    File {
+        path: std::path::PathBuf,
+        message: String,
+    },
 }
 
 impl From<candle_core::Error> for TrainError {

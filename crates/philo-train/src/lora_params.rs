@@ -40,7 +40,9 @@ impl LoraParams {
             }
             let (out, inp) = (linear.out_features(), linear.in_features());
             let bound = 1.0 / (inp as f32).sqrt();
-            let a: Vec<f32> = (0..config.r * inp).map(|_| rng.random_range(-bound..bound)).collect();
+            let a: Vec<f32> = (0..config.r * inp)
+                .map(|_| rng.random_range(-bound..bound))
+                .collect();
             linear.lora = Some(Lora {
                 a: Tensor::from_vec(a, (config.r, inp), &device)?,
                 b: Tensor::zeros((out, config.r), DType::F32, &device)?,
@@ -73,7 +75,9 @@ impl LoraParams {
             }
         }
         if params.is_empty() {
-            return Err(TrainError::Config("no LoRA adapter on the model: nothing to train".into()));
+            return Err(TrainError::Config(
+                "no LoRA adapter on the model: nothing to train".into(),
+            ));
         }
         Ok(LoraParams { params })
     }

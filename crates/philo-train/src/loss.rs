@@ -61,7 +61,10 @@ mod tests {
     use candle_core::Device;
 
     fn mean_loss(logits: &Tensor, labels: &[Vec<i64>]) -> Option<f32> {
-        let sum = causal_lm_loss_sum(logits, labels).unwrap()?.to_scalar::<f32>().unwrap();
+        let sum = causal_lm_loss_sum(logits, labels)
+            .unwrap()?
+            .to_scalar::<f32>()
+            .unwrap();
         Some(sum / count_targets(labels) as f32)
     }
 

@@ -27,7 +27,10 @@ const FONT: &str = "sans-serif";
 #[derive(Debug, thiserror::Error)]
 pub enum LossPlotError {
     #[error("{}: {cause}", path.display())]
-    Io { path: PathBuf, cause: std::io::Error },
+    Io {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
     #[error("{}:{line}: {message}", path.display())]
     Malformed {
         path: PathBuf,
@@ -91,7 +94,8 @@ fn read_metrics(path: &Path) -> Result<BTreeMap<u64, Point>, LossPlotError> {
 }
 
 fn parse_line(line: &str) -> Result<(u64, Point), String> {
-    let value: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+    let value: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
     let object = value.as_object().ok_or("expected a JSON object")?;
     let step = match object.get("step") {
         None => return Err("no \"step\"".into()),
@@ -117,7 +121,8 @@ fn parse_line(line: &str) -> Result<(u64, Point), String> {
 /// Registers the embedded font under [`FONT`] once per process.
 fn ensure_font() -> Result<(), String> {
     static REGISTERED: OnceLock<bool> = OnceLock::new();
-    let ok = *REGISTERED.get_or_init(|| register_font(FONT, FontStyle::Normal, ttf_noto_sans::REGULAR).is_ok());
+    let ok = *REGISTERED
+        .get_or_init(|| register_font(FONT, FontStyle::Normal, ttf_noto_sans::REGULAR).is_ok());
     if ok {
         Ok(())
     } else {
@@ -183,7 +188,10 @@ fn render(points: &BTreeMap<u64, Point>) -> Result<Vec<u8>, String> {
             .map_err(|e| e.to_string())?;
 
         chart
-            .draw_series(LineSeries::new(train.iter().copied(), TRAIN_COLOR.stroke_width(2)))
+            .draw_series(LineSeries::new(
+                train.iter().copied(),
+                TRAIN_COLOR.stroke_width(2),
+            ))
             .map_err(|e| e.to_string())?
             .label("train loss")
             .legend(|(x, y)| PathElement::new([(x, y), (x + 24, y)], TRAIN_COLOR.stroke_width(2)));
@@ -195,7 +203,10 @@ fn render(points: &BTreeMap<u64, Point>) -> Result<Vec<u8>, String> {
         }
         if !eval.is_empty() {
             chart
-                .draw_series(LineSeries::new(eval.iter().copied(), EVAL_COLOR.stroke_width(1)))
+                .draw_series(LineSeries::new(
+                    eval.iter().copied(),
+                    EVAL_COLOR.stroke_width(1),
+                ))
                 .map_err(|e| e.to_string())?;
             chart
                 .draw_series(eval.iter().map(|&p| Circle::new(p, 4, EVAL_COLOR.filled())))
@@ -270,7 +281,9 @@ mod tests {
     }
 
     fn count(rgb: &[u8], color: RGBColor) -> usize {
-        count_in(rgb, 0..WIDTH, 0..HEIGHT, |p| p == [color.0, color.1, color.2])
+        count_in(rgb, 0..WIDTH, 0..HEIGHT, |p| {
+            p == [color.0, color.1, color.2]
+        })
     }
 
     /// Pixels in columns `xs` and rows `ys` whose RGB satisfies `keep`.
@@ -410,7 +423,10 @@ mod tests {
             (r#"{"step":2}"#, "no \"loss\""),
             (r#"{"step":2,"loss":null}"#, "\"loss\" is null"),
             (r#"{"step":2,"loss":"0.5"}"#, "\"loss\" is \"0.5\""),
-            (r#"{"step":2,"loss":1.0,"eval_loss":"x"}"#, "\"eval_loss\" is \"x\""),
+            (
+                r#"{"step":2,"loss":1.0,"eval_loss":"x"}"#,
+                "\"eval_loss\" is \"x\"",
+            ),
         ] {
             let (err, path) = error_of(&[good, "", bad, good]);
             assert!(
@@ -418,7 +434,10 @@ mod tests {
                 "{bad}: {err:?}"
             );
             let text = err.to_string();
-            assert!(text.starts_with(&format!("{}:3: ", path.display())), "{text}");
+            assert!(
+                text.starts_with(&format!("{}:3: ", path.display())),
+                "{text}"
+            );
             assert!(text.contains(needle), "{bad}: {text}");
         }
     }

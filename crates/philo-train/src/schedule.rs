@@ -19,7 +19,9 @@ impl FromStr for ScheduleKind {
             "cosine" => Ok(ScheduleKind::Cosine),
             "linear" => Ok(ScheduleKind::Linear),
             "constant" | "constant_with_warmup" => Ok(ScheduleKind::Constant),
-            _ => Err(format!("unknown lr scheduler `{s}`: use cosine, linear or constant")),
+            _ => Err(format!(
+                "unknown lr scheduler `{s}`: use cosine, linear or constant"
+            )),
         }
     }
 }

@@ -62,9 +62,16 @@ pub struct StepMetrics {
 
 /// Progress reports of a run, for a progress bar or a log.
 pub enum TrainEvent<'a> {
-    Started { total_steps: usize, start_step: usize, trainable: usize },
+    Started {
+        total_steps: usize,
+        start_step: usize,
+        trainable: usize,
+    },
     Step(&'a StepMetrics),
-    Saved { step: usize, dir: &'a Path },
+    Saved {
+        step: usize,
+        dir: &'a Path,
+    },
 }
 
 /// How a run ended.
@@ -84,6 +91,8 @@ struct TrainerState {
     position: BatchPosition,
     seed: u64,
     total_steps: usize,
+    batch_size: usize,
+    gradient_accumulation_steps: usize,
     elapsed_seconds: f64,
 }
 
@@ -101,6 +110,8 @@ pub struct Trainer {
     step: usize,
     position: BatchPosition,
     elapsed_before: f64,
+    /// The newest checkpoint written or resumed from, named when a run must stop.
+    last_checkpoint: Option<PathBuf>,
 }
 
 impl Trainer {
@@ -113,17 +124,27 @@ impl Trainer {
         config: TrainerConfig,
     ) -> Result<Self> {
         if config.batch_size == 0 || config.gradient_accumulation_steps == 0 {
-            return Err(TrainError::Config("batch_size and gradient_accumulation_steps must be at least 1".into()));
+            return Err(TrainError::Config(
+                "batch_size and gradient_accumulation_steps must be at least 1".into(),
+            ));
         }
         let params = LoraParams::init(&mut model, &adapter_config, config.seed)?;
         let optimizer = AdamW::new(config.adamw, &params)?;
-        let plan = BatchPlan::new(train.len(), config.batch_size, config.seed).map_err(|e| TrainError::Config(e.to_string()))?;
-        let steps_per_epoch = plan.batches_per_epoch().div_ceil(config.gradient_accumulation_steps);
-        let total_steps = config.max_steps.unwrap_or(steps_per_epoch * config.epochs).max(1);
+        let plan = BatchPlan::new(train.len(), config.batch_size, config.seed)
+            .map_err(|e| TrainError::Config(e.to_string()))?;
+        let steps_per_epoch = plan
+            .batches_per_epoch()
+            .div_ceil(config.gradient_accumulation_steps);
+        let total_steps = config
+            .max_steps
+            .unwrap_or(steps_per_epoch * config.epochs)
+            .max(1);
         let schedule = Schedule {
             kind: config.schedule,
             peak_lr: config.lr,
-            warmup_steps: config.warmup_steps.max((config.warmup_ratio * total_steps as f64).ceil() as usize),
+            warmup_steps: config
+                .warmup_steps
+                .max((config.warmup_ratio * total_steps as f64).ceil() as usize),
             total_steps,
         };
         Ok(Trainer {
@@ -139,6 +160,7 @@ impl Trainer {
             step: 0,
             position: BatchPosition::default(),
             elapsed_before: 0.0,
+            last_checkpoint: None,
         })
     }
 
@@ -165,24 +187,42 @@ impl Trainer {
             path: state_path.clone(),
             message: e.to_string(),
         })?;
-        if state.seed != self.config.seed {
+        let saved = (
+            state.seed,
+            state.total_steps,
+            state.batch_size,
+            state.gradient_accumulation_steps,
+        );
+        let now = (
+            self.config.seed,
+            self.schedule.total_steps,
+            self.config.batch_size,
+            self.config.gradient_accumulation_steps,
+        );
+        if saved != now {
             return Err(TrainError::Config(format!(
-                "{}: the checkpoint was trained with --seed {}, this run has {}; resume with the same settings",
+                "{}: the checkpoint was trained with seed {}, {} total steps, batch size {}, accumulation {}; this run has {}, {}, {}, {}; resume with the same settings",
                 state_path.display(),
-                state.seed,
-                self.config.seed
+                saved.0, saved.1, saved.2, saved.3, now.0, now.1, now.2, now.3
             )));
         }
         let weights = dir.join("adapter_model.safetensors");
         let store = SafetensorsStore::open_files(std::slice::from_ref(&weights))?;
         for param in &self.params.params {
-            let t = store.load(&param.name, param.var.dims(), candle_core::DType::F32, param.var.device())?;
+            let t = store.load(
+                &param.name,
+                param.var.dims(),
+                candle_core::DType::F32,
+                param.var.device(),
+            )?;
             param.var.set(&t)?;
         }
-        self.optimizer.load(&dir.join("optimizer.safetensors"), &self.params)?;
+        self.optimizer
+            .load(&dir.join("optimizer.safetensors"), &self.params)?;
         self.step = state.step;
         self.position = state.position;
         self.elapsed_before = state.elapsed_seconds;
+        self.last_checkpoint = Some(dir.to_path_buf());
         Ok(())
     }
 
@@ -194,7 +234,10 @@ impl Trainer {
             .filter_map(|e| {
                 let name = e.file_name().to_string_lossy().to_string();
                 let step: usize = name.strip_prefix("checkpoint-")?.parse().ok()?;
-                e.path().join("trainer_state.json").is_file().then(|| (step, e.path()))
+                e.path()
+                    .join("trainer_state.json")
+                    .is_file()
+                    .then(|| (step, e.path()))
             })
             .max_by_key(|(step, _)| *step)
             .map(|(_, path)| path)
@@ -203,7 +246,11 @@ impl Trainer {
     /// Trains until the last step or until `stop` is set (then a checkpoint is saved and the
     /// run ends cleanly). A loss that is not finite stops the run with an error and keeps the
     /// last good checkpoint.
-    pub fn run(&mut self, stop: &AtomicBool, mut on_event: impl FnMut(TrainEvent)) -> Result<TrainSummary> {
+    pub fn run(
+        &mut self,
+        stop: &AtomicBool,
+        mut on_event: impl FnMut(TrainEvent),
+    ) -> Result<TrainSummary> {
         std::fs::create_dir_all(&self.config.output_dir).map_err(|e| TrainError::File {
             path: self.config.output_dir.clone(),
             message: e.to_string(),
@@ -265,7 +312,8 @@ impl Trainer {
                     segments: Some(tensors.segment_ids),
                     labels: batch.labels.clone(),
                 };
-                let seed = self.config.seed ^ ((self.step * accum + i) as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+                let seed = self.config.seed
+                    ^ ((self.step * accum + i) as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
                 let out = loss_and_grads(
                     &self.model,
                     &self.params,
@@ -277,7 +325,11 @@ impl Trainer {
                 loss_sum += out.loss_sum;
                 grads = Some(match grads {
                     None => out.grads,
-                    Some(acc) => acc.iter().zip(&out.grads).map(|(a, g)| a + g).collect::<candle_core::Result<_>>()?,
+                    Some(acc) => acc
+                        .iter()
+                        .zip(&out.grads)
+                        .map(|(a, g)| a + g)
+                        .collect::<candle_core::Result<_>>()?,
                 });
             }
             let Some(mut grads) = grads else {
@@ -288,13 +340,12 @@ impl Trainer {
             };
             let loss = loss_sum / normalizer.max(1) as f64;
             if !loss.is_finite() {
-                return Err(TrainError::Config(format!(
-                    "the loss became {loss} at step {}: training stopped; the last checkpoint in {} is intact. Lower --lr or check the data",
-                    self.step + 1,
-                    self.config.output_dir.display()
-                )));
+                return Err(self.diverged(&format!("the loss became {loss}")));
             }
             let grad_norm = clip_grad_norm(&mut grads, self.config.max_grad_norm)?;
+            if !grad_norm.is_finite() {
+                return Err(self.diverged(&format!("the gradient norm became {grad_norm}")));
+            }
             let lr = self.schedule.lr(self.step);
             self.optimizer.update(&self.params, &grads, lr)?;
             self.step += 1;
@@ -309,7 +360,10 @@ impl Trainer {
                 }
                 _ => None,
             };
-            if self.step.is_multiple_of(self.config.logging_steps.max(1)) || self.step == total || eval_loss.is_some() {
+            if self.step.is_multiple_of(self.config.logging_steps.max(1))
+                || self.step == total
+                || eval_loss.is_some()
+            {
                 let elapsed = started.elapsed().as_secs_f64();
                 let done = (self.step - start_step) as f64;
                 let entry = StepMetrics {
@@ -318,17 +372,21 @@ impl Trainer {
                     loss,
                     lr,
                     grad_norm,
-                    tokens_per_second: tokens_since_log as f64 / log_clock.elapsed().as_secs_f64().max(1e-9),
+                    tokens_per_second: tokens_since_log as f64
+                        / log_clock.elapsed().as_secs_f64().max(1e-9),
                     elapsed_seconds: self.elapsed_before + elapsed,
                     eta_seconds: elapsed / done * (total - self.step) as f64,
                     peak_memory_gib: peak_memory_gib(self.model.device()),
                     eval_loss,
                 };
-                writeln!(metrics, "{}", serde_json::to_string(&entry).expect("metrics serialise")).map_err(|e| {
-                    TrainError::File {
-                        path: metrics_path.clone(),
-                        message: e.to_string(),
-                    }
+                writeln!(
+                    metrics,
+                    "{}",
+                    serde_json::to_string(&entry).expect("metrics serialise")
+                )
+                .map_err(|e| TrainError::File {
+                    path: metrics_path.clone(),
+                    message: e.to_string(),
                 })?;
                 on_event(TrainEvent::Step(&entry));
                 history.push(entry);
@@ -338,16 +396,26 @@ impl Trainer {
             if let Some(every) = self.config.save_steps {
                 if self.step.is_multiple_of(every) && self.step < total {
                     let dir = self.save_checkpoint(started.elapsed().as_secs_f64())?;
-                    on_event(TrainEvent::Saved { step: self.step, dir: &dir });
+                    on_event(TrainEvent::Saved {
+                        step: self.step,
+                        dir: &dir,
+                    });
                 }
             }
         }
         drop(batches);
         if interrupted {
             let dir = self.save_checkpoint(started.elapsed().as_secs_f64())?;
-            on_event(TrainEvent::Saved { step: self.step, dir: &dir });
+            on_event(TrainEvent::Saved {
+                step: self.step,
+                dir: &dir,
+            });
         } else {
-            save_adapter(&self.config.output_dir, &self.adapter_config, &mut self.model)?;
+            save_adapter(
+                &self.config.output_dir,
+                &self.adapter_config,
+                &mut self.model,
+            )?;
             on_event(TrainEvent::Saved {
                 step: self.step,
                 dir: &self.config.output_dir,
@@ -377,13 +445,28 @@ impl Trainer {
                 continue;
             }
             let tensors = batch.to_tensors(self.model.device())?;
-            let logits = self.model.forward(&tensors.input_ids, Some(&tensors.segment_ids), None)?;
+            let logits =
+                self.model
+                    .forward(&tensors.input_ids, Some(&tensors.segment_ids), None)?;
             if let Some(loss) = causal_lm_loss_sum(&logits.detach(), &batch.labels)? {
                 sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
                 count += n;
             }
         }
         Ok((count > 0).then(|| sum / count as f64))
+    }
+
+    /// The error of a run whose numbers stopped being finite at the coming step; the adapter is
+    /// not updated, and the newest checkpoint is named.
+    fn diverged(&self, what: &str) -> TrainError {
+        let kept = match &self.last_checkpoint {
+            Some(dir) => format!("the last checkpoint, {}, is intact", dir.display()),
+            None => "no checkpoint was saved yet (use --save_steps)".to_string(),
+        };
+        TrainError::Config(format!(
+            "{what} at step {}: training stopped and {kept}. Lower --lr or check the data",
+            self.step + 1
+        ))
     }
 
     /// Writes `checkpoint-{step}` (adapter, optimizer, state) through a temporary folder and a
@@ -394,20 +477,29 @@ impl Trainer {
         let tmp = out.join(format!(".checkpoint-{}.tmp", self.step));
         let _ = std::fs::remove_dir_all(&tmp);
         save_adapter(&tmp, &self.adapter_config, &mut self.model)?;
-        self.optimizer.save(&tmp.join("optimizer.safetensors"), &self.params)?;
+        self.optimizer
+            .save(&tmp.join("optimizer.safetensors"), &self.params)?;
         let state = TrainerState {
             step: self.step,
             position: self.position,
             seed: self.config.seed,
             total_steps: self.schedule.total_steps,
+            batch_size: self.config.batch_size,
+            gradient_accumulation_steps: self.config.gradient_accumulation_steps,
             elapsed_seconds: self.elapsed_before + elapsed,
         };
-        write_atomic(&tmp.join("trainer_state.json"), serde_json::to_string_pretty(&state).expect("state serialises").as_bytes())?;
+        write_atomic(
+            &tmp.join("trainer_state.json"),
+            serde_json::to_string_pretty(&state)
+                .expect("state serialises")
+                .as_bytes(),
+        )?;
         let _ = std::fs::remove_dir_all(&final_dir);
         std::fs::rename(&tmp, &final_dir).map_err(|e| TrainError::File {
             path: final_dir.clone(),
             message: e.to_string(),
         })?;
+        self.last_checkpoint = Some(final_dir.clone());
         Ok(final_dir)
     }
 }
