@@ -3,12 +3,10 @@
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 
-use anyhow::Context;
 use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
 use philo_model::adapter::AdapterConfig;
 use philo_model::{ModelFiles, Phi3, Phi3Config, SafetensorsStore};
-use philo_text::{ChatTemplate, Tokenizer};
 use philo_train::adamw::AdamWConfig;
 use philo_train::data::{load_dataset, split_eval, DataFormat, DataOptions, RowDataset};
 use philo_train::schedule::ScheduleKind;
@@ -93,17 +91,7 @@ impl FinetuneOptions {
 pub fn finetune(options: &FinetuneOptions, stop: &AtomicBool) -> anyhow::Result<TrainSummary> {
     let files = ModelFiles::resolve(&options.base_model)?;
     let config = Phi3Config::from_file(&files.config())?;
-    let tokenizer_path = files.optional("tokenizer.json").with_context(|| {
-        format!(
-            "{}: no tokenizer.json beside the base model",
-            files.dir.display()
-        )
-    })?;
-    let tokenizer = Tokenizer::from_file(&tokenizer_path)?;
-    let template = match files.optional("tokenizer_config.json") {
-        Some(path) => ChatTemplate::from_tokenizer_config(&path)?,
-        None => ChatTemplate::phi3_default(),
-    };
+    let (tokenizer, template) = crate::pipeline::load_text(&files)?;
     let data_options = DataOptions {
         format: options.format,
         max_seq_length: options.max_seq_length,

@@ -15,6 +15,23 @@ use philo_text::{ChatMessage, ChatTemplate, StreamDecoder, Tokenizer};
 /// has no generation_config.json.
 pub const PHI3_STOP_TOKENS: [u32; 3] = [32000, 32001, 32007];
 
+/// The tokenizer of a model folder and its chat template (tokenizer_config.json's, or the
+/// built-in Phi-3 one when the folder has none).
+pub fn load_text(files: &ModelFiles) -> anyhow::Result<(Tokenizer, ChatTemplate)> {
+    let tokenizer_path = files.optional("tokenizer.json").with_context(|| {
+        format!(
+            "{}: no tokenizer.json; copy the model's tokenizer files next to its weights",
+            files.dir.display()
+        )
+    })?;
+    let tokenizer = Tokenizer::from_file(&tokenizer_path)?;
+    let template = match files.optional("tokenizer_config.json") {
+        Some(path) => ChatTemplate::from_tokenizer_config(&path)?,
+        None => ChatTemplate::phi3_default(),
+    };
+    Ok((tokenizer, template))
+}
+
 /// Model, tokenizer and chat template of one checkpoint.
 pub struct Pipeline {
     pub model: Phi3,
@@ -35,17 +52,7 @@ impl Pipeline {
     ) -> anyhow::Result<Self> {
         let files = ModelFiles::resolve(spec)?;
         let config = Phi3Config::from_file(&files.config())?;
-        let tokenizer_path = files.optional("tokenizer.json").with_context(|| {
-            format!(
-                "{}: no tokenizer.json; copy the model's tokenizer files next to its weights",
-                files.dir.display()
-            )
-        })?;
-        let tokenizer = Tokenizer::from_file(&tokenizer_path)?;
-        let template = match files.optional("tokenizer_config.json") {
-            Some(path) => ChatTemplate::from_tokenizer_config(&path)?,
-            None => ChatTemplate::phi3_default(),
-        };
+        let (tokenizer, template) = load_text(&files)?;
         let mut stop_tokens = match files.optional("generation_config.json") {
             Some(path) => read_generation_eos(&path)?,
             None => Vec::new(),

@@ -52,70 +52,48 @@ fn normal(rng: &mut rand::rngs::StdRng, n: usize, std: f32) -> Vec<f32> {
 /// 0.1 lets a LoRA-steered hidden state reach logits of about ±13.
 const TINY_EMBEDDING_STD: f32 = 0.1;
 
-/// Random weights for `config` (normal(0, 0.02) matrices, unit norms), as `transformers` would
-/// initialise them, keyed by Hugging Face names.
-pub fn random_weights(
-    config: &Phi3Config,
-    seed: u64,
-    device: &Device,
-) -> Result<HashMap<String, Tensor>> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+/// Names and shapes of the weight matrices of `config`, in a fixed order: embedding, then per
+/// layer qkv, o, gate/up, down projections, then the LM head.
+fn matrix_shapes(config: &Phi3Config) -> Vec<(String, (usize, usize))> {
     let c = config;
-    let mut weights = HashMap::new();
-    let mut matrix =
-        |name: String, rows: usize, cols: usize, rng: &mut rand::rngs::StdRng| -> Result<()> {
-            let std = if name.contains("embed_tokens") || name.starts_with("lm_head") {
-                TINY_EMBEDDING_STD
-            } else {
-                0.02
-            };
-            let t = Tensor::from_vec(normal(rng, rows * cols, std), (rows, cols), device)?;
-            weights.insert(name, t);
-            Ok(())
-        };
     let d = c.head_dim;
-    matrix(
-        "model.embed_tokens.weight".into(),
-        c.vocab_size,
-        c.hidden_size,
-        &mut rng,
-    )?;
+    let mut shapes = vec![(
+        "model.embed_tokens.weight".to_string(),
+        (c.vocab_size, c.hidden_size),
+    )];
     for i in 0..c.num_hidden_layers {
         let p = format!("model.layers.{i}");
         let qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * d;
-        matrix(
+        shapes.push((
             format!("{p}.self_attn.qkv_proj.weight"),
-            qkv,
-            c.hidden_size,
-            &mut rng,
-        )?;
-        matrix(
+            (qkv, c.hidden_size),
+        ));
+        shapes.push((
             format!("{p}.self_attn.o_proj.weight"),
-            c.hidden_size,
-            c.num_attention_heads * d,
-            &mut rng,
-        )?;
-        matrix(
+            (c.hidden_size, c.num_attention_heads * d),
+        ));
+        shapes.push((
             format!("{p}.mlp.gate_up_proj.weight"),
-            2 * c.intermediate_size,
-            c.hidden_size,
-            &mut rng,
-        )?;
-        matrix(
+            (2 * c.intermediate_size, c.hidden_size),
+        ));
+        shapes.push((
             format!("{p}.mlp.down_proj.weight"),
-            c.hidden_size,
-            c.intermediate_size,
-            &mut rng,
-        )?;
+            (c.hidden_size, c.intermediate_size),
+        ));
     }
-    matrix(
-        "lm_head.weight".into(),
-        c.vocab_size,
-        c.hidden_size,
-        &mut rng,
-    )?;
-    let ones = Tensor::ones(c.hidden_size, candle_core::DType::F32, device)?;
-    for i in 0..c.num_hidden_layers {
+    shapes.push(("lm_head.weight".to_string(), (c.vocab_size, c.hidden_size)));
+    shapes
+}
+
+/// Adds the RMSNorm weights (ones) of `config` to `weights`.
+fn add_unit_norms(
+    weights: &mut HashMap<String, Tensor>,
+    config: &Phi3Config,
+    dtype: candle_core::DType,
+    device: &Device,
+) -> Result<()> {
+    let ones = Tensor::ones(config.hidden_size, dtype, device)?;
+    for i in 0..config.num_hidden_layers {
         weights.insert(
             format!("model.layers.{i}.input_layernorm.weight"),
             ones.clone(),
@@ -126,6 +104,29 @@ pub fn random_weights(
         );
     }
     weights.insert("model.norm.weight".into(), ones);
+    Ok(())
+}
+
+/// Random weights for `config` keyed by Hugging Face names, reproducible from `seed`:
+/// projections normal(0, 0.02) and unit norms as transformers initialises them, embedding and
+/// LM head normal(0, 0.1) (see [`TINY_EMBEDDING_STD`]).
+pub fn random_weights(
+    config: &Phi3Config,
+    seed: u64,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut weights = HashMap::new();
+    for (name, (rows, cols)) in matrix_shapes(config) {
+        let std = if name.contains("embed_tokens") || name.starts_with("lm_head") {
+            TINY_EMBEDDING_STD
+        } else {
+            0.02
+        };
+        let t = Tensor::from_vec(normal(&mut rng, rows * cols, std), (rows, cols), device)?;
+        weights.insert(name, t);
+    }
+    add_unit_norms(&mut weights, config, candle_core::DType::F32, device)?;
     Ok(weights)
 }
 
@@ -159,51 +160,11 @@ pub fn device_random_weights(
     dtype: candle_core::DType,
     device: &Device,
 ) -> Result<HashMap<String, Tensor>> {
-    let c = config;
-    let d = c.head_dim;
-    let mut shapes: Vec<(String, Vec<usize>)> = vec![
-        (
-            "model.embed_tokens.weight".into(),
-            vec![c.vocab_size, c.hidden_size],
-        ),
-        ("lm_head.weight".into(), vec![c.vocab_size, c.hidden_size]),
-    ];
-    for i in 0..c.num_hidden_layers {
-        let p = format!("model.layers.{i}");
-        let qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * d;
-        shapes.push((
-            format!("{p}.self_attn.qkv_proj.weight"),
-            vec![qkv, c.hidden_size],
-        ));
-        shapes.push((
-            format!("{p}.self_attn.o_proj.weight"),
-            vec![c.hidden_size, c.num_attention_heads * d],
-        ));
-        shapes.push((
-            format!("{p}.mlp.gate_up_proj.weight"),
-            vec![2 * c.intermediate_size, c.hidden_size],
-        ));
-        shapes.push((
-            format!("{p}.mlp.down_proj.weight"),
-            vec![c.hidden_size, c.intermediate_size],
-        ));
-    }
     let mut weights = HashMap::new();
-    for (name, shape) in shapes {
+    for (name, shape) in matrix_shapes(config) {
         let t = Tensor::randn(0f32, 0.02, shape, device)?.to_dtype(dtype)?;
         weights.insert(name, t);
     }
-    let ones = Tensor::ones(c.hidden_size, dtype, device)?;
-    for i in 0..c.num_hidden_layers {
-        weights.insert(
-            format!("model.layers.{i}.input_layernorm.weight"),
-            ones.clone(),
-        );
-        weights.insert(
-            format!("model.layers.{i}.post_attention_layernorm.weight"),
-            ones.clone(),
-        );
-    }
-    weights.insert("model.norm.weight".into(), ones);
+    add_unit_norms(&mut weights, config, dtype, device)?;
     Ok(weights)
 }
