@@ -15,8 +15,12 @@ use crate::pipeline::Pipeline;
 const TOY_DATASET: &str = include_str!("../examples/toy_dataset.jsonl");
 const TOY_EVAL: &str = include_str!("../examples/toy_eval.jsonl");
 
-/// Runs the demo in `dir` (the tiny model is reused when present).
-pub fn demo(dir: &Path, stop: &AtomicBool) -> anyhow::Result<()> {
+/// Optimizer steps of the demo's fine-tune: enough for the tiny model to answer right (about a
+/// minute on two CPU cores).
+pub const DEMO_STEPS: usize = 300;
+
+/// Runs the demo in `dir` with `steps` optimizer steps (the tiny model is reused when present).
+pub fn demo(dir: &Path, steps: usize, stop: &AtomicBool) -> anyhow::Result<()> {
     let model_dir = dir.join("tiny-model");
     if !model_dir.join("config.json").exists() {
         crate::tiny::write_tiny_model(&model_dir, 0)?;
@@ -34,7 +38,7 @@ pub fn demo(dir: &Path, stop: &AtomicBool) -> anyhow::Result<()> {
     let mut trainer = FinetuneOptions::default_trainer(adapter_dir.clone());
     trainer.batch_size = 8;
     trainer.lr = 4e-3;
-    trainer.max_steps = Some(300);
+    trainer.max_steps = Some(steps);
     trainer.warmup_steps = 10;
     trainer.logging_steps = 50;
     trainer.eval_steps = Some(50);

@@ -48,9 +48,12 @@ enum Command {
     /// The main job end to end on the embedded tiny model: write it, QLoRA fine-tune it on a sample
     /// dataset, and ask it what it learned.
     Demo {
-        /// Where the tiny model is written (reused if present).
+        /// Where the tiny model, the data and the adapter are written (the model is reused).
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Optimizer steps of the fine-tune.
+        #[arg(long, default_value_t = philo::demo::DEMO_STEPS)]
+        steps: usize,
     },
 }
 
@@ -503,7 +506,7 @@ fn chat(args: ChatArgs) -> anyhow::Result<()> {
     )
 }
 
-fn demo(dir: Option<PathBuf>) -> anyhow::Result<()> {
+fn demo(dir: Option<PathBuf>, steps: usize) -> anyhow::Result<()> {
     let dir = dir.unwrap_or_else(|| std::env::temp_dir().join("philo-demo"));
     let stop = Arc::new(AtomicBool::new(false));
     {
@@ -514,7 +517,7 @@ fn demo(dir: Option<PathBuf>) -> anyhow::Result<()> {
             }
         })?;
     }
-    philo::demo::demo(&dir, &stop)
+    philo::demo::demo(&dir, steps, &stop)
 }
 
 fn main() -> ExitCode {
@@ -530,7 +533,7 @@ fn main() -> ExitCode {
                 .map(|()| println!("wrote the merged model to {}", args.output.display()))
         }
         Command::Bench(args) => bench(args),
-        Command::Demo { dir } => demo(dir),
+        Command::Demo { dir, steps } => demo(dir, steps),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
