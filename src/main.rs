@@ -343,19 +343,7 @@ fn finetune(args: FinetuneArgs) -> anyhow::Result<()> {
         dtype,
         device,
     };
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        // First Ctrl-C: save a checkpoint and stop after the current step; a second one quits.
-        ctrlc::set_handler(move || {
-            if stop.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-            eprintln!(
-                "\nstopping after this step and saving a checkpoint (Ctrl-C again to quit now)"
-            );
-        })?;
-    }
+    let stop = stop_training_on_ctrl_c()?;
     let summary = philo::finetune::finetune(&options, &stop)?;
     let eval = summary
         .final_eval_loss
@@ -508,16 +496,22 @@ fn chat(args: ChatArgs) -> anyhow::Result<()> {
 
 fn demo(dir: Option<PathBuf>, steps: usize) -> anyhow::Result<()> {
     let dir = dir.unwrap_or_else(|| std::env::temp_dir().join("philo-demo"));
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        ctrlc::set_handler(move || {
-            if stop.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-        })?;
-    }
+    let stop = stop_training_on_ctrl_c()?;
     philo::demo::demo(&dir, steps, &stop)
+}
+
+/// A flag the first Ctrl-C sets, so training saves a checkpoint and stops after the current
+/// step; a second Ctrl-C quits at once.
+fn stop_training_on_ctrl_c() -> anyhow::Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping after this step and saving a checkpoint (Ctrl-C again to quit now)");
+    })?;
+    Ok(stop)
 }
 
 fn main() -> ExitCode {

@@ -89,23 +89,16 @@ impl ModelFiles {
         let dir = dir.expect("config.json is required");
         match fetch("model.safetensors.index.json") {
             Ok(index) => {
-                let text =
-                    std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
-                let json: serde_json::Value =
-                    serde_json::from_str(&text).map_err(|cause| ModelError::Json {
-                        path: index.clone(),
-                        cause,
-                    })?;
-                let mut shards: Vec<String> = json["weight_map"]
-                    .as_object()
-                    .map(|m| {
-                        m.values()
-                            .filter_map(|v| v.as_str().map(str::to_string))
-                            .collect()
+                let dir = index.parent().unwrap_or(Path::new("."));
+                let shards: Vec<String> = crate::weights::shards_of_index(&index)?
+                    .iter()
+                    .map(|p| {
+                        p.strip_prefix(dir)
+                            .unwrap_or(p)
+                            .to_string_lossy()
+                            .to_string()
                     })
-                    .unwrap_or_default();
-                shards.sort();
-                shards.dedup();
+                    .collect();
                 for shard in shards {
                     fetch(&shard).map_err(|m| hub_error(repo, &shard, m))?;
                 }

@@ -13,26 +13,19 @@ use crate::error::{ModelError, Result};
 /// The tiny shape: Phi-3-mini's layout and vocabulary in miniature.
 pub fn tiny_config() -> Phi3Config {
     Phi3Config {
-        vocab_size: 32064,
         hidden_size: 128,
         intermediate_size: 256,
         num_hidden_layers: 4,
         num_attention_heads: 4,
         num_key_value_heads: 4,
         head_dim: 32,
-        rms_norm_eps: 1e-5,
-        max_position_embeddings: 4096,
         rope: RopeConfig {
             theta: 10_000.0,
             rotary_dim: 32,
             scaling: RopeScaling::None,
         },
-        sliding_window: Some(2047),
-        tie_word_embeddings: false,
-        bos_token_id: Some(1),
-        eos_token_ids: vec![32000],
-        pad_token_id: Some(32000),
         saved_dtype: Some("float32".into()),
+        ..Phi3Config::phi3_mini_4k()
     }
 }
 

@@ -187,7 +187,7 @@ impl SafetensorsStore {
 }
 
 /// The shard files named by a `model.safetensors.index.json`, in first-seen order.
-fn shards_of_index(index: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn shards_of_index(index: &Path) -> Result<Vec<PathBuf>> {
     let text = std::fs::read_to_string(index).map_err(|e| ModelError::io(index, e))?;
     let json: serde_json::Value =
         serde_json::from_str(&text).map_err(|cause| ModelError::Json {

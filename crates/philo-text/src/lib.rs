@@ -43,5 +43,5 @@ pub use chat_template::{
     PHI3_EOS_TOKEN,
 };
 pub use error::TextError;
-pub use stream::StreamDecoder;
+pub use stream::{common_prefix_len, StreamDecoder};
 pub use tokenizer::Tokenizer;

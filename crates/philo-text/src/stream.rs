@@ -129,7 +129,7 @@ fn suffix_after(text: &str, at: usize) -> String {
 }
 
 /// Length in bytes of the longest common prefix of `a` and `b`, on a char boundary.
-fn common_prefix_len(a: &str, b: &str) -> usize {
+pub fn common_prefix_len(a: &str, b: &str) -> usize {
     a.char_indices()
         .zip(b.chars())
         .find(|((_, ca), cb)| ca != cb)

@@ -5,7 +5,7 @@ use std::fmt;
 use std::ops::Range;
 use std::path::Path;
 
-use philo_text::{ChatMessage, ChatTemplate, Tokenizer};
+use philo_text::{common_prefix_len, ChatMessage, ChatTemplate, Tokenizer};
 
 use super::{load_records, DataError, DataFormat, Record, RecordContent, IGNORE_INDEX};
 
@@ -306,16 +306,6 @@ fn in_span(token: Range<usize>, span: &Range<usize>) -> bool {
         .min(span.end)
         .saturating_sub(token.start.max(span.start));
     2 * overlap > token.len()
-}
-
-/// Length in bytes of the longest common prefix of `a` and `b`, on a character
-/// boundary.
-fn common_prefix_len(a: &str, b: &str) -> usize {
-    a.char_indices()
-        .zip(b.chars())
-        .find(|((_, ca), cb)| ca != cb)
-        .map(|((i, _), _)| i)
-        .unwrap_or_else(|| a.len().min(b.len()))
 }
 
 #[cfg(test)]
