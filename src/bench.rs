@@ -165,3 +165,92 @@ pub fn table(results: &[BenchResult]) -> String {
     }
     out
 }
+
+/// What `philo bench train` measures: LoRA or QLoRA optimizer steps on random tokens.
+#[derive(Debug, Clone)]
+pub struct TrainBench {
+    pub batch: usize,
+    pub seq: usize,
+    pub rank: usize,
+    pub alpha: f64,
+    /// NF4 base (QLoRA, double-quantised scales) or the dense compute dtype (LoRA).
+    pub quant: crate::finetune::BaseQuant,
+    /// Timed optimizer steps, after `warmup` untimed ones.
+    pub steps: usize,
+    pub warmup: usize,
+}
+
+/// Tokens/s of LoRA training with gradient checkpointing on all four projection types, one
+/// micro-batch per optimizer step, as `philo finetune` runs it. Peak memory is measured from
+/// after quantisation (a real load quantises layer by layer, so the dense copy never coexists).
+pub fn train(mut model: Phi3, options: &TrainBench) -> anyhow::Result<BenchResult> {
+    use philo_model::adapter::{AdapterConfig, TARGET_MODULES};
+    use philo_train::adamw::{AdamW, AdamWConfig};
+    use philo_train::backward::{loss_and_grads, MicroBatch};
+    use philo_train::lora_params::LoraParams;
+
+    let device = model.device().clone();
+    if options.quant == crate::finetune::BaseQuant::Nf4 {
+        model.quantize_nf4(true)?;
+    }
+    synchronize(&device)?;
+    philo_model::memory::reset_peak_memory(&device);
+    let config = AdapterConfig::new(
+        options.rank,
+        options.alpha,
+        0.05,
+        TARGET_MODULES.iter().map(|s| s.to_string()).collect(),
+        false,
+    );
+    let params = LoraParams::init(&mut model, &config, 0)?;
+    let mut optimizer = AdamW::new(AdamWConfig::default(), &params)?;
+    let (b, s) = (options.batch, options.seq);
+    let input_ids = random_prompt(b, s, model.config().vocab_size, &device)?;
+    let labels: Vec<Vec<i64>> = input_ids
+        .to_vec2::<u32>()?
+        .into_iter()
+        .map(|row| row.into_iter().map(i64::from).collect())
+        .collect();
+    let batch = MicroBatch {
+        input_ids,
+        segments: None,
+        labels,
+    };
+    let normalizer = b * (s - 1);
+    let mut step = |i: usize| -> anyhow::Result<f64> {
+        let dropout = Some(philo_model::DropoutSeed(i as u64));
+        let grads = loss_and_grads(&model, &params, &batch, normalizer, true, dropout)?;
+        optimizer.update(&params, &grads.grads, 2e-4)?;
+        Ok(grads.loss_sum / normalizer as f64)
+    };
+    for i in 0..options.warmup {
+        step(i)?;
+    }
+    synchronize(&device)?;
+    let start = Instant::now();
+    for i in 0..options.steps.max(1) {
+        step(options.warmup + i)?;
+    }
+    synchronize(&device)?;
+    let seconds = start.elapsed().as_secs_f64();
+    let (device_name, dtype, layers) = describe(&model);
+    let tokens = b * s * options.steps.max(1);
+    Ok(BenchResult {
+        task: format!(
+            "train-{}",
+            match options.quant {
+                crate::finetune::BaseQuant::Nf4 => "qlora",
+                crate::finetune::BaseQuant::None => "lora",
+            }
+        ),
+        device: device_name,
+        dtype,
+        layers,
+        batch: b,
+        seq: s,
+        tokens,
+        seconds,
+        tokens_per_second: tokens as f64 / seconds,
+        peak_memory_gib: peak_memory_gib(&device),
+    })
+}

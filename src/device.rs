@@ -29,15 +29,29 @@ impl DeviceChoice {
     pub fn open(self) -> anyhow::Result<Device> {
         match self {
             DeviceChoice::Cpu => Ok(Device::Cpu),
-            DeviceChoice::Auto => Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
+            DeviceChoice::Auto => Ok(single_stream(
+                Device::cuda_if_available(0).unwrap_or(Device::Cpu),
+            )),
             DeviceChoice::Cuda => {
                 if !candle_core::utils::cuda_is_available() {
                     anyhow::bail!("--device cuda: this philo was built without CUDA; rebuild with `cargo build --release --features cuda` (see README)");
                 }
-                Ok(Device::new_cuda(0)?)
+                Ok(single_stream(Device::new_cuda(0)?))
             }
         }
     }
+}
+
+/// philo runs all its GPU work on candle's one stream, so the per-buffer CUDA events that guard
+/// multi-stream use are pure overhead (several µs per kernel launch): they are turned off before
+/// any tensor exists.
+fn single_stream(device: Device) -> Device {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = &device {
+        // SAFETY: every tensor of this process is created and used on this device's one stream.
+        unsafe { d.disable_event_tracking() };
+    }
+    device
 }
 
 /// `--dtype`: the compute precision; None picks f32 on the CPU and bf16 on a GPU.

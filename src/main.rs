@@ -368,6 +368,8 @@ fn finetune(args: FinetuneArgs) -> anyhow::Result<()> {
 enum BenchTask {
     Prefill,
     Decode,
+    /// LoRA/QLoRA optimizer steps (gradient checkpointing, all four projection types).
+    Train,
 }
 
 #[derive(Args)]
@@ -395,6 +397,18 @@ struct BenchArgs {
     /// Decode: new tokens per sequence.
     #[arg(long = "new_tokens", alias = "new-tokens", default_value_t = 128)]
     new_tokens: usize,
+    /// Train: LoRA rank.
+    #[arg(long, default_value_t = 64)]
+    rank: usize,
+    /// Train: LoRA alpha (default 2 × rank).
+    #[arg(long)]
+    alpha: Option<f64>,
+    /// Train: nf4 (QLoRA) or none (LoRA on a dense base).
+    #[arg(long, default_value = "nf4")]
+    quant: philo::finetune::BaseQuant,
+    /// Train: timed optimizer steps (after one warm-up step).
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
     /// Write the results as JSON to this file too.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -417,15 +431,32 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         (None, false) => anyhow::bail!("philo bench needs --model DIR or --random"),
     };
     let mut results = Vec::new();
-    for &batch in &args.batch {
-        results.push(match args.task {
-            BenchTask::Prefill => {
-                philo::bench::prefill(&model, batch, args.seq.unwrap_or(2048), 2)?
-            }
-            BenchTask::Decode => {
-                philo::bench::decode(&model, batch, args.seq.unwrap_or(128), args.new_tokens)?
-            }
-        });
+    if let BenchTask::Train = args.task {
+        let [batch] = args.batch[..] else {
+            anyhow::bail!("philo bench train takes one --batch (each run needs a fresh model)");
+        };
+        let options = philo::bench::TrainBench {
+            batch,
+            seq: args.seq.unwrap_or(2048),
+            rank: args.rank,
+            alpha: args.alpha.unwrap_or(2.0 * args.rank as f64),
+            quant: args.quant,
+            steps: args.steps,
+            warmup: 1,
+        };
+        results.push(philo::bench::train(model, &options)?);
+    } else {
+        for &batch in &args.batch {
+            results.push(match args.task {
+                BenchTask::Train => unreachable!("handled above"),
+                BenchTask::Prefill => {
+                    philo::bench::prefill(&model, batch, args.seq.unwrap_or(2048), 2)?
+                }
+                BenchTask::Decode => {
+                    philo::bench::decode(&model, batch, args.seq.unwrap_or(128), args.new_tokens)?
+                }
+            });
+        }
     }
     print!("{}", philo::bench::table(&results));
     let json = serde_json::to_string_pretty(&results)?;

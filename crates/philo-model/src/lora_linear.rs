@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
+use philo_kernels::nf4::Nf4Weight;
 use philo_quant::{dequantize_matmul, Nf4Tensor};
 use rand::{Rng, SeedableRng};
 
@@ -33,8 +34,11 @@ pub struct DropoutSeed(pub u64);
 #[derive(Debug, Clone)]
 pub enum BaseWeight {
     Dense(Tensor),
-    /// 4-bit NormalFloat blocks, dequantised on the fly in the input's dtype (QLoRA).
+    /// 4-bit NormalFloat blocks on the host, dequantised on the fly in the input's dtype (QLoRA
+    /// on the CPU).
     Nf4(Arc<Nf4Tensor>),
+    /// 4-bit NormalFloat blocks resident on a GPU, dequantised by a kernel per use.
+    Nf4Device(Arc<Nf4Weight>),
 }
 
 /// A frozen linear layer with an optional LoRA adapter.
@@ -68,6 +72,7 @@ impl LoraLinear {
         match &self.base {
             BaseWeight::Dense(w) => w.dims()[0],
             BaseWeight::Nf4(w) => w.rows(),
+            BaseWeight::Nf4Device(w) => w.rows,
         }
     }
 
@@ -75,6 +80,7 @@ impl LoraLinear {
         match &self.base {
             BaseWeight::Dense(w) => w.dims()[1],
             BaseWeight::Nf4(w) => w.cols(),
+            BaseWeight::Nf4Device(w) => w.cols,
         }
     }
 
@@ -85,12 +91,18 @@ impl LoraLinear {
             BaseWeight::Nf4(w) => w
                 .to_tensor(dtype, device)
                 .map_err(|e| candle_core::Error::Msg(e.to_string()))?,
+            BaseWeight::Nf4Device(w) => w.dequantize(dtype)?.to_device(device)?,
         })
     }
 
     /// Replaces a dense base by its NF4 quantisation (blocks of 64, optional double quantisation).
+    /// A weight on a GPU is quantised there and stays there.
     pub fn quantize_nf4(&mut self, double_quant: bool) -> Result<()> {
         if let BaseWeight::Dense(w) = &self.base {
+            if w.device().is_cuda() {
+                self.base = BaseWeight::Nf4Device(Arc::new(Nf4Weight::quantize(w, double_quant)?));
+                return Ok(());
+            }
             let q = Nf4Tensor::from_tensor(w, double_quant)
                 .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
             self.base = BaseWeight::Nf4(Arc::new(q));
@@ -104,6 +116,9 @@ impl LoraLinear {
             BaseWeight::Dense(w) => matmul_t(x, w)?,
             BaseWeight::Nf4(w) => dequantize_matmul(x, w, x.dtype())
                 .map_err(|e| candle_core::Error::Msg(e.to_string()))?,
+            // The dequantised copy lives for this matmul only (and, while training, until the
+            // backward has used it).
+            BaseWeight::Nf4Device(w) => matmul_t(x, &w.dequantize(x.dtype())?)?,
         };
         let Some(lora) = &self.lora else {
             return Ok(y);
@@ -127,7 +142,7 @@ impl LoraLinear {
         if let Some(lora) = self.lora.take() {
             let dtype = match &self.base {
                 BaseWeight::Dense(w) => w.dtype(),
-                BaseWeight::Nf4(_) => lora.a.dtype(),
+                BaseWeight::Nf4(_) | BaseWeight::Nf4Device(_) => lora.a.dtype(),
             };
             let base = self.dense_weight(DType::F32, lora.a.device())?;
             let delta = (lora

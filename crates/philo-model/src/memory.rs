@@ -2,14 +2,71 @@
 
 use candle_core::Device;
 
-/// Peak memory of this process in GiB: on the CPU the resident-set high-water mark; None where
-/// it cannot be read.
+/// Peak memory of this process in GiB: on the CPU the resident-set high-water mark; on CUDA the
+/// high-water mark of device memory in use by tensors (the stream-ordered pool's
+/// `USED_MEM_HIGH`, the counterpart of torch's `max_memory_allocated`). None where it cannot be
+/// read.
 pub fn peak_memory_gib(device: &Device) -> Option<f64> {
-    if !device.is_cpu() {
-        return None;
+    match device {
+        Device::Cpu => {
+            let status = std::fs::read_to_string("/proc/self/status").ok()?;
+            let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+            let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib / (1024.0 * 1024.0))
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => cuda_pool_attribute(
+            d,
+            candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+        )
+        .map(|bytes| bytes as f64 / (1u64 << 30) as f64),
+        #[allow(unreachable_patterns)]
+        _ => None,
     }
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / (1024.0 * 1024.0))
+}
+
+/// Starts a new peak-memory measurement on `device` (CUDA only; a no-op elsewhere).
+pub fn reset_peak_memory(device: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        use candle_core::cuda_backend::cudarc::driver::{result, sys};
+        let ctx = d.cuda_stream().context().clone();
+        if ctx.bind_to_thread().is_err() {
+            return;
+        }
+        // SAFETY: the pool is the device's default pool; the value is a u64 as the attribute needs.
+        unsafe {
+            if let Ok(pool) = result::device::get_default_mem_pool(ctx.cu_device()) {
+                let mut zero = 0u64;
+                let _ = result::mem_pool::set_attribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                    &mut zero as *mut u64 as *mut std::ffi::c_void,
+                );
+            }
+        }
+    }
+    let _ = device;
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_pool_attribute(
+    d: &candle_core::CudaDevice,
+    attr: candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute,
+) -> Option<u64> {
+    use candle_core::cuda_backend::cudarc::driver::result;
+    let ctx = d.cuda_stream().context().clone();
+    ctx.bind_to_thread().ok()?;
+    let mut value = 0u64;
+    // SAFETY: the pool is the device's default pool; the value is a u64 as the attribute needs.
+    unsafe {
+        let pool = result::device::get_default_mem_pool(ctx.cu_device()).ok()?;
+        result::mem_pool::get_attribute(
+            pool,
+            attr,
+            &mut value as *mut u64 as *mut std::ffi::c_void,
+        )
+        .ok()?;
+    }
+    Some(value)
 }

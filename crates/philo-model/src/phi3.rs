@@ -9,6 +9,8 @@ use crate::kv_cache::KvCache;
 use crate::lora_linear::{DropoutSeed, LoraLinear};
 use crate::rope::RotaryEmbedding;
 use crate::weights::WeightSource;
+use philo_kernels::attention::{flash_attention, AttentionMask};
+use philo_kernels::rope::{qkv_rope, QkvShape};
 
 /// RMSNorm: the mean square is taken in f32 whatever the compute dtype.
 #[derive(Debug, Clone)]
@@ -19,6 +21,13 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.device().is_cuda() {
+            return Ok(philo_kernels::rms_norm::rms_norm(
+                x,
+                &self.weight,
+                self.eps,
+            )?);
+        }
         let dtype = x.dtype();
         let x32 = x.to_dtype(DType::F32)?;
         let mean_square = x32.sqr()?.mean_keepdim(D::Minus1)?;
@@ -41,8 +50,11 @@ pub struct Attention {
 pub struct ForwardContext {
     cos: Tensor,
     sin: Tensor,
-    /// Additive mask `[batch, 1, seq, past + seq]` (0 or a huge negative), None when nothing is masked.
+    /// Additive mask `[batch, 1, seq, past + seq]` (0 or a huge negative), None when nothing is
+    /// masked or when the fused kernels mask on the device.
     mask: Option<Tensor>,
+    /// Set when attention runs in the fused CUDA kernels: which keys each query sees.
+    flash: Option<AttentionMask>,
     /// Set while training: LoRA dropout masks are drawn from it.
     dropout: Option<DropoutSeed>,
 }
@@ -59,6 +71,25 @@ impl Attention {
         let (b, s, _) = x.dims3()?;
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let qkv = self.qkv_proj.forward(x, ctx.dropout)?;
+        if let Some(mask) = &ctx.flash {
+            // Fused: split + rotate in one kernel, then flash attention (masks on the device).
+            let shape = QkvShape {
+                heads: h,
+                kv_heads: kvh,
+                head_dim: d,
+                rotary_dim: rotary.rotary_dim(),
+            };
+            let heads = qkv_rope(&qkv, &ctx.cos, &ctx.sin, shape)?;
+            let q = heads.narrow(1, 0, h)?;
+            let k = heads.narrow(1, h, kvh)?;
+            let v = heads.narrow(1, h + kvh, kvh)?;
+            let (k, v) = match cache {
+                Some(cache) => cache.append(layer, &k, &v)?,
+                None => (k, v),
+            };
+            let out = flash_attention(&q, &k, &v, mask)?.reshape((b, s, h * d))?;
+            return self.o_proj.forward(&out, ctx.dropout);
+        }
         let split = |offset: usize, heads: usize| -> Result<Tensor> {
             Ok(qkv
                 .narrow(2, offset * d, heads * d)?
@@ -110,6 +141,10 @@ pub struct Mlp {
 impl Mlp {
     fn forward(&self, x: &Tensor, dropout: Option<DropoutSeed>) -> Result<Tensor> {
         let gate_up = self.gate_up_proj.forward(x, dropout)?;
+        if gate_up.device().is_cuda() {
+            let act = philo_kernels::swiglu::swiglu(&gate_up)?;
+            return self.down_proj.forward(&act, dropout);
+        }
         let i = self.intermediate_size;
         let gate = gate_up.narrow(D::Minus1, 0, i)?;
         let up = gate_up.narrow(D::Minus1, i, i)?;
@@ -139,10 +174,15 @@ impl DecoderLayer {
         let attn =
             self.self_attn
                 .forward(&self.input_layernorm.forward(x)?, ctx, rotary, layer, cache)?;
-        let x = (x + attn)?;
-        let mlp = self
-            .mlp
-            .forward(&self.post_attention_layernorm.forward(&x)?, ctx.dropout)?;
+        let (x, normed) = if x.device().is_cuda() && !x.track_op() && !attn.track_op() {
+            let norm = &self.post_attention_layernorm;
+            philo_kernels::rms_norm::add_rms_norm(x, &attn, &norm.weight, norm.eps)?
+        } else {
+            let x = (x + attn)?;
+            let normed = self.post_attention_layernorm.forward(&x)?;
+            (x, normed)
+        };
+        let mlp = self.mlp.forward(&normed, ctx.dropout)?;
         Ok((x + mlp)?)
     }
 }
@@ -243,6 +283,12 @@ impl Phi3 {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Whether forwards run philo's fused CUDA kernels (flash attention, fused RoPE, RMSNorm,
+    /// SwiGLU): on CUDA in bf16 or f16. Elsewhere the composed candle ops are used.
+    pub fn uses_fused_kernels(&self) -> bool {
+        self.device.is_cuda() && matches!(self.dtype, DType::BF16 | DType::F16)
     }
 
     pub fn rotary(&self) -> &RotaryEmbedding {
@@ -350,11 +396,21 @@ impl Phi3 {
             .rotary
             .cos_sin(&positions, long_rope, self.dtype, &self.device)?;
         let half = self.rotary.rotary_dim() / 2;
+        let (mask, flash) = if self.uses_fused_kernels() {
+            let flash = AttentionMask {
+                window: self.config.sliding_window.unwrap_or(usize::MAX),
+                segments: attention_mask.map(|m| m.to_dtype(DType::U32)).transpose()?,
+            };
+            (None, Some(flash))
+        } else {
+            (self.attention_bias(segments.as_deref(), b, past, s)?, None)
+        };
         Ok(LayerContext {
             inner: ForwardContext {
                 cos: cos.reshape((b, s, half))?,
                 sin: sin.reshape((b, s, half))?,
-                mask: self.attention_bias(segments.as_deref(), b, past, s)?,
+                mask,
+                flash,
                 dropout,
             },
             long_rope,
@@ -365,6 +421,17 @@ impl Phi3 {
     /// layers are recomputed one by one for gradient checkpointing).
     pub fn layer_forward(&self, index: usize, x: &Tensor, ctx: &LayerContext) -> Result<Tensor> {
         self.layers[index].forward(x, &ctx.inner, &self.rotary, index, None)
+    }
+
+    /// The LM head's weight when the lean (chunked) loss applies: fused kernels in use and a
+    /// dense head without adapter.
+    pub fn lean_head_weight(&self) -> Option<Tensor> {
+        match (&self.lm_head.base, &self.lm_head.lora) {
+            (crate::lora_linear::BaseWeight::Dense(w), None) if self.uses_fused_kernels() => {
+                Some(w.clone())
+            }
+            _ => None,
+        }
     }
 
     /// Final norm and LM head: logits `[batch, seq, vocab]` in the compute dtype.

@@ -5,7 +5,11 @@ use philo_model::{DropoutSeed, Phi3};
 
 use crate::error::{Result, TrainError};
 use crate::lora_params::LoraParams;
-use crate::loss::causal_lm_loss_sum;
+use crate::loss::{causal_lm_loss_sum, chunked_head_loss};
+
+/// Labelled rows per chunk of the lean loss: 4,096 × 32,064 bf16 logits and their gradient are
+/// about 0.5 GiB together.
+const LOSS_CHUNK_ROWS: usize = 4096;
 
 /// One micro-batch on the model's device.
 pub struct MicroBatch {
@@ -63,9 +67,28 @@ pub fn loss_and_grads(
             x = model.layer_forward(i, &x, &ctx)?.detach();
         }
         let last = Var::from_tensor(&x)?;
-        let loss_sum = causal_lm_loss_sum(&model.head(last.as_tensor())?, &batch.labels)?
-            .ok_or_else(no_loss)?;
-        let store = (&loss_sum * scale)?.backward()?;
+        let (loss_sum, store) = match model.lean_head_weight() {
+            // Lean loss: logits chunk by chunk, their gradient in the same kernel.
+            Some(head) => {
+                let normed = model.norm.forward(last.as_tensor())?;
+                let (loss_sum, d_normed) = chunked_head_loss(
+                    &normed.detach(),
+                    &head,
+                    &batch.labels,
+                    scale,
+                    LOSS_CHUNK_ROWS,
+                )?
+                .ok_or_else(no_loss)?;
+                let store = (normed * d_normed)?.sum_all()?.backward()?;
+                (Tensor::new(loss_sum, x.device())?, store)
+            }
+            None => {
+                let loss_sum = causal_lm_loss_sum(&model.head(last.as_tensor())?, &batch.labels)?
+                    .ok_or_else(no_loss)?;
+                let store = (&loss_sum * scale)?.backward()?;
+                (loss_sum, store)
+            }
+        };
         collect(&store)?;
         let mut upstream = store
             .get(last.as_tensor())

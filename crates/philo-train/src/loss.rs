@@ -50,6 +50,51 @@ pub fn causal_lm_loss_sum(logits: &Tensor, labels: &[Vec<i64>]) -> Result<Option
     Ok(Some((nll.sum_all()?.neg())?))
 }
 
+/// The LM-head loss without full-batch logits: `hidden` `[batch, seq, h]` (final-norm hidden
+/// states, no autograd needed) times `head_weight` `[vocab, h]` is computed `chunk_rows`
+/// labelled rows at a time; each chunk's logits give its losses and their gradient in one
+/// kernel, and are then dropped. Returns the summed loss and d(loss_sum · `scale`)/d(hidden),
+/// or None when no position is labelled.
+pub fn chunked_head_loss(
+    hidden: &Tensor,
+    head_weight: &Tensor,
+    labels: &[Vec<i64>],
+    scale: f64,
+    chunk_rows: usize,
+) -> Result<Option<(f64, Tensor)>> {
+    let (b, s, h) = hidden.dims3()?;
+    let (rows, targets) = shifted_targets(labels);
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let device = hidden.device();
+    // Row r of the shifted [batch·(seq−1)] view is hidden row (r / (seq−1))·seq + r % (seq−1).
+    let hidden_rows: Vec<u32> = rows
+        .iter()
+        .map(|&r| (r as usize / (s - 1) * s + r as usize % (s - 1)) as u32)
+        .collect();
+    let flat = hidden.reshape((b * s, h))?;
+    let mut d_hidden = Tensor::zeros((b * s, h), hidden.dtype(), device)?;
+    let mut loss_sum = Tensor::zeros((), DType::F32, device)?;
+    for (idx, tgt) in hidden_rows
+        .chunks(chunk_rows.max(1))
+        .zip(targets.chunks(chunk_rows.max(1)))
+    {
+        let idx = Tensor::new(idx, device)?;
+        let picked = flat.index_select(&idx, 0)?;
+        let logits = picked.matmul(&head_weight.t()?)?;
+        let (loss, grad) = philo_kernels::cross_entropy::cross_entropy_with_grad(
+            &logits,
+            &Tensor::new(tgt, device)?,
+            scale,
+        )?;
+        loss_sum = loss_sum.add(&loss.sum_all()?)?;
+        d_hidden = d_hidden.index_add(&idx, &grad.matmul(head_weight)?, 0)?;
+    }
+    let loss_sum = loss_sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    Ok(Some((loss_sum, d_hidden.reshape((b, s, h))?)))
+}
+
 /// Number of labelled positions after the shift.
 pub fn count_targets(labels: &[Vec<i64>]) -> usize {
     shifted_targets(labels).0.len()

@@ -1,0 +1,44 @@
+//! With the `cuda` feature, compiles every `src/cuda/*.cu` to PTX with nvcc (found through
+//! CUDA_ROOT/CUDA_HOME/CUDA_PATH or PATH) for `CUDA_COMPUTE_CAP` (default 80: Ampere and newer,
+//! which the bf16 tensor-core instructions need). Without it, nothing is built.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn main() {
+    println!("cargo::rerun-if-changed=build.rs");
+    println!("cargo::rerun-if-changed=src/cuda");
+    println!("cargo::rerun-if-env-changed=CUDA_COMPUTE_CAP");
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        return;
+    }
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
+    let cap = cap.trim().replace('.', "");
+    let nvcc = ["CUDA_ROOT", "CUDA_HOME", "CUDA_PATH"]
+        .iter()
+        .filter_map(|v| std::env::var_os(v))
+        .map(|root| PathBuf::from(root).join("bin").join("nvcc"))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("nvcc"));
+    let sources = std::fs::read_dir("src/cuda").expect("src/cuda exists");
+    for entry in sources {
+        let path = entry.expect("readable src/cuda").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("cu") {
+            continue;
+        }
+        let stem = path.file_stem().unwrap().to_string_lossy().to_string();
+        let ptx = out.join(format!("{stem}.ptx"));
+        let status = Command::new(&nvcc)
+            .args(["--ptx", "-O3", "-std=c++17", "--expt-relaxed-constexpr"])
+            .arg(format!("-arch=sm_{cap}"))
+            .arg("-o")
+            .arg(&ptx)
+            .arg(&path)
+            .status()
+            .unwrap_or_else(|e| {
+                panic!("cannot run {}: {e}. Install the CUDA toolkit or run `eval \"$(scripts/cuda-toolchain.sh)\"` (see README)", nvcc.display())
+            });
+        assert!(status.success(), "nvcc failed on {}", path.display());
+    }
+}

@@ -1,0 +1,72 @@
+// NF4 dequantisation (bitsandbytes layout): two 4-bit indices per byte, the first element in the
+// high nibble, one scale per 64-weight block. The block scales are either plain f32 or
+// double-quantised: scale = code[q]·absmax2[block / 256] + offset, each step rounded to f32 as
+// bitsandbytes does. The value NF4[index]·scale is computed in f32, then rounded once.
+#include "common.cuh"
+
+__constant__ float NF4[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+
+// One thread per packed byte (two weights); `block` weights per scale (64).
+template <typename T>
+__device__ void nf4_dequantize(const uint8_t* packed, const float* absmax, T* out, size_t n,
+                               int block) {
+    size_t bytes = (n + 1) / 2;
+    for (size_t p = blockIdx.x * (size_t)blockDim.x + threadIdx.x; p < bytes;
+         p += (size_t)gridDim.x * blockDim.x) {
+        uint8_t byte = packed[p];
+        size_t e = 2 * p;
+        out[e] = from_f32<T>(NF4[byte >> 4] * absmax[e / block]);
+        if (e + 1 < n) out[e + 1] = from_f32<T>(NF4[byte & 15] * absmax[(e + 1) / block]);
+    }
+}
+
+// Scales of a double-quantised tensor: one thread per 4-bit block.
+extern "C" __global__ void nf4_double_scales(const uint8_t* quantized, const float* code,
+                                             const float* absmax2, float offset, float* out,
+                                             size_t blocks, int block2) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < blocks;
+         i += (size_t)gridDim.x * blockDim.x)
+        out[i] = __fadd_rn(__fmul_rn(code[quantized[i]], absmax2[i / block2]), offset);
+}
+
+#define NF4_DQ(name, T)                                                                           \
+    extern "C" __global__ void nf4_dequantize_##name(const uint8_t* packed, const float* absmax, \
+                                                     T* out, size_t n, int block) {               \
+        nf4_dequantize<T>(packed, absmax, out, n, block);                                         \
+    }
+FOR_EACH_FLOAT(NF4_DQ)
+
+// Quantisation, blocks of 64: one warp per block, each lane owns one byte (two weights). The
+// block's absmax is its largest |w|; each weight maps to the number of NF4 midpoints that
+// w·(1/absmax) is strictly above (bitsandbytes' decision tree; NaN of an all-zero block → 0).
+template <typename T>
+__device__ void nf4_quantize(const T* w, uint8_t* packed, float* absmax, size_t blocks) {
+    size_t block = blockIdx.x * (size_t)(blockDim.x / 32) + threadIdx.x / 32;
+    if (block >= blocks) return;
+    int lane = threadIdx.x % 32;
+    float a = to_f32(w[block * 64 + 2 * lane]), b = to_f32(w[block * 64 + 2 * lane + 1]);
+    float mx = fmaxf(fabsf(a), fabsf(b));
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
+    float inv = __frcp_rn(mx);
+    uint8_t qa = 0, qb = 0;
+    float xa = __fmul_rn(a, inv), xb = __fmul_rn(b, inv);
+#pragma unroll
+    for (int k = 0; k < 15; ++k) {
+        float t = __fmul_rn(__fadd_rn(NF4[k], NF4[k + 1]), 0.5f);
+        qa += xa > t;
+        qb += xb > t;
+    }
+    packed[block * 32 + lane] = (qa << 4) | qb;
+    if (lane == 0) absmax[block] = mx;
+}
+
+#define NF4_Q(name, T)                                                                       \
+    extern "C" __global__ void nf4_quantize_##name(const T* w, uint8_t* packed, float* absmax, \
+                                                   size_t blocks) {                          \
+        nf4_quantize<T>(w, packed, absmax, blocks);                                          \
+    }
+FOR_EACH_FLOAT(NF4_Q)

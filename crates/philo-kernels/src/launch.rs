@@ -1,0 +1,192 @@
+//! Loading philo's PTX modules and launching their kernels on candle's CUDA stream.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaView, DeviceRepr};
+use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
+use candle_core::cuda_backend::{CudaDType, DeviceId, WrapErr};
+use candle_core::op::BackpropOp;
+use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
+
+/// One compiled `.cu` file.
+pub(crate) struct Module {
+    name: &'static str,
+    ptx: &'static str,
+}
+
+macro_rules! module {
+    ($const:ident, $file:literal) => {
+        pub(crate) const $const: Module = Module {
+            name: $file,
+            ptx: include_str!(concat!(env!("OUT_DIR"), "/", $file, ".ptx")),
+        };
+    };
+}
+module!(RMS_NORM, "rms_norm");
+module!(ROPE, "rope");
+module!(SWIGLU, "swiglu");
+module!(NF4, "nf4");
+module!(FLASH_ATTENTION, "flash_attention");
+module!(CROSS_ENTROPY, "cross_entropy");
+
+type FunctionCache = HashMap<(DeviceId, String), CudaFunction>;
+
+/// The kernel `name` of `module`, loaded once per device.
+pub(crate) fn function(dev: &CudaDevice, module: &Module, name: &str) -> Result<CudaFunction> {
+    static FUNCTIONS: OnceLock<Mutex<FunctionCache>> = OnceLock::new();
+    static MODULES: OnceLock<
+        Mutex<
+            HashMap<
+                (DeviceId, &'static str),
+                Arc<candle_core::cuda_backend::cudarc::driver::CudaModule>,
+            >,
+        >,
+    > = OnceLock::new();
+    let key = (dev.id(), name.to_string());
+    let functions = FUNCTIONS.get_or_init(Default::default);
+    if let Some(f) = functions.lock().unwrap().get(&key) {
+        return Ok(f.clone());
+    }
+    let modules = MODULES.get_or_init(Default::default);
+    let loaded = {
+        let mut modules = modules.lock().unwrap();
+        match modules.get(&(dev.id(), module.name)) {
+            Some(m) => m.clone(),
+            None => {
+                let m = dev
+                    .cuda_stream()
+                    .context()
+                    .load_module(Ptx::from_src(module.ptx))
+                    .w()?;
+                modules.insert((dev.id(), module.name), m.clone());
+                m
+            }
+        }
+    };
+    let f = loaded.load_function(name).w()?;
+    functions.lock().unwrap().insert(key, f.clone());
+    Ok(f)
+}
+
+/// Kernel-name suffix of a float dtype.
+pub(crate) fn suffix(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        other => bail!("philo's kernels take f32, bf16 or f16, not {other:?}"),
+    })
+}
+
+/// The CUDA storage behind a tensor's storage guard.
+pub(crate) fn cuda(storage: &Storage) -> Result<&CudaStorage> {
+    match storage {
+        Storage::Cuda(s) => Ok(s),
+        _ => bail!("expected a CUDA tensor"),
+    }
+}
+
+/// The elements of a contiguous tensor, as a view starting at its offset.
+pub(crate) fn contiguous<'a, T: CudaDType + DeviceRepr>(
+    s: &'a CudaStorage,
+    l: &Layout,
+) -> Result<CudaView<'a, T>> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
+        None => bail!("philo kernel: the input must be contiguous"),
+    }
+}
+
+/// A view from a (possibly strided) tensor's start offset.
+pub(crate) fn from_offset<'a, T: CudaDType + DeviceRepr>(
+    s: &'a CudaStorage,
+    l: &Layout,
+) -> Result<CudaView<'a, T>> {
+    Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
+}
+
+/// Wraps a freshly written device buffer as a tensor (no autograd history).
+pub(crate) fn tensor<T: CudaDType, S: Into<Shape>>(
+    slice: CudaSlice<T>,
+    dev: &CudaDevice,
+    shape: S,
+) -> Tensor {
+    Tensor::from_storage(
+        Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, dev.clone())),
+        shape,
+        BackpropOp::none(),
+        false,
+    )
+}
+
+/// The CUDA device of a tensor.
+pub(crate) fn device(t: &Tensor) -> Result<CudaDevice> {
+    match t.device() {
+        candle_core::Device::Cuda(d) => Ok(d.clone()),
+        _ => bail!("expected a CUDA tensor"),
+    }
+}
+
+/// Grid size for grid-stride loops over `n` items with 256-thread blocks.
+pub(crate) fn grid_for(n: usize) -> u32 {
+    n.div_ceil(256).clamp(1, 65_535 * 16) as u32
+}
+
+/// Launches `f` over `n` items (grid-stride, 256 threads per block).
+pub(crate) fn elementwise_config(
+    n: usize,
+) -> candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+    candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+        grid_dim: (grid_for(n), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+pub(crate) use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+
+/// Runs `$body` with `$T` bound to the Rust type of a float dtype.
+macro_rules! with_float_type {
+    ($dtype:expr, $T:ident, $body:block) => {
+        match $dtype {
+            candle_core::DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            candle_core::DType::BF16 => {
+                type $T = half::bf16;
+                $body
+            }
+            candle_core::DType::F16 => {
+                type $T = half::f16;
+                $body
+            }
+            other => candle_core::bail!("philo's kernels take f32, bf16 or f16, not {other:?}"),
+        }
+    };
+}
+pub(crate) use with_float_type;
+
+/// Like [`with_float_type`], also for the integer dtypes kernels take as indices.
+macro_rules! with_float_or_int {
+    ($dtype:expr, $T:ident, $body:block) => {
+        match $dtype {
+            candle_core::DType::U8 => {
+                type $T = u8;
+                $body
+            }
+            candle_core::DType::U32 => {
+                type $T = u32;
+                $body
+            }
+            candle_core::DType::I64 => {
+                type $T = i64;
+                $body
+            }
+            other => $crate::launch::with_float_type!(other, $T, $body),
+        }
+    };
+}
+pub(crate) use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+pub(crate) use with_float_or_int;

@@ -1,0 +1,40 @@
+//! philo's own kernels. Each operation has a plain CPU reference (loops over f32, written to be
+//! read, not to be fast) and, with the `cuda` feature, a CUDA kernel (`src/cuda/*.cu`, compiled
+//! to PTX by build.rs) that the tests compare with it.
+//!
+//! The model uses the kernels on CUDA in bf16/f16; on the CPU it keeps its composed candle ops,
+//! which match transformers in f32.
+
+pub mod attention;
+pub mod cross_entropy;
+pub mod nf4;
+pub mod rms_norm;
+pub mod rope;
+pub mod swiglu;
+
+#[cfg(feature = "cuda")]
+mod launch;
+
+pub use candle_core::{Error, Result};
+
+/// A tensor's values as f32 on the host, row-major.
+fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
+    t.to_device(&candle_core::Device::Cpu)?
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()
+}
+
+/// A tensor of `dtype` on `device` from host f32 values.
+fn from_host(
+    values: Vec<f32>,
+    shape: &[usize],
+    dtype: candle_core::DType,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    Tensor::from_vec(values, shape, &candle_core::Device::Cpu)?
+        .to_dtype(dtype)?
+        .to_device(device)
+}
+
+use candle_core::Tensor;
