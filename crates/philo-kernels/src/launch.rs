@@ -29,6 +29,7 @@ module!(SWIGLU, "swiglu");
 module!(NF4, "nf4");
 module!(FLASH_ATTENTION, "flash_attention");
 module!(CROSS_ENTROPY, "cross_entropy");
+module!(DROPOUT, "dropout");
 
 type FunctionCache = HashMap<(DeviceId, String), CudaFunction>;
 

@@ -5,6 +5,7 @@ pub mod adapter;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod frozen_matmul;
 pub mod kv_cache;
 pub mod lora_linear;
 pub mod memory;

@@ -59,6 +59,17 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(y.reshape(out_dims)?)
 }
 
+/// x · wᵀ for a frozen `w` (no gradient for it; see [`crate::frozen_matmul`]).
+fn frozen_matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims();
+    let in_features = dims[dims.len() - 1];
+    let rows = x.elem_count() / in_features;
+    let y = crate::frozen_matmul::frozen_matmul(&x.reshape((rows, in_features))?, w)?;
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().expect("x has a last dim") = w.dim(0)?;
+    Ok(y.reshape(out_dims)?)
+}
+
 impl LoraLinear {
     /// A dense layer without adapter.
     pub fn new(weight: Tensor) -> Self {
@@ -113,27 +124,32 @@ impl LoraLinear {
     /// y = x·Wᵀ (+ the adapter's contribution); `dropout` is Some only while training.
     pub fn forward(&self, x: &Tensor, dropout: Option<DropoutSeed>) -> Result<Tensor> {
         let y = match &self.base {
-            BaseWeight::Dense(w) => matmul_t(x, w)?,
+            BaseWeight::Dense(w) => frozen_matmul_t(x, w)?,
             BaseWeight::Nf4(w) => dequantize_matmul(x, w, x.dtype())
                 .map_err(|e| candle_core::Error::Msg(e.to_string()))?,
             // The dequantised copy lives for this matmul only (and, while training, until the
             // backward has used it).
-            BaseWeight::Nf4Device(w) => matmul_t(x, &w.dequantize(x.dtype())?)?,
+            BaseWeight::Nf4Device(w) => frozen_matmul_t(x, &w.dequantize(x.dtype())?)?,
         };
         let Some(lora) = &self.lora else {
             return Ok(y);
         };
+        let seed = |seed: u64| seed ^ lora.id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let input = match dropout {
-            Some(DropoutSeed(seed)) if lora.dropout > 0.0 => x.broadcast_mul(&dropout_mask(
-                x,
-                lora.dropout,
-                seed ^ lora.id.wrapping_mul(0x9E37_79B9_7F4A_7C15),
-            )?)?,
+            // On a GPU the mask is regenerated in the backward instead of kept (philo-kernels).
+            Some(DropoutSeed(s)) if lora.dropout > 0.0 && x.device().is_cuda() => {
+                philo_kernels::dropout::dropout(x, seed(s), lora.dropout)?
+            }
+            Some(DropoutSeed(s)) if lora.dropout > 0.0 => {
+                x.broadcast_mul(&dropout_mask(x, lora.dropout, seed(s))?)?
+            }
             _ => x.clone(),
         };
         let down = matmul_t(&input, &lora.a.to_dtype(x.dtype())?)?;
-        let up = matmul_t(&down, &lora.b.to_dtype(x.dtype())?)?;
-        Ok((y + (up * lora.scale)?)?)
+        // The scale goes on B ([out, r]) rather than on the [tokens, out] product: one small
+        // tensor instead of a large one kept for the backward.
+        let up = matmul_t(&down, &(lora.b.to_dtype(x.dtype())? * lora.scale)?)?;
+        Ok((y + up)?)
     }
 
     /// W + scale·B·A computed in f32 (an NF4 base is dequantised first); the result is dense in
@@ -156,18 +172,13 @@ impl LoraLinear {
     }
 }
 
-/// Inverted-dropout mask (0 or 1/(1-p)) shaped like `x`, reproducible from `seed`.
+/// Inverted-dropout mask (0 or 1/(1-p)) shaped like `x`, reproducible from `seed` (the CPU
+/// path; GPUs use philo-kernels' stateless dropout).
 fn dropout_mask(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
     let keep = 1.0 / (1.0 - p);
-    if x.device().is_cpu() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let values: Vec<f32> = (0..x.elem_count())
-            .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
-            .collect();
-        return Ok(Tensor::from_vec(values, x.shape(), x.device())?.to_dtype(x.dtype())?);
-    }
-    // GPU: the device generator, seeded per mask.
-    x.device().set_seed(seed)?;
-    let uniform = Tensor::rand(0f32, 1f32, x.shape(), x.device())?;
-    Ok((uniform.ge(p as f64)?.to_dtype(DType::F32)? * keep as f64)?.to_dtype(x.dtype())?)
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let values: Vec<f32> = (0..x.elem_count())
+        .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
+        .collect();
+    Ok(Tensor::from_vec(values, x.shape(), x.device())?.to_dtype(x.dtype())?)
 }

@@ -174,16 +174,37 @@ impl DecoderLayer {
         let attn =
             self.self_attn
                 .forward(&self.input_layernorm.forward(x)?, ctx, rotary, layer, cache)?;
-        let (x, normed) = if x.device().is_cuda() && !x.track_op() && !attn.track_op() {
-            let norm = &self.post_attention_layernorm;
-            philo_kernels::rms_norm::add_rms_norm(x, &attn, &norm.weight, norm.eps)?
-        } else {
-            let x = (x + attn)?;
-            let normed = self.post_attention_layernorm.forward(&x)?;
-            (x, normed)
-        };
-        let mlp = self.mlp.forward(&normed, ctx.dropout)?;
+        let x = (x + attn)?;
+        let mlp = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&x)?, ctx.dropout)?;
         Ok((x + mlp)?)
+    }
+}
+
+impl DecoderLayer {
+    /// Inference on the fused kernels: the previous layer's MLP output (`pending`) is added to
+    /// the residual stream inside this layer's input norm, so each residual add costs no launch
+    /// of its own. Returns the residual stream and this layer's MLP output (still to be added).
+    fn forward_fused(
+        &self,
+        residual: &Tensor,
+        pending: Option<&Tensor>,
+        ctx: &ForwardContext,
+        rotary: &RotaryEmbedding,
+        layer: usize,
+        cache: Option<&mut KvCache>,
+    ) -> Result<(Tensor, Tensor)> {
+        use philo_kernels::rms_norm::add_rms_norm;
+        let norm = &self.input_layernorm;
+        let (x, normed) = match pending {
+            Some(p) => add_rms_norm(residual, p, &norm.weight, norm.eps)?,
+            None => (residual.clone(), norm.forward(residual)?),
+        };
+        let attn = self.self_attn.forward(&normed, ctx, rotary, layer, cache)?;
+        let norm = &self.post_attention_layernorm;
+        let (x, normed) = add_rms_norm(&x, &attn, &norm.weight, norm.eps)?;
+        Ok((x, self.mlp.forward(&normed, None)?))
     }
 }
 
@@ -349,6 +370,28 @@ impl Phi3 {
             }
         }
         let mut x = self.embed(input_ids)?;
+        if self.uses_fused_kernels() && ctx.inner.dropout.is_none() {
+            let mut pending = None;
+            for (i, layer) in self.layers.iter().enumerate() {
+                let (residual, mlp) = layer.forward_fused(
+                    &x,
+                    pending.as_ref(),
+                    &ctx.inner,
+                    &self.rotary,
+                    i,
+                    cache.as_deref_mut(),
+                )?;
+                x = residual;
+                pending = Some(mlp);
+            }
+            return Ok(match pending {
+                Some(p) => {
+                    philo_kernels::rms_norm::add_rms_norm(&x, &p, &self.norm.weight, self.norm.eps)?
+                        .1
+                }
+                None => self.norm.forward(&x)?,
+            });
+        }
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward(&x, &ctx.inner, &self.rotary, i, cache.as_deref_mut())?;
         }

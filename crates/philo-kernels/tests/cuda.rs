@@ -1,0 +1,718 @@
+//! The CUDA kernels of philo-kernels against their CPU references, on random data in bf16 (and
+//! f16). Gated twice: compiled only with the `cuda` feature, and each test returns at once
+//! (passing, with a "skipped" note) unless `PHILO_CUDA_TESTS=1` is set; then it runs on GPU 0.
+//!
+//!     PHILO_CUDA_TESTS=1 cargo test --release -p philo-kernels --features cuda --test cuda -- --nocapture
+//!
+//! Each check prints its max error relative to the max |reference|.
+#![cfg(feature = "cuda")]
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use philo_kernels::attention::{self, AttentionMask, Dims};
+use philo_kernels::nf4::Nf4Weight;
+use philo_kernels::rope::QkvShape;
+use philo_kernels::{cross_entropy, rms_norm, rope, swiglu};
+use philo_quant::Nf4Tensor;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Forward tolerance (bf16/f16), relative to max |reference|.
+const TOL: f32 = 1e-2;
+/// Attention backward (dq, dk, dv) tolerance.
+const TOL_ATTN_BWD: f32 = 2e-2;
+
+/// GPU 0, or None (the test then passes trivially) unless PHILO_CUDA_TESTS=1.
+fn gpu(test: &str) -> Option<Device> {
+    if std::env::var("PHILO_CUDA_TESTS").as_deref() != Ok("1") {
+        eprintln!("{test}: skipped (set PHILO_CUDA_TESTS=1 to run the CUDA tests)");
+        return None;
+    }
+    Some(Device::new_cuda(0).expect("PHILO_CUDA_TESTS=1 but CUDA device 0 cannot be opened"))
+}
+
+fn uniform(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-scale..scale)).collect()
+}
+
+/// A tensor of `dtype` on `dev` from host values, and the host f32 values it actually holds
+/// (rounded to `dtype`), which the reference is fed.
+fn upload(
+    values: Vec<f32>,
+    shape: &[usize],
+    dtype: DType,
+    dev: &Device,
+) -> Result<(Tensor, Vec<f32>)> {
+    let t = Tensor::from_vec(values, shape, &Device::Cpu)?.to_dtype(dtype)?;
+    let rounded = host(&t)?;
+    Ok((t.to_device(dev)?, rounded))
+}
+
+fn host(t: &Tensor) -> Result<Vec<f32>> {
+    t.to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()
+}
+
+fn rel_err(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len(), "length mismatch");
+    assert!(
+        got.iter().all(|v| v.is_finite()),
+        "non-finite value in the kernel's result"
+    );
+    let scale = want
+        .iter()
+        .fold(0f32, |m, v| m.max(v.abs()))
+        .max(f32::MIN_POSITIVE);
+    let diff = got
+        .iter()
+        .zip(want)
+        .fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+    diff / scale
+}
+
+fn check(what: &str, got: &[f32], want: &[f32], tol: f32) {
+    let err = rel_err(got, want);
+    eprintln!("{what}: max rel err {err:.3e} (tol {tol:.0e})");
+    assert!(err <= tol, "{what}: max rel err {err:e} > {tol:e}");
+}
+
+fn dtypes() -> [DType; 2] {
+    [DType::BF16, DType::F16]
+}
+
+// ------------------------------------------------------------------------------------------------
+// RMSNorm
+
+#[test]
+fn cuda_rms_norm() -> Result<()> {
+    let Some(dev) = gpu("cuda_rms_norm") else {
+        return Ok(());
+    };
+    let mut rng = StdRng::seed_from_u64(11);
+    let (rows, eps) = (7, 1e-5);
+    for dtype in dtypes() {
+        for n in [3072, 64] {
+            let what = format!("rms_norm {dtype:?} rows {rows} n {n}");
+            let (x, xh) = upload(uniform(&mut rng, rows * n, 3.0), &[rows, n], dtype, &dev)?;
+            let (y, yh) = upload(uniform(&mut rng, rows * n, 3.0), &[rows, n], dtype, &dev)?;
+            let wv: Vec<f32> = (0..n).map(|_| rng.random_range(0.5..1.5)).collect();
+            let (w, wh) = upload(wv, &[n], dtype, &dev)?;
+            let (dy, dyh) = upload(uniform(&mut rng, rows * n, 1.0), &[rows, n], dtype, &dev)?;
+
+            let out = rms_norm::rms_norm(&x, &w, eps)?;
+            assert_eq!((out.dims(), out.dtype()), (&[rows, n][..], dtype));
+            check(
+                &format!("{what} fwd"),
+                &host(&out)?,
+                &rms_norm::reference(&xh, &wh, eps as f32),
+                TOL,
+            );
+
+            let want_dx = rms_norm::reference_backward(&xh, &wh, &dyh, eps as f32);
+            let dx = rms_norm::backward(&x, &w, &dy, eps)?;
+            check(&format!("{what} bwd"), &host(&dx)?, &want_dx, TOL);
+            // The same through autograd of the custom op.
+            let xv = Var::from_tensor(&x)?;
+            let grads = (rms_norm::rms_norm(xv.as_tensor(), &w, eps)? * &dy)?
+                .sum_all()?
+                .backward()?;
+            let dx = grads.get(xv.as_tensor()).expect("grad of x");
+            check(&format!("{what} bwd (autograd)"), &host(dx)?, &want_dx, TOL);
+
+            let (sum, normed) = rms_norm::add_rms_norm(&x, &y, &w, eps)?;
+            let want_sum: Vec<f32> = xh.iter().zip(&yh).map(|(a, b)| a + b).collect();
+            check(
+                &format!("{what} add_rms_norm sum"),
+                &host(&sum)?,
+                &want_sum,
+                TOL,
+            );
+            // The norm reads the sum as stored (rounded to the dtype).
+            let (_, sum_rounded) = upload(want_sum, &[rows, n], dtype, &Device::Cpu)?;
+            let want_normed = rms_norm::reference(&sum_rounded, &wh, eps as f32);
+            check(
+                &format!("{what} add_rms_norm normed"),
+                &host(&normed)?,
+                &want_normed,
+                TOL,
+            );
+        }
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------------
+// QKV split + RoPE
+
+fn rope_tables(b: usize, s: usize, rd: usize) -> (Vec<f32>, Vec<f32>) {
+    let half = rd / 2;
+    let (mut cos, mut sin) = (Vec::new(), Vec::new());
+    for bi in 0..b {
+        for si in 0..s {
+            let pos = (si + 7 * bi) as f32;
+            for i in 0..half {
+                let angle = pos / 10000f32.powf(2.0 * i as f32 / rd as f32);
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+    }
+    (cos, sin)
+}
+
+#[test]
+fn cuda_qkv_rope() -> Result<()> {
+    let Some(dev) = gpu("cuda_qkv_rope") else {
+        return Ok(());
+    };
+    let mut rng = StdRng::seed_from_u64(12);
+    let cases = [
+        (
+            "phi-3",
+            2,
+            37,
+            QkvShape {
+                heads: 32,
+                kv_heads: 32,
+                head_dim: 96,
+                rotary_dim: 96,
+            },
+        ),
+        (
+            "gqa partial",
+            2,
+            37,
+            QkvShape {
+                heads: 4,
+                kv_heads: 2,
+                head_dim: 32,
+                rotary_dim: 16,
+            },
+        ),
+    ];
+    for dtype in dtypes() {
+        for (name, b, s, sh) in cases {
+            let what = format!("qkv_rope {name} {dtype:?}");
+            let n = sh.heads + 2 * sh.kv_heads;
+            let d = sh.head_dim;
+            let half = sh.rotary_dim / 2;
+            let (qkv, qkvh) = upload(
+                uniform(&mut rng, b * s * n * d, 3.0),
+                &[b, s, n * d],
+                dtype,
+                &dev,
+            )?;
+            let (cos, sin) = rope_tables(b, s, sh.rotary_dim);
+            let (cos, cosh) = upload(cos, &[b, s, half], dtype, &dev)?;
+            let (sin, sinh) = upload(sin, &[b, s, half], dtype, &dev)?;
+            let (grad, gradh) = upload(
+                uniform(&mut rng, b * n * s * d, 1.0),
+                &[b, n, s, d],
+                dtype,
+                &dev,
+            )?;
+
+            let out = rope::qkv_rope(&qkv, &cos, &sin, sh)?;
+            assert_eq!((out.dims(), out.dtype()), (&[b, n, s, d][..], dtype));
+            check(
+                &format!("{what} fwd"),
+                &host(&out)?,
+                &rope::reference(&qkvh, &cosh, &sinh, b, s, sh),
+                TOL,
+            );
+
+            let want = rope::reference_backward(&gradh, &cosh, &sinh, b, s, sh);
+            let dqkv = rope::backward(&grad, &cos, &sin, sh)?;
+            assert_eq!(dqkv.dims(), &[b, s, n * d]);
+            check(&format!("{what} bwd"), &host(&dqkv)?, &want, TOL);
+            let v = Var::from_tensor(&qkv)?;
+            let grads = (rope::qkv_rope(v.as_tensor(), &cos, &sin, sh)? * &grad)?
+                .sum_all()?
+                .backward()?;
+            let dqkv = grads.get(v.as_tensor()).expect("grad of qkv");
+            check(&format!("{what} bwd (autograd)"), &host(dqkv)?, &want, TOL);
+        }
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------------
+// SwiGLU
+
+#[test]
+fn cuda_swiglu() -> Result<()> {
+    let Some(dev) = gpu("cuda_swiglu") else {
+        return Ok(());
+    };
+    let mut rng = StdRng::seed_from_u64(13);
+    let (rows, i) = (5, 8192);
+    for dtype in dtypes() {
+        let what = format!("swiglu {dtype:?} rows {rows} i {i}");
+        let (x, xh) = upload(
+            uniform(&mut rng, rows * 2 * i, 6.0),
+            &[rows, 2 * i],
+            dtype,
+            &dev,
+        )?;
+        let (g, gh) = upload(uniform(&mut rng, rows * i, 1.0), &[rows, i], dtype, &dev)?;
+        let out = swiglu::swiglu(&x)?;
+        assert_eq!((out.dims(), out.dtype()), (&[rows, i][..], dtype));
+        check(
+            &format!("{what} fwd"),
+            &host(&out)?,
+            &swiglu::reference(&xh, i),
+            TOL,
+        );
+
+        let want = swiglu::reference_backward(&xh, &gh, i);
+        check(
+            &format!("{what} bwd"),
+            &host(&swiglu::backward(&x, &g)?)?,
+            &want,
+            TOL,
+        );
+        let v = Var::from_tensor(&x)?;
+        let grads = (swiglu::swiglu(v.as_tensor())? * &g)?
+            .sum_all()?
+            .backward()?;
+        let dx = grads.get(v.as_tensor()).expect("grad of gate_up");
+        check(&format!("{what} bwd (autograd)"), &host(dx)?, &want, TOL);
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------------
+// NF4
+
+#[test]
+fn cuda_nf4_matches_host_quantiser_bit_for_bit() -> Result<()> {
+    let Some(dev) = gpu("cuda_nf4_matches_host_quantiser_bit_for_bit") else {
+        return Ok(());
+    };
+    let mut rng = StdRng::seed_from_u64(14);
+    let (rows, cols) = (256, 3072);
+    // Rows of different magnitudes, an all-zero block and a few outliers.
+    let mut w = Vec::with_capacity(rows * cols);
+    for r in 0..rows {
+        let scale = 0.01 + 0.2 * (r % 13) as f32 / 13.0;
+        w.extend((0..cols).map(|_| rng.random_range(-scale..scale)));
+    }
+    for x in &mut w[640..704] {
+        *x = 0.0;
+    }
+    w[1000] = 3.0;
+    w[50_001] = -2.5;
+    let cpu = Tensor::from_vec(w, (rows, cols), &Device::Cpu)?.to_dtype(DType::BF16)?;
+    let gpu_w = cpu.to_device(&dev)?;
+    for dq in [false, true] {
+        let what = format!("nf4 [{rows}, {cols}] bf16 double_quant {dq}");
+        let want = Nf4Tensor::from_tensor(&cpu, dq).expect("host quantiser");
+        let weight = Nf4Weight::quantize(&gpu_w, dq)?;
+        assert!(weight.packed.device().is_cuda());
+        let got = weight.to_host()?;
+        let differing = got
+            .packed()
+            .iter()
+            .zip(want.packed())
+            .filter(|(a, b)| a != b)
+            .count();
+        eprintln!(
+            "{what}: {differing} of {} packed bytes differ",
+            want.packed().len()
+        );
+        assert_eq!(got.packed(), want.packed(), "{what}: packed bytes");
+        let (ga, wa) = (got.absmax_values(), want.absmax_values());
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&ga), bits(&wa), "{what}: absmax values");
+        assert_eq!(got.absmax(), want.absmax(), "{what}: stored scales");
+
+        let want_bf = host(
+            &want
+                .to_tensor(DType::BF16, &Device::Cpu)
+                .expect("host dequantise"),
+        )?;
+        let got_bf = weight.dequantize(DType::BF16)?;
+        assert_eq!(
+            (got_bf.dims(), got_bf.dtype()),
+            (&[rows, cols][..], DType::BF16)
+        );
+        let got_bf = host(&got_bf)?;
+        let differing = got_bf
+            .iter()
+            .zip(&want_bf)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        eprintln!("{what}: dequantize(BF16) {differing} values differ from the host's");
+        assert_eq!(differing, 0, "{what}: dequantize(BF16)");
+        // f32 too, and a weight uploaded from the host quantiser.
+        assert_eq!(
+            host(&weight.dequantize(DType::F32)?)?,
+            want.dequantize(),
+            "{what}: dequantize(F32)"
+        );
+        let uploaded = Nf4Weight::from_host(&want, &dev)?;
+        assert_eq!(
+            host(&uploaded.dequantize(DType::BF16)?)?,
+            want_bf,
+            "{what}: from_host"
+        );
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------------
+// Flash attention
+
+struct FlashCase {
+    name: &'static str,
+    n: Dims,
+    window: usize,
+    segments: Option<Vec<u32>>,
+    dtype: DType,
+    /// q, k, v as narrow views along dim 1 of one `[B, H + 2·KVH, S, D]` tensor (needs S = T).
+    fused: bool,
+}
+
+fn dims(b: usize, h: usize, kvh: usize, s: usize, t: usize, d: usize) -> Dims {
+    Dims { b, h, kvh, s, t, d }
+}
+
+fn flash_case(dev: &Device, c: FlashCase, seed: u64) -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let Dims { b, h, kvh, s, t, d } = c.n;
+    let what = format!("flash {} {:?}", c.name, c.dtype);
+    let q = Tensor::from_vec(
+        uniform(&mut rng, b * h * s * d, 2.0),
+        (b, h, s, d),
+        &Device::Cpu,
+    )?;
+    let k = Tensor::from_vec(
+        uniform(&mut rng, b * kvh * t * d, 2.0),
+        (b, kvh, t, d),
+        &Device::Cpu,
+    )?;
+    let v = Tensor::from_vec(
+        uniform(&mut rng, b * kvh * t * d, 1.0),
+        (b, kvh, t, d),
+        &Device::Cpu,
+    )?;
+    let (q, k, v) = (
+        q.to_dtype(c.dtype)?,
+        k.to_dtype(c.dtype)?,
+        v.to_dtype(c.dtype)?,
+    );
+    let (qh, kh, vh) = (host(&q)?, host(&k)?, host(&v)?);
+    let (dout, douth) = upload(
+        uniform(&mut rng, b * s * h * d, 1.0),
+        &[b, s, h, d],
+        c.dtype,
+        dev,
+    )?;
+    let mask = AttentionMask {
+        window: c.window,
+        segments: match &c.segments {
+            Some(seg) => Some(Tensor::from_vec(seg.clone(), (b, t), dev)?),
+            None => None,
+        },
+    };
+
+    // Variables, and q/k/v as the kernel sees them.
+    let (vars, qt, kt, vt) = if c.fused {
+        assert_eq!(s, t, "a fused case needs S = T");
+        let all = Var::from_tensor(&Tensor::cat(&[&q, &k, &v], 1)?.to_device(dev)?)?;
+        let (qt, kt, vt) = (
+            all.narrow(1, 0, h)?,
+            all.narrow(1, h, kvh)?,
+            all.narrow(1, h + kvh, kvh)?,
+        );
+        assert!(!qt.is_contiguous() || b == 1);
+        (vec![all], qt, kt, vt)
+    } else {
+        let vars = [&q, &k, &v]
+            .map(|x| x.to_device(dev).and_then(|x| Var::from_tensor(&x)))
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?;
+        let (qt, kt, vt) = (
+            vars[0].as_tensor().clone(),
+            vars[1].as_tensor().clone(),
+            vars[2].as_tensor().clone(),
+        );
+        (vars, qt, kt, vt)
+    };
+
+    let out = attention::flash_attention(&qt, &kt, &vt, &mask)?;
+    assert_eq!((out.dims(), out.dtype()), (&[b, s, h, d][..], c.dtype));
+    let (want_out, _) = attention::reference(&qh, &kh, &vh, c.segments.as_deref(), c.window, c.n);
+    check(&format!("{what} fwd out"), &host(&out)?, &want_out, TOL);
+
+    let grads = (out * &dout)?.sum_all()?.backward()?;
+    let (dq, dk, dv) = if c.fused {
+        let g = grads.get(vars[0].as_tensor()).expect("grad of qkv");
+        (
+            g.narrow(1, 0, h)?,
+            g.narrow(1, h, kvh)?,
+            g.narrow(1, h + kvh, kvh)?,
+        )
+    } else {
+        let g = |i: usize| grads.get(vars[i].as_tensor()).expect("grad").clone();
+        (g(0), g(1), g(2))
+    };
+    assert_eq!(dq.dims(), &[b, h, s, d]);
+    assert_eq!(dk.dims(), &[b, kvh, t, d]);
+    assert_eq!(dv.dims(), &[b, kvh, t, d]);
+    let (want_dq, want_dk, want_dv) =
+        attention::reference_backward(&qh, &kh, &vh, c.segments.as_deref(), c.window, c.n, &douth);
+    check(
+        &format!("{what} bwd dq"),
+        &host(&dq)?,
+        &want_dq,
+        TOL_ATTN_BWD,
+    );
+    check(
+        &format!("{what} bwd dk"),
+        &host(&dk)?,
+        &want_dk,
+        TOL_ATTN_BWD,
+    );
+    check(
+        &format!("{what} bwd dv"),
+        &host(&dv)?,
+        &want_dv,
+        TOL_ATTN_BWD,
+    );
+    Ok(())
+}
+
+/// Row 0: 9 padding positions, then two packed segments; row 1: all one segment.
+fn two_rows_of_segments(t: usize) -> Vec<u32> {
+    let mut seg: Vec<u32> = (0..t)
+        .map(|j| {
+            if j < 9 {
+                0
+            } else if j < 9 + t / 3 {
+                1
+            } else {
+                2
+            }
+        })
+        .collect();
+    seg.extend(std::iter::repeat_n(1, t));
+    seg
+}
+
+#[test]
+fn cuda_flash_attention_phi3_causal() -> Result<()> {
+    let Some(dev) = gpu("cuda_flash_attention_phi3_causal") else {
+        return Ok(());
+    };
+    let c = FlashCase {
+        name: "phi-3 b1 h32 s=t=200 d96 causal",
+        n: dims(1, 32, 32, 200, 200, 96),
+        window: usize::MAX,
+        segments: None,
+        dtype: DType::BF16,
+        fused: false,
+    };
+    flash_case(&dev, c, 21)
+}
+
+#[test]
+fn cuda_flash_attention_gqa_window_segments() -> Result<()> {
+    let Some(dev) = gpu("cuda_flash_attention_gqa_window_segments") else {
+        return Ok(());
+    };
+    for (dtype, seed) in [(DType::BF16, 22), (DType::F16, 23)] {
+        let c = FlashCase {
+            name: "b2 h4 kvh2 s=t=130 d32 window 17 segments",
+            n: dims(2, 4, 2, 130, 130, 32),
+            window: 17,
+            segments: Some(two_rows_of_segments(130)),
+            dtype,
+            fused: false,
+        };
+        flash_case(&dev, c, seed)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn cuda_flash_attention_d16() -> Result<()> {
+    let Some(dev) = gpu("cuda_flash_attention_d16") else {
+        return Ok(());
+    };
+    let c = FlashCase {
+        name: "b1 h4 kvh4 s=t=70 d16 causal",
+        n: dims(1, 4, 4, 70, 70, 16),
+        window: usize::MAX,
+        segments: None,
+        dtype: DType::BF16,
+        fused: false,
+    };
+    flash_case(&dev, c, 24)
+}
+
+#[test]
+fn cuda_flash_attention_kv_cache() -> Result<()> {
+    let Some(dev) = gpu("cuda_flash_attention_kv_cache") else {
+        return Ok(());
+    };
+    let cases = [
+        (
+            "decode b2 h4 kvh2 s1 t150 d96",
+            dims(2, 4, 2, 1, 150, 96),
+            usize::MAX,
+            DType::BF16,
+        ),
+        (
+            "decode b2 h4 kvh2 s1 t150 d96",
+            dims(2, 4, 2, 1, 150, 96),
+            usize::MAX,
+            DType::F16,
+        ),
+        (
+            "prefill over a cache b1 h4 kvh2 s5 t133 d96",
+            dims(1, 4, 2, 5, 133, 96),
+            usize::MAX,
+            DType::BF16,
+        ),
+        (
+            "cache + window b2 h4 kvh4 s5 t133 d96 window 70",
+            dims(2, 4, 4, 5, 133, 96),
+            70,
+            DType::BF16,
+        ),
+    ];
+    for (i, (name, n, window, dtype)) in cases.into_iter().enumerate() {
+        let c = FlashCase {
+            name,
+            n,
+            window,
+            segments: None,
+            dtype,
+            fused: false,
+        };
+        flash_case(&dev, c, 25 + i as u64)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn cuda_flash_attention_fused_qkv_views() -> Result<()> {
+    let Some(dev) = gpu("cuda_flash_attention_fused_qkv_views") else {
+        return Ok(());
+    };
+    let c = FlashCase {
+        name: "views of [b2, h4+2·kvh2, 100, d64] causal",
+        n: dims(2, 4, 2, 100, 100, 64),
+        window: usize::MAX,
+        segments: None,
+        dtype: DType::BF16,
+        fused: true,
+    };
+    flash_case(&dev, c, 31)?;
+    let c = FlashCase {
+        name: "views of [b2, h4+2·kvh2, 130, d32] window 17 segments",
+        n: dims(2, 4, 2, 130, 130, 32),
+        window: 17,
+        segments: Some(two_rows_of_segments(130)),
+        dtype: DType::BF16,
+        fused: true,
+    };
+    flash_case(&dev, c, 32)
+}
+
+// ------------------------------------------------------------------------------------------------
+// Cross-entropy
+
+#[test]
+fn cuda_cross_entropy() -> Result<()> {
+    let Some(dev) = gpu("cuda_cross_entropy") else {
+        return Ok(());
+    };
+    let mut rng = StdRng::seed_from_u64(41);
+    let (rows, v) = (9, 32064);
+    let grad_scale = 1.0 / rows as f32;
+    let (logits, lh) = upload(
+        uniform(&mut rng, rows * v, 5.0),
+        &[rows, v],
+        DType::BF16,
+        &dev,
+    )?;
+    let targets: Vec<u32> = (0..rows).map(|_| rng.random_range(0..v as u32)).collect();
+    let tt = Tensor::from_vec(targets.clone(), rows, &dev)?;
+    let (loss, grad) = cross_entropy::cross_entropy_with_grad(&logits, &tt, grad_scale as f64)?;
+    assert_eq!((loss.dims(), loss.dtype()), (&[rows][..], DType::F32));
+    assert_eq!((grad.dims(), grad.dtype()), (&[rows, v][..], DType::BF16));
+    let (want_loss, want_grad) = cross_entropy::reference(&lh, &targets, grad_scale);
+    check(
+        "cross_entropy bf16 rows 9 V 32064 loss",
+        &host(&loss)?,
+        &want_loss,
+        TOL,
+    );
+    let got_grad = host(&grad)?;
+    check(
+        "cross_entropy bf16 rows 9 V 32064 grad",
+        &got_grad,
+        &want_grad,
+        TOL,
+    );
+    // The non-target entries on their own scale (the −1 of the target dominates the one above).
+    let off_target = |g: &[f32]| -> Vec<f32> {
+        g.iter()
+            .enumerate()
+            .filter(|(i, _)| targets[i / v] as usize != i % v)
+            .map(|(_, x)| *x)
+            .collect()
+    };
+    check(
+        "cross_entropy bf16 rows 9 V 32064 grad (non-target entries)",
+        &off_target(&got_grad),
+        &off_target(&want_grad),
+        TOL,
+    );
+    Ok(())
+}
+
+#[test]
+fn cuda_dropout_regenerates_its_mask() -> Result<()> {
+    let Some(dev) = gpu("cuda_dropout_regenerates_its_mask") else {
+        return Ok(());
+    };
+    let mut rng = StdRng::seed_from_u64(21);
+    let n = 3 * 8192;
+    let (p, seed) = (0.05f32, 0xDEAD_BEEF_u64);
+    for dtype in dtypes() {
+        let (x, xs) = upload(uniform(&mut rng, n, 1.0), &[3, 8192], dtype, &dev)?;
+        let want = philo_kernels::dropout::reference(&xs, seed, p);
+        let var = Var::from_tensor(&x)?;
+        let out = philo_kernels::dropout::dropout(var.as_tensor(), seed, p)?;
+        let got = host(&out)?;
+        check(&format!("dropout {dtype:?} fwd"), &got, &want, 1e-2);
+        // Same elements dropped as the reference (values may round differently).
+        let dropped = got
+            .iter()
+            .zip(&want)
+            .filter(|(g, w)| (**g == 0.0) != (**w == 0.0))
+            .count();
+        assert_eq!(dropped, 0, "dropout masks differ in {dropped} elements");
+        let kept = want.iter().filter(|w| **w != 0.0).count() as f32 / n as f32;
+        eprintln!(
+            "dropout {dtype:?}: kept fraction {kept:.4} (expected {:.2})",
+            1.0 - p
+        );
+        assert!((kept - (1.0 - p)).abs() < 0.01);
+        // The backward applies the same mask to the gradient.
+        let (g, gs) = upload(uniform(&mut rng, n, 1.0), &[3, 8192], dtype, &dev)?;
+        let grads = (out * &g)?.sum_all()?.backward()?;
+        let dx = host(grads.get(var.as_tensor()).expect("dx"))?;
+        check(
+            &format!("dropout {dtype:?} bwd"),
+            &dx,
+            &philo_kernels::dropout::reference(&gs, seed, p),
+            1e-2,
+        );
+    }
+    Ok(())
+}
