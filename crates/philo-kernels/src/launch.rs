@@ -30,6 +30,7 @@ module!(NF4, "nf4");
 module!(FLASH_ATTENTION, "flash_attention");
 module!(CROSS_ENTROPY, "cross_entropy");
 module!(DROPOUT, "dropout");
+module!(GEMV, "gemv");
 
 type FunctionCache = HashMap<(DeviceId, String), CudaFunction>;
 

@@ -8,6 +8,7 @@
 pub mod attention;
 pub mod cross_entropy;
 pub mod dropout;
+pub mod gemv;
 pub mod nf4;
 pub mod rms_norm;
 pub mod rope;

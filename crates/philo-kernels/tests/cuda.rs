@@ -716,3 +716,25 @@ fn cuda_dropout_regenerates_its_mask() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn cuda_gemv() -> Result<()> {
+    let Some(dev) = gpu("cuda_gemv") else {
+        return Ok(());
+    };
+    let mut rng = StdRng::seed_from_u64(5);
+    for (m, n, k) in [(1, 9216, 3072), (4, 3072, 8192), (2, 32064, 3072)] {
+        for dtype in dtypes() {
+            let (x, xs) = upload(uniform(&mut rng, m * k, 1.0), &[m, k], dtype, &dev)?;
+            let (w, ws) = upload(uniform(&mut rng, n * k, 0.05), &[n, k], dtype, &dev)?;
+            let got = host(&philo_kernels::gemv::gemv(&x, &w)?)?;
+            check(
+                &format!("gemv {dtype:?} m{m} n{n} k{k}"),
+                &got,
+                &philo_kernels::gemv::reference(&xs, &ws, k),
+                1e-2,
+            );
+        }
+    }
+    Ok(())
+}

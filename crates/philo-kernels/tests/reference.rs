@@ -602,3 +602,26 @@ fn nf4_cpu_quantize_matches_host_quantiser() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn gemv_reference_is_a_matmul() {
+    let mut rng = StdRng::seed_from_u64(3);
+    let (m, n, k) = (3, 5, 16);
+    let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let w: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap();
+    let wt = Tensor::from_vec(w.clone(), (n, k), &Device::Cpu).unwrap();
+    let want = xt
+        .matmul(&wt.t().unwrap())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let got = philo_kernels::gemv::reference(&x, &w, k);
+    let err = got
+        .iter()
+        .zip(&want)
+        .fold(0f32, |a, (g, w)| a.max((g - w).abs()));
+    assert!(err < 1e-5, "gemv reference differs from matmul by {err}");
+}

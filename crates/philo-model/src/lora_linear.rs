@@ -59,12 +59,18 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(y.reshape(out_dims)?)
 }
 
-/// x · wᵀ for a frozen `w` (no gradient for it; see [`crate::frozen_matmul`]).
+/// x · wᵀ for a frozen `w` (no gradient for it; see [`crate::frozen_matmul`]). A decoding step's
+/// few rows go through philo's GEMV kernel on the GPU.
 fn frozen_matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let dims = x.dims();
     let in_features = dims[dims.len() - 1];
     let rows = x.elem_count() / in_features;
-    let y = crate::frozen_matmul::frozen_matmul(&x.reshape((rows, in_features))?, w)?;
+    let x2 = x.reshape((rows, in_features))?;
+    let y = if philo_kernels::gemv::applies(&x2, w) {
+        philo_kernels::gemv::gemv(&x2, w)?
+    } else {
+        crate::frozen_matmul::frozen_matmul(&x2, w)?
+    };
     let mut out_dims = dims.to_vec();
     *out_dims.last_mut().expect("x has a last dim") = w.dim(0)?;
     Ok(y.reshape(out_dims)?)

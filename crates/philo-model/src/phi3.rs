@@ -595,6 +595,34 @@ pub struct LayerContext {
     long_rope: bool,
 }
 
+impl LayerContext {
+    /// The context of batch rows `start .. start + len`, for running a micro-batch through a
+    /// layer in row chunks. Each chunk draws its own dropout masks (the seed moves with `start`).
+    pub fn rows(&self, start: usize, len: usize) -> Result<LayerContext> {
+        let i = &self.inner;
+        let narrow = |t: &Tensor| t.narrow(0, start, len);
+        let flash = match &i.flash {
+            Some(f) => Some(AttentionMask {
+                window: f.window,
+                segments: f.segments.as_ref().map(narrow).transpose()?,
+            }),
+            None => None,
+        };
+        Ok(LayerContext {
+            inner: ForwardContext {
+                cos: narrow(&i.cos)?,
+                sin: narrow(&i.sin)?,
+                mask: i.mask.as_ref().map(narrow).transpose()?,
+                flash,
+                dropout: i.dropout.map(|DropoutSeed(s)| {
+                    DropoutSeed(s.wrapping_add((start as u64).wrapping_mul(0x2545_F491_4F6C_DD1D)))
+                }),
+            },
+            long_rope: self.long_rope,
+        })
+    }
+}
+
 /// Position ids of the new tokens, `[batch * s]` row-major: the number of earlier real tokens of
 /// the same segment (padding gets 0), or simply past..past+s without a mask.
 fn positions(segments: Option<&[Vec<u32>]>, b: usize, past: usize, s: usize) -> Vec<u32> {

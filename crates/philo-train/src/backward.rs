@@ -11,6 +11,49 @@ use crate::loss::{causal_lm_loss_sum, chunked_head_loss};
 /// about 0.5 GiB together.
 const LOSS_CHUNK_ROWS: usize = 4096;
 
+/// With `PHILO_PROFILE=1`, times the phases of each micro-batch (synchronising the device at
+/// each boundary, which costs a little speed) and prints them to stderr.
+struct PhaseClock {
+    device: Option<candle_core::Device>,
+    last: std::time::Instant,
+    phases: Vec<(&'static str, f64)>,
+}
+
+impl PhaseClock {
+    fn new(device: &candle_core::Device) -> Self {
+        let on = std::env::var("PHILO_PROFILE").as_deref() == Ok("1");
+        PhaseClock {
+            device: on.then(|| device.clone()),
+            last: std::time::Instant::now(),
+            phases: Vec::new(),
+        }
+    }
+
+    fn lap(&mut self, phase: &'static str) -> Result<()> {
+        if let Some(device) = &self.device {
+            device.synchronize()?;
+            let now = std::time::Instant::now();
+            self.phases.push((phase, (now - self.last).as_secs_f64()));
+            self.last = now;
+        }
+        Ok(())
+    }
+
+    fn report(&self) {
+        if self.device.is_some() {
+            let parts: Vec<String> = self
+                .phases
+                .iter()
+                .map(|(p, t)| format!("{p} {:.3} s", t))
+                .collect();
+            eprintln!("[profile] {}", parts.join(", "));
+        }
+    }
+}
+
+/// Tokens per row chunk of a layer's forward and backward on the GPU (see `loss_and_grads`).
+const CHUNK_TOKENS: usize = 8192;
+
 /// One micro-batch on the model's device.
 pub struct MicroBatch {
     /// `[batch, seq]` u32.
@@ -41,6 +84,7 @@ pub fn loss_and_grads(
     checkpointing: bool,
     dropout: Option<DropoutSeed>,
 ) -> Result<Gradients> {
+    let mut clock = PhaseClock::new(model.device());
     let ctx = model.context(&batch.input_ids, batch.segments.as_ref(), 0, dropout)?;
     let layers = model.config().num_hidden_layers;
     let embedded = model.embed(&batch.input_ids)?.detach();
@@ -60,12 +104,50 @@ pub fn loss_and_grads(
     let no_loss = || TrainError::Config("the batch has no labelled token".into());
 
     let loss_sum = if checkpointing {
+        // On the GPU a layer runs in row chunks of about CHUNK_TOKENS tokens: the activations a
+        // layer's backward keeps shrink with the chunk, while the matmuls stay large. The same
+        // chunks are used in the forward and the recomputation, so dropout masks agree.
+        let (b, s) = batch.input_ids.dims2()?;
+        let rows_per_chunk = if model.uses_fused_kernels() {
+            (CHUNK_TOKENS / s).clamp(1, b)
+        } else {
+            b
+        };
+        let chunks: Vec<(usize, usize)> = (0..b)
+            .step_by(rows_per_chunk)
+            .map(|start| (start, rows_per_chunk.min(b - start)))
+            .collect();
+        let contexts = if chunks.len() > 1 {
+            chunks
+                .iter()
+                .map(|&(start, len)| ctx.rows(start, len))
+                .collect::<std::result::Result<Vec<_>, _>>()?
+        } else {
+            Vec::new()
+        };
+        let chunk_ctx = |c: usize| {
+            if contexts.is_empty() {
+                &ctx
+            } else {
+                &contexts[c]
+            }
+        };
         let mut inputs = Vec::with_capacity(layers);
         let mut x = embedded;
         for i in 0..layers {
             inputs.push(x.clone());
-            x = model.layer_forward(i, &x, &ctx)?.detach();
+            let outs = chunks
+                .iter()
+                .enumerate()
+                .map(|(c, &(start, len))| {
+                    Ok(model
+                        .layer_forward(i, &x.narrow(0, start, len)?, chunk_ctx(c))?
+                        .detach())
+                })
+                .collect::<Result<Vec<_>>>()?;
+            x = Tensor::cat(&outs, 0)?;
         }
+        clock.lap("forward")?;
         let last = Var::from_tensor(&x)?;
         let (loss_sum, store) = match model.lean_head_weight() {
             // Lean loss: logits chunk by chunk, their gradient in the same kernel.
@@ -90,23 +172,33 @@ pub fn loss_and_grads(
             }
         };
         collect(&store)?;
+        clock.lap("head + loss")?;
         let mut upstream = store
             .get(last.as_tensor())
             .cloned()
             .ok_or_else(|| TrainError::Config("no gradient reached the last layer".into()))?;
         for i in (0..layers).rev() {
-            let input = Var::from_tensor(&inputs[i])?;
-            let out = model.layer_forward(i, input.as_tensor(), &ctx)?;
-            // d(sum(out · g))/d(θ) = the chain rule with g = dL/d(out).
-            let store = (out * &upstream)?.sum_all()?.backward()?;
-            collect(&store)?;
+            let mut input_grads = Vec::with_capacity(chunks.len());
+            for (c, &(start, len)) in chunks.iter().enumerate() {
+                let input = Var::from_tensor(&inputs[i].narrow(0, start, len)?)?;
+                let out = model.layer_forward(i, input.as_tensor(), chunk_ctx(c))?;
+                // d(sum(out · g))/d(θ) = the chain rule with g = dL/d(out).
+                let store = (out * upstream.narrow(0, start, len)?)?
+                    .sum_all()?
+                    .backward()?;
+                collect(&store)?;
+                if i > 0 {
+                    input_grads.push(store.get(input.as_tensor()).cloned().ok_or_else(|| {
+                        TrainError::Config(format!("no gradient reached layer {i}"))
+                    })?);
+                }
+            }
             if i > 0 {
-                upstream = store
-                    .get(input.as_tensor())
-                    .cloned()
-                    .ok_or_else(|| TrainError::Config(format!("no gradient reached layer {i}")))?;
+                upstream = Tensor::cat(&input_grads, 0)?;
             }
         }
+        clock.lap("recompute + backward")?;
+        clock.report();
         loss_sum
     } else {
         let mut x = embedded;
