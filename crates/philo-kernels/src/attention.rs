@@ -275,7 +275,10 @@ mod cuda {
 
     fn strides(l: &Layout, what: &str) -> Result<[i64; 3]> {
         let st = l.stride();
-        if st[3] != 1 || st[..3].iter().any(|s| s % 8 != 0) || l.start_offset() % 8 != 0 {
+        if st[3] != 1
+            || st[..3].iter().any(|s| !s.is_multiple_of(8))
+            || !l.start_offset().is_multiple_of(8)
+        {
             candle_core::bail!("flash attention: {what} needs a contiguous last dim and 16-byte aligned rows (strides {st:?})");
         }
         Ok([st[0] as i64, st[1] as i64, st[2] as i64])

@@ -3,7 +3,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaView, DeviceRepr};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaModule, CudaSlice, CudaView, DeviceRepr,
+};
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::{CudaDType, DeviceId, WrapErr};
 use candle_core::op::BackpropOp;
@@ -33,18 +35,12 @@ module!(DROPOUT, "dropout");
 module!(GEMV, "gemv");
 
 type FunctionCache = HashMap<(DeviceId, String), CudaFunction>;
+type ModuleCache = HashMap<(DeviceId, &'static str), Arc<CudaModule>>;
 
 /// The kernel `name` of `module`, loaded once per device.
 pub(crate) fn function(dev: &CudaDevice, module: &Module, name: &str) -> Result<CudaFunction> {
     static FUNCTIONS: OnceLock<Mutex<FunctionCache>> = OnceLock::new();
-    static MODULES: OnceLock<
-        Mutex<
-            HashMap<
-                (DeviceId, &'static str),
-                Arc<candle_core::cuda_backend::cudarc::driver::CudaModule>,
-            >,
-        >,
-    > = OnceLock::new();
+    static MODULES: OnceLock<Mutex<ModuleCache>> = OnceLock::new();
     let key = (dev.id(), name.to_string());
     let functions = FUNCTIONS.get_or_init(Default::default);
     if let Some(f) = functions.lock().unwrap().get(&key) {

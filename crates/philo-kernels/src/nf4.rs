@@ -92,7 +92,7 @@ impl Nf4Weight {
     /// asked (they are 1/64 of the weights). Elsewhere the host quantiser does all of it.
     pub fn quantize(weights: &Tensor, double_quant: bool) -> Result<Self> {
         #[cfg(feature = "cuda")]
-        if weights.device().is_cuda() && weights.elem_count() % NF4_BLOCK_SIZE == 0 {
+        if weights.device().is_cuda() && weights.elem_count().is_multiple_of(NF4_BLOCK_SIZE) {
             let (rows, cols) = weights.dims2()?;
             use crate::launch::*;
             let dev = device(weights)?;
