@@ -23,6 +23,10 @@ pub struct BenchResult {
     pub tokens_per_second: f64,
     /// Peak memory of the process (CPU: resident set; GPU: device memory in use), GiB.
     pub peak_memory_gib: Option<f64>,
+    /// Decode: host time per step spent issuing the forward (before waiting for its result), ms.
+    /// Close to the whole step time means the host, not the GPU, sets the pace.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_ms_per_step: Option<f64>,
 }
 
 /// A random model of `config` with only `layers` decoder layers (all when None).
@@ -99,6 +103,7 @@ pub fn prefill(
         seconds: best,
         tokens_per_second: tokens as f64 / best,
         peak_memory_gib: peak_memory_gib(model.device()),
+        host_ms_per_step: None,
     })
 }
 
@@ -116,10 +121,14 @@ pub fn decode(
     let mut next = logits.argmax(D::Minus1)?.unsqueeze(1)?;
     synchronize(device)?;
     let start = Instant::now();
+    let mut issuing = 0f64;
     for _ in 0..new_tokens {
+        let issue = Instant::now();
         let logits = model.forward_last(&next, None, Some(&mut cache))?;
+        let argmax = logits.argmax(D::Minus1)?;
+        issuing += issue.elapsed().as_secs_f64();
         // Reading the ids back each step is what a real generation loop does.
-        let ids = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+        let ids = argmax.to_vec1::<u32>()?;
         next = Tensor::from_vec(ids, (batch, 1), device)?;
     }
     synchronize(device)?;
@@ -137,6 +146,7 @@ pub fn decode(
         seconds,
         tokens_per_second: tokens as f64 / seconds,
         peak_memory_gib: peak_memory_gib(model.device()),
+        host_ms_per_step: Some(issuing * 1e3 / new_tokens.max(1) as f64),
     })
 }
 
@@ -252,5 +262,6 @@ pub fn train(mut model: Phi3, options: &TrainBench) -> anyhow::Result<BenchResul
         seconds,
         tokens_per_second: tokens as f64 / seconds,
         peak_memory_gib: peak_memory_gib(&device),
+        host_ms_per_step: None,
     })
 }
