@@ -376,7 +376,7 @@ mod cuda {
                 .arg(&k_h)
                 .arg(&k_t);
             l.arg(&win).arg(&scale);
-            unsafe { l.launch(cfg) }.map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            unsafe { l.launch(cfg) }.w()?;
             drop(_out);
             Ok(candle_core::CudaStorage::wrap_cuda_slice(
                 packed,
@@ -399,11 +399,10 @@ mod cuda {
         let dev = device(q)?;
         let stream = dev.cuda_stream();
         let [q_b, q_h, q_s] = strides(q.layout(), "q")?;
-        let [k_b, k_h, k_t] = strides(k.layout(), "k")?;
-        let (v, k) = if strides(v.layout(), "v")? != [k_b, k_h, k_t] {
-            (v.contiguous()?, k.contiguous()?)
+        let (k, v) = if strides(k.layout(), "k")? != strides(v.layout(), "v")? {
+            (k.contiguous()?, v.contiguous()?)
         } else {
-            (v.clone(), k.clone())
+            (k.clone(), v.clone())
         };
         let [k_b, k_h, k_t] = strides(k.layout(), "k")?;
         let out_len = n.b * n.s * n.h * n.d;
@@ -443,7 +442,7 @@ mod cuda {
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };
-            unsafe { l.launch(cfg) }.map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            unsafe { l.launch(cfg) }.w()?;
         }
         {
             let f = function(
@@ -475,7 +474,7 @@ mod cuda {
                 block_dim: (128, 1, 1),
                 shared_mem_bytes: 0,
             };
-            unsafe { l.launch(cfg) }.map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            unsafe { l.launch(cfg) }.w()?;
         }
         // Per-query-head dK/dV sum over the heads that share a KV head.
         let group = |x: Tensor| -> Result<Tensor> {

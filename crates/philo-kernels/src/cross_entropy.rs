@@ -43,11 +43,7 @@ pub fn cross_entropy_with_grad(
             let tv = contiguous::<u32>(cuda(&ts)?, tl)?;
             let loss = unsafe { dev.alloc::<f32>(rows)? };
             let grad = unsafe { dev.alloc::<T>(rows * v)? };
-            let f = function(
-                &dev,
-                &CROSS_ENTROPY,
-                &format!("cross_entropy_{}", suffix(x.dtype())?),
-            )?;
+            let f = typed_function(&dev, &CROSS_ENTROPY, "cross_entropy", x.dtype())?;
             let stream = dev.cuda_stream();
             let mut b = stream.launch_builder(&f);
             let (v32, scale) = (v as i32, grad_scale as f32);
@@ -62,7 +58,7 @@ pub fn cross_entropy_with_grad(
                 block_dim: (1024, 1, 1),
                 shared_mem_bytes: 0,
             };
-            unsafe { b.launch(cfg) }.map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            unsafe { b.launch(cfg) }.w()?;
             Ok((tensor(loss, &dev, rows), tensor(grad, &dev, (rows, v))))
         });
     }

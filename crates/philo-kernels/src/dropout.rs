@@ -57,12 +57,11 @@ impl CustomOp1 for Dropout {
         let slice = with_float_type!(s.dtype(), T, {
             let x = contiguous::<T>(s, l)?;
             let out = unsafe { dev.alloc::<T>(n)? };
-            let f = function(&dev, &DROPOUT, &format!("dropout_{}", suffix(s.dtype())?))?;
+            let f = typed_function(&dev, &DROPOUT, "dropout", s.dtype())?;
             let stream = dev.cuda_stream();
             let mut b = stream.launch_builder(&f);
             b.arg(&x).arg(&out).arg(&n).arg(&self.seed).arg(&self.p);
-            unsafe { b.launch(elementwise_config(n)) }
-                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            unsafe { b.launch(elementwise_config(n)) }.w()?;
             candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
         });
         Ok((slice, l.shape().clone()))

@@ -53,7 +53,7 @@ pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
             let xv = contiguous::<T>(cuda(&xs)?, xl)?;
             let wv = contiguous::<T>(cuda(&ws)?, wl)?;
             let out = unsafe { dev.alloc::<T>(m * n)? };
-            let f = function(&dev, &GEMV, &format!("gemv_{}", suffix(x.dtype())?))?;
+            let f = typed_function(&dev, &GEMV, "gemv", x.dtype())?;
             let stream = dev.cuda_stream();
             let mut b = stream.launch_builder(&f);
             let (m32, n32, k32) = (m as i32, n as i32, k as i32);
@@ -63,7 +63,7 @@ pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };
-            unsafe { b.launch(cfg) }.map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            unsafe { b.launch(cfg) }.w()?;
             Ok(tensor(out, &dev, (m, n)))
         })
     }

@@ -7,7 +7,7 @@ use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaModule, CudaSlice, CudaView, DeviceRepr,
 };
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
-use candle_core::cuda_backend::{CudaDType, DeviceId, WrapErr};
+use candle_core::cuda_backend::{CudaDType, DeviceId};
 use candle_core::op::BackpropOp;
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
 
@@ -65,6 +65,16 @@ pub(crate) fn function(dev: &CudaDevice, module: &Module, name: &str) -> Result<
     let f = loaded.load_function(name).w()?;
     functions.lock().unwrap().insert(key, f.clone());
     Ok(f)
+}
+
+/// The kernel `{base}_{f32|bf16|f16}` of `module` for `dtype`.
+pub(crate) fn typed_function(
+    dev: &CudaDevice,
+    module: &Module,
+    base: &str,
+    dtype: DType,
+) -> Result<CudaFunction> {
+    function(dev, module, &format!("{base}_{}", suffix(dtype)?))
 }
 
 /// Kernel-name suffix of a float dtype.
@@ -143,6 +153,7 @@ pub(crate) fn elementwise_config(
 }
 
 pub(crate) use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+pub(crate) use candle_core::cuda_backend::WrapErr;
 
 /// Runs `$body` with `$T` bound to the Rust type of a float dtype.
 macro_rules! with_float_type {

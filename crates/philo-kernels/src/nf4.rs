@@ -103,7 +103,7 @@ impl Nf4Weight {
                 let wv = contiguous::<T>(cuda(&ws)?, wl)?;
                 let packed = unsafe { dev.alloc::<u8>(rows * cols / 2)? };
                 let absmax = unsafe { dev.alloc::<f32>(blocks)? };
-                let f = function(&dev, &NF4, &format!("nf4_quantize_{}", suffix(w.dtype())?))?;
+                let f = typed_function(&dev, &NF4, "nf4_quantize", w.dtype())?;
                 let stream = dev.cuda_stream();
                 let mut b = stream.launch_builder(&f);
                 b.arg(&wv).arg(&packed).arg(&absmax).arg(&blocks);
@@ -112,7 +112,7 @@ impl Nf4Weight {
                     block_dim: (256, 1, 1),
                     shared_mem_bytes: 0,
                 };
-                unsafe { b.launch(cfg) }.map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                unsafe { b.launch(cfg) }.w()?;
                 (
                     tensor(packed, &dev, rows * cols / 2),
                     tensor(absmax, &dev, blocks),
@@ -150,20 +150,6 @@ impl Nf4Weight {
         }
         let host = Nf4Tensor::from_tensor(weights, double_quant).map_err(quant_err)?;
         Self::from_host(&host, weights.device())
-    }
-
-    /// Number of bytes held on the device.
-    pub fn device_bytes(&self) -> usize {
-        self.packed.elem_count()
-            + match &self.scales {
-                Nf4Scales::Plain(t) => 4 * t.elem_count(),
-                Nf4Scales::Double {
-                    quantized,
-                    code,
-                    absmax2,
-                    ..
-                } => quantized.elem_count() + 4 * (code.elem_count() + absmax2.elem_count()),
-            }
     }
 
     /// The dequantised matrix `[rows, cols]` in `dtype`, on the weight's device.
@@ -210,8 +196,7 @@ impl Nf4Weight {
                     .arg(&out)
                     .arg(&blocks)
                     .arg(&block2);
-                unsafe { b.launch(elementwise_config(blocks)) }
-                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                unsafe { b.launch(elementwise_config(blocks)) }.w()?;
                 tensor(out, &dev, blocks)
             }
         };
@@ -221,13 +206,12 @@ impl Nf4Weight {
             let p = contiguous::<u8>(cuda(&ps)?, pl)?;
             let a = contiguous::<f32>(cuda(&as_)?, al)?;
             let out = unsafe { dev.alloc::<T>(n)? };
-            let f = function(&dev, &NF4, &format!("nf4_dequantize_{}", suffix(dtype)?))?;
+            let f = typed_function(&dev, &NF4, "nf4_dequantize", dtype)?;
             let stream = dev.cuda_stream();
             let mut b = stream.launch_builder(&f);
             let block = NF4_BLOCK_SIZE as i32;
             b.arg(&p).arg(&a).arg(&out).arg(&n).arg(&block);
-            unsafe { b.launch(elementwise_config(n.div_ceil(2))) }
-                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            unsafe { b.launch(elementwise_config(n.div_ceil(2))) }.w()?;
             Ok(tensor(out, &dev, (self.rows, self.cols)))
         })
     }

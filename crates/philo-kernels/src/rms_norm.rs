@@ -76,21 +76,13 @@ impl CustomOp2 for RmsNorm {
             let x = contiguous::<T>(xs, xl)?;
             let w = contiguous::<T>(ws, wl)?;
             let out = unsafe { dev.alloc::<T>(rows * n)? };
-            let f = function(
-                &dev,
-                &RMS_NORM,
-                &format!("rms_norm_{}", suffix(xs.dtype())?),
-            )?;
+            let f = typed_function(&dev, &RMS_NORM, "rms_norm", xs.dtype())?;
             let stream = dev.cuda_stream();
             let mut b = stream.launch_builder(&f);
             let (n32, eps) = (n as i32, self.eps);
             b.arg(&x).arg(&w).arg(&out).arg(&n32).arg(&eps);
-            let cfg = LaunchConfig {
-                grid_dim: (rows as u32, 1, 1),
-                block_dim: (block_threads(n), 1, 1),
-                shared_mem_bytes: 0,
-            };
-            unsafe { b.launch(cfg) }.map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            let cfg = row_config(rows, n);
+            unsafe { b.launch(cfg) }.w()?;
             candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
         });
         Ok((slice, xl.shape().clone()))
@@ -107,10 +99,19 @@ impl CustomOp2 for RmsNorm {
     }
 }
 
-/// Threads per row block: enough to cover `n` with a few elements each, a multiple of 32.
+/// One block per row of `n`, with enough threads (a multiple of 32) to cover the row with a few
+/// elements each.
 #[cfg(feature = "cuda")]
-fn block_threads(n: usize) -> u32 {
-    (n.div_ceil(4).div_ceil(32) * 32).clamp(32, 1024) as u32
+fn row_config(rows: usize, n: usize) -> crate::launch::LaunchConfig {
+    crate::launch::LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (
+            (n.div_ceil(4).div_ceil(32) * 32).clamp(32, 1024) as u32,
+            1,
+            1,
+        ),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// RMSNorm of `x` `[..., n]` with weight `w` `[n]`. On CUDA one fused kernel, with a backward
@@ -142,21 +143,13 @@ pub fn backward(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Result<Tensor>
             let wv = contiguous::<T>(cuda(&ws)?, wl)?;
             let dv = contiguous::<T>(cuda(&ds)?, dl)?;
             let out = unsafe { dev.alloc::<T>(rows * n)? };
-            let f = function(
-                &dev,
-                &RMS_NORM,
-                &format!("rms_norm_backward_{}", suffix(x.dtype())?),
-            )?;
+            let f = typed_function(&dev, &RMS_NORM, "rms_norm_backward", x.dtype())?;
             let stream = dev.cuda_stream();
             let mut b = stream.launch_builder(&f);
             let (n32, eps) = (n as i32, eps as f32);
             b.arg(&xv).arg(&wv).arg(&dv).arg(&out).arg(&n32).arg(&eps);
-            let cfg = LaunchConfig {
-                grid_dim: (rows as u32, 1, 1),
-                block_dim: (block_threads(n), 1, 1),
-                shared_mem_bytes: 0,
-            };
-            unsafe { b.launch(cfg) }.map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            let cfg = row_config(rows, n);
+            unsafe { b.launch(cfg) }.w()?;
             Ok(tensor(out, &dev, x.shape()))
         });
     }
@@ -182,11 +175,7 @@ pub fn add_rms_norm(x: &Tensor, y: &Tensor, w: &Tensor, eps: f64) -> Result<(Ten
             let wv = contiguous::<T>(cuda(&ws)?, wl)?;
             let sum = unsafe { dev.alloc::<T>(rows * n)? };
             let out = unsafe { dev.alloc::<T>(rows * n)? };
-            let f = function(
-                &dev,
-                &RMS_NORM,
-                &format!("add_rms_norm_{}", suffix(x.dtype())?),
-            )?;
+            let f = typed_function(&dev, &RMS_NORM, "add_rms_norm", x.dtype())?;
             let stream = dev.cuda_stream();
             let mut b = stream.launch_builder(&f);
             let (n32, eps) = (n as i32, eps as f32);
@@ -197,12 +186,8 @@ pub fn add_rms_norm(x: &Tensor, y: &Tensor, w: &Tensor, eps: f64) -> Result<(Ten
                 .arg(&out)
                 .arg(&n32)
                 .arg(&eps);
-            let cfg = LaunchConfig {
-                grid_dim: (rows as u32, 1, 1),
-                block_dim: (block_threads(n), 1, 1),
-                shared_mem_bytes: 0,
-            };
-            unsafe { b.launch(cfg) }.map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            let cfg = row_config(rows, n);
+            unsafe { b.launch(cfg) }.w()?;
             Ok((tensor(sum, &dev, x.shape()), tensor(out, &dev, x.shape())))
         });
     }

@@ -152,7 +152,7 @@ impl CustomOp3 for QkvRope {
             let sin = contiguous::<T>(ss, sl)?;
             let n = out_shape.elem_count();
             let out = unsafe { dev.alloc::<T>(n)? };
-            let f = function(&dev, &ROPE, &format!("qkv_rope_{}", suffix(qs.dtype())?))?;
+            let f = typed_function(&dev, &ROPE, "qkv_rope", qs.dtype())?;
             let stream = dev.cuda_stream();
             let mut l = stream.launch_builder(&f);
             let args = [
@@ -168,8 +168,7 @@ impl CustomOp3 for QkvRope {
             for a in &args {
                 l.arg(a);
             }
-            unsafe { l.launch(elementwise_config(n)) }
-                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            unsafe { l.launch(elementwise_config(n)) }.w()?;
             candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
         });
         Ok((slice, out_shape))
@@ -234,11 +233,7 @@ pub fn backward(grad: &Tensor, cos: &Tensor, sin: &Tensor, shape: QkvShape) -> R
             let sn = contiguous::<T>(cuda(&ss)?, sl)?;
             let total = b * n * s * d;
             let out = unsafe { dev.alloc::<T>(total)? };
-            let f = function(
-                &dev,
-                &ROPE,
-                &format!("qkv_rope_backward_{}", suffix(grad.dtype())?),
-            )?;
+            let f = typed_function(&dev, &ROPE, "qkv_rope_backward", grad.dtype())?;
             let stream = dev.cuda_stream();
             let mut l = stream.launch_builder(&f);
             let args =
@@ -247,8 +242,7 @@ pub fn backward(grad: &Tensor, cos: &Tensor, sin: &Tensor, shape: QkvShape) -> R
             for a in &args {
                 l.arg(a);
             }
-            unsafe { l.launch(elementwise_config(total)) }
-                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            unsafe { l.launch(elementwise_config(total)) }.w()?;
             Ok(tensor(out, &dev, (b, s, n * d)))
         });
     }

@@ -61,13 +61,12 @@ impl CustomOp1 for SwiGlu {
         let slice = with_float_type!(s.dtype(), T, {
             let x = contiguous::<T>(s, l)?;
             let out = unsafe { dev.alloc::<T>(rows * i)? };
-            let f = function(&dev, &SWIGLU, &format!("swiglu_{}", suffix(s.dtype())?))?;
+            let f = typed_function(&dev, &SWIGLU, "swiglu", s.dtype())?;
             let stream = dev.cuda_stream();
             let mut b = stream.launch_builder(&f);
             let (rows64, i32_) = (rows, i as i32);
             b.arg(&x).arg(&out).arg(&rows64).arg(&i32_);
-            unsafe { b.launch(elementwise_config(rows * i)) }
-                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            unsafe { b.launch(elementwise_config(rows * i)) }.w()?;
             candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
         });
         Ok((slice, Shape::from(dims)))
@@ -110,17 +109,12 @@ pub fn backward(gate_up: &Tensor, grad: &Tensor) -> Result<Tensor> {
             let xv = contiguous::<T>(cuda(&xs)?, xl)?;
             let gv = contiguous::<T>(cuda(&gs)?, gl)?;
             let out = unsafe { dev.alloc::<T>(rows * 2 * i)? };
-            let f = function(
-                &dev,
-                &SWIGLU,
-                &format!("swiglu_backward_{}", suffix(x.dtype())?),
-            )?;
+            let f = typed_function(&dev, &SWIGLU, "swiglu_backward", x.dtype())?;
             let stream = dev.cuda_stream();
             let mut b = stream.launch_builder(&f);
             let (rows64, i32_) = (rows, i as i32);
             b.arg(&xv).arg(&gv).arg(&out).arg(&rows64).arg(&i32_);
-            unsafe { b.launch(elementwise_config(rows * i)) }
-                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            unsafe { b.launch(elementwise_config(rows * i)) }.w()?;
             Ok(tensor(out, &dev, x.shape()))
         });
     }

@@ -50,27 +50,32 @@ pub struct LoraLinear {
 
 /// x · wᵀ for x of any leading shape.
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let dims = x.dims();
-    let in_features = dims[dims.len() - 1];
-    let rows = x.elem_count() / in_features;
-    let y = x.reshape((rows, in_features))?.matmul(&w.t()?)?;
-    let mut out_dims = dims.to_vec();
-    *out_dims.last_mut().expect("x has a last dim") = w.dim(0)?;
-    Ok(y.reshape(out_dims)?)
+    over_rows(x, w, |x2| x2.matmul(&w.t()?))
 }
 
 /// x · wᵀ for a frozen `w` (no gradient for it; see [`crate::frozen_matmul`]). A decoding step's
 /// few rows go through philo's GEMV kernel on the GPU.
 fn frozen_matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    over_rows(x, w, |x2| {
+        if philo_kernels::gemv::applies(x2, w) {
+            philo_kernels::gemv::gemv(x2, w)
+        } else {
+            crate::frozen_matmul::frozen_matmul(x2, w)
+        }
+    })
+}
+
+/// Applies a 2-D product `[rows, in] → [rows, out]` (out = `w`'s rows) to `x` of any leading
+/// shape by folding the leading dimensions into rows.
+fn over_rows(
+    x: &Tensor,
+    w: &Tensor,
+    product: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>,
+) -> Result<Tensor> {
     let dims = x.dims();
     let in_features = dims[dims.len() - 1];
     let rows = x.elem_count() / in_features;
-    let x2 = x.reshape((rows, in_features))?;
-    let y = if philo_kernels::gemv::applies(&x2, w) {
-        philo_kernels::gemv::gemv(&x2, w)?
-    } else {
-        crate::frozen_matmul::frozen_matmul(&x2, w)?
-    };
+    let y = product(&x.reshape((rows, in_features))?)?;
     let mut out_dims = dims.to_vec();
     *out_dims.last_mut().expect("x has a last dim") = w.dim(0)?;
     Ok(y.reshape(out_dims)?)

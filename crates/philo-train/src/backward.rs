@@ -117,21 +117,11 @@ pub fn loss_and_grads(
             .step_by(rows_per_chunk)
             .map(|start| (start, rows_per_chunk.min(b - start)))
             .collect();
-        let contexts = if chunks.len() > 1 {
-            chunks
-                .iter()
-                .map(|&(start, len)| ctx.rows(start, len))
-                .collect::<std::result::Result<Vec<_>, _>>()?
-        } else {
-            Vec::new()
-        };
-        let chunk_ctx = |c: usize| {
-            if contexts.is_empty() {
-                &ctx
-            } else {
-                &contexts[c]
-            }
-        };
+        // One chunk's context is the whole batch's: rows 0..b, dropout seed unchanged.
+        let contexts = chunks
+            .iter()
+            .map(|&(start, len)| ctx.rows(start, len))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
         let mut inputs = Vec::with_capacity(layers);
         let mut x = embedded;
         for i in 0..layers {
@@ -141,7 +131,7 @@ pub fn loss_and_grads(
                 .enumerate()
                 .map(|(c, &(start, len))| {
                     Ok(model
-                        .layer_forward(i, &x.narrow(0, start, len)?, chunk_ctx(c))?
+                        .layer_forward(i, &x.narrow(0, start, len)?, &contexts[c])?
                         .detach())
                 })
                 .collect::<Result<Vec<_>>>()?;
@@ -181,7 +171,7 @@ pub fn loss_and_grads(
             let mut input_grads = Vec::with_capacity(chunks.len());
             for (c, &(start, len)) in chunks.iter().enumerate() {
                 let input = Var::from_tensor(&inputs[i].narrow(0, start, len)?)?;
-                let out = model.layer_forward(i, input.as_tensor(), chunk_ctx(c))?;
+                let out = model.layer_forward(i, input.as_tensor(), &contexts[c])?;
                 // d(sum(out · g))/d(θ) = the chain rule with g = dL/d(out).
                 let store = (out * upstream.narrow(0, start, len)?)?
                     .sum_all()?
