@@ -175,7 +175,7 @@ impl CustomOp3 for FlashAttention {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("flash attention runs on CUDA; the CPU model uses composed attention")
+        candle_core::bail!("flash attention's custom op runs on CUDA; on the CPU flash_attention() calls the reference")
     }
 
     #[cfg(feature = "cuda")]
@@ -214,9 +214,26 @@ fn qs_dtype(s: &candle_core::CudaStorage) -> DType {
 }
 
 /// Attention output `[B, S, H, D]` of q `[B, H, S, D]`, k/v `[B, KVH, T, D]` (views with a
-/// contiguous last dim are fine). CUDA only, bf16 or f16; differentiable in q, k and v.
+/// contiguous last dim are fine). On CUDA (bf16 or f16) differentiable in q, k and v; on the CPU
+/// the f32 reference, forward only.
 pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask) -> Result<Tensor> {
     let n = dims_of(q.shape(), k.shape())?;
+    if !q.device().is_cuda() {
+        // The reference, forward only: the CPU model trains through composed attention.
+        let segments = match &mask.segments {
+            Some(s) => Some(s.flatten_all()?.to_vec1::<u32>()?),
+            None => None,
+        };
+        let (out, _) = reference(
+            &host_f32(q)?,
+            &host_f32(k)?,
+            &host_f32(v)?,
+            segments.as_deref(),
+            mask.window,
+            n,
+        );
+        return crate::from_host(out, &[n.b, n.s, n.h, n.d], q.dtype(), q.device());
+    }
     let packed = q.apply_op3_arc(
         k,
         v,

@@ -33,6 +33,7 @@ module!(FLASH_ATTENTION, "flash_attention");
 module!(CROSS_ENTROPY, "cross_entropy");
 module!(DROPOUT, "dropout");
 module!(GEMV, "gemv");
+module!(PAGED_ATTENTION, "paged_attention");
 
 type FunctionCache = HashMap<(DeviceId, String), CudaFunction>;
 type ModuleCache = HashMap<(DeviceId, &'static str), Arc<CudaModule>>;

@@ -10,6 +10,7 @@ pub mod cross_entropy;
 pub mod dropout;
 pub mod gemv;
 pub mod nf4;
+pub mod paged_attention;
 pub mod rms_norm;
 pub mod rope;
 pub mod swiglu;

@@ -738,3 +738,85 @@ fn cuda_gemv() -> Result<()> {
     }
     Ok(())
 }
+
+// ------------------------------------------------------------------------------------------------
+// Paged KV cache: writing slots and decode attention over block tables
+
+#[test]
+fn cuda_paged_kv_cache() -> Result<()> {
+    use philo_kernels::paged_attention::*;
+    let Some(dev) = gpu("cuda_paged_kv_cache") else {
+        return Ok(());
+    };
+    let mut rng = StdRng::seed_from_u64(6);
+    // (heads, kv heads, head_dim, block size, sequence lengths, window)
+    let cases: [(usize, usize, usize, usize, &[usize], usize); 3] = [
+        (32, 32, 96, 16, &[1, 17, 130, 300], usize::MAX),
+        (8, 2, 64, 8, &[5, 64, 9], 20),
+        (4, 4, 128, 16, &[257], usize::MAX),
+    ];
+    for (h, kvh, d, bs, lens, window) in cases {
+        for dtype in [DType::BF16, DType::F16, DType::F32] {
+            let n = lens.len();
+            let max_blocks = lens.iter().map(|l| l.div_ceil(bs)).max().unwrap();
+            let blocks = n * max_blocks + 3;
+            // Tables: blocks handed out in a scrambled order.
+            let mut order: Vec<u32> = (0..blocks as u32).collect();
+            order.sort_by_key(|b| (b * 7919) % blocks as u32);
+            let tables: Vec<u32> = order[..n * max_blocks].to_vec();
+            let cache_len = blocks * kvh * bs * d;
+            let (k_cache, mut k_host) =
+                upload(vec![0.0; cache_len], &[blocks, kvh, bs, d], dtype, &dev)?;
+            let (v_cache, mut v_host) =
+                upload(vec![0.0; cache_len], &[blocks, kvh, bs, d], dtype, &dev)?;
+            // Every position of every sequence is written in one call, as a prefill step does.
+            let mut slots = Vec::new();
+            for (s, &len) in lens.iter().enumerate() {
+                for p in 0..len {
+                    slots.push(tables[s * max_blocks + p / bs] * bs as u32 + (p % bs) as u32);
+                }
+            }
+            let t = slots.len();
+            let (k_new, k_new_host) = upload(
+                uniform(&mut rng, kvh * t * d, 1.0),
+                &[kvh, t, d],
+                dtype,
+                &dev,
+            )?;
+            let (v_new, v_new_host) = upload(
+                uniform(&mut rng, kvh * t * d, 1.0),
+                &[kvh, t, d],
+                dtype,
+                &dev,
+            )?;
+            let slots_t = Tensor::new(slots.as_slice(), &dev)?;
+            write_kv(&k_cache, &k_new, &slots_t)?;
+            write_kv(&v_cache, &v_new, &slots_t)?;
+            write_kv_reference(&mut k_host, &k_new_host, &slots, kvh, bs, d);
+            write_kv_reference(&mut v_host, &v_new_host, &slots, kvh, bs, d);
+            assert_eq!(host(&k_cache)?, k_host, "write_kv {dtype:?}: keys differ");
+            assert_eq!(host(&v_cache)?, v_host, "write_kv {dtype:?}: values differ");
+
+            let (q, q_host) = upload(uniform(&mut rng, h * n * d, 1.0), &[h, n, d], dtype, &dev)?;
+            let lens_u32: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
+            let got = paged_decode_attention(
+                &q,
+                &k_cache,
+                &v_cache,
+                &Tensor::from_vec(tables.clone(), (n, max_blocks), &dev)?,
+                &Tensor::new(lens_u32.as_slice(), &dev)?,
+                window,
+            )?;
+            let want = paged_decode_reference(
+                &q_host, &k_host, &v_host, &tables, &lens_u32, h, kvh, bs, d, window,
+            );
+            check(
+                &format!("paged decode {dtype:?} h{h} kvh{kvh} d{d} bs{bs} lens {lens:?}"),
+                &host(&got)?,
+                &want,
+                1e-2,
+            );
+        }
+    }
+    Ok(())
+}

@@ -246,6 +246,18 @@ impl Adapter {
     /// Puts the adapter on `model`'s layers (in the model's dtype and device). Shapes are checked
     /// first, so a mismatched adapter leaves the model untouched.
     pub fn attach(&self, model: &mut Phi3) -> Result<()> {
+        let mut by_key = self.loras(model)?;
+        for (layer, module, linear) in model.linears_mut() {
+            if let Some(lora) = by_key.remove(&(layer, module)) {
+                linear.lora = Some(lora);
+            }
+        }
+        Ok(())
+    }
+
+    /// The adapter's LoRA of every (layer, module) it targets, in `model`'s dtype and on its
+    /// device, after checking every shape against `model` (the model itself is not changed).
+    pub fn loras(&self, model: &Phi3) -> Result<HashMap<(usize, &'static str), Lora>> {
         let (dtype, device) = (model.dtype(), model.device().clone());
         let weights_path = self.dir.join("adapter_model.safetensors");
         let layers = model.config().num_hidden_layers;
@@ -260,8 +272,8 @@ impl Adapter {
                 ));
             }
         }
-        let mut planned = Vec::new();
-        for (layer, module, linear) in model.linears_mut() {
+        let mut by_key = HashMap::new();
+        for (layer, module, linear) in model.linears() {
             let Some(pair) = self.weights.get(&(layer, module.to_string())) else {
                 continue;
             };
@@ -280,10 +292,6 @@ impl Adapter {
                     ),
                 ));
             }
-            planned.push((layer, module, pair));
-        }
-        let mut by_key: HashMap<(usize, &str), Lora> = HashMap::new();
-        for (layer, module, pair) in planned {
             by_key.insert(
                 (layer, module),
                 Lora {
@@ -295,12 +303,7 @@ impl Adapter {
                 },
             );
         }
-        for (layer, module, linear) in model.linears_mut() {
-            if let Some(lora) = by_key.remove(&(layer, module)) {
-                linear.lora = Some(lora);
-            }
-        }
-        Ok(())
+        Ok(by_key)
     }
 }
 

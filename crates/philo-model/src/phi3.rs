@@ -484,6 +484,18 @@ impl Phi3 {
 
     /// Every LoRA-capable linear layer with its module name (`qkv_proj`, `o_proj`,
     /// `gate_up_proj`, `down_proj`) and layer index.
+    pub fn linears(&self) -> Vec<(usize, &'static str, &LoraLinear)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            out.push((i, "qkv_proj", &layer.self_attn.qkv_proj));
+            out.push((i, "o_proj", &layer.self_attn.o_proj));
+            out.push((i, "gate_up_proj", &layer.mlp.gate_up_proj));
+            out.push((i, "down_proj", &layer.mlp.down_proj));
+        }
+        out
+    }
+
+    /// [`Phi3::linears`], mutable.
     pub fn linears_mut(&mut self) -> Vec<(usize, &'static str, &mut LoraLinear)> {
         let mut out = Vec::new();
         for (i, layer) in self.layers.iter_mut().enumerate() {

@@ -83,14 +83,26 @@ impl RotaryEmbedding {
         dtype: DType,
         device: &Device,
     ) -> Result<(Tensor, Tensor)> {
-        let freqs = match &self.long {
-            Some((long_freqs, _)) if long => long_freqs,
-            _ => &self.short,
-        };
+        self.cos_sin_per_token(positions, &vec![long; positions.len()], dtype, device)
+    }
+
+    /// Like [`RotaryEmbedding::cos_sin`] with the factors chosen per position: a batch of
+    /// independent sequences, some of which use the long factors.
+    pub fn cos_sin_per_token(
+        &self,
+        positions: &[u32],
+        long: &[bool],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
         let half = self.rotary_dim / 2;
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
-        for &p in positions {
+        for (&p, &long) in positions.iter().zip(long) {
+            let freqs = match &self.long {
+                Some((long_freqs, _)) if long => long_freqs,
+                _ => &self.short,
+            };
             for &f in &freqs.inv_freq {
                 let angle = p as f32 * f;
                 cos.push(angle.cos() * freqs.scale);

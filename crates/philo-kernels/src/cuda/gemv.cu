@@ -2,25 +2,48 @@
 // 16-byte loads of W streamed once, f32 accumulation, one rounding. Needs k % 8 == 0.
 #include "common.cuh"
 
+// Loads of W in flight per lane before any arithmetic: one 16-byte load at a time leaves HBM
+// idle between a warp's requests, so each lane issues UNROLL of them back to back.
+constexpr int UNROLL = 4;
+
+// 16 bytes of W that are read exactly once: bypass L1 and do not keep them in cache.
+__device__ __forceinline__ uint4 load_streaming(const void* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
 template <typename T>
 __device__ void gemv(const T* x, const T* w, T* y, int m, int n, int k) {
     int warp = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
     if (warp >= n) return;
     const T* row = w + (size_t)warp * k;
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int c = lane * 8; c < k; c += 32 * 8) {
-        uint4 wv = *reinterpret_cast<const uint4*>(row + c);
-        const T* wp = reinterpret_cast<const T*>(&wv);
-        float wf[8];
+    for (int base = lane * 8; base < k; base += 32 * 8 * UNROLL) {
+        uint4 wv[UNROLL];
 #pragma unroll
-        for (int j = 0; j < 8; ++j) wf[j] = to_f32(wp[j]);
+        for (int u = 0; u < UNROLL; ++u) {
+            int c = base + u * 32 * 8;
+            if (c < k) wv[u] = load_streaming(row + c);
+        }
 #pragma unroll
-        for (int r = 0; r < 4; ++r) {
-            if (r >= m) break;
-            uint4 xv = *reinterpret_cast<const uint4*>(x + (size_t)r * k + c);
-            const T* xp = reinterpret_cast<const T*>(&xv);
+        for (int u = 0; u < UNROLL; ++u) {
+            int c = base + u * 32 * 8;
+            if (c >= k) break;
+            const T* wp = reinterpret_cast<const T*>(&wv[u]);
+            float wf[8];
 #pragma unroll
-            for (int j = 0; j < 8; ++j) acc[r] += wf[j] * to_f32(xp[j]);
+            for (int j = 0; j < 8; ++j) wf[j] = to_f32(wp[j]);
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                if (r >= m) break;
+                uint4 xv = *reinterpret_cast<const uint4*>(x + (size_t)r * k + c);
+                const T* xp = reinterpret_cast<const T*>(&xv);
+#pragma unroll
+                for (int j = 0; j < 8; ++j) acc[r] += wf[j] * to_f32(xp[j]);
+            }
         }
     }
 #pragma unroll

@@ -1,0 +1,342 @@
+//! One step of a serving engine: a batch of independent sequences, each feeding a chunk of new
+//! tokens (a prompt chunk, or the one token being decoded) on top of what the paged KV cache
+//! already holds for it, each with its own LoRA adapter or none.
+//!
+//! All tokens of the step run through the linear layers as one matrix; only attention is per
+//! sequence: decoding sequences go together through the paged decode kernel, a prompt chunk
+//! gathers its sequence's blocks and runs flash attention with the cached keys in front.
+
+use std::ops::Range;
+
+use candle_core::{DType, Tensor};
+use philo_kernels::attention::{flash_attention, AttentionMask};
+use philo_kernels::paged_attention::{paged_decode_attention, write_kv};
+use philo_kernels::rms_norm::add_rms_norm;
+use philo_kernels::rope::{qkv_rope, QkvShape};
+
+use crate::error::{ModelError, Result};
+use crate::lora_bank::LoraBank;
+use crate::lora_linear::LoraLinear;
+use crate::paged_kv_cache::PagedKvCache;
+use crate::phi3::{Phi3, RmsNorm};
+
+/// One sequence's part of a step.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqChunk<'a> {
+    /// The new tokens (at least one).
+    pub tokens: &'a [u32],
+    /// Tokens of this sequence already in the cache; the new ones take positions past.. .
+    pub past: usize,
+    /// The sequence's blocks in order, covering at least past + tokens.len() positions.
+    pub block_table: &'a [u32],
+    /// [`LoraBank`] slot of the adapter, None for the base model.
+    pub adapter: Option<usize>,
+    /// Rotate with LongRoPE's long factors (decided once per sequence, from its longest length,
+    /// so the cached keys never need recomputing).
+    pub long_rope: bool,
+}
+
+/// How attention runs for a range of the step's token rows.
+enum AttentionRun {
+    /// Consecutive decoding sequences (one token each): one paged decode launch.
+    Decode {
+        rows: Range<usize>,
+        tables: Tensor,
+        lens: Tensor,
+    },
+    /// One sequence's chunk of several tokens over its `len` cached + new positions.
+    Chunk {
+        rows: Range<usize>,
+        blocks: Tensor,
+        len: usize,
+    },
+}
+
+/// The step's rows that use one adapter (None: every row does).
+struct AdapterRows {
+    slot: usize,
+    rows: Option<Tensor>,
+}
+
+/// Everything the layers share in one step.
+struct StepContext<'a> {
+    cos: Tensor,
+    sin: Tensor,
+    slots: Tensor,
+    runs: Vec<AttentionRun>,
+    adapters: Vec<AdapterRows>,
+    bank: &'a LoraBank,
+}
+
+impl Phi3 {
+    /// Runs one engine step and returns the f32 logits `[chunks.len(), vocab]` of each chunk's
+    /// last token. The chunks' keys/values are written into `cache` at their positions.
+    pub fn forward_paged(
+        &self,
+        chunks: &[SeqChunk],
+        cache: &mut PagedKvCache,
+        bank: &LoraBank,
+    ) -> Result<Tensor> {
+        let ctx = self.step_context(chunks, cache, bank)?;
+        let total: usize = chunks.iter().map(|c| c.tokens.len()).sum();
+        let ids: Vec<u32> = chunks
+            .iter()
+            .flat_map(|c| c.tokens.iter().copied())
+            .collect();
+        let ids = Tensor::from_vec(ids, (1, total), self.device())?;
+        let mut x = self.embed(&ids)?;
+        let mut pending: Option<Tensor> = None;
+        for i in 0..self.layers.len() {
+            let (residual, mlp) = self.paged_layer(i, &x, pending.as_ref(), &ctx, cache)?;
+            x = residual;
+            pending = Some(mlp);
+        }
+        let last_rows: Vec<u32> = chunks
+            .iter()
+            .scan(0u32, |end, c| {
+                *end += c.tokens.len() as u32;
+                Some(*end - 1)
+            })
+            .collect();
+        let last_rows = Tensor::new(last_rows.as_slice(), self.device())?;
+        let pick = |t: &Tensor| t.squeeze(0)?.index_select(&last_rows, 0);
+        let x = pick(&x)?;
+        let hidden = match &pending {
+            Some(p) => add_norm(&self.norm, &x, Some(&pick(p)?))?.1,
+            None => self.norm.forward(&x)?,
+        };
+        Ok(self.lm_head.forward(&hidden, None)?.to_dtype(DType::F32)?)
+    }
+
+    /// One decoder layer; like `DecoderLayer::forward_fused`, the previous MLP output is added
+    /// inside the input norm and this layer's MLP output is returned unadded.
+    fn paged_layer(
+        &self,
+        index: usize,
+        residual: &Tensor,
+        pending: Option<&Tensor>,
+        ctx: &StepContext,
+        cache: &PagedKvCache,
+    ) -> Result<(Tensor, Tensor)> {
+        let layer = &self.layers[index];
+        let c = self.config();
+        let (h, kvh, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let lin = |linear: &LoraLinear, module: &'static str, x: &Tensor| {
+            linear_with_adapters(linear, index, module, x, ctx)
+        };
+        let (x, normed) = add_norm(&layer.input_layernorm, residual, pending)?;
+
+        let qkv = lin(&layer.self_attn.qkv_proj, "qkv_proj", &normed)?;
+        let shape = QkvShape {
+            heads: h,
+            kv_heads: kvh,
+            head_dim: d,
+            rotary_dim: self.rotary().rotary_dim(),
+        };
+        let heads = qkv_rope(&qkv, &ctx.cos, &ctx.sin, shape)?.squeeze(0)?;
+        let (k_cache, v_cache) = (&cache.keys[index], &cache.values[index]);
+        write_kv(k_cache, &heads.narrow(0, h, kvh)?, &ctx.slots)?;
+        write_kv(v_cache, &heads.narrow(0, h + kvh, kvh)?, &ctx.slots)?;
+        let q = heads.narrow(0, 0, h)?;
+        let window = c.sliding_window.unwrap_or(usize::MAX);
+        let mut pieces = Vec::with_capacity(ctx.runs.len());
+        for run in &ctx.runs {
+            let piece = match run {
+                AttentionRun::Decode { rows, tables, lens } => {
+                    let q = q.narrow(1, rows.start, rows.len())?.contiguous()?;
+                    paged_decode_attention(&q, k_cache, v_cache, tables, lens, window)?
+                        .reshape((rows.len(), h * d))?
+                }
+                AttentionRun::Chunk { rows, blocks, len } => {
+                    let q = q.narrow(1, rows.start, rows.len())?.unsqueeze(0)?;
+                    let k = gather(k_cache, blocks, *len)?;
+                    let v = gather(v_cache, blocks, *len)?;
+                    let mask = AttentionMask {
+                        window,
+                        segments: None,
+                    };
+                    flash_attention(&q.contiguous()?, &k, &v, &mask)?
+                        .reshape((rows.len(), h * d))?
+                }
+            };
+            pieces.push(piece);
+        }
+        let attn = Tensor::cat(&pieces, 0)?.unsqueeze(0)?;
+        let attn = lin(&layer.self_attn.o_proj, "o_proj", &attn)?;
+
+        let (x, normed) = add_norm(&layer.post_attention_layernorm, &x, Some(&attn))?;
+        let gate_up = lin(&layer.mlp.gate_up_proj, "gate_up_proj", &normed)?;
+        let act = philo_kernels::swiglu::swiglu(&gate_up)?;
+        let mlp = lin(&layer.mlp.down_proj, "down_proj", &act)?;
+        Ok((x, mlp))
+    }
+
+    fn step_context<'a>(
+        &self,
+        chunks: &[SeqChunk],
+        cache: &PagedKvCache,
+        bank: &'a LoraBank,
+    ) -> Result<StepContext<'a>> {
+        let bs = cache.block_size();
+        let dev = self.device();
+        let (mut positions, mut long, mut slots) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, c) in chunks.iter().enumerate() {
+            let len = c.past + c.tokens.len();
+            if c.tokens.is_empty() || c.block_table.len() * bs < len {
+                return Err(step_error(format!(
+                    "chunk {i} has {} new tokens after {} cached, but its block table covers {} positions",
+                    c.tokens.len(),
+                    c.past,
+                    c.block_table.len() * bs
+                )));
+            }
+            if let Some(&b) = c
+                .block_table
+                .iter()
+                .find(|&&b| b as usize >= cache.num_blocks())
+            {
+                return Err(step_error(format!(
+                    "chunk {i} names block {b}, but the cache has {}",
+                    cache.num_blocks()
+                )));
+            }
+            if let Some(slot) = c.adapter.filter(|&s| !bank.contains(s)) {
+                return Err(step_error(format!(
+                    "chunk {i} names adapter slot {slot}, which is empty"
+                )));
+            }
+            for p in c.past..len {
+                positions.push(p as u32);
+                long.push(c.long_rope);
+                slots.push(c.block_table[p / bs] * bs as u32 + (p % bs) as u32);
+            }
+        }
+        let total = positions.len();
+        let half = self.rotary().rotary_dim() / 2;
+        let (cos, sin) = self
+            .rotary()
+            .cos_sin_per_token(&positions, &long, self.dtype(), dev)?;
+
+        let mut runs = Vec::new();
+        let mut row = 0;
+        let mut i = 0;
+        while i < chunks.len() {
+            if chunks[i].tokens.len() == 1 {
+                // A run of consecutive decoding sequences.
+                let start = i;
+                while i < chunks.len() && chunks[i].tokens.len() == 1 {
+                    i += 1;
+                }
+                let run = &chunks[start..i];
+                let max_blocks = run.iter().map(|c| c.block_table.len()).max().unwrap_or(1);
+                let mut tables = vec![0u32; run.len() * max_blocks];
+                for (r, c) in run.iter().enumerate() {
+                    tables[r * max_blocks..][..c.block_table.len()].copy_from_slice(c.block_table);
+                }
+                let lens: Vec<u32> = run.iter().map(|c| (c.past + 1) as u32).collect();
+                runs.push(AttentionRun::Decode {
+                    rows: row..row + run.len(),
+                    tables: Tensor::from_vec(tables, (run.len(), max_blocks), dev)?,
+                    lens: Tensor::from_vec(lens, run.len(), dev)?,
+                });
+                row += run.len();
+            } else {
+                let c = &chunks[i];
+                let len = c.past + c.tokens.len();
+                let blocks = c.block_table[..len.div_ceil(bs)].to_vec();
+                runs.push(AttentionRun::Chunk {
+                    rows: row..row + c.tokens.len(),
+                    blocks: Tensor::new(blocks.as_slice(), dev)?,
+                    len,
+                });
+                row += c.tokens.len();
+                i += 1;
+            }
+        }
+
+        let mut adapters = Vec::new();
+        let mut used: Vec<usize> = chunks.iter().filter_map(|c| c.adapter).collect();
+        used.sort_unstable();
+        used.dedup();
+        for slot in used {
+            let rows: Vec<u32> = chunks
+                .iter()
+                .scan(0u32, |start, c| {
+                    let r = *start..*start + c.tokens.len() as u32;
+                    *start = r.end;
+                    Some((c.adapter, r))
+                })
+                .filter(|(a, _)| *a == Some(slot))
+                .flat_map(|(_, r)| r)
+                .collect();
+            let rows = (rows.len() != total)
+                .then(|| Tensor::new(rows.as_slice(), dev))
+                .transpose()?;
+            adapters.push(AdapterRows { slot, rows });
+        }
+
+        Ok(StepContext {
+            cos: cos.reshape((1, total, half))?,
+            sin: sin.reshape((1, total, half))?,
+            slots: Tensor::from_vec(slots, total, dev)?,
+            runs,
+            adapters,
+            bank,
+        })
+    }
+}
+
+fn step_error(message: String) -> ModelError {
+    ModelError::Candle(candle_core::Error::Msg(format!("forward_paged: {message}")))
+}
+
+/// The base layer for every row plus each adapter's delta on its own rows. `x` is `[1, T, in]`.
+fn linear_with_adapters(
+    linear: &LoraLinear,
+    layer: usize,
+    module: &'static str,
+    x: &Tensor,
+    ctx: &StepContext,
+) -> Result<Tensor> {
+    let mut y = linear.forward(x, None)?;
+    for group in &ctx.adapters {
+        let rows_x = x.squeeze(0)?;
+        let rows_x = match &group.rows {
+            Some(rows) => rows_x.index_select(rows, 0)?,
+            None => rows_x,
+        };
+        let Some(delta) = ctx.bank.delta(group.slot, layer, module, &rows_x)? else {
+            continue;
+        };
+        y = match &group.rows {
+            Some(rows) => y.squeeze(0)?.index_add(rows, &delta, 0)?.unsqueeze(0)?,
+            None => (y + delta.unsqueeze(0)?)?,
+        };
+    }
+    Ok(y)
+}
+
+/// `x + add` (when given) and its RMSNorm, fused into one kernel on the GPU.
+fn add_norm(norm: &RmsNorm, x: &Tensor, add: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+    match add {
+        Some(add) => Ok(add_rms_norm(x, add, &norm.weight, norm.eps)?),
+        None => Ok((
+            x.clone(),
+            philo_kernels::rms_norm::rms_norm(x, &norm.weight, norm.eps)?,
+        )),
+    }
+}
+
+/// The first `len` positions of one sequence's keys (or values) from its `blocks`, contiguous
+/// `[1, kv_heads, len, head_dim]` as flash attention takes them.
+fn gather(cache: &Tensor, blocks: &Tensor, len: usize) -> Result<Tensor> {
+    let (_, kvh, bs, d) = cache.dims4()?;
+    let n = blocks.dim(0)?;
+    Ok(cache
+        .index_select(blocks, 0)?
+        .transpose(0, 1)?
+        .contiguous()?
+        .reshape((1, kvh, n * bs, d))?
+        .narrow(2, 0, len)?
+        .contiguous()?)
+}
