@@ -265,3 +265,82 @@ pub fn train(mut model: Phi3, options: &TrainBench) -> anyhow::Result<BenchResul
         host_ms_per_step: None,
     })
 }
+
+/// `streams` concurrent requests through the serving engine (continuous batching over the paged
+/// KV cache), each a `prompt_len`-token prompt and exactly `new_tokens` greedy tokens: aggregate
+/// generated tokens per second from the first submission to the last token.
+pub fn serve(
+    model: &Phi3,
+    streams: usize,
+    prompt_len: usize,
+    new_tokens: usize,
+) -> anyhow::Result<BenchResult> {
+    use philo_serve::engine::{EngineConfig, EngineHandle};
+    use philo_serve::request::{Backend, GenerationEvent, GenerationRequest};
+    let block_size = 16;
+    let per_stream = (prompt_len + new_tokens).div_ceil(block_size);
+    let config = EngineConfig {
+        model_id: "bench".into(),
+        max_running: streams,
+        max_tokens_per_step: 4096,
+        max_queue: streams,
+        block_size,
+        num_blocks: streams * per_stream + 1,
+    };
+    let engine = EngineHandle::start(model.clone(), config, Vec::new())?;
+    let vocab = model.config().vocab_size;
+    let request = |i: usize| GenerationRequest {
+        model: "bench".into(),
+        // Distinct prompts, so no prefix blocks are shared.
+        prompt: (0..prompt_len)
+            .map(|j| ((i * 104_729 + j * 7919 + 13) % (vocab - 100)) as u32 + 100)
+            .collect(),
+        max_tokens: new_tokens,
+        sampling: philo_generate::SamplingParams::greedy(),
+        stop_token_ids: Vec::new(),
+    };
+    // One warm-up request (kernel loading, allocator growth) outside the measurement.
+    let mut warm = engine.submit(request(streams))?;
+    while !matches!(
+        warm.blocking_recv(),
+        None | Some(GenerationEvent::Finished(_) | GenerationEvent::Failed(_))
+    ) {}
+    let start = Instant::now();
+    let mut receivers = Vec::with_capacity(streams);
+    for i in 0..streams {
+        receivers.push(engine.submit(request(i))?);
+    }
+    let mut tokens = 0;
+    for mut rx in receivers {
+        while let Some(event) = rx.blocking_recv() {
+            match event {
+                GenerationEvent::Token(_) => tokens += 1,
+                GenerationEvent::Failed(e) => anyhow::bail!("bench serve: a request failed: {e}"),
+                GenerationEvent::Finished(_) => break,
+                GenerationEvent::Started { .. } => {}
+            }
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    engine.shutdown();
+    engine.join();
+    anyhow::ensure!(
+        tokens == streams * new_tokens,
+        "bench serve: expected {} tokens, got {tokens}",
+        streams * new_tokens
+    );
+    let (device, dtype, layers) = describe(model);
+    Ok(BenchResult {
+        task: "serve".into(),
+        device,
+        dtype,
+        layers,
+        batch: streams,
+        seq: prompt_len,
+        tokens,
+        seconds,
+        tokens_per_second: tokens as f64 / seconds,
+        peak_memory_gib: peak_memory_gib(model.device()),
+        host_ms_per_step: None,
+    })
+}

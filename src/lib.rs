@@ -1,7 +1,8 @@
 //! philo: fine-tune (QLoRA) and serve Microsoft Phi-3 on one GPU, in Rust.
 //!
 //! This crate is the application layer behind the `philo` command: loading a model with its
-//! tokenizer and chat template ([`pipeline::Pipeline`]), the chat session, the tiny default model.
+//! tokenizer and chat template ([`pipeline::Pipeline`]), the chat session, the tiny default model,
+//! the benchmarks and the `serve` command's setup.
 //! The model itself lives in `philo-model`, text handling in `philo-text`, generation in
 //! `philo-generate`.
 
@@ -12,4 +13,5 @@ pub mod device;
 pub mod finetune;
 pub mod merge;
 pub mod pipeline;
+pub mod serve;
 pub mod tiny;

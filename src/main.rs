@@ -45,6 +45,9 @@ enum Command {
     Merge(MergeArgs),
     /// Measure throughput (tokens/s, peak memory) as a table and JSON.
     Bench(BenchArgs),
+    /// Serve the model (and LoRA adapters) over an OpenAI-compatible HTTP API with continuous
+    /// batching.
+    Serve(Box<ServeArgs>),
     /// The main job end to end on the embedded tiny model: write it, QLoRA fine-tune it on a sample
     /// dataset, and ask it what it learned.
     Demo {
@@ -364,12 +367,80 @@ fn finetune(args: FinetuneArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[derive(Args)]
+struct ServeArgs {
+    /// A model folder (Hugging Face layout) or a hub id such as microsoft/Phi-3-mini-4k-instruct.
+    #[arg(long)]
+    model: String,
+    /// auto (CUDA when available), cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
+    /// f32, bf16 or f16 (default: f32 on CPU, bf16 on GPU).
+    #[arg(long, value_parser = parse_dtype)]
+    dtype: Option<DType>,
+    /// A LoRA adapter served as its own model: NAME=DIR (a PEFT folder); repeatable. Clients pick
+    /// it with "model": "NAME"; more can be loaded later with POST /v1/adapters.
+    #[arg(long = "adapter", value_parser = philo::serve::parse_adapter)]
+    adapters: Vec<(String, PathBuf)>,
+    /// Address to listen on; 127.0.0.1 keeps the server local. Use 0.0.0.0 to expose it.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: std::net::IpAddr,
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` on /v1 routes (also read from PHILO_API_KEY).
+    #[arg(long = "api-key", env = "PHILO_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// The model id clients send for the base model (default: --model as given).
+    #[arg(long = "served-model-name")]
+    served_model_name: Option<String>,
+    /// Most sequences decoded together.
+    #[arg(long = "max-batch", default_value_t = 128)]
+    max_batch: usize,
+    /// Most tokens one step computes (decode tokens plus prompt chunks): long prompts are
+    /// prefilled in chunks of this size so running streams keep flowing.
+    #[arg(long = "max-batch-tokens", default_value_t = 4096)]
+    max_batch_tokens: usize,
+    /// Requests allowed to wait for a place in the batch; beyond it clients get 429.
+    #[arg(long = "max-queue", default_value_t = 256)]
+    max_queue: usize,
+    /// Tokens per KV cache block.
+    #[arg(long = "block-size", default_value_t = 16)]
+    block_size: usize,
+    /// Memory for the paged KV cache in GiB (default: 8 on a GPU, 1 on the CPU).
+    #[arg(long = "kv-cache-gib")]
+    kv_cache_gib: Option<f64>,
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.max_batch > 0 && args.max_batch_tokens > 0 && args.block_size > 0,
+        "--max-batch, --max-batch-tokens and --block-size must be at least 1"
+    );
+    let device = args.device.open()?;
+    let dtype = args.dtype.unwrap_or_else(|| default_dtype(&device));
+    let options = philo::serve::ServeOptions {
+        model: args.model,
+        served_model_name: args.served_model_name,
+        adapters: args.adapters,
+        addr: std::net::SocketAddr::new(args.host, args.port),
+        api_key: args.api_key,
+        max_running: args.max_batch,
+        max_tokens_per_step: args.max_batch_tokens,
+        max_queue: args.max_queue,
+        block_size: args.block_size,
+        kv_cache_gib: args.kv_cache_gib,
+    };
+    philo::serve::run(options, dtype, &device)
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum BenchTask {
     Prefill,
     Decode,
     /// LoRA/QLoRA optimizer steps (gradient checkpointing, all four projection types).
     Train,
+    /// Concurrent streams (--batch) through the serving engine: continuous batching, paged KV cache.
+    Serve,
 }
 
 #[derive(Args)]
@@ -391,10 +462,10 @@ struct BenchArgs {
     /// Sequences per batch; repeat the flag for several runs (e.g. --batch 1 --batch 26).
     #[arg(long, default_value = "1")]
     batch: Vec<usize>,
-    /// Prefill: tokens per sequence. Decode: prompt length.
+    /// Prefill: tokens per sequence. Decode and serve: prompt length.
     #[arg(long)]
     seq: Option<usize>,
-    /// Decode: new tokens per sequence.
+    /// Decode and serve: new tokens per sequence.
     #[arg(long = "new_tokens", alias = "new-tokens", default_value_t = 128)]
     new_tokens: usize,
     /// Train: LoRA rank.
@@ -454,6 +525,9 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 }
                 BenchTask::Decode => {
                     philo::bench::decode(&model, batch, args.seq.unwrap_or(128), args.new_tokens)?
+                }
+                BenchTask::Serve => {
+                    philo::bench::serve(&model, batch, args.seq.unwrap_or(128), args.new_tokens)?
                 }
             });
         }
@@ -558,6 +632,7 @@ fn main() -> ExitCode {
                 .map(|()| println!("wrote the merged model to {}", args.output.display()))
         }
         Command::Bench(args) => bench(args),
+        Command::Serve(args) => serve(*args),
         Command::Demo { dir, steps } => demo(dir, steps),
     };
     match result {

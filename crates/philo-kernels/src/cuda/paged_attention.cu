@@ -16,10 +16,22 @@ __device__ void write_kv(T* cache, const T* values, const uint32_t* slots, int t
     }
 }
 
-// One block of 128 threads per (sequence, head): keys in tiles of 128 (one thread scores one
-// key with 16-byte loads), an online softmax across tiles, and the weighted sum of V with thread
-// j accumulating output dims j and j + 128 (coalesced V reads). q [h, n, d], out [n, h, d].
+// One block of 128 threads (4 warps) per (sequence, head). Keys go in tiles of 128: one thread
+// scores one key with 16-byte loads, then an online softmax rescales across tiles. For the
+// weighted sum of V each warp takes every 4th key of the tile and its lanes cover the head's
+// dimensions in pairs (128-byte coalesced rows), so the chain of dependent loads per thread is a
+// quarter of the tile; the 4 warps' partial sums are added at the end. q [h, n, d], out [n, h, d].
 constexpr int TILE = 128;
+constexpr int WARPS = 4;
+// Pairs of output dims per lane: d ≤ 2 * 32 * PAIRS = 256.
+constexpr int PAIRS = 4;
+
+// Two consecutive elements (p 4- or 8-byte aligned) as floats, in one load.
+__device__ __forceinline__ float2 load_pair(const float* p) { return *reinterpret_cast<const float2*>(p); }
+__device__ __forceinline__ float2 load_pair(const __nv_bfloat16* p) {
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
+}
+__device__ __forceinline__ float2 load_pair(const __half* p) { return __half22float2(*reinterpret_cast<const __half2*>(p)); }
 
 template <typename T>
 __device__ void paged_decode(const T* q, const T* kc, const T* vc, const uint32_t* tables,
@@ -27,7 +39,9 @@ __device__ void paged_decode(const T* q, const T* kc, const T* vc, const uint32_
                              int max_blocks, int window) {
     __shared__ float qs[256];
     __shared__ float probs[TILE];
+    __shared__ float partial[WARPS][256];
     int seq = blockIdx.x, head = blockIdx.y, tid = threadIdx.x;
+    int warp = tid / 32, lane = tid % 32;
     int kh = head / (h / kvh);
     int len = lens[seq];
     int first = len > window ? len - window : 0;
@@ -37,7 +51,7 @@ __device__ void paged_decode(const T* q, const T* kc, const T* vc, const uint32_
     __syncthreads();
 
     float running_max = -INFINITY, running_sum = 0.f;
-    float acc[2] = {0.f, 0.f};
+    float acc[PAIRS][2] = {};
     for (int start = first; start < len; start += TILE) {
         int p = start + tid;
         float score = -INFINITY;
@@ -65,22 +79,41 @@ __device__ void paged_decode(const T* q, const T* kc, const T* vc, const uint32_
         __syncthreads();
         int count = min(TILE, len - start);
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            int j = tid + r * 128;
-            if (j >= d) continue;
-            float a = acc[r] * correction;
-            for (int i = 0; i < count; ++i) {
-                int pi = start + i;
-                size_t block = table[pi / bs];
-                a += probs[i] * to_f32(vc[((block * kvh + kh) * bs + pi % bs) * d + j]);
+        for (int r = 0; r < PAIRS; ++r) {
+            acc[r][0] *= correction;
+            acc[r][1] *= correction;
+        }
+#pragma unroll 2
+        for (int i = warp; i < count; i += WARPS) {
+            int pi = start + i;
+            size_t block = table[pi / bs];
+            const T* v = vc + ((block * kvh + kh) * bs + pi % bs) * d;
+            float w = probs[i];
+#pragma unroll
+            for (int r = 0; r < PAIRS; ++r) {
+                int j = 2 * lane + 64 * r;
+                if (j < d) {
+                    float2 pair = load_pair(v + j);
+                    acc[r][0] += w * pair.x;
+                    acc[r][1] += w * pair.y;
+                }
             }
-            acc[r] = a;
         }
     }
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        int j = tid + r * 128;
-        if (j < d) out[((size_t)seq * h + head) * d + j] = from_f32<T>(running_sum > 0.f ? acc[r] / running_sum : 0.f);
+    for (int r = 0; r < PAIRS; ++r) {
+        int j = 2 * lane + 64 * r;
+        if (j < d) {
+            partial[warp][j] = acc[r][0];
+            partial[warp][j + 1] = acc[r][1];
+        }
+    }
+    __syncthreads();
+    for (int j = tid; j < d; j += blockDim.x) {
+        float sum = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) sum += partial[w][j];
+        out[((size_t)seq * h + head) * d + j] = from_f32<T>(running_sum > 0.f ? sum / running_sum : 0.f);
     }
 }
 

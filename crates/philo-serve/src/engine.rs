@@ -1,0 +1,589 @@
+//! The scheduler loop: one thread owns the model, the paged KV cache and the adapters, and runs
+//! steps for as long as there is work. Each step the [`Scheduler`] picks the sequences and their
+//! chunks; the model runs them in one batch; each sequence that reached its last token samples
+//! one and sends it to its request. A request whose receiver is gone is cancelled and its blocks
+//! are freed.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use candle_core::{DType, Device, Tensor};
+use philo_generate::Sampler;
+use philo_model::{Adapter, LoraBank, PagedKvCache, Phi3, SeqChunk};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::sync::oneshot;
+
+use crate::request::{
+    Backend, EngineStats, FinishReason, GenerationEvent, GenerationRequest, ModelInfo, SubmitError,
+};
+use crate::scheduler::{Scheduler, SchedulerConfig, SeqStatus};
+
+/// Sizes and budgets of the engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// The id under which the base model is served.
+    pub model_id: String,
+    /// Most sequences in the running batch.
+    pub max_running: usize,
+    /// Token budget of one step (decode tokens + prompt chunk tokens).
+    pub max_tokens_per_step: usize,
+    /// Requests allowed to wait for a place in the batch; more get 429.
+    pub max_queue: usize,
+    /// Token slots per KV block.
+    pub block_size: usize,
+    /// KV blocks in the cache.
+    pub num_blocks: usize,
+}
+
+impl EngineConfig {
+    /// Blocks that fit in `bytes` of KV cache for `model`.
+    pub fn blocks_for_bytes(model: &Phi3, block_size: usize, bytes: usize) -> usize {
+        bytes / PagedKvCache::bytes_per_block(model.config(), block_size, model.dtype())
+    }
+}
+
+enum Command {
+    Submit {
+        id: u64,
+        request: GenerationRequest,
+        adapter: Option<usize>,
+        events: UnboundedSender<GenerationEvent>,
+    },
+    LoadAdapter {
+        name: String,
+        adapter: Box<Adapter>,
+        reply: oneshot::Sender<Result<ModelInfo, String>>,
+    },
+}
+
+/// What the handle knows about the served models: name → adapter slot (None: the base).
+struct Models {
+    infos: Vec<ModelInfo>,
+    slots: HashMap<String, Option<usize>>,
+}
+
+/// State shared by the handle and the loop.
+struct Shared {
+    models: RwLock<Models>,
+    stats: Mutex<EngineStats>,
+    /// Requests submitted and not yet running: what the admission bound counts.
+    waiting: AtomicUsize,
+    shutting_down: AtomicBool,
+}
+
+/// The engine as seen from the HTTP layer (implements [`Backend`]).
+pub struct EngineHandle {
+    commands: Mutex<Sender<Command>>,
+    shared: Arc<Shared>,
+    next_id: AtomicU64,
+    config: EngineConfig,
+    context: usize,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl EngineHandle {
+    /// Starts the scheduler loop on its own thread with `model`, a KV cache of
+    /// `config.num_blocks` blocks, and `adapters` (name, adapter) loaded up front.
+    pub fn start(
+        model: Phi3,
+        config: EngineConfig,
+        adapters: Vec<(String, Adapter)>,
+    ) -> anyhow::Result<EngineHandle> {
+        anyhow::ensure!(
+            config.num_blocks > 0 && config.block_size > 0,
+            "the KV cache needs at least one block of at least one token"
+        );
+        let cache = PagedKvCache::new(
+            model.config(),
+            config.num_blocks,
+            config.block_size,
+            model.dtype(),
+            model.device(),
+        )?;
+        let mut bank = LoraBank::new();
+        let created = now_secs();
+        let mut models = Models {
+            infos: vec![ModelInfo {
+                id: config.model_id.clone(),
+                parent: None,
+                created,
+            }],
+            slots: HashMap::from([(config.model_id.clone(), None)]),
+        };
+        for (name, adapter) in &adapters {
+            anyhow::ensure!(
+                !models.slots.contains_key(name),
+                "two models are named `{name}`; give each --adapter its own NAME"
+            );
+            let slot = bank
+                .insert(adapter, &model)
+                .map_err(|e| anyhow::anyhow!("adapter `{name}`: {e}"))?;
+            models.slots.insert(name.clone(), Some(slot));
+            models.infos.push(ModelInfo {
+                id: name.clone(),
+                parent: Some(config.model_id.clone()),
+                created,
+            });
+        }
+        // Positions beyond what the cache can hold can never be served.
+        let context = model
+            .config()
+            .max_position_embeddings
+            .min(config.num_blocks * config.block_size);
+        let shared = Arc::new(Shared {
+            models: RwLock::new(models),
+            stats: Mutex::new(EngineStats {
+                kv_blocks_free: config.num_blocks,
+                kv_block_size: config.block_size,
+                ..EngineStats::default()
+            }),
+            waiting: AtomicUsize::new(0),
+            shutting_down: AtomicBool::new(false),
+        });
+        let (tx, rx) = mpsc::channel();
+        let scheduler = Scheduler::new(SchedulerConfig {
+            max_running: config.max_running,
+            max_tokens_per_step: config.max_tokens_per_step,
+            // The handle bounds admission; the scheduler's queue only has to hold what it lets in.
+            max_queue: usize::MAX,
+            num_blocks: config.num_blocks,
+            block_size: config.block_size,
+        });
+        let engine = Engine {
+            model,
+            cache,
+            bank,
+            scheduler,
+            sequences: HashMap::new(),
+            commands: rx,
+            shared: shared.clone(),
+            model_id: config.model_id.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("philo-engine".into())
+            .spawn(move || engine.run())?;
+        Ok(EngineHandle {
+            commands: Mutex::new(tx),
+            shared,
+            next_id: AtomicU64::new(0),
+            config,
+            context,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Waits for the loop to end (after [`Backend::shutdown`] and the last sequence).
+    pub fn join(&self) {
+        if let Some(t) = self.thread.lock().unwrap().take() {
+            let _ = t.join();
+        }
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    fn send(&self, command: Command) -> Result<(), SubmitError> {
+        self.commands
+            .lock()
+            .unwrap()
+            .send(command)
+            .map_err(|_| SubmitError::ShuttingDown)
+    }
+}
+
+impl Backend for EngineHandle {
+    fn submit(
+        &self,
+        request: GenerationRequest,
+    ) -> Result<UnboundedReceiver<GenerationEvent>, SubmitError> {
+        if self.shared.shutting_down.load(Ordering::SeqCst) {
+            return Err(SubmitError::ShuttingDown);
+        }
+        let adapter = match self.shared.models.read().unwrap().slots.get(&request.model) {
+            Some(slot) => *slot,
+            None => return Err(SubmitError::UnknownModel(request.model.clone())),
+        };
+        if request.prompt.is_empty() || request.prompt.len() + request.max_tokens > self.context {
+            return Err(SubmitError::ContextOverflow {
+                prompt: request.prompt.len(),
+                max_tokens: request.max_tokens,
+                context: self.context,
+            });
+        }
+        let queued = self.shared.waiting.fetch_add(1, Ordering::SeqCst);
+        if queued >= self.config.max_queue {
+            self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::QueueFull {
+                queued,
+                retry_after_secs: 1,
+            });
+        }
+        let (events, receiver) = unbounded_channel();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let sent = self.send(Command::Submit {
+            id,
+            request,
+            adapter,
+            events,
+        });
+        if sent.is_err() {
+            self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+        sent.map(|_| receiver)
+    }
+
+    fn models(&self) -> Vec<ModelInfo> {
+        self.shared.models.read().unwrap().infos.clone()
+    }
+
+    fn context_length(&self) -> usize {
+        self.context
+    }
+
+    fn load_adapter(
+        &self,
+        name: String,
+        dir: PathBuf,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<ModelInfo, String>> + Send>>
+    {
+        let taken = self.shared.models.read().unwrap().slots.contains_key(&name);
+        let commands = self.commands.lock().unwrap().clone();
+        Box::pin(async move {
+            if taken {
+                return Err(format!(
+                    "a model named `{name}` is already loaded; pick another name"
+                ));
+            }
+            if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(format!("`{name}` is not a usable model name: use letters, digits, '-', '_', '.' or '/'"));
+            }
+            // Reading the files is blocking work: keep it off the async runtime's threads.
+            let adapter = tokio::task::spawn_blocking(move || Adapter::load(&dir))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            let (reply, answer) = oneshot::channel();
+            commands
+                .send(Command::LoadAdapter {
+                    name,
+                    adapter: Box::new(adapter),
+                    reply,
+                })
+                .map_err(|_| "the server is shutting down".to_string())?;
+            answer
+                .await
+                .map_err(|_| "the server is shutting down".to_string())?
+        })
+    }
+
+    fn stats(&self) -> EngineStats {
+        let mut stats = self.shared.stats.lock().unwrap().clone();
+        stats.queue_depth = self.shared.waiting.load(Ordering::SeqCst);
+        stats
+    }
+
+    fn shutdown(&self) {
+        self.shared.shutting_down.store(true, Ordering::SeqCst);
+    }
+}
+
+/// One live sequence on the loop's side.
+struct Sequence {
+    events: UnboundedSender<GenerationEvent>,
+    sampler: Sampler,
+    /// Prompt and generated tokens, for the repetition penalties.
+    tokens: Vec<u32>,
+    stop_token_ids: Vec<u32>,
+    long_rope: bool,
+    /// Whether it has left the waiting queue (the admission bound no longer counts it).
+    started: bool,
+}
+
+struct Engine {
+    model: Phi3,
+    cache: PagedKvCache,
+    bank: LoraBank,
+    scheduler: Scheduler,
+    sequences: HashMap<u64, Sequence>,
+    commands: Receiver<Command>,
+    shared: Arc<Shared>,
+    model_id: String,
+}
+
+impl Engine {
+    fn run(mut self) {
+        loop {
+            let idle = self.sequences.is_empty();
+            if idle && self.shared.shutting_down.load(Ordering::SeqCst) {
+                return;
+            }
+            // Idle: block for the next command (with a timeout, to notice a shutdown).
+            if idle {
+                match self
+                    .commands
+                    .recv_timeout(std::time::Duration::from_millis(100))
+                {
+                    Ok(c) => self.handle(c),
+                    Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            }
+            while let Ok(c) = self.commands.try_recv() {
+                self.handle(c);
+            }
+            self.drop_cancelled();
+            if let Err(e) = self.step() {
+                // A failed step fails the sequences it ran; the loop stays up for the others.
+                eprintln!("philo serve: step failed: {e}");
+            }
+            self.publish_stats();
+        }
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Submit {
+                id,
+                request,
+                adapter,
+                events,
+            } => {
+                let rotary = self.model.rotary();
+                let longest = request.prompt.len() + request.max_tokens;
+                let long_rope = rotary.uses_long_factors(longest.saturating_sub(1));
+                let sampler = match Sampler::new(request.sampling) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+                        let _ = events.send(GenerationEvent::Failed(e.to_string()));
+                        return;
+                    }
+                };
+                let added = self.scheduler.add(
+                    id,
+                    request.prompt.clone(),
+                    request.max_tokens,
+                    adapter.map(|s| s as u32),
+                );
+                if let Err(e) = added {
+                    self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+                    let _ = events.send(GenerationEvent::Failed(e.to_string()));
+                    return;
+                }
+                self.sequences.insert(
+                    id,
+                    Sequence {
+                        events,
+                        sampler,
+                        tokens: request.prompt,
+                        stop_token_ids: request.stop_token_ids,
+                        long_rope,
+                        started: false,
+                    },
+                );
+            }
+            Command::LoadAdapter {
+                name,
+                adapter,
+                reply,
+            } => {
+                let result = match self.bank.insert(&adapter, &self.model) {
+                    Ok(slot) => {
+                        let mut models = self.shared.models.write().unwrap();
+                        let models = &mut *models;
+                        match models.slots.entry(name.clone()) {
+                            std::collections::hash_map::Entry::Occupied(_) => {
+                                self.bank.remove(slot);
+                                Err(format!(
+                                    "a model named `{name}` is already loaded; pick another name"
+                                ))
+                            }
+                            std::collections::hash_map::Entry::Vacant(entry) => {
+                                entry.insert(Some(slot));
+                                let info = ModelInfo {
+                                    id: name,
+                                    parent: Some(self.model_id.clone()),
+                                    created: now_secs(),
+                                };
+                                models.infos.push(info.clone());
+                                Ok(info)
+                            }
+                        }
+                    }
+                    Err(e) => Err(e.to_string()),
+                };
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    /// Ends the sequences whose request has gone away (client disconnect, stop string).
+    fn drop_cancelled(&mut self) {
+        let gone: Vec<u64> = self
+            .sequences
+            .iter()
+            .filter(|(_, s)| s.events.is_closed())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            self.end(id, None);
+        }
+    }
+
+    /// Removes a sequence, frees its blocks and sends its last event.
+    fn end(&mut self, id: u64, last: Option<GenerationEvent>) {
+        self.scheduler.finish(id);
+        if let Some(seq) = self.sequences.remove(&id) {
+            if !seq.started {
+                self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+            }
+            if let Some(event) = last {
+                let _ = seq.events.send(event);
+            }
+        }
+    }
+
+    fn step(&mut self) -> anyhow::Result<()> {
+        let plan = self.scheduler.schedule();
+        if plan.seqs.is_empty() {
+            return Ok(());
+        }
+        let chunks: Vec<SeqChunk> = plan
+            .seqs
+            .iter()
+            .map(|s| SeqChunk {
+                tokens: &s.tokens,
+                past: s.past,
+                block_table: &s.block_table,
+                adapter: s.adapter.map(|a| a as usize),
+                long_rope: self.sequences.get(&s.id).is_some_and(|q| q.long_rope),
+            })
+            .collect();
+        let logits = match self
+            .model
+            .forward_paged(&chunks, &mut self.cache, &self.bank)
+        {
+            Ok(l) => l,
+            Err(e) => {
+                for s in &plan.seqs {
+                    self.end(s.id, Some(GenerationEvent::Failed(e.to_string())));
+                }
+                return Err(e.into());
+            }
+        };
+        let rows: Vec<usize> = (0..plan.seqs.len())
+            .filter(|&i| plan.seqs[i].samples)
+            .collect();
+        let next = self.sample(
+            &logits,
+            &plan.seqs.iter().map(|s| s.id).collect::<Vec<_>>(),
+            &rows,
+        )?;
+        {
+            let mut stats = self.shared.stats.lock().unwrap();
+            stats.steps_total += 1;
+            stats.generated_tokens_total += next.len() as u64;
+        }
+        for s in &plan.seqs {
+            if let Some(seq) = self.sequences.get_mut(&s.id) {
+                if !seq.started {
+                    seq.started = true;
+                    self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+                    let cached = self.scheduler.cached_prompt_tokens(s.id).unwrap_or(0);
+                    let mut stats = self.shared.stats.lock().unwrap();
+                    stats.prompt_tokens_total += seq.tokens.len() as u64;
+                    stats.cached_prompt_tokens_total += cached as u64;
+                    drop(stats);
+                    let _ = seq.events.send(GenerationEvent::Started {
+                        prompt_tokens: seq.tokens.len(),
+                        cached_prompt_tokens: cached,
+                    });
+                }
+            }
+        }
+        for (id, token) in next {
+            let Some(seq) = self.sequences.get_mut(&id) else {
+                continue;
+            };
+            seq.tokens.push(token);
+            let status = self.scheduler.append_token(id, token);
+            if seq.events.send(GenerationEvent::Token(token)).is_err() {
+                self.end(id, None);
+            } else if seq.stop_token_ids.contains(&token) {
+                self.end(id, Some(GenerationEvent::Finished(FinishReason::Stop)));
+            } else if status == Some(SeqStatus::LengthReached) {
+                self.end(id, Some(GenerationEvent::Finished(FinishReason::Length)));
+            }
+        }
+        Ok(())
+    }
+
+    /// The next token of each sampling row. Greedy rows without penalties take the argmax on
+    /// the device; only the other rows' logits travel to the host.
+    fn sample(
+        &mut self,
+        logits: &Tensor,
+        ids: &[u64],
+        rows: &[usize],
+    ) -> anyhow::Result<Vec<(u64, u32)>> {
+        let plain_greedy = |s: &Sequence| {
+            let p = s.sampler.params();
+            p.is_greedy()
+                && p.repetition_penalty.is_none_or(|r| r == 1.0)
+                && p.frequency_penalty == 0.0
+                && p.presence_penalty == 0.0
+        };
+        let argmax: Vec<u32> = logits.argmax(1)?.to_vec1()?;
+        let mut out = Vec::with_capacity(rows.len());
+        let mut full_rows = Vec::new();
+        for &r in rows {
+            match self.sequences.get(&ids[r]) {
+                Some(s) if plain_greedy(s) => out.push((ids[r], argmax[r])),
+                Some(_) => full_rows.push(r),
+                None => {}
+            }
+        }
+        if !full_rows.is_empty() {
+            let index = Tensor::new(
+                full_rows
+                    .iter()
+                    .map(|&r| r as u32)
+                    .collect::<Vec<_>>()
+                    .as_slice(),
+                logits.device(),
+            )?;
+            let host = logits
+                .index_select(&index, 0)?
+                .to_device(&Device::Cpu)?
+                .to_dtype(DType::F32)?
+                .to_vec2::<f32>()?;
+            for (&r, row) in full_rows.iter().zip(host) {
+                if let Some(s) = self.sequences.get_mut(&ids[r]) {
+                    let token = s.sampler.sample(&row, &s.tokens);
+                    out.push((ids[r], token));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn publish_stats(&self) {
+        let mut stats = self.shared.stats.lock().unwrap();
+        stats.running_sequences = self.scheduler.num_running();
+        stats.kv_blocks_used = self.scheduler.blocks_used();
+        stats.kv_blocks_free = self.scheduler.blocks_free();
+        stats.preemptions_total = self.scheduler.preemptions();
+    }
+}

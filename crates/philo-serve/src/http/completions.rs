@@ -1,0 +1,161 @@
+//! POST /v1/completions: a continuation of a raw prompt (no chat template).
+
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use super::error::ApiError;
+use super::generation::{Generation, Job};
+use super::ids::{response_id, unix_now};
+use super::json::ApiJson;
+use super::openai::{Completion, CompletionChoice, CompletionRequest, Prompt, Usage};
+use super::params::{max_tokens, Settings};
+use super::sse::{self, ChunkFormat};
+use super::state::ServerState;
+use crate::request::FinishReason;
+
+const ENDPOINT: &str = "/v1/completions";
+
+/// POST /v1/completions.
+#[utoipa::path(
+    post,
+    path = "/v1/completions",
+    tag = "openai",
+    request_body = CompletionRequest,
+    responses(
+        (status = 200, description = "The continuation; with `stream: true`, server-sent events each carrying a Completion, then `data: [DONE]`",
+            content(
+                (Completion = "application/json"),
+                (String = "text/event-stream"),
+            )),
+        (status = 400, description = "A field is invalid, or the prompt and max_tokens do not fit the context", body = super::openai::ErrorResponse),
+        (status = 401, description = "Missing or wrong API key", body = super::openai::ErrorResponse),
+        (status = 404, description = "Unknown model", body = super::openai::ErrorResponse),
+        (status = 413, description = "The body is too large", body = super::openai::ErrorResponse),
+        (status = 415, description = "The body is not declared as JSON", body = super::openai::ErrorResponse),
+        (status = 429, description = "The engine's queue is full; retry after `Retry-After` seconds", body = super::openai::ErrorResponse,
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+        (status = 500, description = "The engine failed", body = super::openai::ErrorResponse),
+        (status = 503, description = "The server is shutting down", body = super::openai::ErrorResponse),
+    )
+)]
+pub async fn create_completion(
+    State(state): State<ServerState>,
+    ApiJson(request): ApiJson<CompletionRequest>,
+) -> Result<Response, ApiError> {
+    let arrived = Instant::now();
+    let CompletionRequest { input, params } = request;
+    let settings = Settings::from_params(&params)?;
+    if input.echo == Some(true) {
+        return Err(ApiError::invalid_param(
+            "echo",
+            "`echo: true` is not supported; prepend the prompt to the returned text yourself",
+        ));
+    }
+    let text = match input.prompt {
+        Prompt::Text(text) => text,
+        Prompt::Batch(mut texts) if texts.len() == 1 => texts.remove(0),
+        Prompt::Batch(texts) => {
+            return Err(ApiError::invalid_param(
+                "prompt",
+                format!(
+                    "`prompt` is a list of {} strings but philo takes one prompt per request; send one request per prompt",
+                    texts.len()
+                ),
+            ))
+        }
+    };
+    let model = state.resolve_model(params.model.as_deref())?;
+    // Tokenized like `philo generate` tokenizes its prompt.
+    let prompt = state
+        .tokenizer()
+        .encode(&text, true)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    if prompt.is_empty() {
+        return Err(ApiError::invalid_param(
+            "prompt",
+            "`prompt` is empty; give the text the model should continue",
+        ));
+    }
+    let max_tokens = max_tokens(
+        prompt.len(),
+        params.max_tokens,
+        "max_tokens",
+        "prompt",
+        state.backend().context_length(),
+    )?;
+    let (stream, include_usage) = (settings.stream, settings.include_usage);
+    let mut generation = Generation::start(
+        &state,
+        Job {
+            model: model.clone(),
+            prompt,
+            max_tokens,
+            settings,
+            endpoint: ENDPOINT,
+            arrived,
+        },
+    )?;
+    let chunks = CompletionChunks {
+        id: response_id("cmpl-"),
+        created: unix_now(),
+        model,
+    };
+    if stream {
+        return Ok(sse::respond(generation, chunks, include_usage));
+    }
+    let (text, reason) = generation.collect().await?;
+    let mut completion = chunks.completion(text, Some(reason));
+    completion.usage = Some(generation.usage());
+    Ok(Json(completion).into_response())
+}
+
+/// The answer, or the chunks of one streamed answer, of a completion request.
+struct CompletionChunks {
+    id: String,
+    created: u64,
+    model: String,
+}
+
+impl CompletionChunks {
+    fn completion(&self, text: String, finish_reason: Option<FinishReason>) -> Completion {
+        Completion {
+            id: self.id.clone(),
+            object: "text_completion",
+            created: self.created,
+            model: self.model.clone(),
+            choices: vec![CompletionChoice {
+                index: 0,
+                text,
+                finish_reason: finish_reason.map(Into::into),
+            }],
+            usage: None,
+        }
+    }
+}
+
+impl ChunkFormat for CompletionChunks {
+    type Chunk = Completion;
+
+    fn opening(&self) -> Option<Completion> {
+        None
+    }
+
+    fn text(&self, text: String) -> Completion {
+        self.completion(text, None)
+    }
+
+    fn finish(&self, reason: FinishReason) -> Completion {
+        self.completion(String::new(), Some(reason))
+    }
+
+    fn usage(&self, usage: Usage) -> Completion {
+        Completion {
+            choices: Vec::new(),
+            usage: Some(usage),
+            ..self.completion(String::new(), None)
+        }
+    }
+}

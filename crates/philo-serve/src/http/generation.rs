@@ -1,0 +1,208 @@
+//! One request running on the engine: its token events turned into text.
+//!
+//! A [`Generation`] owns the engine's event receiver, so dropping it (the client went away, the
+//! handler future or the SSE body was dropped) cancels the sequence. It also lets go of the
+//! receiver as soon as the answer is complete, e.g. when a stop string matched, so the engine
+//! stops generating tokens nobody will read.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use philo_text::StreamDecoder;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use super::error::ApiError;
+use super::openai::{PromptTokensDetails, Usage};
+use super::params::Settings;
+use super::state::ServerState;
+use super::stop::{Scan, StopStrings};
+use crate::request::{FinishReason, GenerationEvent, GenerationRequest};
+
+/// The next thing a generation has to say.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// More text of the answer (never empty).
+    Text(String),
+    /// The answer is complete.
+    Finished(FinishReason),
+    /// The engine failed; the message is for the client.
+    Failed(String),
+}
+
+/// What a route asks the engine to run.
+pub struct Job {
+    pub model: String,
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub settings: Settings,
+    /// The route, for the request duration metric.
+    pub endpoint: &'static str,
+    /// When the HTTP request arrived, for the latency metrics.
+    pub arrived: Instant,
+}
+
+/// A submitted request, read step by step.
+pub struct Generation {
+    state: ServerState,
+    /// `None` once the answer is complete: dropping the receiver cancels the sequence.
+    events: Option<UnboundedReceiver<GenerationEvent>>,
+    decoder: StreamDecoder,
+    stops: StopStrings,
+    steps: VecDeque<Step>,
+    prompt_tokens: usize,
+    cached_prompt_tokens: usize,
+    completion_tokens: usize,
+    endpoint: &'static str,
+    arrived: Instant,
+    last_token_at: Option<Instant>,
+}
+
+impl Generation {
+    /// Submits `job` to the engine.
+    pub fn start(state: &ServerState, job: Job) -> Result<Self, ApiError> {
+        let prompt_tokens = job.prompt.len();
+        let events = state.backend().submit(GenerationRequest {
+            model: job.model,
+            prompt: job.prompt,
+            max_tokens: job.max_tokens,
+            sampling: job.settings.sampling,
+            stop_token_ids: state.stop_token_ids().to_vec(),
+        })?;
+        Ok(Generation {
+            state: state.clone(),
+            events: Some(events),
+            decoder: StreamDecoder::new(state.tokenizer()),
+            stops: StopStrings::new(job.settings.stop),
+            steps: VecDeque::new(),
+            prompt_tokens,
+            cached_prompt_tokens: 0,
+            completion_tokens: 0,
+            endpoint: job.endpoint,
+            arrived: job.arrived,
+            last_token_at: None,
+        })
+    }
+
+    /// The next step; `None` after [`Step::Finished`] or [`Step::Failed`].
+    pub async fn next(&mut self) -> Option<Step> {
+        loop {
+            if let Some(step) = self.steps.pop_front() {
+                return Some(step);
+            }
+            let event = self.events.as_mut()?.recv().await;
+            match event {
+                Some(GenerationEvent::Started {
+                    cached_prompt_tokens,
+                    ..
+                }) => self.cached_prompt_tokens = cached_prompt_tokens,
+                Some(GenerationEvent::Token(id)) => self.on_token(id),
+                Some(GenerationEvent::Finished(reason)) => self.on_finished(reason),
+                Some(GenerationEvent::Failed(message)) => self.fail(message),
+                None => self.fail(
+                    "the engine dropped the request without finishing it; see the server log"
+                        .to_string(),
+                ),
+            }
+        }
+    }
+
+    /// Runs to the end: the whole text and why it ended (for non-streamed answers).
+    pub async fn collect(&mut self) -> Result<(String, FinishReason), ApiError> {
+        let mut text = String::new();
+        while let Some(step) = self.next().await {
+            match step {
+                Step::Text(piece) => text.push_str(&piece),
+                Step::Finished(reason) => return Ok((text, reason)),
+                Step::Failed(message) => return Err(ApiError::internal(message)),
+            }
+        }
+        Err(ApiError::internal(
+            "the generation ended without a result; this is a bug in philo, please report it",
+        ))
+    }
+
+    /// The token counts so far.
+    pub fn usage(&self) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            total_tokens: self.prompt_tokens + self.completion_tokens,
+            prompt_tokens_details: PromptTokensDetails {
+                cached_tokens: self.cached_prompt_tokens,
+            },
+        }
+    }
+
+    fn on_token(&mut self, id: u32) {
+        let now = Instant::now();
+        let metrics = self.state.metrics();
+        match self.last_token_at {
+            None => metrics.observe_time_to_first_token((now - self.arrived).as_secs_f64()),
+            Some(previous) => metrics.observe_inter_token_latency((now - previous).as_secs_f64()),
+        }
+        self.last_token_at = Some(now);
+        self.completion_tokens += 1;
+        // The engine reports the stop token it sampled; it ends the answer but is not part of it.
+        if self.state.stop_token_ids().contains(&id) {
+            return;
+        }
+        match self.decoder.push(id) {
+            Ok(Some(text)) => {
+                self.scan(&text);
+            }
+            Ok(None) => {}
+            Err(error) => self.fail(error.to_string()),
+        }
+    }
+
+    fn on_finished(&mut self, reason: FinishReason) {
+        match self.decoder.finish() {
+            Ok(Some(text)) if self.scan(&text) => return,
+            Ok(_) => {}
+            Err(error) => return self.fail(error.to_string()),
+        }
+        let held = self.stops.finish();
+        self.push_text(held);
+        self.end(Step::Finished(reason));
+    }
+
+    /// Checks new text for stop strings; returns whether one ended the answer.
+    fn scan(&mut self, text: &str) -> bool {
+        match self.stops.push(text) {
+            Scan::Continue(safe) => {
+                self.push_text(safe);
+                false
+            }
+            Scan::Stopped(before) => {
+                self.push_text(before);
+                self.end(Step::Finished(FinishReason::Stop));
+                true
+            }
+        }
+    }
+
+    fn push_text(&mut self, text: String) {
+        if !text.is_empty() {
+            self.steps.push_back(Step::Text(text));
+        }
+    }
+
+    fn fail(&mut self, message: String) {
+        self.end(Step::Failed(message));
+    }
+
+    /// Queues the last step and drops the receiver, which cancels the sequence if the engine
+    /// is still running it.
+    fn end(&mut self, last: Step) {
+        self.steps.push_back(last);
+        self.events = None;
+    }
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        self.state
+            .metrics()
+            .observe_request_duration(self.endpoint, self.arrived.elapsed().as_secs_f64());
+    }
+}

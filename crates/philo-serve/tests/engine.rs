@@ -1,0 +1,270 @@
+//! The engine end to end on the tiny reference model (CPU, f32): greedy sequences joining the
+//! running batch mid-flight, chunked prefill and preemption give exactly the tokens each
+//! sequence gets alone through the plain generation loop; adapters per request; cancellation
+//! and the admission bound free everything.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device};
+use philo_generate::{SamplingParams, TokenStream};
+use philo_model::{Adapter, Phi3, Phi3Config, SafetensorsStore};
+use philo_serve::engine::{EngineConfig, EngineHandle};
+use philo_serve::request::{
+    Backend, FinishReason, GenerationEvent, GenerationRequest, SubmitError,
+};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+fn case_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/hf-reference/dev/mini4k")
+}
+
+fn model() -> Phi3 {
+    let dir = case_dir();
+    let config = Phi3Config::from_file(&dir.join("config.json")).unwrap();
+    let store = SafetensorsStore::open_dir(&dir).unwrap();
+    Phi3::load(&config, &store, DType::F32, &Device::Cpu).unwrap()
+}
+
+fn prompt(seed: usize, len: usize) -> Vec<u32> {
+    (0..len)
+        .map(|i| ((seed * 7919 + i * 104_729 + i * i) % 500) as u32 + 3)
+        .collect()
+}
+
+/// The greedy continuation through the plain (non-paged) generation loop.
+fn alone(model: &Phi3, prompt: &[u32], new_tokens: usize) -> Vec<u32> {
+    let mut stream = TokenStream::new(model, prompt.to_vec(), SamplingParams::greedy()).unwrap();
+    (0..new_tokens)
+        .map(|_| stream.next_token().unwrap())
+        .collect()
+}
+
+fn request(model: &str, prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
+    GenerationRequest {
+        model: model.into(),
+        prompt,
+        max_tokens,
+        sampling: SamplingParams::greedy(),
+        stop_token_ids: Vec::new(),
+    }
+}
+
+/// All tokens of a stream and how it ended.
+fn collect(rx: &mut UnboundedReceiver<GenerationEvent>) -> (Vec<u32>, FinishReason) {
+    let mut tokens = Vec::new();
+    loop {
+        match rx.blocking_recv().expect("the stream ends with Finished") {
+            GenerationEvent::Token(t) => tokens.push(t),
+            GenerationEvent::Finished(reason) => return (tokens, reason),
+            GenerationEvent::Failed(e) => panic!("request failed: {e}"),
+            GenerationEvent::Started { .. } => {}
+        }
+    }
+}
+
+/// Waits until the engine reports no used KV blocks and no running sequence.
+fn wait_idle(engine: &EngineHandle) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = engine.stats();
+        if stats.kv_blocks_used == 0 && stats.running_sequences == 0 && stats.queue_depth == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "engine did not go idle: {stats:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn config(num_blocks: usize, max_tokens_per_step: usize) -> EngineConfig {
+    EngineConfig {
+        model_id: "tiny".into(),
+        max_running: 6,
+        max_tokens_per_step,
+        max_queue: 64,
+        block_size: 4,
+        num_blocks,
+    }
+}
+
+#[test]
+fn batched_greedy_equals_alone_with_joins_chunks_and_preemption() {
+    let model = model();
+    // Mixed prompt lengths (1 to 37 tokens) and lengths of output.
+    let cases: Vec<(Vec<u32>, usize)> = [
+        (1, 9),
+        (17, 12),
+        (5, 20),
+        (37, 7),
+        (3, 15),
+        (23, 11),
+        (9, 18),
+        (30, 5),
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, &(len, new))| (prompt(i, len), new))
+    .collect();
+    let expected: Vec<Vec<u32>> = cases.iter().map(|(p, n)| alone(&model, p, *n)).collect();
+    // 24 blocks of 4 tokens cannot hold all six running sequences at full length: preemption.
+    // A budget of 8 tokens per step cuts the longer prompts into chunks.
+    let engine = EngineHandle::start(model, config(24, 8), Vec::new()).unwrap();
+    let mut streams = Vec::new();
+    for (i, (p, n)) in cases.iter().enumerate() {
+        streams.push(engine.submit(request("tiny", p.clone(), *n)).unwrap());
+        // Later sequences join while the earlier ones are decoding.
+        if i % 2 == 1 {
+            match streams[i - 1].blocking_recv().unwrap() {
+                GenerationEvent::Started { prompt_tokens, .. } => {
+                    assert_eq!(prompt_tokens, cases[i - 1].0.len())
+                }
+                other => panic!("the first event is Started, got {other:?}"),
+            }
+        }
+    }
+    for (i, rx) in streams.iter_mut().enumerate() {
+        let (tokens, reason) = collect(rx);
+        assert_eq!(tokens, expected[i], "sequence {i}");
+        assert_eq!(reason, FinishReason::Length);
+    }
+    wait_idle(&engine);
+    assert!(
+        engine.stats().preemptions_total > 0,
+        "the case was meant to preempt"
+    );
+    engine.shutdown();
+    engine.join();
+}
+
+#[test]
+fn stop_tokens_and_shared_prefixes() {
+    let model = model();
+    let shared = prompt(7, 21);
+    let expected = alone(&model, &shared, 10);
+    let engine = EngineHandle::start(model, config(64, 64), Vec::new()).unwrap();
+    let (first, _) = collect(&mut engine.submit(request("tiny", shared.clone(), 10)).unwrap());
+    assert_eq!(first, expected);
+    // The same prompt again reuses its full blocks (20 of 21 tokens) and still gives the same
+    // tokens; with the 4th token as a stop token it ends there.
+    let mut req = request("tiny", shared.clone(), 10);
+    req.stop_token_ids = vec![expected[3]];
+    let mut rx = engine.submit(req).unwrap();
+    match rx.blocking_recv().unwrap() {
+        GenerationEvent::Started {
+            cached_prompt_tokens,
+            ..
+        } => assert_eq!(cached_prompt_tokens, 20),
+        other => panic!("expected Started, got {other:?}"),
+    }
+    let stop_at = expected.iter().position(|&t| t == expected[3]).unwrap();
+    let (tokens, reason) = collect(&mut rx);
+    assert_eq!(tokens, expected[..=stop_at]);
+    assert_eq!(reason, FinishReason::Stop);
+    wait_idle(&engine);
+    engine.shutdown();
+    engine.join();
+}
+
+#[test]
+fn requests_pick_their_adapter_in_one_batch() {
+    let model = model();
+    let adapter = Adapter::load(&case_dir().join("adapter")).unwrap();
+    let mut tuned = model.clone();
+    adapter.attach(&mut tuned).unwrap();
+    let p = prompt(3, 12);
+    let base_expected = alone(&model, &p, 12);
+    let tuned_expected = alone(&tuned, &p, 12);
+    assert_ne!(
+        base_expected, tuned_expected,
+        "the adapter must change the output"
+    );
+    let engine =
+        EngineHandle::start(model, config(64, 64), vec![("tuned".into(), adapter)]).unwrap();
+    let names: Vec<String> = engine.models().into_iter().map(|m| m.id).collect();
+    assert_eq!(names, ["tiny", "tuned"]);
+    let mut a = engine.submit(request("tuned", p.clone(), 12)).unwrap();
+    let mut b = engine.submit(request("tiny", p.clone(), 12)).unwrap();
+    assert_eq!(collect(&mut a).0, tuned_expected);
+    assert_eq!(collect(&mut b).0, base_expected);
+    assert_eq!(
+        engine.submit(request("nope", p, 1)).unwrap_err(),
+        SubmitError::UnknownModel("nope".into())
+    );
+    engine.shutdown();
+    engine.join();
+}
+
+#[test]
+fn adapters_load_at_run_time() {
+    let model = model();
+    let mut tuned = model.clone();
+    Adapter::load(&case_dir().join("adapter"))
+        .unwrap()
+        .attach(&mut tuned)
+        .unwrap();
+    let p = prompt(4, 9);
+    let expected = alone(&tuned, &p, 6);
+    let engine = EngineHandle::start(model, config(64, 64), Vec::new()).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let info = runtime
+        .block_on(engine.load_adapter("late".into(), case_dir().join("adapter")))
+        .unwrap();
+    assert_eq!(info.parent.as_deref(), Some("tiny"));
+    assert_eq!(
+        collect(&mut engine.submit(request("late", p, 6)).unwrap()).0,
+        expected
+    );
+    let again = runtime.block_on(engine.load_adapter("late".into(), case_dir().join("adapter")));
+    assert!(again.unwrap_err().contains("already loaded"));
+    let missing = runtime.block_on(engine.load_adapter("other".into(), case_dir()));
+    assert!(missing.unwrap_err().contains("adapter_config.json"));
+    engine.shutdown();
+    engine.join();
+}
+
+#[test]
+fn cancelled_and_refused_requests_free_everything() {
+    let model = model();
+    let mut cfg = config(256, 16);
+    cfg.max_running = 2;
+    cfg.max_queue = 3;
+    let engine = EngineHandle::start(model, cfg, Vec::new()).unwrap();
+    let context = engine.context_length();
+    // Two run (long enough to still run below), three wait, the sixth is refused.
+    let mut streams: Vec<_> = (0..2)
+        .map(|i| engine.submit(request("tiny", prompt(i, 6), 300)).unwrap())
+        .collect();
+    for rx in &mut streams {
+        assert!(matches!(
+            rx.blocking_recv(),
+            Some(GenerationEvent::Started { .. })
+        ));
+    }
+    streams.extend((2..5).map(|i| engine.submit(request("tiny", prompt(i, 6), 40)).unwrap()));
+    match engine.submit(request("tiny", prompt(9, 6), 40)) {
+        Err(SubmitError::QueueFull { queued: 3, .. }) => {}
+        other => panic!("expected QueueFull with 3 queued, got {other:?}"),
+    }
+    // Cancel a running one after its first token and a waiting one before it starts.
+    while !matches!(streams[0].blocking_recv(), Some(GenerationEvent::Token(_))) {}
+    streams.remove(4);
+    streams.remove(0);
+    let lengths: Vec<usize> = streams.iter_mut().map(|rx| collect(rx).0.len()).collect();
+    assert_eq!(lengths, [300, 40, 40]);
+    wait_idle(&engine);
+    assert!(matches!(
+        engine.submit(request("tiny", prompt(1, 10), context)),
+        Err(SubmitError::ContextOverflow { .. })
+    ));
+    engine.shutdown();
+    assert_eq!(
+        engine.submit(request("tiny", prompt(1, 3), 1)).unwrap_err(),
+        SubmitError::ShuttingDown
+    );
+    engine.join();
+}

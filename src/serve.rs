@@ -1,0 +1,130 @@
+//! `philo serve`: loads a model and its adapters, sizes the paged KV cache, starts the engine
+//! and the OpenAI-compatible HTTP server, and shuts both down on Ctrl-C or SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use candle_core::{DType, Device};
+use philo_model::{Adapter, PagedKvCache};
+use philo_serve::engine::{EngineConfig, EngineHandle};
+use philo_serve::http::{serve, shutdown_signal, ServerConfig, ServerState};
+use philo_serve::request::Backend;
+
+use crate::pipeline::Pipeline;
+
+/// Everything `philo serve` is told.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub model: String,
+    /// The id clients send as `model` for the base (default: `model` as given).
+    pub served_model_name: Option<String>,
+    /// (name, folder) of each PEFT adapter to load at start.
+    pub adapters: Vec<(String, PathBuf)>,
+    pub addr: SocketAddr,
+    pub api_key: Option<String>,
+    pub max_running: usize,
+    pub max_tokens_per_step: usize,
+    pub max_queue: usize,
+    pub block_size: usize,
+    /// KV cache size; None: 8 GiB on a GPU, 1 GiB on the CPU (never more than `max_running`
+    /// sequences of the full context need).
+    pub kv_cache_gib: Option<f64>,
+}
+
+/// Parses `NAME=DIR` of `--adapter`.
+pub fn parse_adapter(arg: &str) -> Result<(String, PathBuf), String> {
+    match arg.split_once('=') {
+        Some((name, dir)) if !name.is_empty() && !dir.is_empty() => {
+            Ok((name.to_string(), PathBuf::from(dir)))
+        }
+        _ => Err(format!(
+            "`{arg}` is not NAME=DIR (for example --adapter pirate=out/pirate-adapter)"
+        )),
+    }
+}
+
+/// KV blocks for `options` on this model: the requested (or default) bytes, but no more than
+/// every running sequence at full context needs.
+fn kv_blocks(pipeline: &Pipeline, options: &ServeOptions) -> usize {
+    let model = &pipeline.model;
+    let gib = options
+        .kv_cache_gib
+        .unwrap_or(if model.device().is_cuda() { 8.0 } else { 1.0 });
+    let per_block =
+        PagedKvCache::bytes_per_block(model.config(), options.block_size, model.dtype());
+    let by_memory = (gib * (1u64 << 30) as f64) as usize / per_block;
+    let context = model.config().max_position_embeddings;
+    let by_need = options.max_running * context.div_ceil(options.block_size);
+    by_memory.min(by_need)
+}
+
+/// Runs the server until Ctrl-C or SIGTERM, then lets running requests finish.
+pub fn run(options: ServeOptions, dtype: DType, device: &Device) -> anyhow::Result<()> {
+    let pipeline = Pipeline::load(&options.model, None, dtype, device)?;
+    let mut adapters = Vec::new();
+    for (name, dir) in &options.adapters {
+        let adapter =
+            Adapter::load(dir).with_context(|| format!("--adapter {name}={}", dir.display()))?;
+        adapters.push((name.clone(), adapter));
+    }
+    let num_blocks = kv_blocks(&pipeline, &options);
+    anyhow::ensure!(
+        num_blocks > 0,
+        "--kv-cache-gib {:?} holds no KV block of {} tokens; give it more memory",
+        options.kv_cache_gib,
+        options.block_size
+    );
+    let model_id = options
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| options.model.clone());
+    let config = EngineConfig {
+        model_id: model_id.clone(),
+        max_running: options.max_running,
+        max_tokens_per_step: options.max_tokens_per_step,
+        max_queue: options.max_queue,
+        block_size: options.block_size,
+        num_blocks,
+    };
+    let Pipeline {
+        model,
+        tokenizer,
+        template,
+        stop_tokens,
+        ..
+    } = pipeline;
+    let engine = Arc::new(EngineHandle::start(model, config, adapters)?);
+    let state = ServerState::new(ServerConfig {
+        backend: engine.clone(),
+        tokenizer,
+        template,
+        stop_token_ids: stop_tokens,
+        api_key: options.api_key.clone(),
+        base_model: model_id.clone(),
+    })?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(options.addr)
+            .await
+            .with_context(|| format!("cannot listen on {}", options.addr))?;
+        eprintln!(
+            "philo serve: `{model_id}` on http://{} ({} KV blocks of {} tokens, batch up to {}, {} tokens per step){}",
+            listener.local_addr()?,
+            num_blocks,
+            options.block_size,
+            options.max_running,
+            options.max_tokens_per_step,
+            if options.api_key.is_some() { ", API key required" } else { "" }
+        );
+        serve(listener, state, shutdown_signal()).await?;
+        anyhow::Ok(())
+    })?;
+    engine.shutdown();
+    engine.join();
+    eprintln!("philo serve: stopped");
+    Ok(())
+}
