@@ -550,7 +550,7 @@ fn sigterm_lets_the_stream_in_flight_finish_then_exits_0() {
         .wait_exit(Duration::from_secs(10))
         .expect("philo serve still runs 10 s after its last stream ended");
     println!(
-        "sigterm: the stream ran {stream_seconds:.2} s and {} more text chunks after SIGTERM; the server exited {status} {:.2} s after",
+        "sigterm: the stream ran {stream_seconds:.2} s and {} more text chunks after SIGTERM; the server then exited ({status}) in {:.2} s",
         end.chunks_after_signal,
         signalled_at.elapsed().as_secs_f64() - stream_seconds
     );

@@ -237,11 +237,15 @@ pub fn paged_decode_attention(
     if q.device().is_cuda() {
         return paged_decode_cuda(q, k_cache, v_cache, tables, lens, window);
     }
+    // Only the blocks the tables name, not the whole cache, are read into f32: they become
+    // blocks 0.. of a small cache with tables to match.
+    let named = tables.flatten_all()?;
+    let local: Vec<u32> = (0..named.elem_count() as u32).collect();
     let out = paged_decode_reference(
         &host_f32(q)?,
-        &host_f32(k_cache)?,
-        &host_f32(v_cache)?,
-        &tables.flatten_all()?.to_vec1::<u32>()?,
+        &host_f32(&k_cache.index_select(&named, 0)?)?,
+        &host_f32(&v_cache.index_select(&named, 0)?)?,
+        &local,
         &lens.to_vec1::<u32>()?,
         h,
         kvh,

@@ -360,6 +360,15 @@ impl Engine {
                 adapter,
                 events,
             } => {
+                let vocab = self.model.config().vocab_size;
+                if let Some(bad) = request.prompt.iter().find(|&&t| t as usize >= vocab) {
+                    // Checked here so one bad request cannot fail the whole batch's step.
+                    self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+                    let _ = events.send(GenerationEvent::Failed(format!(
+                        "prompt token id {bad} is outside the model's vocabulary of {vocab}: the tokenizer does not belong to this model"
+                    )));
+                    return;
+                }
                 let rotary = self.model.rotary();
                 let longest = request.prompt.len() + request.max_tokens;
                 let long_rope = rotary.uses_long_factors(longest.saturating_sub(1));

@@ -268,3 +268,24 @@ fn cancelled_and_refused_requests_free_everything() {
     );
     engine.join();
 }
+
+#[test]
+fn a_token_outside_the_vocabulary_fails_only_its_request() {
+    let model = model();
+    let vocab = model.config().vocab_size as u32;
+    let engine = EngineHandle::start(model, config(64, 64), Vec::new()).unwrap();
+    let mut good = engine.submit(request("tiny", prompt(2, 5), 6)).unwrap();
+    let mut bad = engine
+        .submit(request("tiny", vec![1, vocab + 3], 6))
+        .unwrap();
+    match bad.blocking_recv() {
+        Some(GenerationEvent::Failed(e)) => {
+            assert!(e.contains("outside the model's vocabulary"), "{e}")
+        }
+        other => panic!("expected Failed, got {other:?}"),
+    }
+    assert_eq!(collect(&mut good).0.len(), 6);
+    wait_idle(&engine);
+    engine.shutdown();
+    engine.join();
+}
