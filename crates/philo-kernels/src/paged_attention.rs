@@ -6,14 +6,15 @@
 //! its position p lives in block `table[p / block_size]` at offset `p % block_size`. Blocks of a
 //! shared prompt prefix appear in several tables; they are only ever read.
 
-use candle_core::{CpuStorage, DType, InplaceOp3, Layout, Result, Tensor, WithDType};
+use candle_core::{CpuStorage, DType, InplaceOp3, Layout, Result, Tensor};
 
 use crate::{from_host, host_f32};
 
-/// Reference of [`write_kv`] on f32 data: `cache` `[blocks, kvh, bs, d]`, `new` `[kvh, T, d]`.
-pub fn write_kv_reference(
-    cache: &mut [f32],
-    new: &[f32],
+/// Reference of [`write_kv`] (also its CPU implementation, for any element type): `cache`
+/// `[blocks, kvh, bs, d]`, `new` `[kvh, T, d]`.
+pub fn write_kv_reference<T: Copy>(
+    cache: &mut [T],
+    new: &[T],
     slots: &[u32],
     kv_heads: usize,
     block_size: usize,
@@ -58,25 +59,6 @@ fn cache_dims(l: &Layout) -> Result<(usize, usize, usize, usize)> {
     l.shape().dims4()
 }
 
-fn write_kv_cpu<T: WithDType>(
-    cache: &mut [T],
-    new: &[T],
-    slots: &[u32],
-    kvh: usize,
-    bs: usize,
-    d: usize,
-) {
-    let t = slots.len();
-    for (i, &slot) in slots.iter().enumerate() {
-        let (block, offset) = (slot as usize / bs, slot as usize % bs);
-        for h in 0..kvh {
-            let dst = ((block * kvh + h) * bs + offset) * d;
-            let src = (h * t + i) * d;
-            cache[dst..dst + d].copy_from_slice(&new[src..src + d]);
-        }
-    }
-}
-
 impl InplaceOp3 for WriteKv {
     fn name(&self) -> &'static str {
         "philo-write-kv"
@@ -104,7 +86,7 @@ impl InplaceOp3 for WriteKv {
             ($variant:ident) => {
                 match (cache, new) {
                     (CpuStorage::$variant(c), CpuStorage::$variant(v)) => {
-                        write_kv_cpu(&mut c[start..], &v[n], slots, kvh, bs, d)
+                        write_kv_reference(&mut c[start..], &v[n], slots, kvh, bs, d)
                     }
                     _ => candle_core::bail!("write_kv: cache and values differ in dtype"),
                 }

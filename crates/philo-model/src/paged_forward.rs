@@ -11,14 +11,13 @@ use std::ops::Range;
 use candle_core::{DType, Tensor};
 use philo_kernels::attention::{flash_attention, AttentionMask};
 use philo_kernels::paged_attention::{paged_decode_attention, write_kv};
-use philo_kernels::rms_norm::add_rms_norm;
 use philo_kernels::rope::{qkv_rope, QkvShape};
 
 use crate::error::{ModelError, Result};
 use crate::lora_bank::LoraBank;
 use crate::lora_linear::LoraLinear;
 use crate::paged_kv_cache::PagedKvCache;
-use crate::phi3::{Phi3, RmsNorm};
+use crate::phi3::Phi3;
 
 /// One sequence's part of a step.
 #[derive(Debug, Clone, Copy)]
@@ -101,10 +100,8 @@ impl Phi3 {
         let last_rows = Tensor::new(last_rows.as_slice(), self.device())?;
         let pick = |t: &Tensor| t.squeeze(0)?.index_select(&last_rows, 0);
         let x = pick(&x)?;
-        let hidden = match &pending {
-            Some(p) => add_norm(&self.norm, &x, Some(&pick(p)?))?.1,
-            None => self.norm.forward(&x)?,
-        };
+        let pending = pending.as_ref().map(pick).transpose()?;
+        let hidden = self.norm.forward_after_add(&x, pending.as_ref())?.1;
         Ok(self.lm_head.forward(&hidden, None)?.to_dtype(DType::F32)?)
     }
 
@@ -124,7 +121,7 @@ impl Phi3 {
         let lin = |linear: &LoraLinear, module: &'static str, x: &Tensor| {
             linear_with_adapters(linear, index, module, x, ctx)
         };
-        let (x, normed) = add_norm(&layer.input_layernorm, residual, pending)?;
+        let (x, normed) = layer.input_layernorm.forward_after_add(residual, pending)?;
 
         let qkv = lin(&layer.self_attn.qkv_proj, "qkv_proj", &normed)?;
         let shape = QkvShape {
@@ -164,7 +161,9 @@ impl Phi3 {
         let attn = Tensor::cat(&pieces, 0)?.unsqueeze(0)?;
         let attn = lin(&layer.self_attn.o_proj, "o_proj", &attn)?;
 
-        let (x, normed) = add_norm(&layer.post_attention_layernorm, &x, Some(&attn))?;
+        let (x, normed) = layer
+            .post_attention_layernorm
+            .forward_after_add(&x, Some(&attn))?;
         let gate_up = lin(&layer.mlp.gate_up_proj, "gate_up_proj", &normed)?;
         let act = philo_kernels::swiglu::swiglu(&gate_up)?;
         let mlp = lin(&layer.mlp.down_proj, "down_proj", &act)?;
@@ -314,17 +313,6 @@ fn linear_with_adapters(
         };
     }
     Ok(y)
-}
-
-/// `x + add` (when given) and its RMSNorm, fused into one kernel on the GPU.
-fn add_norm(norm: &RmsNorm, x: &Tensor, add: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
-    match add {
-        Some(add) => Ok(add_rms_norm(x, add, &norm.weight, norm.eps)?),
-        None => Ok((
-            x.clone(),
-            philo_kernels::rms_norm::rms_norm(x, &norm.weight, norm.eps)?,
-        )),
-    }
 }
 
 /// The first `len` positions of one sequence's keys (or values) from its `blocks`, contiguous

@@ -34,6 +34,20 @@ impl RmsNorm {
         let normed = x32.broadcast_div(&(mean_square + self.eps)?.sqrt()?)?;
         Ok(normed.to_dtype(dtype)?.broadcast_mul(&self.weight)?)
     }
+
+    /// `x + add` (when given) and its norm: (the sum, the normed sum). The add is fused into
+    /// the norm's kernel on the GPU, so a residual add costs no launch of its own.
+    pub fn forward_after_add(&self, x: &Tensor, add: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+        match add {
+            Some(add) => Ok(philo_kernels::rms_norm::add_rms_norm(
+                x,
+                add,
+                &self.weight,
+                self.eps,
+            )?),
+            None => Ok((x.clone(), self.forward(x)?)),
+        }
+    }
 }
 
 /// Self-attention with a fused `qkv_proj` laid out [Q | K | V].
@@ -195,15 +209,11 @@ impl DecoderLayer {
         layer: usize,
         cache: Option<&mut KvCache>,
     ) -> Result<(Tensor, Tensor)> {
-        use philo_kernels::rms_norm::add_rms_norm;
-        let norm = &self.input_layernorm;
-        let (x, normed) = match pending {
-            Some(p) => add_rms_norm(residual, p, &norm.weight, norm.eps)?,
-            None => (residual.clone(), norm.forward(residual)?),
-        };
+        let (x, normed) = self.input_layernorm.forward_after_add(residual, pending)?;
         let attn = self.self_attn.forward(&normed, ctx, rotary, layer, cache)?;
-        let norm = &self.post_attention_layernorm;
-        let (x, normed) = add_rms_norm(&x, &attn, &norm.weight, norm.eps)?;
+        let (x, normed) = self
+            .post_attention_layernorm
+            .forward_after_add(&x, Some(&attn))?;
         Ok((x, self.mlp.forward(&normed, None)?))
     }
 }
@@ -384,13 +394,7 @@ impl Phi3 {
                 x = residual;
                 pending = Some(mlp);
             }
-            return Ok(match pending {
-                Some(p) => {
-                    philo_kernels::rms_norm::add_rms_norm(&x, &p, &self.norm.weight, self.norm.eps)?
-                        .1
-                }
-                None => self.norm.forward(&x)?,
-            });
+            return Ok(self.norm.forward_after_add(&x, pending.as_ref())?.1);
         }
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward(&x, &ctx.inner, &self.rotary, i, cache.as_deref_mut())?;

@@ -359,50 +359,15 @@ impl Engine {
                 request,
                 adapter,
                 events,
-            } => {
-                let vocab = self.model.config().vocab_size;
-                if let Some(bad) = request.prompt.iter().find(|&&t| t as usize >= vocab) {
-                    // Checked here so one bad request cannot fail the whole batch's step.
-                    self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
-                    let _ = events.send(GenerationEvent::Failed(format!(
-                        "prompt token id {bad} is outside the model's vocabulary of {vocab}: the tokenizer does not belong to this model"
-                    )));
-                    return;
+            } => match self.admit(id, request, adapter, events.clone()) {
+                Ok(sequence) => {
+                    self.sequences.insert(id, sequence);
                 }
-                let rotary = self.model.rotary();
-                let longest = request.prompt.len() + request.max_tokens;
-                let long_rope = rotary.uses_long_factors(longest.saturating_sub(1));
-                let sampler = match Sampler::new(request.sampling) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
-                        let _ = events.send(GenerationEvent::Failed(e.to_string()));
-                        return;
-                    }
-                };
-                let added = self.scheduler.add(
-                    id,
-                    request.prompt.clone(),
-                    request.max_tokens,
-                    adapter.map(|s| s as u32),
-                );
-                if let Err(e) = added {
+                Err(reason) => {
                     self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
-                    let _ = events.send(GenerationEvent::Failed(e.to_string()));
-                    return;
+                    let _ = events.send(GenerationEvent::Failed(reason));
                 }
-                self.sequences.insert(
-                    id,
-                    Sequence {
-                        events,
-                        sampler,
-                        tokens: request.prompt,
-                        stop_token_ids: request.stop_token_ids,
-                        long_rope,
-                        started: false,
-                    },
-                );
-            }
+            },
             Command::LoadAdapter {
                 name,
                 adapter,
@@ -436,6 +401,46 @@ impl Engine {
                 let _ = reply.send(result);
             }
         }
+    }
+
+    /// Checks a submitted request and hands it to the scheduler; the error is the request's
+    /// user-facing failure.
+    fn admit(
+        &mut self,
+        id: u64,
+        request: GenerationRequest,
+        adapter: Option<usize>,
+        events: UnboundedSender<GenerationEvent>,
+    ) -> Result<Sequence, String> {
+        let vocab = self.model.config().vocab_size;
+        if let Some(bad) = request.prompt.iter().find(|&&t| t as usize >= vocab) {
+            // Checked here so one bad request cannot fail the whole batch's step.
+            return Err(format!(
+                "prompt token id {bad} is outside the model's vocabulary of {vocab}: the tokenizer does not belong to this model"
+            ));
+        }
+        let longest = request.prompt.len() + request.max_tokens;
+        let long_rope = self
+            .model
+            .rotary()
+            .uses_long_factors(longest.saturating_sub(1));
+        let sampler = Sampler::new(request.sampling).map_err(|e| e.to_string())?;
+        self.scheduler
+            .add(
+                id,
+                request.prompt.clone(),
+                request.max_tokens,
+                adapter.map(|s| s as u32),
+            )
+            .map_err(|e| e.to_string())?;
+        Ok(Sequence {
+            events,
+            sampler,
+            tokens: request.prompt,
+            stop_token_ids: request.stop_token_ids,
+            long_rope,
+            started: false,
+        })
     }
 
     /// Ends the sequences whose request has gone away (client disconnect, stop string).
