@@ -7,7 +7,7 @@
 //! and — with `segments` `[B, T]` — both have the same non-zero segment id. A query that sees no
 //! key gets zeros. The scale is 1/sqrt(D).
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{DType, Result, Shape, Tensor};
 
 use crate::host_f32;
 
@@ -142,10 +142,6 @@ pub fn reference_backward(
     (dq, dk, dv)
 }
 
-struct FlashAttention {
-    mask: AttentionMask,
-}
-
 fn dims_of(q: &Shape, k: &Shape) -> Result<Dims> {
     let (b, h, s, d) = q.dims4()?;
     let (kb, kvh, t, kd) = k.dims4()?;
@@ -155,111 +151,126 @@ fn dims_of(q: &Shape, k: &Shape) -> Result<Dims> {
     Ok(Dims { b, h, kvh, s, t, d })
 }
 
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-/// Elements of T that hold the f32 logsumexp behind the output in the packed forward result.
-fn lse_slots(n: &Dims, dtype: DType) -> usize {
-    n.b * n.h * n.s * 4 / dtype.size_in_bytes()
+/// Segment ids of `mask` on the host, for the references.
+fn host_segments(mask: &AttentionMask) -> Result<Option<Vec<u32>>> {
+    mask.segments
+        .as_ref()
+        .map(|s| s.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>())
+        .transpose()
 }
 
-impl CustomOp3 for FlashAttention {
-    fn name(&self) -> &'static str {
-        "philo-flash-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("flash attention's custom op runs on CUDA; on the CPU flash_attention() calls the reference")
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        qs: &candle_core::CudaStorage,
-        ql: &Layout,
-        ks: &candle_core::CudaStorage,
-        kl: &Layout,
-        vs: &candle_core::CudaStorage,
-        vl: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let n = dims_of(ql.shape(), kl.shape())?;
-        let storage = cuda::forward(qs, ql, ks, kl, vs, vl, &self.mask, n)?;
-        let total = n.b * n.s * n.h * n.d + lse_slots(&n, qs_dtype(qs));
-        Ok((storage, Shape::from(total)))
-    }
-
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dq, dk, dv) = backward(q, k, v, &self.mask, res, grad)?;
-        Ok((Some(dq), Some(dk), Some(dv)))
-    }
-}
-
-#[cfg(feature = "cuda")]
-fn qs_dtype(s: &candle_core::CudaStorage) -> DType {
-    use candle_core::backend::BackendStorage;
-    s.dtype()
-}
-
-/// Attention output `[B, S, H, D]` of q `[B, H, S, D]`, k/v `[B, KVH, T, D]` (views with a
-/// contiguous last dim are fine). On CUDA (bf16 or f16) differentiable in q, k and v; on the CPU
-/// the f32 reference, forward only.
-pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask) -> Result<Tensor> {
-    let n = dims_of(q.shape(), k.shape())?;
-    if !q.device().is_cuda() {
-        // The reference, forward only: the CPU model trains through composed attention.
-        let segments = match &mask.segments {
-            Some(s) => Some(s.flatten_all()?.to_vec1::<u32>()?),
-            None => None,
-        };
-        let (out, _) = reference(
-            &host_f32(q)?,
-            &host_f32(k)?,
-            &host_f32(v)?,
-            segments.as_deref(),
-            mask.window,
-            n,
-        );
-        return crate::from_host(out, &[n.b, n.s, n.h, n.d], q.dtype(), q.device());
-    }
-    let packed = q.apply_op3_arc(
-        k,
-        v,
-        std::sync::Arc::new(Box::new(FlashAttention { mask: mask.clone() })),
-    )?;
-    packed
-        .narrow(0, 0, n.b * n.s * n.h * n.d)?
-        .reshape((n.b, n.s, n.h, n.d))
-}
-
-/// Gradients of q, k, v from the packed forward result `res` and its gradient `grad`.
-fn backward(
+/// Attention output `[B, S, H, D]` and its logsumexp `[B, H, S]` (f32, what the backward needs)
+/// of q `[B, H, S, D]`, k/v `[B, KVH, T, D]` (views with a contiguous last dim are fine). On
+/// CUDA (bf16 or f16) the tensor-core kernel; elsewhere the f32 reference.
+pub fn flash_forward(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     mask: &AttentionMask,
-    res: &Tensor,
-    grad: &Tensor,
-) -> Result<(Tensor, Tensor, Tensor)> {
+) -> Result<(Tensor, Tensor)> {
+    let n = dims_of(q.shape(), k.shape())?;
     #[cfg(feature = "cuda")]
     if q.device().is_cuda() {
-        let n = dims_of(q.shape(), k.shape())?;
-        return cuda::backward(q, k, v, mask, res, grad, n);
+        return cuda::forward(q, k, v, mask, n);
     }
-    let _ = (q, k, v, mask, res, grad);
-    candle_core::bail!("flash attention runs on CUDA")
+    let segments = host_segments(mask)?;
+    let (out, lse) = reference(
+        &host_f32(q)?,
+        &host_f32(k)?,
+        &host_f32(v)?,
+        segments.as_deref(),
+        mask.window,
+        n,
+    );
+    Ok((
+        crate::from_host(out, &[n.b, n.s, n.h, n.d], q.dtype(), q.device())?,
+        crate::from_host(lse, &[n.b, n.h, n.s], DType::F32, q.device())?,
+    ))
+}
+
+/// The attention output alone (inference).
+pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask) -> Result<Tensor> {
+    Ok(flash_forward(q, k, v, mask)?.0)
+}
+
+/// Gradients (dq `[B, H, S, D]`, dk and dv `[B, KVH, T, D]`, in q's dtype) from `dout`
+/// `[B, S, H, D]`, given the forward's `out` and `lse`. On CUDA the tensor-core kernel;
+/// elsewhere the f32 reference (which recomputes `out` and `lse` itself).
+#[allow(clippy::too_many_arguments)]
+pub fn flash_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    dout: &Tensor,
+    mask: &AttentionMask,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let n = dims_of(q.shape(), k.shape())?;
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() {
+        return cuda::backward(q, k, v, out, lse, dout, mask, n);
+    }
+    let _ = (out, lse);
+    let segments = host_segments(mask)?;
+    let (dq, dk, dv) = reference_backward(
+        &host_f32(q)?,
+        &host_f32(k)?,
+        &host_f32(v)?,
+        segments.as_deref(),
+        mask.window,
+        n,
+        &host_f32(dout)?,
+    );
+    let (dtype, device) = (q.dtype(), q.device());
+    Ok((
+        crate::from_host(dq, &[n.b, n.h, n.s, n.d], dtype, device)?,
+        crate::from_host(dk, &[n.b, n.kvh, n.t, n.d], dtype, device)?,
+        crate::from_host(dv, &[n.b, n.kvh, n.t, n.d], dtype, device)?,
+    ))
+}
+
+/// The gradient of a fused QKV projection from flash attention's backward: `heads`
+/// `[b, h + 2·kvh, s, d]` holds the rotated q and k and the v that the forward read (queries at
+/// every key position: no KV cache), and `rope` (cos, sin `[b, s, rotary_dim / 2]`, rotary_dim)
+/// the rotation to invert. Returns d(qkv) `[b, s, (h + 2·kvh)·d]`: what [`flash_backward`]
+/// followed by `rope::backward` gives, in one pass over the kernel's f32 results.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_backward_qkv(
+    heads: &Tensor,
+    kv_heads: usize,
+    out: &Tensor,
+    lse: &Tensor,
+    dout: &Tensor,
+    mask: &AttentionMask,
+    rope: Option<(&Tensor, &Tensor, usize)>,
+) -> Result<Tensor> {
+    let (b, all, s, d) = heads.dims4()?;
+    let h = all - 2 * kv_heads;
+    let (q, k, v) = (
+        heads.narrow(1, 0, h)?,
+        heads.narrow(1, h, kv_heads)?,
+        heads.narrow(1, h + kv_heads, kv_heads)?,
+    );
+    #[cfg(feature = "cuda")]
+    if heads.device().is_cuda() {
+        let n = dims_of(q.shape(), k.shape())?;
+        return cuda::backward_qkv(&q, &k, &v, out, lse, dout, mask, rope, n);
+    }
+    let (dq, dk, dv) = flash_backward(&q, &k, &v, out, lse, dout, mask)?;
+    let d_heads = Tensor::cat(&[dq, dk, dv], 1)?;
+    match rope {
+        Some((cos, sin, rotary_dim)) => {
+            let shape = crate::rope::QkvShape {
+                heads: h,
+                kv_heads,
+                head_dim: d,
+                rotary_dim,
+            };
+            crate::rope::backward(&d_heads, cos, sin, shape)
+        }
+        None => d_heads.transpose(1, 2)?.reshape((b, s, all * d)),
+    }
 }
 
 /// Runs the reference on tensors (any device/dtype; computed in f32 on the host).
@@ -270,10 +281,7 @@ pub fn reference_tensors(
     mask: &AttentionMask,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
     let n = dims_of(q.shape(), k.shape())?;
-    let seg = match &mask.segments {
-        Some(s) => Some(s.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?),
-        None => None,
-    };
+    let seg = host_segments(mask)?;
     Ok(reference(
         &host_f32(q)?,
         &host_f32(k)?,
@@ -288,7 +296,7 @@ pub fn reference_tensors(
 mod cuda {
     use super::*;
     use crate::launch::*;
-    use candle_core::backend::BackendStorage;
+    use candle_core::Layout;
 
     fn strides(l: &Layout, what: &str) -> Result<[i64; 3]> {
         let st = l.stride();
@@ -319,45 +327,54 @@ mod cuda {
             .transpose()
     }
 
+    /// Bytes of dynamic shared memory of the forward kernel (K and V tiles of 64 rows, two
+    /// stages, padded rows of d + 8 two-byte elements, and the key tiles' segment ids).
+    fn forward_smem(d: usize) -> usize {
+        2 * 2 * 64 * (d + 8) * 2 + 2 * 64 * 4
+    }
+
+    /// Bytes of dynamic shared memory of the backward kernel (Q and dO tiles of 32 rows, two
+    /// stages; the block's 128 keys; dS; per-query logsumexp, delta and segment, two stages).
+    fn backward_smem(d: usize) -> usize {
+        (2 * 2 * 32 * (d + 8) + 128 * (d + 8) + 32 * 136) * 2 + 2 * 3 * 32 * 4
+    }
+
+    /// Allows `f` `bytes` of dynamic shared memory (beyond the default 48 KiB) and returns them.
+    fn dynamic_smem(
+        f: &candle_core::cuda_backend::cudarc::driver::CudaFunction,
+        bytes: usize,
+    ) -> Result<u32> {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
+        f.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        )
+        .w()?;
+        Ok(bytes as u32)
+    }
+
     fn window(mask: &AttentionMask) -> i32 {
         mask.window.min(i32::MAX as usize) as i32
     }
 
-    /// Device address of a tensor's first element (single stream: no event bookkeeping needed).
-    fn address(t: &Tensor) -> Result<u64> {
-        let (s, l) = t.storage_and_layout();
-        let s = cuda(&s)?;
-        let stream = s.device().cuda_stream();
-        with_float_or_int!(s.dtype(), T, {
-            let view = from_offset::<T>(s, l)?;
-            let (ptr, _sync) = view.device_ptr(&stream);
-            Ok(ptr)
-        })
-    }
-
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn forward(
-        qs: &candle_core::CudaStorage,
-        ql: &Layout,
-        ks: &candle_core::CudaStorage,
-        kl: &Layout,
-        vs: &candle_core::CudaStorage,
-        vl: &Layout,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
         mask: &AttentionMask,
         n: Dims,
-    ) -> Result<candle_core::CudaStorage> {
-        let dtype = qs.dtype();
+    ) -> Result<(Tensor, Tensor)> {
+        let dtype = q.dtype();
         check(n.d, dtype)?;
-        let dev = qs.device().clone();
+        let dev = device(q)?;
         let stream = dev.cuda_stream();
-        let [q_b, q_h, q_s] = strides(ql, "q")?;
-        let [k_b, k_h, k_t] = strides(kl, "k")?;
-        if strides(vl, "v")? != [k_b, k_h, k_t] {
-            candle_core::bail!("flash attention: k and v must share strides");
-        }
+        let [q_b, q_h, q_s] = strides(q.layout(), "q")?;
+        let (k, v) = shared_strides(k, v)?;
+        let [k_b, k_h, k_t] = strides(k.layout(), "k")?;
         let seg = segments(mask)?;
         let seg_ptr = seg.as_ref().map(address).transpose()?.unwrap_or(0);
-        let out_len = n.b * n.s * n.h * n.d;
+        let out = unsafe { Tensor::empty((n.b, n.s, n.h, n.d), dtype, q.device())? };
+        let lse = unsafe { Tensor::empty((n.b, n.h, n.s), DType::F32, q.device())? };
         let f = function(
             &dev,
             &FLASH_ATTENTION,
@@ -368,47 +385,48 @@ mod cuda {
         let cfg = LaunchConfig {
             grid_dim: (n.s.div_ceil(64) as u32, (n.b * n.h) as u32, 1),
             block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: dynamic_smem(&f, forward_smem(n.d))?,
         };
-        with_float_type!(dtype, T, {
-            let (qv, kv, vv) = (
-                from_offset::<T>(qs, ql)?,
-                from_offset::<T>(ks, kl)?,
-                from_offset::<T>(vs, vl)?,
-            );
-            let (q, _q) = qv.device_ptr(&stream);
-            let (k, _k) = kv.device_ptr(&stream);
-            let (v, _v) = vv.device_ptr(&stream);
-            let packed = unsafe { dev.alloc::<T>(out_len + lse_slots(&n, dtype))? };
-            let (out, _out) = packed.device_ptr(&stream);
-            // The logsumexp rows sit behind the output, as f32.
-            let lse = out + (out_len * dtype.size_in_bytes()) as u64;
-            let mut l = stream.launch_builder(&f);
-            l.arg(&q).arg(&k).arg(&v).arg(&seg_ptr).arg(&out).arg(&lse);
-            l.arg(&b).arg(&h).arg(&kvh).arg(&s).arg(&t);
-            l.arg(&q_b)
-                .arg(&q_h)
-                .arg(&q_s)
-                .arg(&k_b)
-                .arg(&k_h)
-                .arg(&k_t);
-            l.arg(&win).arg(&scale);
-            unsafe { l.launch(cfg) }.w()?;
-            drop(_out);
-            Ok(candle_core::CudaStorage::wrap_cuda_slice(
-                packed,
-                dev.clone(),
-            ))
-        })
+        let [qp, kp, vp, out_p, lse_p] = [q, &k, &v, &out, &lse].map(address);
+        let (qp, kp, vp, out_p, lse_p) = (qp?, kp?, vp?, out_p?, lse_p?);
+        let mut l = stream.launch_builder(&f);
+        l.arg(&qp)
+            .arg(&kp)
+            .arg(&vp)
+            .arg(&seg_ptr)
+            .arg(&out_p)
+            .arg(&lse_p);
+        l.arg(&b).arg(&h).arg(&kvh).arg(&s).arg(&t);
+        l.arg(&q_b)
+            .arg(&q_h)
+            .arg(&q_s)
+            .arg(&k_b)
+            .arg(&k_h)
+            .arg(&k_t);
+        l.arg(&win).arg(&scale);
+        unsafe { l.launch(cfg) }.w()?;
+        Ok((out, lse))
     }
 
-    pub(super) fn backward(
+    /// k and v with the same strides (the kernels take one set for both).
+    fn shared_strides(k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        if strides(k.layout(), "k")? != strides(v.layout(), "v")? {
+            Ok((k.contiguous()?, v.contiguous()?))
+        } else {
+            Ok((k.clone(), v.clone()))
+        }
+    }
+
+    /// The backward kernels: dq `[B, H, S, D]`, and dk, dv per query head `[B, H, T, D]`, f32.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_f32(
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
+        out: &Tensor,
+        lse: &Tensor,
+        dout: &Tensor,
         mask: &AttentionMask,
-        res: &Tensor,
-        grad: &Tensor,
         n: Dims,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let dtype = q.dtype();
@@ -416,25 +434,20 @@ mod cuda {
         let dev = device(q)?;
         let stream = dev.cuda_stream();
         let [q_b, q_h, q_s] = strides(q.layout(), "q")?;
-        let (k, v) = if strides(k.layout(), "k")? != strides(v.layout(), "v")? {
-            (k.contiguous()?, v.contiguous()?)
-        } else {
-            (k.clone(), v.clone())
-        };
+        let (k, v) = shared_strides(k, v)?;
         let [k_b, k_h, k_t] = strides(k.layout(), "k")?;
-        let out_len = n.b * n.s * n.h * n.d;
-        let res = res.contiguous()?;
-        let grad = grad.narrow(0, 0, out_len)?.contiguous()?;
+        let out = out.contiguous()?;
+        let lse = lse.contiguous()?;
+        let grad = dout.contiguous()?;
         let seg = segments(mask)?;
         let seg_ptr = seg.as_ref().map(address).transpose()?.unwrap_or(0);
         let rows = n.b * n.s * n.h;
-        let delta = Tensor::zeros(n.b * n.h * n.s, DType::F32, q.device())?;
+        let delta = unsafe { Tensor::empty(n.b * n.h * n.s, DType::F32, q.device())? };
+        // dQ is summed by atomics; the kernel writes every element of dK and dV.
         let dq = Tensor::zeros((n.b, n.h, n.s, n.d), DType::F32, q.device())?;
-        let dk = Tensor::zeros((n.b, n.h, n.t, n.d), DType::F32, q.device())?;
-        let dv = Tensor::zeros((n.b, n.h, n.t, n.d), DType::F32, q.device())?;
-        let out = address(&res)?;
-        let lse = out + (out_len * dtype.size_in_bytes()) as u64;
-        let dout = address(&grad)?;
+        let dk = unsafe { Tensor::empty((n.b, n.h, n.t, n.d), DType::F32, q.device())? };
+        let dv = unsafe { Tensor::empty((n.b, n.h, n.t, n.d), DType::F32, q.device())? };
+        let (out, lse, dout) = (address(&out)?, address(&lse)?, address(&grad)?);
         let (delta_p, dq_p, dk_p, dv_p) = (
             address(&delta)?,
             address(&dq)?,
@@ -487,12 +500,28 @@ mod cuda {
                 .arg(&k_t);
             l.arg(&win).arg(&scale);
             let cfg = LaunchConfig {
-                grid_dim: (n.t.div_ceil(64) as u32, (n.b * n.h) as u32, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
+                grid_dim: (n.t.div_ceil(128) as u32, (n.b * n.h) as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: dynamic_smem(&f, backward_smem(n.d))?,
             };
             unsafe { l.launch(cfg) }.w()?;
         }
+        Ok((dq, dk, dv))
+    }
+
+    /// dq, dk, dv in q's dtype from the f32 per-query-head results of [`backward_f32`].
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn backward(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        lse: &Tensor,
+        dout: &Tensor,
+        mask: &AttentionMask,
+        n: Dims,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (dq, dk, dv) = backward_f32(q, k, v, out, lse, dout, mask, n)?;
         // Per-query-head dK/dV sum over the heads that share a KV head.
         let group = |x: Tensor| -> Result<Tensor> {
             let x = if n.kvh == n.h {
@@ -500,8 +529,55 @@ mod cuda {
             } else {
                 x.reshape((n.b, n.kvh, n.h / n.kvh, n.t, n.d))?.sum(2)?
             };
-            x.to_dtype(dtype)
+            x.to_dtype(q.dtype())
         };
-        Ok((dq.to_dtype(dtype)?, group(dk)?, group(dv)?))
+        Ok((dq.to_dtype(q.dtype())?, group(dk)?, group(dv)?))
+    }
+
+    /// The gradient of the fused QKV projection `[b, s, (h + 2·kvh)·d]` in one pass over the f32
+    /// results: GQA groups summed, RoPE's rotation inverted on q and k (when `rope` is given).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn backward_qkv(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        lse: &Tensor,
+        dout: &Tensor,
+        mask: &AttentionMask,
+        rope: Option<(&Tensor, &Tensor, usize)>,
+        n: Dims,
+    ) -> Result<Tensor> {
+        let (dq, dk, dv) = backward_f32(q, k, v, out, lse, dout, mask, n)?;
+        let dev = device(q)?;
+        let heads = n.h + 2 * n.kvh;
+        let grad = unsafe { Tensor::empty((n.b, n.s, heads * n.d), q.dtype(), q.device())? };
+        let (cos, sin, rd) = match rope {
+            Some((cos, sin, rd)) => (
+                Some(cos.to_dtype(q.dtype())?.contiguous()?),
+                Some(sin.to_dtype(q.dtype())?.contiguous()?),
+                rd,
+            ),
+            None => (None, None, 0),
+        };
+        let cos_p = cos.as_ref().map(address).transpose()?.unwrap_or(0);
+        let sin_p = sin.as_ref().map(address).transpose()?.unwrap_or(0);
+        let f = typed_function(&dev, &FLASH_ATTENTION, "flash_qkv_grad", q.dtype())?;
+        let stream = dev.cuda_stream();
+        let mut l = stream.launch_builder(&f);
+        let [dq_p, dk_p, dv_p, grad_p] = [&dq, &dk, &dv, &grad].map(address);
+        let (dq_p, dk_p, dv_p, grad_p) = (dq_p?, dk_p?, dv_p?, grad_p?);
+        l.arg(&dq_p)
+            .arg(&dk_p)
+            .arg(&dv_p)
+            .arg(&cos_p)
+            .arg(&sin_p)
+            .arg(&grad_p);
+        let dims = [n.s, n.h, n.kvh, n.d, rd].map(|v| v as i32);
+        for a in &dims {
+            l.arg(a);
+        }
+        unsafe { l.launch(block_per_row(n.b * n.s)) }.w()?;
+        Ok(grad)
     }
 }

@@ -86,3 +86,49 @@ pub fn dropout(x: &Tensor, seed: u64, p: f32) -> Result<Tensor> {
         x.device(),
     )
 }
+
+/// [`dropout`] applied to `x` in place (a contiguous tensor): the backward's use, where the
+/// gradient is masked where it lies instead of copied.
+pub fn dropout_in_place(x: &Tensor, seed: u64, p: f32) -> Result<()> {
+    if !x.is_contiguous() {
+        candle_core::bail!("dropout_in_place: the tensor must be contiguous");
+    }
+    if x.device().is_cuda() {
+        return x.inplace_op1(&DropoutInPlace { seed, p });
+    }
+    x.slice_set(&dropout(x, seed, p)?, 0, 0)
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct DropoutInPlace {
+    seed: u64,
+    p: f32,
+}
+
+impl candle_core::InplaceOp1 for DropoutInPlace {
+    fn name(&self) -> &'static str {
+        "philo-dropout-in-place"
+    }
+
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> Result<()> {
+        candle_core::bail!("philo-dropout-in-place: CPU tensors go through the reference path")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &mut candle_core::CudaStorage, l: &Layout) -> Result<()> {
+        use crate::launch::*;
+        use candle_core::backend::BackendStorage;
+        let n = l.shape().elem_count();
+        let dev = s.device().clone();
+        with_float_type!(s.dtype(), T, {
+            let x = contiguous::<T>(s, l)?;
+            let f = typed_function(&dev, &DROPOUT, "dropout", s.dtype())?;
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&f);
+            // Element-wise: reading and writing the same element is safe.
+            b.arg(&x).arg(&x).arg(&n).arg(&self.seed).arg(&self.p);
+            unsafe { b.launch(elementwise_config(n)) }.w()?;
+        });
+        Ok(())
+    }
+}

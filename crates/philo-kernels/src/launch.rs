@@ -153,6 +153,29 @@ pub(crate) fn elementwise_config(
     }
 }
 
+/// Device address of a tensor's first element. Kernels run on the device's one stream, so no
+/// event bookkeeping is needed.
+pub(crate) fn address(t: &Tensor) -> Result<u64> {
+    use candle_core::backend::BackendStorage;
+    let (s, l) = t.storage_and_layout();
+    let s = cuda(&s)?;
+    let stream = s.device().cuda_stream();
+    with_float_or_int!(s.dtype(), T, {
+        let view = from_offset::<T>(s, l)?;
+        let (ptr, _sync) = view.device_ptr(&stream);
+        Ok(ptr)
+    })
+}
+
+/// One block of 256 threads per row, for kernels whose threads walk a row.
+pub(crate) fn block_per_row(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 pub(crate) use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 pub(crate) use candle_core::cuda_backend::WrapErr;
 

@@ -8,9 +8,11 @@
 pub mod attention;
 pub mod cross_entropy;
 pub mod dropout;
+pub mod gemm;
 pub mod gemv;
 pub mod nf4;
 pub mod paged_attention;
+pub mod profile;
 pub mod rms_norm;
 pub mod rope;
 pub mod swiglu;

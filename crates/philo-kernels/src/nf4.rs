@@ -206,12 +206,25 @@ impl Nf4Weight {
             let p = contiguous::<u8>(cuda(&ps)?, pl)?;
             let a = contiguous::<f32>(cuda(&as_)?, al)?;
             let out = unsafe { dev.alloc::<T>(n)? };
-            let f = typed_function(&dev, &NF4, "nf4_dequantize", dtype)?;
             let stream = dev.cuda_stream();
-            let mut b = stream.launch_builder(&f);
-            let block = NF4_BLOCK_SIZE as i32;
-            b.arg(&p).arg(&a).arg(&out).arg(&n).arg(&block);
-            unsafe { b.launch(elementwise_config(n.div_ceil(2))) }.w()?;
+            // Whole groups of 16 weights under one scale: the vectorised kernel.
+            if n.is_multiple_of(16)
+                && NF4_BLOCK_SIZE.is_multiple_of(16)
+                && NF4_BLOCK_SIZE.is_power_of_two()
+            {
+                let f = typed_function(&dev, &NF4, "nf4_dequantize16", dtype)?;
+                let mut b = stream.launch_builder(&f);
+                let groups = n / 16;
+                let shift = (NF4_BLOCK_SIZE / 16).trailing_zeros() as i32;
+                b.arg(&p).arg(&a).arg(&out).arg(&groups).arg(&shift);
+                unsafe { b.launch(elementwise_config(groups)) }.w()?;
+            } else {
+                let f = typed_function(&dev, &NF4, "nf4_dequantize", dtype)?;
+                let mut b = stream.launch_builder(&f);
+                let block = NF4_BLOCK_SIZE as i32;
+                b.arg(&p).arg(&a).arg(&out).arg(&n).arg(&block);
+                unsafe { b.launch(elementwise_config(n.div_ceil(2))) }.w()?;
+            }
             Ok(tensor(out, &dev, (self.rows, self.cols)))
         })
     }

@@ -1,7 +1,7 @@
 //! RMSNorm over the last dimension (Phi3RMSNorm), its backward for the input, and a fused
 //! residual-add + RMSNorm for inference.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{Result, Tensor};
 
 use crate::{from_host, host_f32};
 
@@ -40,158 +40,140 @@ pub fn reference_backward(x: &[f32], w: &[f32], dy: &[f32], eps: f32) -> Vec<f32
     out
 }
 
-struct RmsNorm {
-    eps: f32,
-}
-
-impl CustomOp2 for RmsNorm {
-    fn name(&self) -> &'static str {
-        "philo-rms-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("philo-rms-norm: CPU tensors go through rms_norm's reference path")
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        xs: &candle_core::CudaStorage,
-        xl: &Layout,
-        ws: &candle_core::CudaStorage,
-        wl: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use crate::launch::*;
-        use candle_core::backend::BackendStorage;
-        let n = wl.shape().elem_count();
-        let rows = xl.shape().elem_count() / n;
-        let dev = xs.device().clone();
-        let slice = with_float_type!(xs.dtype(), T, {
-            let x = contiguous::<T>(xs, xl)?;
-            let w = contiguous::<T>(ws, wl)?;
-            let out = unsafe { dev.alloc::<T>(rows * n)? };
-            let f = typed_function(&dev, &RMS_NORM, "rms_norm", xs.dtype())?;
-            let stream = dev.cuda_stream();
-            let mut b = stream.launch_builder(&f);
-            let (n32, eps) = (n as i32, self.eps);
-            b.arg(&x).arg(&w).arg(&out).arg(&n32).arg(&eps);
-            let cfg = row_config(rows, n);
-            unsafe { b.launch(cfg) }.w()?;
-            candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
-        });
-        Ok((slice, xl.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(backward(x, w, grad, self.eps as f64)?), None))
-    }
-}
-
-/// One block per row of `n`, with enough threads (a multiple of 32) to cover the row with a few
-/// elements each.
-#[cfg(feature = "cuda")]
-fn row_config(rows: usize, n: usize) -> crate::launch::LaunchConfig {
-    crate::launch::LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
-        block_dim: (
-            (n.div_ceil(4).div_ceil(32) * 32).clamp(32, 1024) as u32,
-            1,
-            1,
-        ),
-        shared_mem_bytes: 0,
-    }
-}
-
-/// RMSNorm of `x` `[..., n]` with weight `w` `[n]`. On CUDA one fused kernel, with a backward
-/// for `x`; on the CPU the reference (no backward).
+/// RMSNorm of `x` `[..., n]` with weight `w` `[n]`. On CUDA one fused kernel; on the CPU the
+/// reference.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
     if x.device().is_cuda() {
-        return x
-            .contiguous()?
-            .apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 });
+        let (x, w) = (x.contiguous()?, w.contiguous()?);
+        let out = unsafe { x.empty_like()? };
+        cuda::launch(cuda::Kind::Forward, &[&x, &w], &[&out], w.elem_count(), eps)?;
+        return Ok(out);
     }
     let out = reference(&host_f32(x)?, &host_f32(w)?, eps as f32);
     from_host(out, x.dims(), x.dtype(), x.device())
 }
 
-/// dx of RMSNorm given dy (see [`reference_backward`]).
-pub fn backward(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Result<Tensor> {
+/// dx of RMSNorm given dy (see [`reference_backward`]), plus `add` when given: a gradient that
+/// reaches x by another path (the residual connection), summed in the same pass.
+pub fn backward(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    eps: f64,
+    add: Option<&Tensor>,
+) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() {
-        use crate::launch::*;
-        let dev = device(x)?;
         let (x, w, dy) = (x.contiguous()?, w.contiguous()?, dy.contiguous()?);
-        let n = w.elem_count();
-        let rows = x.elem_count() / n;
-        let (xs, xl) = x.storage_and_layout();
-        let (ws, wl) = w.storage_and_layout();
-        let (ds, dl) = dy.storage_and_layout();
-        return with_float_type!(x.dtype(), T, {
-            let xv = contiguous::<T>(cuda(&xs)?, xl)?;
-            let wv = contiguous::<T>(cuda(&ws)?, wl)?;
-            let dv = contiguous::<T>(cuda(&ds)?, dl)?;
-            let out = unsafe { dev.alloc::<T>(rows * n)? };
-            let f = typed_function(&dev, &RMS_NORM, "rms_norm_backward", x.dtype())?;
-            let stream = dev.cuda_stream();
-            let mut b = stream.launch_builder(&f);
-            let (n32, eps) = (n as i32, eps as f32);
-            b.arg(&xv).arg(&wv).arg(&dv).arg(&out).arg(&n32).arg(&eps);
-            let cfg = row_config(rows, n);
-            unsafe { b.launch(cfg) }.w()?;
-            Ok(tensor(out, &dev, x.shape()))
-        });
+        let add = add.map(Tensor::contiguous).transpose()?;
+        let dx = unsafe { x.empty_like()? };
+        let mut inputs = vec![&x, &w, &dy];
+        inputs.extend(add.as_ref());
+        cuda::launch(cuda::Kind::Backward, &inputs, &[&dx], w.elem_count(), eps)?;
+        return Ok(dx);
     }
-    let out = reference_backward(&host_f32(x)?, &host_f32(w)?, &host_f32(dy)?, eps as f32);
-    from_host(out, x.dims(), x.dtype(), x.device())
+    let dx = reference_backward(&host_f32(x)?, &host_f32(w)?, &host_f32(dy)?, eps as f32);
+    let dx = from_host(dx, x.dims(), x.dtype(), x.device())?;
+    match add {
+        Some(add) => dx + add,
+        None => Ok(dx),
+    }
 }
 
-/// `sum = x + y` and `rms_norm(sum)` in one pass (inference: no backward).
+/// `sum = x + y` and `rms_norm(sum)` in one pass.
 pub fn add_rms_norm(x: &Tensor, y: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() {
-        use crate::launch::*;
-        let dev = device(x)?;
         let (x, y, w) = (x.contiguous()?, y.contiguous()?, w.contiguous()?);
-        let n = w.elem_count();
-        let rows = x.elem_count() / n;
-        let (xs, xl) = x.storage_and_layout();
-        let (ys, yl) = y.storage_and_layout();
-        let (ws, wl) = w.storage_and_layout();
-        return with_float_type!(x.dtype(), T, {
-            let xv = contiguous::<T>(cuda(&xs)?, xl)?;
-            let yv = contiguous::<T>(cuda(&ys)?, yl)?;
-            let wv = contiguous::<T>(cuda(&ws)?, wl)?;
-            let sum = unsafe { dev.alloc::<T>(rows * n)? };
-            let out = unsafe { dev.alloc::<T>(rows * n)? };
-            let f = typed_function(&dev, &RMS_NORM, "add_rms_norm", x.dtype())?;
-            let stream = dev.cuda_stream();
-            let mut b = stream.launch_builder(&f);
-            let (n32, eps) = (n as i32, eps as f32);
-            b.arg(&xv)
-                .arg(&yv)
-                .arg(&wv)
-                .arg(&sum)
-                .arg(&out)
-                .arg(&n32)
-                .arg(&eps);
-            let cfg = row_config(rows, n);
-            unsafe { b.launch(cfg) }.w()?;
-            Ok((tensor(sum, &dev, x.shape()), tensor(out, &dev, x.shape())))
-        });
+        let sum = unsafe { x.empty_like()? };
+        let out = unsafe { x.empty_like()? };
+        cuda::launch(
+            cuda::Kind::AddForward,
+            &[&x, &y, &w],
+            &[&sum, &out],
+            w.elem_count(),
+            eps,
+        )?;
+        return Ok((sum, out));
     }
     let sum = (x + y)?;
     let normed = rms_norm(&sum, w, eps)?;
     Ok((sum, normed))
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use crate::launch::*;
+
+    pub(super) enum Kind {
+        /// x, w → out.
+        Forward,
+        /// x, y, w → sum, out.
+        AddForward,
+        /// x, w, dy[, add] → dx.
+        Backward,
+    }
+
+    /// Runs the kernel of `kind` over rows of `n`: the vectorised one when rows are whole
+    /// 16-byte pieces (n a multiple of 8, every tensor starting 16-byte aligned) and short
+    /// enough for its registers, the scalar one otherwise.
+    pub(super) fn launch(
+        kind: Kind,
+        inputs: &[&Tensor],
+        outputs: &[&Tensor],
+        n: usize,
+        eps: f64,
+    ) -> Result<()> {
+        let x = inputs[0];
+        let dev = device(x)?;
+        let rows = x.elem_count() / n.max(1);
+        let mut all = inputs.iter().chain(outputs);
+        let aligned =
+            all.all(|t| (t.layout().start_offset() * t.dtype().size_in_bytes()).is_multiple_of(16));
+        // 8-element pieces, VPT = 4 per thread, at most 1024 threads.
+        let vector = aligned && n.is_multiple_of(8) && n <= 8 * 4 * 1024;
+        let base = match kind {
+            Kind::Forward => "rms_norm",
+            Kind::AddForward => "add_rms_norm",
+            Kind::Backward => "rms_norm_backward",
+        };
+        let name = if vector {
+            format!("{base}_vec")
+        } else {
+            base.to_string()
+        };
+        let f = typed_function(&dev, &RMS_NORM, &name, x.dtype())?;
+        let threads = if vector {
+            (n / 8).div_ceil(4)
+        } else {
+            n.div_ceil(4)
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: ((threads.div_ceil(32) * 32).clamp(32, 1024) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut pointers = inputs
+            .iter()
+            .map(|t| address(t))
+            .collect::<Result<Vec<_>>>()?;
+        if let Kind::Backward = kind {
+            // The optional residual gradient: a null pointer when absent.
+            pointers.resize(4, 0);
+        }
+        for t in outputs {
+            pointers.push(address(t)?);
+        }
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        for p in &pointers {
+            b.arg(p);
+        }
+        let (n32, eps) = (n as i32, eps as f32);
+        b.arg(&n32).arg(&eps);
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
+    }
 }

@@ -156,7 +156,6 @@ impl CustomOp3 for QkvRope {
             let stream = dev.cuda_stream();
             let mut l = stream.launch_builder(&f);
             let args = [
-                b,
                 s,
                 sh.all_heads(),
                 sh.heads + sh.kv_heads,
@@ -168,7 +167,7 @@ impl CustomOp3 for QkvRope {
             for a in &args {
                 l.arg(a);
             }
-            unsafe { l.launch(elementwise_config(n)) }.w()?;
+            unsafe { l.launch(block_per_row(b * s)) }.w()?;
             candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
         });
         Ok((slice, out_shape))
@@ -236,13 +235,12 @@ pub fn backward(grad: &Tensor, cos: &Tensor, sin: &Tensor, shape: QkvShape) -> R
             let f = typed_function(&dev, &ROPE, "qkv_rope_backward", grad.dtype())?;
             let stream = dev.cuda_stream();
             let mut l = stream.launch_builder(&f);
-            let args =
-                [b, s, n, shape.heads + shape.kv_heads, d, shape.rotary_dim].map(|v| v as i32);
+            let args = [s, n, shape.heads + shape.kv_heads, d, shape.rotary_dim].map(|v| v as i32);
             l.arg(&g).arg(&c).arg(&sn).arg(&out);
             for a in &args {
                 l.arg(a);
             }
-            unsafe { l.launch(elementwise_config(total)) }.w()?;
+            unsafe { l.launch(block_per_row(b * s)) }.w()?;
             Ok(tensor(out, &dev, (b, s, n * d)))
         });
     }

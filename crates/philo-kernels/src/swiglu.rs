@@ -64,9 +64,9 @@ impl CustomOp1 for SwiGlu {
             let f = typed_function(&dev, &SWIGLU, "swiglu", s.dtype())?;
             let stream = dev.cuda_stream();
             let mut b = stream.launch_builder(&f);
-            let (rows64, i32_) = (rows, i as i32);
-            b.arg(&x).arg(&out).arg(&rows64).arg(&i32_);
-            unsafe { b.launch(elementwise_config(rows * i)) }.w()?;
+            let i32_ = i as i32;
+            b.arg(&x).arg(&out).arg(&i32_);
+            unsafe { b.launch(block_per_row(rows)) }.w()?;
             candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
         });
         Ok((slice, Shape::from(dims)))
@@ -112,9 +112,9 @@ pub fn backward(gate_up: &Tensor, grad: &Tensor) -> Result<Tensor> {
             let f = typed_function(&dev, &SWIGLU, "swiglu_backward", x.dtype())?;
             let stream = dev.cuda_stream();
             let mut b = stream.launch_builder(&f);
-            let (rows64, i32_) = (rows, i as i32);
-            b.arg(&xv).arg(&gv).arg(&out).arg(&rows64).arg(&i32_);
-            unsafe { b.launch(elementwise_config(rows * i)) }.w()?;
+            let i32_ = i as i32;
+            b.arg(&xv).arg(&gv).arg(&out).arg(&i32_);
+            unsafe { b.launch(block_per_row(rows)) }.w()?;
             Ok(tensor(out, &dev, x.shape()))
         });
     }

@@ -110,15 +110,32 @@ fn cuda_rms_norm() -> Result<()> {
             );
 
             let want_dx = rms_norm::reference_backward(&xh, &wh, &dyh, eps as f32);
-            let dx = rms_norm::backward(&x, &w, &dy, eps)?;
+            let dx = rms_norm::backward(&x, &w, &dy, eps, None)?;
             check(&format!("{what} bwd"), &host(&dx)?, &want_dx, TOL);
-            // The same through autograd of the custom op.
-            let xv = Var::from_tensor(&x)?;
-            let grads = (rms_norm::rms_norm(xv.as_tensor(), &w, eps)? * &dy)?
-                .sum_all()?
-                .backward()?;
-            let dx = grads.get(xv.as_tensor()).expect("grad of x");
-            check(&format!("{what} bwd (autograd)"), &host(dx)?, &want_dx, TOL);
+            // With a residual gradient summed in the same pass.
+            let dx = rms_norm::backward(&x, &w, &dy, eps, Some(&y))?;
+            let want: Vec<f32> = want_dx.iter().zip(&yh).map(|(a, b)| a + b).collect();
+            check(&format!("{what} bwd + add"), &host(&dx)?, &want, TOL);
+            // Rows that start at an odd element (a view): the scalar kernel.
+            let odd = Tensor::cat(&[&x, &x], 1)?.narrow(1, 1, n)?;
+            let odd_h: Vec<f32> = (0..rows)
+                .flat_map(|r| {
+                    (0..n).map(move |c| {
+                        if c + 1 < n {
+                            (r, c + 1)
+                        } else {
+                            (r, c + 1 - n)
+                        }
+                    })
+                })
+                .map(|(r, c)| xh[r * n + c])
+                .collect();
+            check(
+                &format!("{what} fwd (unaligned rows)"),
+                &host(&rms_norm::rms_norm(&odd, &w, eps)?)?,
+                &rms_norm::reference(&odd_h, &wh, eps as f32),
+                TOL,
+            );
 
             let (sum, normed) = rms_norm::add_rms_norm(&x, &y, &w, eps)?;
             let want_sum: Vec<f32> = xh.iter().zip(&yh).map(|(a, b)| a + b).collect();
@@ -358,6 +375,15 @@ fn cuda_nf4_matches_host_quantiser_bit_for_bit() -> Result<()> {
             "{what}: from_host"
         );
     }
+    // A size that is not a whole number of 16-weight groups: the byte-wise kernel.
+    let odd = Tensor::from_vec(uniform(&mut rng, 3 * 70, 0.5), (3, 70), &Device::Cpu)?;
+    let want = Nf4Tensor::from_tensor(&odd, true).expect("host quantiser");
+    let uploaded = Nf4Weight::from_host(&want, &dev)?;
+    assert_eq!(
+        host(&uploaded.dequantize(DType::F32)?)?,
+        want.dequantize(),
+        "nf4 [3, 70]: dequantize(F32)"
+    );
     Ok(())
 }
 
@@ -417,47 +443,39 @@ fn flash_case(dev: &Device, c: FlashCase, seed: u64) -> Result<()> {
         },
     };
 
-    // Variables, and q/k/v as the kernel sees them.
-    let (vars, qt, kt, vt) = if c.fused {
+    // q/k/v as the kernel sees them: views of one fused tensor, or three tensors.
+    let (qt, kt, vt) = if c.fused {
         assert_eq!(s, t, "a fused case needs S = T");
-        let all = Var::from_tensor(&Tensor::cat(&[&q, &k, &v], 1)?.to_device(dev)?)?;
+        let all = Tensor::cat(&[&q, &k, &v], 1)?.to_device(dev)?;
         let (qt, kt, vt) = (
             all.narrow(1, 0, h)?,
             all.narrow(1, h, kvh)?,
             all.narrow(1, h + kvh, kvh)?,
         );
         assert!(!qt.is_contiguous() || b == 1);
-        (vec![all], qt, kt, vt)
+        (qt, kt, vt)
     } else {
-        let vars = [&q, &k, &v]
-            .map(|x| x.to_device(dev).and_then(|x| Var::from_tensor(&x)))
-            .into_iter()
-            .collect::<Result<Vec<_>>>()?;
-        let (qt, kt, vt) = (
-            vars[0].as_tensor().clone(),
-            vars[1].as_tensor().clone(),
-            vars[2].as_tensor().clone(),
-        );
-        (vars, qt, kt, vt)
+        (q.to_device(dev)?, k.to_device(dev)?, v.to_device(dev)?)
     };
 
-    let out = attention::flash_attention(&qt, &kt, &vt, &mask)?;
+    let (out, lse) = attention::flash_forward(&qt, &kt, &vt, &mask)?;
     assert_eq!((out.dims(), out.dtype()), (&[b, s, h, d][..], c.dtype));
-    let (want_out, _) = attention::reference(&qh, &kh, &vh, c.segments.as_deref(), c.window, c.n);
+    let (want_out, want_lse) =
+        attention::reference(&qh, &kh, &vh, c.segments.as_deref(), c.window, c.n);
     check(&format!("{what} fwd out"), &host(&out)?, &want_out, TOL);
-
-    let grads = (out * &dout)?.sum_all()?.backward()?;
-    let (dq, dk, dv) = if c.fused {
-        let g = grads.get(vars[0].as_tensor()).expect("grad of qkv");
-        (
-            g.narrow(1, 0, h)?,
-            g.narrow(1, h, kvh)?,
-            g.narrow(1, h + kvh, kvh)?,
-        )
-    } else {
-        let g = |i: usize| grads.get(vars[i].as_tensor()).expect("grad").clone();
-        (g(0), g(1), g(2))
+    let finite = |v: Vec<f32>| -> Vec<f32> {
+        v.into_iter()
+            .map(|x| if x.is_finite() { x } else { 0.0 })
+            .collect()
     };
+    check(
+        &format!("{what} fwd lse"),
+        &finite(host(&lse)?),
+        &finite(want_lse),
+        TOL,
+    );
+
+    let (dq, dk, dv) = attention::flash_backward(&qt, &kt, &vt, &out, &lse, &dout, &mask)?;
     assert_eq!(dq.dims(), &[b, h, s, d]);
     assert_eq!(dk.dims(), &[b, kvh, t, d]);
     assert_eq!(dv.dims(), &[b, kvh, t, d]);
@@ -750,7 +768,8 @@ fn cuda_paged_kv_cache() -> Result<()> {
     };
     let mut rng = StdRng::seed_from_u64(6);
     // (heads, kv heads, head_dim, block size, sequence lengths, window)
-    let cases: [(usize, usize, usize, usize, &[usize], usize); 3] = [
+    type Case<'a> = (usize, usize, usize, usize, &'a [usize], usize);
+    let cases: [Case; 3] = [
         (32, 32, 96, 16, &[1, 17, 130, 300], usize::MAX),
         (8, 2, 64, 8, &[5, 64, 9], 20),
         (4, 4, 128, 16, &[257], usize::MAX),
@@ -817,6 +836,121 @@ fn cuda_paged_kv_cache() -> Result<()> {
                 1e-2,
             );
         }
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------------
+// GEMM into an existing tensor (LoRA products and weight gradients)
+
+#[test]
+fn cuda_gemm_into() -> Result<()> {
+    use philo_kernels::gemm;
+    let Some(dev) = gpu("cuda_gemm_into") else {
+        return Ok(());
+    };
+    let mut rng = StdRng::seed_from_u64(31);
+    for dtype in dtypes() {
+        for (m, n, k) in [(4096, 64, 3072), (777, 96, 64), (5, 3, 7)] {
+            for (trans_a, trans_b) in [(false, false), (false, true), (true, false), (true, true)] {
+                let a_shape = if trans_a { [k, m] } else { [m, k] };
+                let b_shape = if trans_b { [n, k] } else { [k, n] };
+                let (a, ah) = upload(uniform(&mut rng, m * k, 1.0), &a_shape, dtype, &dev)?;
+                let (b, bh) = upload(uniform(&mut rng, k * n, 1.0), &b_shape, dtype, &dev)?;
+                for out in [DType::F32, dtype] {
+                    let what = format!(
+                        "gemm_into {dtype:?}→{out:?} m{m} n{n} k{k} ta {trans_a} tb {trans_b}"
+                    );
+                    let (c, ch) = upload(uniform(&mut rng, m * n, 1.0), &[m, n], out, &dev)?;
+                    gemm::gemm_into(&c, &a, trans_a, &b, trans_b, 0.25, 1.0)?;
+                    let want =
+                        gemm::reference(&ch, &ah, trans_a, &bh, trans_b, (m, n, k), 0.25, 1.0);
+                    let tol = if out == DType::F32 { 1e-4 } else { TOL };
+                    check(&what, &host(&c)?, &want, tol);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------------
+// Flash backward straight to the QKV projection's gradient (GQA sum + inverse RoPE fused)
+
+#[test]
+fn cuda_flash_backward_qkv() -> Result<()> {
+    let Some(dev) = gpu("cuda_flash_backward_qkv") else {
+        return Ok(());
+    };
+    let mut rng = StdRng::seed_from_u64(41);
+    // GQA (4 query heads on 2 KV heads), partial rotary (48 of 96 dims), a window, two rows.
+    let (b, h, kvh, s, d, rd) = (2, 4, 2, 150, 96, 48);
+    for dtype in dtypes() {
+        let all = h + 2 * kvh;
+        let (heads, _) = upload(
+            uniform(&mut rng, b * all * s * d, 2.0),
+            &[b, all, s, d],
+            dtype,
+            &dev,
+        )?;
+        let (dout, _) = upload(
+            uniform(&mut rng, b * s * h * d, 1.0),
+            &[b, s, h, d],
+            dtype,
+            &dev,
+        )?;
+        let (cos, _) = upload(
+            uniform(&mut rng, b * s * rd / 2, 1.0),
+            &[b, s, rd / 2],
+            dtype,
+            &dev,
+        )?;
+        let (sin, _) = upload(
+            uniform(&mut rng, b * s * rd / 2, 1.0),
+            &[b, s, rd / 2],
+            dtype,
+            &dev,
+        )?;
+        let mask = AttentionMask {
+            window: 40,
+            segments: None,
+        };
+        let (q, k, v) = (
+            heads.narrow(1, 0, h)?,
+            heads.narrow(1, h, kvh)?,
+            heads.narrow(1, h + kvh, kvh)?,
+        );
+        let (out, lse) = attention::flash_forward(&q, &k, &v, &mask)?;
+        let got = attention::flash_backward_qkv(
+            &heads,
+            kvh,
+            &out,
+            &lse,
+            &dout,
+            &mask,
+            Some((&cos, &sin, rd)),
+        )?;
+        assert_eq!(got.dims(), &[b, s, all * d]);
+        // The CPU path: the f32 references, composed.
+        let cpu = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F32);
+        let want = attention::flash_backward_qkv(
+            &cpu(&heads)?,
+            kvh,
+            &cpu(&out)?,
+            &cpu(&lse)?,
+            &cpu(&dout)?,
+            &AttentionMask {
+                window: 40,
+                segments: None,
+            },
+            Some((&cpu(&cos)?, &cpu(&sin)?, rd)),
+        )?;
+        check(
+            &format!("flash_backward_qkv {dtype:?}"),
+            &host(&got)?,
+            &host(&want)?,
+            TOL_ATTN_BWD,
+        );
     }
     Ok(())
 }

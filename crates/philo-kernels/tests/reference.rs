@@ -103,12 +103,13 @@ fn rms_norm_tensor_functions_route_to_reference() -> Result<()> {
     assert_eq!(out.dims(), &[2, 2, n]);
     assert_eq!(host(&out)?, rms_norm::reference(&x, &w, eps as f32));
 
-    let dx = rms_norm::backward(&xt, &wt, &dyt, eps)?;
+    let dx = rms_norm::backward(&xt, &wt, &dyt, eps, None)?;
     assert_eq!(dx.dims(), &[2, 2, n]);
-    assert_eq!(
-        host(&dx)?,
-        rms_norm::reference_backward(&x, &w, &dy, eps as f32)
-    );
+    let want_dx = rms_norm::reference_backward(&x, &w, &dy, eps as f32);
+    assert_eq!(host(&dx)?, want_dx);
+    let dx = rms_norm::backward(&xt, &wt, &dyt, eps, Some(&yt))?;
+    let want: Vec<f32> = want_dx.iter().zip(&y).map(|(a, b)| a + b).collect();
+    assert_eq!(host(&dx)?, want);
 
     let (sum, normed) = rms_norm::add_rms_norm(&xt, &yt, &wt, eps)?;
     let want_sum: Vec<f32> = x.iter().zip(&y).map(|(a, b)| a + b).collect();
@@ -701,5 +702,52 @@ fn paged_decode_reference_matches_contiguous_attention() -> Result<()> {
         }
     }
     assert_eq!(host(&cache.sum_all()?)?, host(&new.sum_all()?)?);
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------------
+// GEMM into an existing tensor
+
+#[test]
+fn gemm_into_matches_candle_for_every_transposition() -> Result<()> {
+    use philo_kernels::gemm;
+    let mut rng = StdRng::seed_from_u64(21);
+    let (m, n, k) = (5, 11, 37);
+    for (trans_a, trans_b) in [(false, false), (false, true), (true, false), (true, true)] {
+        let a = uniform(&mut rng, m * k, 1.0);
+        let b = uniform(&mut rng, k * n, 1.0);
+        let c0 = uniform(&mut rng, m * n, 1.0);
+        let a_shape = if trans_a { (k, m) } else { (m, k) };
+        let b_shape = if trans_b { (n, k) } else { (k, n) };
+        let at = Tensor::from_vec(a.clone(), a_shape, &cpu())?;
+        let bt = Tensor::from_vec(b.clone(), b_shape, &cpu())?;
+        let op = |t: &Tensor, trans: bool| if trans { t.t() } else { Ok(t.clone()) };
+        let candle = ((op(&at, trans_a)?.matmul(&op(&bt, trans_b)?)? * 0.5)?
+            + (Tensor::from_vec(c0.clone(), (m, n), &cpu())? * 2.0)?)?;
+        let want = gemm::reference(&c0, &a, trans_a, &b, trans_b, (m, n, k), 0.5, 2.0);
+        let what = format!("gemm reference ta {trans_a} tb {trans_b}");
+        assert_close(&what, &want, &host(&candle)?, TOL);
+        // The entry point, in place, with `a` as a strided view.
+        let c = Tensor::from_vec(c0.clone(), (m, n), &cpu())?;
+        let wide = Tensor::cat(&[&at, &at], 1)?;
+        let a_view = wide.narrow(1, a_shape.1, a_shape.1)?;
+        gemm::gemm_into(&c, &a_view, trans_a, &bt, trans_b, 0.5, 2.0)?;
+        assert_close(
+            &format!("gemm_into ta {trans_a} tb {trans_b}"),
+            &host(&c)?,
+            &want,
+            TOL,
+        );
+        // beta = 0 ignores what c held.
+        let c = Tensor::full(f32::NAN, (m, n), &cpu())?;
+        gemm::gemm_into(&c, &at, trans_a, &bt, trans_b, 1.0, 0.0)?;
+        let plain = gemm::reference(&c0, &a, trans_a, &b, trans_b, (m, n, k), 1.0, 0.0);
+        assert_close(
+            &format!("gemm_into beta 0 ta {trans_a} tb {trans_b}"),
+            &host(&c)?,
+            &plain,
+            TOL,
+        );
+    }
     Ok(())
 }

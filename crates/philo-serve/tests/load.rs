@@ -85,9 +85,9 @@ enum Kind {
 }
 
 fn kind(i: usize) -> Kind {
-    if i % CANCEL_EVERY == 0 {
+    if i.is_multiple_of(CANCEL_EVERY) {
         Kind::Cancel
-    } else if i % 2 == 0 {
+    } else if i.is_multiple_of(2) {
         Kind::Stream
     } else {
         Kind::Completion

@@ -54,7 +54,105 @@ __device__ __forceinline__ void load_b_trans(const T* row0, int ld, uint32_t& b0
                  : "r"(addr));
 }
 
+// Two B fragments at once, for the n8 tiles n0 and n0 + 8 of a row-major [k][n] tile (k16 rows
+// from `row0`): (b[0], b[1]) for n0, (b[2], b[3]) for n0 + 8.
+template <typename T>
+__device__ __forceinline__ void load_b_trans_x4(const T* row0, int ld, uint32_t* b) {
+    int lane = threadIdx.x % 32, mi = lane / 8;
+    const T* p = row0 + ((mi & 1) * 8 + lane % 8) * ld + (mi >> 1) * 8;
+    uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+                 : "r"(addr));
+}
+
+// B fragments of Xᵀ for a row-major [n][k] tile X (the "col" operand of m16n8k16 is X itself):
+// for the 8 rows from `row0` and the k columns k0 .. k0 + 32, (b[0], b[1]) cover k0 .. k0 + 16
+// and (b[2], b[3]) k0 + 16 .. k0 + 32.
+template <typename T>
+__device__ __forceinline__ void load_bt_x4(const T* row0, int ld, uint32_t* b) {
+    int lane = threadIdx.x % 32;
+    const T* p = row0 + (lane % 8) * ld + (lane / 8) * 8;
+    uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+                 : "r"(addr));
+}
+
+// The same for 16 columns: (b[0], b[1]) cover k0 .. k0 + 16.
+template <typename T>
+__device__ __forceinline__ void load_bt_x2(const T* row0, int ld, uint32_t* b) {
+    int lane = threadIdx.x % 32;
+    const T* p = row0 + (lane % 8) * ld + ((lane / 8) % 2) * 8;
+    uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+                 : "=r"(b[0]), "=r"(b[1])
+                 : "r"(addr));
+}
+
+// acc[j] (16 × 8) += A (16 × D, fragments a[D / 16]) · X_jᵀ for j < NJ, X_j being the 8 rows of
+// X from `x + j·8·ld` (X a row-major [n][D] tile in shared memory with row stride `ld`). The k
+// chunks (two at a time) are the outer loop: an MMA waits on at most the one before it, and
+// the other warps of the SM fill that gap.
+template <typename T, int D, int NJ>
+__device__ __forceinline__ void mma_a_xt(float (*acc)[4], const uint32_t (*a)[4], const T* x, int ld) {
+    if constexpr ((D / 16) % 2 == 0) {
+#pragma unroll
+        for (int kc = 0; kc < D / 16; kc += 2) {
+#pragma unroll
+            for (int j = 0; j < NJ; ++j) {
+                uint32_t b[4];
+                load_bt_x4<T>(x + j * 8 * ld + kc * 16, ld, b);
+                Mma<T>::run(acc[j], a[kc], b[0], b[1]);
+                Mma<T>::run(acc[j], a[kc + 1], b[2], b[3]);
+            }
+        }
+    } else {
+#pragma unroll
+        for (int kc = 0; kc < D / 16; ++kc) {
+#pragma unroll
+            for (int j = 0; j < NJ; ++j) {
+                uint32_t b[2];
+                load_bt_x2<T>(x + j * 8 * ld + kc * 16, ld, b);
+                Mma<T>::run(acc[j], a[kc], b[0], b[1]);
+            }
+        }
+    }
+}
+
+// Adds (v0, v1) to p[0], p[1] (8-byte aligned): one vector atomic on Hopper, two before.
+__device__ __forceinline__ void atomic_add2(float* p, float v0, float v1) {
+#if __CUDA_ARCH__ >= 900
+    atomicAdd(reinterpret_cast<float2*>(p), make_float2(v0, v1));
+#else
+    atomicAdd(p, v0);
+    atomicAdd(p + 1, v1);
+#endif
+}
+
 __device__ __forceinline__ uint32_t ld32(const void* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+// 16-byte asynchronous copy global → shared; with `valid` false the destination is zero-filled.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+    uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+    int bytes = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// Starts copying a [rows][D] tile (global row stride `stride`) to shared memory (row stride
+// D + 8); rows at or past `valid` are zero-filled.
+template <typename T, int D>
+__device__ __forceinline__ void load_tile_async(T* dst, const T* src, size_t stride, int rows, int valid) {
+    constexpr int V = D / 8;  // 16-byte vectors per row
+    for (int i = threadIdx.x; i < rows * V; i += blockDim.x) {
+        int r = i / V, c = (i - r * V) * 8;
+        bool ok = r < valid;
+        cp_async16(dst + r * (D + 8) + c, ok ? src + r * stride + c : src, ok);
+    }
+}
 
 // Copies a [rows][D] tile (global row stride `stride`) to shared memory (row stride D + 8) in
 // 16-byte pieces; rows at or past `valid` are zero-filled.
@@ -79,21 +177,33 @@ __device__ __forceinline__ bool visible(int key, int qpos, int T_, int window, c
     return true;
 }
 
+// Whether every (query, key) pair of a tile is visible, so the tile needs no mask: queries at
+// positions qpos_lo .. qpos_hi (all real rows), keys k0 .. k0 + n − 1 (all below T_), and —
+// with segments — every key and query in one segment (`same_segment`, decided by the caller).
+__device__ __forceinline__ bool all_visible(int k0, int n, int qpos_lo, int qpos_hi, int T_,
+                                            int window, bool same_segment) {
+    return same_segment && k0 + n <= T_ && k0 + n - 1 <= qpos_lo && qpos_hi - k0 < window;
+}
+
 constexpr float LOG2E = 1.4426950408889634f;
 
 // ---------------------------------------------------------------------------------------------
-// Forward: one block = 4 warps = 64 queries of one (batch, head); key tiles of 64.
+// Forward: one block = 4 warps = 64 queries of one (batch, head); key tiles of 64, loaded two
+// stages deep with cp.async (the next tile arrives while this one is computed). Dynamic shared
+// memory: K and V stages plus their segment ids.
 template <typename T, int D>
 __device__ void flash_forward(const T* q, const T* k, const T* v, const int* seg, T* out,
                               float* lse, int B, int H, int KVH, int S, int T_, long q_b, long q_h,
                               long q_s, long k_b, long k_h, long k_t, int window, float scale) {
     constexpr int BM = 64, BN = 64, LD = D + 8;
-    __shared__ __align__(16) T ks[BN * LD];
-    __shared__ __align__(16) T vs[BN * LD];
-    __shared__ int kseg[BN];
+    extern __shared__ __align__(16) unsigned char smem[];
+    T* ks = reinterpret_cast<T*>(smem);  // [2][BN][LD]
+    T* vs = ks + 2 * BN * LD;            // [2][BN][LD]
+    int* kseg = reinterpret_cast<int*>(vs + 2 * BN * LD);  // [2][BN]
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     int bh = blockIdx.y, b = bh / H, h = bh % H, kvh = h / (H / KVH);
-    int q0 = blockIdx.x * BM, wq0 = q0 + warp * 16;
+    // Longest rows first: causal blocks near the end see the most keys.
+    int q0 = (gridDim.x - 1 - blockIdx.x) * BM, wq0 = q0 + warp * 16;
     int past = T_ - S;
     const T* qp = q + b * q_b + h * q_h;
     const T* kp = k + b * k_b + kvh * k_h;
@@ -113,6 +223,11 @@ __device__ void flash_forward(const T* q, const T* k, const T* v, const int* seg
     }
     int qpos0 = past + r0, qpos1 = past + r1;
     int qseg0 = (seg_b && r0 < S) ? seg_b[qpos0] : 0, qseg1 = (seg_b && r1 < S) ? seg_b[qpos1] : 0;
+    // The warp's rows all real and, with segments, all in one segment (then a key tile of that
+    // segment alone needs no mask).
+    bool rows_real = wq0 + 15 < S;
+    int warp_seg = __shfl_sync(0xffffffff, qseg0, 0);
+    bool rows_one_segment = __all_sync(0xffffffff, qseg0 == warp_seg && qseg1 == warp_seg);
 
     float o[D / 8][4];
 #pragma unroll
@@ -125,37 +240,52 @@ __device__ void flash_forward(const T* q, const T* k, const T* v, const int* seg
     long first_key = (long)past + q0 - window + 1;
     int kt0 = first_key > 0 ? (int)(first_key / BN) : 0;
     int kt1 = min(last_q, T_ - 1) / BN;
-    for (int kt = kt0; kt <= kt1; ++kt) {
+    auto issue = [&](int kt, int stage) {
         int k0 = kt * BN;
+        load_tile_async<T, D>(ks + stage * BN * LD, kp + (size_t)k0 * k_t, k_t, BN, T_ - k0);
+        load_tile_async<T, D>(vs + stage * BN * LD, vp + (size_t)k0 * k_t, k_t, BN, T_ - k0);
+        if (threadIdx.x < BN)
+            kseg[stage * BN + threadIdx.x] =
+                (seg_b && k0 + threadIdx.x < T_) ? seg_b[k0 + threadIdx.x] : 0;
+    };
+    if (kt0 <= kt1) issue(kt0, 0);
+    cp_async_commit();
+    for (int kt = kt0; kt <= kt1; ++kt) {
+        int stage = (kt - kt0) & 1, k0 = kt * BN;
+        if (kt + 1 <= kt1) issue(kt + 1, stage ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
         __syncthreads();
-        load_tile<T, D>(ks, kp + (size_t)k0 * k_t, k_t, BN, T_ - k0);
-        load_tile<T, D>(vs, vp + (size_t)k0 * k_t, k_t, BN, T_ - k0);
-        if (threadIdx.x < BN) kseg[threadIdx.x] = (seg_b && k0 + threadIdx.x < T_) ? seg_b[k0 + threadIdx.x] : 0;
-        __syncthreads();
+        const T* kst = ks + stage * BN * LD;
+        const T* vst = vs + stage * BN * LD;
+        const int* ksg = kseg + stage * BN;
 
         float s[BN / 8][4];
 #pragma unroll
-        for (int j = 0; j < BN / 8; ++j) {
-            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-#pragma unroll
-            for (int kc = 0; kc < D / 16; ++kc) {
-                const T* kr = ks + (j * 8 + g) * LD + kc * 16 + 2 * t;
-                Mma<T>::run(s[j], qf[kc], ld32(kr), ld32(kr + 8));
-            }
+        for (int j = 0; j < BN / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+        mma_a_xt<T, D, BN / 8>(s, qf, kst, LD);
+        bool same_segment = true;
+        if (seg_b) {
+            bool keys_one = ksg[lane] == warp_seg && ksg[lane + 32] == warp_seg;
+            same_segment = rows_one_segment && warp_seg != 0 && __all_sync(0xffffffff, keys_one);
         }
-        // Mask, scale to log2 units, running max.
+        bool full = rows_real && all_visible(k0, BN, past + wq0, past + wq0 + 15, T_, window,
+                                             same_segment);
+        // Scale to log2 units, mask where needed, running max.
         float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
         for (int j = 0; j < BN / 8; ++j) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                int kl = j * 8 + 2 * t + (e & 1), key = k0 + kl;
                 bool row1 = e >= 2;
-                int qpos = row1 ? qpos1 : qpos0;
-                bool ok = (row1 ? r1 : r0) < S &&
-                          visible(key, qpos, T_, window, seg_b ? kseg - k0 : nullptr,
-                                  row1 ? qseg1 : qseg0);
-                float val = ok ? s[j][e] * sl2 : -INFINITY;
+                float val = s[j][e] * sl2;
+                if (!full) {
+                    int key = k0 + j * 8 + 2 * t + (e & 1);
+                    bool ok = (row1 ? r1 : r0) < S &&
+                              visible(key, row1 ? qpos1 : qpos0, T_, window,
+                                      seg_b ? ksg - k0 : nullptr, row1 ? qseg1 : qseg0);
+                    if (!ok) val = -INFINITY;
+                }
                 s[j][e] = val;
                 if (row1) mx1 = fmaxf(mx1, val); else mx0 = fmaxf(mx0, val);
             }
@@ -184,12 +314,15 @@ __device__ void flash_forward(const T* q, const T* k, const T* v, const int* seg
 #pragma unroll
         for (int kc = 0; kc < BN / 16; ++kc) {
 #pragma unroll
-            for (int dn = 0; dn < D / 8; ++dn) {
-                uint32_t b0, b1;
-                load_b_trans<T>(vs + kc * 16 * LD + dn * 8, LD, b0, b1);
-                Mma<T>::run(o[dn], pf[kc], b0, b1);
+            for (int dn = 0; dn < D / 8; dn += 2) {
+                uint32_t bb[4];
+                load_b_trans_x4<T>(vst + kc * 16 * LD + dn * 8, LD, bb);
+                Mma<T>::run(o[dn], pf[kc], bb[0], bb[1]);
+                Mma<T>::run(o[dn + 1], pf[kc], bb[2], bb[3]);
             }
         }
+        // Every warp is done with this stage before the next iteration's copy overwrites it.
+        __syncthreads();
     }
     l0 += __shfl_xor_sync(0xffffffff, l0, 1);
     l0 += __shfl_xor_sync(0xffffffff, l0, 2);
@@ -208,6 +341,10 @@ __device__ void flash_forward(const T* q, const T* k, const T* v, const int* seg
     }
 }
 
+// Dynamic shared memory of the forward for head dim D (K and V two stages deep, segment ids).
+template <typename T, int D>
+constexpr int forward_smem() { return 2 * 2 * 64 * (D + 8) * (int)sizeof(T) + 2 * 64 * (int)sizeof(int); }
+
 // ---------------------------------------------------------------------------------------------
 // Backward, step 1: delta[b, h, i] = Σ_d dO·O (f32), one warp per query row.
 template <typename T>
@@ -224,23 +361,28 @@ __device__ void flash_delta(const T* out, const T* dout, float* delta, int B, in
     if (lane == 0) delta[((size_t)b * H + h) * S + i] = acc;
 }
 
-// Backward, step 2: one block = 4 warps = 64 keys of one (batch, query head); query tiles of 32.
-// dK and dV (per query head, f32) are written directly; dQ is accumulated atomically into a
-// zeroed f32 buffer [B, H, S, D].
+// Backward, step 2: one block = 8 warps = 128 keys of one (batch, query head); query tiles of 32,
+// loaded two stages deep with cp.async (128 keys a block halve dQ's atomic additions against
+// 64). dK and dV (per query head, f32) are written directly; dQ
+// is accumulated atomically into a zeroed f32 buffer [B, H, S, D]. Dynamic shared memory (see
+// backward_smem).
 template <typename T, int D>
 __device__ void flash_backward(const T* q, const T* k, const T* v, const int* seg, const T* dout,
                                const float* lse, const float* delta, float* dq, float* dk, float* dv,
                                int B, int H, int KVH, int S, int T_, long q_b, long q_h, long q_s,
                                long k_b, long k_h, long k_t, int window, float scale) {
-    constexpr int BK = 64, BQ = 32, LD = D + 8, LDS = BK + 8;
-    __shared__ __align__(16) T qs[BQ * LD];
-    __shared__ __align__(16) T dos[BQ * LD];
-    __shared__ __align__(16) T kst[BK * LD];
-    __shared__ __align__(16) T dss[BQ * LDS];
-    __shared__ float qlse[BQ], qdelta[BQ];
-    __shared__ int qseg[BQ];
+    constexpr int BK = 128, BQ = 32, LD = D + 8, LDS = BK + 8;
+    extern __shared__ __align__(16) unsigned char smem[];
+    T* qs = reinterpret_cast<T*>(smem);      // [2][BQ][LD]
+    T* dos = qs + 2 * BQ * LD;                // [2][BQ][LD]
+    T* kst = dos + 2 * BQ * LD;               // [BK][LD]
+    T* dss = kst + BK * LD;                   // [BQ][LDS]
+    float* qlse = reinterpret_cast<float*>(dss + BQ * LDS);  // [2][BQ]
+    float* qdelta = qlse + 2 * BQ;                            // [2][BQ]
+    int* qseg = reinterpret_cast<int*>(qdelta + 2 * BQ);      // [2][BQ]
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     int bh = blockIdx.y, b = bh / H, h = bh % H, kvh = h / (H / KVH);
+    // Earliest keys first: causal blocks near the start see the most queries.
     int k0 = blockIdx.x * BK, wk0 = k0 + warp * 16;
     int past = T_ - S;
     const T* qp = q + b * q_b + h * q_h;
@@ -266,6 +408,9 @@ __device__ void flash_backward(const T* q, const T* k, const T* v, const int* se
         vf[kc][3] = r1 < T_ ? ld32(vp + r1 * k_t + c + 8) : 0;
     }
     int kseg0 = (seg_b && r0 < T_) ? seg_b[r0] : 0, kseg1 = (seg_b && r1 < T_) ? seg_b[r1] : 0;
+    bool keys_real = wk0 + 16 <= T_;
+    int warp_seg = __shfl_sync(0xffffffff, kseg0, 0);
+    bool keys_one_segment = __all_sync(0xffffffff, kseg0 == warp_seg && kseg1 == warp_seg);
     float dka[D / 8][4], dva[D / 8][4];
 #pragma unroll
     for (int i = 0; i < D / 8; ++i)
@@ -276,32 +421,44 @@ __device__ void flash_backward(const T* q, const T* k, const T* v, const int* se
     int first_q = max(k0 - past, 0);
     long last_pos = (long)min(k0 + BK, T_) - 1 + window - 1;
     int last_q = (int)min((long)S - 1, last_pos - past);
-    for (int qt = first_q / BQ; qt * BQ <= last_q; ++qt) {
+    int qt0 = first_q / BQ, qt1 = last_q / BQ;
+    auto issue = [&](int qt, int stage) {
         int q0 = qt * BQ;
-        __syncthreads();
-        load_tile<T, D>(qs, qp + (size_t)q0 * q_s, q_s, BQ, S - q0);
-        load_tile<T, D>(dos, dop + (size_t)q0 * H * D, (size_t)H * D, BQ, S - q0);
+        load_tile_async<T, D>(qs + stage * BQ * LD, qp + (size_t)q0 * q_s, q_s, BQ, S - q0);
+        load_tile_async<T, D>(dos + stage * BQ * LD, dop + (size_t)q0 * H * D, (size_t)H * D, BQ, S - q0);
         if (threadIdx.x < BQ) {
-            int i = q0 + threadIdx.x;
-            qlse[threadIdx.x] = i < S ? lse[((size_t)b * H + h) * S + i] * LOG2E : INFINITY;
-            qdelta[threadIdx.x] = i < S ? delta[((size_t)b * H + h) * S + i] : 0.f;
-            qseg[threadIdx.x] = (seg_b && i < S) ? seg_b[past + i] : 0;
+            int i = q0 + threadIdx.x, at = stage * BQ + threadIdx.x;
+            qlse[at] = i < S ? lse[((size_t)b * H + h) * S + i] * LOG2E : INFINITY;
+            qdelta[at] = i < S ? delta[((size_t)b * H + h) * S + i] : 0.f;
+            qseg[at] = (seg_b && i < S) ? seg_b[past + i] : 0;
         }
+    };
+    if (qt0 <= qt1) issue(qt0, 0);
+    cp_async_commit();
+    for (int qt = qt0; qt <= qt1; ++qt) {
+        int stage = (qt - qt0) & 1, q0 = qt * BQ;
+        if (qt + 1 <= qt1) issue(qt + 1, stage ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
         __syncthreads();
+        const T* qst = qs + stage * BQ * LD;
+        const T* dost = dos + stage * BQ * LD;
+        const float* sl = qlse + stage * BQ;
+        const float* sd = qdelta + stage * BQ;
+        const int* sq = qseg + stage * BQ;
         // Sᵀ (16 keys × 32 queries) and dPᵀ = V·dOᵀ.
         float st[BQ / 8][4], dpt[BQ / 8][4];
 #pragma unroll
         for (int j = 0; j < BQ / 8; ++j) {
             st[j][0] = st[j][1] = st[j][2] = st[j][3] = 0.f;
             dpt[j][0] = dpt[j][1] = dpt[j][2] = dpt[j][3] = 0.f;
-#pragma unroll
-            for (int kc = 0; kc < D / 16; ++kc) {
-                const T* qr = qs + (j * 8 + g) * LD + kc * 16 + 2 * t;
-                Mma<T>::run(st[j], kf[kc], ld32(qr), ld32(qr + 8));
-                const T* dr = dos + (j * 8 + g) * LD + kc * 16 + 2 * t;
-                Mma<T>::run(dpt[j], vf[kc], ld32(dr), ld32(dr + 8));
-            }
         }
+        mma_a_xt<T, D, BQ / 8>(st, kf, qst, LD);
+        mma_a_xt<T, D, BQ / 8>(dpt, vf, dost, LD);
+        bool same_segment = true;
+        if (seg_b) same_segment = keys_one_segment && warp_seg != 0 && __all_sync(0xffffffff, sq[lane] == warp_seg);
+        bool full = keys_real && q0 + BQ <= S &&
+                    all_visible(wk0, 16, past + q0, past + q0 + BQ - 1, T_, window, same_segment);
         // Pᵀ = exp(S·scale − lse) where visible; dSᵀ = Pᵀ ∘ (dPᵀ − delta) · scale.
         uint32_t pa[BQ / 16][4], dsa[BQ / 16][4];
 #pragma unroll
@@ -310,12 +467,15 @@ __device__ void flash_backward(const T* q, const T* k, const T* v, const int* se
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 int ql = j * 8 + 2 * t + (e & 1), i = q0 + ql;
-                int key = e >= 2 ? r1 : r0;
-                int ks_ = e >= 2 ? kseg1 : kseg0;
-                bool ok = i < S && key < T_ && key <= past + i && past + i - key < window &&
-                          (!seg_b || (ks_ != 0 && ks_ == qseg[ql]));
-                p[e] = ok ? exp2f(st[j][e] * sl2 - qlse[ql]) : 0.f;
-                ds[e] = p[e] * (dpt[j][e] - qdelta[ql]) * scale;
+                bool ok = true;
+                if (!full) {
+                    int key = e >= 2 ? r1 : r0;
+                    int ks_ = e >= 2 ? kseg1 : kseg0;
+                    ok = i < S && key < T_ && key <= past + i && past + i - key < window &&
+                         (!seg_b || (ks_ != 0 && ks_ == sq[ql]));
+                }
+                p[e] = ok ? exp2f(st[j][e] * sl2 - sl[ql]) : 0.f;
+                ds[e] = p[e] * (dpt[j][e] - sd[ql]) * scale;
             }
             pa[j / 2][(j % 2) * 2 + 0] = Mma<T>::pack(p[0], p[1]);
             pa[j / 2][(j % 2) * 2 + 1] = Mma<T>::pack(p[2], p[3]);
@@ -332,18 +492,22 @@ __device__ void flash_backward(const T* q, const T* k, const T* v, const int* se
 #pragma unroll
         for (int kc = 0; kc < BQ / 16; ++kc) {
 #pragma unroll
-            for (int dn = 0; dn < D / 8; ++dn) {
-                uint32_t b0, b1;
-                load_b_trans<T>(dos + kc * 16 * LD + dn * 8, LD, b0, b1);
-                Mma<T>::run(dva[dn], pa[kc], b0, b1);
-                load_b_trans<T>(qs + kc * 16 * LD + dn * 8, LD, b0, b1);
-                Mma<T>::run(dka[dn], dsa[kc], b0, b1);
+            for (int dn = 0; dn < D / 8; dn += 2) {
+                uint32_t bb[4];
+                load_b_trans_x4<T>(dost + kc * 16 * LD + dn * 8, LD, bb);
+                Mma<T>::run(dva[dn], pa[kc], bb[0], bb[1]);
+                Mma<T>::run(dva[dn + 1], pa[kc], bb[2], bb[3]);
+                load_b_trans_x4<T>(qst + kc * 16 * LD + dn * 8, LD, bb);
+                Mma<T>::run(dka[dn], dsa[kc], bb[0], bb[1]);
+                Mma<T>::run(dka[dn + 1], dsa[kc], bb[2], bb[3]);
             }
         }
         __syncthreads();
-        // dQ[q0 .. q0+32) += dS·K: warp w takes query rows (w / 2)·16 and half the d columns.
+        // dQ[q0 .. q0+32) += dS·K: warp w takes query rows (w / 4)·16 and a quarter of the d
+        // columns (n8 tiles), with the keys (k) as the outer loop.
         {
-            int mt = warp / 2, n_begin = (warp % 2) * (D / 16), n_end = n_begin + D / 16;
+            constexpr int NT = (D / 8 + 3) / 4;
+            int mt = warp / 4, n_begin = (warp % 4) * NT;
             uint32_t af[BK / 16][4];
 #pragma unroll
             for (int kc = 0; kc < BK / 16; ++kc) {
@@ -353,18 +517,28 @@ __device__ void flash_backward(const T* q, const T* k, const T* v, const int* se
                 af[kc][2] = ld32(a + 8);
                 af[kc][3] = ld32(a + 8 * LDS + 8);
             }
-            for (int dn = n_begin; dn < n_end; ++dn) {
-                float acc[4] = {0.f, 0.f, 0.f, 0.f};
+            float acc[NT][4];
 #pragma unroll
-                for (int kc = 0; kc < BK / 16; ++kc) {
-                    uint32_t b0, b1;
-                    load_b_trans<T>(kst + kc * 16 * LD + dn * 8, LD, b0, b1);
-                    Mma<T>::run(acc, af[kc], b0, b1);
+            for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+#pragma unroll
+            for (int kc = 0; kc < BK / 16; ++kc) {
+#pragma unroll
+                for (int n = 0; n < NT; ++n) {
+                    if (n_begin + n < D / 8) {
+                        uint32_t b0, b1;
+                        load_b_trans<T>(kst + kc * 16 * LD + (n_begin + n) * 8, LD, b0, b1);
+                        Mma<T>::run(acc[n], af[kc], b0, b1);
+                    }
                 }
-                int i0 = q0 + mt * 16 + g, c = dn * 8 + 2 * t;
-                float* dqr = dq + (((size_t)b * H + h) * S) * D;
-                if (i0 < S) { atomicAdd(dqr + (size_t)i0 * D + c, acc[0]); atomicAdd(dqr + (size_t)i0 * D + c + 1, acc[1]); }
-                if (i0 + 8 < S) { atomicAdd(dqr + (size_t)(i0 + 8) * D + c, acc[2]); atomicAdd(dqr + (size_t)(i0 + 8) * D + c + 1, acc[3]); }
+            }
+            int i0 = q0 + mt * 16 + g;
+            float* dqr = dq + (((size_t)b * H + h) * S) * D;
+#pragma unroll
+            for (int n = 0; n < NT; ++n) {
+                int c = (n_begin + n) * 8 + 2 * t;
+                if (n_begin + n >= D / 8) continue;
+                if (i0 < S) atomic_add2(dqr + (size_t)i0 * D + c, acc[n][0], acc[n][1]);
+                if (i0 + 8 < S) atomic_add2(dqr + (size_t)(i0 + 8) * D + c, acc[n][2], acc[n][3]);
             }
         }
     }
@@ -384,15 +558,21 @@ __device__ void flash_backward(const T* q, const T* k, const T* v, const int* se
     }
 }
 
+// Dynamic shared memory of the backward for head dim D.
+template <typename T, int D>
+constexpr int backward_smem() {
+    return (2 * 2 * 32 * (D + 8) + 128 * (D + 8) + 32 * 136) * (int)sizeof(T) + 2 * 3 * 32 * 4;
+}
+
 #define FLASH(name, T, D)                                                                          \
-    extern "C" __global__ void __launch_bounds__(128) flash_forward_##name##_d##D(                 \
+    extern "C" __global__ void __launch_bounds__(128, 3) flash_forward_##name##_d##D(                 \
         const T* q, const T* k, const T* v, const int* seg, T* out, float* lse, int B, int H,      \
         int KVH, int S, int T_, long q_b, long q_h, long q_s, long k_b, long k_h, long k_t,        \
         int window, float scale) {                                                                 \
         flash_forward<T, D>(q, k, v, seg, out, lse, B, H, KVH, S, T_, q_b, q_h, q_s, k_b, k_h,     \
                             k_t, window, scale);                                                   \
     }                                                                                              \
-    extern "C" __global__ void __launch_bounds__(128) flash_backward_##name##_d##D(                \
+    extern "C" __global__ void __launch_bounds__(256) flash_backward_##name##_d##D(                \
         const T* q, const T* k, const T* v, const int* seg, const T* dout, const float* lse,       \
         const float* delta, float* dq, float* dk, float* dv, int B, int H, int KVH, int S, int T_, \
         long q_b, long q_h, long q_s, long k_b, long k_h, long k_t, int window, float scale) {     \
@@ -403,6 +583,48 @@ __device__ void flash_backward(const T* q, const T* k, const T* v, const int* se
     FLASH(name, T, 16) FLASH(name, T, 32) FLASH(name, T, 64) FLASH(name, T, 96) FLASH(name, T, 128)
 FLASH_ALL(bf16, __nv_bfloat16)
 FLASH_ALL(f16, __half)
+
+// The gradient of the fused QKV projection from the backward's f32 results: one block per token
+// row (b, s), its threads walking the (h + 2·kvh)·d outputs. q heads read dq; k and v heads sum
+// dk / dv over the query heads of their group; q and k get RoPE's inverse rotation (rotate-half
+// layout, the first rd dims; cos/sin [b, s, rd/2]; none when cos is null).
+template <typename T>
+__device__ void flash_qkv_grad(const float* dq, const float* dk, const float* dv, const T* cos,
+                               const T* sin, T* out, int S, int H, int KVH, int D, int rd) {
+    int row = blockIdx.x, bi = row / S, si = row - bi * S;
+    int heads = H + 2 * KVH, rep = H / KVH, half = rd / 2;
+    T* dst = out + (size_t)row * heads * D;
+    for (int e = threadIdx.x; e < heads * D; e += blockDim.x) {
+        int hh = e / D, j = e - hh * D;
+        bool is_q = hh < H, is_k = !is_q && hh < H + KVH;
+        const float* src = is_q ? dq : is_k ? dk : dv;
+        int first = is_q ? hh : (hh - (is_k ? H : H + KVH)) * rep, count = is_q ? 1 : rep;
+        auto grad = [&](int c) {
+            float acc = 0.f;
+            for (int g = 0; g < count; ++g) acc += src[(((size_t)bi * H + first + g) * S + si) * D + c];
+            return acc;
+        };
+        float val;
+        if (cos && (is_q || is_k) && j < rd) {
+            int i = j < half ? j : j - half;
+            float c = to_f32(cos[(size_t)row * half + i]), sn = to_f32(sin[(size_t)row * half + i]);
+            // out1 = x1·c − x2·s, out2 = x2·c + x1·s  ⇒  dx1 = g1·c + g2·s, dx2 = g2·c − g1·s.
+            val = j < half ? grad(j) * c + grad(j + half) * sn : grad(j) * c - grad(j - half) * sn;
+        } else {
+            val = grad(j);
+        }
+        dst[e] = from_f32<T>(val);
+    }
+}
+
+#define QKV_GRAD(name, T)                                                                        \
+    extern "C" __global__ void flash_qkv_grad_##name(const float* dq, const float* dk,          \
+                                                     const float* dv, const T* cos, const T* sin, \
+                                                     T* out, int S, int H, int KVH, int D, int rd) { \
+        flash_qkv_grad<T>(dq, dk, dv, cos, sin, out, S, H, KVH, D, rd);                          \
+    }
+QKV_GRAD(bf16, __nv_bfloat16)
+QKV_GRAD(f16, __half)
 
 #define DELTA(name, T)                                                                            \
     extern "C" __global__ void flash_delta_##name(const T* out, const T* dout, float* delta,     \

@@ -10,7 +10,7 @@ __constant__ float NF4[16] = {
     0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
     0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
 
-// One thread per packed byte (two weights); `block` weights per scale (64).
+// One thread per packed byte (two weights); `block` weights per scale (64). The general case.
 template <typename T>
 __device__ void nf4_dequantize(const uint8_t* packed, const float* absmax, T* out, size_t n,
                                int block) {
@@ -21,6 +21,53 @@ __device__ void nf4_dequantize(const uint8_t* packed, const float* absmax, T* ou
         size_t e = 2 * p;
         out[e] = from_f32<T>(NF4[byte >> 4] * absmax[e / block]);
         if (e + 1 < n) out[e + 1] = from_f32<T>(NF4[byte & 15] * absmax[(e + 1) / block]);
+    }
+}
+
+template <typename T> __device__ __forceinline__ void store16(T* p, const float (&f)[16]);
+template <> __device__ __forceinline__ void store16<float>(float* p, const float (&f)[16]) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+        reinterpret_cast<float4*>(p)[i] = make_float4(f[4 * i], f[4 * i + 1], f[4 * i + 2], f[4 * i + 3]);
+}
+template <> __device__ __forceinline__ void store16<__nv_bfloat16>(__nv_bfloat16* p, const float (&f)[16]) {
+    uint4 u[2];
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(u);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+    reinterpret_cast<uint4*>(p)[0] = u[0];
+    reinterpret_cast<uint4*>(p)[1] = u[1];
+}
+template <> __device__ __forceinline__ void store16<__half>(__half* p, const float (&f)[16]) {
+    uint4 u[2];
+    __half2* h = reinterpret_cast<__half2*>(u);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) h[i] = __floats2half2_rn(f[2 * i], f[2 * i + 1]);
+    reinterpret_cast<uint4*>(p)[0] = u[0];
+    reinterpret_cast<uint4*>(p)[1] = u[1];
+}
+
+// Groups of 16 weights (8 packed bytes, one scale: 16 divides the block): one 8-byte load and
+// 16-byte stores per thread, the code book in shared memory (lanes index it at random, which
+// the constant cache would serialise). `shift` = log2(block / 16).
+template <typename T>
+__device__ void nf4_dequantize16(const uint8_t* packed, const float* absmax, T* out, size_t groups,
+                                 int shift) {
+    __shared__ float code[16];
+    if (threadIdx.x < 16) code[threadIdx.x] = NF4[threadIdx.x];
+    __syncthreads();
+    for (size_t gi = blockIdx.x * (size_t)blockDim.x + threadIdx.x; gi < groups;
+         gi += (size_t)gridDim.x * blockDim.x) {
+        uint2 word = reinterpret_cast<const uint2*>(packed)[gi];
+        float scale = absmax[gi >> shift];
+        const uint8_t* by = reinterpret_cast<const uint8_t*>(&word);
+        float f[16];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            f[2 * k] = code[by[k] >> 4] * scale;
+            f[2 * k + 1] = code[by[k] & 15] * scale;
+        }
+        store16(out + gi * 16, f);
     }
 }
 
@@ -37,6 +84,11 @@ extern "C" __global__ void nf4_double_scales(const uint8_t* quantized, const flo
     extern "C" __global__ void nf4_dequantize_##name(const uint8_t* packed, const float* absmax, \
                                                      T* out, size_t n, int block) {               \
         nf4_dequantize<T>(packed, absmax, out, n, block);                                         \
+    }                                                                                             \
+    extern "C" __global__ void nf4_dequantize16_##name(const uint8_t* packed,                    \
+                                                       const float* absmax, T* out,              \
+                                                       size_t groups, int shift) {                \
+        nf4_dequantize16<T>(packed, absmax, out, groups, shift);                                  \
     }
 FOR_EACH_FLOAT(NF4_DQ)
 

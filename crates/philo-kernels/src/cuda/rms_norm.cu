@@ -2,7 +2,53 @@
 // rounded to the input dtype, then multiplied by the weight in that dtype.
 // One block per row. `add_rms_norm` first forms residual = x + y (rounded to the dtype, as a
 // separate `x + y` would be) and writes both the sum and its norm: one pass instead of three.
+//
+// Rows whose length is a multiple of 8 take the `_vec` kernels: 16-byte loads and stores, each
+// thread keeping its (at most VPT) pieces of the row in registers between the two passes.
 #include "common.cuh"
+
+constexpr int VPT = 4;  // 8-element pieces per thread in the `_vec` kernels
+
+template <typename T> __device__ __forceinline__ void load8(const T* p, float (&f)[8]);
+template <> __device__ __forceinline__ void load8<float>(const float* p, float (&f)[8]) {
+    float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+    f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w; f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+}
+template <> __device__ __forceinline__ void load8<__nv_bfloat16>(const __nv_bfloat16* p, float (&f)[8]) {
+    uint4 u = *reinterpret_cast<const uint4*>(p);
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) { float2 v = __bfloat1622float2(h[i]); f[2 * i] = v.x; f[2 * i + 1] = v.y; }
+}
+template <> __device__ __forceinline__ void load8<__half>(const __half* p, float (&f)[8]) {
+    uint4 u = *reinterpret_cast<const uint4*>(p);
+    const __half2* h = reinterpret_cast<const __half2*>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) { float2 v = __half22float2(h[i]); f[2 * i] = v.x; f[2 * i + 1] = v.y; }
+}
+
+template <typename T> __device__ __forceinline__ void store8(T* p, const float (&f)[8]);
+template <> __device__ __forceinline__ void store8<float>(float* p, const float (&f)[8]) {
+    reinterpret_cast<float4*>(p)[0] = make_float4(f[0], f[1], f[2], f[3]);
+    reinterpret_cast<float4*>(p)[1] = make_float4(f[4], f[5], f[6], f[7]);
+}
+template <> __device__ __forceinline__ void store8<__nv_bfloat16>(__nv_bfloat16* p, const float (&f)[8]) {
+    uint4 u;
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+    *reinterpret_cast<uint4*>(p) = u;
+}
+template <> __device__ __forceinline__ void store8<__half>(__half* p, const float (&f)[8]) {
+    uint4 u;
+    __half2* h = reinterpret_cast<__half2*>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[i] = __floats2half2_rn(f[2 * i], f[2 * i + 1]);
+    *reinterpret_cast<uint4*>(p) = u;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scalar kernels (any row length).
 
 template <typename T>
 __device__ void rms_norm_row(const T* x, const T* w, T* out, int n, float eps) {
@@ -28,22 +74,15 @@ __device__ void add_rms_norm(const T* x, const T* y, const T* w, T* sum, T* out,
     rms_norm_row<T>(sum, w, out, n, eps);
 }
 
-#define RMS(name, T)                                                                          \
-    extern "C" __global__ void rms_norm_##name(const T* x, const T* w, T* out, int n, float eps) { \
-        rms_norm<T>(x, w, out, n, eps);                                                       \
-    }                                                                                         \
-    extern "C" __global__ void add_rms_norm_##name(const T* x, const T* y, const T* w, T* sum, \
-                                                   T* out, int n, float eps) {                \
-        add_rms_norm<T>(x, y, w, sum, out, n, eps);                                           \
-    }
-FOR_EACH_FLOAT(RMS)
-
 // Backward for x (the weight is frozen): with r = rsqrt(mean(x²) + eps) and g = w·dy,
-// dx = r·g − x·r³·mean(x·g). All in f32, rounded once.
+// dx = r·g − x·r³·mean(x·g), plus `add` (a gradient arriving by the residual path) when not
+// null. All in f32, rounded once.
 template <typename T>
-__device__ void rms_norm_backward(const T* x, const T* w, const T* dy, T* dx, int n, float eps) {
+__device__ void rms_norm_backward(const T* x, const T* w, const T* dy, const T* add, T* dx, int n,
+                                  float eps) {
     size_t row = blockIdx.x;
     x += row * n; dy += row * n; dx += row * n;
+    if (add) add += row * n;
     float ss = 0.f, xg = 0.f;
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
         float v = to_f32(x[i]);
@@ -55,12 +94,114 @@ __device__ void rms_norm_backward(const T* x, const T* w, const T* dy, T* dx, in
     float r = rsqrtf(ss / n + eps);
     float k = r * r * r * xg / n;
     for (int i = threadIdx.x; i < n; i += blockDim.x)
-        dx[i] = from_f32<T>(r * to_f32(w[i]) * to_f32(dy[i]) - to_f32(x[i]) * k);
+        dx[i] = from_f32<T>((add ? to_f32(add[i]) : 0.f) + r * to_f32(w[i]) * to_f32(dy[i]) -
+                            to_f32(x[i]) * k);
 }
 
-#define RMS_BWD(name, T)                                                                       \
-    extern "C" __global__ void rms_norm_backward_##name(const T* x, const T* w, const T* dy,   \
-                                                        T* dx, int n, float eps) {             \
-        rms_norm_backward<T>(x, w, dy, dx, n, eps);                                            \
+// ---------------------------------------------------------------------------------------------
+// Vectorised kernels (n % 8 == 0, n ≤ 8·VPT·blockDim).
+
+template <typename T, bool ADD>
+__device__ void rms_norm_vec(const T* x, const T* y, const T* w, T* sum, T* out, int n, float eps) {
+    size_t row = blockIdx.x;
+    x += row * n; out += row * n;
+    if (ADD) { y += row * n; sum += row * n; }
+    float v[VPT][8];
+    float ss = 0.f;
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+        int c = (threadIdx.x + k * blockDim.x) * 8;
+        if (c < n) {
+            load8(x + c, v[k]);
+            if (ADD) {
+                float yv[8];
+                load8(y + c, yv);
+#pragma unroll
+                for (int j = 0; j < 8; ++j) v[k][j] = round_to<T>(v[k][j] + yv[j]);
+                store8(sum + c, v[k]);
+            }
+#pragma unroll
+            for (int j = 0; j < 8; ++j) ss += v[k][j] * v[k][j];
+        }
     }
-FOR_EACH_FLOAT(RMS_BWD)
+    float inv = rsqrtf(block_sum(ss) / n + eps);
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+        int c = (threadIdx.x + k * blockDim.x) * 8;
+        if (c < n) {
+            float wv[8], o[8];
+            load8(w + c, wv);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) o[j] = wv[j] * round_to<T>(v[k][j] * inv);
+            store8(out + c, o);
+        }
+    }
+}
+
+template <typename T>
+__device__ void rms_norm_backward_vec(const T* x, const T* w, const T* dy, const T* add, T* dx,
+                                      int n, float eps) {
+    size_t row = blockIdx.x;
+    x += row * n; dy += row * n; dx += row * n;
+    if (add) add += row * n;
+    float xv[VPT][8], gv[VPT][8];
+    float ss = 0.f, xg = 0.f;
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+        int c = (threadIdx.x + k * blockDim.x) * 8;
+        if (c < n) {
+            float wv[8];
+            load8(x + c, xv[k]);
+            load8(dy + c, gv[k]);
+            load8(w + c, wv);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                gv[k][j] *= wv[j];
+                ss += xv[k][j] * xv[k][j];
+                xg += xv[k][j] * gv[k][j];
+            }
+        }
+    }
+    ss = block_sum(ss);
+    xg = block_sum(xg);
+    float r = rsqrtf(ss / n + eps);
+    float kk = r * r * r * xg / n;
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+        int c = (threadIdx.x + k * blockDim.x) * 8;
+        if (c < n) {
+            float av[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, o[8];
+            if (add) load8(add + c, av);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) o[j] = av[j] + r * gv[k][j] - xv[k][j] * kk;
+            store8(dx + c, o);
+        }
+    }
+}
+
+#define RMS(name, T)                                                                           \
+    extern "C" __global__ void rms_norm_##name(const T* x, const T* w, T* out, int n, float eps) { \
+        rms_norm<T>(x, w, out, n, eps);                                                        \
+    }                                                                                          \
+    extern "C" __global__ void add_rms_norm_##name(const T* x, const T* y, const T* w, T* sum,  \
+                                                   T* out, int n, float eps) {                 \
+        add_rms_norm<T>(x, y, w, sum, out, n, eps);                                            \
+    }                                                                                          \
+    extern "C" __global__ void rms_norm_backward_##name(const T* x, const T* w, const T* dy,    \
+                                                        const T* add, T* dx, int n, float eps) { \
+        rms_norm_backward<T>(x, w, dy, add, dx, n, eps);                                       \
+    }                                                                                          \
+    extern "C" __global__ void rms_norm_vec_##name(const T* x, const T* w, T* out, int n,       \
+                                                   float eps) {                                \
+        rms_norm_vec<T, false>(x, nullptr, w, nullptr, out, n, eps);                           \
+    }                                                                                          \
+    extern "C" __global__ void add_rms_norm_vec_##name(const T* x, const T* y, const T* w,      \
+                                                       T* sum, T* out, int n, float eps) {     \
+        rms_norm_vec<T, true>(x, y, w, sum, out, n, eps);                                      \
+    }                                                                                          \
+    extern "C" __global__ void rms_norm_backward_vec_##name(const T* x, const T* w, const T* dy, \
+                                                            const T* add, T* dx, int n,        \
+                                                            float eps) {                       \
+        rms_norm_backward_vec<T>(x, w, dy, add, dx, n, eps);                                   \
+    }
+FOR_EACH_FLOAT(RMS)

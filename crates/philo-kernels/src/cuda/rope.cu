@@ -4,69 +4,84 @@
 // cos/sin are [b, s, rd/2] in the compute dtype. Rounding follows transformers' bf16 arithmetic:
 // q·cos and rotate_half(q)·sin are each rounded, then their sum. The backward applies the
 // inverse rotation and the inverse transpose in f32.
+//
+// One block per token row (b·s of them, in grid.x); its threads walk the row's heads·d
+// elements. Index arithmetic stays in 32 bits, once per element pair, and each thread handles
+// an element and its rotation partner (j and j + rd/2) together.
 #include "common.cuh"
 
 template <typename T>
-__device__ void qkv_rope(const T* qkv, const T* cos, const T* sin, T* out, int b, int s, int heads,
+__device__ void qkv_rope(const T* qkv, const T* cos, const T* sin, T* out, int s, int heads,
                          int rotated_heads, int d, int rd) {
-    size_t total = (size_t)b * s * heads * d;
+    int row = blockIdx.x, bi = row / s, si = row - bi * s;
     int half = rd / 2;
-    for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total;
-         e += (size_t)gridDim.x * blockDim.x) {
-        int j = e % d;
-        int head = (e / d) % heads;
-        size_t row = e / ((size_t)d * heads);  // b·s index
-        int bi = row / s, si = row % s;
-        size_t dst = (((size_t)bi * heads + head) * s + si) * d + j;
-        const T* src = qkv + row * heads * d + (size_t)head * d;
-        if (head >= rotated_heads || j >= rd) {
-            out[dst] = src[j];
+    // Per head: `half` rotation pairs plus d − rd pass-through elements.
+    int per_head = half + (d - rd);
+    const T* src = qkv + (size_t)row * heads * d;
+    const T* c = cos + (size_t)row * half;
+    const T* sn = sin + (size_t)row * half;
+    for (int e = threadIdx.x; e < heads * per_head; e += blockDim.x) {
+        int head = e / per_head, i = e - head * per_head;
+        const T* x = src + head * d;
+        T* dst = out + (((size_t)bi * heads + head) * s + si) * d;
+        if (i >= half) {  // beyond the rotary dims
+            int j = rd + (i - half);
+            dst[j] = x[j];
             continue;
         }
-        int i = j < half ? j : j - half;
-        float c = to_f32(cos[row * half + i]), sn = to_f32(sin[row * half + i]);
-        float x = to_f32(src[j]);
-        // rotate_half(x)[j] = -x[j + half] for j < half, x[j - half] otherwise.
-        float r = j < half ? -to_f32(src[j + half]) : to_f32(src[j - half]);
-        out[dst] = from_f32<T>(round_to<T>(x * c) + round_to<T>(r * sn));
+        float x1 = to_f32(x[i]), x2 = to_f32(x[i + half]);
+        if (head >= rotated_heads) {
+            dst[i] = x[i];
+            dst[i + half] = x[i + half];
+            continue;
+        }
+        float ci = to_f32(c[i]), si_ = to_f32(sn[i]);
+        // rotate_half(x) = [-x2, x1].
+        dst[i] = from_f32<T>(round_to<T>(x1 * ci) + round_to<T>(-x2 * si_));
+        dst[i + half] = from_f32<T>(round_to<T>(x2 * ci) + round_to<T>(x1 * si_));
     }
 }
 
 template <typename T>
-__device__ void qkv_rope_backward(const T* grad, const T* cos, const T* sin, T* out, int b, int s,
+__device__ void qkv_rope_backward(const T* grad, const T* cos, const T* sin, T* out, int s,
                                   int heads, int rotated_heads, int d, int rd) {
-    size_t total = (size_t)b * s * heads * d;
+    int row = blockIdx.x, bi = row / s, si = row - bi * s;
     int half = rd / 2;
-    for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total;
-         e += (size_t)gridDim.x * blockDim.x) {
-        int j = e % d;
-        int head = (e / d) % heads;
-        size_t row = e / ((size_t)d * heads);
-        int bi = row / s, si = row % s;
+    int per_head = half + (d - rd);
+    T* dst_row = out + (size_t)row * heads * d;
+    const T* c = cos + (size_t)row * half;
+    const T* sn = sin + (size_t)row * half;
+    for (int e = threadIdx.x; e < heads * per_head; e += blockDim.x) {
+        int head = e / per_head, i = e - head * per_head;
         const T* g = grad + (((size_t)bi * heads + head) * s + si) * d;
-        if (head >= rotated_heads || j >= rd) {
-            out[e] = g[j];
+        T* dst = dst_row + head * d;
+        if (i >= half) {
+            int j = rd + (i - half);
+            dst[j] = g[j];
             continue;
         }
-        int i = j < half ? j : j - half;
-        float c = to_f32(cos[row * half + i]), sn = to_f32(sin[row * half + i]);
+        if (head >= rotated_heads) {
+            dst[i] = g[i];
+            dst[i + half] = g[i + half];
+            continue;
+        }
+        float g1 = to_f32(g[i]), g2 = to_f32(g[i + half]);
+        float ci = to_f32(c[i]), si_ = to_f32(sn[i]);
         // out1 = x1·c − x2·s, out2 = x2·c + x1·s  ⇒  dx1 = g1·c + g2·s, dx2 = g2·c − g1·s.
-        float v = j < half ? to_f32(g[j]) * c + to_f32(g[j + half]) * sn
-                           : to_f32(g[j]) * c - to_f32(g[j - half]) * sn;
-        out[e] = from_f32<T>(v);
+        dst[i] = from_f32<T>(g1 * ci + g2 * si_);
+        dst[i + half] = from_f32<T>(g2 * ci - g1 * si_);
     }
 }
 
 #define ROPE(name, T)                                                                            \
     extern "C" __global__ void qkv_rope_##name(const T* qkv, const T* cos, const T* sin, T* out, \
-                                               int b, int s, int heads, int rotated_heads, int d, \
+                                               int s, int heads, int rotated_heads, int d,        \
                                                int rd) {                                          \
-        qkv_rope<T>(qkv, cos, sin, out, b, s, heads, rotated_heads, d, rd);                       \
+        qkv_rope<T>(qkv, cos, sin, out, s, heads, rotated_heads, d, rd);                          \
     }                                                                                             \
     extern "C" __global__ void qkv_rope_backward_##name(const T* grad, const T* cos,             \
-                                                        const T* sin, T* out, int b, int s,       \
-                                                        int heads, int rotated_heads, int d,      \
-                                                        int rd) {                                 \
-        qkv_rope_backward<T>(grad, cos, sin, out, b, s, heads, rotated_heads, d, rd);             \
+                                                        const T* sin, T* out, int s, int heads,   \
+                                                        int rotated_heads, int d, int rd) {       \
+        qkv_rope_backward<T>(grad, cos, sin, out, s, heads, rotated_heads, d, rd);                \
     }
 FOR_EACH_FLOAT(ROPE)
