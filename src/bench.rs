@@ -188,6 +188,8 @@ pub struct TrainBench {
     /// Timed optimizer steps, after `warmup` untimed ones.
     pub steps: usize,
     pub warmup: usize,
+    /// Keep the gradient checkpoints in pinned host memory (GPU).
+    pub offload: bool,
 }
 
 /// Tokens/s of LoRA training with gradient checkpointing on all four projection types, one
@@ -196,8 +198,9 @@ pub struct TrainBench {
 pub fn train(mut model: Phi3, options: &TrainBench) -> anyhow::Result<BenchResult> {
     use philo_model::adapter::{AdapterConfig, TARGET_MODULES};
     use philo_train::adamw::{AdamW, AdamWConfig};
-    use philo_train::backward::{loss_and_grads, MicroBatch};
+    use philo_train::backward::{MicroBatch, PassOptions, StepContext};
     use philo_train::lora_params::LoraParams;
+    use philo_train::step::{train_step, StepConfig, WindowBatch};
 
     let device = model.device().clone();
     if options.quant == crate::finetune::BaseQuant::Nf4 {
@@ -221,17 +224,35 @@ pub fn train(mut model: Phi3, options: &TrainBench) -> anyhow::Result<BenchResul
         .into_iter()
         .map(|row| row.into_iter().map(i64::from).collect())
         .collect();
-    let batch = MicroBatch {
-        input_ids,
-        segments: None,
-        labels,
+    let window = |i: usize| {
+        [WindowBatch {
+            batch: MicroBatch {
+                input_ids: input_ids.clone(),
+                segments: None,
+                labels: labels.clone(),
+            },
+            dropout: philo_model::DropoutSeed(i as u64),
+        }]
     };
-    let normalizer = b * (s - 1);
-    let mut step = |i: usize| -> anyhow::Result<f64> {
-        let dropout = Some(philo_model::DropoutSeed(i as u64));
-        let grads = loss_and_grads(&model, &params, &batch, normalizer, true, dropout)?;
-        optimizer.update(&params, &grads.grads, 2e-4)?;
-        Ok(grads.loss_sum / normalizer as f64)
+    let config = StepConfig {
+        lr: 2e-4,
+        max_grad_norm: Some(1.0),
+        pass: PassOptions {
+            checkpointing: true,
+            offload: options.offload,
+        },
+    };
+    let mut context = StepContext::new(&device, model.dtype());
+    let mut step = |i: usize| -> anyhow::Result<()> {
+        train_step(
+            &model,
+            &params,
+            &mut optimizer,
+            &window(i),
+            config,
+            &mut context,
+        )?;
+        Ok(())
     };
     for i in 0..options.warmup {
         step(i)?;
@@ -342,5 +363,79 @@ pub fn serve(
         tokens_per_second: tokens as f64 / seconds,
         peak_memory_gib: peak_memory_gib(model.device()),
         host_ms_per_step: None,
+    })
+}
+
+/// Speed of philo's flash attention on the model's attention shape.
+#[derive(Debug, Clone, Serialize)]
+pub struct AttentionBench {
+    pub batch: usize,
+    pub heads: usize,
+    pub seq: usize,
+    pub head_dim: usize,
+    pub forward_ms: f64,
+    pub backward_ms: f64,
+    /// Causal FLOPs (half of the full 4·b·h·s²·d forward, 2.5× that for the backward) per second.
+    pub forward_tflops: f64,
+    pub backward_tflops: f64,
+}
+
+/// Times flash attention forward and backward (causal, no padding) on random q/k/v
+/// `[batch, heads, seq, head_dim]` of `dtype`: the median of `repeats` runs after a warm-up.
+pub fn attention(
+    config: &Phi3Config,
+    batch: usize,
+    seq: usize,
+    dtype: DType,
+    device: &Device,
+    repeats: usize,
+) -> anyhow::Result<AttentionBench> {
+    use philo_kernels::attention::{flash_backward, flash_forward, AttentionMask};
+    let (h, kvh, d) = (
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.head_dim,
+    );
+    let rand = |heads: usize| -> anyhow::Result<Tensor> {
+        Ok(Tensor::randn(0f32, 1.0, (batch, heads, seq, d), device)?.to_dtype(dtype)?)
+    };
+    let (q, k, v) = (rand(h)?, rand(kvh)?, rand(kvh)?);
+    let dout = Tensor::randn(0f32, 1.0, (batch, seq, h, d), device)?.to_dtype(dtype)?;
+    let mask = AttentionMask {
+        window: usize::MAX,
+        segments: None,
+    };
+    let time = |f: &dyn Fn() -> anyhow::Result<()>| -> anyhow::Result<f64> {
+        f()?;
+        synchronize(device)?;
+        let mut times = Vec::with_capacity(repeats);
+        for _ in 0..repeats.max(1) {
+            let start = Instant::now();
+            f()?;
+            synchronize(device)?;
+            times.push(start.elapsed().as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(times[times.len() / 2])
+    };
+    let forward = time(&|| {
+        flash_forward(&q, &k, &v, &mask)?;
+        Ok(())
+    })?;
+    let (out, lse) = flash_forward(&q, &k, &v, &mask)?;
+    let backward = time(&|| {
+        flash_backward(&q, &k, &v, &out, &lse, &dout, &mask)?;
+        Ok(())
+    })?;
+    let flops = 2.0 * (batch * h * seq * seq * d) as f64;
+    Ok(AttentionBench {
+        batch,
+        heads: h,
+        seq,
+        head_dim: d,
+        forward_ms: forward * 1e3,
+        backward_ms: backward * 1e3,
+        forward_tflops: flops / forward / 1e12,
+        backward_tflops: 2.5 * flops / backward / 1e12,
     })
 }

@@ -82,6 +82,7 @@ impl FinetuneOptions {
             eval_steps: None,
             save_steps: None,
             gradient_checkpointing: true,
+            gradient_offload: true,
         }
     }
 }

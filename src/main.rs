@@ -267,6 +267,10 @@ struct FinetuneArgs {
         alias = "no-gradient-checkpointing"
     )]
     no_gradient_checkpointing: bool,
+    /// Keep the gradient checkpoints on the GPU instead of in pinned host memory (faster only
+    /// where host copies are slow; costs one layer input of GPU memory per layer).
+    #[arg(long = "no_gradient_offload", alias = "no-gradient-offload")]
+    no_gradient_offload: bool,
     /// Continue from a checkpoint folder, or `latest` for the newest in --output_dir.
     #[arg(long)]
     resume: Option<String>,
@@ -310,6 +314,7 @@ fn finetune(args: FinetuneArgs) -> anyhow::Result<()> {
         .eval_steps
         .or((args.eval_split > 0.0 || args.eval_dataset.is_some()).then_some(args.logging_steps));
     trainer.gradient_checkpointing = !args.no_gradient_checkpointing;
+    trainer.gradient_offload = !args.no_gradient_offload;
     let resume = match args.resume.as_deref() {
         None => None,
         Some("latest") => Some(
@@ -441,6 +446,9 @@ enum BenchTask {
     Train,
     /// Concurrent streams (--batch) through the serving engine: continuous batching, paged KV cache.
     Serve,
+    /// Flash attention forward and backward alone (causal, the model's heads and head_dim):
+    /// milliseconds and TFLOP/s.
+    Attention,
 }
 
 #[derive(Args)]
@@ -480,6 +488,9 @@ struct BenchArgs {
     /// Train: timed optimizer steps (after one warm-up step).
     #[arg(long, default_value_t = 3)]
     steps: usize,
+    /// Train: keep the gradient checkpoints on the GPU instead of in pinned host memory.
+    #[arg(long = "no_gradient_offload", alias = "no-gradient-offload")]
+    no_gradient_offload: bool,
     /// Write the results as JSON to this file too.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -488,6 +499,25 @@ struct BenchArgs {
 fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let device = args.device.open()?;
     let dtype = args.dtype.unwrap_or_else(|| default_dtype(&device));
+    if let BenchTask::Attention = args.task {
+        let config = philo_model::Phi3Config::phi3_mini_4k();
+        for &batch in &args.batch {
+            let r = philo::bench::attention(
+                &config,
+                batch,
+                args.seq.unwrap_or(2048),
+                dtype,
+                &device,
+                10,
+            )?;
+            println!(
+                "attention b{} h{} s{} d{}: forward {:.2} ms ({:.0} TFLOP/s), backward {:.2} ms ({:.0} TFLOP/s)",
+                r.batch, r.heads, r.seq, r.head_dim, r.forward_ms, r.forward_tflops, r.backward_ms, r.backward_tflops
+            );
+            println!("{}", serde_json::to_string(&r)?);
+        }
+        return Ok(());
+    }
     let model = match (&args.model, args.random) {
         (Some(spec), _) => Pipeline::load(spec, None, dtype, &device)?.model,
         (None, true) => {
@@ -514,12 +544,13 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
             quant: args.quant,
             steps: args.steps,
             warmup: 1,
+            offload: !args.no_gradient_offload,
         };
         results.push(philo::bench::train(model, &options)?);
     } else {
         for &batch in &args.batch {
             results.push(match args.task {
-                BenchTask::Train => unreachable!("handled above"),
+                BenchTask::Train | BenchTask::Attention => unreachable!("handled above"),
                 BenchTask::Prefill => {
                     philo::bench::prefill(&model, batch, args.seq.unwrap_or(2048), 2)?
                 }

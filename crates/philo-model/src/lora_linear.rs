@@ -6,7 +6,6 @@ use std::sync::Arc;
 use candle_core::{DType, Tensor};
 use philo_kernels::nf4::Nf4Weight;
 use philo_quant::{dequantize_matmul, Nf4Tensor};
-use rand::{Rng, SeedableRng};
 
 use crate::error::Result;
 
@@ -26,7 +25,7 @@ pub struct Lora {
     pub id: u64,
 }
 
-/// Per-forward dropout settings: masks are drawn only when present (training).
+/// The dropout seed of one training forward: each adapter derives its masks from it and its id.
 #[derive(Debug, Clone, Copy)]
 pub struct DropoutSeed(pub u64);
 
@@ -53,14 +52,14 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     over_rows(x, w, |x2| x2.matmul(&w.t()?))
 }
 
-/// x · wᵀ for a frozen `w` (no gradient for it; see [`crate::frozen_matmul`]). A decoding step's
-/// few rows go through philo's GEMV kernel on the GPU.
+/// x · wᵀ for a frozen `w`. A decoding step's few rows go through philo's GEMV kernel on the
+/// GPU.
 fn frozen_matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     over_rows(x, w, |x2| {
         if philo_kernels::gemv::applies(x2, w) {
             philo_kernels::gemv::gemv(x2, w)
         } else {
-            crate::frozen_matmul::frozen_matmul(x2, w)
+            x2.matmul(&w.t()?)
         }
     })
 }
@@ -132,34 +131,25 @@ impl LoraLinear {
         Ok(())
     }
 
-    /// y = x·Wᵀ (+ the adapter's contribution); `dropout` is Some only while training.
-    pub fn forward(&self, x: &Tensor, dropout: Option<DropoutSeed>) -> Result<Tensor> {
+    /// y = x·Wᵀ (+ the adapter's contribution), for inference (training runs the hand-written
+    /// layer of [`crate::train_layer`]).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.base {
             BaseWeight::Dense(w) => frozen_matmul_t(x, w)?,
             BaseWeight::Nf4(w) => dequantize_matmul(x, w, x.dtype())
                 .map_err(|e| candle_core::Error::Msg(e.to_string()))?,
-            // The dequantised copy lives for this matmul only (and, while training, until the
-            // backward has used it).
+            // The dequantised copy lives for this matmul only.
             BaseWeight::Nf4Device(w) => frozen_matmul_t(x, &w.dequantize(x.dtype())?)?,
         };
         let Some(lora) = &self.lora else {
             return Ok(y);
         };
-        let seed = |seed: u64| seed ^ lora.id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let input = match dropout {
-            // On a GPU the mask is regenerated in the backward instead of kept (philo-kernels).
-            Some(DropoutSeed(s)) if lora.dropout > 0.0 && x.device().is_cuda() => {
-                philo_kernels::dropout::dropout(x, seed(s), lora.dropout)?
-            }
-            Some(DropoutSeed(s)) if lora.dropout > 0.0 => {
-                x.broadcast_mul(&dropout_mask(x, lora.dropout, seed(s))?)?
-            }
-            _ => x.clone(),
-        };
-        let down = matmul_t(&input, &lora.a.to_dtype(x.dtype())?)?;
+        // Detached: while training, A and B are the optimizer's variables, and an evaluation
+        // forward must not record an autograd graph.
+        let down = matmul_t(x, &lora.a.detach().to_dtype(x.dtype())?)?;
         // The scale goes on B ([out, r]) rather than on the [tokens, out] product: one small
         // tensor instead of a large one kept for the backward.
-        let up = matmul_t(&down, &(lora.b.to_dtype(x.dtype())? * lora.scale)?)?;
+        let up = matmul_t(&down, &(lora.b.detach().to_dtype(x.dtype())? * lora.scale)?)?;
         Ok((y + up)?)
     }
 
@@ -181,15 +171,4 @@ impl LoraLinear {
         }
         Ok(())
     }
-}
-
-/// Inverted-dropout mask (0 or 1/(1-p)) shaped like `x`, reproducible from `seed` (the CPU
-/// path; GPUs use philo-kernels' stateless dropout).
-fn dropout_mask(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
-    let keep = 1.0 / (1.0 - p);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let values: Vec<f32> = (0..x.elem_count())
-        .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
-        .collect();
-    Ok(Tensor::from_vec(values, x.shape(), x.device())?.to_dtype(x.dtype())?)
 }

@@ -102,7 +102,7 @@ impl Phi3 {
         let x = pick(&x)?;
         let pending = pending.as_ref().map(pick).transpose()?;
         let hidden = self.norm.forward_after_add(&x, pending.as_ref())?.1;
-        Ok(self.lm_head.forward(&hidden, None)?.to_dtype(DType::F32)?)
+        Ok(self.lm_head.forward(&hidden)?.to_dtype(DType::F32)?)
     }
 
     /// One decoder layer; like `DecoderLayer::forward_fused`, the previous MLP output is added
@@ -297,7 +297,7 @@ fn linear_with_adapters(
     x: &Tensor,
     ctx: &StepContext,
 ) -> Result<Tensor> {
-    let mut y = linear.forward(x, None)?;
+    let mut y = linear.forward(x)?;
     for group in &ctx.adapters {
         let rows_x = x.squeeze(0)?;
         let rows_x = match &group.rows {

@@ -55,22 +55,25 @@ impl RmsNorm {
 pub struct Attention {
     pub qkv_proj: LoraLinear,
     pub o_proj: LoraLinear,
-    num_heads: usize,
-    num_kv_heads: usize,
-    head_dim: usize,
+    pub(crate) num_heads: usize,
+    pub(crate) num_kv_heads: usize,
+    pub(crate) head_dim: usize,
 }
 
 /// Per-forward data shared by every layer: rotary tables, attention bias, dropout seed.
 pub struct ForwardContext {
-    cos: Tensor,
-    sin: Tensor,
-    /// Additive mask `[batch, 1, seq, past + seq]` (0 or a huge negative), None when nothing is
-    /// masked or when the fused kernels mask on the device.
-    mask: Option<Tensor>,
-    /// Set when attention runs in the fused CUDA kernels: which keys each query sees.
-    flash: Option<AttentionMask>,
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
+    /// Additive mask `[batch, 1, seq, past + seq]` (0 or a huge negative) for the composed
+    /// attention, None when nothing is masked or when the fused kernels mask on the device.
+    pub(crate) mask: Option<Tensor>,
+    /// Which keys each query sees, for flash attention (the fused kernels, and training, whose
+    /// hand-written layer runs flash attention on every device).
+    pub(crate) attention: AttentionMask,
+    /// Whether inference runs philo's fused CUDA kernels.
+    pub(crate) fused: bool,
     /// Set while training: LoRA dropout masks are drawn from it.
-    dropout: Option<DropoutSeed>,
+    pub(crate) dropout: Option<DropoutSeed>,
 }
 
 impl Attention {
@@ -84,8 +87,8 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let qkv = self.qkv_proj.forward(x, ctx.dropout)?;
-        if let Some(mask) = &ctx.flash {
+        let qkv = self.qkv_proj.forward(x)?;
+        if ctx.fused {
             // Fused: split + rotate in one kernel, then flash attention (masks on the device).
             let shape = QkvShape {
                 heads: h,
@@ -101,8 +104,8 @@ impl Attention {
                 Some(cache) => cache.append(layer, &k, &v)?,
                 None => (k, v),
             };
-            let out = flash_attention(&q, &k, &v, mask)?.reshape((b, s, h * d))?;
-            return self.o_proj.forward(&out, ctx.dropout);
+            let out = flash_attention(&q, &k, &v, &ctx.attention)?.reshape((b, s, h * d))?;
+            return self.o_proj.forward(&out);
         }
         let split = |offset: usize, heads: usize| -> Result<Tensor> {
             Ok(qkv
@@ -140,7 +143,7 @@ impl Attention {
             .reshape((b, h, s, d))?
             .transpose(1, 2)?
             .reshape((b, s, h * d))?;
-        self.o_proj.forward(&out, ctx.dropout)
+        self.o_proj.forward(&out)
     }
 }
 
@@ -153,17 +156,17 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor, dropout: Option<DropoutSeed>) -> Result<Tensor> {
-        let gate_up = self.gate_up_proj.forward(x, dropout)?;
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate_up = self.gate_up_proj.forward(x)?;
         if gate_up.device().is_cuda() {
             let act = philo_kernels::swiglu::swiglu(&gate_up)?;
-            return self.down_proj.forward(&act, dropout);
+            return self.down_proj.forward(&act);
         }
         let i = self.intermediate_size;
         let gate = gate_up.narrow(D::Minus1, 0, i)?;
         let up = gate_up.narrow(D::Minus1, i, i)?;
         self.down_proj
-            .forward(&(candle_nn::ops::silu(&gate)? * up)?, dropout)
+            .forward(&(candle_nn::ops::silu(&gate)? * up)?)
     }
 }
 
@@ -191,7 +194,7 @@ impl DecoderLayer {
         let x = (x + attn)?;
         let mlp = self
             .mlp
-            .forward(&self.post_attention_layernorm.forward(&x)?, ctx.dropout)?;
+            .forward(&self.post_attention_layernorm.forward(&x)?)?;
         Ok((x + mlp)?)
     }
 }
@@ -214,7 +217,7 @@ impl DecoderLayer {
         let (x, normed) = self
             .post_attention_layernorm
             .forward_after_add(&x, Some(&attn))?;
-        Ok((x, self.mlp.forward(&normed, None)?))
+        Ok((x, self.mlp.forward(&normed)?))
     }
 }
 
@@ -345,7 +348,7 @@ impl Phi3 {
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let hidden = self.hidden_states(input_ids, attention_mask, cache)?;
-        Ok(self.lm_head.forward(&hidden, None)?.to_dtype(DType::F32)?)
+        Ok(self.lm_head.forward(&hidden)?.to_dtype(DType::F32)?)
     }
 
     /// Logits `[batch, vocab]` (f32) of the last position only: what decoding needs.
@@ -358,7 +361,7 @@ impl Phi3 {
         let hidden = self.hidden_states(input_ids, attention_mask, cache)?;
         let s = hidden.dim(1)?;
         let last = hidden.narrow(1, s - 1, 1)?.squeeze(1)?;
-        Ok(self.lm_head.forward(&last, None)?.to_dtype(DType::F32)?)
+        Ok(self.lm_head.forward(&last)?.to_dtype(DType::F32)?)
     }
 
     /// Final-norm hidden states `[batch, seq, hidden]`.
@@ -380,7 +383,7 @@ impl Phi3 {
             }
         }
         let mut x = self.embed(input_ids)?;
-        if self.uses_fused_kernels() && ctx.inner.dropout.is_none() {
+        if self.uses_fused_kernels() {
             let mut pending = None;
             for (i, layer) in self.layers.iter().enumerate() {
                 let (residual, mlp) = layer.forward_fused(
@@ -443,47 +446,42 @@ impl Phi3 {
             .rotary
             .cos_sin(&positions, long_rope, self.dtype, &self.device)?;
         let half = self.rotary.rotary_dim() / 2;
-        let (mask, flash) = if self.uses_fused_kernels() {
-            let flash = AttentionMask {
-                window: self.config.sliding_window.unwrap_or(usize::MAX),
-                segments: attention_mask.map(|m| m.to_dtype(DType::U32)).transpose()?,
-            };
-            (None, Some(flash))
+        let fused = self.uses_fused_kernels();
+        let attention = AttentionMask {
+            window: self.config.sliding_window.unwrap_or(usize::MAX),
+            segments: attention_mask.map(|m| m.to_dtype(DType::U32)).transpose()?,
+        };
+        // Training runs flash attention (the reference on the CPU): no additive mask needed.
+        let mask = if fused || dropout.is_some() {
+            None
         } else {
-            (self.attention_bias(segments.as_deref(), b, past, s)?, None)
+            self.attention_bias(segments.as_deref(), b, past, s)?
         };
         Ok(LayerContext {
             inner: ForwardContext {
                 cos: cos.reshape((b, s, half))?,
                 sin: sin.reshape((b, s, half))?,
                 mask,
-                flash,
+                attention,
+                fused,
                 dropout,
             },
             long_rope,
         })
     }
 
-    /// Decoder layer `index` on `x` `[batch, seq, hidden]`, without cache (training, where
-    /// layers are recomputed one by one for gradient checkpointing).
-    pub fn layer_forward(&self, index: usize, x: &Tensor, ctx: &LayerContext) -> Result<Tensor> {
-        self.layers[index].forward(x, &ctx.inner, &self.rotary, index, None)
-    }
-
-    /// The LM head's weight when the lean (chunked) loss applies: fused kernels in use and a
-    /// dense head without adapter.
-    pub fn lean_head_weight(&self) -> Option<Tensor> {
+    /// The LM head's weight for the chunked training loss: a dense head without adapter (LoRA
+    /// on the head is not a target module, so None only for unusual checkpoints).
+    pub fn head_weight(&self) -> Option<Tensor> {
         match (&self.lm_head.base, &self.lm_head.lora) {
-            (crate::lora_linear::BaseWeight::Dense(w), None) if self.uses_fused_kernels() => {
-                Some(w.clone())
-            }
+            (crate::lora_linear::BaseWeight::Dense(w), None) => Some(w.clone()),
             _ => None,
         }
     }
 
     /// Final norm and LM head: logits `[batch, seq, vocab]` in the compute dtype.
     pub fn head(&self, x: &Tensor) -> Result<Tensor> {
-        self.lm_head.forward(&self.norm.forward(x)?, None)
+        self.lm_head.forward(&self.norm.forward(x)?)
     }
 
     /// Every LoRA-capable linear layer with its module name (`qkv_proj`, `o_proj`,
@@ -607,7 +605,7 @@ impl Phi3 {
 
 /// [`ForwardContext`] plus which RoPE factors it uses, handed out for layer-by-layer training.
 pub struct LayerContext {
-    inner: ForwardContext,
+    pub(crate) inner: ForwardContext,
     long_rope: bool,
 }
 
@@ -617,19 +615,16 @@ impl LayerContext {
     pub fn rows(&self, start: usize, len: usize) -> Result<LayerContext> {
         let i = &self.inner;
         let narrow = |t: &Tensor| t.narrow(0, start, len);
-        let flash = match &i.flash {
-            Some(f) => Some(AttentionMask {
-                window: f.window,
-                segments: f.segments.as_ref().map(narrow).transpose()?,
-            }),
-            None => None,
-        };
         Ok(LayerContext {
             inner: ForwardContext {
                 cos: narrow(&i.cos)?,
                 sin: narrow(&i.sin)?,
                 mask: i.mask.as_ref().map(narrow).transpose()?,
-                flash,
+                attention: AttentionMask {
+                    window: i.attention.window,
+                    segments: i.attention.segments.as_ref().map(narrow).transpose()?,
+                },
+                fused: i.fused,
                 dropout: i.dropout.map(|DropoutSeed(s)| {
                     DropoutSeed(s.wrapping_add((start as u64).wrapping_mul(0x2545_F491_4F6C_DD1D)))
                 }),

@@ -130,24 +130,32 @@ impl AdamW {
     }
 }
 
-/// Scales `grads` so their global L2 norm is at most `max_norm` (torch: coefficient
-/// max_norm / (norm + 1e-6), capped at 1). Returns the norm before clipping.
-pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: Option<f64>) -> Result<f64> {
-    let mut total = 0.0f64;
-    for g in grads.iter() {
-        total += g
-            .to_dtype(DType::F64)?
-            .sqr()?
-            .sum_all()?
-            .to_scalar::<f64>()?;
+/// Multiplies `grads` by `unscale` (1/loss scale, or 1) and scales them so their global L2 norm
+/// is at most `max_norm` (torch: coefficient max_norm / (norm + 1e-6), capped at 1), in one
+/// pass. Returns the norm of the unscaled gradients before clipping.
+pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: Option<f64>, unscale: f64) -> Result<f64> {
+    // Per-tensor sums of squares stay on the device; one transfer brings them all back.
+    let sums = grads
+        .iter()
+        .map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    if sums.is_empty() {
+        return Ok(0.0);
     }
-    let norm = total.sqrt();
-    if let Some(max_norm) = max_norm {
-        let coef = max_norm / (norm + 1e-6);
-        if coef < 1.0 {
-            for g in grads.iter_mut() {
-                *g = (&*g * coef)?;
-            }
+    let total: f64 = Tensor::stack(&sums, 0)?
+        .to_vec1::<f32>()?
+        .iter()
+        .map(|&s| s as f64)
+        .sum();
+    let norm = total.sqrt() * unscale;
+    let clip = match max_norm {
+        Some(max_norm) => (max_norm / (norm + 1e-6)).min(1.0),
+        None => 1.0,
+    };
+    let coef = clip * unscale;
+    if norm.is_finite() && coef != 1.0 {
+        for g in grads.iter_mut() {
+            *g = (&*g * coef)?;
         }
     }
     Ok(norm)

@@ -1,57 +1,22 @@
-//! Loss and LoRA gradients of one micro-batch, with or without gradient checkpointing.
+//! Loss and LoRA gradients of one micro-batch through the hand-written decoder layer
+//! (`philo_model::train_layer`), with or without gradient checkpointing.
 
-use candle_core::{Tensor, Var};
-use philo_model::{DropoutSeed, Phi3};
+use candle_core::{DType, Tensor};
+use philo_model::{AttentionState, DropoutSeed, LayerContext, LoraGrad, LoraGrads, Phi3};
 
 use crate::error::{Result, TrainError};
 use crate::lora_params::LoraParams;
-use crate::loss::{causal_lm_loss_sum, chunked_head_loss};
+use crate::loss::chunked_head_loss;
+use crate::offload::{Checkpoints, OffloadPool};
+use crate::profile::Profiler;
+use philo_kernels::profile::time;
 
 /// Labelled rows per chunk of the lean loss: 4,096 × 32,064 bf16 logits and their gradient are
 /// about 0.5 GiB together.
 const LOSS_CHUNK_ROWS: usize = 4096;
 
-/// With `PHILO_PROFILE=1`, times the phases of each micro-batch (synchronising the device at
-/// each boundary, which costs a little speed) and prints them to stderr.
-struct PhaseClock {
-    device: Option<candle_core::Device>,
-    last: std::time::Instant,
-    phases: Vec<(&'static str, f64)>,
-}
-
-impl PhaseClock {
-    fn new(device: &candle_core::Device) -> Self {
-        let on = std::env::var("PHILO_PROFILE").as_deref() == Ok("1");
-        PhaseClock {
-            device: on.then(|| device.clone()),
-            last: std::time::Instant::now(),
-            phases: Vec::new(),
-        }
-    }
-
-    fn lap(&mut self, phase: &'static str) -> Result<()> {
-        if let Some(device) = &self.device {
-            device.synchronize()?;
-            let now = std::time::Instant::now();
-            self.phases.push((phase, (now - self.last).as_secs_f64()));
-            self.last = now;
-        }
-        Ok(())
-    }
-
-    fn report(&self) {
-        if self.device.is_some() {
-            let parts: Vec<String> = self
-                .phases
-                .iter()
-                .map(|(p, t)| format!("{p} {:.3} s", t))
-                .collect();
-            eprintln!("[profile] {}", parts.join(", "));
-        }
-    }
-}
-
-/// Tokens per row chunk of a layer's forward and backward on the GPU (see `loss_and_grads`).
+/// Tokens per row chunk of a layer's forward and backward on the GPU: the activations a
+/// layer's backward keeps shrink with the chunk, while the matmuls stay large.
 const CHUNK_TOKENS: usize = 8192;
 
 /// One micro-batch on the model's device.
@@ -64,6 +29,39 @@ pub struct MicroBatch {
     pub labels: Vec<Vec<i64>>,
 }
 
+/// f32 gradient accumulators of every LoRA parameter, aligned with `LoraParams::params`; the
+/// backward adds to them, so they sum over the micro-batches of an accumulation window.
+pub struct GradBuffers {
+    /// By adapter id, sharing storage with `grads`.
+    by_adapter: LoraGrads,
+    pub grads: Vec<Tensor>,
+}
+
+impl GradBuffers {
+    /// Zeroed accumulators for `params`.
+    pub fn zeros(params: &LoraParams) -> Result<Self> {
+        let grads = params
+            .params
+            .iter()
+            .map(|p| Ok(Tensor::zeros(p.var.shape(), DType::F32, p.var.device())?))
+            .collect::<Result<Vec<_>>>()?;
+        let by_adapter = params
+            .adapters
+            .iter()
+            .map(|&(id, a, b)| {
+                (
+                    id,
+                    LoraGrad {
+                        a: grads[a].clone(),
+                        b: grads[b].clone(),
+                    },
+                )
+            })
+            .collect();
+        Ok(GradBuffers { by_adapter, grads })
+    }
+}
+
 /// Summed loss of a micro-batch and d(sum / normalizer)/d(param) for every LoRA parameter.
 pub struct Gradients {
     /// Sum of the token losses (not divided).
@@ -72,10 +70,7 @@ pub struct Gradients {
     pub grads: Vec<Tensor>,
 }
 
-/// Forward and backward of `batch`. The gradient is of loss_sum / `normalizer` (the number of
-/// labelled tokens of the whole accumulation window). With `checkpointing`, only each decoder
-/// layer's input is kept during the forward; each layer is recomputed during the backward, so
-/// activation memory is that of one layer.
+/// Forward and backward of `batch` into fresh accumulators (see [`accumulate`]).
 pub fn loss_and_grads(
     model: &Phi3,
     params: &LoraParams,
@@ -84,134 +79,255 @@ pub fn loss_and_grads(
     checkpointing: bool,
     dropout: Option<DropoutSeed>,
 ) -> Result<Gradients> {
-    let mut clock = PhaseClock::new(model.device());
+    let buffers = GradBuffers::zeros(params)?;
+    let options = PassOptions {
+        checkpointing,
+        offload: false,
+    };
+    let loss_sum = accumulate(
+        model,
+        &buffers,
+        batch,
+        normalizer,
+        dropout,
+        options,
+        &mut StepContext::new(model.device(), model.dtype()),
+    )?;
+    Ok(Gradients {
+        loss_sum,
+        grads: buffers.grads,
+    })
+}
+
+/// How a micro-batch's activations are kept for its backward.
+#[derive(Debug, Clone, Copy)]
+pub struct PassOptions {
+    /// Keep only each decoder layer's input and recompute the layer right before its
+    /// backward, so activation memory is that of one layer's row chunk.
+    pub checkpointing: bool,
+    /// With checkpointing on a GPU: keep those inputs in pinned host memory (see
+    /// [`crate::offload`]).
+    pub offload: bool,
+}
+
+/// What persists from one micro-batch to the next: the pinned buffers of gradient offload, the
+/// loss scaler of f16 training and the phase profiler.
+pub struct StepContext {
+    pub pool: OffloadPool,
+    /// Set when the model computes in f16 (see [`LossScaler`]).
+    pub scaler: Option<LossScaler>,
+    pub profiler: Profiler,
+}
+
+impl StepContext {
+    /// For a model on `device` computing in `dtype`: f16 gets dynamic loss scaling.
+    pub fn new(device: &candle_core::Device, dtype: DType) -> Self {
+        StepContext {
+            pool: OffloadPool::default(),
+            scaler: (dtype == DType::F16).then(LossScaler::default),
+            profiler: Profiler::from_env(device),
+        }
+    }
+
+    /// The factor the loss's gradient is multiplied by (1 without a scaler).
+    pub fn loss_scale(&self) -> f64 {
+        self.scaler.as_ref().map_or(1.0, |s| s.scale)
+    }
+}
+
+/// Dynamic loss scaling for f16, with the rules and defaults of torch's GradScaler: gradients
+/// flow multiplied by `scale` so small values survive f16; a step whose gradients overflowed is
+/// skipped and the scale halved; after `growth_interval` good steps in a row it doubles.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LossScaler {
+    pub scale: f64,
+    pub growth_interval: usize,
+    good_steps: usize,
+}
+
+impl Default for LossScaler {
+    fn default() -> Self {
+        LossScaler::new(65536.0)
+    }
+}
+
+impl LossScaler {
+    pub fn new(scale: f64) -> Self {
+        LossScaler {
+            scale,
+            growth_interval: 2000,
+            good_steps: 0,
+        }
+    }
+
+    /// Records a step whose gradients were `finite` (or not) and adjusts the scale.
+    pub fn update(&mut self, finite: bool) {
+        if finite {
+            self.good_steps += 1;
+            if self.good_steps == self.growth_interval {
+                self.scale *= 2.0;
+                self.good_steps = 0;
+            }
+        } else {
+            self.scale *= 0.5;
+            self.good_steps = 0;
+        }
+    }
+}
+
+/// Forward and backward of `batch`: adds d(loss_sum / `normalizer`)/d(param) to `buffers`
+/// (`normalizer` is the number of labelled tokens of the whole accumulation window) and returns
+/// the summed loss.
+pub fn accumulate(
+    model: &Phi3,
+    buffers: &GradBuffers,
+    batch: &MicroBatch,
+    normalizer: usize,
+    dropout: Option<DropoutSeed>,
+    options: PassOptions,
+    step: &mut StepContext,
+) -> Result<f64> {
+    let checkpointing = options.checkpointing;
+    let loss_scale = step.loss_scale();
+    let profiler = &mut step.profiler;
     let ctx = model.context(&batch.input_ids, batch.segments.as_ref(), 0, dropout)?;
     let layers = model.config().num_hidden_layers;
-    let embedded = model.embed(&batch.input_ids)?.detach();
-    let scale = 1.0 / normalizer.max(1) as f64;
-    let mut grads: Vec<Option<Tensor>> = vec![None; params.params.len()];
-    let mut collect = |store: &candle_core::backprop::GradStore| {
-        for (slot, param) in grads.iter_mut().zip(&params.params) {
-            if let Some(g) = store.get(param.var.as_tensor()) {
-                *slot = Some(match slot.take() {
-                    Some(prev) => (prev + g)?,
-                    None => g.clone(),
-                });
-            }
-        }
-        Ok::<(), candle_core::Error>(())
-    };
-    let no_loss = || TrainError::Config("the batch has no labelled token".into());
-
-    let loss_sum = if checkpointing {
-        // On the GPU a layer runs in row chunks of about CHUNK_TOKENS tokens: the activations a
-        // layer's backward keeps shrink with the chunk, while the matmuls stay large. The same
-        // chunks are used in the forward and the recomputation, so dropout masks agree.
-        let (b, s) = batch.input_ids.dims2()?;
-        let rows_per_chunk = if model.uses_fused_kernels() {
-            (CHUNK_TOKENS / s).clamp(1, b)
-        } else {
-            b
-        };
-        let chunks: Vec<(usize, usize)> = (0..b)
-            .step_by(rows_per_chunk)
-            .map(|start| (start, rows_per_chunk.min(b - start)))
-            .collect();
-        // One chunk's context is the whole batch's: rows 0..b, dropout seed unchanged.
-        let contexts = chunks
-            .iter()
-            .map(|&(start, len)| ctx.rows(start, len))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        let mut inputs = Vec::with_capacity(layers);
-        let mut x = embedded;
-        for i in 0..layers {
-            inputs.push(x.clone());
-            let outs = chunks
-                .iter()
-                .enumerate()
-                .map(|(c, &(start, len))| {
-                    Ok(model
-                        .layer_forward(i, &x.narrow(0, start, len)?, &contexts[c])?
-                        .detach())
-                })
-                .collect::<Result<Vec<_>>>()?;
-            x = Tensor::cat(&outs, 0)?;
-        }
-        clock.lap("forward")?;
-        let last = Var::from_tensor(&x)?;
-        let (loss_sum, store) = match model.lean_head_weight() {
-            // Lean loss: logits chunk by chunk, their gradient in the same kernel.
-            Some(head) => {
-                let normed = model.norm.forward(last.as_tensor())?;
-                let (loss_sum, d_normed) = chunked_head_loss(
-                    &normed.detach(),
-                    &head,
-                    &batch.labels,
-                    scale,
-                    LOSS_CHUNK_ROWS,
-                )?
-                .ok_or_else(no_loss)?;
-                let store = (normed * d_normed)?.sum_all()?.backward()?;
-                (Tensor::new(loss_sum, x.device())?, store)
-            }
-            None => {
-                let loss_sum = causal_lm_loss_sum(&model.head(last.as_tensor())?, &batch.labels)?
-                    .ok_or_else(no_loss)?;
-                let store = (&loss_sum * scale)?.backward()?;
-                (loss_sum, store)
-            }
-        };
-        collect(&store)?;
-        clock.lap("head + loss")?;
-        let mut upstream = store
-            .get(last.as_tensor())
-            .cloned()
-            .ok_or_else(|| TrainError::Config("no gradient reached the last layer".into()))?;
-        for i in (0..layers).rev() {
-            let mut input_grads = Vec::with_capacity(chunks.len());
-            for (c, &(start, len)) in chunks.iter().enumerate() {
-                let input = Var::from_tensor(&inputs[i].narrow(0, start, len)?)?;
-                let out = model.layer_forward(i, input.as_tensor(), &contexts[c])?;
-                // d(sum(out · g))/d(θ) = the chain rule with g = dL/d(out).
-                let store = (out * upstream.narrow(0, start, len)?)?
-                    .sum_all()?
-                    .backward()?;
-                collect(&store)?;
-                if i > 0 {
-                    input_grads.push(store.get(input.as_tensor()).cloned().ok_or_else(|| {
-                        TrainError::Config(format!("no gradient reached layer {i}"))
-                    })?);
-                }
-            }
-            if i > 0 {
-                upstream = Tensor::cat(&input_grads, 0)?;
-            }
-        }
-        clock.lap("recompute + backward")?;
-        clock.report();
-        loss_sum
+    let scale = loss_scale / normalizer.max(1) as f64;
+    let (b, s) = batch.input_ids.dims2()?;
+    // On the GPU a layer runs in row chunks of about CHUNK_TOKENS tokens. The same chunks are
+    // used in the forward and the recomputation, so dropout masks agree.
+    let rows_per_chunk = if model.device().is_cuda() {
+        (CHUNK_TOKENS / s).clamp(1, b)
     } else {
-        let mut x = embedded;
-        for i in 0..layers {
-            x = model.layer_forward(i, &x, &ctx)?;
-        }
-        let loss_sum = causal_lm_loss_sum(&model.head(&x)?, &batch.labels)?.ok_or_else(no_loss)?;
-        let store = (&loss_sum * scale)?.backward()?;
-        collect(&store)?;
-        loss_sum
+        b
     };
-    let grads = grads
-        .into_iter()
-        .zip(&params.params)
-        .map(|(g, p)| match g {
-            Some(g) => Ok(g),
-            None => Ok(p.var.zeros_like()?),
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Gradients {
-        loss_sum: loss_sum
-            .to_dtype(candle_core::DType::F64)?
-            .to_scalar::<f64>()?,
-        grads,
-    })
+    let chunks: Vec<(usize, usize)> = (0..b)
+        .step_by(rows_per_chunk)
+        .map(|start| (start, rows_per_chunk.min(b - start)))
+        .collect();
+    // One chunk's context is the whole batch's: rows start..start+len, dropout seed moved.
+    let contexts = chunks
+        .iter()
+        .map(|&(start, len)| ctx.rows(start, len))
+        .collect::<std::result::Result<Vec<LayerContext>, _>>()?;
+
+    let mut x = model.embed(&batch.input_ids)?;
+    let mut checkpoints = Checkpoints::new(
+        model.device(),
+        checkpointing && options.offload,
+        &mut step.pool,
+    )?;
+    let mut saved = Vec::with_capacity(if checkpointing { 0 } else { layers });
+    for i in 0..layers {
+        let weights = model.layer_weights(i)?;
+        let mut outs = Vec::with_capacity(chunks.len());
+        let mut kept = Vec::with_capacity(chunks.len());
+        // The checkpoint: the layer input, then each chunk's attention output and logsumexp.
+        let mut checkpoint = Vec::with_capacity(1 + 2 * chunks.len());
+        for (c, &(start, len)) in chunks.iter().enumerate() {
+            let chunk = x.narrow(0, start, len)?;
+            if checkpointing {
+                let (out, attention) =
+                    model.layer_forward_train(i, &chunk, &contexts[c], &weights)?;
+                outs.push(out);
+                checkpoint.extend([attention.out, attention.lse]);
+            } else {
+                let (out, keep) = model.layer_forward_keep(i, &chunk, &contexts[c], &weights)?;
+                outs.push(out);
+                kept.push(keep);
+            }
+        }
+        if checkpointing {
+            checkpoint.insert(0, x);
+            checkpoints.push(i, checkpoint)?;
+        }
+        saved.push(kept);
+        x = Tensor::cat(&outs, 0)?;
+    }
+    profiler.lap("forward")?;
+
+    let head = model.head_weight().ok_or_else(|| {
+        TrainError::Config(
+            "the LM head carries an adapter: philo trains adapters on the decoder layers only"
+                .into(),
+        )
+    })?;
+    if checkpointing {
+        checkpoints.prefetch(layers - 1)?;
+    }
+    let device = model.device();
+    let head_loss = time(device, "head + loss", || {
+        let normed = model.norm.forward(&x).map_err(candle_core::Error::wrap)?;
+        let out = chunked_head_loss(&normed, &head, &batch.labels, scale, LOSS_CHUNK_ROWS)
+            .map_err(candle_core::Error::wrap)?;
+        out.map(
+            |(loss_sum, d_normed)| -> candle_core::Result<(f64, Tensor)> {
+                let upstream = philo_kernels::rms_norm::backward(
+                    &x,
+                    &model.norm.weight,
+                    &d_normed,
+                    model.norm.eps,
+                    None,
+                )?;
+                Ok((loss_sum, upstream))
+            },
+        )
+        .transpose()
+    })?;
+    let (loss_sum, mut upstream) =
+        head_loss.ok_or_else(|| TrainError::Data("the batch has no labelled token".into()))?;
+    profiler.lap("head + loss")?;
+
+    for i in (0..layers).rev() {
+        let weights = model.layer_weights(i)?;
+        let kept = saved.pop().unwrap_or_default();
+        let checkpoint = if checkpointing {
+            let tensors = checkpoints.take(i)?;
+            if i > 0 {
+                checkpoints.prefetch(i - 1)?;
+            }
+            tensors
+        } else {
+            Vec::new()
+        };
+        let mut input_grads = Vec::with_capacity(chunks.len());
+        for (c, &(start, len)) in chunks.iter().enumerate() {
+            let recomputed;
+            let layer_saved = match kept.get(c) {
+                Some(s) => s,
+                None => {
+                    let [input, out, lse] = [0, 1 + 2 * c, 2 + 2 * c].map(|j| checkpoint.get(j));
+                    let (Some(input), Some(out), Some(lse)) = (input, out, lse) else {
+                        return Err(TrainError::Internal(format!(
+                            "layer {i} kept neither its checkpoint nor its state"
+                        )));
+                    };
+                    let attention = AttentionState {
+                        out: out.clone(),
+                        lse: lse.clone(),
+                    };
+                    let input = input.narrow(0, start, len)?;
+                    recomputed = model.layer_recompute(
+                        i,
+                        &input,
+                        &contexts[c],
+                        &weights,
+                        Some(&attention),
+                    )?;
+                    &recomputed
+                }
+            };
+            input_grads.push(model.layer_backward(
+                i,
+                layer_saved,
+                &upstream.narrow(0, start, len)?,
+                &contexts[c],
+                &weights,
+                &buffers.by_adapter,
+            )?);
+        }
+        upstream = Tensor::cat(&input_grads, 0)?;
+    }
+    profiler.lap("recompute + backward")?;
+    Ok(loss_sum)
 }

@@ -9,6 +9,15 @@ pub enum TrainError {
     Text(#[from] philo_text::TextError),
     #[error("{0}")]
     Config(String),
+    /// The data cannot be trained on as given (e.g. a batch without a labelled token).
+    #[error("{0}")]
+    Data(String),
+    /// The loss or the gradient norm stopped being finite.
+    #[error("{0}")]
+    Diverged(String),
+    /// A broken invariant of philo itself, not of the input.
+    #[error("internal error: {0}")]
+    Internal(String),
     #[error("{path}: {message}")]
     File {
         path: std::path::PathBuf,

@@ -8,7 +8,10 @@ pub mod error;
 pub mod lora_params;
 pub mod loss;
 pub mod loss_plot;
+pub mod offload;
+pub mod profile;
 pub mod schedule;
+pub mod step;
 pub mod trainer;
 
 pub use error::{Result, TrainError};

@@ -18,6 +18,8 @@ pub struct LoraParam {
 /// All trainable matrices, in a fixed order (layer, module, A then B).
 pub struct LoraParams {
     pub params: Vec<LoraParam>,
+    /// Per adapter: its id (`Lora::id`) and the indices of its A and B in `params`.
+    pub adapters: Vec<(u64, usize, usize)>,
 }
 
 impl LoraParams {
@@ -58,8 +60,10 @@ impl LoraParams {
     /// A and B become f32 `Var`s shared with the model.
     pub fn from_model(model: &mut Phi3) -> Result<Self> {
         let mut params = Vec::new();
+        let mut adapters = Vec::new();
         for (layer, module, linear) in model.linears_mut() {
             if let Some(lora) = &mut linear.lora {
+                adapters.push((lora.id, params.len(), params.len() + 1));
                 let a = Var::from_tensor(&lora.a.to_dtype(DType::F32)?)?;
                 let b = Var::from_tensor(&lora.b.to_dtype(DType::F32)?)?;
                 lora.a = a.as_tensor().clone();
@@ -79,7 +83,7 @@ impl LoraParams {
                 "no LoRA adapter on the model: nothing to train".into(),
             ));
         }
-        Ok(LoraParams { params })
+        Ok(LoraParams { params, adapters })
     }
 
     /// Total number of trainable values.

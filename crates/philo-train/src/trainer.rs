@@ -7,19 +7,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::Tensor;
 use philo_model::adapter::{save_adapter, write_atomic, AdapterConfig};
 use philo_model::memory::peak_memory_gib;
 use philo_model::{DropoutSeed, Phi3, SafetensorsStore};
 use serde::{Deserialize, Serialize};
 
-use crate::adamw::{clip_grad_norm, AdamW, AdamWConfig};
-use crate::backward::{loss_and_grads, MicroBatch};
+use crate::adamw::{AdamW, AdamWConfig};
+use crate::backward::{MicroBatch, PassOptions, StepContext};
 use crate::data::{Batch, BatchPlan, BatchPosition, PrefetchLimit, Prefetcher, RowDataset};
 use crate::error::{Result, TrainError};
 use crate::lora_params::LoraParams;
 use crate::loss::{causal_lm_loss_sum, count_targets};
 use crate::schedule::{Schedule, ScheduleKind};
+use crate::step::{train_step, StepConfig, WindowBatch};
 
 /// How to train.
 #[derive(Debug, Clone)]
@@ -42,6 +42,8 @@ pub struct TrainerConfig {
     pub eval_steps: Option<usize>,
     pub save_steps: Option<usize>,
     pub gradient_checkpointing: bool,
+    /// With checkpointing on a GPU, keep the checkpoints in pinned host memory.
+    pub gradient_offload: bool,
 }
 
 /// What one logged optimizer step measured; also a line of metrics.jsonl.
@@ -58,6 +60,12 @@ pub struct StepMetrics {
     pub peak_memory_gib: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub eval_loss: Option<f64>,
+    /// f16 training: the loss scale after this step.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub loss_scale: Option<f64>,
+    /// f16 training: the gradients overflowed and the adapter was not updated.
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub skipped: bool,
 }
 
 /// Progress reports of a run, for a progress bar or a log.
@@ -288,6 +296,7 @@ impl Trainer {
         let mut interrupted = false;
         let mut last_loss = None;
         let mut last_eval = None;
+        let mut step_context = StepContext::new(self.model.device(), self.model.dtype());
         while self.step < total {
             if stop.load(Ordering::SeqCst) {
                 interrupted = true;
@@ -298,56 +307,52 @@ impl Trainer {
                 break;
             };
             let next_position = self.plan.next_position(*last_position);
-            let normalizer: usize = micro.iter().map(|(_, b)| count_targets(&b.labels)).sum();
-            let mut loss_sum = 0.0;
-            let mut grads: Option<Vec<Tensor>> = None;
+            let mut window = Vec::with_capacity(micro.len());
             for (i, (_, batch)) in micro.iter().enumerate() {
                 if count_targets(&batch.labels) == 0 {
                     continue;
                 }
                 tokens_since_log += batch.batch_size() * batch.seq_len();
                 let tensors = batch.to_tensors(self.model.device())?;
-                let micro_batch = MicroBatch {
-                    input_ids: tensors.input_ids,
-                    segments: Some(tensors.segment_ids),
-                    labels: batch.labels.clone(),
-                };
                 let seed = self.config.seed
                     ^ ((self.step * accum + i) as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
-                let out = loss_and_grads(
-                    &self.model,
-                    &self.params,
-                    &micro_batch,
-                    normalizer,
-                    self.config.gradient_checkpointing,
-                    Some(DropoutSeed(seed)),
-                )?;
-                loss_sum += out.loss_sum;
-                grads = Some(match grads {
-                    None => out.grads,
-                    Some(acc) => acc
-                        .iter()
-                        .zip(&out.grads)
-                        .map(|(a, g)| a + g)
-                        .collect::<candle_core::Result<_>>()?,
+                window.push(WindowBatch {
+                    batch: MicroBatch {
+                        input_ids: tensors.input_ids,
+                        segments: Some(tensors.segment_ids),
+                        labels: batch.labels.clone(),
+                    },
+                    dropout: DropoutSeed(seed),
                 });
             }
-            let Some(mut grads) = grads else {
-                // A window without labelled tokens: nothing to learn, the data moves on.
-                self.position = next_position;
-                self.step += 1;
-                continue;
-            };
-            let loss = loss_sum / normalizer.max(1) as f64;
-            if !loss.is_finite() {
-                return Err(self.diverged(&format!("the loss became {loss}")));
-            }
-            let grad_norm = clip_grad_norm(&mut grads, self.config.max_grad_norm)?;
-            if !grad_norm.is_finite() {
-                return Err(self.diverged(&format!("the gradient norm became {grad_norm}")));
-            }
             let lr = self.schedule.lr(self.step);
-            self.optimizer.update(&self.params, &grads, lr)?;
+            let step_config = StepConfig {
+                lr,
+                max_grad_norm: self.config.max_grad_norm,
+                pass: PassOptions {
+                    checkpointing: self.config.gradient_checkpointing,
+                    offload: self.config.gradient_offload,
+                },
+            };
+            let outcome = match train_step(
+                &self.model,
+                &self.params,
+                &mut self.optimizer,
+                &window,
+                step_config,
+                &mut step_context,
+            ) {
+                Ok(Some(outcome)) => outcome,
+                // A window without labelled tokens: nothing to learn, the data moves on.
+                Ok(None) => {
+                    self.position = next_position;
+                    self.step += 1;
+                    continue;
+                }
+                Err(TrainError::Diverged(what)) => return Err(self.diverged(&what)),
+                Err(e) => return Err(e),
+            };
+            let (loss, grad_norm) = (outcome.loss, outcome.grad_norm);
             self.step += 1;
             self.position = next_position;
             last_loss = Some(loss);
@@ -378,6 +383,8 @@ impl Trainer {
                     eta_seconds: elapsed / done * (total - self.step) as f64,
                     peak_memory_gib: peak_memory_gib(self.model.device()),
                     eval_loss,
+                    loss_scale: step_context.scaler.as_ref().map(|s| s.scale),
+                    skipped: outcome.skipped,
                 };
                 writeln!(
                     metrics,
@@ -463,7 +470,7 @@ impl Trainer {
             Some(dir) => format!("the last checkpoint, {}, is intact", dir.display()),
             None => "no checkpoint was saved yet (use --save_steps)".to_string(),
         };
-        TrainError::Config(format!(
+        TrainError::Diverged(format!(
             "{what} at step {}: training stopped and {kept}. Lower --lr or check the data",
             self.step + 1
         ))

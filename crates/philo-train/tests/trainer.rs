@@ -115,6 +115,7 @@ fn trainer_config(output_dir: &Path) -> TrainerConfig {
         eval_steps: None,
         save_steps: None,
         gradient_checkpointing: true,
+        gradient_offload: true,
     }
 }
 

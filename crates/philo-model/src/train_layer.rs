@@ -1,0 +1,503 @@
+//! The decoder layer for training, written out by hand: a forward that can keep what its
+//! backward needs, and a backward that computes the input's gradient and every LoRA gradient
+//! directly, with no autograd tape. Frozen weights never get a gradient.
+//!
+//! What is kept for the backward, per layer: the input, the rotated q/k/v, the attention output
+//! and its logsumexp, the post-attention residual, the gate/up projection and, per adapter, its
+//! (dropped-out) input and the rank-r down projection. The norms' backward recomputes their
+//! statistics from their inputs. With
+//! gradient checkpointing only the layer input is kept and the rest is recomputed by running
+//! the forward again, chunk by chunk, right before the backward of that chunk. Dropout masks
+//! are regenerated from their seed instead of stored.
+//!
+//! The same code runs on the CPU, where philo-kernels' f32 references do the work (the tests
+//! hold it to PEFT's gradients), and on CUDA, where their kernels and cuBLAS do.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Tensor};
+use philo_kernels::attention::{flash_backward_qkv, flash_forward};
+use philo_kernels::gemm::{accumulate_at_b, gemm_into};
+use philo_kernels::rope::{qkv_rope, QkvShape};
+
+use crate::error::{ModelError, Result};
+use crate::lora_linear::{DropoutSeed, LoraLinear};
+use crate::phi3::{DecoderLayer, LayerContext, Phi3};
+use philo_kernels::profile::time;
+
+/// Gradient accumulators of one adapter: f32, shaped like its A `[r, in]` and B `[out, r]`.
+/// The backward adds to them, so they sum over row chunks and micro-batches.
+pub struct LoraGrad {
+    pub a: Tensor,
+    pub b: Tensor,
+}
+
+/// Accumulators by adapter id ([`crate::Lora::id`]).
+pub type LoraGrads = HashMap<u64, LoraGrad>;
+
+/// A linear layer as one training pass uses it: the base weight dense in the compute dtype (an
+/// NF4 base dequantised once for the whole pass) and the adapter's factors in the compute dtype.
+struct PassLinear {
+    weight: Tensor,
+    lora: Option<PassLora>,
+    names: &'static OpNames,
+}
+
+/// Profile names of one linear layer's operations.
+struct OpNames {
+    gemm: &'static str,
+    lora: &'static str,
+    dx_gemm: &'static str,
+    lora_backward: &'static str,
+}
+
+macro_rules! op_names {
+    ($name:ident, $m:literal) => {
+        const $name: OpNames = OpNames {
+            gemm: concat!($m, " gemm"),
+            lora: concat!($m, " lora"),
+            dx_gemm: concat!($m, " bwd dx gemm"),
+            lora_backward: concat!($m, " bwd lora"),
+        };
+    };
+}
+op_names!(QKV, "qkv");
+op_names!(O, "o");
+op_names!(GATE_UP, "gate_up");
+op_names!(DOWN, "down");
+
+struct PassLora {
+    /// `[r, in]`.
+    a: Tensor,
+    /// scale · B, `[out, r]`.
+    b_scaled: Tensor,
+    scale: f64,
+    dropout: f32,
+    id: u64,
+}
+
+/// What an adapter's backward needs from its forward.
+struct LoraSaved {
+    /// The adapter's input after dropout, `[rows, in]`.
+    input: Tensor,
+    /// input · Aᵀ, `[rows, r]`.
+    down: Tensor,
+}
+
+impl PassLinear {
+    fn new(
+        linear: &LoraLinear,
+        dtype: DType,
+        device: &candle_core::Device,
+        names: &'static OpNames,
+    ) -> Result<Self> {
+        let weight = time(device, "dequantize", || {
+            linear
+                .dense_weight(dtype, device)
+                .map_err(candle_core::Error::wrap)
+        })?;
+        // Detached: A and B are the optimizer's variables; nothing here records a graph.
+        let lora = linear
+            .lora
+            .as_ref()
+            .map(|l| -> Result<PassLora> {
+                Ok(PassLora {
+                    a: l.a.detach().to_dtype(dtype)?,
+                    b_scaled: (l.b.detach().to_dtype(dtype)? * l.scale)?,
+                    scale: l.scale,
+                    dropout: l.dropout,
+                    id: l.id,
+                })
+            })
+            .transpose()?;
+        Ok(PassLinear {
+            weight,
+            lora,
+            names,
+        })
+    }
+
+    /// y = x·Wᵀ + dropout(x)·Aᵀ·(scale·B)ᵀ on rows `x` `[rows, in]`. The adapter's product is
+    /// written first and the base GEMM adds onto it (beta = 1), so the sum costs no extra pass.
+    fn forward(
+        &self,
+        x: &Tensor,
+        dropout: Option<DropoutSeed>,
+    ) -> Result<(Tensor, Option<LoraSaved>)> {
+        let dev = x.device();
+        let Some(lora) = &self.lora else {
+            let y = time(dev, self.names.gemm, || x.matmul(&self.weight.t()?))?;
+            return Ok((y, None));
+        };
+        let saved = self.lora_down(lora, x, dropout)?;
+        let y = time(dev, self.names.lora, || {
+            let y = unsafe { Tensor::empty((x.dim(0)?, self.weight.dim(0)?), x.dtype(), dev)? };
+            gemm_into(&y, &saved.down, false, &lora.b_scaled, true, 1.0, 0.0)?;
+            Ok(y)
+        })?;
+        time(dev, self.names.gemm, || {
+            gemm_into(&y, x, false, &self.weight, true, 1.0, 1.0)
+        })?;
+        Ok((y, Some(saved)))
+    }
+
+    /// Only what the backward needs of this layer's adapter (its input after dropout and the
+    /// rank-r down projection), without the output: a recompute whose output nobody reads.
+    fn backward_inputs(
+        &self,
+        x: &Tensor,
+        dropout: Option<DropoutSeed>,
+    ) -> Result<Option<LoraSaved>> {
+        self.lora
+            .as_ref()
+            .map(|lora| self.lora_down(lora, x, dropout))
+            .transpose()
+    }
+
+    fn lora_down(
+        &self,
+        lora: &PassLora,
+        x: &Tensor,
+        dropout: Option<DropoutSeed>,
+    ) -> Result<LoraSaved> {
+        Ok(time(x.device(), self.names.lora, || {
+            let input = match lora.mask_seed(dropout) {
+                Some(seed) => philo_kernels::dropout::dropout(x, seed, lora.dropout)?,
+                None => x.clone(),
+            };
+            let down = input.matmul(&lora.a.t()?)?;
+            Ok(LoraSaved { input, down })
+        })?)
+    }
+
+    /// dx from dy `[rows, out]`; the adapter's dA and dB are added to `grads`. The adapter's
+    /// part of dx is written first and the base GEMM adds onto it.
+    fn backward(
+        &self,
+        saved: Option<&LoraSaved>,
+        dy: &Tensor,
+        dropout: Option<DropoutSeed>,
+        grads: &LoraGrads,
+    ) -> Result<Tensor> {
+        let dev = dy.device();
+        let (Some(lora), Some(saved)) = (&self.lora, saved) else {
+            return Ok(time(dev, self.names.dx_gemm, || dy.matmul(&self.weight))?);
+        };
+        let grad = grads.get(&lora.id).ok_or_else(|| {
+            ModelError::Candle(candle_core::Error::Msg(format!(
+                "no gradient accumulator for adapter {}",
+                lora.id
+            )))
+        })?;
+        let dx = time(dev, self.names.lora_backward, || {
+            // d(down) = dy·(scale·B); dB = scale·dyᵀ·down; dA = d(down)ᵀ·input.
+            let d_down = dy.matmul(&lora.b_scaled)?;
+            accumulate_at_b(&grad.b, dy, &saved.down, lora.scale)?;
+            accumulate_at_b(&grad.a, &d_down, &saved.input, 1.0)?;
+            let dx = unsafe { Tensor::empty((dy.dim(0)?, self.weight.dim(1)?), dy.dtype(), dev)? };
+            gemm_into(&dx, &d_down, false, &lora.a, false, 1.0, 0.0)?;
+            // Through the dropout: the same mask, regenerated from its seed.
+            if let Some(seed) = lora.mask_seed(dropout) {
+                philo_kernels::dropout::dropout_in_place(&dx, seed, lora.dropout)?;
+            }
+            Ok(dx)
+        })?;
+        time(dev, self.names.dx_gemm, || {
+            gemm_into(&dx, dy, false, &self.weight, false, 1.0, 1.0)
+        })?;
+        Ok(dx)
+    }
+}
+
+impl PassLora {
+    /// The seed of this adapter's dropout mask in a forward with `dropout`, or None when no
+    /// mask applies.
+    fn mask_seed(&self, dropout: Option<DropoutSeed>) -> Option<u64> {
+        match dropout {
+            Some(DropoutSeed(s)) if self.dropout > 0.0 => {
+                Some(s ^ self.id.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A decoder layer's weights for one training pass (a forward over all row chunks, or a
+/// recompute-and-backward over all of them): NF4 bases are dequantised once here.
+pub struct LayerWeights {
+    qkv: PassLinear,
+    o: PassLinear,
+    gate_up: PassLinear,
+    down: PassLinear,
+}
+
+/// A layer's attention output `[b, s, h, d]` and logsumexp `[b, h, s]` (f32): cheap to keep
+/// beside the layer input, and it spares the recompute a flash-attention forward.
+pub struct AttentionState {
+    pub out: Tensor,
+    pub lse: Tensor,
+}
+
+/// Everything a layer's backward reads from its forward (see the module docs).
+pub struct LayerSaved {
+    x: Tensor,
+    qkv_lora: Option<LoraSaved>,
+    /// `[b, h + 2·kvh, s, d]`: rotated q and k, then v.
+    heads: Tensor,
+    /// `[b, s, h, d]`.
+    attn: Tensor,
+    /// `[b, h, s]` f32.
+    lse: Tensor,
+    o_lora: Option<LoraSaved>,
+    h: Tensor,
+    gate_up_lora: Option<LoraSaved>,
+    gate_up: Tensor,
+    down_lora: Option<LoraSaved>,
+}
+
+/// `t` `[b, s, n]` as rows `[b·s, n]`.
+fn rows(t: &Tensor) -> Result<Tensor> {
+    let n = t.dim(candle_core::D::Minus1)?;
+    Ok(t.reshape((t.elem_count() / n, n))?)
+}
+
+impl DecoderLayer {
+    fn qkv_shape(&self, rotary_dim: usize) -> QkvShape {
+        let a = &self.self_attn;
+        QkvShape {
+            heads: a.num_heads,
+            kv_heads: a.num_kv_heads,
+            head_dim: a.head_dim,
+            rotary_dim,
+        }
+    }
+
+    /// The layer on `x` `[b, s, hidden]`: its output when `output`, what its backward needs
+    /// when `keep`, and always its attention output and logsumexp. A recompute for the backward
+    /// asks for the second only, which spares the down projection's GEMM and the last residual
+    /// add, and given `attention` (kept from the forward) it skips flash attention too.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_train(
+        &self,
+        x: &Tensor,
+        ctx: &LayerContext,
+        w: &LayerWeights,
+        rotary_dim: usize,
+        output: bool,
+        keep: bool,
+        attention: Option<&AttentionState>,
+    ) -> Result<(Option<Tensor>, Option<LayerSaved>, AttentionState)> {
+        let ctx = &ctx.inner;
+        let (b, s, hidden) = x.dims3()?;
+        let shape = self.qkv_shape(rotary_dim);
+        let (h, kvh) = (shape.heads, shape.kv_heads);
+        let dev = x.device();
+        let n1 = time(dev, "rms_norm", || {
+            self.input_layernorm
+                .forward(x)
+                .map_err(candle_core::Error::wrap)
+        })?;
+        let (qkv, qkv_lora) = w.qkv.forward(&rows(&n1)?, ctx.dropout)?;
+        let heads = time(dev, "rope", || {
+            qkv_rope(
+                &qkv.reshape((b, s, qkv.dim(1)?))?,
+                &ctx.cos,
+                &ctx.sin,
+                shape,
+            )
+        })?;
+        let (q, k, v) = (
+            heads.narrow(1, 0, h)?,
+            heads.narrow(1, h, kvh)?,
+            heads.narrow(1, h + kvh, kvh)?,
+        );
+        let (attn, lse) = match attention {
+            Some(a) => (a.out.clone(), a.lse.clone()),
+            None => time(dev, "flash fwd", || {
+                flash_forward(&q, &k, &v, &ctx.attention)
+            })?,
+        };
+        let (o, o_lora) = w.o.forward(&attn.reshape((b * s, ()))?, ctx.dropout)?;
+        let (hres, n2) = time(dev, "add + rms_norm", || {
+            self.post_attention_layernorm
+                .forward_after_add(x, Some(&o.reshape((b, s, hidden))?))
+                .map_err(candle_core::Error::wrap)
+        })?;
+        let (gate_up, gate_up_lora) = w.gate_up.forward(&rows(&n2)?, ctx.dropout)?;
+        let act = time(dev, "swiglu", || philo_kernels::swiglu::swiglu(&gate_up))?;
+        let (out, down_lora) = if output {
+            let (mlp, down_lora) = w.down.forward(&act, ctx.dropout)?;
+            let out = time(dev, "residual add", || {
+                &hres + mlp.reshape((b, s, hidden))?
+            })?;
+            (Some(out), down_lora)
+        } else {
+            (None, w.down.backward_inputs(&act, ctx.dropout)?)
+        };
+        let attention = AttentionState {
+            out: attn.clone(),
+            lse: lse.clone(),
+        };
+        let saved = keep.then(|| LayerSaved {
+            x: x.clone(),
+            qkv_lora,
+            heads,
+            attn,
+            lse,
+            o_lora,
+            h: hres,
+            gate_up_lora,
+            gate_up,
+            down_lora,
+        });
+        Ok((out, saved, attention))
+    }
+
+    /// dL/dx from dL/d(out) `dout` `[b, s, hidden]`; LoRA gradients are added to `grads`.
+    fn backward(
+        &self,
+        saved: &LayerSaved,
+        dout: &Tensor,
+        ctx: &LayerContext,
+        w: &LayerWeights,
+        rotary_dim: usize,
+        grads: &LoraGrads,
+    ) -> Result<Tensor> {
+        let ctx = &ctx.inner;
+        let (b, s, hidden) = dout.dims3()?;
+        let kvh = self.self_attn.num_kv_heads;
+        let dev = dout.device();
+        // MLP: out = h + down(swiglu(gate_up(norm2(h)))).
+        let dout_rows = rows(dout)?;
+        let d_act = w
+            .down
+            .backward(saved.down_lora.as_ref(), &dout_rows, ctx.dropout, grads)?;
+        let d_gate_up = time(dev, "swiglu bwd", || {
+            philo_kernels::swiglu::backward(&saved.gate_up, &d_act)
+        })?;
+        let d_n2 =
+            w.gate_up
+                .backward(saved.gate_up_lora.as_ref(), &d_gate_up, ctx.dropout, grads)?;
+        let norm2 = &self.post_attention_layernorm;
+        let dh = time(dev, "rms_norm bwd + add", || {
+            philo_kernels::rms_norm::backward(
+                &saved.h,
+                &norm2.weight,
+                &d_n2.reshape((b, s, hidden))?,
+                norm2.eps,
+                Some(dout),
+            )
+        })?;
+
+        // Attention: h = x + o_proj(flash(rope(qkv_proj(norm1(x))))).
+        let d_attn =
+            w.o.backward(saved.o_lora.as_ref(), &rows(&dh)?, ctx.dropout, grads)?
+                .reshape(saved.attn.shape())?;
+        let d_qkv = time(dev, "flash bwd", || {
+            flash_backward_qkv(
+                &saved.heads,
+                kvh,
+                &saved.attn,
+                &saved.lse,
+                &d_attn,
+                &ctx.attention,
+                Some((&ctx.cos, &ctx.sin, rotary_dim)),
+            )
+        })?;
+        let d_n1 = w
+            .qkv
+            .backward(saved.qkv_lora.as_ref(), &rows(&d_qkv)?, ctx.dropout, grads)?;
+        let norm1 = &self.input_layernorm;
+        time(dev, "rms_norm bwd + add", || {
+            philo_kernels::rms_norm::backward(
+                &saved.x,
+                &norm1.weight,
+                &d_n1.reshape((b, s, hidden))?,
+                norm1.eps,
+                Some(&dh),
+            )
+        })
+        .map_err(Into::into)
+    }
+}
+
+impl Phi3 {
+    /// Layer `index`'s weights for one training pass (NF4 bases dequantised once).
+    pub fn layer_weights(&self, index: usize) -> Result<LayerWeights> {
+        let layer = &self.layers[index];
+        let (dtype, device) = (self.dtype(), self.device());
+        Ok(LayerWeights {
+            qkv: PassLinear::new(&layer.self_attn.qkv_proj, dtype, device, &QKV)?,
+            o: PassLinear::new(&layer.self_attn.o_proj, dtype, device, &O)?,
+            gate_up: PassLinear::new(&layer.mlp.gate_up_proj, dtype, device, &GATE_UP)?,
+            down: PassLinear::new(&layer.mlp.down_proj, dtype, device, &DOWN)?,
+        })
+    }
+
+    /// Training forward of layer `index` on `x` `[b, s, hidden]`: its output and its attention
+    /// (with gradient checkpointing, the backward recomputes the rest with
+    /// [`Phi3::layer_recompute`]).
+    pub fn layer_forward_train(
+        &self,
+        index: usize,
+        x: &Tensor,
+        ctx: &LayerContext,
+        weights: &LayerWeights,
+    ) -> Result<(Tensor, AttentionState)> {
+        let rd = self.rotary().rotary_dim();
+        let layer = &self.layers[index];
+        let (out, _, attention) = layer.forward_train(x, ctx, weights, rd, true, false, None)?;
+        Ok((out.ok_or_else(|| missing("output"))?, attention))
+    }
+
+    /// What the backward of layer `index` needs from its input `x`, recomputed (gradient
+    /// checkpointing); with the forward's `attention`, flash attention is not run again.
+    pub fn layer_recompute(
+        &self,
+        index: usize,
+        x: &Tensor,
+        ctx: &LayerContext,
+        weights: &LayerWeights,
+        attention: Option<&AttentionState>,
+    ) -> Result<LayerSaved> {
+        let rd = self.rotary().rotary_dim();
+        let layer = &self.layers[index];
+        let (_, saved, _) = layer.forward_train(x, ctx, weights, rd, false, true, attention)?;
+        saved.ok_or_else(|| missing("saved state"))
+    }
+
+    /// Training forward of layer `index` that keeps what its backward needs (no checkpointing).
+    pub fn layer_forward_keep(
+        &self,
+        index: usize,
+        x: &Tensor,
+        ctx: &LayerContext,
+        weights: &LayerWeights,
+    ) -> Result<(Tensor, LayerSaved)> {
+        let rd = self.rotary().rotary_dim();
+        match self.layers[index].forward_train(x, ctx, weights, rd, true, true, None)? {
+            (Some(out), Some(saved), _) => Ok((out, saved)),
+            _ => Err(missing("output or saved state")),
+        }
+    }
+
+    /// Backward of layer `index`: dL/d(input) from dL/d(output); the LoRA gradients of the
+    /// layer are added to `grads`.
+    pub fn layer_backward(
+        &self,
+        index: usize,
+        saved: &LayerSaved,
+        dout: &Tensor,
+        ctx: &LayerContext,
+        weights: &LayerWeights,
+        grads: &LoraGrads,
+    ) -> Result<Tensor> {
+        self.layers[index].backward(saved, dout, ctx, weights, self.rotary().rotary_dim(), grads)
+    }
+}
+
+fn missing(what: &str) -> ModelError {
+    ModelError::Candle(candle_core::Error::Msg(format!(
+        "the training forward did not produce its {what}"
+    )))
+}
