@@ -190,6 +190,8 @@ pub struct TrainBench {
     pub warmup: usize,
     /// Keep the gradient checkpoints in pinned host memory (GPU).
     pub offload: bool,
+    /// LoRA dropout probability (finetune's default 0.05; Unsloth's recipe uses 0).
+    pub lora_dropout: f32,
 }
 
 /// Tokens/s of LoRA training with gradient checkpointing on all four projection types, one
@@ -211,7 +213,7 @@ pub fn train(mut model: Phi3, options: &TrainBench) -> anyhow::Result<BenchResul
     let config = AdapterConfig::new(
         options.rank,
         options.alpha,
-        0.05,
+        options.lora_dropout,
         TARGET_MODULES.iter().map(|s| s.to_string()).collect(),
         false,
     );

@@ -491,6 +491,9 @@ struct BenchArgs {
     /// Train: keep the gradient checkpoints on the GPU instead of in pinned host memory.
     #[arg(long = "no_gradient_offload", alias = "no-gradient-offload")]
     no_gradient_offload: bool,
+    /// Train: LoRA dropout probability (finetune's default).
+    #[arg(long = "lora_dropout", alias = "lora-dropout", default_value_t = 0.05)]
+    lora_dropout: f32,
     /// Write the results as JSON to this file too.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -545,6 +548,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
             steps: args.steps,
             warmup: 1,
             offload: !args.no_gradient_offload,
+            lora_dropout: args.lora_dropout,
         };
         results.push(philo::bench::train(model, &options)?);
     } else {

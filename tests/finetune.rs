@@ -615,6 +615,18 @@ fn finetune_rejects_data_longer_than_max_seq_length() {
 }
 
 #[test]
+fn finetune_rejects_a_dropout_outside_zero_to_one() {
+    let contents = format!("{GOOD_LINE}\n{GOOD_LINE}\n");
+    for p in ["1", "-0.1"] {
+        finetune_must_fail(
+            &contents,
+            &["--lora_dropout", p],
+            &["--lora_dropout", "below 1"],
+        );
+    }
+}
+
+#[test]
 fn an_adapter_for_another_shape_is_refused_by_generate_and_merge() {
     let work = TempDir::new().unwrap();
     let w = work.path();

@@ -30,6 +30,7 @@ pub fn reference(x: &[f32], seed: u64, p: f32) -> Vec<f32> {
         .collect()
 }
 
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct Dropout {
     seed: u64,
     p: f32,
@@ -66,15 +67,10 @@ impl CustomOp1 for Dropout {
         });
         Ok((slice, l.shape().clone()))
     }
-
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        // d/dx of x·mask is the same mask: regenerate it on the gradient.
-        Ok(Some(dropout(grad, self.seed, self.p)?))
-    }
 }
 
-/// Inverted dropout of `x` with probability `p`, reproducible from `seed`. On CUDA one kernel
-/// with a backward; on the CPU the reference (no backward).
+/// Inverted dropout of `x` with probability `p`, reproducible from `seed`. On CUDA one kernel;
+/// on the CPU the reference. Its gradient is the same mask on the gradient: [`dropout_in_place`].
 pub fn dropout(x: &Tensor, seed: u64, p: f32) -> Result<Tensor> {
     if x.device().is_cuda() {
         return x.contiguous()?.apply_op1(Dropout { seed, p });

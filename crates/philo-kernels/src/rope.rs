@@ -172,21 +172,10 @@ impl CustomOp3 for QkvRope {
         });
         Ok((slice, out_shape))
     }
-
-    fn bwd(
-        &self,
-        _qkv: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(backward(grad, cos, sin, self.shape)?), None, None))
-    }
 }
 
-/// Splits and rotates `qkv` (see the module docs). On CUDA one kernel with a backward; on the
-/// CPU the reference (no backward).
+/// Splits and rotates `qkv` (see the module docs). On CUDA one kernel; on the CPU the
+/// reference. [`backward`] is its gradient.
 pub fn qkv_rope(qkv: &Tensor, cos: &Tensor, sin: &Tensor, shape: QkvShape) -> Result<Tensor> {
     let (b, s, _) = qkv.dims3()?;
     if qkv.device().is_cuda() {

@@ -71,14 +71,10 @@ impl CustomOp1 for SwiGlu {
         });
         Ok((slice, Shape::from(dims)))
     }
-
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(backward(arg, grad)?))
-    }
 }
 
-/// silu(gate)·up of `gate_up` `[..., 2·i]`. On CUDA one kernel with a backward; on the CPU the
-/// reference (no backward).
+/// silu(gate)·up of `gate_up` `[..., 2·i]`. On CUDA one kernel; on the CPU the reference.
+/// [`backward`] is its gradient.
 pub fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
     if gate_up.device().is_cuda() {
         return gate_up.contiguous()?.apply_op1(SwiGlu);

@@ -26,6 +26,12 @@ impl LoraParams {
     /// Adds fresh adapters to `model` as PEFT initialises them: A Kaiming-uniform
     /// (bound 1/sqrt(in_features)), B zero; masters in f32 on the model's device.
     pub fn init(model: &mut Phi3, config: &AdapterConfig, seed: u64) -> Result<Self> {
+        if !(0.0..1.0).contains(&config.lora_dropout) {
+            return Err(TrainError::Config(format!(
+                "--lora_dropout must be at least 0 and below 1, not {}",
+                config.lora_dropout
+            )));
+        }
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let device = model.device().clone();
         for target in &config.target_modules {
