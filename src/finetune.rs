@@ -90,6 +90,8 @@ impl FinetuneOptions {
 /// Runs a fine-tune, reporting to a progress bar on stderr; `stop` (Ctrl-C) saves a checkpoint
 /// and ends the run cleanly.
 pub fn finetune(options: &FinetuneOptions, stop: &AtomicBool) -> anyhow::Result<TrainSummary> {
+    // Flags first: a bad one is reported before any file is read.
+    philo_train::lora_params::check_dropout(options.lora_dropout)?;
     let files = ModelFiles::resolve(&options.base_model)?;
     let config = Phi3Config::from_file(&files.config())?;
     let (tokenizer, template) = crate::pipeline::load_text(&files)?;

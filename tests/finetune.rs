@@ -618,11 +618,8 @@ fn finetune_rejects_data_longer_than_max_seq_length() {
 fn finetune_rejects_a_dropout_outside_zero_to_one() {
     let contents = format!("{GOOD_LINE}\n{GOOD_LINE}\n");
     for p in ["1", "-0.1"] {
-        finetune_must_fail(
-            &contents,
-            &["--lora_dropout", p],
-            &["--lora_dropout", "below 1"],
-        );
+        let flag = format!("--lora_dropout={p}");
+        finetune_must_fail(&contents, &[&flag], &["--lora_dropout", "below 1"]);
     }
 }
 

@@ -8,6 +8,18 @@ use rand::{Rng, SeedableRng};
 
 use crate::error::{Result, TrainError};
 
+/// Refuses a LoRA dropout probability outside [0, 1) (at 1 every input would be dropped and
+/// the kept ones scaled by infinity).
+pub fn check_dropout(p: f32) -> Result<()> {
+    if (0.0..1.0).contains(&p) {
+        Ok(())
+    } else {
+        Err(TrainError::Config(format!(
+            "--lora_dropout must be at least 0 and below 1, not {p}"
+        )))
+    }
+}
+
 /// One trainable matrix and its PEFT name.
 pub struct LoraParam {
     /// PEFT's name, e.g. `base_model.model.model.layers.0.self_attn.qkv_proj.lora_A.weight`.
@@ -26,12 +38,7 @@ impl LoraParams {
     /// Adds fresh adapters to `model` as PEFT initialises them: A Kaiming-uniform
     /// (bound 1/sqrt(in_features)), B zero; masters in f32 on the model's device.
     pub fn init(model: &mut Phi3, config: &AdapterConfig, seed: u64) -> Result<Self> {
-        if !(0.0..1.0).contains(&config.lora_dropout) {
-            return Err(TrainError::Config(format!(
-                "--lora_dropout must be at least 0 and below 1, not {}",
-                config.lora_dropout
-            )));
-        }
+        check_dropout(config.lora_dropout)?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let device = model.device().clone();
         for target in &config.target_modules {

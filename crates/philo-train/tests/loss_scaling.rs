@@ -63,20 +63,16 @@ fn overflowing_f16_steps_are_skipped_and_the_scale_halves() {
     };
     let mut context = StepContext::new(&Device::Cpu, DType::F16);
     assert_eq!(context.scaler, Some(LossScaler::new(65536.0)));
+    let step = |optimizer: &mut AdamW, context: &mut StepContext| {
+        train_step(&model, &params, optimizer, &window, step_config, context)
+            .unwrap()
+            .unwrap()
+    };
 
     // Far beyond f16's range (65504): the gradients overflow.
     context.scaler = Some(LossScaler::new(1e30));
     let before = snapshot(&params);
-    let outcome = train_step(
-        &model,
-        &params,
-        &mut optimizer,
-        &window,
-        step_config,
-        &mut context,
-    )
-    .unwrap()
-    .unwrap();
+    let outcome = step(&mut optimizer, &mut context);
     assert!(outcome.skipped, "{outcome:?}");
     assert!(outcome.loss.is_finite() && !outcome.grad_norm.is_finite());
     assert_eq!(
@@ -89,16 +85,7 @@ fn overflowing_f16_steps_are_skipped_and_the_scale_halves() {
 
     // A scale f16 holds: the step applies, with the norm of the unscaled gradients.
     context.scaler = Some(LossScaler::new(1024.0));
-    let outcome = train_step(
-        &model,
-        &params,
-        &mut optimizer,
-        &window,
-        step_config,
-        &mut context,
-    )
-    .unwrap()
-    .unwrap();
+    let outcome = step(&mut optimizer, &mut context);
     assert!(
         !outcome.skipped && outcome.grad_norm.is_finite(),
         "{outcome:?}"
@@ -109,16 +96,7 @@ fn overflowing_f16_steps_are_skipped_and_the_scale_halves() {
     let mut plain = StepContext::new(&Device::Cpu, DType::F16);
     plain.scaler = Some(LossScaler::new(1.0));
     let mut optimizer2 = AdamW::new(AdamWConfig::default(), &params).unwrap();
-    let unscaled = train_step(
-        &model,
-        &params,
-        &mut optimizer2,
-        &window,
-        step_config,
-        &mut plain,
-    )
-    .unwrap()
-    .unwrap();
+    let unscaled = step(&mut optimizer2, &mut plain);
     let rel = (unscaled.grad_norm - outcome.grad_norm).abs() / unscaled.grad_norm;
     assert!(
         rel < 0.2,
