@@ -10,6 +10,7 @@ pub mod bench;
 pub mod chat;
 pub mod demo;
 pub mod device;
+pub mod eval;
 pub mod finetune;
 pub mod merge;
 pub mod pipeline;

@@ -43,6 +43,8 @@ enum Command {
     Finetune(Box<FinetuneArgs>),
     /// Fold a LoRA adapter into its base model and write a Hugging Face checkpoint.
     Merge(MergeArgs),
+    /// Mean loss and perplexity of a dataset's labelled tokens (finetune's formats and masking).
+    Eval(EvalArgs),
     /// Measure throughput (tokens/s, peak memory) as a table and JSON.
     Bench(BenchArgs),
     /// Serve the model (and LoRA adapters) over an OpenAI-compatible HTTP API with continuous
@@ -281,6 +283,43 @@ struct FinetuneArgs {
 }
 
 #[derive(Args)]
+struct EvalArgs {
+    /// A model folder or hub id.
+    #[arg(long)]
+    model: String,
+    /// A PEFT LoRA adapter folder to evaluate on top of the model.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// The base weights' format: none (the checkpoint's) or nf4.
+    #[arg(long, default_value = "none")]
+    quant: philo::finetune::BaseQuant,
+    /// A JSON array or JSONL file in any format finetune reads.
+    #[arg(long)]
+    dataset: PathBuf,
+    /// messages, sharegpt, alpaca, prompt_completion or text (detected when absent).
+    #[arg(long)]
+    format: Option<philo_train::data::DataFormat>,
+    #[arg(
+        long = "max_seq_length",
+        alias = "max-seq-length",
+        default_value_t = 2048
+    )]
+    max_seq_length: usize,
+    /// Count the prompt tokens too, not only the assistant's.
+    #[arg(long = "train_on_prompt", alias = "train-on-prompt")]
+    train_on_prompt: bool,
+    #[arg(long = "batch_size", alias = "batch-size", default_value_t = 4)]
+    batch_size: usize,
+    /// Also write {"loss", "perplexity", "tokens"} to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
+    #[arg(long, value_parser = parse_dtype)]
+    dtype: Option<DType>,
+}
+
+#[derive(Args)]
 struct MergeArgs {
     #[arg(long = "base_model", alias = "base-model")]
     base_model: String,
@@ -291,6 +330,33 @@ struct MergeArgs {
     /// dtype of the written weights.
     #[arg(long, value_parser = parse_dtype, default_value = "bf16")]
     dtype: DType,
+}
+
+fn eval(args: EvalArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.batch_size > 0, "--batch_size must be at least 1");
+    let device = args.device.open()?;
+    let options = philo::eval::EvalOptions {
+        dtype: args.dtype.unwrap_or_else(|| default_dtype(&device)),
+        device,
+        model: args.model,
+        adapter: args.adapter,
+        quant: args.quant,
+        dataset: args.dataset,
+        format: args.format,
+        max_seq_length: args.max_seq_length,
+        train_on_prompt: args.train_on_prompt,
+        batch_size: args.batch_size,
+    };
+    let result = philo::eval::run(&options)?;
+    println!(
+        "loss {:.4}, perplexity {:.4} over {} tokens",
+        result.loss, result.perplexity, result.tokens
+    );
+    if let Some(path) = args.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&result)?)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    }
+    Ok(())
 }
 
 fn finetune(args: FinetuneArgs) -> anyhow::Result<()> {
@@ -667,6 +733,7 @@ fn main() -> ExitCode {
                 .map(|()| println!("wrote the merged model to {}", args.output.display()))
         }
         Command::Bench(args) => bench(args),
+        Command::Eval(args) => eval(args),
         Command::Serve(args) => serve(*args),
         Command::Demo { dir, steps } => demo(dir, steps),
     };

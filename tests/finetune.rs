@@ -334,6 +334,44 @@ fn finetune_lowers_eval_loss_and_the_adapter_answers() {
         last_eval < first_eval && first_eval < untrained_eval,
         "{untrained_eval} {first_eval} {last_eval}"
     );
+    // `philo eval` measures what the trainer's evaluation measured: with the saved adapter on
+    // the same NF4 base, and without it (B starts at zero, so the untrained adapter is a no-op).
+    let eval_json = w.join("eval.json");
+    for (adapter, want) in [(Some(&out_dir), last_eval), (None, untrained_eval)] {
+        let mut args = vec![
+            "eval",
+            "--model",
+            s(&tiny),
+            "--quant",
+            "nf4",
+            "--dataset",
+            TOY_EVAL,
+            "--batch_size",
+            "8",
+            "--max_seq_length",
+            "256",
+            "--json",
+            s(&eval_json),
+        ];
+        if let Some(dir) = adapter {
+            args.extend_from_slice(&["--adapter", s(dir)]);
+        }
+        let out = philo_ok(w, &args);
+        let result = read_json(&eval_json);
+        let loss = result["loss"].as_f64().unwrap();
+        assert!(
+            ((loss - want) / want).abs() < 1e-4,
+            "philo eval {loss} vs the trainer's {want} (adapter {adapter:?})"
+        );
+        assert!((result["perplexity"].as_f64().unwrap() - loss.exp()).abs() < 1e-6 * loss.exp());
+        assert!(result["tokens"].as_u64().unwrap() > 0);
+        assert!(
+            stdout(&out).contains(&format!("loss {loss:.4}, perplexity")),
+            "{}",
+            stdout(&out)
+        );
+    }
+
     let first_loss = lines[0]["loss"].as_f64().unwrap();
     let last_loss = lines[5]["loss"].as_f64().unwrap();
     assert!(

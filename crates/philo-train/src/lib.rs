@@ -5,6 +5,7 @@ pub mod adamw;
 pub mod backward;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod lora_params;
 pub mod loss;
 pub mod loss_plot;

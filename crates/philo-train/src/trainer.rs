@@ -17,7 +17,7 @@ use crate::backward::{MicroBatch, PassOptions, StepContext};
 use crate::data::{Batch, BatchPlan, BatchPosition, PrefetchLimit, Prefetcher, RowDataset};
 use crate::error::{Result, TrainError};
 use crate::lora_params::LoraParams;
-use crate::loss::{causal_lm_loss_sum, count_targets};
+use crate::loss::count_targets;
 use crate::schedule::{Schedule, ScheduleKind};
 use crate::step::{train_step, StepConfig, WindowBatch};
 
@@ -442,25 +442,10 @@ impl Trainer {
         let Some(eval) = &self.eval else {
             return Ok(None);
         };
-        let mut sum = 0.0;
-        let mut count = 0usize;
-        let indices: Vec<usize> = (0..eval.len()).collect();
-        for chunk in indices.chunks(self.config.batch_size) {
-            let batch = eval.batch(chunk);
-            let n = count_targets(&batch.labels);
-            if n == 0 {
-                continue;
-            }
-            let tensors = batch.to_tensors(self.model.device())?;
-            let logits =
-                self.model
-                    .forward(&tensors.input_ids, Some(&tensors.segment_ids), None)?;
-            if let Some(loss) = causal_lm_loss_sum(&logits.detach(), &batch.labels)? {
-                sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-                count += n;
-            }
-        }
-        Ok((count > 0).then(|| sum / count as f64))
+        Ok(
+            crate::eval::evaluate(&self.model, eval, self.config.batch_size, |_| {})?
+                .map(|r| r.loss),
+        )
     }
 
     /// The error of a run whose numbers stopped being finite at the coming step; the adapter is
