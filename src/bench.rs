@@ -184,7 +184,7 @@ pub struct TrainBench {
     pub rank: usize,
     pub alpha: f64,
     /// NF4 base (QLoRA, double-quantised scales) or the dense compute dtype (LoRA).
-    pub quant: crate::finetune::BaseQuant,
+    pub quant: crate::quant::BaseQuant,
     /// Timed optimizer steps, after `warmup` untimed ones.
     pub steps: usize,
     pub warmup: usize,
@@ -205,9 +205,7 @@ pub fn train(mut model: Phi3, options: &TrainBench) -> anyhow::Result<BenchResul
     use philo_train::step::{train_step, StepConfig, WindowBatch};
 
     let device = model.device().clone();
-    if options.quant == crate::finetune::BaseQuant::Nf4 {
-        model.quantize_nf4(true)?;
-    }
+    model.quantize(options.quant.format(true))?;
     synchronize(&device)?;
     philo_model::memory::reset_peak_memory(&device);
     let config = AdapterConfig::new(
@@ -272,8 +270,9 @@ pub fn train(mut model: Phi3, options: &TrainBench) -> anyhow::Result<BenchResul
         task: format!(
             "train-{}",
             match options.quant {
-                crate::finetune::BaseQuant::Nf4 => "qlora",
-                crate::finetune::BaseQuant::None => "lora",
+                crate::quant::BaseQuant::Nf4 => "qlora".to_string(),
+                crate::quant::BaseQuant::None => "lora".to_string(),
+                other => format!("lora-{}", other.name()),
             }
         ),
         device: device_name,

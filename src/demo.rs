@@ -9,8 +9,9 @@ use candle_core::{DType, Device};
 use philo_generate::{GenerateOptions, SamplingParams};
 use philo_text::ChatMessage;
 
-use crate::finetune::{finetune, BaseQuant, FinetuneOptions};
+use crate::finetune::{finetune, FinetuneOptions};
 use crate::pipeline::Pipeline;
+use crate::quant::BaseQuant;
 
 const TOY_DATASET: &str = include_str!("../examples/toy_dataset.jsonl");
 const TOY_EVAL: &str = include_str!("../examples/toy_eval.jsonl");
@@ -77,6 +78,7 @@ pub fn demo(dir: &Path, steps: usize, stop: &AtomicBool) -> anyhow::Result<()> {
     let pipeline = Pipeline::load(
         &model_dir.to_string_lossy(),
         Some(&adapter_dir),
+        crate::pipeline::WeightOptions::default(),
         DType::F32,
         &Device::Cpu,
     )?;

@@ -8,16 +8,14 @@ use indicatif::{ProgressBar, ProgressStyle};
 use philo_train::data::{load_dataset, DataFormat, DataOptions, RowDataset};
 use philo_train::eval::{evaluate, EvalResult};
 
-use crate::finetune::BaseQuant;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Pipeline, WeightOptions};
 
 /// Everything `philo eval` takes.
 #[derive(Debug, Clone)]
 pub struct EvalOptions {
     pub model: String,
     pub adapter: Option<PathBuf>,
-    /// The base weights' format (the adapter, if any, stays unmerged on top).
-    pub quant: BaseQuant,
+    pub weights: WeightOptions,
     pub dataset: PathBuf,
     pub format: Option<DataFormat>,
     pub max_seq_length: usize,
@@ -29,15 +27,13 @@ pub struct EvalOptions {
 
 /// Loads the model and the data, and evaluates with a progress bar over the rows.
 pub fn run(options: &EvalOptions) -> anyhow::Result<EvalResult> {
-    let mut pipeline = Pipeline::load(
+    let pipeline = Pipeline::load(
         &options.model,
         options.adapter.as_deref(),
+        options.weights,
         options.dtype,
         &options.device,
     )?;
-    if options.quant == BaseQuant::Nf4 {
-        pipeline.model.quantize_nf4(true)?;
-    }
     let data_options = DataOptions {
         format: options.format,
         max_seq_length: options.max_seq_length,

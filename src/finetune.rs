@@ -4,6 +4,8 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 
 use candle_core::{DType, Device};
+
+use crate::quant::BaseQuant;
 use indicatif::{ProgressBar, ProgressStyle};
 use philo_model::adapter::AdapterConfig;
 use philo_model::{ModelFiles, Phi3, Phi3Config, SafetensorsStore};
@@ -11,29 +13,6 @@ use philo_train::adamw::AdamWConfig;
 use philo_train::data::{load_dataset, split_eval, DataFormat, DataOptions, RowDataset};
 use philo_train::schedule::ScheduleKind;
 use philo_train::trainer::{TrainEvent, TrainSummary, Trainer, TrainerConfig};
-
-/// How the frozen base weights are stored during training.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum BaseQuant {
-    /// The base in the compute dtype (plain LoRA).
-    None,
-    /// NF4 blocks of 64 (QLoRA), bit-compatible with bitsandbytes.
-    #[default]
-    Nf4,
-}
-
-impl std::str::FromStr for BaseQuant {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "none" | "bf16" | "dense" => Ok(BaseQuant::None),
-            "nf4" => Ok(BaseQuant::Nf4),
-            _ => Err(format!(
-                "unknown --quant `{s}`: use nf4 (QLoRA) or none (LoRA on a dense base)"
-            )),
-        }
-    }
-}
 
 /// Everything `philo finetune` takes.
 #[derive(Debug, Clone)]
@@ -121,9 +100,7 @@ pub fn finetune(options: &FinetuneOptions, stop: &AtomicBool) -> anyhow::Result<
 
     let store = SafetensorsStore::open_dir(&files.dir)?;
     let mut model = Phi3::load(&config, &store, options.dtype, &options.device)?;
-    if options.quant == BaseQuant::Nf4 {
-        model.quantize_nf4(options.double_quant)?;
-    }
+    model.quantize(options.quant.format(options.double_quant))?;
     let mut adapter = AdapterConfig::new(
         options.lora_r,
         options.lora_alpha,

@@ -14,5 +14,6 @@ pub mod eval;
 pub mod finetune;
 pub mod merge;
 pub mod pipeline;
+pub mod quant;
 pub mod serve;
 pub mod tiny;

@@ -76,6 +76,51 @@ struct ModelArgs {
     /// A PEFT LoRA adapter folder (e.g. the output of philo finetune) to apply.
     #[arg(long)]
     adapter: Option<PathBuf>,
+    #[command(flatten)]
+    weights: WeightArgs,
+}
+
+/// How the model's projections are held (generate, chat, serve, eval, bench).
+#[derive(Args)]
+struct WeightArgs {
+    /// none (the checkpoint's weights), int8 (per-row, W8A16), int4 (groups of 128, W4A16) or
+    /// nf4 (bitsandbytes' 4-bit NormalFloat).
+    #[arg(long)]
+    quant: Option<philo::quant::BaseQuant>,
+    /// Same as --quant nf4 (the 4-bit loading flag of the usual Phi-3 scripts).
+    #[arg(long = "use_4bit", alias = "use-4bit", alias = "load_in_4bit", conflicts_with_all = ["quant", "load_in_8bit"])]
+    use_4bit: bool,
+    /// Same as --quant int8.
+    #[arg(
+        long = "load_in_8bit",
+        alias = "load-in-8bit",
+        conflicts_with = "quant"
+    )]
+    load_in_8bit: bool,
+    /// With --adapter on an unquantised model, keep the adapter apart instead of folding it into
+    /// the weights at load (merging costs nothing per token).
+    #[arg(long = "no_merge", alias = "no-merge")]
+    no_merge: bool,
+}
+
+impl WeightArgs {
+    /// The chosen format, `default` when no flag names one.
+    fn quant(&self, default: philo::quant::BaseQuant) -> philo::quant::BaseQuant {
+        use philo::quant::BaseQuant;
+        match (self.quant, self.use_4bit, self.load_in_8bit) {
+            (Some(q), _, _) => q,
+            (None, true, _) => BaseQuant::Nf4,
+            (None, _, true) => BaseQuant::Int8,
+            (None, false, false) => default,
+        }
+    }
+
+    fn options(&self, default: philo::quant::BaseQuant) -> philo::pipeline::WeightOptions {
+        philo::pipeline::WeightOptions {
+            quant: self.quant(default),
+            merge_adapter: !self.no_merge,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -259,7 +304,7 @@ struct FinetuneArgs {
     packing: bool,
     /// nf4 (QLoRA, default) or none (LoRA on the dense base).
     #[arg(long, default_value = "nf4")]
-    quant: philo::finetune::BaseQuant,
+    quant: philo::quant::BaseQuant,
     /// Leave the NF4 block scales in f32 (default: quantised to 8 bits, as QLoRA does).
     #[arg(long = "no_double_quant", alias = "no-double-quant")]
     no_double_quant: bool,
@@ -290,9 +335,8 @@ struct EvalArgs {
     /// A PEFT LoRA adapter folder to evaluate on top of the model.
     #[arg(long)]
     adapter: Option<PathBuf>,
-    /// The base weights' format: none (the checkpoint's) or nf4.
-    #[arg(long, default_value = "none")]
-    quant: philo::finetune::BaseQuant,
+    #[command(flatten)]
+    weights: WeightArgs,
     /// A JSON array or JSONL file in any format finetune reads.
     #[arg(long)]
     dataset: PathBuf,
@@ -340,7 +384,7 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
         device,
         model: args.model,
         adapter: args.adapter,
-        quant: args.quant,
+        weights: args.weights.options(philo::quant::BaseQuant::None),
         dataset: args.dataset,
         format: args.format,
         max_seq_length: args.max_seq_length,
@@ -453,6 +497,8 @@ struct ServeArgs {
     /// it with "model": "NAME"; more can be loaded later with POST /v1/adapters.
     #[arg(long = "adapter", value_parser = philo::serve::parse_adapter)]
     adapters: Vec<(String, PathBuf)>,
+    #[command(flatten)]
+    weights: WeightArgs,
     /// Address to listen on; 127.0.0.1 keeps the server local. Use 0.0.0.0 to expose it.
     #[arg(long, default_value = "127.0.0.1")]
     host: std::net::IpAddr,
@@ -500,6 +546,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_queue: args.max_queue,
         block_size: args.block_size,
         kv_cache_gib: args.kv_cache_gib,
+        quant: args.weights.quant(philo::quant::BaseQuant::None),
     };
     philo::serve::run(options, dtype, &device)
 }
@@ -548,9 +595,9 @@ struct BenchArgs {
     /// Train: LoRA alpha (default 2 × rank).
     #[arg(long)]
     alpha: Option<f64>,
-    /// Train: nf4 (QLoRA) or none (LoRA on a dense base).
-    #[arg(long, default_value = "nf4")]
-    quant: philo::finetune::BaseQuant,
+    /// The base's format (train: nf4 unless given; the others: none).
+    #[command(flatten)]
+    weights: WeightArgs,
     /// Train: timed optimizer steps (after one warm-up step).
     #[arg(long, default_value_t = 3)]
     steps: usize,
@@ -587,16 +634,34 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    use philo::quant::BaseQuant;
+    let quant = args.weights.quant(match args.task {
+        BenchTask::Train => BaseQuant::Nf4,
+        _ => BaseQuant::None,
+    });
+    // Training quantises its own base (after its memory measurement starts).
+    let load_quant = match args.task {
+        BenchTask::Train => BaseQuant::None,
+        _ => quant,
+    };
     let model = match (&args.model, args.random) {
-        (Some(spec), _) => Pipeline::load(spec, None, dtype, &device)?.model,
+        (Some(spec), _) => {
+            let weights = philo::pipeline::WeightOptions {
+                quant: load_quant,
+                merge_adapter: false,
+            };
+            Pipeline::load(spec, None, weights, dtype, &device)?.model
+        }
         (None, true) => {
             eprintln!("building a random Phi-3-mini-shaped model ...");
-            philo::bench::random_model(
+            let mut model = philo::bench::random_model(
                 &philo_model::Phi3Config::phi3_mini_4k(),
                 args.layers,
                 dtype,
                 &device,
-            )?
+            )?;
+            model.quantize(load_quant.format(true))?;
+            model
         }
         (None, false) => anyhow::bail!("philo bench needs --model DIR or --random"),
     };
@@ -610,7 +675,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
             seq: args.seq.unwrap_or(2048),
             rank: args.rank,
             alpha: args.alpha.unwrap_or(2.0 * args.rank as f64),
-            quant: args.quant,
+            quant,
             steps: args.steps,
             warmup: 1,
             offload: !args.no_gradient_offload,
@@ -645,7 +710,14 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
 fn load(args: &ModelArgs) -> anyhow::Result<Pipeline> {
     let device = args.device.open()?;
     let dtype = args.dtype.unwrap_or_else(|| default_dtype(&device));
-    Pipeline::load(&args.model, args.adapter.as_deref(), dtype, &device)
+    let weights = args.weights.options(philo::quant::BaseQuant::None);
+    Pipeline::load(
+        &args.model,
+        args.adapter.as_deref(),
+        weights,
+        dtype,
+        &device,
+    )
 }
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {

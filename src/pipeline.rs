@@ -3,6 +3,7 @@
 use std::ops::ControlFlow;
 use std::path::Path;
 
+use crate::quant::BaseQuant;
 use anyhow::Context;
 use candle_core::{DType, Device};
 use philo_generate::{generate, GenerateOptions, Generation};
@@ -41,12 +42,23 @@ pub struct Pipeline {
     pub files: ModelFiles,
 }
 
+/// How a loaded model holds its weights.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WeightOptions {
+    /// The projections' format.
+    pub quant: BaseQuant,
+    /// With an adapter on a dense base, fold it into the weights at load (PEFT's
+    /// merge_and_unload: no per-token cost). On a quantised base the adapter stays apart.
+    pub merge_adapter: bool,
+}
+
 impl Pipeline {
     /// Loads `spec` (a folder or hub id) in `dtype` on `device`, with the PEFT adapter in
-    /// `adapter` on top when given.
+    /// `adapter` on top when given, its weights held as `weights` says.
     pub fn load(
         spec: &str,
         adapter: Option<&Path>,
+        weights: WeightOptions,
         dtype: DType,
         device: &Device,
     ) -> anyhow::Result<Self> {
@@ -70,7 +82,11 @@ impl Pipeline {
         let mut model = Phi3::load(&config, &store, dtype, device)?;
         if let Some(dir) = adapter {
             Adapter::load(dir)?.attach(&mut model)?;
+            if weights.quant == BaseQuant::None && weights.merge_adapter {
+                model.merge_lora()?;
+            }
         }
+        model.quantize(weights.quant.format(true))?;
         Ok(Pipeline {
             model,
             tokenizer,

@@ -31,6 +31,8 @@ pub struct ServeOptions {
     /// KV cache size; None: 8 GiB on a GPU, 1 GiB on the CPU (never more than `max_running`
     /// sequences of the full context need).
     pub kv_cache_gib: Option<f64>,
+    /// The base model's format (adapters run unmerged on top).
+    pub quant: crate::quant::BaseQuant,
 }
 
 /// Parses `NAME=DIR` of `--adapter`.
@@ -62,7 +64,11 @@ fn kv_blocks(pipeline: &Pipeline, options: &ServeOptions) -> usize {
 
 /// Runs the server until Ctrl-C or SIGTERM, then lets running requests finish.
 pub fn run(options: ServeOptions, dtype: DType, device: &Device) -> anyhow::Result<()> {
-    let pipeline = Pipeline::load(&options.model, None, dtype, device)?;
+    let weights = crate::pipeline::WeightOptions {
+        quant: options.quant,
+        merge_adapter: false,
+    };
+    let pipeline = Pipeline::load(&options.model, None, weights, dtype, device)?;
     let mut adapters = Vec::new();
     for (name, dir) in &options.adapters {
         let adapter =

@@ -455,6 +455,89 @@ fn finetune_lowers_eval_loss_and_the_adapter_answers() {
 // ---------------------------------------------------------------------------------------------
 // Merge
 
+/// Perplexity of `model` on the toy eval data with its projections in `quant` (`philo eval`).
+fn perplexity(work: &Path, model: &Path, quant: &str) -> f64 {
+    let json = work.join(format!("eval-{quant}.json"));
+    philo_ok(
+        work,
+        &[
+            "eval",
+            "--model",
+            s(model),
+            "--dataset",
+            TOY_EVAL,
+            "--quant",
+            quant,
+            "--json",
+            s(&json),
+        ],
+    );
+    read_json(&json)["perplexity"].as_f64().unwrap()
+}
+
+#[test]
+fn int8_and_int4_weights_keep_the_perplexity_of_a_merged_fine_tune() {
+    let work = TempDir::new().unwrap();
+    let w = work.path();
+    let tiny = new_tiny(w, "tiny");
+    let adapter = small_adapter(w, &tiny, "adapter", 60, 8, &["--quant", "none"]);
+    let merged = w.join("merged");
+    philo_ok(
+        w,
+        &[
+            "merge",
+            "--base_model",
+            s(&tiny),
+            "--adapter",
+            s(&adapter),
+            "--output",
+            s(&merged),
+            "--dtype",
+            "f32",
+        ],
+    );
+    let dense = perplexity(w, &merged, "none");
+    let untrained = perplexity(w, &tiny, "none");
+    assert!(
+        dense < untrained / 100.0,
+        "the fine-tune did not learn: {dense} vs {untrained}"
+    );
+    let int8 = perplexity(w, &merged, "int8");
+    let int4 = perplexity(w, &merged, "int4");
+    eprintln!("perplexity: dense {dense:.4}, int8 {int8:.4}, int4 {int4:.4}");
+    assert!(
+        (int8 / dense - 1.0).abs() < 0.01,
+        "int8 {int8} vs dense {dense}"
+    );
+    assert!(
+        (int4 / dense - 1.0).abs() < 0.05,
+        "int4 {int4} vs dense {dense}"
+    );
+    // The adapter applied unmerged on an NF4 base (`--use_4bit`) stays as close (the adapter
+    // itself is not quantised).
+    let json = w.join("eval-adapter.json");
+    philo_ok(
+        w,
+        &[
+            "eval",
+            "--model",
+            s(&tiny),
+            "--adapter",
+            s(&adapter),
+            "--dataset",
+            TOY_EVAL,
+            "--use_4bit",
+            "--json",
+            s(&json),
+        ],
+    );
+    let nf4_adapter = read_json(&json)["perplexity"].as_f64().unwrap();
+    assert!(
+        (nf4_adapter / dense - 1.0).abs() < 0.05,
+        "nf4 base + adapter {nf4_adapter} vs dense {dense}"
+    );
+}
+
 #[test]
 fn merge_writes_a_checkpoint_that_generates_like_the_adapter() {
     let work = TempDir::new().unwrap();

@@ -23,7 +23,7 @@ pub use config::{Phi3Config, RopeConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use kv_cache::KvCache;
 pub use lora_bank::LoraBank;
-pub use lora_linear::{BaseWeight, DropoutSeed, Lora, LoraLinear};
+pub use lora_linear::{BaseWeight, DropoutSeed, Lora, LoraLinear, WeightFormat};
 pub use paged_forward::SeqChunk;
 pub use paged_kv_cache::PagedKvCache;
 pub use phi3::{LayerContext, Phi3};

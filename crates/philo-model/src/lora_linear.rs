@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 use philo_kernels::nf4::Nf4Weight;
-use philo_quant::{dequantize_matmul, Nf4Tensor};
+use philo_quant::device::{Int4Weight, Int8Weight};
+use philo_quant::{dequantize_matmul, Int4Tensor, Int8Tensor, Nf4Tensor, INT4_GROUP};
 
 use crate::error::Result;
 
@@ -38,6 +39,25 @@ pub enum BaseWeight {
     Nf4(Arc<Nf4Tensor>),
     /// 4-bit NormalFloat blocks resident on a GPU, dequantised by a kernel per use.
     Nf4Device(Arc<Nf4Weight>),
+    /// Per-row symmetric INT8 on the model's device (W8A16), dequantised per use.
+    Int8(Arc<Int8Weight>),
+    /// Symmetric INT4 in groups of 128 input columns on the model's device (W4A16).
+    Int4(Arc<Int4Weight>),
+}
+
+/// How a linear layer's frozen base weight is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightFormat {
+    /// The checkpoint's values in the compute dtype.
+    #[default]
+    Dense,
+    /// Per-row INT8 (8.5 bits a weight with the scales, about half of bf16).
+    Int8,
+    /// INT4 in groups of 128 (4.25 bits a weight).
+    Int4,
+    /// bitsandbytes' NF4 in blocks of 64, with the block scales themselves quantised when
+    /// `double_quant` (QLoRA's base).
+    Nf4 { double_quant: bool },
 }
 
 /// A frozen linear layer with an optional LoRA adapter.
@@ -94,6 +114,8 @@ impl LoraLinear {
             BaseWeight::Dense(w) => w.dims()[0],
             BaseWeight::Nf4(w) => w.rows(),
             BaseWeight::Nf4Device(w) => w.rows,
+            BaseWeight::Int8(w) => w.shape().0,
+            BaseWeight::Int4(w) => w.shape().0,
         }
     }
 
@@ -102,18 +124,67 @@ impl LoraLinear {
             BaseWeight::Dense(w) => w.dims()[1],
             BaseWeight::Nf4(w) => w.cols(),
             BaseWeight::Nf4Device(w) => w.cols,
+            BaseWeight::Int8(w) => w.shape().1,
+            BaseWeight::Int4(w) => w.shape().1,
         }
     }
 
-    /// The base weight as a dense tensor of `dtype` on `device` (NF4 is dequantised).
+    /// The base weight as a dense tensor of `dtype` on `device` (a quantised one is dequantised).
     pub fn dense_weight(&self, dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
         Ok(match &self.base {
             BaseWeight::Dense(w) => w.to_dtype(dtype)?.to_device(device)?,
-            BaseWeight::Nf4(w) => w
-                .to_tensor(dtype, device)
-                .map_err(|e| candle_core::Error::Msg(e.to_string()))?,
+            BaseWeight::Nf4(w) => w.to_tensor(dtype, device).map_err(quant_error)?,
             BaseWeight::Nf4Device(w) => w.dequantize(dtype)?.to_device(device)?,
+            BaseWeight::Int8(w) => w
+                .dequantize(dtype)
+                .map_err(quant_error)?
+                .to_device(device)?,
+            BaseWeight::Int4(w) => w
+                .dequantize(dtype)
+                .map_err(quant_error)?
+                .to_device(device)?,
         })
+    }
+
+    /// Stores a dense base in `format` (a quantised base stays as it is). A weight on a GPU is
+    /// quantised into GPU-resident codes.
+    pub fn quantize(&mut self, format: WeightFormat) -> Result<()> {
+        let BaseWeight::Dense(w) = &self.base else {
+            return Ok(());
+        };
+        let host = || -> Result<(Vec<f32>, usize, usize)> {
+            let (rows, cols) = w.dims2()?;
+            let values = w
+                .to_dtype(DType::F32)?
+                .to_device(&candle_core::Device::Cpu)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            Ok((values, rows, cols))
+        };
+        match format {
+            WeightFormat::Dense => {}
+            WeightFormat::Nf4 { double_quant } => self.quantize_nf4(double_quant)?,
+            WeightFormat::Int8 => {
+                let (values, rows, cols) = host()?;
+                let q = Int8Tensor::quantize(&values, rows, cols).map_err(quant_error)?;
+                let weight = Int8Weight::from_host(&q, w.device()).map_err(quant_error)?;
+                self.base = BaseWeight::Int8(Arc::new(weight));
+            }
+            WeightFormat::Int4 => {
+                let (values, rows, cols) = host()?;
+                let q =
+                    Int4Tensor::quantize(&values, rows, cols, INT4_GROUP).map_err(quant_error)?;
+                let weight = Int4Weight::from_host(&q, w.device())
+                    .map_err(quant_error)?
+                    .ok_or_else(|| {
+                        candle_core::Error::Msg(format!(
+                            "int4 quantises whole groups of {INT4_GROUP} input columns; this layer has {cols}"
+                        ))
+                    })?;
+                self.base = BaseWeight::Int4(Arc::new(weight));
+            }
+        }
+        Ok(())
     }
 
     /// Replaces a dense base by its NF4 quantisation (blocks of 64, optional double quantisation).
@@ -124,8 +195,7 @@ impl LoraLinear {
                 self.base = BaseWeight::Nf4Device(Arc::new(Nf4Weight::quantize(w, double_quant)?));
                 return Ok(());
             }
-            let q = Nf4Tensor::from_tensor(w, double_quant)
-                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            let q = Nf4Tensor::from_tensor(w, double_quant).map_err(quant_error)?;
             self.base = BaseWeight::Nf4(Arc::new(q));
         }
         Ok(())
@@ -136,8 +206,13 @@ impl LoraLinear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.base {
             BaseWeight::Dense(w) => frozen_matmul_t(x, w)?,
-            BaseWeight::Nf4(w) => dequantize_matmul(x, w, x.dtype())
-                .map_err(|e| candle_core::Error::Msg(e.to_string()))?,
+            BaseWeight::Nf4(w) => dequantize_matmul(x, w, x.dtype()).map_err(quant_error)?,
+            BaseWeight::Int8(w) => {
+                frozen_matmul_t(x, &w.dequantize(x.dtype()).map_err(quant_error)?)?
+            }
+            BaseWeight::Int4(w) => {
+                frozen_matmul_t(x, &w.dequantize(x.dtype()).map_err(quant_error)?)?
+            }
             // The dequantised copy lives for this matmul only.
             BaseWeight::Nf4Device(w) => frozen_matmul_t(x, &w.dequantize(x.dtype())?)?,
         };
@@ -159,7 +234,7 @@ impl LoraLinear {
         if let Some(lora) = self.lora.take() {
             let dtype = match &self.base {
                 BaseWeight::Dense(w) => w.dtype(),
-                BaseWeight::Nf4(_) | BaseWeight::Nf4Device(_) => lora.a.dtype(),
+                _ => lora.a.dtype(),
             };
             let base = self.dense_weight(DType::F32, lora.a.device())?;
             let delta = (lora
@@ -171,4 +246,8 @@ impl LoraLinear {
         }
         Ok(())
     }
+}
+
+fn quant_error(e: philo_quant::QuantError) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
 }

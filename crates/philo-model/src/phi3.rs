@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor, D};
 use crate::config::Phi3Config;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
-use crate::lora_linear::{DropoutSeed, LoraLinear};
+use crate::lora_linear::{DropoutSeed, LoraLinear, WeightFormat};
 use crate::rope::RotaryEmbedding;
 use crate::weights::WeightSource;
 use philo_kernels::attention::{flash_attention, AttentionMask};
@@ -554,8 +554,14 @@ impl Phi3 {
     /// Quantises the four projections of every layer to NF4 (QLoRA's frozen base). The LM head
     /// and embeddings stay in the compute dtype, as bitsandbytes' QLoRA recipe keeps them.
     pub fn quantize_nf4(&mut self, double_quant: bool) -> Result<()> {
+        self.quantize(WeightFormat::Nf4 { double_quant })
+    }
+
+    /// Stores the four projections of every layer in `format` (adapters stay as they are, on
+    /// top); the LM head and embeddings keep the compute dtype.
+    pub fn quantize(&mut self, format: WeightFormat) -> Result<()> {
         for (_, _, linear) in self.linears_mut() {
-            linear.quantize_nf4(double_quant)?;
+            linear.quantize(format)?;
         }
         Ok(())
     }

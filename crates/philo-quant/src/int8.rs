@@ -2,7 +2,6 @@
 //! `int8_vectorwise_quant` without outlier handling): a simpler 8-bit alternative to NF4.
 
 use candle_core::{DType, Device, Tensor};
-use half::{bf16, f16};
 
 use crate::error::{element_count, QuantError, Result};
 
@@ -90,27 +89,6 @@ impl Int8Tensor {
     /// The dequantised matrix as a `[rows, cols]` candle tensor of `dtype` (f32, bf16, f16 or
     /// f64) on `device`.
     pub fn to_tensor(&self, dtype: DType, device: &Device) -> Result<Tensor> {
-        let values = self.dequantize();
-        let shape = self.shape;
-        let tensor = match dtype {
-            DType::F32 => Tensor::from_vec(values, shape, device)?,
-            DType::BF16 => Tensor::from_vec(
-                values.into_iter().map(bf16::from_f32).collect::<Vec<_>>(),
-                shape,
-                device,
-            )?,
-            DType::F16 => Tensor::from_vec(
-                values.into_iter().map(f16::from_f32).collect::<Vec<_>>(),
-                shape,
-                device,
-            )?,
-            DType::F64 => Tensor::from_vec(
-                values.into_iter().map(f64::from).collect::<Vec<_>>(),
-                shape,
-                device,
-            )?,
-            other => return Err(QuantError::UnsupportedDType { dtype: other }),
-        };
-        Ok(tensor)
+        crate::int4::values_to_tensor(self.dequantize(), self.shape, dtype, device)
     }
 }
