@@ -62,3 +62,25 @@ pub(crate) fn element_count(rows: usize, cols: usize) -> Result<usize> {
     rows.checked_mul(cols)
         .ok_or(QuantError::ShapeOverflow { rows, cols })
 }
+
+/// Checks a row-major `rows × cols` weight slice before quantisation: a non-empty shape, the
+/// right length, only finite values (the first bad one is named). Returns `rows * cols`.
+pub(crate) fn check_weights(weights: &[f32], rows: usize, cols: usize) -> Result<usize> {
+    let n = element_count(rows, cols)?;
+    if weights.len() != n {
+        return Err(QuantError::LengthMismatch {
+            rows,
+            cols,
+            expected: n,
+            actual: weights.len(),
+        });
+    }
+    if let Some(index) = weights.iter().position(|w| !w.is_finite()) {
+        return Err(QuantError::NonFinite {
+            row: index / cols,
+            col: index % cols,
+            value: weights[index],
+        });
+    }
+    Ok(n)
+}

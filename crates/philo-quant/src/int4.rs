@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
 
-use crate::error::{element_count, QuantError, Result};
+use crate::error::{check_weights, QuantError, Result};
 
 /// The default group length along the input dimension.
 pub const INT4_GROUP: usize = 128;
@@ -26,24 +26,9 @@ impl Int4Tensor {
     /// stores zeros. Errors on a wrong slice length, an empty shape, group 0 or a non-finite
     /// weight.
     pub fn quantize(weights: &[f32], rows: usize, cols: usize, group: usize) -> Result<Self> {
-        let n = element_count(rows, cols)?;
+        let n = check_weights(weights, rows, cols)?;
         if group == 0 {
             return Err(QuantError::InvalidBlockSize { block_size: group });
-        }
-        if weights.len() != n {
-            return Err(QuantError::LengthMismatch {
-                rows,
-                cols,
-                expected: n,
-                actual: weights.len(),
-            });
-        }
-        if let Some(index) = weights.iter().position(|w| !w.is_finite()) {
-            return Err(QuantError::NonFinite {
-                row: index / cols,
-                col: index % cols,
-                value: weights[index],
-            });
         }
         let groups = cols.div_ceil(group);
         let mut codes = Vec::with_capacity(n);

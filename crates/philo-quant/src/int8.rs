@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::error::{element_count, QuantError, Result};
+use crate::error::{check_weights, Result};
 
 /// `1 / 127` as bitsandbytes writes it when dequantising row-wise INT8.
 const INV_127: f32 = 1.0 / 127.0;
@@ -22,22 +22,7 @@ impl Int8Tensor {
     /// An all-zero row stores zeros (bitsandbytes would compute 0 × ∞). Errors on a wrong slice
     /// length, an empty shape or a non-finite weight.
     pub fn quantize(weights: &[f32], rows: usize, cols: usize) -> Result<Self> {
-        let n = element_count(rows, cols)?;
-        if weights.len() != n {
-            return Err(QuantError::LengthMismatch {
-                rows,
-                cols,
-                expected: n,
-                actual: weights.len(),
-            });
-        }
-        if let Some(index) = weights.iter().position(|w| !w.is_finite()) {
-            return Err(QuantError::NonFinite {
-                row: index / cols,
-                col: index % cols,
-                value: weights[index],
-            });
-        }
+        let n = check_weights(weights, rows, cols)?;
         let mut data = Vec::with_capacity(n);
         let mut row_absmax = Vec::with_capacity(rows);
         for row in weights.chunks(cols) {

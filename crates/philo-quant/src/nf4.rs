@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
 
 use crate::absmax::Absmax;
-use crate::error::{element_count, QuantError, Result};
+use crate::error::{check_weights, element_count, QuantError, Result};
 
 /// The 16 NF4 values (bitsandbytes' `get_4bit_type("nf4")`): quantiles of a standard normal
 /// scaled to [-1, 1], with an exact zero at index 7.
@@ -93,24 +93,9 @@ impl Nf4Tensor {
         block_size: usize,
         double_quant: bool,
     ) -> Result<Self> {
-        let n = element_count(rows, cols)?;
-        if weights.len() != n {
-            return Err(QuantError::LengthMismatch {
-                rows,
-                cols,
-                expected: n,
-                actual: weights.len(),
-            });
-        }
+        let n = check_weights(weights, rows, cols)?;
         if block_size == 0 {
             return Err(QuantError::InvalidBlockSize { block_size });
-        }
-        if let Some(index) = weights.iter().position(|w| !w.is_finite()) {
-            return Err(QuantError::NonFinite {
-                row: index / cols,
-                col: index % cols,
-                value: weights[index],
-            });
         }
 
         let thresholds = nf4_thresholds();
