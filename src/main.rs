@@ -507,7 +507,8 @@ struct ServeArgs {
     /// Require `Authorization: Bearer KEY` on /v1 routes (also read from PHILO_API_KEY).
     #[arg(long = "api-key", env = "PHILO_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
-    /// The model id clients send for the base model (default: --model as given).
+    /// The model id clients send for the base model (default: the model folder's name, or the
+    /// hub id).
     #[arg(long = "served-model-name")]
     served_model_name: Option<String>,
     /// Most sequences decoded together.

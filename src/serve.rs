@@ -18,7 +18,7 @@ use crate::pipeline::Pipeline;
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     pub model: String,
-    /// The id clients send as `model` for the base (default: `model` as given).
+    /// The id clients send as `model` for the base (default: [`default_model_id`]).
     pub served_model_name: Option<String>,
     /// (name, folder) of each PEFT adapter to load at start.
     pub adapters: Vec<(String, PathBuf)>,
@@ -33,6 +33,20 @@ pub struct ServeOptions {
     pub kv_cache_gib: Option<f64>,
     /// The base model's format (adapters run unmerged on top).
     pub quant: crate::quant::BaseQuant,
+}
+
+/// The id clients use for the base model when `--served-model-name` is not given: a local
+/// folder's own name (not its path, which would leak the server's file layout), a hub id as it
+/// is.
+pub fn default_model_id(spec: &str) -> String {
+    let path = std::path::Path::new(spec);
+    if path.is_dir() {
+        let full = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+        if let Some(name) = full.file_name() {
+            return name.to_string_lossy().into_owned();
+        }
+    }
+    spec.to_string()
 }
 
 /// Parses `NAME=DIR` of `--adapter`.
@@ -85,7 +99,7 @@ pub fn run(options: ServeOptions, dtype: DType, device: &Device) -> anyhow::Resu
     let model_id = options
         .served_model_name
         .clone()
-        .unwrap_or_else(|| options.model.clone());
+        .unwrap_or_else(|| default_model_id(&options.model));
     let config = EngineConfig {
         model_id: model_id.clone(),
         max_running: options.max_running,
@@ -133,4 +147,23 @@ pub fn run(options: ServeOptions, dtype: DType, device: &Device) -> anyhow::Resu
     engine.join();
     eprintln!("philo serve: stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_model_id_is_the_folder_name_or_the_hub_id() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let model = dir.path().join("my-phi3");
+        std::fs::create_dir(&model).unwrap();
+        assert_eq!(default_model_id(model.to_str().unwrap()), "my-phi3");
+        let with_slash = format!("{}/", model.display());
+        assert_eq!(default_model_id(&with_slash), "my-phi3");
+        assert_eq!(
+            default_model_id("microsoft/Phi-3-mini-4k-instruct"),
+            "microsoft/Phi-3-mini-4k-instruct"
+        );
+    }
 }

@@ -20,7 +20,7 @@ use rand::{Rng, SeedableRng};
 const GREEDY_TEMPERATURE: f32 = 1e-5;
 
 /// Settings for [`Sampler`].
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
     /// Softmax temperature; `0` (anything below `1e-5`) means greedy decoding.
     pub temperature: f32,
@@ -43,6 +43,9 @@ pub struct SamplingParams {
     pub presence_penalty: f32,
     /// RNG seed; `None` seeds from the operating system.
     pub seed: Option<u64>,
+    /// Added to the logits of these token ids before anything else (OpenAI's `logit_bias`;
+    /// -100 bans a token, +100 all but forces it). Ids outside the vocabulary are ignored.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -57,6 +60,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
             seed: None,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -111,6 +115,9 @@ impl SamplingParams {
             if !value.is_finite() {
                 return Err(invalid(name, value, "finite"));
             }
+        }
+        if let Some(&(_, bias)) = self.logit_bias.iter().find(|(_, b)| !b.is_finite()) {
+            return Err(invalid("logit_bias", bias, "finite"));
         }
         Ok(())
     }
@@ -185,6 +192,11 @@ impl Sampler {
             .iter()
             .map(|&x| if x.is_nan() { f32::NEG_INFINITY } else { x })
             .collect();
+        for &(id, bias) in &p.logit_bias {
+            if let Some(x) = scores.get_mut(id as usize) {
+                *x += bias;
+            }
+        }
         apply_penalties(&mut scores, previous_tokens, p);
         if p.is_greedy() {
             return argmax(&scores);
@@ -444,6 +456,42 @@ mod tests {
             counts[sampler.sample(logits, &[]) as usize] += 1;
         }
         counts
+    }
+
+    #[test]
+    fn logit_bias_forces_and_bans_tokens() {
+        let logits = [1.0, 3.0, 2.0, 0.5];
+        let greedy = |bias: Vec<(u32, f32)>| {
+            Sampler::new(SamplingParams {
+                logit_bias: bias,
+                ..SamplingParams::greedy()
+            })
+            .unwrap()
+            .sample(&logits, &[])
+        };
+        assert_eq!(greedy(vec![]), 1);
+        assert_eq!(greedy(vec![(1, -100.0)]), 2, "-100 bans the best token");
+        assert_eq!(greedy(vec![(3, 100.0)]), 3, "+100 forces a token");
+        assert_eq!(
+            greedy(vec![(99, 100.0)]),
+            1,
+            "ids past the logits do nothing"
+        );
+        // Sampling at temperature 1 draws only the forced token.
+        let mut sampler = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_p: None,
+            seed: Some(5),
+            logit_bias: vec![(0, 100.0)],
+            ..SamplingParams::default()
+        })
+        .unwrap();
+        assert!((0..50).all(|_| sampler.sample(&logits, &[]) == 0));
+        let bad = SamplingParams {
+            logit_bias: vec![(0, f32::NAN)],
+            ..SamplingParams::default()
+        };
+        assert!(bad.validate().is_err());
     }
 
     #[test]
@@ -741,105 +789,105 @@ mod tests {
             (
                 SamplingParams {
                     temperature: -0.1,
-                    ..d
+                    ..d.clone()
                 },
                 "temperature",
             ),
             (
                 SamplingParams {
                     temperature: f32::NAN,
-                    ..d
+                    ..d.clone()
                 },
                 "temperature",
             ),
             (
                 SamplingParams {
                     temperature: f32::INFINITY,
-                    ..d
+                    ..d.clone()
                 },
                 "temperature",
             ),
             (
                 SamplingParams {
                     top_k: Some(0),
-                    ..d
+                    ..d.clone()
                 },
                 "top_k",
             ),
             (
                 SamplingParams {
                     top_p: Some(0.0),
-                    ..d
+                    ..d.clone()
                 },
                 "top_p",
             ),
             (
                 SamplingParams {
                     top_p: Some(1.01),
-                    ..d
+                    ..d.clone()
                 },
                 "top_p",
             ),
             (
                 SamplingParams {
                     top_p: Some(f32::NAN),
-                    ..d
+                    ..d.clone()
                 },
                 "top_p",
             ),
             (
                 SamplingParams {
                     typical_p: Some(0.0),
-                    ..d
+                    ..d.clone()
                 },
                 "typical_p",
             ),
             (
                 SamplingParams {
                     typical_p: Some(-0.2),
-                    ..d
+                    ..d.clone()
                 },
                 "typical_p",
             ),
             (
                 SamplingParams {
                     min_p: Some(1.5),
-                    ..d
+                    ..d.clone()
                 },
                 "min_p",
             ),
             (
                 SamplingParams {
                     repetition_penalty: Some(0.0),
-                    ..d
+                    ..d.clone()
                 },
                 "repetition_penalty",
             ),
             (
                 SamplingParams {
                     repetition_penalty: Some(-1.0),
-                    ..d
+                    ..d.clone()
                 },
                 "repetition_penalty",
             ),
             (
                 SamplingParams {
                     repetition_penalty: Some(f32::INFINITY),
-                    ..d
+                    ..d.clone()
                 },
                 "repetition_penalty",
             ),
             (
                 SamplingParams {
                     frequency_penalty: f32::NAN,
-                    ..d
+                    ..d.clone()
                 },
                 "frequency_penalty",
             ),
             (
                 SamplingParams {
                     presence_penalty: f32::NEG_INFINITY,
-                    ..d
+                    ..d.clone()
                 },
                 "presence_penalty",
             ),
@@ -856,17 +904,17 @@ mod tests {
                 top_p: Some(1.0),
                 typical_p: Some(1.0),
                 min_p: Some(1.0),
-                ..d
+                ..d.clone()
             },
             SamplingParams {
                 frequency_penalty: -2.0,
                 presence_penalty: 2.0,
-                ..d
+                ..d.clone()
             },
             SamplingParams {
                 repetition_penalty: Some(0.5),
                 top_k: Some(1),
-                ..d
+                ..d.clone()
             },
         ];
         for params in ok {

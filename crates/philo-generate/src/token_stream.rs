@@ -142,7 +142,7 @@ pub fn generate(
     mut on_token: impl FnMut(u32) -> ControlFlow<()>,
 ) -> Result<Generation> {
     let prompt_tokens = prompt.len();
-    let mut stream = TokenStream::new(model, prompt, options.sampling)?;
+    let mut stream = TokenStream::new(model, prompt, options.sampling.clone())?;
     let start = Instant::now();
     let mut first_token_at = None;
     let mut tokens = Vec::new();

@@ -83,6 +83,7 @@ pub struct EngineHandle {
     next_id: AtomicU64,
     config: EngineConfig,
     context: usize,
+    vocab: usize,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -137,6 +138,7 @@ impl EngineHandle {
             });
         }
         // Positions beyond what the cache can hold can never be served.
+        let vocab = model.config().vocab_size;
         let context = model
             .config()
             .max_position_embeddings
@@ -179,6 +181,7 @@ impl EngineHandle {
             next_id: AtomicU64::new(0),
             config,
             context,
+            vocab,
             thread: Mutex::new(Some(thread)),
         })
     }
@@ -250,6 +253,10 @@ impl Backend for EngineHandle {
 
     fn context_length(&self) -> usize {
         self.context
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.vocab
     }
 
     fn load_adapter(

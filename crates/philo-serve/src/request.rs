@@ -103,6 +103,8 @@ pub trait Backend: Send + Sync + 'static {
     fn models(&self) -> Vec<ModelInfo>;
     /// The context length (max_position_embeddings) requests must fit in.
     fn context_length(&self) -> usize;
+    /// The number of token ids the model scores (`logit_bias` keys must be below it).
+    fn vocab_size(&self) -> usize;
     /// Loads a PEFT adapter folder under `name` without a restart; the error is user-facing.
     fn load_adapter(
         &self,

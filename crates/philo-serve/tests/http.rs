@@ -22,6 +22,7 @@ use tower::ServiceExt;
 
 const BASE: &str = "microsoft/Phi-3-mini-4k-instruct";
 const CONTEXT: usize = 4096;
+const VOCAB: usize = 32064;
 const REPLY: &str = "Hello! Paris is the capital of France.";
 
 fn fixture_dir() -> PathBuf {
@@ -187,6 +188,10 @@ impl Backend for TestBackend {
 
     fn context_length(&self) -> usize {
         CONTEXT
+    }
+
+    fn vocab_size(&self) -> usize {
+        VOCAB
     }
 
     fn load_adapter(
@@ -640,7 +645,7 @@ async fn api_key_guards_the_v1_routes_only() {
 
 #[tokio::test]
 async fn invalid_requests_get_openai_errors() {
-    let (app, _backend) = setup();
+    let (app, backend) = setup();
     let chat = "/v1/chat/completions";
 
     let reply = call(&app, json_request(chat, "{\"messages\": [".to_string())).await;
@@ -708,12 +713,56 @@ async fn invalid_requests_get_openai_errors() {
             json!({"messages": [{"role": "user", "content": [{"type": 0, "text": "hi"}]}]}),
             "messages[0].content",
         ),
+        // Fields philo does not implement are refused, never ignored.
+        (json!({"messages": hello(), "logprobs": true}), "logprobs"),
+        (
+            json!({"messages": hello(), "top_logprobs": 3}),
+            "top_logprobs",
+        ),
+        (
+            json!({"messages": hello(), "response_format": {"type": "json_object"}}),
+            "response_format",
+        ),
+        (
+            json!({"messages": hello(), "tools": [{"type": "function", "function": {"name": "f"}}]}),
+            "tools",
+        ),
+        (
+            json!({"messages": hello(), "tool_choice": "auto"}),
+            "tool_choice",
+        ),
+        (
+            json!({"messages": hello(), "logit_bias": {"x": 1}}),
+            "logit_bias",
+        ),
+        (
+            json!({"messages": hello(), "logit_bias": {"5": 101}}),
+            "logit_bias",
+        ),
+        (
+            json!({"messages": hello(), "logit_bias": {"32064": 1}}),
+            "logit_bias",
+        ),
     ] {
         let reply = post(&app, chat, body.clone()).await;
         let error = reply.error(StatusCode::BAD_REQUEST);
         assert_eq!(error["param"], param, "{body}");
         assert_eq!(error["type"], "invalid_request_error");
     }
+    // Their "off" values are fine, and logit_bias reaches the sampler, sorted by id.
+    let reply = post(
+        &app,
+        chat,
+        json!({"messages": hello(), "logprobs": false, "response_format": {"type": "text"},
+               "tools": [], "tool_choice": "none", "logit_bias": {"42": -100, "7": 2.5}}),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+    assert_eq!(
+        backend.last_request().sampling.logit_bias,
+        [(7, 2.5), (42, -100.0)]
+    );
+
     let reply = post(&app, chat, json!({"temperature": 1})).await;
     let error = reply.error(StatusCode::BAD_REQUEST);
     assert!(error["message"].as_str().unwrap().contains("messages"));

@@ -60,6 +60,21 @@ pub struct Generation {
 impl Generation {
     /// Submits `job` to the engine.
     pub fn start(state: &ServerState, job: Job) -> Result<Self, ApiError> {
+        let vocab = state.backend().vocab_size();
+        if let Some(&(id, _)) = job
+            .settings
+            .sampling
+            .logit_bias
+            .iter()
+            .find(|(id, _)| *id as usize >= vocab)
+        {
+            return Err(ApiError::invalid_param(
+                "logit_bias",
+                format!(
+                    "`logit_bias` names token id {id}, but the model's vocabulary has {vocab} ids"
+                ),
+            ));
+        }
         let prompt_tokens = job.prompt.len();
         let events = state.backend().submit(GenerationRequest {
             model: job.model,

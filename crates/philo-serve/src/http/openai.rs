@@ -219,6 +219,98 @@ pub struct GenerationParams {
     #[schema(default = false)]
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
+    /// Added to the logits of the given token ids (keys: ids as decimal strings) before
+    /// sampling, each in [-100, 100]: -100 bans a token, 100 all but forces it.
+    #[schema(schema_with = logit_bias_schema)]
+    pub logit_bias: Option<std::collections::HashMap<String, f64>>,
+    /// Fields of OpenAI's API that philo does not implement yet. Each may be absent or hold
+    /// its "off" value (`logprobs` false or 0, `response_format` `{"type": "text"}`, empty
+    /// `tools`, `tool_choice` "none"); any other value gets a 400 naming it, rather than being
+    /// ignored.
+    #[serde(flatten)]
+    #[schema(ignore)]
+    pub unsupported: Unsupported,
+}
+
+/// See [`GenerationParams::unsupported`].
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Unsupported {
+    pub logprobs: Option<serde_json::Value>,
+    pub top_logprobs: Option<serde_json::Value>,
+    pub response_format: Option<serde_json::Value>,
+    pub tools: Option<serde_json::Value>,
+    pub tool_choice: Option<serde_json::Value>,
+    pub functions: Option<serde_json::Value>,
+    pub function_call: Option<serde_json::Value>,
+    pub best_of: Option<serde_json::Value>,
+    pub suffix: Option<serde_json::Value>,
+}
+
+impl Unsupported {
+    /// The first field set to something other than its off value, and why it is refused.
+    pub fn first(&self) -> Option<(&'static str, &'static str)> {
+        use serde_json::Value;
+        let off = |v: &Option<Value>, also_off: &dyn Fn(&Value) -> bool| match v {
+            None | Some(Value::Null) => true,
+            Some(v) => also_off(v),
+        };
+        let falsy = |v: &Value| matches!(v, Value::Bool(false)) || v.as_f64() == Some(0.0);
+        let empty = |v: &Value| v.as_array().is_some_and(Vec::is_empty);
+        let none = |v: &Value| v.as_str() == Some("none");
+        let text = |v: &Value| v.get("type").and_then(Value::as_str) == Some("text");
+        let one = |v: &Value| v.as_f64() == Some(1.0);
+        let checks: [(&'static str, bool, &'static str); 9] = [
+            (
+                "logprobs",
+                off(&self.logprobs, &falsy),
+                "philo does not return log probabilities yet",
+            ),
+            (
+                "top_logprobs",
+                off(&self.top_logprobs, &falsy),
+                "philo does not return log probabilities yet",
+            ),
+            (
+                "response_format",
+                off(&self.response_format, &text),
+                "constrained JSON output is not supported yet; only {\"type\": \"text\"}",
+            ),
+            (
+                "tools",
+                off(&self.tools, &empty),
+                "tool calls are not supported: Phi-3's chat template has no tool turn",
+            ),
+            (
+                "tool_choice",
+                off(&self.tool_choice, &none),
+                "tool calls are not supported: Phi-3's chat template has no tool turn",
+            ),
+            (
+                "functions",
+                off(&self.functions, &empty),
+                "function calls are not supported: Phi-3's chat template has no tool turn",
+            ),
+            (
+                "function_call",
+                off(&self.function_call, &none),
+                "function calls are not supported: Phi-3's chat template has no tool turn",
+            ),
+            (
+                "best_of",
+                off(&self.best_of, &one),
+                "philo generates one completion per request",
+            ),
+            (
+                "suffix",
+                off(&self.suffix, &|v| v.as_str() == Some("")),
+                "philo does not insert completions before a suffix",
+            ),
+        ];
+        checks
+            .into_iter()
+            .find(|(_, ok, _)| !ok)
+            .map(|(field, _, why)| (field, why))
+    }
 }
 
 /// The fields only POST /v1/chat/completions has.
@@ -289,6 +381,25 @@ pub struct CompletionInput {
     /// Must be false or absent: philo does not echo the prompt.
     #[schema(schema_with = echo_schema)]
     pub echo: Option<bool>,
+}
+
+fn logit_bias_schema() -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::Object, Type::Null]))
+        .property_names(Some(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some("^[0-9]+$")),
+        ))
+        .additional_properties(Some(
+            ObjectBuilder::new()
+                .schema_type(Type::Number)
+                .minimum(Some(-100.0))
+                .maximum(Some(100.0)),
+        ))
+        .description(Some(
+            "Token id (as a decimal string) → bias in [-100, 100] added to its logit before sampling.",
+        ))
 }
 
 fn echo_schema() -> ObjectBuilder {

@@ -78,6 +78,11 @@ const REPETITION_PENALTY: Range = Range {
     min_exclusive: false,
     max: 10.0,
 };
+const LOGIT_BIAS: Range = Range {
+    min: -100.0,
+    min_exclusive: false,
+    max: 100.0,
+};
 const OPENAI_PENALTY: Range = Range {
     min: -2.0,
     min_exclusive: false,
@@ -97,6 +102,23 @@ impl Settings {
                 format!("`n` is {n} but philo generates exactly one choice per request; leave `n` out or set it to 1, and send several requests for several choices"),
             ));
         }
+        if let Some((field, why)) = params.unsupported.first() {
+            return Err(ApiError::invalid_param(
+                field,
+                format!("`{field}` is set, but {why}; leave it out"),
+            ));
+        }
+        let mut logit_bias = Vec::new();
+        for (key, &value) in params.logit_bias.iter().flatten() {
+            let id = key.parse::<u32>().map_err(|_| {
+                ApiError::invalid_param(
+                    "logit_bias",
+                    format!("`logit_bias` key `{key}` is not a token id (a non-negative integer)"),
+                )
+            })?;
+            logit_bias.push((id, LOGIT_BIAS.check("logit_bias", value)?));
+        }
+        logit_bias.sort_by_key(|&(id, _)| id);
         if params.top_k == Some(0) {
             return Err(ApiError::invalid_param(
                 "top_k",
@@ -131,6 +153,7 @@ impl Settings {
             .unwrap_or(0.0),
             // Negative seeds (OpenAI allows them) map to distinct u64 seeds.
             seed: params.seed.map(|seed| seed as u64),
+            logit_bias,
         };
         // The sampler's own check, in case its rules ever get stricter than the ranges above.
         sampling.validate().map_err(|error| match &error {
