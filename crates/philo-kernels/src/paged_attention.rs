@@ -113,8 +113,11 @@ impl InplaceOp3 for WriteKv {
     ) -> Result<()> {
         use crate::launch::*;
         use candle_core::backend::BackendStorage;
-        let (_, kvh, bs, d) = cache_dims(cl)?;
+        let (blocks, kvh, bs, d) = cache_dims(cl)?;
         let t = sl.shape().elem_count();
+        let num_slots = u32::try_from(blocks * bs).map_err(|_| {
+            candle_core::Error::Msg("write_kv: the cache has more than 2³² slots".into())
+        })?;
         let dev = cache.device().clone();
         let slots = contiguous::<u32>(slots, sl)?;
         let dtype = cache.dtype();
@@ -132,7 +135,8 @@ impl InplaceOp3 for WriteKv {
                 .arg(&t32)
                 .arg(&kvh32)
                 .arg(&bs32)
-                .arg(&d32);
+                .arg(&d32)
+                .arg(&num_slots);
             unsafe { b.launch(elementwise_config(t * kvh * d)) }.w()?;
             Ok(())
         })

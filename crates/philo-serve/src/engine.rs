@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -188,7 +188,12 @@ impl EngineHandle {
 
     /// Waits for the loop to end (after [`Backend::shutdown`] and the last sequence).
     pub fn join(&self) {
-        if let Some(t) = self.thread.lock().unwrap().take() {
+        if let Some(t) = self
+            .thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
             let _ = t.join();
         }
     }
@@ -200,7 +205,7 @@ impl EngineHandle {
     fn send(&self, command: Command) -> Result<(), SubmitError> {
         self.commands
             .lock()
-            .unwrap()
+            .unwrap_or_else(PoisonError::into_inner)
             .send(command)
             .map_err(|_| SubmitError::ShuttingDown)
     }
@@ -214,7 +219,14 @@ impl Backend for EngineHandle {
         if self.shared.shutting_down.load(Ordering::SeqCst) {
             return Err(SubmitError::ShuttingDown);
         }
-        let adapter = match self.shared.models.read().unwrap().slots.get(&request.model) {
+        let adapter = match self
+            .shared
+            .models
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .slots
+            .get(&request.model)
+        {
             Some(slot) => *slot,
             None => return Err(SubmitError::UnknownModel(request.model.clone())),
         };
@@ -248,7 +260,12 @@ impl Backend for EngineHandle {
     }
 
     fn models(&self) -> Vec<ModelInfo> {
-        self.shared.models.read().unwrap().infos.clone()
+        self.shared
+            .models
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .infos
+            .clone()
     }
 
     fn context_length(&self) -> usize {
@@ -265,8 +282,18 @@ impl Backend for EngineHandle {
         dir: PathBuf,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<ModelInfo, String>> + Send>>
     {
-        let taken = self.shared.models.read().unwrap().slots.contains_key(&name);
-        let commands = self.commands.lock().unwrap().clone();
+        let taken = self
+            .shared
+            .models
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .slots
+            .contains_key(&name);
+        let commands = self
+            .commands
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         Box::pin(async move {
             if taken {
                 return Err(format!(
@@ -296,7 +323,12 @@ impl Backend for EngineHandle {
     }
 
     fn stats(&self) -> EngineStats {
-        let mut stats = self.shared.stats.lock().unwrap().clone();
+        let mut stats = self
+            .shared
+            .stats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         stats.queue_depth = self.shared.waiting.load(Ordering::SeqCst);
         stats
     }
@@ -382,7 +414,11 @@ impl Engine {
             } => {
                 let result = match self.bank.insert(&adapter, &self.model) {
                     Ok(slot) => {
-                        let mut models = self.shared.models.write().unwrap();
+                        let mut models = self
+                            .shared
+                            .models
+                            .write()
+                            .unwrap_or_else(PoisonError::into_inner);
                         let models = &mut *models;
                         match models.slots.entry(name.clone()) {
                             std::collections::hash_map::Entry::Occupied(_) => {
@@ -476,11 +512,25 @@ impl Engine {
         }
     }
 
+    /// Runs one scheduled step. Whatever fails in it (the forward, sampling, a device error)
+    /// ends every sequence of the step's plan with that error, so none keeps its KV blocks or
+    /// its place in the waiting count.
     fn step(&mut self) -> anyhow::Result<()> {
         let plan = self.scheduler.schedule();
         if plan.seqs.is_empty() {
             return Ok(());
         }
+        let ids: Vec<u64> = plan.seqs.iter().map(|s| s.id).collect();
+        let result = self.run_plan(&plan);
+        if let Err(e) = &result {
+            for id in ids {
+                self.end(id, Some(GenerationEvent::Failed(e.to_string())));
+            }
+        }
+        result
+    }
+
+    fn run_plan(&mut self, plan: &crate::scheduler::StepPlan) -> anyhow::Result<()> {
         let chunks: Vec<SeqChunk> = plan
             .seqs
             .iter()
@@ -492,18 +542,9 @@ impl Engine {
                 long_rope: self.sequences.get(&s.id).is_some_and(|q| q.long_rope),
             })
             .collect();
-        let logits = match self
+        let logits = self
             .model
-            .forward_paged(&chunks, &mut self.cache, &self.bank)
-        {
-            Ok(l) => l,
-            Err(e) => {
-                for s in &plan.seqs {
-                    self.end(s.id, Some(GenerationEvent::Failed(e.to_string())));
-                }
-                return Err(e.into());
-            }
-        };
+            .forward_paged(&chunks, &mut self.cache, &self.bank)?;
         let rows: Vec<usize> = (0..plan.seqs.len())
             .filter(|&i| plan.seqs[i].samples)
             .collect();
@@ -513,7 +554,11 @@ impl Engine {
             &rows,
         )?;
         {
-            let mut stats = self.shared.stats.lock().unwrap();
+            let mut stats = self
+                .shared
+                .stats
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             stats.steps_total += 1;
             stats.generated_tokens_total += next.len() as u64;
         }
@@ -523,7 +568,11 @@ impl Engine {
                     seq.started = true;
                     self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
                     let cached = self.scheduler.cached_prompt_tokens(s.id).unwrap_or(0);
-                    let mut stats = self.shared.stats.lock().unwrap();
+                    let mut stats = self
+                        .shared
+                        .stats
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner);
                     stats.prompt_tokens_total += seq.tokens.len() as u64;
                     stats.cached_prompt_tokens_total += cached as u64;
                     drop(stats);
@@ -601,7 +650,11 @@ impl Engine {
     }
 
     fn publish_stats(&self) {
-        let mut stats = self.shared.stats.lock().unwrap();
+        let mut stats = self
+            .shared
+            .stats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         stats.running_sequences = self.scheduler.num_running();
         stats.kv_blocks_used = self.scheduler.blocks_used();
         stats.kv_blocks_free = self.scheduler.blocks_free();

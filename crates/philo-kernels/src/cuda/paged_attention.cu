@@ -4,13 +4,17 @@
 
 // new [kvh, t, d] → cache at slots[t]; one thread per element.
 template <typename T>
-__device__ void write_kv(T* cache, const T* values, const uint32_t* slots, int t, int kvh, int bs, int d) {
+__device__ void write_kv(T* cache, const T* values, const uint32_t* slots, int t, int kvh, int bs, int d,
+                         uint32_t num_slots) {
     size_t total = (size_t)t * kvh * d;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
         int j = i % d;
         size_t row = i / d;
         int tok = row % t, h = row / t;
         uint32_t slot = slots[tok];
+        // A slot past the cache is never written: the host checks slots before launching, and
+        // this keeps a bad one from corrupting memory if it ever slips through.
+        if (slot >= num_slots) continue;
         size_t block = slot / bs, offset = slot % bs;
         cache[((block * kvh + h) * bs + offset) * d + j] = values[i];
     }
@@ -119,8 +123,8 @@ __device__ void paged_decode(const T* q, const T* kc, const T* vc, const uint32_
 
 #define PAGED(name, T)                                                                                     \
     extern "C" __global__ void write_kv_##name(T* cache, const T* values, const uint32_t* slots, int t,    \
-                                               int kvh, int bs, int d) {                                  \
-        write_kv<T>(cache, values, slots, t, kvh, bs, d);                                                 \
+                                               int kvh, int bs, int d, uint32_t num_slots) {              \
+        write_kv<T>(cache, values, slots, t, kvh, bs, d, num_slots);                                      \
     }                                                                                                      \
     extern "C" __global__ void paged_decode_##name(const T* q, const T* kc, const T* vc,                  \
                                                    const uint32_t* tables, const uint32_t* lens, T* out,  \
