@@ -42,15 +42,11 @@ impl LoraBank {
                 },
             );
         }
-        let slot = match self.slots.iter().position(Option::is_none) {
-            Some(free) => free,
-            None => {
-                self.slots.push(None);
-                self.slots.len() - 1
-            }
-        };
-        self.slots[slot] = Some(banked);
-        Ok(slot)
+        // A fresh slot every time, never an emptied one: callers key cached work by slot (the
+        // serving engine's prefix cache does), and a reused number would hand another
+        // adapter's keys and values to the new one.
+        self.slots.push(Some(banked));
+        Ok(self.slots.len() - 1)
     }
 
     /// Unloads the adapter of `slot` (a no-op for an empty slot).

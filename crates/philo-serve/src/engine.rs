@@ -20,6 +20,7 @@ use tokio::sync::oneshot;
 
 use crate::request::{
     Backend, EngineStats, FinishReason, GenerationEvent, GenerationRequest, ModelInfo, SubmitError,
+    UnloadError,
 };
 use crate::scheduler::{Scheduler, SchedulerConfig, SeqStatus};
 
@@ -59,6 +60,8 @@ enum Command {
         adapter: Box<Adapter>,
         reply: oneshot::Sender<Result<ModelInfo, String>>,
     },
+    /// The adapter of this bank slot is no longer served; free it once idle.
+    UnloadAdapter { slot: usize },
 }
 
 /// What the handle knows about the served models: name → adapter slot (None: the base).
@@ -166,6 +169,7 @@ impl EngineHandle {
             model,
             cache,
             bank,
+            unloading: Vec::new(),
             scheduler,
             sequences: HashMap::new(),
             commands: rx,
@@ -322,6 +326,28 @@ impl Backend for EngineHandle {
         })
     }
 
+    fn unload_adapter(&self, name: &str) -> Result<(), UnloadError> {
+        let slot = {
+            let mut models = self
+                .shared
+                .models
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            let slot = match models.slots.get(name) {
+                None => return Err(UnloadError::NotFound(name.to_string())),
+                Some(None) => return Err(UnloadError::BaseModel(name.to_string())),
+                Some(Some(slot)) => *slot,
+            };
+            models.slots.remove(name);
+            models.infos.retain(|info| info.id != name);
+            slot
+        };
+        // New requests can no longer name it; the loop frees the weights when the running
+        // ones are done. A loop that is gone has nothing left to free.
+        let _ = self.send(Command::UnloadAdapter { slot });
+        Ok(())
+    }
+
     fn stats(&self) -> EngineStats {
         let mut stats = self
             .shared
@@ -341,6 +367,8 @@ impl Backend for EngineHandle {
 /// One live sequence on the loop's side.
 struct Sequence {
     events: UnboundedSender<GenerationEvent>,
+    /// The adapter's bank slot.
+    adapter: Option<usize>,
     sampler: Sampler,
     /// Prompt and generated tokens, for the repetition penalties.
     tokens: Vec<u32>,
@@ -354,6 +382,8 @@ struct Engine {
     model: Phi3,
     cache: PagedKvCache,
     bank: LoraBank,
+    /// Bank slots of unloaded adapters that running sequences still use.
+    unloading: Vec<usize>,
     scheduler: Scheduler,
     sequences: HashMap<u64, Sequence>,
     commands: Receiver<Command>,
@@ -387,6 +417,7 @@ impl Engine {
                 // A failed step fails the sequences it ran; the loop stays up for the others.
                 eprintln!("philo serve: step failed: {e}");
             }
+            self.free_unloaded();
             self.publish_stats();
         }
     }
@@ -443,6 +474,10 @@ impl Engine {
                 };
                 let _ = reply.send(result);
             }
+            Command::UnloadAdapter { slot } => {
+                self.unloading.push(slot);
+                self.free_unloaded();
+            }
         }
     }
 
@@ -478,12 +513,26 @@ impl Engine {
             .map_err(|e| e.to_string())?;
         Ok(Sequence {
             events,
+            adapter,
             sampler,
             tokens: request.prompt,
             stop_token_ids: request.stop_token_ids,
             long_rope,
             started: false,
         })
+    }
+
+    /// Frees the weights of unloaded adapters that no running sequence uses any more.
+    fn free_unloaded(&mut self) {
+        let sequences = &self.sequences;
+        let bank = &mut self.bank;
+        self.unloading.retain(|&slot| {
+            let in_use = sequences.values().any(|s| s.adapter == Some(slot));
+            if !in_use {
+                bank.remove(slot);
+            }
+            in_use
+        });
     }
 
     /// Ends the sequences whose request has gone away (client disconnect, stop string).

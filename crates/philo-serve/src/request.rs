@@ -111,7 +111,19 @@ pub trait Backend: Send + Sync + 'static {
         name: String,
         dir: PathBuf,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<ModelInfo, String>> + Send>>;
+    /// Unloads the adapter served as `name`: requests naming it are refused from now on, and
+    /// its weights go once the requests already running with it have finished.
+    fn unload_adapter(&self, name: &str) -> Result<(), UnloadError>;
     fn stats(&self) -> EngineStats;
     /// Stops admitting, lets running sequences finish (or end them after the grace period).
     fn shutdown(&self);
+}
+
+/// Why an adapter could not be unloaded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnloadError {
+    #[error("no adapter is loaded as `{0}`")]
+    NotFound(String),
+    #[error("`{0}` is the base model, which cannot be unloaded")]
+    BaseModel(String),
 }

@@ -11,7 +11,7 @@ use philo_generate::{SamplingParams, TokenStream};
 use philo_model::{Adapter, Phi3, Phi3Config, SafetensorsStore};
 use philo_serve::engine::{EngineConfig, EngineHandle};
 use philo_serve::request::{
-    Backend, FinishReason, GenerationEvent, GenerationRequest, SubmitError,
+    Backend, FinishReason, GenerationEvent, GenerationRequest, SubmitError, UnloadError,
 };
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -285,6 +285,76 @@ fn a_token_outside_the_vocabulary_fails_only_its_request() {
         other => panic!("expected Failed, got {other:?}"),
     }
     assert_eq!(collect(&mut good).0.len(), 6);
+    wait_idle(&engine);
+    engine.shutdown();
+    engine.join();
+}
+
+#[test]
+fn unloaded_adapters_are_refused_and_their_cached_prefix_never_serves_another() {
+    let model = model();
+    let adapter = Adapter::load(&case_dir().join("adapter")).unwrap();
+    let mut tuned = model.clone();
+    adapter.attach(&mut tuned).unwrap();
+    // A second adapter with other weights: the first one's B negated, saved to a folder.
+    let mut negated = model.clone();
+    adapter.attach(&mut negated).unwrap();
+    for (_, _, linear) in negated.linears_mut() {
+        if let Some(lora) = &mut linear.lora {
+            lora.b = lora.b.neg().unwrap();
+        }
+    }
+    let other_dir = tempfile::TempDir::new().unwrap();
+    philo_model::adapter::save_adapter(other_dir.path(), &adapter.config, &mut negated.clone())
+        .unwrap();
+    let p = prompt(11, 17);
+    let (want_tuned, want_negated) = (alone(&tuned, &p, 6), alone(&negated, &p, 6));
+    assert_ne!(
+        want_tuned, want_negated,
+        "the two adapters must differ for this test"
+    );
+
+    let engine = EngineHandle::start(model, config(64, 64), vec![("a".into(), adapter)]).unwrap();
+    assert_eq!(
+        collect(&mut engine.submit(request("a", p.clone(), 6)).unwrap()).0,
+        want_tuned
+    );
+    wait_idle(&engine);
+
+    engine.unload_adapter("a").unwrap();
+    assert!(matches!(
+        engine.submit(request("a", p.clone(), 6)),
+        Err(SubmitError::UnknownModel(_))
+    ));
+    assert!(!engine.models().iter().any(|m| m.id == "a"));
+    assert_eq!(
+        engine.unload_adapter("a"),
+        Err(UnloadError::NotFound("a".into()))
+    );
+    assert_eq!(
+        engine.unload_adapter("tiny"),
+        Err(UnloadError::BaseModel("tiny".into()))
+    );
+
+    // A new adapter loaded after it: its first request reuses nothing the old one cached.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime
+        .block_on(engine.load_adapter("b".into(), other_dir.path().to_path_buf()))
+        .unwrap();
+    let mut rx = engine.submit(request("b", p.clone(), 6)).unwrap();
+    match rx.blocking_recv().unwrap() {
+        GenerationEvent::Started {
+            cached_prompt_tokens,
+            ..
+        } => assert_eq!(
+            cached_prompt_tokens, 0,
+            "a prefix cached under `a` served `b`"
+        ),
+        other => panic!("expected Started, got {other:?}"),
+    }
+    assert_eq!(collect(&mut rx).0, want_negated);
     wait_idle(&engine);
     engine.shutdown();
     engine.join();

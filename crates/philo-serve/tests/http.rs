@@ -13,6 +13,7 @@ use http_body_util::BodyExt;
 use philo_serve::http::{router, serve, ServerConfig, ServerState};
 use philo_serve::request::{
     Backend, EngineStats, FinishReason, GenerationEvent, GenerationRequest, ModelInfo, SubmitError,
+    UnloadError,
 };
 use philo_text::{ChatMessage, ChatTemplate, Tokenizer};
 use serde_json::{json, Value};
@@ -194,6 +195,19 @@ impl Backend for TestBackend {
         VOCAB
     }
 
+    fn unload_adapter(&self, name: &str) -> Result<(), UnloadError> {
+        if name == BASE {
+            return Err(UnloadError::BaseModel(name.into()));
+        }
+        let mut adapters = self.adapters.lock().unwrap();
+        let before = adapters.len();
+        adapters.retain(|m| m.id != name);
+        if adapters.len() == before {
+            return Err(UnloadError::NotFound(name.into()));
+        }
+        Ok(())
+    }
+
     fn load_adapter(
         &self,
         name: String,
@@ -313,6 +327,10 @@ async fn post(app: &Router, uri: &str, body: Value) -> Reply {
 
 async fn get(app: &Router, uri: &str) -> Reply {
     call(app, Request::get(uri).body(Body::empty()).unwrap()).await
+}
+
+async fn delete(app: &Router, uri: &str) -> Reply {
+    call(app, Request::delete(uri).body(Body::empty()).unwrap()).await
 }
 
 fn json_request(uri: &str, body: String) -> Request<Body> {
@@ -615,6 +633,29 @@ async fn models_lists_the_base_and_adapters() {
     )
     .await;
     assert_eq!(reply.json()["model"], "sql-lora");
+
+    // Unloading: the answer is OpenAI's deleted-model object; it is gone from the list; the
+    // base and unknown names are refused.
+    let reply = delete(&app, "/v1/adapters/sql-lora").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(
+        reply.json(),
+        json!({"id": "sql-lora", "object": "model", "deleted": true})
+    );
+    let ids: Vec<String> = get(&app, "/v1/models").await.json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, [BASE]);
+    let reply = delete(&app, "/v1/adapters/sql-lora").await;
+    assert_eq!(
+        reply.error(StatusCode::NOT_FOUND)["code"],
+        "model_not_found"
+    );
+    let reply = delete(&app, &format!("/v1/adapters/{BASE}")).await;
+    assert_eq!(reply.error(StatusCode::BAD_REQUEST)["param"], "name");
 }
 
 #[tokio::test]

@@ -5,7 +5,8 @@
 //! - `POST /v1/chat/completions`, `POST /v1/completions`: generation, whole or streamed as
 //!   server-sent events, in OpenAI's wire format;
 //! - `GET /v1/models`, `GET /v1/models/{id}`: the base model and its loaded LoRA adapters;
-//! - `POST /v1/adapters`: loads a PEFT adapter folder as a new model;
+//! - `POST /v1/adapters`: loads a PEFT adapter folder as a new model; `DELETE
+//!   /v1/adapters/{name}` unloads one;
 //! - `GET /health`, `GET /metrics` (Prometheus), `GET /openapi.json` (OpenAPI 3.1).
 //!
 //! A route validates the request, applies the chat template, tokenizes, and submits a
@@ -48,7 +49,7 @@ mod stop;
 use axum::extract::Request;
 use axum::http::Uri;
 use axum::middleware;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Router;
 
 pub use server::{serve, shutdown_signal};
@@ -66,6 +67,7 @@ pub fn router(state: ServerState) -> Router {
         // Model ids may contain `/` (`microsoft/Phi-3-mini-4k-instruct`).
         .route("/v1/models/{*id}", get(models::retrieve_model))
         .route("/v1/adapters", post(models::load_adapter))
+        .route("/v1/adapters/{*name}", delete(models::unload_adapter))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_api_key,

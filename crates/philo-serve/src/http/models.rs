@@ -1,5 +1,6 @@
-//! The served models: GET /v1/models, GET /v1/models/{id} and POST /v1/adapters, which loads a
-//! LoRA adapter as a new model without a restart.
+//! The served models: GET /v1/models, GET /v1/models/{id}, POST /v1/adapters, which loads a
+//! LoRA adapter as a new model without a restart, and DELETE /v1/adapters/{name}, which unloads
+//! one.
 
 use std::path::PathBuf;
 
@@ -10,8 +11,9 @@ use axum::Json;
 
 use super::error::ApiError;
 use super::json::ApiJson;
-use super::openai::{ErrorResponse, LoadAdapterRequest, Model, ModelList};
+use super::openai::{DeletedModel, ErrorResponse, LoadAdapterRequest, Model, ModelList};
 use super::state::ServerState;
+use crate::request::UnloadError;
 
 /// The longest adapter name accepted.
 const MAX_NAME_LEN: usize = 128;
@@ -113,6 +115,39 @@ pub async fn load_adapter(
         .await
         .map_err(|message| ApiError::invalid_param("path", message))?;
     Ok(Json(info.into()))
+}
+
+/// DELETE /v1/adapters/{name}.
+#[utoipa::path(
+    delete,
+    path = "/v1/adapters/{name}",
+    tag = "philo",
+    params(("name" = String, Path, description = "The adapter's name; it may contain `/`")),
+    responses(
+        (status = 200, description = "The adapter is no longer served; requests already running with it finish first", body = DeletedModel),
+        (status = 400, description = "The name is the base model's, or the path is not valid UTF-8", body = ErrorResponse),
+        (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
+        (status = 404, description = "No adapter of that name", body = ErrorResponse),
+    )
+)]
+pub async fn unload_adapter(
+    State(state): State<ServerState>,
+    name: Result<Path<String>, PathRejection>,
+) -> Result<Json<DeletedModel>, ApiError> {
+    let Path(name) = name.map_err(|rejection| {
+        ApiError::client_error(StatusCode::BAD_REQUEST, rejection.body_text())
+    })?;
+    match state.backend().unload_adapter(&name) {
+        Ok(()) => Ok(Json(DeletedModel {
+            id: name,
+            object: "model",
+            deleted: true,
+        })),
+        Err(UnloadError::NotFound(_)) => Err(ApiError::model_not_found(&name)),
+        Err(error @ UnloadError::BaseModel(_)) => {
+            Err(ApiError::invalid_param("name", error.to_string()))
+        }
+    }
 }
 
 /// Names are used as `model` in requests and in URLs, so they keep to a plain alphabet; this is

@@ -597,6 +597,15 @@ pub struct ModelList {
     pub data: Vec<Model>,
 }
 
+/// The answer of DELETE /v1/adapters/{name}, in the shape of OpenAI's deleted-model object.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct DeletedModel {
+    pub id: String,
+    /// Always `model`.
+    pub object: &'static str,
+    pub deleted: bool,
+}
+
 /// The body of POST /v1/adapters.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct LoadAdapterRequest {

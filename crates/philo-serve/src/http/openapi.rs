@@ -13,9 +13,10 @@ use utoipa::{OpenApi, ToSchema};
 
 use super::openai::{
     AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatInput, ChatMessage,
-    ChunkChoice, Completion, CompletionChoice, CompletionInput, ContentPart, Delta, ErrorBody,
-    ErrorResponse, FinishReason, GenerationParams, Health, LoadAdapterRequest, MessageContent,
-    Model, ModelList, PartKind, Prompt, PromptTokensDetails, Role, Stop, StreamOptions, Usage,
+    ChunkChoice, Completion, CompletionChoice, CompletionInput, ContentPart, DeletedModel, Delta,
+    ErrorBody, ErrorResponse, FinishReason, GenerationParams, Health, LoadAdapterRequest,
+    MessageContent, Model, ModelList, PartKind, Prompt, PromptTokensDetails, Role, Stop,
+    StreamOptions, Usage,
 };
 use super::state::ServerState;
 
@@ -34,6 +35,7 @@ const API_KEY_SCHEME: &str = "api_key";
         super::models::list_models,
         super::models::retrieve_model,
         super::models::load_adapter,
+        super::models::unload_adapter,
         super::health::health,
         super::metrics::scrape,
         serve_document,
@@ -62,6 +64,7 @@ const API_KEY_SCHEME: &str = "api_key";
         Usage,
         PromptTokensDetails,
         Model,
+        DeletedModel,
         ModelList,
         LoadAdapterRequest,
         Health,
