@@ -37,7 +37,6 @@ pub fn demo(dir: &Path, steps: usize, stop: &AtomicBool) -> anyhow::Result<()> {
     std::fs::write(&eval, TOY_EVAL)?;
     let adapter_dir = dir.join("adapter");
     let mut trainer = FinetuneOptions::default_trainer(adapter_dir.clone());
-    trainer.batch_size = 8;
     trainer.lr = 4e-3;
     trainer.max_steps = Some(steps);
     trainer.warmup_steps = 10;
@@ -54,6 +53,8 @@ pub fn demo(dir: &Path, steps: usize, stop: &AtomicBool) -> anyhow::Result<()> {
         packing: false,
         eval_split: 0.0,
         eval_dataset: Some(eval),
+        batch_size: crate::plan::BatchSize::Fixed(8),
+        effective_batch_size: None,
         lora_r: 16,
         lora_alpha: 32.0,
         lora_dropout: 0.05,

@@ -5,6 +5,7 @@ use std::sync::atomic::AtomicBool;
 
 use candle_core::{DType, Device};
 
+use crate::plan::BatchSize;
 use crate::quant::BaseQuant;
 use indicatif::{ProgressBar, ProgressStyle};
 use philo_model::adapter::AdapterConfig;
@@ -26,6 +27,10 @@ pub struct FinetuneOptions {
     pub packing: bool,
     pub eval_split: f64,
     pub eval_dataset: Option<PathBuf>,
+    /// Rows per micro-batch, or auto (sized from free GPU memory); replaces the trainer's.
+    pub batch_size: BatchSize,
+    /// Rows per optimizer step: sets the gradient accumulation when given.
+    pub effective_batch_size: Option<usize>,
     pub lora_r: usize,
     pub lora_alpha: f64,
     pub lora_dropout: f32,
@@ -98,9 +103,53 @@ pub fn finetune(options: &FinetuneOptions, stop: &AtomicBool) -> anyhow::Result<
     let train = RowDataset::from_options(train, &data_options, pad);
     let eval = (!eval.is_empty()).then(|| RowDataset::from_options(eval, &data_options, pad));
 
+    let shape = philo_plan::ModelShape::from_config(&config);
+    let setup = philo_plan::TrainSetup {
+        batch: 1,
+        seq: options.max_seq_length,
+        rank: options.lora_r,
+        targets: options.target_modules.clone(),
+        base: crate::plan::base_format(options.quant, options.double_quant),
+        dtype_bytes: options.dtype.size_in_bytes(),
+        checkpointing: options.trainer.gradient_checkpointing,
+        offload: options.trainer.gradient_offload,
+        dropout: options.lora_dropout > 0.0,
+    };
+    let sizing = crate::plan::size_batch(
+        &shape,
+        &setup,
+        options.batch_size,
+        options.trainer.gradient_accumulation_steps,
+        options.effective_batch_size,
+        &options.device,
+    )?;
+    if options.batch_size == BatchSize::Auto || options.effective_batch_size.is_some() {
+        eprintln!(
+            "micro-batch {} x {} tokens, gradient accumulation {} (effective batch {}); predicted peak {:.1} GiB{}",
+            sizing.batch,
+            sizing.seq,
+            sizing.accumulation,
+            sizing.batch * sizing.accumulation,
+            sizing.predicted_peak_gib,
+            sizing
+                .free_gib
+                .map_or(String::new(), |g| format!(" of {g:.1} GiB free"))
+        );
+    }
+    let advice = sizing.advice();
+    let mut trainer_config = options.trainer.clone();
+    trainer_config.batch_size = sizing.batch;
+    trainer_config.gradient_accumulation_steps = sizing.accumulation;
+
     let store = SafetensorsStore::open_dir(&files.dir)?;
-    let mut model = Phi3::load(&config, &store, options.dtype, &options.device)?;
-    model.quantize(options.quant.format(options.double_quant))?;
+    let model = Phi3::load_as(
+        &config,
+        &store,
+        options.dtype,
+        &options.device,
+        options.quant.format(options.double_quant),
+    )
+    .map_err(|e| crate::oom::explain(e, "loading the base model", &advice))?;
     let mut adapter = AdapterConfig::new(
         options.lora_r,
         options.lora_alpha,
@@ -109,7 +158,13 @@ pub fn finetune(options: &FinetuneOptions, stop: &AtomicBool) -> anyhow::Result<
         options.use_rslora,
     );
     adapter.base_model_name_or_path = Some(options.base_model.clone());
-    let mut trainer = Trainer::new(model, adapter, train, eval, options.trainer.clone())?;
+    let mut trainer = Trainer::new(model, adapter, train, eval, trainer_config).map_err(|e| {
+        crate::oom::explain(
+            e,
+            "allocating the LoRA adapters and their optimizer state",
+            &advice,
+        )
+    })?;
     if let Some(dir) = &options.resume {
         trainer.resume_from(dir)?;
         eprintln!("resumed from {}", dir.display());
@@ -130,6 +185,8 @@ pub fn finetune(options: &FinetuneOptions, stop: &AtomicBool) -> anyhow::Result<
         )
         .expect("valid template"),
     );
+    // The bar's message: the last logged step's figures, then the GPU's state at every step.
+    let mut logged = String::new();
     let summary = trainer.run(stop, |event| match event {
         TrainEvent::Started {
             start_step,
@@ -139,25 +196,58 @@ pub fn finetune(options: &FinetuneOptions, stop: &AtomicBool) -> anyhow::Result<
             bar.set_position(start_step as u64);
             say(format!("training {trainable} LoRA parameters"));
         }
+        TrainEvent::Progress { step, gpu } => {
+            bar.set_position(step as u64);
+            let gpu = gpu.map_or(String::new(), |g| {
+                format!(
+                    " | GPU {}% {:.1}/{:.1} GiB",
+                    g.utilization_percent, g.memory_used_gib, g.memory_total_gib
+                )
+            });
+            bar.set_message(format!("{logged}{gpu}"));
+        }
         TrainEvent::Step(m) => {
-            bar.set_position(m.step as u64);
             let eval = m
                 .eval_loss
                 .map_or(String::new(), |e| format!(" eval {e:.4}"));
             let memory = m
                 .peak_memory_gib
                 .map_or(String::new(), |g| format!(" peak {g:.2} GiB"));
-            bar.set_message(format!(
+            let gpu = m.gpu.map_or(String::new(), |g| {
+                format!(
+                    " GPU {}% {:.1}/{:.1} GiB",
+                    g.utilization_percent, g.memory_used_gib, g.memory_total_gib
+                )
+            });
+            logged = format!(
                 "loss {:.4}{eval} lr {:.2e} grad {:.2} {:.0} tok/s{memory}",
                 m.loss, m.lr, m.grad_norm, m.tokens_per_second
-            ));
+            );
             say(format!(
-                "step {} loss {:.4}{eval} lr {:.2e} grad_norm {:.3} {:.0} tok/s{memory}",
+                "step {} loss {:.4}{eval} lr {:.2e} grad_norm {:.3} {:.0} tok/s{memory}{gpu}",
                 m.step, m.loss, m.lr, m.grad_norm, m.tokens_per_second
             ));
         }
         TrainEvent::Saved { step, dir } => say(format!("step {step}: saved {}", dir.display())),
-    })?;
+    });
+    let summary = match summary {
+        Ok(summary) => summary,
+        Err(e) => {
+            let kept = match trainer.last_checkpoint() {
+                Some(dir) => format!(
+                    "; the last checkpoint, {}, is intact (--resume latest continues from it)",
+                    dir.display()
+                ),
+                None => String::new(),
+            };
+            bar.abandon();
+            return Err(crate::oom::explain(
+                e,
+                "running a training step",
+                &format!("{advice}{kept}"),
+            ));
+        }
+    };
     bar.finish();
     let out = &options.trainer.output_dir;
     if let Err(e) =

@@ -15,6 +15,8 @@ use philo::pipeline::Pipeline;
 use philo_generate::{GenerateOptions, SamplingParams};
 use philo_text::ChatMessage;
 
+mod cli;
+
 #[derive(Parser)]
 #[command(
     name = "philo",
@@ -50,6 +52,12 @@ enum Command {
     /// Serve the model (and LoRA adapters) over an OpenAI-compatible HTTP API with continuous
     /// batching.
     Serve(Box<ServeArgs>),
+    /// Predict a job's peak GPU memory (broken down), whether it fits a GPU, the batch that
+    /// does and its tokens/s, from the model's config alone.
+    Plan(cli::plan::PlanArgs),
+    /// The GPUs' utilisation, memory, power, temperature and clocks every second, with the
+    /// memory of philo's processes (like nvidia-smi -l 1).
+    Monitor(cli::monitor::MonitorArgs),
     /// The main job end to end on the embedded tiny model: write it, QLoRA fine-tune it on a sample
     /// dataset, and ask it what it learned.
     Demo {
@@ -210,34 +218,10 @@ struct FinetuneArgs {
     /// messages, sharegpt, alpaca, prompt_completion or text (detected when absent).
     #[arg(long)]
     format: Option<philo_train::data::DataFormat>,
-    #[arg(
-        long = "batch_size",
-        alias = "batch-size",
-        alias = "per_device_train_batch_size",
-        default_value_t = 4
-    )]
-    batch_size: usize,
-    #[arg(
-        long = "gradient_accumulation_steps",
-        alias = "gradient-accumulation-steps",
-        default_value_t = 1
-    )]
-    gradient_accumulation_steps: usize,
-    #[arg(long = "lora_r", alias = "lora-r", default_value_t = 8)]
-    lora_r: usize,
+    #[command(flatten)]
+    shape: TrainShapeArgs,
     #[arg(long = "lora_alpha", alias = "lora-alpha", default_value_t = 16.0)]
     lora_alpha: f64,
-    #[arg(long = "lora_dropout", alias = "lora-dropout", default_value_t = 0.05)]
-    lora_dropout: f32,
-    /// Comma-separated modules to adapt.
-    #[arg(
-        long = "target_modules",
-        alias = "target-modules",
-        alias = "lora_target_modules",
-        value_delimiter = ',',
-        default_value = "qkv_proj,o_proj,gate_up_proj,down_proj"
-    )]
-    target_modules: Vec<String>,
     /// Scale by alpha / sqrt(r) instead of alpha / r.
     #[arg(long = "use_rslora", alias = "use-rslora")]
     use_rslora: bool,
@@ -248,12 +232,6 @@ struct FinetuneArgs {
         default_value_t = 2e-4
     )]
     lr: f64,
-    #[arg(
-        long = "max_seq_length",
-        alias = "max-seq-length",
-        default_value_t = 2048
-    )]
-    max_seq_length: usize,
     #[arg(
         long,
         alias = "num_train_epochs",
@@ -302,29 +280,72 @@ struct FinetuneArgs {
     /// Pack short samples into rows of max_seq_length (attention stays within each sample).
     #[arg(long)]
     packing: bool,
-    /// nf4 (QLoRA, default) or none (LoRA on the dense base).
-    #[arg(long, default_value = "nf4")]
-    quant: philo::quant::BaseQuant,
-    /// Leave the NF4 block scales in f32 (default: quantised to 8 bits, as QLoRA does).
-    #[arg(long = "no_double_quant", alias = "no-double-quant")]
-    no_double_quant: bool,
-    /// Keep every activation instead of recomputing layers in the backward pass (more memory).
-    #[arg(
-        long = "no_gradient_checkpointing",
-        alias = "no-gradient-checkpointing"
-    )]
-    no_gradient_checkpointing: bool,
-    /// Keep the gradient checkpoints on the GPU instead of in pinned host memory (faster only
-    /// where host copies are slow; costs one layer input of GPU memory per layer).
-    #[arg(long = "no_gradient_offload", alias = "no-gradient-offload")]
-    no_gradient_offload: bool,
     /// Continue from a checkpoint folder, or `latest` for the newest in --output_dir.
     #[arg(long)]
     resume: Option<String>,
     #[arg(long, default_value = "auto")]
     device: DeviceChoice,
+}
+
+/// The flags of a fine-tune that set its memory and speed (`finetune` and `plan finetune`).
+#[derive(Args)]
+pub struct TrainShapeArgs {
+    /// Rows per micro-batch, or auto: the largest that fits the GPU's free memory with 10 %
+    /// headroom (philo plan's prediction).
+    #[arg(
+        long = "batch_size",
+        alias = "batch-size",
+        alias = "per_device_train_batch_size",
+        default_value = "4"
+    )]
+    pub batch_size: philo::plan::BatchSize,
+    #[arg(
+        long = "gradient_accumulation_steps",
+        alias = "gradient-accumulation-steps",
+        default_value_t = 1
+    )]
+    pub gradient_accumulation_steps: usize,
+    /// Rows per optimizer step; with it the gradient accumulation follows from the batch size
+    /// (default: batch size x gradient accumulation).
+    #[arg(long = "effective_batch_size", alias = "effective-batch-size")]
+    pub effective_batch_size: Option<usize>,
+    #[arg(long = "lora_r", alias = "lora-r", default_value_t = 8)]
+    pub lora_r: usize,
+    #[arg(long = "lora_dropout", alias = "lora-dropout", default_value_t = 0.05)]
+    pub lora_dropout: f32,
+    /// Comma-separated modules to adapt.
+    #[arg(
+        long = "target_modules",
+        alias = "target-modules",
+        alias = "lora_target_modules",
+        value_delimiter = ',',
+        default_value = "qkv_proj,o_proj,gate_up_proj,down_proj"
+    )]
+    pub target_modules: Vec<String>,
+    #[arg(
+        long = "max_seq_length",
+        alias = "max-seq-length",
+        default_value_t = 2048
+    )]
+    pub max_seq_length: usize,
+    /// nf4 (QLoRA, default) or none (LoRA on the dense base).
+    #[arg(long, default_value = "nf4")]
+    pub quant: philo::quant::BaseQuant,
+    /// Leave the NF4 block scales in f32 (default: quantised to 8 bits, as QLoRA does).
+    #[arg(long = "no_double_quant", alias = "no-double-quant")]
+    pub no_double_quant: bool,
+    /// Keep every activation instead of recomputing layers in the backward pass (more memory).
+    #[arg(
+        long = "no_gradient_checkpointing",
+        alias = "no-gradient-checkpointing"
+    )]
+    pub no_gradient_checkpointing: bool,
+    /// Keep the gradient checkpoints on the GPU instead of in pinned host memory (faster only
+    /// where host copies are slow; costs one layer input of GPU memory per layer).
+    #[arg(long = "no_gradient_offload", alias = "no-gradient-offload")]
+    pub no_gradient_offload: bool,
     #[arg(long, value_parser = parse_dtype)]
-    dtype: Option<DType>,
+    pub dtype: Option<DType>,
 }
 
 #[derive(Args)]
@@ -405,10 +426,9 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
 
 fn finetune(args: FinetuneArgs) -> anyhow::Result<()> {
     let device = args.device.open()?;
-    let dtype = args.dtype.unwrap_or_else(|| default_dtype(&device));
+    let dtype = args.shape.dtype.unwrap_or_else(|| default_dtype(&device));
     let mut trainer = philo::finetune::FinetuneOptions::default_trainer(args.output_dir.clone());
-    trainer.batch_size = args.batch_size;
-    trainer.gradient_accumulation_steps = args.gradient_accumulation_steps;
+    trainer.gradient_accumulation_steps = args.shape.gradient_accumulation_steps;
     trainer.epochs = args.epochs;
     trainer.max_steps = args.max_steps;
     trainer.lr = args.lr;
@@ -423,8 +443,8 @@ fn finetune(args: FinetuneArgs) -> anyhow::Result<()> {
     trainer.eval_steps = args
         .eval_steps
         .or((args.eval_split > 0.0 || args.eval_dataset.is_some()).then_some(args.logging_steps));
-    trainer.gradient_checkpointing = !args.no_gradient_checkpointing;
-    trainer.gradient_offload = !args.no_gradient_offload;
+    trainer.gradient_checkpointing = !args.shape.no_gradient_checkpointing;
+    trainer.gradient_offload = !args.shape.no_gradient_offload;
     let resume = match args.resume.as_deref() {
         None => None,
         Some("latest") => Some(
@@ -444,18 +464,20 @@ fn finetune(args: FinetuneArgs) -> anyhow::Result<()> {
         dataset: args.dataset,
         output_dir: args.output_dir.clone(),
         format: args.format,
-        max_seq_length: args.max_seq_length,
+        max_seq_length: args.shape.max_seq_length,
         train_on_prompt: args.train_on_prompt,
         packing: args.packing,
         eval_split: args.eval_split,
         eval_dataset: args.eval_dataset,
-        lora_r: args.lora_r,
+        batch_size: args.shape.batch_size,
+        effective_batch_size: args.shape.effective_batch_size,
+        lora_r: args.shape.lora_r,
         lora_alpha: args.lora_alpha,
-        lora_dropout: args.lora_dropout,
-        target_modules: args.target_modules,
+        lora_dropout: args.shape.lora_dropout,
+        target_modules: args.shape.target_modules,
         use_rslora: args.use_rslora,
-        quant: args.quant,
-        double_quant: !args.no_double_quant,
+        quant: args.shape.quant,
+        double_quant: !args.shape.no_double_quant,
         trainer,
         resume,
         dtype,
@@ -808,6 +830,8 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench(args),
         Command::Eval(args) => eval(args),
         Command::Serve(args) => serve(*args),
+        Command::Plan(args) => cli::plan::run(args),
+        Command::Monitor(args) => cli::monitor::run(args),
         Command::Demo { dir, steps } => demo(dir, steps),
     };
     match result {

@@ -79,14 +79,28 @@ impl Pipeline {
             }
         }
         let store = SafetensorsStore::open_dir(&files.dir)?;
-        let mut model = Phi3::load(&config, &store, dtype, device)?;
+        // A quantised base is quantised projection by projection as it loads.
+        let format = weights.quant.format(true);
+        let mut model = Phi3::load_as(&config, &store, dtype, device, format).map_err(|e| {
+            let shape = philo_plan::ModelShape::from_config(&config);
+            let base = crate::plan::base_format(weights.quant, true);
+            let need = philo_plan::infer::weight_bytes(&shape, base, dtype.size_in_bytes());
+            crate::oom::explain(
+                e,
+                "loading the model's weights",
+                &format!(
+                    "They take {:.1} GiB as {}; --quant int8, int4 or nf4 shrinks them (philo plan generate --quant ... shows the whole need)",
+                    need / philo_plan::GIB,
+                    base.name()
+                ),
+            )
+        })?;
         if let Some(dir) = adapter {
             Adapter::load(dir)?.attach(&mut model)?;
             if weights.quant == BaseQuant::None && weights.merge_adapter {
                 model.merge_lora()?;
             }
         }
-        model.quantize(weights.quant.format(true))?;
         Ok(Pipeline {
             model,
             tokenizer,

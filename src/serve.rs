@@ -76,6 +76,34 @@ fn kv_blocks(pipeline: &Pipeline, options: &ServeOptions) -> usize {
     by_memory.min(by_need)
 }
 
+/// What to do when the KV cache does not fit: the cache that the free memory holds beside the
+/// step's workspace, as philo plan computes it.
+fn kv_cache_advice(model: &philo_model::Phi3, options: &ServeOptions) -> String {
+    let Some((free, _)) = philo_model::memory::device_memory(model.device()) else {
+        return "give a smaller --kv-cache-gib".to_string();
+    };
+    let shape = philo_plan::ModelShape::from_config(model.config());
+    let setup = philo_plan::ServeSetup {
+        base: crate::plan::base_format(options.quant, true),
+        dtype_bytes: model.dtype().size_in_bytes(),
+        max_batch: options.max_running,
+        max_batch_tokens: options.max_tokens_per_step,
+        block_size: options.block_size,
+        kv_cache_gib: 0.0,
+        context: model.config().max_position_embeddings,
+    };
+    let fit = philo_plan::infer::kv_cache_that_fits(
+        &shape,
+        &setup,
+        free as f64 - philo_plan::LIBRARY_BYTES,
+    );
+    format!(
+        "{:.1} GiB were free after loading the weights: --kv-cache-gib {:.1} fits (or lower --max-batch-tokens)",
+        free as f64 / philo_plan::GIB,
+        (fit / philo_plan::GIB * 10.0).floor() / 10.0
+    )
+}
+
 /// Runs the server until Ctrl-C or SIGTERM, then lets running requests finish.
 pub fn run(options: ServeOptions, dtype: DType, device: &Device) -> anyhow::Result<()> {
     let weights = crate::pipeline::WeightOptions {
@@ -115,7 +143,17 @@ pub fn run(options: ServeOptions, dtype: DType, device: &Device) -> anyhow::Resu
         stop_tokens,
         ..
     } = pipeline;
-    let engine = Arc::new(EngineHandle::start(model, config, adapters)?);
+    let kv_advice = kv_cache_advice(&model, &options);
+    let engine = Arc::new(EngineHandle::start(model, config, adapters).map_err(|e| {
+        crate::oom::explain(
+            e,
+            &format!(
+                "allocating the KV cache ({num_blocks} blocks of {} tokens)",
+                options.block_size
+            ),
+            &kv_advice,
+        )
+    })?);
     let state = ServerState::new(ServerConfig {
         backend: engine.clone(),
         tokenizer,

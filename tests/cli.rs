@@ -643,3 +643,200 @@ fn demo_runs_end_to_end_and_reuses_its_model() {
         "no tok/s line:\n{text}"
     );
 }
+
+/// Phi-3-mini-4k's config.json, for `philo plan --config`.
+const MINI_CONFIG: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/configs/phi-3-mini-4k-instruct.config.json"
+);
+
+#[test]
+fn plan_finetune_answers_the_seed_command_on_a_4090() {
+    let work = TempDir::new().expect("temp dir");
+    let json = work.path().join("plan.json");
+    // The seed's finetune flags, `finetune` replaced by `plan finetune --gpu rtx4090`.
+    let out = run(
+        work.path(),
+        &[
+            "plan",
+            "finetune",
+            "--gpu",
+            "rtx4090",
+            "--config",
+            MINI_CONFIG,
+            "--dataset",
+            "data.json",
+            "--batch_size",
+            "12",
+            "--gradient_accumulation_steps",
+            "4",
+            "--lora_r",
+            "64",
+            "--lora_alpha",
+            "128",
+            "--lr",
+            "2e-4",
+            "--max_seq_length",
+            "2048",
+            "--json",
+            path_str(&json),
+        ],
+    );
+    assert_success(&out, "philo plan finetune");
+    let text = stdout(&out);
+    assert!(
+        text.contains("fits:") && text.contains("--batch_size auto would choose"),
+        "{text}"
+    );
+    let plan = read_json(&json);
+    // bench train measured 6.99 GiB for this micro-batch on the H200 (docs/plan.md); the
+    // tensors' peak does not depend on the GPU.
+    let peak = plan["peak_gib"].as_f64().unwrap();
+    assert!((peak / 6.99 - 1.0).abs() < 0.03, "peak {peak}");
+    assert_eq!(plan["fits"], true);
+    assert_eq!(plan["batch_size"], 12);
+    assert_eq!(plan["effective_batch_size"], 48);
+    assert!(plan["largest_batch"].as_u64().unwrap() > 12);
+    assert!(plan["tokens_per_second"].as_f64().unwrap() > 0.0);
+    let breakdown = plan["breakdown_gib"].as_object().unwrap();
+    let sum: f64 = breakdown.values().map(|v| v.as_f64().unwrap()).sum();
+    assert!((sum - peak).abs() < 1e-6, "the breakdown sums to the peak");
+}
+
+#[test]
+fn plan_batch_size_auto_keeps_the_effective_batch() {
+    let work = TempDir::new().expect("temp dir");
+    let json = work.path().join("plan.json");
+    let plan = |args: &[&str]| {
+        let mut all = vec![
+            "plan",
+            "finetune",
+            "--config",
+            MINI_CONFIG,
+            "--json",
+            path_str(&json),
+        ];
+        all.extend_from_slice(args);
+        assert_success(&run(work.path(), &all), "philo plan finetune");
+        read_json(&json)
+    };
+    let fixed = plan(&["--gpu", "t4", "--lora_r", "64", "--batch_size", "1"]);
+    let largest = fixed["largest_batch"].as_u64().unwrap();
+    let auto = plan(&[
+        "--gpu",
+        "t4",
+        "--lora_r",
+        "64",
+        "--batch_size",
+        "auto",
+        "--effective_batch_size",
+        "48",
+    ]);
+    let (batch, accumulation) = (
+        auto["batch_size"].as_u64().unwrap(),
+        auto["gradient_accumulation_steps"].as_u64().unwrap(),
+    );
+    assert!(batch <= largest && batch * accumulation == 48, "{auto}");
+    assert_eq!(accumulation, 48u64.div_ceil(largest));
+    assert_eq!(auto["auto_batch"], true);
+}
+
+#[test]
+fn plan_serve_and_generate_report_memory_and_speed() {
+    let work = TempDir::new().expect("temp dir");
+    let json = work.path().join("plan.json");
+    let serve = run(
+        work.path(),
+        &[
+            "plan",
+            "serve",
+            "--gpu",
+            "custom:24GiB,1008GB/s,165TFLOPs",
+            "--config",
+            MINI_CONFIG,
+            "--kv-cache-gib",
+            "4",
+            "--json",
+            path_str(&json),
+        ],
+    );
+    assert_success(&serve, "philo plan serve");
+    let plan = read_json(&json);
+    // 4 GiB of 393,216-byte tokens (32 layers × 2 × 3,072 × bf16), in blocks of 16.
+    assert_eq!(plan["kv_tokens"], 10_912);
+    assert!(plan["max_kv_tokens"].as_u64().unwrap() > 10_912);
+    let generate = run(
+        work.path(),
+        &[
+            "plan",
+            "generate",
+            "--gpu",
+            "h200",
+            "--config",
+            MINI_CONFIG,
+            "--quant",
+            "nf4",
+            "--json",
+            path_str(&json),
+        ],
+    );
+    assert_success(&generate, "philo plan generate");
+    let plan = read_json(&json);
+    assert_eq!(plan["base"], "nf4");
+    assert!(plan["tokens_per_second"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn plan_rejects_an_unknown_gpu() {
+    let work = TempDir::new().expect("temp dir");
+    let out = run(
+        work.path(),
+        &[
+            "plan",
+            "finetune",
+            "--config",
+            MINI_CONFIG,
+            "--gpu",
+            "rtx5090x",
+        ],
+    );
+    assert_error_line(&out, &["rtx5090x", "rtx4090", "custom:24GiB"]);
+}
+
+#[test]
+fn monitor_without_a_gpu_exits_1_with_the_reason() {
+    if philo_monitor::Monitor::open().is_ok() {
+        return; // this machine has a GPU: philo monitor works here (checked on the GPU machine)
+    }
+    let work = TempDir::new().expect("temp dir");
+    let out = run(work.path(), &["monitor", "--count", "1"]);
+    assert_error_line(&out, &["no NVIDIA driver found"]);
+}
+
+#[test]
+fn finetune_batch_size_auto_needs_a_gpu() {
+    let (work, model) = tiny_model();
+    let data = work.path().join("data.json");
+    std::fs::write(&data, r#"[{"text": "the cat says meow"}]"#).unwrap();
+    let out = run(
+        work.path(),
+        &[
+            "finetune",
+            "--base_model",
+            path_str(&model),
+            "--dataset",
+            path_str(&data),
+            "--batch_size",
+            "auto",
+            "--device",
+            "cpu",
+        ],
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--batch_size auto sizes the batch from free GPU memory"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -56,24 +56,19 @@ impl ModelFiles {
         })
     }
 
+    /// The config.json of `spec` (a folder or a hub id) alone: a hub model's weights are not
+    /// downloaded.
+    pub fn resolve_config(spec: &str) -> Result<PathBuf> {
+        let path = Path::new(spec);
+        if path.is_dir() || !looks_like_hub_id(spec) {
+            return Ok(Self::resolve(spec)?.config());
+        }
+        hub_fetcher(spec)?("config.json").map_err(|m| hub_error(spec, "config.json", m))
+    }
+
     /// A hub repository, from the cache when offline, else downloaded.
     pub fn from_hub(repo: &str) -> Result<Self> {
-        let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0");
-        let fetch: Box<FetchFile> = if offline {
-            let cache = hf_hub::Cache::from_env().model(repo.to_string());
-            Box::new(move |file| {
-                cache
-                    .get(file)
-                    .ok_or_else(|| "not in the local cache and HF_HUB_OFFLINE is set".to_string())
-            })
-        } else {
-            let api = hf_hub::api::sync::ApiBuilder::from_env()
-                .with_progress(true)
-                .build()
-                .map_err(|e| hub_error(repo, "", e.to_string()))?;
-            let api_repo = api.model(repo.to_string());
-            Box::new(move |file| api_repo.get(file).map_err(|e| e.to_string()))
-        };
+        let fetch = hub_fetcher(repo)?;
         let mut dir = None;
         for (file, required) in HUB_FILES {
             match fetch(file) {
@@ -127,6 +122,28 @@ fn hub_error(repo: &str, file: &str, message: String) -> ModelError {
         file: file.to_string(),
         message,
     }
+}
+
+/// Reads files of hub repository `repo`: from the cache when HF_HUB_OFFLINE is set, else
+/// downloaded into it.
+fn hub_fetcher(repo: &str) -> Result<Box<FetchFile>> {
+    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0");
+    if offline {
+        let cache = hf_hub::Cache::from_env().model(repo.to_string());
+        return Ok(Box::new(move |file| {
+            cache
+                .get(file)
+                .ok_or_else(|| "not in the local cache and HF_HUB_OFFLINE is set".to_string())
+        }));
+    }
+    let api = hf_hub::api::sync::ApiBuilder::from_env()
+        .with_progress(true)
+        .build()
+        .map_err(|e| hub_error(repo, "", e.to_string()))?;
+    let api_repo = api.model(repo.to_string());
+    Ok(Box::new(move |file| {
+        api_repo.get(file).map_err(|e| e.to_string())
+    }))
 }
 
 /// `owner/name` with hub-legal characters and no path-like prefix.

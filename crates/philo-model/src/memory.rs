@@ -25,6 +25,20 @@ pub fn peak_memory_gib(device: &Device) -> Option<f64> {
     }
 }
 
+/// Free and total memory of `device` in bytes, as the driver reports them (CUDA only: None
+/// elsewhere or when the driver cannot say).
+pub fn device_memory(device: &Device) -> Option<(u64, u64)> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        use candle_core::cuda_backend::cudarc::driver::result;
+        d.cuda_stream().context().bind_to_thread().ok()?;
+        let (free, total) = result::mem_get_info().ok()?;
+        return Some((free as u64, total as u64));
+    }
+    let _ = device;
+    None
+}
+
 /// Starts a new peak-memory measurement on `device` (CUDA only; a no-op elsewhere).
 pub fn reset_peak_memory(device: &Device) {
     #[cfg(feature = "cuda")]

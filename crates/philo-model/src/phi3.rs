@@ -245,14 +245,32 @@ impl Phi3 {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        Self::load_as(config, store, dtype, device, WeightFormat::Dense)
+    }
+
+    /// Like [`Phi3::load`], with the decoder layers' projections stored in `format` as they
+    /// are read: the dense copy of one projection exists at a time, never the whole model's
+    /// (the same model as `load` then `quantize`).
+    pub fn load_as(
+        config: &Phi3Config,
+        store: &impl WeightSource,
+        dtype: DType,
+        device: &Device,
+        format: WeightFormat,
+    ) -> Result<Self> {
         let c = config;
         let (hd, d) = (c.hidden_size, c.head_dim);
         let load = |name: &str, shape: &[usize]| store.tensor(name, shape, dtype, device);
-        let linear = |name: &str, out: usize, inp: usize| -> Result<LoraLinear> {
+        let dense = |name: &str, out: usize, inp: usize| -> Result<LoraLinear> {
             Ok(LoraLinear::new(load(
                 &format!("{name}.weight"),
                 &[out, inp],
             )?))
+        };
+        let linear = |name: &str, out: usize, inp: usize| -> Result<LoraLinear> {
+            let mut linear = dense(name, out, inp)?;
+            linear.quantize(format)?;
+            Ok(linear)
         };
         let norm = |name: &str| -> Result<RmsNorm> {
             Ok(RmsNorm {
@@ -293,7 +311,7 @@ impl Phi3 {
         let lm_head = if c.tie_word_embeddings && !store.contains("lm_head.weight") {
             LoraLinear::new(embed_tokens.clone())
         } else {
-            linear("lm_head", c.vocab_size, hd)?
+            dense("lm_head", c.vocab_size, hd)?
         };
         Ok(Phi3 {
             embed_tokens,

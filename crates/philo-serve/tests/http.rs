@@ -943,6 +943,20 @@ async fn metrics_expose_http_engine_and_latency_metrics() {
     ] {
         assert!(text.contains(line), "missing {line} in\n{text}");
     }
+    // The GPU gauges come from NVML where it is (the server opens it at the first scrape); on
+    // a machine without a GPU they are left out and the rest is as above.
+    let gpu_gauges = [
+        "philo_gpu_utilization_percent{gpu=\"0\"} ",
+        "philo_gpu_memory_used_bytes{gpu=\"0\"} ",
+        "philo_gpu_memory_total_bytes{gpu=\"0\"} ",
+    ];
+    if philo_monitor::Monitor::open().is_ok() {
+        for line in gpu_gauges {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+    } else {
+        assert!(!text.contains("philo_gpu_"), "{text}");
+    }
 }
 
 #[tokio::test]

@@ -13,11 +13,16 @@ use philo_kernels::profile::time;
 
 /// Labelled rows per chunk of the lean loss: 4,096 × 32,064 bf16 logits and their gradient are
 /// about 0.5 GiB together.
-const LOSS_CHUNK_ROWS: usize = 4096;
+pub const LOSS_CHUNK_ROWS: usize = 4096;
 
 /// Tokens per row chunk of a layer's forward and backward on the GPU: the activations a
 /// layer's backward keeps shrink with the chunk, while the matmuls stay large.
-const CHUNK_TOKENS: usize = 8192;
+pub const CHUNK_TOKENS: usize = 8192;
+
+/// Rows of a `[batch, seq]` micro-batch that one GPU row chunk holds.
+pub fn rows_per_chunk(batch: usize, seq: usize) -> usize {
+    (CHUNK_TOKENS / seq.max(1)).clamp(1, batch.max(1))
+}
 
 /// One micro-batch on the model's device.
 pub struct MicroBatch {
@@ -196,14 +201,14 @@ pub fn accumulate(
     let (b, s) = batch.input_ids.dims2()?;
     // On the GPU a layer runs in row chunks of about CHUNK_TOKENS tokens. The same chunks are
     // used in the forward and the recomputation, so dropout masks agree.
-    let rows_per_chunk = if model.device().is_cuda() {
-        (CHUNK_TOKENS / s).clamp(1, b)
+    let chunk_rows = if model.device().is_cuda() {
+        rows_per_chunk(b, s)
     } else {
         b
     };
     let chunks: Vec<(usize, usize)> = (0..b)
-        .step_by(rows_per_chunk)
-        .map(|start| (start, rows_per_chunk.min(b - start)))
+        .step_by(chunk_rows)
+        .map(|start| (start, chunk_rows.min(b - start)))
         .collect();
     // One chunk's context is the whole batch's: rows start..start+len, dropout seed moved.
     let contexts = chunks

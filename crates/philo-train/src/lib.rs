@@ -6,6 +6,7 @@ pub mod backward;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod gpu_reading;
 pub mod lora_params;
 pub mod loss;
 pub mod loss_plot;

@@ -16,6 +16,7 @@ use crate::adamw::{AdamW, AdamWConfig};
 use crate::backward::{MicroBatch, PassOptions, StepContext};
 use crate::data::{Batch, BatchPlan, BatchPosition, PrefetchLimit, Prefetcher, RowDataset};
 use crate::error::{Result, TrainError};
+use crate::gpu_reading::{GpuProbe, GpuReading};
 use crate::lora_params::LoraParams;
 use crate::loss::count_targets;
 use crate::schedule::{Schedule, ScheduleKind};
@@ -66,6 +67,9 @@ pub struct StepMetrics {
     /// f16 training: the gradients overflowed and the adapter was not updated.
     #[serde(skip_serializing_if = "std::ops::Not::not", default)]
     pub skipped: bool,
+    /// The GPU at this step (NVML; absent on the CPU).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub gpu: Option<GpuReading>,
 }
 
 /// Progress reports of a run, for a progress bar or a log.
@@ -75,7 +79,13 @@ pub enum TrainEvent<'a> {
         start_step: usize,
         trainable: usize,
     },
+    /// A logged step (see `logging_steps`).
     Step(&'a StepMetrics),
+    /// Every optimizer step, logged or not, with the GPU's state.
+    Progress {
+        step: usize,
+        gpu: Option<GpuReading>,
+    },
     Saved {
         step: usize,
         dir: &'a Path,
@@ -297,6 +307,7 @@ impl Trainer {
         let mut last_loss = None;
         let mut last_eval = None;
         let mut step_context = StepContext::new(self.model.device(), self.model.dtype());
+        let probe = GpuProbe::for_device(self.model.device());
         while self.step < total {
             if stop.load(Ordering::SeqCst) {
                 interrupted = true;
@@ -354,6 +365,11 @@ impl Trainer {
             };
             let (loss, grad_norm) = (outcome.loss, outcome.grad_norm);
             self.step += 1;
+            let gpu = probe.as_ref().and_then(GpuProbe::read);
+            on_event(TrainEvent::Progress {
+                step: self.step,
+                gpu,
+            });
             self.position = next_position;
             last_loss = Some(loss);
 
@@ -385,6 +401,7 @@ impl Trainer {
                     eval_loss,
                     loss_scale: step_context.scaler.as_ref().map(|s| s.scale),
                     skipped: outcome.skipped,
+                    gpu,
                 };
                 writeln!(
                     metrics,
@@ -446,6 +463,11 @@ impl Trainer {
             crate::eval::evaluate(&self.model, eval, self.config.batch_size, |_| {})?
                 .map(|r| r.loss),
         )
+    }
+
+    /// The newest checkpoint written or resumed from.
+    pub fn last_checkpoint(&self) -> Option<&Path> {
+        self.last_checkpoint.as_deref()
     }
 
     /// The error of a run whose numbers stopped being finite at the coming step; the adapter is

@@ -2,21 +2,24 @@
 //!
 //! The HTTP layer counts requests and observes latencies as they happen; the engine's gauges and
 //! counters (queue, running sequences, KV blocks, tokens) are read from [`Backend::stats`] at
-//! each scrape, so they are never stale and the engine keeps no metrics code of its own.
+//! each scrape, so they are never stale and the engine keeps no metrics code of its own. So are
+//! the GPUs' utilization and memory, through NVML, on machines that have it.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use philo_monitor::{Gpu, Monitor};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
 use super::error::ApiError;
@@ -97,6 +100,7 @@ impl Metrics {
             request_duration.clone(),
         );
         registry.register_collector(Box::new(EngineCollector { backend }));
+        registry.register_collector(Box::new(GpuCollector::default()));
         Metrics {
             registry,
             requests,
@@ -272,4 +276,75 @@ impl Collector for EngineCollector {
         }
         Ok(())
     }
+}
+
+/// Labels of the GPU gauges.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GpuLabels {
+    /// NVML's index, the one nvidia-smi shows.
+    gpu: String,
+}
+
+/// Encodes each GPU's utilization and memory at each scrape, read through NVML.
+#[derive(Debug, Default)]
+struct GpuCollector {
+    /// Opened at the first scrape, not at startup, so that a server nobody scrapes never loads
+    /// NVML; `None` where NVML or a GPU is missing, and then the gauges are left out.
+    monitor: OnceLock<Option<Monitor>>,
+}
+
+impl Collector for GpuCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let Some(monitor) = self.monitor.get_or_init(|| Monitor::open().ok()) else {
+            return Ok(());
+        };
+        // A failed sample (a GPU fallen off the bus) leaves the gauges out of this scrape rather
+        // than failing the engine's metrics with it.
+        let Ok(gpus) = monitor.sample() else {
+            return Ok(());
+        };
+        encode_gpu_gauge(
+            &mut encoder,
+            "gpu_utilization",
+            "Percent of the last sample period during which a kernel ran on the GPU.",
+            Unit::Other("percent".to_string()),
+            &gpus,
+            |gpu| gpu.utilization_percent.into(),
+        )?;
+        encode_gpu_gauge(
+            &mut encoder,
+            "gpu_memory_used",
+            "GPU memory allocated, by every process and the driver.",
+            Unit::Bytes,
+            &gpus,
+            |gpu| gpu.memory_used_bytes as i64,
+        )?;
+        encode_gpu_gauge(
+            &mut encoder,
+            "gpu_memory_total",
+            "GPU memory installed.",
+            Unit::Bytes,
+            &gpus,
+            |gpu| gpu.memory_total_bytes as i64,
+        )
+    }
+}
+
+/// One gauge family with a `value` per GPU.
+fn encode_gpu_gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Unit,
+    gpus: &[Gpu],
+    value: impl Fn(&Gpu) -> i64,
+) -> fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, Some(&unit), MetricType::Gauge)?;
+    for gpu in gpus {
+        let labels = GpuLabels {
+            gpu: gpu.index.to_string(),
+        };
+        ConstGauge::new(value(gpu)).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
 }

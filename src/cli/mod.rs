@@ -1,0 +1,4 @@
+//! Subcommands of the `philo` binary that live in their own files (the rest are in main.rs).
+
+pub mod monitor;
+pub mod plan;
