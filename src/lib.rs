@@ -11,6 +11,7 @@ pub mod chat;
 pub mod demo;
 pub mod device;
 pub mod eval;
+pub mod export;
 pub mod finetune;
 pub mod merge;
 pub mod monitor;

@@ -52,6 +52,8 @@ enum Command {
     /// Serve the model (and LoRA adapters) over an OpenAI-compatible HTTP API with continuous
     /// batching.
     Serve(Box<ServeArgs>),
+    /// Write a model (an adapter merged in) as a GGUF file for llama.cpp / Ollama.
+    Export(cli::export::ExportArgs),
     /// Predict a job's peak GPU memory (broken down), whether it fits a GPU, the batch that
     /// does and its tokens/s, from the model's config alone.
     Plan(cli::plan::PlanArgs),
@@ -830,6 +832,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench(args),
         Command::Eval(args) => eval(args),
         Command::Serve(args) => serve(*args),
+        Command::Export(args) => cli::export::run(args),
         Command::Plan(args) => cli::plan::run(args),
         Command::Monitor(args) => cli::monitor::run(args),
         Command::Demo { dir, steps } => demo(dir, steps),

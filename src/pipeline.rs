@@ -39,7 +39,6 @@ pub struct Pipeline {
     pub tokenizer: Tokenizer,
     pub template: ChatTemplate,
     pub stop_tokens: Vec<u32>,
-    pub files: ModelFiles,
 }
 
 /// How a loaded model holds its weights.
@@ -62,6 +61,14 @@ impl Pipeline {
         dtype: DType,
         device: &Device,
     ) -> anyhow::Result<Self> {
+        let path = Path::new(spec);
+        if path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+            && path.is_file()
+        {
+            return Self::load_gguf(path, adapter, weights, dtype, device);
+        }
         let files = ModelFiles::resolve(spec)?;
         let config = Phi3Config::from_file(&files.config())?;
         let (tokenizer, template) = load_text(&files)?;
@@ -106,7 +113,49 @@ impl Pipeline {
             tokenizer,
             template,
             stop_tokens,
-            files,
+        })
+    }
+
+    /// A phi3 GGUF file: config, tokenizer and chat template from its metadata, weights
+    /// dequantised into `dtype` (then stored as `weights.quant` says).
+    fn load_gguf(
+        path: &Path,
+        adapter: Option<&Path>,
+        weights: WeightOptions,
+        dtype: DType,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
+        let file = philo_gguf::GgufModel::open(path)?;
+        let config = file.config()?;
+        let tokenizer = Tokenizer::from_json(&file.tokenizer_json()?, path)?;
+        let piece = |id: Option<u32>| id.and_then(|id| file.token(id)).unwrap_or("").to_string();
+        let (bos, eos) = (
+            piece(config.bos_token_id),
+            piece(config.eos_token_ids.first().copied()),
+        );
+        let template = match file.chat_template() {
+            Some(source) => ChatTemplate::new(source, &bos, &eos)
+                .with_context(|| format!("{}: tokenizer.chat_template", path.display()))?,
+            None => ChatTemplate::phi3_default(),
+        };
+        let mut stop_tokens = config.eos_token_ids.clone();
+        for id in PHI3_STOP_TOKENS {
+            if (id as usize) < config.vocab_size && !stop_tokens.contains(&id) {
+                stop_tokens.push(id);
+            }
+        }
+        let mut model = Phi3::load_as(&config, &file, dtype, device, weights.quant.format(true))?;
+        if let Some(dir) = adapter {
+            Adapter::load(dir)?.attach(&mut model)?;
+            if weights.quant == BaseQuant::None && weights.merge_adapter {
+                model.merge_lora()?;
+            }
+        }
+        Ok(Pipeline {
+            model,
+            tokenizer,
+            template,
+            stop_tokens,
         })
     }
 

@@ -1,4 +1,5 @@
 //! Subcommands of the `philo` binary that live in their own files (the rest are in main.rs).
 
+pub mod export;
 pub mod monitor;
 pub mod plan;

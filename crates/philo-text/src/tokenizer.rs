@@ -34,6 +34,18 @@ impl Tokenizer {
         Ok(Tokenizer::from(inner))
     }
 
+    /// A tokenizer from the text of a `tokenizer.json` held elsewhere (e.g. inside a GGUF
+    /// file); `source` names it in errors.
+    pub fn from_json(json: &str, source: &Path) -> Result<Tokenizer, TextError> {
+        let inner = tokenizers::Tokenizer::from_bytes(json.as_bytes()).map_err(|e| {
+            TextError::TokenizerParse {
+                path: source.to_path_buf(),
+                message: e.to_string(),
+            }
+        })?;
+        Ok(Tokenizer::from(inner))
+    }
+
     /// Turns `text` into token ids.
     ///
     /// `add_special_tokens` runs the tokenizer's post-processor; for Phi-3's

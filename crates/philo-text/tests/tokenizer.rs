@@ -60,9 +60,8 @@ fn phi3() -> Tokenizer {
     Tokenizer::from_file(Path::new(PHI3_TOKENIZER)).expect("load Phi-3 tokenizer")
 }
 
-#[test]
-fn llama_cpp_vectors_encode_to_expected_ids() {
-    let tokenizer = phi3();
+/// `tokenizer` encodes every llama.cpp vector to its ids and decodes the ids back.
+fn assert_vectors_round_trip(tokenizer: &Tokenizer) {
     let vectors = read_vectors();
     assert_eq!(vectors.len(), 46);
     let mut failures = Vec::new();
@@ -71,31 +70,37 @@ fn llama_cpp_vectors_encode_to_expected_ids() {
         if &ids != expected {
             failures.push(format!("{input:?}: got {ids:?}, expected {expected:?}"));
         }
+        let text = tokenizer.decode(expected, true).expect("decode");
+        if &text != input {
+            failures.push(format!("{input:?}: decoded to {text:?}"));
+        }
     }
     assert!(
         failures.is_empty(),
-        "{} of 46 vectors differ:\n{}",
+        "{} failures over 46 vectors:\n{}",
         failures.len(),
         failures.join("\n")
     );
 }
 
 #[test]
-fn llama_cpp_vectors_decode_back_to_input() {
-    let tokenizer = phi3();
-    let mut failures = Vec::new();
-    for (input, expected) in read_vectors() {
-        let text = tokenizer.decode(&expected, true).expect("decode");
-        if text != input {
-            failures.push(format!("{input:?}: decoded to {text:?}"));
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "{} of 46 vectors differ:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+fn llama_cpp_vectors_encode_to_expected_ids_and_back() {
+    assert_vectors_round_trip(&phi3());
+}
+
+/// The tokenizer philo rebuilds from a GGUF file's llama vocabulary (pieces, scores, types:
+/// what llama.cpp's converter writes, and philo's export) tokenizes like the original.
+#[test]
+fn tokenizer_rebuilt_from_the_gguf_vocabulary_matches_the_vectors() {
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(PHI3_TOKENIZER).unwrap()).unwrap();
+    let vocab = philo_gguf::vocab::vocab_from_tokenizer_json(&json, 32064).unwrap();
+    assert_eq!(vocab.tokens[32063], "[PAD32063]");
+    assert_eq!(vocab.types[0x0A + 3], philo_gguf::vocab::BYTE);
+    let rebuilt = philo_gguf::vocab::tokenizer_json_from_vocab(&vocab, Some(1), false);
+    let tokenizer = Tokenizer::from_json(&rebuilt.to_string(), Path::new("rebuilt")).unwrap();
+    assert_vectors_round_trip(&tokenizer);
+    assert_eq!(tokenizer.token_to_id("<|end|>"), Some(32007));
 }
 
 #[test]
