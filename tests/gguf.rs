@@ -406,3 +406,61 @@ fn broken_and_foreign_gguf_files_get_one_clear_error() {
     ));
     assert!(line.contains("already exists"), "{line}");
 }
+
+/// A block-quantised GGUF file runs as stored (candle's quantised matmul, no dense copy): its
+/// logits stay near the source model's; `--quant int8` converts it instead.
+#[test]
+fn quantised_gguf_weights_run_as_stored() {
+    use candle_core::{DType, Device, Tensor};
+    use philo::pipeline::{Pipeline, WeightOptions};
+    use philo::quant::BaseQuant;
+    use philo_model::lora_linear::BaseWeight;
+    let work = TempDir::new().unwrap();
+    let (model, file) = tiny_with_export(work.path(), "q8_0");
+    let load = |spec: &Path, quant| {
+        let weights = WeightOptions {
+            quant,
+            merge_adapter: false,
+        };
+        Pipeline::load(
+            spec.to_str().unwrap(),
+            None,
+            weights,
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
+        .model
+    };
+    let stored = load(&file, BaseQuant::None);
+    assert!(matches!(
+        stored.layers[0].self_attn.qkv_proj.base,
+        BaseWeight::Ggml(_)
+    ));
+    let converted = load(&file, BaseQuant::Int8);
+    assert!(matches!(
+        converted.layers[0].self_attn.qkv_proj.base,
+        BaseWeight::Int8(_)
+    ));
+    let source = load(&model, BaseQuant::None);
+    let ids = Tensor::new(
+        &[[1u32, 450, 6635, 4083, 29871, 13, 3492, 526]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let logits = |m: &philo_model::Phi3| m.forward(&ids, None, None).unwrap();
+    let want = logits(&source);
+    let scale: f32 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+    for (what, m) in [("as stored", &stored), ("as int8", &converted)] {
+        let err: f32 = (logits(m) - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        // Q8_0 weights (and, as stored, Q8_0 activations in the dot products): within 2 %.
+        assert!(err / scale < 0.02, "{what}: max error {err} of {scale}");
+    }
+}

@@ -4,9 +4,10 @@
 use std::collections::HashMap;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use philo_model::weights::WeightSource;
 use philo_model::{ModelError, Phi3Config};
@@ -229,5 +230,33 @@ impl WeightSource for GgufModel {
 
     fn contains(&self, name: &str) -> bool {
         gguf_name(name).is_some_and(|g| self.content.tensor_infos.contains_key(&g))
+    }
+
+    fn quantized(
+        &self,
+        name: &str,
+        shape: &[usize],
+        device: &Device,
+    ) -> philo_model::Result<Option<Arc<QTensor>>> {
+        let Some(info) = gguf_name(name).and_then(|g| self.content.tensor_infos.get(&g)) else {
+            return Ok(None);
+        };
+        if matches!(
+            info.ggml_dtype,
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+        ) {
+            return Ok(None);
+        }
+        if info.shape.dims() != shape {
+            return Err(ModelError::TensorShape {
+                path: self.path.clone(),
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                actual: info.shape.dims().to_vec(),
+            });
+        }
+        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let q = info.read(&mut *file, self.content.tensor_data_offset, device)?;
+        Ok(Some(Arc::new(q)))
     }
 }

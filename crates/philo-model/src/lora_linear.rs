@@ -3,7 +3,8 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Tensor};
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{DType, Module, Tensor};
 use philo_kernels::nf4::Nf4Weight;
 use philo_quant::device::{Int4Weight, Int8Weight};
 use philo_quant::{dequantize_matmul, Int4Tensor, Int8Tensor, Nf4Tensor, INT4_GROUP};
@@ -43,6 +44,9 @@ pub enum BaseWeight {
     Int8(Arc<Int8Weight>),
     /// Symmetric INT4 in groups of 128 input columns on the model's device (W4A16).
     Int4(Arc<Int4Weight>),
+    /// A GGUF block-quantised matrix (Q8_0, Q4_K, …) as a GGUF file stores it, multiplied by
+    /// candle's quantised kernels (llama.cpp's MMVQ/MMQ on the GPU) without a dense copy.
+    Ggml(Arc<QTensor>),
 }
 
 /// How a linear layer's frozen base weight is stored.
@@ -84,6 +88,24 @@ fn frozen_matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     })
 }
 
+/// x · wᵀ for a GGUF block-quantised `w`. The GPU's kernels take bf16/f16/f32 rows; the CPU's
+/// take f32.
+fn ggml_matmul_t(x: &Tensor, w: &Arc<QTensor>) -> Result<Tensor> {
+    let product = QMatMul::from_arc(w.clone())?;
+    let dims = x.dims();
+    let in_features = dims[dims.len() - 1];
+    let rows = x.reshape((x.elem_count() / in_features, in_features))?;
+    let rows = if x.device().is_cpu() {
+        rows.to_dtype(DType::F32)?
+    } else {
+        rows.contiguous()?
+    };
+    let y = product.forward(&rows)?.to_dtype(x.dtype())?;
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().expect("x has a last dim") = w.shape().dims()[0];
+    Ok(y.reshape(out_dims)?)
+}
+
 /// Applies a 2-D product `[rows, in] → [rows, out]` (out = `w`'s rows) to `x` of any leading
 /// shape by folding the leading dimensions into rows.
 fn over_rows(
@@ -116,6 +138,7 @@ impl LoraLinear {
             BaseWeight::Nf4Device(w) => w.rows,
             BaseWeight::Int8(w) => w.shape().0,
             BaseWeight::Int4(w) => w.shape().0,
+            BaseWeight::Ggml(w) => w.shape().dims()[0],
         }
     }
 
@@ -126,6 +149,7 @@ impl LoraLinear {
             BaseWeight::Nf4Device(w) => w.cols,
             BaseWeight::Int8(w) => w.shape().1,
             BaseWeight::Int4(w) => w.shape().1,
+            BaseWeight::Ggml(w) => w.shape().dims()[1],
         }
     }
 
@@ -143,6 +167,7 @@ impl LoraLinear {
                 .dequantize(dtype)
                 .map_err(quant_error)?
                 .to_device(device)?,
+            BaseWeight::Ggml(w) => w.dequantize(device)?.to_dtype(dtype)?,
         })
     }
 
@@ -215,6 +240,7 @@ impl LoraLinear {
             }
             // The dequantised copy lives for this matmul only.
             BaseWeight::Nf4Device(w) => frozen_matmul_t(x, &w.dequantize(x.dtype())?)?,
+            BaseWeight::Ggml(w) => ggml_matmul_t(x, w)?,
         };
         let Some(lora) = &self.lora else {
             return Ok(y);

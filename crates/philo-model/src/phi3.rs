@@ -250,7 +250,8 @@ impl Phi3 {
 
     /// Like [`Phi3::load`], with the decoder layers' projections stored in `format` as they
     /// are read: the dense copy of one projection exists at a time, never the whole model's
-    /// (the same model as `load` then `quantize`).
+    /// (the same model as `load` then `quantize`). With [`WeightFormat::Dense`], projections the
+    /// source holds block-quantised (GGUF) stay so.
     pub fn load_as(
         config: &Phi3Config,
         store: &impl WeightSource,
@@ -268,6 +269,15 @@ impl Phi3 {
             )?))
         };
         let linear = |name: &str, out: usize, inp: usize| -> Result<LoraLinear> {
+            // Without a format to convert to, a block-quantised source matrix stays as stored.
+            if format == WeightFormat::Dense {
+                if let Some(q) = store.quantized(&format!("{name}.weight"), &[out, inp], device)? {
+                    return Ok(LoraLinear {
+                        base: crate::lora_linear::BaseWeight::Ggml(q),
+                        lora: None,
+                    });
+                }
+            }
             let mut linear = dense(name, out, inp)?;
             linear.quantize(format)?;
             Ok(linear)

@@ -24,6 +24,17 @@ pub trait WeightSource {
     fn tensor(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor>;
     /// Whether the source holds `name`.
     fn contains(&self, name: &str) -> bool;
+    /// `name` in the block-quantised form the source stores it in (a GGUF file's Q8_0, Q4_K,
+    /// …), checked against `shape`, on `device`; None when it is stored dense.
+    fn quantized(
+        &self,
+        name: &str,
+        shape: &[usize],
+        device: &Device,
+    ) -> Result<Option<std::sync::Arc<candle_core::quantized::QTensor>>> {
+        let _ = (name, shape, device);
+        Ok(None)
+    }
 }
 
 impl WeightSource for SafetensorsStore {
