@@ -11,7 +11,7 @@ and the adapter, and its model must be able to generate at least 24 tokens after
 Checks: the model list (base and adapter, the adapter's parent), a chat completion, the same
 chat streamed (role first, the deltas add up to the whole answer's text under greedy decoding,
 one finish_reason, a usage chunk), a chat naming the adapter, a text completion (whole and
-streamed), and errors as the client raises them: an unknown model is openai.NotFoundError, n=2
+streamed), log-probabilities (chat `logprobs`/`top_logprobs` and completions `logprobs`), and errors as the client raises them: an unknown model is openai.NotFoundError, n=2
 is openai.BadRequestError, a wrong API key (when one is given) is openai.AuthenticationError.
 
 Prints one line per check and exits 1 with the failures listed if any check fails, 2 if the
@@ -166,6 +166,50 @@ def check_completion(client, args):
     return f"{response.usage.completion_tokens} tokens, whole and streamed agree"
 
 
+def check_logprobs(client, args):
+    response = chat(client, args.model, logprobs=True, top_logprobs=3)
+    choice = response.choices[0]
+    expect(choice.logprobs is not None, "no choices[0].logprobs with logprobs=True")
+    content = choice.logprobs.content
+    expect(
+        len(content) == response.usage.completion_tokens,
+        f"{len(content)} logprobs entries for {response.usage.completion_tokens} tokens",
+    )
+    for entry in content:
+        expect(entry.logprob <= 0, f"logprob {entry.logprob} of {entry.token!r} is above 0")
+        expect(isinstance(entry.bytes, list), f"bytes of {entry.token!r} is {entry.bytes!r}")
+        top = [t.logprob for t in entry.top_logprobs]
+        expect(len(top) == 3, f"{len(top)} top_logprobs, expected 3")
+        expect(top == sorted(top, reverse=True), f"top_logprobs not sorted: {top}")
+        # Greedy: the chosen token is the most likely one.
+        expect(
+            entry.top_logprobs[0].token == entry.token
+            and abs(entry.top_logprobs[0].logprob - entry.logprob) < 1e-4,
+            f"chosen {entry.token!r} ({entry.logprob}) is not the top one {entry.top_logprobs[0]}",
+        )
+    plain = chat(client, args.model)
+    expect(plain.choices[0].logprobs is None, "logprobs without asking for them")
+    completion = client.completions.create(
+        model=args.model, prompt="Once upon a time", max_tokens=MAX_TOKENS, temperature=0, logprobs=2
+    )
+    legacy = completion.choices[0].logprobs
+    n = completion.usage.completion_tokens
+    expect(
+        legacy is not None
+        and len(legacy.tokens) == len(legacy.token_logprobs) == len(legacy.text_offset) == n
+        and len(legacy.top_logprobs) == n,
+        f"completion logprobs {legacy!r} do not cover its {n} tokens",
+    )
+    expect(all(len(t) <= 2 for t in legacy.top_logprobs), "more than 2 top_logprobs")
+    expect_error(
+        openai.BadRequestError,
+        400,
+        lambda: chat(client, args.model, top_logprobs=3),
+        "top_logprobs without logprobs",
+    )
+    return f"{len(content)} chat tokens with 3 alternatives each, {n} completion tokens"
+
+
 def expect_error(error_type, status, call, what):
     try:
         call()
@@ -206,6 +250,7 @@ CHECKS = [
     ("streamed chat", check_chat_stream),
     ("adapter", check_adapter_chat),
     ("completion", check_completion),
+    ("logprobs", check_logprobs),
     ("errors", check_errors),
 ]
 

@@ -548,9 +548,18 @@ struct ServeArgs {
     /// Tokens per KV cache block.
     #[arg(long = "block-size", default_value_t = 16)]
     block_size: usize,
-    /// Memory for the paged KV cache in GiB (default: 8 on a GPU, 1 on the CPU).
-    #[arg(long = "kv-cache-gib")]
+    /// Memory for the paged KV cache in GiB (default: on a GPU what --gpu_memory_utilization
+    /// leaves after the weights; 1 on the CPU).
+    #[arg(long = "kv-cache-gib", alias = "kv_cache_gib")]
     kv_cache_gib: Option<f64>,
+    /// The share of the GPU's memory the server may fill (weights, workspace and KV cache), as
+    /// vLLM's --gpu-memory-utilization.
+    #[arg(
+        long = "gpu_memory_utilization",
+        alias = "gpu-memory-utilization",
+        default_value_t = 0.9
+    )]
+    gpu_memory_utilization: f64,
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -571,6 +580,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_queue: args.max_queue,
         block_size: args.block_size,
         kv_cache_gib: args.kv_cache_gib,
+        gpu_memory_utilization: args.gpu_memory_utilization,
         quant: args.weights.quant(philo::quant::BaseQuant::None),
     };
     philo::serve::run(options, dtype, &device)

@@ -28,9 +28,13 @@ pub struct ServeOptions {
     pub max_tokens_per_step: usize,
     pub max_queue: usize,
     pub block_size: usize,
-    /// KV cache size; None: 8 GiB on a GPU, 1 GiB on the CPU (never more than `max_running`
-    /// sequences of the full context need).
+    /// KV cache size; None: on a GPU what `gpu_memory_utilization` leaves after the weights
+    /// and the step's workspace, 1 GiB on the CPU (never more than `max_running` sequences of
+    /// the full context need).
     pub kv_cache_gib: Option<f64>,
+    /// The share of the GPU's memory the server may bring it to (vLLM's
+    /// `--gpu-memory-utilization`), when `kv_cache_gib` is not given.
+    pub gpu_memory_utilization: f64,
     /// The base model's format (adapters run unmerged on top).
     pub quant: crate::quant::BaseQuant,
 }
@@ -61,19 +65,74 @@ pub fn parse_adapter(arg: &str) -> Result<(String, PathBuf), String> {
     }
 }
 
-/// KV blocks for `options` on this model: the requested (or default) bytes, but no more than
-/// every running sequence at full context needs.
-fn kv_blocks(pipeline: &Pipeline, options: &ServeOptions) -> usize {
+/// KV blocks for `options` on this model: `--kv-cache-gib`, or on a GPU what
+/// `--gpu_memory_utilization` leaves beside the loaded weights and the step's workspace (1 GiB
+/// on the CPU); never more than every running sequence at full context needs. Also says how
+/// the size was chosen.
+fn kv_blocks(pipeline: &Pipeline, options: &ServeOptions) -> anyhow::Result<(usize, String)> {
     let model = &pipeline.model;
-    let gib = options
-        .kv_cache_gib
-        .unwrap_or(if model.device().is_cuda() { 8.0 } else { 1.0 });
+    let (bytes, how) = match (
+        options.kv_cache_gib,
+        philo_model::memory::device_memory(model.device()),
+    ) {
+        (Some(gib), _) => (gib * philo_plan::GIB, "--kv-cache-gib".to_string()),
+        (None, Some((free, total))) => {
+            let shape = philo_plan::ModelShape::from_config(model.config());
+            let setup = serve_setup(model, options);
+            let workspace = philo_plan::infer::serve_workspace(&shape, &setup);
+            let bytes = philo_plan::infer::kv_cache_for_utilization(
+                total as f64,
+                free as f64 - philo_plan::LIBRARY_BYTES,
+                options.gpu_memory_utilization,
+                workspace,
+            );
+            anyhow::ensure!(
+                bytes > 0.0,
+                "no GPU memory is left for the KV cache within --gpu_memory_utilization {}: {:.1} of {:.1} GiB are in use after loading the weights; raise it, quantise the base (--quant int8/int4/nf4) or give --kv-cache-gib",
+                options.gpu_memory_utilization,
+                (total - free) as f64 / philo_plan::GIB,
+                total as f64 / philo_plan::GIB
+            );
+            (
+                bytes,
+                format!(
+                    "--gpu_memory_utilization {}",
+                    options.gpu_memory_utilization
+                ),
+            )
+        }
+        (None, None) => (philo_plan::GIB, "the CPU's default".to_string()),
+    };
     let per_block =
         PagedKvCache::bytes_per_block(model.config(), options.block_size, model.dtype());
-    let by_memory = (gib * (1u64 << 30) as f64) as usize / per_block;
+    let by_memory = bytes as usize / per_block;
     let context = model.config().max_position_embeddings;
     let by_need = options.max_running * context.div_ceil(options.block_size);
-    by_memory.min(by_need)
+    let blocks = by_memory.min(by_need);
+    let gib = (blocks * per_block) as f64 / philo_plan::GIB;
+    let capped = if by_need < by_memory {
+        format!(
+            ", capped at {} sequences of {context} tokens",
+            options.max_running
+        )
+    } else {
+        String::new()
+    };
+    Ok((blocks, format!("{gib:.1} GiB from {how}{capped}")))
+}
+
+/// `options` as philo-plan's serving setup.
+fn serve_setup(model: &philo_model::Phi3, options: &ServeOptions) -> philo_plan::infer::ServeSetup {
+    philo_plan::ServeSetup {
+        base: crate::plan::base_format(options.quant, true),
+        dtype_bytes: model.dtype().size_in_bytes(),
+        max_batch: options.max_running,
+        max_batch_tokens: options.max_tokens_per_step,
+        block_size: options.block_size,
+        kv_cache_gib: None,
+        gpu_memory_utilization: options.gpu_memory_utilization,
+        context: model.config().max_position_embeddings,
+    }
 }
 
 /// What to do when the KV cache does not fit: the cache that the free memory holds beside the
@@ -83,15 +142,7 @@ fn kv_cache_advice(model: &philo_model::Phi3, options: &ServeOptions) -> String 
         return "give a smaller --kv-cache-gib".to_string();
     };
     let shape = philo_plan::ModelShape::from_config(model.config());
-    let setup = philo_plan::ServeSetup {
-        base: crate::plan::base_format(options.quant, true),
-        dtype_bytes: model.dtype().size_in_bytes(),
-        max_batch: options.max_running,
-        max_batch_tokens: options.max_tokens_per_step,
-        block_size: options.block_size,
-        kv_cache_gib: 0.0,
-        context: model.config().max_position_embeddings,
-    };
+    let setup = serve_setup(model, options);
     let fit = philo_plan::infer::kv_cache_that_fits(
         &shape,
         &setup,
@@ -106,6 +157,11 @@ fn kv_cache_advice(model: &philo_model::Phi3, options: &ServeOptions) -> String 
 
 /// Runs the server until Ctrl-C or SIGTERM, then lets running requests finish.
 pub fn run(options: ServeOptions, dtype: DType, device: &Device) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        options.gpu_memory_utilization > 0.0 && options.gpu_memory_utilization <= 1.0,
+        "--gpu_memory_utilization must be in (0, 1], not {}",
+        options.gpu_memory_utilization
+    );
     let weights = crate::pipeline::WeightOptions {
         quant: options.quant,
         merge_adapter: false,
@@ -117,11 +173,10 @@ pub fn run(options: ServeOptions, dtype: DType, device: &Device) -> anyhow::Resu
             Adapter::load(dir).with_context(|| format!("--adapter {name}={}", dir.display()))?;
         adapters.push((name.clone(), adapter));
     }
-    let num_blocks = kv_blocks(&pipeline, &options);
+    let (num_blocks, kv_size) = kv_blocks(&pipeline, &options)?;
     anyhow::ensure!(
         num_blocks > 0,
-        "--kv-cache-gib {:?} holds no KV block of {} tokens; give it more memory",
-        options.kv_cache_gib,
+        "the KV cache ({kv_size}) holds no block of {} tokens; give it more memory",
         options.block_size
     );
     let model_id = options
@@ -170,7 +225,7 @@ pub fn run(options: ServeOptions, dtype: DType, device: &Device) -> anyhow::Resu
             .await
             .with_context(|| format!("cannot listen on {}", options.addr))?;
         eprintln!(
-            "philo serve: `{model_id}` on http://{} ({} KV blocks of {} tokens, batch up to {}, {} tokens per step){}",
+            "philo serve: `{model_id}` on http://{} ({} KV blocks of {} tokens: {kv_size}; batch up to {}, {} tokens per step){}",
             listener.local_addr()?,
             num_blocks,
             options.block_size,

@@ -80,8 +80,15 @@ struct ServePlanArgs {
     max_batch_tokens: usize,
     #[arg(long = "block-size", default_value_t = 16)]
     block_size: usize,
-    #[arg(long = "kv-cache-gib", default_value_t = 8.0)]
-    kv_cache_gib: f64,
+    /// Default: what --gpu_memory_utilization leaves, as philo serve sizes it.
+    #[arg(long = "kv-cache-gib", alias = "kv_cache_gib")]
+    kv_cache_gib: Option<f64>,
+    #[arg(
+        long = "gpu_memory_utilization",
+        alias = "gpu-memory-utilization",
+        default_value_t = 0.9
+    )]
+    gpu_memory_utilization: f64,
     /// Tokens a stream holds, prompt and answer.
     #[arg(long, default_value_t = 2048)]
     context: usize,
@@ -163,6 +170,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
                 max_batch_tokens: a.max_batch_tokens,
                 block_size: a.block_size,
                 kv_cache_gib: a.kv_cache_gib,
+                gpu_memory_utilization: a.gpu_memory_utilization,
                 context: a.context,
             };
             let plan = philo_plan::plan_serve(&shape, &setup, &gpu);

@@ -6,5 +6,5 @@ pub mod sampling;
 pub mod token_stream;
 
 pub use error::{GenerateError, Result};
-pub use sampling::{Sampler, SamplingParams};
+pub use sampling::{token_logprobs, Sampler, SamplingParams, TokenLogprobs};
 pub use token_stream::{generate, GenerateOptions, Generation, StopReason, TokenStream};

@@ -46,7 +46,14 @@ pub struct SamplingParams {
     /// Added to the logits of these token ids before anything else (OpenAI's `logit_bias`;
     /// -100 bans a token, +100 all but forces it). Ids outside the vocabulary are ignored.
     pub logit_bias: Vec<(u32, f32)>,
+    /// Report log-probabilities: `Some(k)` asks for the chosen token's and the `k` most likely
+    /// tokens' (at most [`MAX_TOP_LOGPROBS`]) log-softmax of the raw logits, see
+    /// [`token_logprobs`]. Sampling itself ignores it.
+    pub logprobs: Option<usize>,
 }
+
+/// The most alternatives [`SamplingParams::logprobs`] may ask for (OpenAI's `top_logprobs` limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
 
 impl Default for SamplingParams {
     fn default() -> Self {
@@ -61,6 +68,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             seed: None,
             logit_bias: Vec::new(),
+            logprobs: None,
         }
     }
 }
@@ -118,6 +126,9 @@ impl SamplingParams {
         }
         if let Some(&(_, bias)) = self.logit_bias.iter().find(|(_, b)| !b.is_finite()) {
             return Err(invalid("logit_bias", bias, "finite"));
+        }
+        if let Some(k) = self.logprobs.filter(|&k| k > MAX_TOP_LOGPROBS) {
+            return Err(invalid("logprobs", k, "at most 20"));
         }
         Ok(())
     }
@@ -288,6 +299,70 @@ pub fn softmax_in_place(xs: &mut [f32]) {
     }
     for x in xs.iter_mut() {
         *x = (f64::from(*x) / sum) as f32;
+    }
+}
+
+/// The log-probabilities of one sampled token, as OpenAI's `logprobs` reports them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    /// Log-probability of the chosen token.
+    pub logprob: f32,
+    /// The most likely tokens and their log-probabilities, most likely first (lower id first
+    /// among equals).
+    pub top: Vec<(u32, f32)>,
+}
+
+/// The log-softmax of `logits` at `chosen` and at the `k` largest logits.
+///
+/// This is the model's own distribution (OpenAI's and vLLM's convention): pass the raw logits,
+/// before temperature, filters, penalties and biases. The normaliser is summed in f64; NaN
+/// counts as `-inf`. An id outside `logits` gets `-inf`.
+pub fn token_logprobs(logits: &[f32], chosen: u32, k: usize) -> TokenLogprobs {
+    let clean = |x: f32| if x.is_nan() { f32::NEG_INFINITY } else { x };
+    let max = max_value(logits);
+    let log_norm = if max.is_finite() {
+        let sum: f64 = logits
+            .iter()
+            .map(|&x| (f64::from(clean(x)) - f64::from(max)).exp())
+            .sum();
+        f64::from(max) + sum.ln()
+    } else {
+        // All -inf (or NaN): nothing is possible. An infinite max takes all the mass.
+        f64::from(max)
+    };
+    let logprob = |x: f32| -> f32 {
+        let x = clean(x);
+        if x == max && max.is_infinite() {
+            // `inf - inf`: the +inf logits share the mass; treat each as certain.
+            if max > 0.0 {
+                0.0
+            } else {
+                f32::NEG_INFINITY
+            }
+        } else {
+            (f64::from(x) - log_norm) as f32
+        }
+    };
+    let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+    let by_logit = |a: &u32, b: &u32| {
+        clean(logits[*b as usize])
+            .total_cmp(&clean(logits[*a as usize]))
+            .then(a.cmp(b))
+    };
+    let k = k.min(logits.len());
+    if k > 0 && k < order.len() {
+        order.select_nth_unstable_by(k - 1, by_logit);
+    }
+    order.truncate(k);
+    order.sort_unstable_by(by_logit);
+    TokenLogprobs {
+        logprob: logits
+            .get(chosen as usize)
+            .map_or(f32::NEG_INFINITY, |&x| logprob(x)),
+        top: order
+            .into_iter()
+            .map(|id| (id, logprob(logits[id as usize])))
+            .collect(),
     }
 }
 
@@ -489,6 +564,49 @@ mod tests {
         assert!((0..50).all(|_| sampler.sample(&logits, &[]) == 0));
         let bad = SamplingParams {
             logit_bias: vec![(0, f32::NAN)],
+            ..SamplingParams::default()
+        };
+        assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn token_logprobs_match_a_hand_computed_log_softmax() {
+        // ln(e^1 + e^2 + e^3 + e^0 + 0) = 3.4401897; NaN counts as -inf.
+        let logits = [1.0, 2.0, 3.0, 0.0, f32::NEG_INFINITY, f32::NAN];
+        let got = token_logprobs(&logits, 1, 3);
+        let close = |a: f32, b: f32| (a - b).abs() < 1e-5;
+        assert!(close(got.logprob, -1.440_189_7), "{got:?}");
+        let ids: Vec<u32> = got.top.iter().map(|&(id, _)| id).collect();
+        assert_eq!(ids, [2, 1, 0]);
+        for (&(_, lp), want) in got
+            .top
+            .iter()
+            .zip([-0.440_189_7, -1.440_189_7, -2.440_189_7])
+        {
+            assert!(close(lp, want), "{got:?}");
+        }
+        // The chosen token need not be among the top ones.
+        let low = token_logprobs(&logits, 3, 1);
+        assert!(close(low.logprob, -3.440_189_7), "{low:?}");
+        assert_eq!(low.top.len(), 1);
+        assert_eq!(token_logprobs(&logits, 4, 0).logprob, f32::NEG_INFINITY);
+        assert_eq!(token_logprobs(&logits, 5, 0).top, []);
+        // Ties: lower id first; k beyond the vocabulary gives every token.
+        let tie = token_logprobs(&[0.5, 0.5], 1, 9);
+        assert_eq!(tie.top.len(), 2);
+        assert_eq!((tie.top[0].0, tie.top[1].0), (0, 1));
+        assert!(close(tie.logprob, -std::f32::consts::LN_2));
+    }
+
+    #[test]
+    fn logprobs_beyond_twenty_are_invalid() {
+        let ok = SamplingParams {
+            logprobs: Some(MAX_TOP_LOGPROBS),
+            ..SamplingParams::default()
+        };
+        assert!(ok.validate().is_ok());
+        let bad = SamplingParams {
+            logprobs: Some(21),
             ..SamplingParams::default()
         };
         assert!(bad.validate().is_err());

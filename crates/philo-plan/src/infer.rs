@@ -190,7 +190,7 @@ pub struct ServePlan {
     pub weights_gib: f64,
     /// Activations of the widest step (`--max-batch-tokens` prefill tokens) and the logits.
     pub workspace_gib: f64,
-    /// The KV cache asked for (`--kv-cache-gib`, default 8).
+    /// The KV cache: `--kv-cache-gib`, or what `--gpu_memory_utilization` leaves.
     pub kv_cache_gib: f64,
     pub kv_tokens: usize,
     /// The largest KV cache that fits beside the weights with the headroom.
@@ -220,13 +220,15 @@ pub struct ServeSetup {
     pub max_batch: usize,
     pub max_batch_tokens: usize,
     pub block_size: usize,
-    pub kv_cache_gib: f64,
+    /// `--kv-cache-gib`; None: what `gpu_memory_utilization` leaves.
+    pub kv_cache_gib: Option<f64>,
+    pub gpu_memory_utilization: f64,
     pub context: usize,
 }
 
 /// The step workspace of `philo serve`: the activations of `--max-batch-tokens` prefill tokens
 /// and the sampler's f32 logits and probabilities of every running sequence.
-fn serve_workspace(shape: &ModelShape, setup: &ServeSetup) -> f64 {
+pub fn serve_workspace(shape: &ModelShape, setup: &ServeSetup) -> f64 {
     let prefill = infer_memory(
         shape,
         setup.base,
@@ -245,6 +247,20 @@ pub fn kv_cache_that_fits(shape: &ModelShape, setup: &ServeSetup, free_bytes: f6
     (free_bytes / (1.0 + HEADROOM) - workspace * (1.0 + ALLOCATOR_RESERVE)).max(0.0)
 }
 
+/// The KV cache, bytes, for `--gpu_memory_utilization`: the process may bring the GPU's use to
+/// `utilization` × `total_bytes`; what is in use already (`total_bytes` − `free_bytes`: the
+/// weights, the CUDA context, other processes) and the step's workspace with the allocator's
+/// reserve come off; the rest holds the cache. 0 when nothing is left.
+pub fn kv_cache_for_utilization(
+    total_bytes: f64,
+    free_bytes: f64,
+    utilization: f64,
+    workspace_bytes: f64,
+) -> f64 {
+    let in_use = total_bytes - free_bytes;
+    (utilization * total_bytes - in_use - workspace_bytes * (1.0 + ALLOCATOR_RESERVE)).max(0.0)
+}
+
 /// Plans `philo serve` with `setup` on `gpu`.
 pub fn plan_serve(shape: &ModelShape, setup: &ServeSetup, gpu: &GpuSpec) -> ServePlan {
     let dt = setup.dtype_bytes;
@@ -252,8 +268,16 @@ pub fn plan_serve(shape: &ModelShape, setup: &ServeSetup, gpu: &GpuSpec) -> Serv
     let workspace = serve_workspace(shape, setup);
     let block_bytes = (setup.block_size.max(1) * shape.kv_bytes_per_token(dt)) as f64;
     let tokens_in = |bytes: f64| (bytes / block_bytes).floor().max(0.0) as usize * setup.block_size;
-    let kv_bytes = setup.kv_cache_gib * GIB;
     let usable = gpu.memory_bytes as f64 - CUDA_CONTEXT_BYTES;
+    let kv_bytes = match setup.kv_cache_gib {
+        Some(gib) => gib * GIB,
+        None => kv_cache_for_utilization(
+            gpu.memory_bytes as f64,
+            usable - memory.weights,
+            setup.gpu_memory_utilization,
+            workspace,
+        ),
+    };
     let reserve = ALLOCATOR_RESERVE * workspace;
     let max_kv = kv_cache_that_fits(shape, setup, usable - memory.weights);
     let kv_tokens = tokens_in(kv_bytes);
@@ -276,7 +300,7 @@ pub fn plan_serve(shape: &ModelShape, setup: &ServeSetup, gpu: &GpuSpec) -> Serv
         base: setup.base.name(),
         weights_gib: memory.weights / GIB,
         workspace_gib: workspace / GIB,
-        kv_cache_gib: setup.kv_cache_gib,
+        kv_cache_gib: kv_bytes / GIB,
         kv_tokens,
         max_kv_cache_gib: max_kv / GIB,
         max_kv_tokens: tokens_in(max_kv),
@@ -288,5 +312,24 @@ pub fn plan_serve(shape: &ModelShape, setup: &ServeSetup, gpu: &GpuSpec) -> Serv
         fits: peak + reserve <= usable,
         running,
         tokens_per_second: running as f64 / step,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kv_cache_takes_what_the_utilization_leaves() {
+        let gib = GIB;
+        // An H200 (140.4 GiB) after 7.5 GiB of weights and context, 0.9 utilisation, 1 GiB of
+        // workspace: 126.36 − 7.5 − 1.19 GiB.
+        let kv = kv_cache_for_utilization(140.4 * gib, 132.9 * gib, 0.9, gib);
+        assert!((kv / gib - (0.9 * 140.4 - 7.5 - 1.19)).abs() < 1e-9);
+        // Another process holding most of the GPU leaves nothing.
+        assert_eq!(
+            kv_cache_for_utilization(24.0 * gib, 2.0 * gib, 0.9, gib),
+            0.0
+        );
     }
 }

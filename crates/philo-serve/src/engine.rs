@@ -13,14 +13,14 @@ use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use candle_core::{DType, Device, Tensor};
-use philo_generate::Sampler;
+use philo_generate::{token_logprobs, Sampler};
 use philo_model::{Adapter, LoraBank, PagedKvCache, Phi3, SeqChunk};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::sync::oneshot;
 
 use crate::request::{
-    Backend, EngineStats, FinishReason, GenerationEvent, GenerationRequest, ModelInfo, SubmitError,
-    UnloadError,
+    Backend, EngineStats, FinishReason, GenerationEvent, GenerationRequest, ModelInfo,
+    SampledToken, SubmitError, UnloadError,
 };
 use crate::scheduler::{Scheduler, SchedulerConfig, SeqStatus};
 
@@ -636,11 +636,12 @@ impl Engine {
             let Some(seq) = self.sequences.get_mut(&id) else {
                 continue;
             };
-            seq.tokens.push(token);
-            let status = self.scheduler.append_token(id, token);
+            let token_id = token.id;
+            seq.tokens.push(token_id);
+            let status = self.scheduler.append_token(id, token_id);
             if seq.events.send(GenerationEvent::Token(token)).is_err() {
                 self.end(id, None);
-            } else if seq.stop_token_ids.contains(&token) {
+            } else if seq.stop_token_ids.contains(&token_id) {
                 self.end(id, Some(GenerationEvent::Finished(FinishReason::Stop)));
             } else if status == Some(SeqStatus::LengthReached) {
                 self.end(id, Some(GenerationEvent::Finished(FinishReason::Length)));
@@ -649,27 +650,29 @@ impl Engine {
         Ok(())
     }
 
-    /// The next token of each sampling row. Greedy rows without penalties take the argmax on
-    /// the device; only the other rows' logits travel to the host.
+    /// The next token of each sampling row. Greedy rows without penalties or log-probabilities
+    /// take the argmax on the device; only the other rows' logits travel to the host, where
+    /// the rows that asked for log-probabilities get them from their raw logits.
     fn sample(
         &mut self,
         logits: &Tensor,
         ids: &[u64],
         rows: &[usize],
-    ) -> anyhow::Result<Vec<(u64, u32)>> {
+    ) -> anyhow::Result<Vec<(u64, SampledToken)>> {
         let plain_greedy = |s: &Sequence| {
             let p = s.sampler.params();
             p.is_greedy()
                 && p.repetition_penalty.is_none_or(|r| r == 1.0)
                 && p.frequency_penalty == 0.0
                 && p.presence_penalty == 0.0
+                && p.logprobs.is_none()
         };
         let argmax: Vec<u32> = logits.argmax(1)?.to_vec1()?;
         let mut out = Vec::with_capacity(rows.len());
         let mut full_rows = Vec::new();
         for &r in rows {
             match self.sequences.get(&ids[r]) {
-                Some(s) if plain_greedy(s) => out.push((ids[r], argmax[r])),
+                Some(s) if plain_greedy(s) => out.push((ids[r], SampledToken::from(argmax[r]))),
                 Some(_) => full_rows.push(r),
                 None => {}
             }
@@ -691,7 +694,18 @@ impl Engine {
             for (&r, row) in full_rows.iter().zip(host) {
                 if let Some(s) = self.sequences.get_mut(&ids[r]) {
                     let token = s.sampler.sample(&row, &s.tokens);
-                    out.push((ids[r], token));
+                    let logprobs = s
+                        .sampler
+                        .params()
+                        .logprobs
+                        .map(|k| token_logprobs(&row, token, k));
+                    out.push((
+                        ids[r],
+                        SampledToken {
+                            id: token,
+                            logprobs,
+                        },
+                    ));
                 }
             }
         }

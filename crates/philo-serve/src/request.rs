@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use philo_generate::SamplingParams;
+use philo_generate::{SamplingParams, TokenLogprobs};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 /// One sequence to generate, already tokenized and validated by the HTTP layer.
@@ -40,9 +40,24 @@ pub enum GenerationEvent {
         prompt_tokens: usize,
         cached_prompt_tokens: usize,
     },
-    Token(u32),
+    Token(SampledToken),
     Finished(FinishReason),
     Failed(String),
+}
+
+/// One generated token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampledToken {
+    pub id: u32,
+    /// Its log-probability and the most likely alternatives, when the request's
+    /// `sampling.logprobs` asked for them.
+    pub logprobs: Option<TokenLogprobs>,
+}
+
+impl From<u32> for SampledToken {
+    fn from(id: u32) -> Self {
+        SampledToken { id, logprobs: None }
+    }
 }
 
 /// A request the engine refuses before queueing it.

@@ -55,7 +55,7 @@ fn collect(rx: &mut UnboundedReceiver<GenerationEvent>) -> (Vec<u32>, FinishReas
     let mut tokens = Vec::new();
     loop {
         match rx.blocking_recv().expect("the stream ends with Finished") {
-            GenerationEvent::Token(t) => tokens.push(t),
+            GenerationEvent::Token(t) => tokens.push(t.id),
             GenerationEvent::Finished(reason) => return (tokens, reason),
             GenerationEvent::Failed(e) => panic!("request failed: {e}"),
             GenerationEvent::Started { .. } => {}
@@ -356,6 +356,60 @@ fn unloaded_adapters_are_refused_and_their_cached_prefix_never_serves_another() 
     }
     assert_eq!(collect(&mut rx).0, want_negated);
     wait_idle(&engine);
+    engine.shutdown();
+    engine.join();
+}
+
+#[test]
+fn logprobs_come_from_the_raw_logits_only_when_asked() {
+    let model = model();
+    let (with, without) = (prompt(1, 11), prompt(2, 6));
+    let expected = (alone(&model, &with, 8), alone(&model, &without, 8));
+    let engine = EngineHandle::start(model, config(64, 64), Vec::new()).unwrap();
+    let mut asked = request("tiny", with, 8);
+    asked.sampling.logprobs = Some(4);
+    let mut asking = engine.submit(asked).unwrap();
+    let mut plain = engine.submit(request("tiny", without, 8)).unwrap();
+    let mut tokens = Vec::new();
+    loop {
+        match asking
+            .blocking_recv()
+            .expect("the stream ends with Finished")
+        {
+            GenerationEvent::Token(t) => {
+                let logprobs = t.logprobs.expect("logprobs were asked for");
+                assert_eq!(logprobs.top.len(), 4);
+                // Greedy: the chosen token is the most likely one.
+                assert_eq!(logprobs.top[0], (t.id, logprobs.logprob));
+                assert!(logprobs.logprob <= 0.0 && logprobs.logprob > -30.0);
+                assert!(logprobs.top.windows(2).all(|w| w[0].1 >= w[1].1));
+                tokens.push(t.id);
+            }
+            GenerationEvent::Finished(_) => break,
+            GenerationEvent::Failed(e) => panic!("request failed: {e}"),
+            GenerationEvent::Started { .. } => {}
+        }
+    }
+    assert_eq!(
+        tokens, expected.0,
+        "asking for logprobs does not change greedy tokens"
+    );
+    let mut plain_tokens = Vec::new();
+    loop {
+        match plain
+            .blocking_recv()
+            .expect("the stream ends with Finished")
+        {
+            GenerationEvent::Token(t) => {
+                assert!(t.logprobs.is_none(), "not asked for");
+                plain_tokens.push(t.id);
+            }
+            GenerationEvent::Finished(_) => break,
+            GenerationEvent::Failed(e) => panic!("request failed: {e}"),
+            GenerationEvent::Started { .. } => {}
+        }
+    }
+    assert_eq!(plain_tokens, expected.1);
     engine.shutdown();
     engine.join();
 }

@@ -12,8 +12,8 @@ use axum::Router;
 use http_body_util::BodyExt;
 use philo_serve::http::{router, serve, ServerConfig, ServerState};
 use philo_serve::request::{
-    Backend, EngineStats, FinishReason, GenerationEvent, GenerationRequest, ModelInfo, SubmitError,
-    UnloadError,
+    Backend, EngineStats, FinishReason, GenerationEvent, GenerationRequest, ModelInfo,
+    SampledToken, SubmitError, UnloadError,
 };
 use philo_text::{ChatMessage, ChatTemplate, Tokenizer};
 use serde_json::{json, Value};
@@ -118,6 +118,17 @@ impl TestBackend {
     }
 }
 
+/// The scripted engine's logits when it picks `token`: `token` first, then ids 29871 (`▁`),
+/// 13 (`<0x0A>`) and 450 (`▁The`) a little behind, everything else far behind.
+fn fake_logits(token: u32) -> Vec<f32> {
+    let mut logits = vec![-5.0; VOCAB];
+    for (id, logit) in [(29871, 3.0), (13, 2.0), (450, 1.0)] {
+        logits[id] = logit;
+    }
+    logits[token as usize] = 4.0;
+    logits
+}
+
 /// Plays the engine's side of one sequence.
 async fn run_sequence(
     backend: Arc<Script>,
@@ -146,7 +157,14 @@ async fn run_sequence(
             }
             () = tokio::time::sleep(backend.delay) => {}
         }
-        let _ = tx.send(GenerationEvent::Token(token));
+        let logprobs = request
+            .sampling
+            .logprobs
+            .map(|k| philo_generate::token_logprobs(&fake_logits(token), token, k));
+        let _ = tx.send(GenerationEvent::Token(SampledToken {
+            id: token,
+            logprobs,
+        }));
         if request.stop_token_ids.contains(&token) {
             let _ = tx.send(GenerationEvent::Finished(FinishReason::Stop));
             return;
@@ -684,6 +702,192 @@ async fn api_key_guards_the_v1_routes_only() {
     assert!(doc["paths"]["/v1/models"]["get"]["security"].is_array());
 }
 
+/// Checks one chat `logprobs.content` list: greedy (the chosen token is the top-1 entry),
+/// log-probabilities at most 0, `top` alternatives sorted most likely first.
+fn check_chat_logprobs(content: &[Value], top: usize) {
+    for entry in content {
+        let logprob = entry["logprob"].as_f64().unwrap();
+        assert!(logprob <= 0.0, "{entry}");
+        let token = entry["token"].as_str().unwrap();
+        let bytes: Vec<u8> = serde_json::from_value(entry["bytes"].clone()).unwrap();
+        if token != "\u{FFFD}" {
+            assert_eq!(bytes, token.as_bytes(), "{entry}");
+        }
+        let alternatives = entry["top_logprobs"].as_array().unwrap();
+        assert_eq!(alternatives.len(), top, "{entry}");
+        let values: Vec<f64> = alternatives
+            .iter()
+            .map(|a| a["logprob"].as_f64().unwrap())
+            .collect();
+        assert!(values.windows(2).all(|w| w[0] >= w[1]), "{entry}");
+        assert!(values.iter().all(|&v| v <= 0.0));
+        assert_eq!(alternatives[0]["token"], entry["token"], "{entry}");
+        assert!((alternatives[0]["logprob"].as_f64().unwrap() - logprob).abs() < 1e-6);
+        assert!(alternatives.iter().all(|a| a["bytes"].is_array()));
+    }
+}
+
+#[tokio::test]
+async fn chat_returns_logprobs_whole_and_streamed() {
+    let (app, backend) = setup();
+    let reply = post(
+        &app,
+        "/v1/chat/completions",
+        json!({"messages": hello(), "temperature": 0, "logprobs": true, "top_logprobs": 3}),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(backend.last_request().sampling.logprobs, Some(3));
+    let body = reply.json();
+    let content = body["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap();
+    assert_eq!(
+        content.len(),
+        body["usage"]["completion_tokens"].as_u64().unwrap() as usize
+    );
+    check_chat_logprobs(content, 3);
+    // The tokens' texts make up the answer, then the stop token.
+    let joined: String = content
+        .iter()
+        .map(|e| e["token"].as_str().unwrap())
+        .collect();
+    assert_eq!(joined, format!("{}<|end|>", expected_reply()));
+    // The scripted logits: the chosen token at 4, others at 3, 2, 1 and -5 (32060 of them).
+    let norm = (4f64.exp() + 3f64.exp() + 2f64.exp() + 1f64.exp() + 32060.0 * (-5f64).exp()).ln();
+    assert!((content[0]["logprob"].as_f64().unwrap() - (4.0 - norm)).abs() < 1e-4);
+    assert_eq!(content[0]["top_logprobs"][2]["token"], "\n");
+    assert_eq!(content[0]["top_logprobs"][2]["bytes"], json!([10]));
+
+    // Without logprobs the field is null and the engine is not asked.
+    let reply = post(&app, "/v1/chat/completions", json!({"messages": hello()})).await;
+    assert!(reply.json()["choices"][0]["logprobs"].is_null());
+    assert_eq!(backend.last_request().sampling.logprobs, None);
+
+    let reply = post(
+        &app,
+        "/v1/chat/completions",
+        json!({"messages": hello(), "temperature": 0, "logprobs": true, "top_logprobs": 3,
+               "stream": true, "stream_options": {"include_usage": true}}),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let events = reply.events();
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let mut content = Vec::new();
+    let mut text = String::new();
+    for chunk in &chunks[..chunks.len() - 1] {
+        let choice = &chunk["choices"][0];
+        let mine = choice["logprobs"]["content"].as_array().unwrap();
+        let piece = choice["delta"]["content"].as_str().unwrap_or_default();
+        if !piece.is_empty() {
+            assert!(
+                !mine.is_empty(),
+                "a chunk of text carries its tokens: {chunk}"
+            );
+        }
+        text.push_str(piece);
+        content.extend(mine.iter().cloned());
+    }
+    assert_eq!(text, expected_reply());
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(
+        content.len(),
+        usage["completion_tokens"].as_u64().unwrap() as usize
+    );
+    check_chat_logprobs(&content, 3);
+}
+
+#[tokio::test]
+async fn completions_return_legacy_logprobs() {
+    let (app, backend) = setup();
+    let reply = post(
+        &app,
+        "/v1/completions",
+        json!({"prompt": "The capital of France", "temperature": 0, "logprobs": 2}),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(backend.last_request().sampling.logprobs, Some(2));
+    let body = reply.json();
+    let choice = &body["choices"][0];
+    let logprobs = &choice["logprobs"];
+    let n = body["usage"]["completion_tokens"].as_u64().unwrap() as usize;
+    let tokens = logprobs["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len(), n);
+    assert_eq!(logprobs["token_logprobs"].as_array().unwrap().len(), n);
+    assert_eq!(logprobs["text_offset"].as_array().unwrap().len(), n);
+    let tops = logprobs["top_logprobs"].as_array().unwrap();
+    assert_eq!(tops.len(), n);
+    let text = choice["text"].as_str().unwrap();
+    for i in 0..n {
+        let token = tokens[i].as_str().unwrap();
+        let logprob = logprobs["token_logprobs"][i].as_f64().unwrap();
+        assert!(logprob <= 0.0);
+        let top = tops[i].as_object().unwrap();
+        assert_eq!(top.len(), 2);
+        assert!(
+            (top[token].as_f64().unwrap() - logprob).abs() < 1e-6,
+            "greedy: top-1"
+        );
+        let offset = logprobs["text_offset"][i].as_u64().unwrap() as usize;
+        if i + 1 < n {
+            // Each token's text sits at its offset in the answer (the last is `<|end|>`).
+            let rest: String = text.chars().skip(offset).collect();
+            assert!(rest.starts_with(token), "{token:?} at {offset} of {text:?}");
+        }
+    }
+
+    let reply = post(
+        &app,
+        "/v1/completions",
+        json!({"prompt": "The capital of France", "temperature": 0, "logprobs": 0,
+               "stream": true}),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let events = reply.events();
+    let mut tokens = Vec::new();
+    let mut offsets = Vec::new();
+    let mut text = String::new();
+    for event in &events[..events.len() - 1] {
+        let chunk: Value = serde_json::from_str(event).unwrap();
+        let choice = &chunk["choices"][0];
+        text.push_str(choice["text"].as_str().unwrap());
+        for (token, offset) in choice["logprobs"]["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(choice["logprobs"]["text_offset"].as_array().unwrap())
+        {
+            tokens.push(token.as_str().unwrap().to_string());
+            offsets.push(offset.as_u64().unwrap() as usize);
+        }
+        assert!(choice["logprobs"]["top_logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t.as_object().unwrap().is_empty()));
+    }
+    assert_eq!(tokens.len(), n);
+    assert!(offsets.windows(2).all(|w| w[0] <= w[1]));
+    assert_eq!(tokens[..n - 1].concat(), text);
+
+    for body in [
+        json!({"prompt": "x", "logprobs": 6}),
+        json!({"prompt": "x", "logprobs": -1}),
+        json!({"prompt": "x", "logprobs": true}),
+    ] {
+        let error = post(&app, "/v1/completions", body.clone())
+            .await
+            .error(StatusCode::BAD_REQUEST);
+        assert_eq!(error["param"], "logprobs", "{body}");
+    }
+}
+
 #[tokio::test]
 async fn invalid_requests_get_openai_errors() {
     let (app, backend) = setup();
@@ -754,12 +958,25 @@ async fn invalid_requests_get_openai_errors() {
             json!({"messages": [{"role": "user", "content": [{"type": 0, "text": "hi"}]}]}),
             "messages[0].content",
         ),
-        // Fields philo does not implement are refused, never ignored.
-        (json!({"messages": hello(), "logprobs": true}), "logprobs"),
+        // top_logprobs needs logprobs: true and is at most 20.
         (
             json!({"messages": hello(), "top_logprobs": 3}),
             "top_logprobs",
         ),
+        (
+            json!({"messages": hello(), "logprobs": false, "top_logprobs": 3}),
+            "top_logprobs",
+        ),
+        (
+            json!({"messages": hello(), "logprobs": true, "top_logprobs": 21}),
+            "top_logprobs",
+        ),
+        (
+            json!({"messages": hello(), "logprobs": true, "top_logprobs": -1}),
+            "top_logprobs",
+        ),
+        (json!({"messages": hello(), "logprobs": 3}), "logprobs"),
+        // Fields philo does not implement are refused, never ignored.
         (
             json!({"messages": hello(), "response_format": {"type": "json_object"}}),
             "response_format",
@@ -984,6 +1201,21 @@ async fn openapi_document_describes_every_route() {
     assert_eq!(params["max_tokens"]["maximum"], CONTEXT - 1);
     let chat = &doc["components"]["schemas"]["ChatInput"];
     assert_eq!(chat["required"], json!(["messages"]));
+    assert_eq!(chat["properties"]["top_logprobs"]["maximum"], 20);
+    let completion = &doc["components"]["schemas"]["CompletionInput"];
+    assert_eq!(completion["properties"]["logprobs"]["maximum"], 5);
+    for schema in [
+        "ChatLogprobs",
+        "ChatTokenLogprob",
+        "TopLogprob",
+        "CompletionLogprobs",
+    ] {
+        assert!(doc["components"]["schemas"][schema].is_object(), "{schema}");
+    }
+    assert!(
+        params.get("logprobs").is_none(),
+        "logprobs is each endpoint's own field"
+    );
     assert_eq!(chat["properties"]["messages"]["minItems"], 1);
     assert!(doc["paths"]["/v1/models"]["get"].get("security").is_none());
 }

@@ -13,7 +13,8 @@ use super::ids::{response_id, unix_now};
 use super::json::ApiJson;
 use super::openai::{
     AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
-    ChatMessage, ChunkChoice, Delta, Usage,
+    ChatInput, ChatLogprobs, ChatMessage, ChatTokenLogprob, ChunkChoice, Delta, Usage,
+    MAX_CHAT_TOP_LOGPROBS,
 };
 use super::params::{max_tokens, Settings};
 use super::sse::{self, ChunkFormat};
@@ -51,7 +52,9 @@ pub async fn create_chat_completion(
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     let ChatCompletionRequest { input, params } = request;
-    let settings = Settings::from_params(&params)?;
+    let mut settings = Settings::from_params(&params)?;
+    settings.sampling.logprobs = logprobs(&input)?;
+    let with_logprobs = settings.sampling.logprobs.is_some();
     let messages = conversation(&input.messages)?;
     let model = state.resolve_model(params.model.as_deref())?;
     let text = state
@@ -97,11 +100,12 @@ pub async fn create_chat_completion(
         id: response_id("chatcmpl-"),
         created: unix_now(),
         model,
+        with_logprobs,
     };
     if stream {
         return Ok(sse::respond(generation, chunks, include_usage));
     }
-    let (content, reason) = generation.collect().await?;
+    let (content, logprobs, reason) = generation.collect().await?;
     Ok(Json(ChatCompletion {
         id: chunks.id,
         object: "chat.completion",
@@ -113,11 +117,31 @@ pub async fn create_chat_completion(
                 role: "assistant",
                 content,
             },
+            logprobs: with_logprobs.then_some(ChatLogprobs { content: logprobs }),
             finish_reason: reason.into(),
         }],
         usage: generation.usage(),
     })
     .into_response())
+}
+
+/// How many alternatives `logprobs`/`top_logprobs` ask for: `None` without `logprobs: true`.
+fn logprobs(input: &ChatInput) -> Result<Option<usize>, ApiError> {
+    let top = input.top_logprobs;
+    if let Some(top) = top.filter(|&n| n > MAX_CHAT_TOP_LOGPROBS) {
+        return Err(ApiError::invalid_param(
+            "top_logprobs",
+            format!("`top_logprobs` is {top} but must be in [0, {MAX_CHAT_TOP_LOGPROBS}]"),
+        ));
+    }
+    match (input.logprobs == Some(true), top) {
+        (true, top) => Ok(Some(top.unwrap_or(0) as usize)),
+        (false, Some(_)) => Err(ApiError::invalid_param(
+            "top_logprobs",
+            "`top_logprobs` needs `logprobs: true`; set it too, or leave `top_logprobs` out",
+        )),
+        (false, None) => Ok(None),
+    }
 }
 
 /// The messages in the form chat templates take.
@@ -148,10 +172,21 @@ struct ChatChunks {
     id: String,
     created: u64,
     model: String,
+    /// Whether the request asked for log-probabilities.
+    with_logprobs: bool,
 }
 
 impl ChatChunks {
     fn chunk(&self, delta: Delta, finish_reason: Option<FinishReason>) -> ChatCompletionChunk {
+        self.chunk_with(delta, Vec::new(), finish_reason)
+    }
+
+    fn chunk_with(
+        &self,
+        delta: Delta,
+        logprobs: Vec<ChatTokenLogprob>,
+        finish_reason: Option<FinishReason>,
+    ) -> ChatCompletionChunk {
         ChatCompletionChunk {
             id: self.id.clone(),
             object: "chat.completion.chunk",
@@ -160,6 +195,9 @@ impl ChatChunks {
             choices: vec![ChunkChoice {
                 index: 0,
                 delta,
+                logprobs: self
+                    .with_logprobs
+                    .then_some(ChatLogprobs { content: logprobs }),
                 finish_reason: finish_reason.map(Into::into),
             }],
             usage: None,
@@ -179,12 +217,12 @@ impl ChunkFormat for ChatChunks {
         Some(self.chunk(delta, None))
     }
 
-    fn text(&self, text: String) -> ChatCompletionChunk {
+    fn text(&self, text: String, logprobs: Vec<ChatTokenLogprob>) -> ChatCompletionChunk {
         let delta = Delta {
             role: None,
             content: Some(text),
         };
-        self.chunk(delta, None)
+        self.chunk_with(delta, logprobs, None)
     }
 
     fn finish(&self, reason: FinishReason) -> ChatCompletionChunk {

@@ -10,7 +10,10 @@ use super::error::ApiError;
 use super::generation::{Generation, Job};
 use super::ids::{response_id, unix_now};
 use super::json::ApiJson;
-use super::openai::{Completion, CompletionChoice, CompletionRequest, Prompt, Usage};
+use super::openai::{
+    ChatTokenLogprob, Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Prompt,
+    Usage, MAX_COMPLETION_LOGPROBS,
+};
 use super::params::{max_tokens, Settings};
 use super::sse::{self, ChunkFormat};
 use super::state::ServerState;
@@ -47,7 +50,15 @@ pub async fn create_completion(
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     let CompletionRequest { input, params } = request;
-    let settings = Settings::from_params(&params)?;
+    let mut settings = Settings::from_params(&params)?;
+    if let Some(n) = input.logprobs.filter(|&n| n > MAX_COMPLETION_LOGPROBS) {
+        return Err(ApiError::invalid_param(
+            "logprobs",
+            format!("`logprobs` is {n} but must be in [0, {MAX_COMPLETION_LOGPROBS}]"),
+        ));
+    }
+    settings.sampling.logprobs = input.logprobs.map(|n| n as usize);
+    let with_logprobs = input.logprobs.is_some();
     if input.echo == Some(true) {
         return Err(ApiError::invalid_param(
             "echo",
@@ -102,12 +113,14 @@ pub async fn create_completion(
         id: response_id("cmpl-"),
         created: unix_now(),
         model,
+        with_logprobs,
+        streamed_chars: Default::default(),
     };
     if stream {
         return Ok(sse::respond(generation, chunks, include_usage));
     }
-    let (text, reason) = generation.collect().await?;
-    let mut completion = chunks.completion(text, Some(reason));
+    let (text, logprobs, reason) = generation.collect().await?;
+    let mut completion = chunks.completion(text, logprobs, 0, Some(reason));
     completion.usage = Some(generation.usage());
     Ok(Json(completion).into_response())
 }
@@ -117,10 +130,24 @@ struct CompletionChunks {
     id: String,
     created: u64,
     model: String,
+    /// Whether the request asked for log-probabilities.
+    with_logprobs: bool,
+    /// Characters of text already streamed: where the next chunk's text starts.
+    streamed_chars: std::sync::atomic::AtomicUsize,
 }
 
 impl CompletionChunks {
-    fn completion(&self, text: String, finish_reason: Option<FinishReason>) -> Completion {
+    /// A completion (or chunk) of `text`, which starts `offset` characters into the choice.
+    fn completion(
+        &self,
+        text: String,
+        logprobs: Vec<ChatTokenLogprob>,
+        offset: usize,
+        finish_reason: Option<FinishReason>,
+    ) -> Completion {
+        let logprobs = self
+            .with_logprobs
+            .then(|| legacy_logprobs(logprobs, offset));
         Completion {
             id: self.id.clone(),
             object: "text_completion",
@@ -129,6 +156,7 @@ impl CompletionChunks {
             choices: vec![CompletionChoice {
                 index: 0,
                 text,
+                logprobs,
                 finish_reason: finish_reason.map(Into::into),
             }],
             usage: None,
@@ -143,19 +171,42 @@ impl ChunkFormat for CompletionChunks {
         None
     }
 
-    fn text(&self, text: String) -> Completion {
-        self.completion(text, None)
+    fn text(&self, text: String, logprobs: Vec<ChatTokenLogprob>) -> Completion {
+        let offset = self
+            .streamed_chars
+            .fetch_add(text.chars().count(), std::sync::atomic::Ordering::Relaxed);
+        self.completion(text, logprobs, offset, None)
     }
 
     fn finish(&self, reason: FinishReason) -> Completion {
-        self.completion(String::new(), Some(reason))
+        self.completion(String::new(), Vec::new(), 0, Some(reason))
     }
 
     fn usage(&self, usage: Usage) -> Completion {
         Completion {
             choices: Vec::new(),
             usage: Some(usage),
-            ..self.completion(String::new(), None)
+            ..self.completion(String::new(), Vec::new(), 0, None)
         }
     }
+}
+
+/// The tokens' log-probabilities in the legacy completions format; the first token's text
+/// starts `offset` characters into the choice's text.
+fn legacy_logprobs(tokens: Vec<ChatTokenLogprob>, offset: usize) -> CompletionLogprobs {
+    let mut out = CompletionLogprobs::default();
+    let mut at = offset;
+    for token in tokens {
+        out.text_offset.push(at);
+        at += token.token.chars().count();
+        out.token_logprobs.push(token.logprob);
+        // Most likely first: of two alternatives with the same text, the likelier stays.
+        let mut top = std::collections::BTreeMap::new();
+        for alternative in token.top_logprobs {
+            top.entry(alternative.token).or_insert(alternative.logprob);
+        }
+        out.top_logprobs.push(top);
+        out.tokens.push(token.token);
+    }
+    out
 }

@@ -8,21 +8,24 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use philo_text::StreamDecoder;
+use philo_generate::TokenLogprobs;
+use philo_text::{StreamDecoder, Tokenizer};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::error::ApiError;
-use super::openai::{PromptTokensDetails, Usage};
+use super::openai::{ChatTokenLogprob, PromptTokensDetails, TopLogprob, Usage};
 use super::params::Settings;
 use super::state::ServerState;
 use super::stop::{Scan, StopStrings};
-use crate::request::{FinishReason, GenerationEvent, GenerationRequest};
+use crate::request::{FinishReason, GenerationEvent, GenerationRequest, SampledToken};
 
 /// The next thing a generation has to say.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum Step {
-    /// More text of the answer (never empty).
-    Text(String),
+    /// More text of the answer, and the log-probabilities of the tokens received since the
+    /// last step (when the request asked for them). The text is empty only when the step
+    /// carries the last tokens' log-probabilities.
+    Text(String, Vec<ChatTokenLogprob>),
     /// The answer is complete.
     Finished(FinishReason),
     /// The engine failed; the message is for the client.
@@ -55,6 +58,10 @@ pub struct Generation {
     endpoint: &'static str,
     arrived: Instant,
     last_token_at: Option<Instant>,
+    /// Log-probabilities of tokens not yet handed out with a step.
+    logprobs: Vec<ChatTokenLogprob>,
+    /// The token before the next one, if any: context for token texts.
+    previous_id: Option<u32>,
 }
 
 impl Generation {
@@ -95,6 +102,10 @@ impl Generation {
             endpoint: job.endpoint,
             arrived: job.arrived,
             last_token_at: None,
+            logprobs: Vec::new(),
+            // The text starts without context, as the decoder's does: a leading space of the
+            // first token is not part of the answer.
+            previous_id: None,
         })
     }
 
@@ -110,7 +121,7 @@ impl Generation {
                     cached_prompt_tokens,
                     ..
                 }) => self.cached_prompt_tokens = cached_prompt_tokens,
-                Some(GenerationEvent::Token(id)) => self.on_token(id),
+                Some(GenerationEvent::Token(token)) => self.on_token(token),
                 Some(GenerationEvent::Finished(reason)) => self.on_finished(reason),
                 Some(GenerationEvent::Failed(message)) => self.fail(message),
                 None => self.fail(
@@ -121,13 +132,20 @@ impl Generation {
         }
     }
 
-    /// Runs to the end: the whole text and why it ended (for non-streamed answers).
-    pub async fn collect(&mut self) -> Result<(String, FinishReason), ApiError> {
+    /// Runs to the end: the whole text, the tokens' log-probabilities (empty unless asked
+    /// for) and why it ended (for non-streamed answers).
+    pub async fn collect(
+        &mut self,
+    ) -> Result<(String, Vec<ChatTokenLogprob>, FinishReason), ApiError> {
         let mut text = String::new();
+        let mut logprobs = Vec::new();
         while let Some(step) = self.next().await {
             match step {
-                Step::Text(piece) => text.push_str(&piece),
-                Step::Finished(reason) => return Ok((text, reason)),
+                Step::Text(piece, more) => {
+                    text.push_str(&piece);
+                    logprobs.extend(more);
+                }
+                Step::Finished(reason) => return Ok((text, logprobs, reason)),
                 Step::Failed(message) => return Err(ApiError::internal(message)),
             }
         }
@@ -148,7 +166,13 @@ impl Generation {
         }
     }
 
-    fn on_token(&mut self, id: u32) {
+    fn on_token(&mut self, token: SampledToken) {
+        let id = token.id;
+        if let Some(logprobs) = token.logprobs {
+            let entry = token_entry(self.state.tokenizer(), self.previous_id, id, &logprobs);
+            self.logprobs.push(entry);
+        }
+        self.previous_id = Some(id);
         let now = Instant::now();
         let metrics = self.state.metrics();
         match self.last_token_at {
@@ -178,6 +202,8 @@ impl Generation {
         }
         let held = self.stops.finish();
         self.push_text(held);
+        // Tokens whose text is not part of the answer (the stop token) still have theirs.
+        self.push_text(String::new());
         self.end(Step::Finished(reason));
     }
 
@@ -196,9 +222,11 @@ impl Generation {
         }
     }
 
+    /// Queues `text` with the log-probabilities gathered so far; nothing when both are empty.
     fn push_text(&mut self, text: String) {
-        if !text.is_empty() {
-            self.steps.push_back(Step::Text(text));
+        if !text.is_empty() || !self.logprobs.is_empty() {
+            let logprobs = std::mem::take(&mut self.logprobs);
+            self.steps.push_back(Step::Text(text, logprobs));
         }
     }
 
@@ -220,4 +248,87 @@ impl Drop for Generation {
             .metrics()
             .observe_request_duration(self.endpoint, self.arrived.elapsed().as_secs_f64());
     }
+}
+
+/// The lowest log-probability reported: JSON has no `-inf` (vLLM uses the same floor).
+const LOGPROB_FLOOR: f32 = -9999.0;
+
+/// The wire entry of one generated token: its text and bytes, and those of the alternatives.
+fn token_entry(
+    tokenizer: &Tokenizer,
+    previous: Option<u32>,
+    id: u32,
+    logprobs: &TokenLogprobs,
+) -> ChatTokenLogprob {
+    let context = TokenText::new(tokenizer, previous);
+    let (token, bytes) = context.piece(id);
+    ChatTokenLogprob {
+        token,
+        logprob: logprobs.logprob.max(LOGPROB_FLOOR),
+        bytes,
+        top_logprobs: logprobs
+            .top
+            .iter()
+            .map(|&(alt, logprob)| {
+                let (token, bytes) = context.piece(alt);
+                TopLogprob {
+                    token,
+                    logprob: logprob.max(LOGPROB_FLOOR),
+                    bytes,
+                }
+            })
+            .collect(),
+    }
+}
+
+/// Decodes single tokens as they read after the previous token.
+///
+/// SentencePiece decoders strip the leading space of what they decode, so a token decoded
+/// alone loses it (`▁Paris` is `Paris`); decoded after the token before it, and taken as the
+/// difference, it reads as it does in the text. Special tokens are kept (`<|end|>`), and a
+/// byte-fallback token (`<0xE2>`) has its raw byte as `bytes`.
+struct TokenText<'t> {
+    tokenizer: &'t Tokenizer,
+    /// The previous token and its text alone, when it is usable as context.
+    context: Option<(u32, String)>,
+}
+
+impl<'t> TokenText<'t> {
+    fn new(tokenizer: &'t Tokenizer, previous: Option<u32>) -> Self {
+        // A byte-fallback token decodes to U+FFFD alone and may merge with the next byte.
+        let context = previous
+            .filter(|&id| byte_fallback(tokenizer, id).is_none())
+            .and_then(|id| Some((id, tokenizer.decode(&[id], false).ok()?)));
+        TokenText { tokenizer, context }
+    }
+
+    /// The text and bytes of token `id`.
+    fn piece(&self, id: u32) -> (String, Vec<u8>) {
+        if let Some(byte) = byte_fallback(self.tokenizer, id) {
+            let text = String::from_utf8_lossy(&[byte]).into_owned();
+            return (text, vec![byte]);
+        }
+        let alone = || self.tokenizer.decode(&[id], false).unwrap_or_default();
+        let text = match &self.context {
+            Some((previous, prefix)) => match self.tokenizer.decode(&[*previous, id], false) {
+                Ok(both) if both.starts_with(prefix.as_str()) && both.len() > prefix.len() => {
+                    both[prefix.len()..].to_string()
+                }
+                _ => alone(),
+            },
+            None => alone(),
+        };
+        let bytes = text.as_bytes().to_vec();
+        (text, bytes)
+    }
+}
+
+/// The byte of a byte-fallback token such as `<0xE2>`.
+fn byte_fallback(tokenizer: &Tokenizer, id: u32) -> Option<u8> {
+    let piece = tokenizer.id_to_token(id)?;
+    let hex = piece.strip_prefix("<0x")?.strip_suffix('>')?;
+    if hex.len() != 2 {
+        return None;
+    }
+    u8::from_str_radix(hex, 16).ok()
 }

@@ -224,7 +224,7 @@ pub struct GenerationParams {
     #[schema(schema_with = logit_bias_schema)]
     pub logit_bias: Option<std::collections::HashMap<String, f64>>,
     /// Fields of OpenAI's API that philo does not implement yet. Each may be absent or hold
-    /// its "off" value (`logprobs` false or 0, `response_format` `{"type": "text"}`, empty
+    /// its "off" value (`response_format` `{"type": "text"}`, empty
     /// `tools`, `tool_choice` "none"); any other value gets a 400 naming it, rather than being
     /// ignored.
     #[serde(flatten)]
@@ -235,8 +235,6 @@ pub struct GenerationParams {
 /// See [`GenerationParams::unsupported`].
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct Unsupported {
-    pub logprobs: Option<serde_json::Value>,
-    pub top_logprobs: Option<serde_json::Value>,
     pub response_format: Option<serde_json::Value>,
     pub tools: Option<serde_json::Value>,
     pub tool_choice: Option<serde_json::Value>,
@@ -254,22 +252,11 @@ impl Unsupported {
             None | Some(Value::Null) => true,
             Some(v) => also_off(v),
         };
-        let falsy = |v: &Value| matches!(v, Value::Bool(false)) || v.as_f64() == Some(0.0);
         let empty = |v: &Value| v.as_array().is_some_and(Vec::is_empty);
         let none = |v: &Value| v.as_str() == Some("none");
         let text = |v: &Value| v.get("type").and_then(Value::as_str) == Some("text");
         let one = |v: &Value| v.as_f64() == Some(1.0);
-        let checks: [(&'static str, bool, &'static str); 9] = [
-            (
-                "logprobs",
-                off(&self.logprobs, &falsy),
-                "philo does not return log probabilities yet",
-            ),
-            (
-                "top_logprobs",
-                off(&self.top_logprobs, &falsy),
-                "philo does not return log probabilities yet",
-            ),
+        let checks: [(&'static str, bool, &'static str); 7] = [
             (
                 "response_format",
                 off(&self.response_format, &text),
@@ -323,7 +310,19 @@ pub struct ChatInput {
     #[schema(minimum = 1)]
     #[serde(default, deserialize_with = "optional_integer")]
     pub max_completion_tokens: Option<u64>,
+    /// Return each output token's log-probability in `choices[].logprobs.content`.
+    #[schema(default = false)]
+    pub logprobs: Option<bool>,
+    /// With `logprobs: true`, also return this many most likely tokens at each position.
+    #[schema(minimum = 0, maximum = 20)]
+    #[serde(default, deserialize_with = "optional_integer")]
+    pub top_logprobs: Option<u32>,
 }
+
+/// The most `top_logprobs` a chat request may ask for.
+pub const MAX_CHAT_TOP_LOGPROBS: u32 = 20;
+/// The most `logprobs` a completion request may ask for (the legacy API's limit).
+pub const MAX_COMPLETION_LOGPROBS: u32 = 5;
 
 /// The body of POST /v1/chat/completions: [`ChatInput`] and [`GenerationParams`] in one object.
 #[derive(Debug, Clone)]
@@ -381,6 +380,11 @@ pub struct CompletionInput {
     /// Must be false or absent: philo does not echo the prompt.
     #[schema(schema_with = echo_schema)]
     pub echo: Option<bool>,
+    /// Return the log-probability of each output token and of this many most likely tokens at
+    /// each position in `choices[].logprobs` (the legacy format).
+    #[schema(minimum = 0, maximum = 5)]
+    #[serde(default, deserialize_with = "optional_integer")]
+    pub logprobs: Option<u32>,
 }
 
 fn logit_bias_schema() -> ObjectBuilder {
@@ -478,7 +482,51 @@ pub struct AssistantMessage {
 pub struct ChatChoice {
     pub index: u32,
     pub message: AssistantMessage,
+    /// With `logprobs: true`; null otherwise.
+    pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: FinishReason,
+}
+
+/// The log-probabilities of a chat choice's tokens (or of a chunk's).
+#[derive(Debug, Clone, Default, Serialize, ToSchema)]
+pub struct ChatLogprobs {
+    /// One entry per generated token, in order.
+    pub content: Vec<ChatTokenLogprob>,
+}
+
+/// One generated token and its log-probability under the model (the log-softmax of the raw
+/// logits, before temperature, penalties and filters).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChatTokenLogprob {
+    /// The token's text.
+    pub token: String,
+    /// At most 0 (-9999 stands for an impossible token).
+    pub logprob: f32,
+    /// The token's UTF-8 bytes (a byte-fallback token's raw byte).
+    pub bytes: Vec<u8>,
+    /// The `top_logprobs` most likely tokens at this position, most likely first.
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+/// One of the most likely tokens at a position.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+/// The log-probabilities of a text completion's tokens (or of a chunk's), in the legacy format.
+#[derive(Debug, Clone, Default, Serialize, ToSchema)]
+pub struct CompletionLogprobs {
+    /// Each generated token's text.
+    pub tokens: Vec<String>,
+    /// Each token's log-probability.
+    pub token_logprobs: Vec<f32>,
+    /// For each token, the `logprobs` most likely tokens at its position: text → log-probability.
+    pub top_logprobs: Vec<std::collections::BTreeMap<String, f32>>,
+    /// Where each token's text starts in the choice's text, in characters.
+    pub text_offset: Vec<usize>,
 }
 
 /// A non-streamed answer of POST /v1/chat/completions.
@@ -512,6 +560,8 @@ pub struct Delta {
 pub struct ChunkChoice {
     pub index: u32,
     pub delta: Delta,
+    /// The log-probabilities of this chunk's tokens, with `logprobs: true`; null otherwise.
+    pub logprobs: Option<ChatLogprobs>,
     /// Set in the last chunk of the choice, null before.
     pub finish_reason: Option<FinishReason>,
 }
@@ -538,6 +588,8 @@ pub struct ChatCompletionChunk {
 pub struct CompletionChoice {
     pub index: u32,
     pub text: String,
+    /// With `logprobs` set, those of this choice's (or this chunk's) tokens; null otherwise.
+    pub logprobs: Option<CompletionLogprobs>,
     /// Null in stream chunks before the last one.
     pub finish_reason: Option<FinishReason>,
 }

@@ -12,11 +12,11 @@ use utoipa::openapi::RefOr;
 use utoipa::{OpenApi, ToSchema};
 
 use super::openai::{
-    AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatInput, ChatMessage,
-    ChunkChoice, Completion, CompletionChoice, CompletionInput, ContentPart, DeletedModel, Delta,
-    ErrorBody, ErrorResponse, FinishReason, GenerationParams, Health, LoadAdapterRequest,
-    MessageContent, Model, ModelList, PartKind, Prompt, PromptTokensDetails, Role, Stop,
-    StreamOptions, Usage,
+    AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatInput, ChatLogprobs,
+    ChatMessage, ChatTokenLogprob, ChunkChoice, Completion, CompletionChoice, CompletionInput,
+    CompletionLogprobs, ContentPart, DeletedModel, Delta, ErrorBody, ErrorResponse, FinishReason,
+    GenerationParams, Health, LoadAdapterRequest, MessageContent, Model, ModelList, PartKind,
+    Prompt, PromptTokensDetails, Role, Stop, StreamOptions, TopLogprob, Usage,
 };
 use super::state::ServerState;
 
@@ -54,6 +54,10 @@ const API_KEY_SCHEME: &str = "api_key";
         StreamOptions,
         ChatCompletion,
         ChatChoice,
+        ChatLogprobs,
+        ChatTokenLogprob,
+        TopLogprob,
+        CompletionLogprobs,
         AssistantMessage,
         ChatCompletionChunk,
         ChunkChoice,

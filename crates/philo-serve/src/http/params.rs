@@ -154,6 +154,8 @@ impl Settings {
             // Negative seeds (OpenAI allows them) map to distinct u64 seeds.
             seed: params.seed.map(|seed| seed as u64),
             logit_bias,
+            // Set by the route, whose field it is (`logprobs` differs between the two).
+            logprobs: None,
         };
         // The sampler's own check, in case its rules ever get stricter than the ranges above.
         sampling.validate().map_err(|error| match &error {

@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use super::error::ApiError;
 use super::generation::{Generation, Step};
-use super::openai::Usage;
+use super::openai::{ChatTokenLogprob, Usage};
 use crate::request::FinishReason;
 
 /// How an endpoint shapes its stream chunks.
@@ -23,7 +23,8 @@ pub trait ChunkFormat: Send + 'static {
     type Chunk: Serialize;
     /// The chunk sent before any text, if the endpoint has one (chat's `delta.role`).
     fn opening(&self) -> Option<Self::Chunk>;
-    fn text(&self, text: String) -> Self::Chunk;
+    /// More text, with the log-probabilities of its tokens (empty unless the request asked).
+    fn text(&self, text: String, logprobs: Vec<ChatTokenLogprob>) -> Self::Chunk;
     fn finish(&self, reason: FinishReason) -> Self::Chunk;
     /// The usage chunk (`choices: []`) sent last when `stream_options.include_usage` is set.
     fn usage(&self, usage: Usage) -> Self::Chunk;
@@ -57,7 +58,9 @@ impl<F: ChunkFormat> EventStream<F> {
                     }
                 }
                 Phase::Generating => match self.generation.next().await {
-                    Some(Step::Text(text)) => return Some(json_event(&self.format.text(text))),
+                    Some(Step::Text(text, logprobs)) => {
+                        return Some(json_event(&self.format.text(text, logprobs)))
+                    }
                     Some(Step::Finished(reason)) => {
                         self.phase = if self.include_usage {
                             Phase::Usage
