@@ -535,23 +535,30 @@ struct ServeArgs {
     /// hub id).
     #[arg(long = "served-model-name")]
     served_model_name: Option<String>,
-    /// Most sequences decoded together.
-    #[arg(long = "max-batch", default_value_t = 128)]
-    max_batch: usize,
-    /// Most tokens one step computes (decode tokens plus prompt chunks): long prompts are
-    /// prefilled in chunks of this size so running streams keep flowing.
-    #[arg(long = "max-batch-tokens", default_value_t = 4096)]
-    max_batch_tokens: usize,
     /// Requests allowed to wait for a place in the batch; beyond it clients get 429.
     #[arg(long = "max-queue", default_value_t = 256)]
     max_queue: usize,
+    #[command(flatten)]
+    shape: ServeShapeArgs,
+}
+
+/// The flags of a server that set its memory (`serve` and `plan serve`).
+#[derive(Args)]
+pub struct ServeShapeArgs {
+    /// Most sequences decoded together.
+    #[arg(long = "max-batch", default_value_t = 128)]
+    pub max_batch: usize,
+    /// Most tokens one step computes (decode tokens plus prompt chunks): long prompts are
+    /// prefilled in chunks of this size so running streams keep flowing.
+    #[arg(long = "max-batch-tokens", default_value_t = 4096)]
+    pub max_batch_tokens: usize,
     /// Tokens per KV cache block.
     #[arg(long = "block-size", default_value_t = 16)]
-    block_size: usize,
+    pub block_size: usize,
     /// Memory for the paged KV cache in GiB (default: on a GPU what --gpu_memory_utilization
     /// leaves after the weights; 1 on the CPU).
     #[arg(long = "kv-cache-gib", alias = "kv_cache_gib")]
-    kv_cache_gib: Option<f64>,
+    pub kv_cache_gib: Option<f64>,
     /// The share of the GPU's memory the server may fill (weights, workspace and KV cache), as
     /// vLLM's --gpu-memory-utilization.
     #[arg(
@@ -559,12 +566,12 @@ struct ServeArgs {
         alias = "gpu-memory-utilization",
         default_value_t = 0.9
     )]
-    gpu_memory_utilization: f64,
+    pub gpu_memory_utilization: f64,
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
-        args.max_batch > 0 && args.max_batch_tokens > 0 && args.block_size > 0,
+        args.shape.max_batch > 0 && args.shape.max_batch_tokens > 0 && args.shape.block_size > 0,
         "--max-batch, --max-batch-tokens and --block-size must be at least 1"
     );
     let device = args.device.open()?;
@@ -575,12 +582,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         adapters: args.adapters,
         addr: std::net::SocketAddr::new(args.host, args.port),
         api_key: args.api_key,
-        max_running: args.max_batch,
-        max_tokens_per_step: args.max_batch_tokens,
+        max_running: args.shape.max_batch,
+        max_tokens_per_step: args.shape.max_batch_tokens,
         max_queue: args.max_queue,
-        block_size: args.block_size,
-        kv_cache_gib: args.kv_cache_gib,
-        gpu_memory_utilization: args.gpu_memory_utilization,
+        block_size: args.shape.block_size,
+        kv_cache_gib: args.shape.kv_cache_gib,
+        gpu_memory_utilization: args.shape.gpu_memory_utilization,
         quant: args.weights.quant(philo::quant::BaseQuant::None),
     };
     philo::serve::run(options, dtype, &device)

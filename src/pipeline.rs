@@ -8,7 +8,8 @@ use anyhow::Context;
 use candle_core::{DType, Device};
 use philo_generate::{generate, GenerateOptions, Generation};
 use philo_model::{
-    config::read_generation_eos, Adapter, ModelFiles, Phi3, Phi3Config, SafetensorsStore,
+    config::read_generation_eos, weights::WeightSource, Adapter, ModelFiles, Phi3, Phi3Config,
+    SafetensorsStore,
 };
 use philo_text::{ChatMessage, ChatTemplate, StreamDecoder, Tokenizer};
 
@@ -72,52 +73,17 @@ impl Pipeline {
         let files = ModelFiles::resolve(spec)?;
         let config = Phi3Config::from_file(&files.config())?;
         let (tokenizer, template) = load_text(&files)?;
-        let mut stop_tokens = match files.optional("generation_config.json") {
+        let eos = match files.optional("generation_config.json") {
             Some(path) => read_generation_eos(&path)?,
             None => Vec::new(),
         };
-        if stop_tokens.is_empty() {
-            stop_tokens = config.eos_token_ids.clone();
-        }
-        // Chat turns end with <|end|>; stop there even when generation_config forgets it.
-        for id in PHI3_STOP_TOKENS {
-            if (id as usize) < config.vocab_size && !stop_tokens.contains(&id) {
-                stop_tokens.push(id);
-            }
-        }
         let store = SafetensorsStore::open_dir(&files.dir)?;
-        // A quantised base is quantised projection by projection as it loads.
-        let format = weights.quant.format(true);
-        let mut model = Phi3::load_as(&config, &store, dtype, device, format).map_err(|e| {
-            let shape = philo_plan::ModelShape::from_config(&config);
-            let base = crate::plan::base_format(weights.quant, true);
-            let need = philo_plan::infer::weight_bytes(&shape, base, dtype.size_in_bytes());
-            crate::oom::explain(
-                e,
-                "loading the model's weights",
-                &format!(
-                    "They take {:.1} GiB as {}; --quant int8, int4 or nf4 shrinks them (philo plan generate --quant ... shows the whole need)",
-                    need / philo_plan::GIB,
-                    base.name()
-                ),
-            )
-        })?;
-        if let Some(dir) = adapter {
-            Adapter::load(dir)?.attach(&mut model)?;
-            if weights.quant == BaseQuant::None && weights.merge_adapter {
-                model.merge_lora()?;
-            }
-        }
-        Ok(Pipeline {
-            model,
-            tokenizer,
-            template,
-            stop_tokens,
-        })
+        let parts = (config, tokenizer, template, eos);
+        Self::assemble(parts, &store, adapter, weights, dtype, device)
     }
 
-    /// A phi3 GGUF file: config, tokenizer and chat template from its metadata, weights
-    /// dequantised into `dtype` (then stored as `weights.quant` says).
+    /// A phi3 GGUF file: config, tokenizer and chat template from its metadata; block-quantised
+    /// projections stay as stored unless `weights.quant` names a format.
     fn load_gguf(
         path: &Path,
         adapter: Option<&Path>,
@@ -138,13 +104,47 @@ impl Pipeline {
                 .with_context(|| format!("{}: tokenizer.chat_template", path.display()))?,
             None => ChatTemplate::phi3_default(),
         };
-        let mut stop_tokens = config.eos_token_ids.clone();
+        let parts = (config, tokenizer, template, Vec::new());
+        Self::assemble(parts, &file, adapter, weights, dtype, device)
+    }
+
+    /// The pipeline of (config, tokenizer, template, generation_config's EOS ids) with its
+    /// weights from `store` (a quantised base quantised projection by projection as it
+    /// loads) and `adapter` on top.
+    fn assemble(
+        (config, tokenizer, template, eos): (Phi3Config, Tokenizer, ChatTemplate, Vec<u32>),
+        store: &impl WeightSource,
+        adapter: Option<&Path>,
+        weights: WeightOptions,
+        dtype: DType,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
+        let mut stop_tokens = if eos.is_empty() {
+            config.eos_token_ids.clone()
+        } else {
+            eos
+        };
+        // Chat turns end with <|end|>; stop there even when generation_config forgets it.
         for id in PHI3_STOP_TOKENS {
             if (id as usize) < config.vocab_size && !stop_tokens.contains(&id) {
                 stop_tokens.push(id);
             }
         }
-        let mut model = Phi3::load_as(&config, &file, dtype, device, weights.quant.format(true))?;
+        let format = weights.quant.format(true);
+        let mut model = Phi3::load_as(&config, store, dtype, device, format).map_err(|e| {
+            let shape = philo_plan::ModelShape::from_config(&config);
+            let base = crate::plan::base_format(weights.quant, true);
+            let need = philo_plan::infer::weight_bytes(&shape, base, dtype.size_in_bytes());
+            crate::oom::explain(
+                e,
+                "loading the model's weights",
+                &format!(
+                    "They take {:.1} GiB as {}; --quant int8, int4 or nf4 shrinks them (philo plan generate --quant ... shows the whole need)",
+                    need / philo_plan::GIB,
+                    base.name()
+                ),
+            )
+        })?;
         if let Some(dir) = adapter {
             Adapter::load(dir)?.attach(&mut model)?;
             if weights.quant == BaseQuant::None && weights.merge_adapter {

@@ -70,73 +70,37 @@ fn tiny_with_export(work: &Path, quant: &str) -> (PathBuf, PathBuf) {
     (model, file)
 }
 
-fn greedy(work: &Path, model: &Path) -> String {
-    ok(
-        philo(
-            work,
-            &[
-                "generate",
-                "--model",
-                model.to_str().unwrap(),
-                "--prompt",
-                "The cat says",
-                "--temperature",
-                "0",
-                "--max_new_tokens",
-                "24",
-                "--device",
-                "cpu",
-            ],
-        ),
+/// Greedy `generate` on the CPU from `model` with `extra` arguments (the prompt among them).
+fn greedy(work: &Path, model: &Path, extra: &[&str]) -> String {
+    let mut args = vec![
         "generate",
-    )
+        "--model",
+        model.to_str().unwrap(),
+        "--temperature",
+        "0",
+        "--device",
+        "cpu",
+    ];
+    args.extend_from_slice(extra);
+    ok(philo(work, &args), "generate")
 }
+
+/// 24 greedy tokens after a plain prompt.
+const PLAIN: [&str; 4] = ["--prompt", "The cat says", "--max_new_tokens", "24"];
 
 #[test]
 fn f32_export_decodes_exactly_like_the_safetensors_model() {
     let work = TempDir::new().unwrap();
     let (model, file) = tiny_with_export(work.path(), "f32");
-    let from_safetensors = greedy(work.path(), &model);
+    let from_safetensors = greedy(work.path(), &model, &PLAIN);
     assert!(from_safetensors.trim().len() > 10, "{from_safetensors}");
-    assert_eq!(greedy(work.path(), &file), from_safetensors);
+    assert_eq!(greedy(work.path(), &file, &PLAIN), from_safetensors);
     // The chat template travelled too.
-    let chat = ok(
-        philo(
-            work.path(),
-            &[
-                "generate",
-                "--model",
-                file.to_str().unwrap(),
-                "--prompt",
-                "Hi",
-                "--chat",
-                "--temperature",
-                "0",
-                "--max_new_tokens",
-                "4",
-            ],
-        ),
-        "generate --chat",
+    let chat = ["--prompt", "Hi", "--chat", "--max_new_tokens", "4"];
+    assert_eq!(
+        greedy(work.path(), &file, &chat),
+        greedy(work.path(), &model, &chat)
     );
-    let direct = ok(
-        philo(
-            work.path(),
-            &[
-                "generate",
-                "--model",
-                model.to_str().unwrap(),
-                "--prompt",
-                "Hi",
-                "--chat",
-                "--temperature",
-                "0",
-                "--max_new_tokens",
-                "4",
-            ],
-        ),
-        "generate --chat",
-    );
-    assert_eq!(chat, direct);
 }
 
 #[test]
@@ -189,32 +153,15 @@ fn an_adapter_is_merged_into_the_export() {
         ),
         "export --adapter",
     );
-    let args = |m: &Path| -> Vec<String> {
-        [
-            "generate",
-            "--model",
-            m.to_str().unwrap(),
-            "--prompt",
-            "The cat says",
-            "--temperature",
-            "0",
-            "--max_new_tokens",
-            "24",
-            "--device",
-            "cpu",
-        ]
-        .map(String::from)
-        .to_vec()
-    };
-    let mut with_adapter = args(&model);
-    with_adapter.extend([
-        "--adapter".to_string(),
-        adapter.to_str().unwrap().to_string(),
-    ]);
-    let refs: Vec<&str> = with_adapter.iter().map(String::as_str).collect();
-    let tuned = ok(philo(w, &refs), "generate --adapter");
-    assert_ne!(tuned, greedy(w, &model), "the adapter changes the output");
-    assert_eq!(greedy(w, &file), tuned);
+    let mut with_adapter = PLAIN.to_vec();
+    with_adapter.extend(["--adapter", adapter.to_str().unwrap()]);
+    let tuned = greedy(w, &model, &with_adapter);
+    assert_ne!(
+        tuned,
+        greedy(w, &model, &PLAIN),
+        "the adapter changes the output"
+    );
+    assert_eq!(greedy(w, &file, &PLAIN), tuned);
 }
 
 #[test]

@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 use philo::device::parse_dtype;
 use philo::quant::BaseQuant;
 
-use crate::TrainShapeArgs;
+use crate::{ServeShapeArgs, TrainShapeArgs};
 
 #[derive(Args)]
 pub struct PlanArgs {
@@ -74,21 +74,8 @@ struct ServePlanArgs {
     quant: BaseQuant,
     #[arg(long, value_parser = parse_dtype)]
     dtype: Option<candle_core::DType>,
-    #[arg(long = "max-batch", default_value_t = 128)]
-    max_batch: usize,
-    #[arg(long = "max-batch-tokens", default_value_t = 4096)]
-    max_batch_tokens: usize,
-    #[arg(long = "block-size", default_value_t = 16)]
-    block_size: usize,
-    /// Default: what --gpu_memory_utilization leaves, as philo serve sizes it.
-    #[arg(long = "kv-cache-gib", alias = "kv_cache_gib")]
-    kv_cache_gib: Option<f64>,
-    #[arg(
-        long = "gpu_memory_utilization",
-        alias = "gpu-memory-utilization",
-        default_value_t = 0.9
-    )]
-    gpu_memory_utilization: f64,
+    #[command(flatten)]
+    server: ServeShapeArgs,
     /// Tokens a stream holds, prompt and answer.
     #[arg(long, default_value_t = 2048)]
     context: usize,
@@ -166,11 +153,11 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
             let setup = philo_plan::ServeSetup {
                 base: philo::plan::base_format(a.quant, true),
                 dtype_bytes: dtype_bytes(a.dtype),
-                max_batch: a.max_batch,
-                max_batch_tokens: a.max_batch_tokens,
-                block_size: a.block_size,
-                kv_cache_gib: a.kv_cache_gib,
-                gpu_memory_utilization: a.gpu_memory_utilization,
+                max_batch: a.server.max_batch,
+                max_batch_tokens: a.server.max_batch_tokens,
+                block_size: a.server.block_size,
+                kv_cache_gib: a.server.kv_cache_gib,
+                gpu_memory_utilization: a.server.gpu_memory_utilization,
                 context: a.context,
             };
             let plan = philo_plan::plan_serve(&shape, &setup, &gpu);
