@@ -53,7 +53,7 @@ pub fn demo(dir: &Path, steps: usize, stop: &AtomicBool) -> anyhow::Result<()> {
         packing: false,
         eval_split: 0.0,
         eval_dataset: Some(eval),
-        batch_size: crate::plan::BatchSize::Fixed(8),
+        batch_size: philo_plan::BatchChoice::Fixed(8),
         effective_batch_size: None,
         lora_r: 16,
         lora_alpha: 32.0,

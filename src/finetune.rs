@@ -5,11 +5,11 @@ use std::sync::atomic::AtomicBool;
 
 use candle_core::{DType, Device};
 
-use crate::plan::BatchSize;
 use crate::quant::BaseQuant;
 use indicatif::{ProgressBar, ProgressStyle};
 use philo_model::adapter::AdapterConfig;
 use philo_model::{ModelFiles, Phi3, Phi3Config, SafetensorsStore};
+use philo_plan::BatchChoice;
 use philo_train::adamw::AdamWConfig;
 use philo_train::data::{load_dataset, split_eval, DataFormat, DataOptions, RowDataset};
 use philo_train::schedule::ScheduleKind;
@@ -28,7 +28,7 @@ pub struct FinetuneOptions {
     pub eval_split: f64,
     pub eval_dataset: Option<PathBuf>,
     /// Rows per micro-batch, or auto (sized from free GPU memory); replaces the trainer's.
-    pub batch_size: BatchSize,
+    pub batch_size: BatchChoice,
     /// Rows per optimizer step: sets the gradient accumulation when given.
     pub effective_batch_size: Option<usize>,
     pub lora_r: usize,
@@ -123,7 +123,7 @@ pub fn finetune(options: &FinetuneOptions, stop: &AtomicBool) -> anyhow::Result<
         options.effective_batch_size,
         &options.device,
     )?;
-    if options.batch_size == BatchSize::Auto || options.effective_batch_size.is_some() {
+    if options.batch_size == BatchChoice::Auto || options.effective_batch_size.is_some() {
         eprintln!(
             "micro-batch {} x {} tokens, gradient accumulation {} (effective batch {}); predicted peak {:.1} GiB{}",
             sizing.batch,

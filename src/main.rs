@@ -300,7 +300,7 @@ pub struct TrainShapeArgs {
         alias = "per_device_train_batch_size",
         default_value = "4"
     )]
-    pub batch_size: philo::plan::BatchSize,
+    pub batch_size: philo_plan::BatchChoice,
     #[arg(
         long = "gradient_accumulation_steps",
         alias = "gradient-accumulation-steps",

@@ -7,41 +7,11 @@ use std::path::Path;
 use anyhow::Context;
 use philo_model::{ModelFiles, Phi3Config};
 use philo_plan::{
-    BaseFormat, FinetunePlan, GeneratePlan, GpuSpec, MemoryLimits, ModelShape, ServePlan,
+    BaseFormat, BatchChoice, FinetunePlan, GeneratePlan, GpuSpec, MemoryLimits, ModelShape,
+    ServePlan,
 };
 
 use crate::quant::BaseQuant;
-
-/// `--batch_size`: a number of rows, or `auto` (the largest that fits, see philo-plan).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BatchSize {
-    Fixed(usize),
-    Auto,
-}
-
-impl std::str::FromStr for BatchSize {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        if s == "auto" {
-            return Ok(BatchSize::Auto);
-        }
-        match s.parse::<usize>() {
-            Ok(0) | Err(_) => Err(format!(
-                "`{s}` is not a batch size: give a number of rows (at least 1) or auto"
-            )),
-            Ok(n) => Ok(BatchSize::Fixed(n)),
-        }
-    }
-}
-
-impl BatchSize {
-    pub fn choice(self) -> philo_plan::BatchChoice {
-        match self {
-            BatchSize::Fixed(n) => philo_plan::BatchChoice::Fixed(n),
-            BatchSize::Auto => philo_plan::BatchChoice::Auto,
-        }
-    }
-}
 
 /// The base format a plan computes with.
 pub fn base_format(quant: BaseQuant, double_quant: bool) -> BaseFormat {
@@ -260,14 +230,6 @@ mod tests {
         assert_eq!(preset_of("NVIDIA L40S"), None);
         assert_eq!(preset_of("Tesla T4"), Some("t4"));
     }
-
-    #[test]
-    fn batch_size_parses() {
-        assert_eq!("auto".parse::<BatchSize>(), Ok(BatchSize::Auto));
-        assert_eq!("12".parse::<BatchSize>(), Ok(BatchSize::Fixed(12)));
-        assert!("0".parse::<BatchSize>().unwrap_err().contains("at least 1"));
-        assert!("big".parse::<BatchSize>().is_err());
-    }
 }
 
 /// How a fine-tune's micro-batch was sized on its device, and what philo-plan predicts of it
@@ -310,12 +272,12 @@ impl BatchSizing {
 }
 
 /// The micro-batch and gradient accumulation of a fine-tune of `setup` (its batch ignored) on
-/// `device`: `batch` rows, or with [`BatchSize::Auto`] the largest that fits the free GPU
+/// `device`: `batch` rows, or with [`BatchChoice::Auto`] the largest that fits the free GPU
 /// memory; with `effective` the accumulation keeps that many rows per optimizer step.
 pub fn size_batch(
     shape: &ModelShape,
     setup: &philo_plan::TrainSetup,
-    batch: BatchSize,
+    batch: BatchChoice,
     accumulation: usize,
     effective: Option<usize>,
     device: &candle_core::Device,
@@ -337,28 +299,24 @@ pub fn size_batch(
         };
         philo_plan::finetune::largest_batch(shape, setup, limits)
     });
-    let (batch, accumulation) = match (batch, effective) {
-        (BatchSize::Fixed(b), None) => (b, accumulation),
-        (BatchSize::Fixed(b), Some(e)) => philo_plan::finetune::split_effective_batch(e, b),
-        (BatchSize::Auto, e) => {
-            let Some(free) = free else {
-                anyhow::bail!(
-                    "--batch_size auto sizes the batch from free GPU memory, and this run is not on a CUDA GPU: give a number"
-                );
-            };
-            let fit = largest_fit.with_context(|| {
-                format!(
-                    "--batch_size auto: not even one row of {} tokens fits in the {:.1} GiB free; lower --max_seq_length or --lora_r, or use --quant nf4",
-                    setup.seq,
-                    free / philo_plan::GIB
-                )
-            })?;
-            match e {
-                Some(e) => philo_plan::finetune::split_effective_batch(e, fit),
-                None => (fit, accumulation),
-            }
-        }
-    };
+    if batch == BatchChoice::Auto && free.is_none() {
+        anyhow::bail!(
+            "--batch_size auto sizes the batch from free GPU memory, and this run is not on a CUDA GPU: give a number"
+        );
+    }
+    let (batch, accumulation) = philo_plan::finetune::choose_batch(
+        batch,
+        accumulation,
+        effective,
+        largest_fit,
+    )
+    .with_context(|| {
+        format!(
+            "--batch_size auto: not even one row of {} tokens fits in the {:.1} GiB free; lower --max_seq_length or --lora_r, or use --quant nf4",
+            setup.seq,
+            free.unwrap_or(0.0) / philo_plan::GIB
+        )
+    })?;
     let planned = philo_plan::TrainSetup {
         batch,
         ..setup.clone()

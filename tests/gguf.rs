@@ -264,6 +264,14 @@ fn llama_cpp_python_reader_reads_the_exports() {
     }
 }
 
+/// Where `needle` first occurs in `bytes`.
+fn find(bytes: &[u8], needle: &[u8]) -> usize {
+    bytes
+        .windows(needle.len())
+        .position(|win| win == needle)
+        .unwrap_or_else(|| panic!("{needle:?} is not in the file"))
+}
+
 #[test]
 fn broken_and_foreign_gguf_files_get_one_clear_error() {
     let work = TempDir::new().unwrap();
@@ -295,11 +303,7 @@ fn broken_and_foreign_gguf_files_get_one_clear_error() {
 
     // The same file claiming another architecture.
     let foreign = w.join("llama.gguf");
-    let needle = b"\x04\x00\x00\x00\x00\x00\x00\x00phi3";
-    let at = bytes
-        .windows(needle.len())
-        .position(|win| win == needle)
-        .expect("arch value");
+    let at = find(&bytes, b"\x04\x00\x00\x00\x00\x00\x00\x00phi3");
     let mut patched = bytes.clone();
     patched[at + 8..at + 12].copy_from_slice(b"gpt2");
     std::fs::write(&foreign, &patched).unwrap();
@@ -312,11 +316,7 @@ fn broken_and_foreign_gguf_files_get_one_clear_error() {
     // A tensor whose GGML type no reader knows.
     let unknown = w.join("unknown-type.gguf");
     let name = b"token_embd.weight";
-    let at = bytes
-        .windows(name.len())
-        .position(|win| win == name)
-        .expect("tensor info")
-        + name.len();
+    let at = find(&bytes, name) + name.len();
     let dims = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
     let type_at = at + 4 + 8 * dims;
     let mut patched = bytes.clone();

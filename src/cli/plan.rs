@@ -65,15 +65,32 @@ struct FinetunePlanArgs {
     host_memory_gib: Option<f64>,
 }
 
+/// How generation and serving hold the model.
 #[derive(Args)]
-struct ServePlanArgs {
-    #[command(flatten)]
-    target: Target,
+struct InferenceWeights {
     /// none, int8, int4 or nf4.
     #[arg(long, default_value = "none")]
     quant: BaseQuant,
     #[arg(long, value_parser = parse_dtype)]
     dtype: Option<candle_core::DType>,
+}
+
+impl InferenceWeights {
+    fn base(&self) -> philo_plan::BaseFormat {
+        philo::plan::base_format(self.quant, true)
+    }
+
+    fn dtype_bytes(&self) -> usize {
+        dtype_bytes(self.dtype)
+    }
+}
+
+#[derive(Args)]
+struct ServePlanArgs {
+    #[command(flatten)]
+    target: Target,
+    #[command(flatten)]
+    weights: InferenceWeights,
     #[command(flatten)]
     server: ServeShapeArgs,
     /// Tokens a stream holds, prompt and answer.
@@ -85,11 +102,8 @@ struct ServePlanArgs {
 struct GeneratePlanArgs {
     #[command(flatten)]
     target: Target,
-    /// none, int8, int4 or nf4.
-    #[arg(long, default_value = "none")]
-    quant: BaseQuant,
-    #[arg(long, value_parser = parse_dtype)]
-    dtype: Option<candle_core::DType>,
+    #[command(flatten)]
+    weights: InferenceWeights,
     #[arg(long = "prompt_tokens", alias = "prompt-tokens", default_value_t = 512)]
     prompt_tokens: usize,
     #[arg(
@@ -140,7 +154,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
             let plan = philo_plan::plan_finetune(
                 &shape,
                 &setup,
-                s.batch_size.choice(),
+                s.batch_size,
                 s.gradient_accumulation_steps,
                 s.effective_batch_size,
                 &gpu,
@@ -151,8 +165,8 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         PlanJob::Serve(a) => {
             let (shape, gpu) = a.target.resolve()?;
             let setup = philo_plan::ServeSetup {
-                base: philo::plan::base_format(a.quant, true),
-                dtype_bytes: dtype_bytes(a.dtype),
+                base: a.weights.base(),
+                dtype_bytes: a.weights.dtype_bytes(),
                 max_batch: a.server.max_batch,
                 max_batch_tokens: a.server.max_batch_tokens,
                 block_size: a.server.block_size,
@@ -167,8 +181,8 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
             let (shape, gpu) = a.target.resolve()?;
             let plan = philo_plan::plan_generate(
                 &shape,
-                philo::plan::base_format(a.quant, true),
-                dtype_bytes(a.dtype),
+                a.weights.base(),
+                a.weights.dtype_bytes(),
                 a.prompt_tokens,
                 a.max_new_tokens,
                 &gpu,

@@ -55,6 +55,41 @@ pub enum BatchChoice {
     Auto,
 }
 
+impl std::str::FromStr for BatchChoice {
+    type Err = String;
+    /// `--batch_size`: a number of rows or `auto`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "auto" {
+            return Ok(BatchChoice::Auto);
+        }
+        match s.parse::<usize>() {
+            Ok(0) | Err(_) => Err(format!(
+                "`{s}` is not a batch size: give a number of rows (at least 1) or auto"
+            )),
+            Ok(n) => Ok(BatchChoice::Fixed(n)),
+        }
+    }
+}
+
+/// (micro-batch, gradient accumulation) for `choice` with `accumulation` steps, or the
+/// accumulation that keeps `effective` rows per optimizer step; `largest` is the largest
+/// micro-batch that fits. None when `choice` is auto and not even one row fits.
+pub fn choose_batch(
+    choice: BatchChoice,
+    accumulation: usize,
+    effective: Option<usize>,
+    largest: Option<usize>,
+) -> Option<(usize, usize)> {
+    let batch = match choice {
+        BatchChoice::Fixed(b) => b.max(1),
+        BatchChoice::Auto => largest?,
+    };
+    Some(match effective {
+        Some(e) => split_effective_batch(e, batch),
+        None => (batch, accumulation.max(1)),
+    })
+}
+
 /// Micro-batch and accumulation for an effective batch of `effective` rows when at most
 /// `max_batch` fit: as few accumulation steps as possible, the batch then as even as possible
 /// (48 with at most 13 a micro-batch: 4 × 12).
@@ -126,23 +161,14 @@ pub fn plan_finetune(
         ));
     }
     let largest = largest_batch(shape, setup, limits);
-    let (batch_size, accumulation) = match (batch, effective) {
-        (BatchChoice::Fixed(b), None) => (b.max(1), accumulation.max(1)),
-        (BatchChoice::Fixed(b), Some(e)) => split_effective_batch(e, b.max(1)),
-        (BatchChoice::Auto, e) => {
-            let fit = largest.ok_or_else(|| {
-                PlanError::Setup(format!(
-                    "not even one row of {} tokens fits in {:.1} GiB: lower --max_seq_length or --lora_r, or quantise the base (--quant nf4)",
-                    setup.seq,
-                    usable_bytes / GIB
-                ))
-            })?;
-            match e {
-                Some(e) => split_effective_batch(e, fit),
-                None => (fit, accumulation.max(1)),
-            }
-        }
-    };
+    let (batch_size, accumulation) =
+        choose_batch(batch, accumulation, effective, largest).ok_or_else(|| {
+            PlanError::Setup(format!(
+                "not even one row of {} tokens fits in {:.1} GiB: lower --max_seq_length or --lora_r, or quantise the base (--quant nf4)",
+                setup.seq,
+                usable_bytes / GIB
+            ))
+        })?;
     let setup = TrainSetup {
         batch: batch_size,
         ..setup.clone()
@@ -201,6 +227,17 @@ mod tests {
             offload: true,
             dropout: true,
         }
+    }
+
+    #[test]
+    fn batch_size_parses() {
+        assert_eq!("auto".parse::<BatchChoice>(), Ok(BatchChoice::Auto));
+        assert_eq!("12".parse::<BatchChoice>(), Ok(BatchChoice::Fixed(12)));
+        assert!("0"
+            .parse::<BatchChoice>()
+            .unwrap_err()
+            .contains("at least 1"));
+        assert!("big".parse::<BatchChoice>().is_err());
     }
 
     #[test]

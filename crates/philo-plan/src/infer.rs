@@ -264,7 +264,7 @@ pub fn kv_cache_for_utilization(
 /// Plans `philo serve` with `setup` on `gpu`.
 pub fn plan_serve(shape: &ModelShape, setup: &ServeSetup, gpu: &GpuSpec) -> ServePlan {
     let dt = setup.dtype_bytes;
-    let memory = infer_memory(shape, setup.base, dt, 0, 0, setup.max_batch_tokens);
+    let weights = weight_bytes(shape, setup.base, dt);
     let workspace = serve_workspace(shape, setup);
     let block_bytes = (setup.block_size.max(1) * shape.kv_bytes_per_token(dt)) as f64;
     let tokens_in = |bytes: f64| (bytes / block_bytes).floor().max(0.0) as usize * setup.block_size;
@@ -273,13 +273,13 @@ pub fn plan_serve(shape: &ModelShape, setup: &ServeSetup, gpu: &GpuSpec) -> Serv
         Some(gib) => gib * GIB,
         None => kv_cache_for_utilization(
             gpu.memory_bytes as f64,
-            usable - memory.weights,
+            usable - weights,
             setup.gpu_memory_utilization,
             workspace,
         ),
     };
     let reserve = ALLOCATOR_RESERVE * workspace;
-    let max_kv = kv_cache_that_fits(shape, setup, usable - memory.weights);
+    let max_kv = kv_cache_that_fits(shape, setup, usable - weights);
     let kv_tokens = tokens_in(kv_bytes);
     let context = setup.context.max(1);
     let streams = kv_tokens / context;
@@ -293,12 +293,12 @@ pub fn plan_serve(shape: &ModelShape, setup: &ServeSetup, gpu: &GpuSpec) -> Serv
         KvLayout::Paged,
         gpu,
     );
-    let peak = memory.weights + workspace + kv_bytes;
+    let peak = weights + workspace + kv_bytes;
     ServePlan {
         gpu: gpu.name.clone(),
         gpu_memory_gib: gpu.memory_gib(),
         base: setup.base.name(),
-        weights_gib: memory.weights / GIB,
+        weights_gib: weights / GIB,
         workspace_gib: workspace / GIB,
         kv_cache_gib: kv_bytes / GIB,
         kv_tokens,
