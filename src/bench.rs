@@ -27,6 +27,20 @@ pub struct BenchResult {
     /// Close to the whole step time means the host, not the GPU, sets the pace.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub host_ms_per_step: Option<f64>,
+    /// Decode: which step ran (`graph`, `kernels` or `candle`, see [`DecodeEngine`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engine: Option<String>,
+}
+
+/// How `bench decode` runs a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DecodeEngine {
+    /// philo's decode kernels captured in one CUDA graph per step (what generate runs).
+    Graph,
+    /// The same kernels launched one by one (what the graph saves).
+    Kernels,
+    /// The general forward through candle with a growing KV cache.
+    Candle,
 }
 
 /// A random model of `config` with only `layers` decoder layers (all when None).
@@ -104,16 +118,27 @@ pub fn prefill(
         tokens_per_second: tokens as f64 / best,
         peak_memory_gib: peak_memory_gib(model.device()),
         host_ms_per_step: None,
+        engine: None,
     })
 }
 
-/// Greedy decoding of `new_tokens` per sequence after a `prompt_len` prefill, `batch` sequences.
+/// Greedy decoding of `new_tokens` per sequence after a `prompt_len` prefill, `batch` sequences,
+/// on `engine` (the graph engines fall back to candle where the model or batch does not fit
+/// them; the result names the engine that ran).
 pub fn decode(
     model: &Phi3,
     batch: usize,
     prompt_len: usize,
     new_tokens: usize,
+    engine: DecodeEngine,
 ) -> anyhow::Result<BenchResult> {
+    if engine != DecodeEngine::Candle {
+        let capture = engine == DecodeEngine::Graph;
+        let capacity = prompt_len + new_tokens + 1;
+        if let Some(graph) = philo_model::DecodeGraph::new(model, batch, capacity, capture)? {
+            return decode_graph(model, graph, batch, prompt_len, new_tokens, engine);
+        }
+    }
     let device = model.device();
     let prompt = random_prompt(batch, prompt_len, model.config().vocab_size, device)?;
     let mut cache = model.new_cache();
@@ -133,21 +158,100 @@ pub fn decode(
     }
     synchronize(device)?;
     let seconds = start.elapsed().as_secs_f64();
-    let (device, dtype, layers) = describe(model);
-    let tokens = batch * new_tokens;
-    Ok(BenchResult {
-        task: "decode".into(),
-        device,
-        dtype,
-        layers,
+    let steps = DecodeSteps {
         batch,
-        seq: prompt_len,
-        tokens,
+        prompt_len,
+        new_tokens,
         seconds,
-        tokens_per_second: tokens as f64 / seconds,
-        peak_memory_gib: peak_memory_gib(model.device()),
-        host_ms_per_step: Some(issuing * 1e3 / new_tokens.max(1) as f64),
-    })
+        issuing,
+    };
+    Ok(steps.result(model, "candle"))
+}
+
+/// What a decode run measured, for its [`BenchResult`].
+struct DecodeSteps {
+    batch: usize,
+    prompt_len: usize,
+    new_tokens: usize,
+    seconds: f64,
+    /// Host time spent issuing the steps.
+    issuing: f64,
+}
+
+impl DecodeSteps {
+    fn result(&self, model: &Phi3, engine: &str) -> BenchResult {
+        let (device, dtype, layers) = describe(model);
+        let tokens = self.batch * self.new_tokens;
+        BenchResult {
+            task: "decode".into(),
+            device,
+            dtype,
+            layers,
+            batch: self.batch,
+            seq: self.prompt_len,
+            tokens,
+            seconds: self.seconds,
+            tokens_per_second: tokens as f64 / self.seconds,
+            peak_memory_gib: peak_memory_gib(model.device()),
+            host_ms_per_step: Some(self.issuing * 1e3 / self.new_tokens.max(1) as f64),
+            engine: Some(engine.into()),
+        }
+    }
+}
+
+/// [`decode`] on a [`philo_model::DecodeGraph`]: the greedy ids come back each step, as in a
+/// generation loop; a step that crosses LongRoPE's switch recomputes the sequences, as
+/// generate does.
+fn decode_graph(
+    model: &Phi3,
+    mut graph: philo_model::DecodeGraph,
+    batch: usize,
+    prompt_len: usize,
+    new_tokens: usize,
+    engine: DecodeEngine,
+) -> anyhow::Result<BenchResult> {
+    let prompt = random_prompt(batch, prompt_len, model.config().vocab_size, &Device::Cpu)?;
+    let mut seqs = prompt.to_vec2::<u32>()?;
+    let rotary = model.rotary();
+    let prefill_all = |graph: &mut philo_model::DecodeGraph, seqs: &[Vec<u32>]| {
+        seqs.iter()
+            .enumerate()
+            .map(|(row, ids)| {
+                let long = rotary.uses_long_factors(ids.len() - 1);
+                let logits = graph.prefill(model, row, ids, long)?;
+                Ok(philo_generate::sampling::argmax(&logits))
+            })
+            .collect::<anyhow::Result<Vec<u32>>>()
+    };
+    let mut next = prefill_all(&mut graph, &seqs)?;
+    synchronize(model.device())?;
+    let start = Instant::now();
+    let mut issuing = 0f64;
+    for _ in 0..new_tokens {
+        for (ids, &t) in seqs.iter_mut().zip(&next) {
+            ids.push(t);
+        }
+        let last = seqs[0].len() - 1;
+        if rotary.uses_long_factors(last) && !rotary.uses_long_factors(last - 1) {
+            next = prefill_all(&mut graph, &seqs)?;
+            continue;
+        }
+        let issue = Instant::now();
+        graph.step(&next)?;
+        issuing += issue.elapsed().as_secs_f64();
+        next = graph.greedy()?;
+    }
+    synchronize(model.device())?;
+    let seconds = start.elapsed().as_secs_f64();
+    philo_kernels::profile::report(&format!("{new_tokens} decode steps"))?;
+    let steps = DecodeSteps {
+        batch,
+        prompt_len,
+        new_tokens,
+        seconds,
+        issuing,
+    };
+    Ok(steps.result(model, &format!("{engine:?}").to_lowercase()))
 }
 
 /// A fixed-width table of results.
@@ -285,6 +389,7 @@ pub fn train(mut model: Phi3, options: &TrainBench) -> anyhow::Result<BenchResul
         tokens_per_second: tokens as f64 / seconds,
         peak_memory_gib: peak_memory_gib(&device),
         host_ms_per_step: None,
+        engine: None,
     })
 }
 
@@ -364,6 +469,7 @@ pub fn serve(
         tokens_per_second: tokens as f64 / seconds,
         peak_memory_gib: peak_memory_gib(model.device()),
         host_ms_per_step: None,
+        engine: None,
     })
 }
 

@@ -649,6 +649,10 @@ struct BenchArgs {
     /// Train: LoRA dropout probability (finetune's default).
     #[arg(long = "lora_dropout", alias = "lora-dropout", default_value_t = 0.05)]
     lora_dropout: f32,
+    /// Decode: how a step runs (graph: philo's kernels in one CUDA graph; kernels: the same
+    /// launched one by one; candle: the general forward).
+    #[arg(long, value_enum, default_value = "graph")]
+    engine: philo::bench::DecodeEngine,
     /// Write the results as JSON to this file too.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -731,9 +735,13 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 BenchTask::Prefill => {
                     philo::bench::prefill(&model, batch, args.seq.unwrap_or(2048), 2)?
                 }
-                BenchTask::Decode => {
-                    philo::bench::decode(&model, batch, args.seq.unwrap_or(128), args.new_tokens)?
-                }
+                BenchTask::Decode => philo::bench::decode(
+                    &model,
+                    batch,
+                    args.seq.unwrap_or(128),
+                    args.new_tokens,
+                    args.engine,
+                )?,
                 BenchTask::Serve => {
                     philo::bench::serve(&model, batch, args.seq.unwrap_or(128), args.new_tokens)?
                 }

@@ -88,6 +88,16 @@ impl SamplingParams {
         self.temperature < GREEDY_TEMPERATURE
     }
 
+    /// Whether the choice is the argmax of the raw logits: greedy, with no logit bias and no
+    /// penalty (so the GPU's argmax can make it).
+    pub fn is_plain_greedy(&self) -> bool {
+        self.is_greedy()
+            && self.logit_bias.is_empty()
+            && self.repetition_penalty.is_none_or(|p| p == 1.0)
+            && self.frequency_penalty == 0.0
+            && self.presence_penalty == 0.0
+    }
+
     /// Checks every parameter; the error names the first bad one.
     pub fn validate(&self) -> Result<(), SamplingError> {
         if !self.temperature.is_finite() || self.temperature < 0.0 {
@@ -610,6 +620,22 @@ mod tests {
             ..SamplingParams::default()
         };
         assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn plain_greedy_only_without_bias_or_penalties() {
+        assert!(SamplingParams::greedy().is_plain_greedy());
+        assert!(!SamplingParams::default().is_plain_greedy());
+        let with = |f: fn(&mut SamplingParams)| {
+            let mut p = SamplingParams::greedy();
+            f(&mut p);
+            p.is_plain_greedy()
+        };
+        assert!(with(|p| p.repetition_penalty = Some(1.0)));
+        assert!(!with(|p| p.repetition_penalty = Some(1.1)));
+        assert!(!with(|p| p.frequency_penalty = 0.5));
+        assert!(!with(|p| p.presence_penalty = 0.5));
+        assert!(!with(|p| p.logit_bias = vec![(3, 1.0)]));
     }
 
     #[test]

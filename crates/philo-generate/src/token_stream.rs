@@ -4,7 +4,7 @@ use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
-use philo_model::{KvCache, Phi3};
+use philo_model::{DecodeGraph, KvCache, Phi3};
 
 use crate::error::{GenerateError, Result};
 use crate::sampling::{Sampler, SamplingParams};
@@ -18,6 +18,9 @@ pub struct TokenStream<'m> {
     /// How many of `tokens` the cache holds.
     cached: usize,
     sampler: Sampler,
+    /// The GPU's graph-captured decode step, when [`TokenStream::use_decode_graph`] found one
+    /// for the model; it holds its own KV cache and `cache` stays empty.
+    graph: Option<DecodeGraph>,
 }
 
 impl<'m> TokenStream<'m> {
@@ -40,7 +43,19 @@ impl<'m> TokenStream<'m> {
             tokens: prompt,
             cached: 0,
             sampler: Sampler::new(params)?,
+            graph: None,
         })
+    }
+
+    /// Decodes through a [`DecodeGraph`] where the model allows one (CUDA, bf16/f16, no
+    /// unmerged adapter, weights philo's kernels read), with room for `max_new_tokens` more
+    /// tokens; elsewhere, or past that room, the stream runs as before. Call before the first
+    /// token.
+    pub fn use_decode_graph(mut self, max_new_tokens: usize) -> Result<Self> {
+        let context = self.model.config().max_position_embeddings;
+        let capacity = (self.tokens.len() + max_new_tokens).min(context);
+        self.graph = DecodeGraph::new(self.model, 1, capacity, true)?;
+        Ok(self)
     }
 
     /// Runs the model on the tokens not yet cached, samples one token and appends it.
@@ -50,6 +65,18 @@ impl<'m> TokenStream<'m> {
     /// `Phi3ForCausalLM.prepare_inputs_for_generation` — the cache is dropped and the whole
     /// sequence is recomputed with the long factors. That one step costs a full prefill.
     pub fn next_token(&mut self) -> Result<u32> {
+        if self
+            .graph
+            .as_ref()
+            .is_some_and(|g| self.tokens.len() > g.capacity())
+        {
+            // Past the graph's room: the general path recomputes the sequence once.
+            self.graph = None;
+            self.cached = 0;
+        }
+        if self.graph.is_some() {
+            return self.next_token_on_graph();
+        }
         let rotary = self.model.rotary();
         let last = self.tokens.len() - 1;
         if self.cached > 0
@@ -67,6 +94,34 @@ impl<'m> TokenStream<'m> {
         let logits = logits.squeeze(0)?.to_vec1::<f32>()?;
         self.cached = self.tokens.len();
         let token = self.sampler.sample(&logits, &self.tokens);
+        self.tokens.push(token);
+        Ok(token)
+    }
+
+    /// [`TokenStream::next_token`] on the decode graph: a prefill of the whole sequence at the
+    /// start and at LongRoPE's switch, one graph step otherwise; a plain greedy choice is made
+    /// on the GPU, anything else by the sampler on the step's logits.
+    fn next_token_on_graph(&mut self) -> Result<u32> {
+        let graph = self.graph.as_mut().expect("checked by the caller");
+        let rotary = self.model.rotary();
+        let last = self.tokens.len() - 1;
+        let switches = self.cached > 0
+            && rotary.uses_long_factors(last)
+            && !rotary.uses_long_factors(self.cached - 1);
+        let plain_greedy = self.sampler.params().is_plain_greedy();
+        let token = if self.cached == 0 || switches {
+            let long = rotary.uses_long_factors(last);
+            let logits = graph.prefill(self.model, 0, &self.tokens, long)?;
+            self.sampler.sample(&logits, &self.tokens)
+        } else {
+            graph.step(&[self.tokens[last]])?;
+            if plain_greedy {
+                graph.greedy()?[0]
+            } else {
+                self.sampler.sample(&graph.logits()?, &self.tokens)
+            }
+        };
+        self.cached = self.tokens.len();
         self.tokens.push(token);
         Ok(token)
     }
@@ -142,7 +197,8 @@ pub fn generate(
     mut on_token: impl FnMut(u32) -> ControlFlow<()>,
 ) -> Result<Generation> {
     let prompt_tokens = prompt.len();
-    let mut stream = TokenStream::new(model, prompt, options.sampling.clone())?;
+    let mut stream = TokenStream::new(model, prompt, options.sampling.clone())?
+        .use_decode_graph(options.max_new_tokens)?;
     let start = Instant::now();
     let mut first_token_at = None;
     let mut tokens = Vec::new();

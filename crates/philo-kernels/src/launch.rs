@@ -34,6 +34,7 @@ module!(CROSS_ENTROPY, "cross_entropy");
 module!(DROPOUT, "dropout");
 module!(GEMV, "gemv");
 module!(PAGED_ATTENTION, "paged_attention");
+module!(DECODE, "decode");
 
 type FunctionCache = HashMap<(DeviceId, String), CudaFunction>;
 type ModuleCache = HashMap<(DeviceId, &'static str), Arc<CudaModule>>;

@@ -7,6 +7,7 @@
 
 pub mod attention;
 pub mod cross_entropy;
+pub mod decode;
 pub mod dropout;
 pub mod gemm;
 pub mod gemv;

@@ -274,14 +274,27 @@ fn paged_decode_cuda(
         let tv = contiguous::<u32>(cuda(&ts)?, tl)?;
         let lv = contiguous::<u32>(cuda(&ls)?, ll)?;
         let out = unsafe { dev.alloc::<T>(n * h * d)? };
-        let f = typed_function(&dev, &PAGED_ATTENTION, "paged_decode", q.dtype())?;
+        let f = function(&dev, &PAGED_ATTENTION, &decode_kernel_name(q.dtype(), d)?)?;
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
-        let ints = [n, h, kvh, d, bs, max_blocks, window.min(i32::MAX as usize)].map(|v| v as i32);
+        // One block per (sequence, head): no split, so no split workspace.
+        let ints = [
+            n,
+            h,
+            kvh,
+            d,
+            bs,
+            max_blocks,
+            window.min(i32::MAX as usize),
+            1,
+        ]
+        .map(|v| v as i32);
         b.arg(&qv).arg(&kv).arg(&vv).arg(&tv).arg(&lv).arg(&out);
         for v in &ints {
             b.arg(v);
         }
+        let none = 0u64;
+        b.arg(&none).arg(&none);
         let cfg = LaunchConfig {
             grid_dim: (n as u32, h as u32, 1),
             block_dim: (128, 1, 1),
@@ -289,6 +302,17 @@ fn paged_decode_cuda(
         };
         unsafe { b.launch(cfg) }.w()?;
         Ok(tensor(out, &dev, (n, h, d)))
+    })
+}
+
+/// The paged decode kernel for `dtype` and head dimension `d`: one compiled for `d` where there is
+/// one (64, 96, 128), else the general one.
+#[cfg(feature = "cuda")]
+pub(crate) fn decode_kernel_name(dtype: DType, d: usize) -> Result<String> {
+    let suffix = crate::launch::suffix(dtype)?;
+    Ok(match d {
+        64 | 96 | 128 => format!("paged_decode_{suffix}_d{d}"),
+        _ => format!("paged_decode_{suffix}"),
     })
 }
 

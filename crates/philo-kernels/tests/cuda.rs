@@ -940,3 +940,193 @@ fn cuda_flash_backward_qkv() -> Result<()> {
     }
     Ok(())
 }
+
+// ------------------------------------------------------------------------------------------------
+// The decode step's kernels: the fused GEMV in every weight format, split-K paged attention
+
+/// A GEMV weight of `format` quantised from `w` `[n, k]` on `dev`: the kernels' view of it, what
+/// owns the buffers behind that view (to keep alive), and the dequantised values the reference
+/// multiplies.
+fn decode_weight(
+    format: &str,
+    w: &[f32],
+    n: usize,
+    k: usize,
+    dtype: DType,
+    dev: &Device,
+) -> Result<(
+    philo_kernels::decode::GemvWeight,
+    Box<dyn std::any::Any>,
+    Vec<f32>,
+)> {
+    use philo_kernels::decode::GemvWeight;
+    use philo_quant::device::{Int4Weight, Int8Weight};
+    use philo_quant::{Int4Tensor, Int8Tensor, INT4_GROUP};
+    let quant = |e: philo_quant::QuantError| candle_core::Error::Msg(e.to_string());
+    Ok(match format {
+        "dense" => {
+            let (t, values) = upload(w.to_vec(), &[n, k], dtype, dev)?;
+            (GemvWeight::dense(&t)?, Box::new(t), values)
+        }
+        "int8" => {
+            let q = Int8Tensor::quantize(w, n, k).map_err(quant)?;
+            let d = Int8Weight::from_host(&q, dev).map_err(quant)?;
+            (GemvWeight::int8(&d)?, Box::new(d), q.dequantize())
+        }
+        "int4" => {
+            let q = Int4Tensor::quantize(w, n, k, INT4_GROUP).map_err(quant)?;
+            let d = Int4Weight::from_host(&q, dev)
+                .map_err(quant)?
+                .expect("whole groups");
+            (GemvWeight::int4(&d)?, Box::new(d), q.dequantize())
+        }
+        double => {
+            let q = Nf4Tensor::quantize(w, n, k, double == "nf4-dq").map_err(quant)?;
+            let d = Nf4Weight::from_host(&q, dev)?;
+            (GemvWeight::nf4(&d)?, Box::new(d), q.dequantize())
+        }
+    })
+}
+
+#[test]
+fn cuda_decode_gemv_every_format_and_input() -> Result<()> {
+    use philo_kernels::decode::*;
+    let Some(dev) = gpu("cuda_decode_gemv_every_format_and_input") else {
+        return Ok(());
+    };
+    let Device::Cuda(cuda_dev) = &dev else {
+        unreachable!()
+    };
+    let mut rng = StdRng::seed_from_u64(21);
+    // (rows, n, k): a QKV, a down projection and a ragged n that leaves a partial row group.
+    for (m, n, k) in [
+        (1, 1152, 3072),
+        (3, 320, 8192),
+        (2, 102, 1024),
+        (4, 64, 256),
+    ] {
+        for dtype in dtypes() {
+            let kernels = DecodeKernels::load(cuda_dev, dtype)?;
+            for format in ["dense", "int8", "int4", "nf4", "nf4-dq"] {
+                let w = uniform(&mut rng, n * k, 0.05);
+                let (weight, _kept, w_values) = decode_weight(format, &w, n, k, dtype, &dev)?;
+                for input in ["plain", "rmsnorm", "swiglu"] {
+                    let width = if input == "swiglu" { 2 * k } else { k };
+                    let (x, xs) =
+                        upload(uniform(&mut rng, m * width, 1.0), &[m, width], dtype, &dev)?;
+                    let (g, gs) = upload(uniform(&mut rng, k, 2.0), &[k], dtype, &dev)?;
+                    let (res, res_host) =
+                        upload(uniform(&mut rng, m * n, 1.0), &[m, n], dtype, &dev)?;
+                    let gemv_input = match input {
+                        "plain" => GemvInput::Plain,
+                        "rmsnorm" => GemvInput::RmsNorm {
+                            weight: address(&g)?,
+                            eps: 1e-5,
+                        },
+                        _ => GemvInput::SwiGlu,
+                    };
+                    let norm = (input == "rmsnorm").then_some(gs.as_slice());
+                    // Into a fresh buffer, added to the residual, and as f32 logits.
+                    let stored = Tensor::zeros((m, n), dtype, &dev)?;
+                    let logits = Tensor::zeros((m, n), DType::F32, &dev)?;
+                    for (output, target, residual) in [
+                        (GemvOutput::Store(address(&stored)?), &stored, None),
+                        (
+                            GemvOutput::AddTo(address(&res)?),
+                            &res,
+                            Some(res_host.as_slice()),
+                        ),
+                        (GemvOutput::F32(address(&logits)?), &logits, None),
+                    ] {
+                        kernels.gemv(&Gemv {
+                            x: address(&x)?,
+                            input: gemv_input,
+                            m,
+                            n,
+                            k,
+                            weight,
+                            output,
+                        })?;
+                        let want =
+                            gemv_reference(&xs, gemv_input, norm, &w_values, k, residual, dtype);
+                        check(
+                            &format!(
+                                "decode gemv {format} {input} {output:?} {dtype:?} m{m} n{n} k{k}"
+                            ),
+                            &host(target)?,
+                            &want,
+                            1e-2,
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn cuda_paged_decode_split_matches_unsplit() -> Result<()> {
+    use philo_kernels::decode::{address, Attention, DecodeKernels};
+    use philo_kernels::paged_attention::paged_decode_reference;
+    let Some(dev) = gpu("cuda_paged_decode_split_matches_unsplit") else {
+        return Ok(());
+    };
+    let Device::Cuda(cuda_dev) = &dev else {
+        unreachable!()
+    };
+    let mut rng = StdRng::seed_from_u64(22);
+    let (h, kvh, d, bs) = (8, 4, 96, 16);
+    // Lengths shorter than the split count (empty splits), ragged, and long; a window.
+    for (lens, window, splits) in [
+        (vec![3u32, 100, 1000], usize::MAX, 8),
+        (vec![4096u32], 2047, 16),
+        (vec![33u32, 517], 40, 5),
+    ] {
+        let dtype = DType::BF16;
+        let kernels = DecodeKernels::load(cuda_dev, dtype)?;
+        let n = lens.len();
+        let max_blocks = *lens.iter().max().unwrap() as usize / bs + 1;
+        let blocks = n * max_blocks;
+        let tables: Vec<u32> = (0..blocks as u32).rev().collect();
+        let cache = blocks * kvh * bs * d;
+        let (kc, kh) = upload(uniform(&mut rng, cache, 1.0), &[cache], dtype, &dev)?;
+        let (vc, vh) = upload(uniform(&mut rng, cache, 1.0), &[cache], dtype, &dev)?;
+        let (q, qh) = upload(uniform(&mut rng, h * n * d, 2.0), &[h * n * d], dtype, &dev)?;
+        let out = Tensor::zeros(n * h * d, dtype, &dev)?;
+        let partial = Tensor::zeros(n * h * splits * (d + 2), DType::F32, &dev)?;
+        let counters = Tensor::zeros(n * h, DType::U32, &dev)?;
+        let tables_t = Tensor::from_vec(tables.clone(), blocks, &dev)?;
+        let lens_t = Tensor::new(lens.as_slice(), &dev)?;
+        let want = paged_decode_reference(&qh, &kh, &vh, &tables, &lens, h, kvh, bs, d, window);
+        // Twice: the counters must be back at zero after a launch.
+        for round in 0..2 {
+            kernels.attention(&Attention {
+                q: address(&q)?,
+                k_cache: address(&kc)?,
+                v_cache: address(&vc)?,
+                tables: address(&tables_t)?,
+                lens: address(&lens_t)?,
+                out: address(&out)?,
+                m: n,
+                heads: h,
+                kv_heads: kvh,
+                head_dim: d,
+                block_size: bs,
+                max_blocks,
+                window,
+                splits,
+                partial: address(&partial)?,
+                counters: address(&counters)?,
+            })?;
+            check(
+                &format!("split decode attention lens {lens:?} window {window} splits {splits} round {round}"),
+                &host(&out)?,
+                &want,
+                1e-2,
+            );
+        }
+        assert!(host(&counters)?.iter().all(|&c| c == 0.0), "counters reset");
+    }
+    Ok(())
+}

@@ -4,6 +4,7 @@
 pub mod adapter;
 pub mod checkpoint;
 pub mod config;
+pub mod decode_graph;
 pub mod error;
 pub mod kv_cache;
 pub mod lora_bank;
@@ -20,6 +21,7 @@ pub mod weights;
 pub use adapter::{Adapter, AdapterConfig};
 pub use checkpoint::ModelFiles;
 pub use config::{Phi3Config, RopeConfig, RopeScaling};
+pub use decode_graph::DecodeGraph;
 pub use error::{ModelError, Result};
 pub use kv_cache::KvCache;
 pub use lora_bank::LoraBank;

@@ -79,17 +79,6 @@ fn run(
     }
 }
 
-fn last_logits(model: &Phi3, ids: &[u32]) -> Tensor {
-    let ids = row(ids).to_device(model.device()).unwrap();
-    model
-        .forward_last(&ids, None, None)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_device(&Device::Cpu)
-        .unwrap()
-}
-
 /// Prefill chunks, decode steps and idle steps interleaved across three sequences.
 fn mixed_plans(vocab: usize) -> Vec<Plan> {
     let plan = |seed, len, chunks: Vec<Option<(usize, usize)>>| Plan {

@@ -42,6 +42,16 @@ impl Int8Weight {
         self.codes.elem_count() + 4 * self.scales.elem_count()
     }
 
+    /// The codes + 128, u8 `[rows, cols]` (for kernels that read them directly).
+    pub fn codes(&self) -> &Tensor {
+        &self.codes
+    }
+
+    /// Each row's absmax, f32 `[rows, 1]`: a weight is (code − 128) · absmax / 127.
+    pub fn absmax(&self) -> &Tensor {
+        &self.scales
+    }
+
     /// The dense `[rows, cols]` matrix in `dtype`.
     pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
         let codes = (self.codes.to_dtype(DType::F32)? - 128.0)?;
@@ -89,6 +99,21 @@ impl Int4Weight {
     /// Bytes the weight holds on its device.
     pub fn bytes(&self) -> usize {
         self.packed.elem_count() + 4 * self.scales.elem_count()
+    }
+
+    /// Two codes + 8 a byte, the even element in the low nibble, u8 `[rows, cols / 2]`.
+    pub fn packed(&self) -> &Tensor {
+        &self.packed
+    }
+
+    /// One f32 scale per (row, group), `[rows, groups]`.
+    pub fn scales(&self) -> &Tensor {
+        &self.scales
+    }
+
+    /// Columns per scale.
+    pub fn group(&self) -> usize {
+        self.group
     }
 
     /// The dense `[rows, cols]` matrix in `dtype`.

@@ -43,4 +43,29 @@ __device__ __forceinline__ float block_max(float v) {
     return v;
 }
 
+// 16 bytes of a weight read exactly once: bypass L1 and do not keep them in cache.
+__device__ __forceinline__ uint4 load_streaming(const void* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+// Programmatic dependent launch (Hopper on; no-ops elsewhere and for kernels launched without
+// the attribute): `pdl_allow_next` lets the stream's next kernel start its blocks now, and
+// `pdl_wait_previous` waits until the previous kernel has finished and its writes are visible.
+// A kernel reads and writes activations only after the wait; before it, it may only load what
+// no kernel writes (weights).
+__device__ __forceinline__ void pdl_allow_next() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait_previous() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 #define FOR_EACH_FLOAT(M) M(f32, float) M(bf16, __nv_bfloat16) M(f16, __half)

@@ -6,15 +6,6 @@
 // idle between a warp's requests, so each lane issues UNROLL of them back to back.
 constexpr int UNROLL = 4;
 
-// 16 bytes of W that are read exactly once: bypass L1 and do not keep them in cache.
-__device__ __forceinline__ uint4 load_streaming(const void* p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
-    return v;
-}
-
 template <typename T>
 __device__ void gemv(const T* x, const T* w, T* y, int m, int n, int k) {
     int warp = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;

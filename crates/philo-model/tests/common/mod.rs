@@ -58,3 +58,15 @@ pub fn row(ids: &[u32]) -> Tensor {
         .unsqueeze(0)
         .unwrap()
 }
+
+/// Logits of the last position of `ids` by the plain forward on the model's device, on the CPU.
+pub fn last_logits(model: &Phi3, ids: &[u32]) -> Tensor {
+    let ids = row(ids).to_device(model.device()).unwrap();
+    model
+        .forward_last(&ids, None, None)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap()
+}

@@ -1,0 +1,411 @@
+// The kernels of the graph-captured decode step (reference: src/decode.rs). A step for a few
+// rows (one token each of up to MAXM sequences) is: embed → per layer [norm+QKV GEMV → RoPE and
+// KV write → paged split-K attention → O GEMV + residual → norm+gate/up GEMV → SwiGLU+down GEMV
+// + residual] → norm+LM head GEMV → argmax. Per-step state (token ids, sequence lengths, block
+// tables) lives in device buffers the kernels read, so one captured graph replays every step.
+#include "common.cuh"
+
+// Rows of x a GEMV takes (sequences decoded together).
+constexpr int MAXM = 4;
+// Output rows one thread group computes: each x chunk read from shared memory serves R rows.
+constexpr int R = 4;
+
+enum InputMode { IN_PLAIN = 0, IN_RMSNORM = 1, IN_SWIGLU = 2 };
+enum Format { F_DENSE = 0, F_INT8 = 1, F_INT4 = 2, F_NF4 = 3 };
+
+__constant__ float NF4_CODE[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+
+// Weights one 16-byte chunk of a row holds.
+template <typename T, int FMT> struct Chunk;
+template <typename T> struct Chunk<T, F_DENSE> { static constexpr int E = 16 / sizeof(T); };
+template <typename T> struct Chunk<T, F_INT8> { static constexpr int E = 16; };
+template <typename T> struct Chunk<T, F_INT4> { static constexpr int E = 32; };
+template <typename T> struct Chunk<T, F_NF4> { static constexpr int E = 32; };
+
+// Weights q·8 … q·8 + 7 of a chunk as floats (before any scale).
+template <typename T, int FMT>
+__device__ __forceinline__ void unpack8(const uint4& v, int q, float (&wf)[8], const float* nf4) {
+    const uint8_t* b = reinterpret_cast<const uint8_t*>(&v);
+    if constexpr (FMT == F_DENSE) {
+        const T* t = reinterpret_cast<const T*>(&v) + q * 8;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) wf[j] = to_f32(t[j]);
+    } else if constexpr (FMT == F_INT8) {
+        // Codes are stored + 128.
+#pragma unroll
+        for (int j = 0; j < 8; ++j) wf[j] = (float)b[q * 8 + j] - 128.f;
+    } else if constexpr (FMT == F_INT4) {
+        // Even element in the low nibble, codes + 8.
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            wf[2 * j] = (float)(b[q * 4 + j] & 15) - 8.f;
+            wf[2 * j + 1] = (float)(b[q * 4 + j] >> 4) - 8.f;
+        }
+    } else {
+        // bitsandbytes: first element in the high nibble.
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            wf[2 * j] = nf4[b[q * 4 + j] >> 4];
+            wf[2 * j + 1] = nf4[b[q * 4 + j] & 15];
+        }
+    }
+}
+
+// How a GEMV finds its weights' scales.
+struct Scales {
+    // INT8: absmax per row (× 1/127). INT4: per (row, group). NF4: per 64-block when plain.
+    const float* s;
+    // INT4 group length.
+    int group;
+    // NF4 double quantisation: scale = code2[q2[block]] · absmax2[block / block2] + offset2.
+    const uint8_t* q2;
+    const float* code2;
+    const float* absmax2;
+    float offset2;
+    int block2;
+};
+
+// Scale of the chunk starting at column `col` of `row`, for the formats that scale per chunk.
+template <int FMT>
+__device__ __forceinline__ float chunk_scale(const Scales& sc, int row, int col, int k) {
+    if constexpr (FMT == F_INT4) {
+        return sc.s[(size_t)row * (k / sc.group) + col / sc.group];
+    } else if constexpr (FMT == F_NF4) {
+        size_t block = ((size_t)row * k + col) / 64;
+        if (sc.q2 == nullptr) return sc.s[block];
+        // Each step rounded to f32 as bitsandbytes does.
+        return __fadd_rn(__fmul_rn(sc.code2[sc.q2[block]], sc.absmax2[block / sc.block2]), sc.offset2);
+    } else {
+        return 1.f;
+    }
+}
+
+// 16-byte vectors of a staged row each thread holds: rows of up to 4 · 8 · blockDim.x elements
+// (8,192 with 256 threads). All of a thread's loads are issued before any use: the staging is
+// a prologue every block waits for, so it must cost one memory round trip, not one per element.
+constexpr int VPT = 4;
+
+__device__ __forceinline__ void unpack8(const uint4& v, float (&f)[8], const __nv_bfloat16*) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) { float2 p = __bfloat1622float2(h[i]); f[2 * i] = p.x; f[2 * i + 1] = p.y; }
+}
+__device__ __forceinline__ void unpack8(const uint4& v, float (&f)[8], const __half*) {
+    const __half2* h = reinterpret_cast<const __half2*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) { float2 p = __half22float2(h[i]); f[2 * i] = p.x; f[2 * i + 1] = p.y; }
+}
+template <typename T> __device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
+    uint4 v;
+    T* t = reinterpret_cast<T*>(&v);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) t[i] = from_f32<T>(f[i]);
+    return v;
+}
+
+// Stages the GEMV's input rows in shared memory as T, transformed as the layer wants them:
+// plain; RMSNorm (x·rsqrt(ms + eps) rounded, times g, as rms_norm.cu); or SwiGLU of [gate | up]
+// (silu(gate) rounded, times up, as swiglu.cu). k % 8 == 0, k ≤ VPT · 8 · blockDim.x.
+template <typename T>
+__device__ void stage_input(const T* x, const T* g, float eps, int mode, int m, int k, T* xs) {
+    const int nv = k / 8;
+    uint4* out = reinterpret_cast<uint4*>(xs);
+    for (int r = 0; r < m; ++r) {
+        const uint4* src = reinterpret_cast<const uint4*>(x + (size_t)r * (mode == IN_SWIGLU ? 2 * k : k));
+        uint4 a[VPT], b[VPT];
+#pragma unroll
+        for (int i = 0; i < VPT; ++i) {
+            int v = threadIdx.x + i * blockDim.x;
+            if (v < nv) {
+                a[i] = src[v];
+                if (mode == IN_SWIGLU) b[i] = src[nv + v];
+                else if (mode == IN_RMSNORM) b[i] = reinterpret_cast<const uint4*>(g)[v];
+            }
+        }
+        float inv = 1.f;
+        if (mode == IN_RMSNORM) {
+            float ss = 0.f;
+#pragma unroll
+            for (int i = 0; i < VPT; ++i) {
+                if (threadIdx.x + i * blockDim.x < nv) {
+                    float f[8];
+                    unpack8(a[i], f, (const T*)nullptr);
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) ss += f[j] * f[j];
+                }
+            }
+            inv = rsqrtf(block_sum(ss) / k + eps);
+        }
+#pragma unroll
+        for (int i = 0; i < VPT; ++i) {
+            int v = threadIdx.x + i * blockDim.x;
+            if (v >= nv) continue;
+            if (mode == IN_PLAIN) {
+                out[r * nv + v] = a[i];
+                continue;
+            }
+            float fa[8], fb[8], o[8];
+            unpack8(a[i], fa, (const T*)nullptr);
+            unpack8(b[i], fb, (const T*)nullptr);
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+                o[j] = mode == IN_RMSNORM ? fb[j] * round_to<T>(fa[j] * inv)
+                                          : round_to<T>(fa[j] / (1.f + __expf(-fa[j]))) * fb[j];
+            out[r * nv + v] = pack8<T>(o);
+        }
+    }
+    __syncthreads();
+}
+
+// y[r, row] = xin[r] · W[row]ᵀ for m ≤ MAXM input rows, W [n, k] in format FMT. Threads form
+// groups of `tpg` (a multiple of 32); a group computes R consecutive output rows at a time, its
+// threads walking the rows' 16-byte chunks, and the block's groups stride over all row groups
+// (a grid of about what fits on the GPU at once), so each block stages its input once. Loads
+// run one batch ahead of the arithmetic, the first batch before the staging. M (1, 2 or 4 ≥ m)
+// sizes the accumulators. The epilogue writes T (optionally adding `residual` in place, as
+// `x + y` rounds), or f32 rounded through T (logits).
+template <typename T, int FMT, int M>
+__device__ void gemv_fused(const T* x, const T* g, float eps, int mode, int m, int n, int k,
+                           const void* w, Scales sc, int tpg, T* out, float* out_f32,
+                           const T* residual) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    T* xs = reinterpret_cast<T*>(smem);
+    __shared__ float nf4[16];
+    __shared__ float red[8][R * MAXM];
+    if (threadIdx.x < 16) nf4[threadIdx.x] = NF4_CODE[threadIdx.x];
+
+    constexpr int E = Chunk<T, FMT>::E;
+    const int groups_per_block = blockDim.x / tpg;
+    const int gi = threadIdx.x / tpg, t = threadIdx.x % tpg;
+    const int chunks = k / E;
+    const int row_groups = (n + R - 1) / R;
+    const int stride = gridDim.x * groups_per_block;
+    const size_t row_bytes = (size_t)k * 16 / E;
+    const unsigned char* wb = reinterpret_cast<const unsigned char*>(w);
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+
+    // A thread's next loads (of a row group and chunk), issued ahead of their use.
+    uint4 wv[R];
+    auto load = [&](int grp_, int c_) {
+#pragma unroll
+        for (int i = 0; i < R; ++i) {
+            int row = grp_ * R + i;
+            if (grp_ < row_groups && c_ < chunks && row < n)
+                wv[i] = load_streaming(wb + (size_t)row * row_bytes + (size_t)c_ * 16);
+        }
+    };
+    // The first weights stream in while the previous kernel finishes.
+    load(blockIdx.x * groups_per_block + gi, t);
+    pdl_allow_next();
+    pdl_wait_previous();
+    stage_input<T>(x, g, eps, mode, m, k, xs);
+
+    // Every thread runs the same number of rounds (the block synchronises in each).
+    for (int base = blockIdx.x * groups_per_block; base < row_groups; base += stride) {
+        const int grp = base + gi, row0 = grp * R;
+        float acc[R][M];
+#pragma unroll
+        for (int i = 0; i < R; ++i)
+#pragma unroll
+            for (int r = 0; r < M; ++r) acc[i][r] = 0.f;
+        for (int c0 = t; c0 < chunks; c0 += tpg) {
+            uint4 cur[R];
+#pragma unroll
+            for (int i = 0; i < R; ++i) cur[i] = wv[i];
+            // Next loads: the next chunk, or the first chunk of the next row group.
+            if (c0 + tpg < chunks) {
+                load(grp, c0 + tpg);
+            } else {
+                load(grp + stride, t);
+            }
+            if (row0 >= n) continue;
+            int col = c0 * E;
+            float part[R][M];
+#pragma unroll
+            for (int i = 0; i < R; ++i)
+#pragma unroll
+                for (int r = 0; r < M; ++r) part[i][r] = 0.f;
+            // Eight columns at a time: their inputs for every x row, then every output row.
+#pragma unroll
+            for (int q = 0; q < E / 8; ++q) {
+                float xf[M][8];
+#pragma unroll
+                for (int r = 0; r < M; ++r) {
+                    if (r >= m) break;
+                    uint4 raw = *reinterpret_cast<const uint4*>(xs + r * k + col + q * 8);
+                    const T* tv = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) xf[r][j] = to_f32(tv[j]);
+                }
+#pragma unroll
+                for (int i = 0; i < R; ++i) {
+                    float wf[8];
+                    unpack8<T, FMT>(cur[i], q, wf, nf4);
+#pragma unroll
+                    for (int r = 0; r < M; ++r) {
+                        if (r >= m) break;
+#pragma unroll
+                        for (int j = 0; j < 8; ++j) part[i][r] += wf[j] * xf[r][j];
+                    }
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < R; ++i) {
+                if (row0 + i >= n) break;
+                float scale = chunk_scale<FMT>(sc, row0 + i, col, k);
+#pragma unroll
+                for (int r = 0; r < M; ++r) acc[i][r] += FMT == F_INT4 || FMT == F_NF4 ? part[i][r] * scale : part[i][r];
+            }
+        }
+        // Sum over the group: lanes by shuffle, then the group's warps through shared memory.
+#pragma unroll
+        for (int i = 0; i < R; ++i)
+#pragma unroll
+            for (int r = 0; r < M; ++r) {
+                float v = acc[i][r];
+                for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+                if (lane == 0) red[warp][i * MAXM + r] = v;
+            }
+        __syncthreads();
+        int warps_per_group = tpg / 32;
+        if (t < R * m) {
+            int i = t / m, r = t % m, row = row0 + i;
+            if (row < n) {
+                float v = 0.f;
+                for (int wi = 0; wi < warps_per_group; ++wi) v += red[gi * warps_per_group + wi][i * MAXM + r];
+                if (FMT == F_INT8) v = v * sc.s[row] * (1.f / 127.f);
+                size_t at = (size_t)r * n + row;
+                if (out_f32 != nullptr) {
+                    out_f32[at] = round_to<T>(v);
+                } else if (residual != nullptr) {
+                    out[at] = from_f32<T>(to_f32(residual[at]) + round_to<T>(v));
+                } else {
+                    out[at] = from_f32<T>(v);
+                }
+            }
+        }
+        __syncthreads();
+    }
+}
+
+#define GEMV_FUSED_M(fname, T, FMT, M)                                                                 \
+    extern "C" __global__ void gemv_fused_##fname##_m##M(                                               \
+        const T* x, const T* g, float eps, int mode, int m, int n, int k, const void* w, const float* s, \
+        int group, const uint8_t* q2, const float* code2, const float* absmax2, float offset2,          \
+        int block2, int tpg, T* out, float* out_f32, const T* residual) {                              \
+        Scales sc{s, group, q2, code2, absmax2, offset2, block2};                                       \
+        gemv_fused<T, FMT, M>(x, g, eps, mode, m, n, k, w, sc, tpg, out, out_f32, residual);            \
+    }
+#define GEMV_FUSED(fname, T, FMT) GEMV_FUSED_M(fname, T, FMT, 1) GEMV_FUSED_M(fname, T, FMT, 2) GEMV_FUSED_M(fname, T, FMT, 4)
+GEMV_FUSED(dense_bf16, __nv_bfloat16, F_DENSE)
+GEMV_FUSED(int8_bf16, __nv_bfloat16, F_INT8)
+GEMV_FUSED(int4_bf16, __nv_bfloat16, F_INT4)
+GEMV_FUSED(nf4_bf16, __nv_bfloat16, F_NF4)
+GEMV_FUSED(dense_f16, __half, F_DENSE)
+GEMV_FUSED(int8_f16, __half, F_INT8)
+GEMV_FUSED(int4_f16, __half, F_INT4)
+GEMV_FUSED(nf4_f16, __half, F_NF4)
+
+// x[b] = embed[tokens[b]]; one block per row.
+template <typename T>
+__device__ void embed_rows(const T* table, const uint32_t* tokens, T* x, int hidden) {
+    pdl_allow_next();
+    pdl_wait_previous();
+    const T* src = table + (size_t)tokens[blockIdx.x] * hidden;
+    for (int j = threadIdx.x; j < hidden; j += blockDim.x) x[(size_t)blockIdx.x * hidden + j] = src[j];
+}
+
+// One block per (row, head), one thread per element of the head.
+// Rotates row b's q and k at position lens[b] − 1 (rotate-half layout, rounding as rope.cu),
+// writes q to q_out [h, m, d] and k, v into the paged caches at that position's slot. The long
+// LongRoPE table applies once the sequence is longer than `original` (the host recomputes the
+// cache at that switch, as transformers does). cos/sin: [positions, rd/2].
+template <typename T>
+__device__ void rope_write_kv(const T* qkv, const T* cos_short, const T* sin_short, const T* cos_long,
+                              const T* sin_long, int original, const uint32_t* lens,
+                              const uint32_t* tables, int max_blocks, T* q_out, T* kc, T* vc, int m,
+                              int h, int kvh, int d, int rd, int bs) {
+    pdl_allow_next();
+    pdl_wait_previous();
+    int b = blockIdx.x, head = blockIdx.y, j = threadIdx.x;
+    if (j >= d) return;
+    int len = lens[b], pos = len - 1, half = rd / 2;
+    bool long_rope = len > original;
+    const T* cs = (long_rope ? cos_long : cos_short) + (size_t)pos * half;
+    const T* sn = (long_rope ? sin_long : sin_short) + (size_t)pos * half;
+    const T* row = qkv + (size_t)b * (h + 2 * kvh) * d;
+    size_t slot_block = tables[(size_t)b * max_blocks + pos / bs];
+    int offset = pos % bs;
+    {
+        const T* x = row + head * d;
+        float v;
+        if (head >= h + kvh || j >= rd) {
+            v = to_f32(x[j]);
+        } else if (j < half) {
+            v = round_to<T>(to_f32(x[j]) * to_f32(cs[j])) + round_to<T>(-to_f32(x[j + half]) * to_f32(sn[j]));
+        } else {
+            int i = j - half;
+            v = round_to<T>(to_f32(x[j]) * to_f32(cs[i])) + round_to<T>(to_f32(x[i]) * to_f32(sn[i]));
+        }
+        T out = from_f32<T>(v);
+        if (head < h) {
+            q_out[((size_t)head * m + b) * d + j] = out;
+        } else {
+            int kh = head < h + kvh ? head - h : head - h - kvh;
+            T* cache = head < h + kvh ? kc : vc;
+            cache[((slot_block * kvh + kh) * bs + offset) * d + j] = out;
+        }
+    }
+}
+
+// out[b] = argmax of logits row b (lowest index on ties, NaN ignored); one block per row.
+extern "C" __global__ void argmax_rows(const float* logits, int vocab, uint32_t* out) {
+    __shared__ float best_v[32];
+    __shared__ int best_i[32];
+    pdl_allow_next();
+    pdl_wait_previous();
+    const float* row = logits + (size_t)blockIdx.x * vocab;
+    float bv = -INFINITY;
+    int bi = 0x7fffffff;
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+        float v = row[j];
+        if (v > bv) { bv = v; bi = j; }  // NaN compares false; j grows, so ties keep the lowest
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffff, bv, o);
+        int oi = __shfl_xor_sync(0xffffffff, bi, o);
+        if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
+    }
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) { best_v[warp] = bv; best_i[warp] = bi; }
+    __syncthreads();
+    if (warp == 0) {
+        int warps = blockDim.x / 32;
+        bv = lane < warps ? best_v[lane] : -INFINITY;
+        bi = lane < warps ? best_i[lane] : 0x7fffffff;
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffff, bv, o);
+            int oi = __shfl_xor_sync(0xffffffff, bi, o);
+            if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
+        }
+        if (lane == 0) out[blockIdx.x] = bi == 0x7fffffff ? 0 : bi;
+    }
+}
+
+#define DECODE(name, T)                                                                                 \
+    extern "C" __global__ void embed_rows_##name(const T* table, const uint32_t* tokens, T* x, int hidden) { \
+        embed_rows<T>(table, tokens, x, hidden);                                                          \
+    }                                                                                                     \
+    extern "C" __global__ void rope_write_kv_##name(                                                     \
+        const T* qkv, const T* cos_short, const T* sin_short, const T* cos_long, const T* sin_long,       \
+        int original, const uint32_t* lens, const uint32_t* tables, int max_blocks, T* q_out, T* kc,      \
+        T* vc, int m, int h, int kvh, int d, int rd, int bs) {                                            \
+        rope_write_kv<T>(qkv, cos_short, sin_short, cos_long, sin_long, original, lens, tables,          \
+                         max_blocks, q_out, kc, vc, m, h, kvh, d, rd, bs);                                \
+    }
+DECODE(bf16, __nv_bfloat16)
+DECODE(f16, __half)

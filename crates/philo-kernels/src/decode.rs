@@ -1,0 +1,660 @@
+//! The kernels of the graph-captured decode step (`cuda/decode.cu`), launched on raw device
+//! addresses so that one captured CUDA graph can replay a whole step: the buffers they read and
+//! write are allocated once by the caller, which keeps them alive while a graph uses them.
+//!
+//! The fused GEMV multiplies a few input rows by a weight in any of philo's formats (dense,
+//! INT8, INT4, NF4), applying the layer's RMSNorm or SwiGLU to its input on the way in and the
+//! residual add on the way out; [`gemv_reference`] is its plain CPU counterpart.
+
+use candle_core::DType;
+#[cfg(feature = "cuda")]
+use candle_core::Result;
+
+/// Most input rows (sequences decoded together) one launch takes.
+pub const MAX_ROWS: usize = 4;
+
+/// What the GEMV does to its input before the product.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum GemvInput {
+    /// x as it is, `[m, k]`.
+    Plain,
+    /// RMSNorm(x) · weight (the `k` norm weights at `weight`), `[m, k]`.
+    RmsNorm { weight: u64, eps: f32 },
+    /// silu(gate) · up of x `[m, 2k]` laid out [gate | up].
+    SwiGlu,
+}
+
+/// A weight `[n, k]` on the device, by format (addresses of its buffers, which must outlive
+/// every launch that reads them).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum GemvWeight {
+    /// In the compute dtype.
+    Dense { w: u64 },
+    /// u8 codes + 128 and f32 absmax per row: w = (code − 128) · absmax / 127.
+    Int8 { codes: u64, absmax: u64 },
+    /// Packed codes + 8 (even element low) and f32 scales per (row, group of `group`).
+    Int4 {
+        packed: u64,
+        scales: u64,
+        group: usize,
+    },
+    /// bitsandbytes NF4 (first element high), one scale per 64 weights.
+    Nf4 { packed: u64, scales: Nf4BlockScales },
+}
+
+/// NF4 block scales: plain f32, or double-quantised (scale = code[q] · absmax2[block /
+/// block2] + offset).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Nf4BlockScales {
+    Plain {
+        absmax: u64,
+    },
+    Double {
+        quantized: u64,
+        code: u64,
+        absmax2: u64,
+        offset: f32,
+        block2: usize,
+    },
+}
+
+/// Where the GEMV writes `[m, n]`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum GemvOutput {
+    /// In the compute dtype.
+    Store(u64),
+    /// Added in place to the compute-dtype residual stream at this address (`x + y`).
+    AddTo(u64),
+    /// f32, rounded through the compute dtype (logits).
+    F32(u64),
+}
+
+/// One fused GEMV: `out = input(x) · Wᵀ` for `m ≤ MAX_ROWS` rows.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Gemv {
+    pub x: u64,
+    pub input: GemvInput,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub weight: GemvWeight,
+    pub output: GemvOutput,
+}
+
+#[cfg(feature = "cuda")]
+impl GemvWeight {
+    fn kernel(&self) -> &'static str {
+        match self {
+            GemvWeight::Dense { .. } => "dense",
+            GemvWeight::Int8 { .. } => "int8",
+            GemvWeight::Int4 { .. } => "int4",
+            GemvWeight::Nf4 { .. } => "nf4",
+        }
+    }
+
+    /// Bytes one row of `k` weights takes (without scales).
+    fn row_bytes(&self, k: usize, dtype: DType) -> usize {
+        match self {
+            GemvWeight::Dense { .. } => k * dtype.size_in_bytes(),
+            GemvWeight::Int8 { .. } => k,
+            GemvWeight::Int4 { .. } | GemvWeight::Nf4 { .. } => k / 2,
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+/// Threads that share one group of output rows: enough that each walks at most 4 of the row's
+/// 16-byte chunks (so short rows still spread over many blocks), between one warp and a block.
+fn threads_per_group(row_bytes: usize) -> usize {
+    let chunks = row_bytes / 16;
+    let mut tpg = 32;
+    while tpg < 256 && chunks > 4 * tpg {
+        tpg *= 2;
+    }
+    tpg
+}
+
+/// Plain reference of [`Gemv`] in f32: `x` `[m, k]` (`[m, 2k]` for SwiGLU), `norm` the RMSNorm
+/// weights and eps, `w` the dequantised `[n, k]`, `residual` `[m, n]` when the output is added.
+/// Intermediates are rounded to `dtype` where the kernels round them.
+pub fn gemv_reference(
+    x: &[f32],
+    input: GemvInput,
+    norm: Option<&[f32]>,
+    w: &[f32],
+    k: usize,
+    residual: Option<&[f32]>,
+    dtype: DType,
+) -> Vec<f32> {
+    let round = |v: f32| round_to(v, dtype);
+    let n = w.len() / k;
+    let rows: Vec<Vec<f32>> = match input {
+        GemvInput::Plain => x.chunks(k).map(<[f32]>::to_vec).collect(),
+        GemvInput::RmsNorm { eps, .. } => {
+            let g = norm.expect("RmsNorm needs its weights");
+            x.chunks(k)
+                .map(|row| {
+                    let ms = row.iter().map(|v| v * v).sum::<f32>() / k as f32;
+                    let inv = 1.0 / (ms + eps).sqrt();
+                    row.iter()
+                        .zip(g)
+                        .map(|(v, g)| round(g * round(v * inv)))
+                        .collect()
+                })
+                .collect()
+        }
+        GemvInput::SwiGlu => x
+            .chunks(2 * k)
+            .map(|row| {
+                let (gate, up) = row.split_at(k);
+                gate.iter()
+                    .zip(up)
+                    .map(|(g, u)| round(round(g / (1.0 + (-g).exp())) * u))
+                    .collect()
+            })
+            .collect(),
+    };
+    let mut out = Vec::with_capacity(rows.len() * n);
+    for (r, row) in rows.iter().enumerate() {
+        for (j, wr) in w.chunks(k).enumerate() {
+            let y = round(row.iter().zip(wr).map(|(a, b)| a * b).sum::<f32>());
+            out.push(match residual {
+                Some(res) => round(res[r * n + j] + y),
+                None => y,
+            });
+        }
+    }
+    out
+}
+
+/// `v` stored in `dtype` and read back.
+fn round_to(v: f32, dtype: DType) -> f32 {
+    match dtype {
+        DType::BF16 => half::bf16::from_f32(v).to_f32(),
+        DType::F16 => half::f16::from_f32(v).to_f32(),
+        _ => v,
+    }
+}
+
+#[cfg(feature = "cuda")]
+pub use device::DecodeKernels;
+
+#[cfg(feature = "cuda")]
+impl GemvWeight {
+    /// A dense `[n, k]` weight in the compute dtype (contiguous).
+    pub fn dense(w: &candle_core::Tensor) -> Result<Self> {
+        Ok(GemvWeight::Dense { w: address(w)? })
+    }
+
+    /// An INT8 weight on the device.
+    pub fn int8(w: &philo_quant::device::Int8Weight) -> Result<Self> {
+        Ok(GemvWeight::Int8 {
+            codes: address(w.codes())?,
+            absmax: address(w.absmax())?,
+        })
+    }
+
+    /// An INT4 weight on the device.
+    pub fn int4(w: &philo_quant::device::Int4Weight) -> Result<Self> {
+        Ok(GemvWeight::Int4 {
+            packed: address(w.packed())?,
+            scales: address(w.scales())?,
+            group: w.group(),
+        })
+    }
+
+    /// An NF4 weight on the device, with plain or double-quantised scales.
+    pub fn nf4(w: &crate::nf4::Nf4Weight) -> Result<Self> {
+        use crate::nf4::Nf4Scales;
+        let scales = match &w.scales {
+            Nf4Scales::Plain(absmax) => Nf4BlockScales::Plain {
+                absmax: address(absmax)?,
+            },
+            Nf4Scales::Double {
+                quantized,
+                code,
+                absmax2,
+                offset,
+                block_size,
+            } => Nf4BlockScales::Double {
+                quantized: address(quantized)?,
+                code: address(code)?,
+                absmax2: address(absmax2)?,
+                offset: *offset,
+                block2: *block_size,
+            },
+        };
+        Ok(GemvWeight::Nf4 {
+            packed: address(&w.packed)?,
+            scales,
+        })
+    }
+}
+
+/// Device address of a CUDA tensor's first element, for the launches above.
+#[cfg(feature = "cuda")]
+pub fn address(t: &candle_core::Tensor) -> Result<u64> {
+    crate::launch::address(t)
+}
+
+#[cfg(feature = "cuda")]
+mod device {
+    use super::*;
+    use crate::launch::*;
+    use crate::paged_attention::decode_kernel_name;
+    use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
+    use candle_core::cuda_backend::cudarc::driver::CudaFunction;
+    use candle_core::CudaDevice;
+
+    /// One kernel parameter.
+    #[derive(Clone, Copy)]
+    enum Arg {
+        Ptr(u64),
+        I32(i32),
+        F32(f32),
+    }
+
+    /// A size or count as the kernels' `int` (saturating: a window of usize::MAX means none).
+    fn int(v: usize) -> Arg {
+        Arg::I32(v.min(i32::MAX as usize) as i32)
+    }
+
+    /// Dynamic shared memory a GEMV may take for its staged input: 4 rows of 8,192 in bf16.
+    const GEMV_SMEM_LIMIT: usize = 96 * 1024;
+
+    /// The decode kernels of one compute dtype, loaded once.
+    pub struct DecodeKernels {
+        dev: CudaDevice,
+        dtype: DType,
+        /// Streaming multiprocessors: the GEMV's grid is what fits on them at once.
+        sms: usize,
+        /// Whether kernels launch with programmatic dependent launch (compute capability 9+):
+        /// each may start, and load its weights, while the previous one finishes.
+        pdl: bool,
+        /// By format (dense, int8, int4, nf4), then accumulator rows (1, 2, 4).
+        gemv: Vec<[CudaFunction; 3]>,
+        embed: CudaFunction,
+        rope_kv: CudaFunction,
+        /// By head dimension: 64, 96, 128, any other.
+        attention: [CudaFunction; 4],
+        argmax: CudaFunction,
+    }
+
+    impl DecodeKernels {
+        pub fn load(dev: &CudaDevice, dtype: DType) -> Result<Self> {
+            let suffix = suffix(dtype)?;
+            if dtype == DType::F32 {
+                candle_core::bail!("the decode kernels run bf16 or f16");
+            }
+            let mut gemv = Vec::new();
+            for format in ["dense", "int8", "int4", "nf4"] {
+                let load = |m: usize| -> Result<CudaFunction> {
+                    let f = function(dev, &DECODE, &format!("gemv_fused_{format}_{suffix}_m{m}"))?;
+                    f.set_attribute(
+                        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        GEMV_SMEM_LIMIT as i32,
+                    )
+                    .w()?;
+                    Ok(f)
+                };
+                gemv.push([load(1)?, load(2)?, load(4)?]);
+            }
+            use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+            let sms = dev
+                .cuda_stream()
+                .context()
+                .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+                .w()? as usize;
+            let major = dev
+                .cuda_stream()
+                .context()
+                .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+                .w()?;
+            Ok(DecodeKernels {
+                dev: dev.clone(),
+                dtype,
+                sms,
+                pdl: major >= 9,
+                gemv,
+                embed: function(dev, &DECODE, &format!("embed_rows_{suffix}"))?,
+                rope_kv: function(dev, &DECODE, &format!("rope_write_kv_{suffix}"))?,
+                attention: [
+                    function(dev, &PAGED_ATTENTION, &decode_kernel_name(dtype, 64)?)?,
+                    function(dev, &PAGED_ATTENTION, &decode_kernel_name(dtype, 96)?)?,
+                    function(dev, &PAGED_ATTENTION, &decode_kernel_name(dtype, 128)?)?,
+                    function(dev, &PAGED_ATTENTION, &decode_kernel_name(dtype, 0)?)?,
+                ],
+                argmax: function(dev, &DECODE, "argmax_rows")?,
+            })
+        }
+
+        /// Launches one fused GEMV (see [`Gemv`]).
+        pub fn gemv(&self, g: &Gemv) -> Result<()> {
+            let elem = self.dtype.size_in_bytes();
+            let chunk_weights = 16 * g.k / g.weight.row_bytes(g.k, self.dtype);
+            let smem = g.m * g.k * elem;
+            // The staging holds at most 4 16-byte vectors of a row per thread (see decode.cu).
+            if g.m == 0
+                || g.m > MAX_ROWS
+                || !g.k.is_multiple_of(chunk_weights)
+                || !g.k.is_multiple_of(8)
+                || g.k > 4 * 8 * 256
+            {
+                candle_core::bail!(
+                    "gemv: {} rows of {} inputs do not fit the {} kernel",
+                    g.m,
+                    g.k,
+                    g.weight.kernel()
+                );
+            }
+            if smem > GEMV_SMEM_LIMIT {
+                candle_core::bail!("gemv: {} rows of {} inputs exceed shared memory", g.m, g.k);
+            }
+            let format = match g.weight {
+                GemvWeight::Dense { .. } => 0,
+                GemvWeight::Int8 { .. } => 1,
+                GemvWeight::Int4 { .. } => 2,
+                GemvWeight::Nf4 { .. } => 3,
+            };
+            let f = &self.gemv[format][match g.m {
+                1 => 0,
+                2 => 1,
+                _ => 2,
+            }];
+            let (mode, norm, eps) = match g.input {
+                GemvInput::Plain => (0i32, 0u64, 0f32),
+                GemvInput::RmsNorm { weight, eps } => (1, weight, eps),
+                GemvInput::SwiGlu => (2, 0, 0.0),
+            };
+            let (w, s, group, q2, code2, absmax2, offset2, block2) = match g.weight {
+                GemvWeight::Dense { w } => (w, 0u64, 0usize, 0u64, 0u64, 0u64, 0f32, 0usize),
+                GemvWeight::Int8 { codes, absmax } => (codes, absmax, 0, 0, 0, 0, 0.0, 0),
+                GemvWeight::Int4 {
+                    packed,
+                    scales,
+                    group,
+                } => (packed, scales, group, 0, 0, 0, 0.0, 0),
+                GemvWeight::Nf4 { packed, scales } => match scales {
+                    Nf4BlockScales::Plain { absmax } => (packed, absmax, 0, 0, 0, 0, 0.0, 0),
+                    Nf4BlockScales::Double {
+                        quantized,
+                        code,
+                        absmax2,
+                        offset,
+                        block2,
+                    } => (packed, 0, 0, quantized, code, absmax2, offset, block2),
+                },
+            };
+            let (out, out_f32, residual) = match g.output {
+                GemvOutput::Store(p) => (p, 0u64, 0u64),
+                GemvOutput::AddTo(p) => (p, 0, p),
+                GemvOutput::F32(p) => (0, p, 0),
+            };
+            let tpg = threads_per_group(g.weight.row_bytes(g.k, self.dtype));
+
+            let rows_per_block = 4 * (256 / tpg);
+            let resident = f
+                .occupancy_max_active_blocks_per_multiprocessor(256, smem, None)
+                .w()?
+                .max(1) as usize;
+            let blocks = g.n.div_ceil(rows_per_block).min(self.sms * resident);
+            use Arg::*;
+            let args = [
+                Ptr(g.x),
+                Ptr(norm),
+                F32(eps),
+                I32(mode),
+                I32(g.m as i32),
+                I32(g.n as i32),
+                I32(g.k as i32),
+                Ptr(w),
+                Ptr(s),
+                I32(group as i32),
+                Ptr(q2),
+                Ptr(code2),
+                Ptr(absmax2),
+                F32(offset2),
+                I32(block2 as i32),
+                I32(tpg as i32),
+                Ptr(out),
+                Ptr(out_f32),
+                Ptr(residual),
+            ];
+            self.launch(f, (blocks as u32, 1, 1), 256, smem as u32, &args)
+        }
+
+        /// `x[b] = table[tokens[b]]` for `m` rows of `hidden`.
+        pub fn embed(
+            &self,
+            table: u64,
+            tokens: u64,
+            x: u64,
+            m: usize,
+            hidden: usize,
+        ) -> Result<()> {
+            use Arg::*;
+            let args = [Ptr(table), Ptr(tokens), Ptr(x), I32(hidden as i32)];
+            self.launch(&self.embed, (m as u32, 1, 1), 256, 0, &args)
+        }
+
+        /// Rotates each row's q and k at position `lens[b] − 1` and writes k, v into the paged
+        /// caches (see `cuda/decode.cu`).
+        pub fn rope_write_kv(&self, a: &RopeKv) -> Result<()> {
+            use Arg::*;
+            let args = [
+                Ptr(a.qkv),
+                Ptr(a.cos_short),
+                Ptr(a.sin_short),
+                Ptr(a.cos_long),
+                Ptr(a.sin_long),
+                int(a.original),
+                Ptr(a.lens),
+                Ptr(a.tables),
+                int(a.max_blocks),
+                Ptr(a.q_out),
+                Ptr(a.k_cache),
+                Ptr(a.v_cache),
+                int(a.m),
+                int(a.heads),
+                int(a.kv_heads),
+                int(a.head_dim),
+                int(a.rotary_dim),
+                int(a.block_size),
+            ];
+            let grid = (a.m as u32, (a.heads + 2 * a.kv_heads) as u32, 1);
+            let block = a.head_dim.next_multiple_of(32) as u32;
+            self.launch(&self.rope_kv, grid, block, 0, &args)
+        }
+
+        /// Paged decode attention with the keys split over `splits` blocks per (row, head);
+        /// `partial` holds `m·heads·splits·(head_dim + 2)` f32 and `counters` `m·heads` u32
+        /// zeros (left zero after each launch).
+        pub fn attention(&self, a: &Attention) -> Result<()> {
+            let f = &self.attention[match a.head_dim {
+                64 => 0,
+                96 => 1,
+                128 => 2,
+                _ => 3,
+            }];
+            use Arg::*;
+            let args = [
+                Ptr(a.q),
+                Ptr(a.k_cache),
+                Ptr(a.v_cache),
+                Ptr(a.tables),
+                Ptr(a.lens),
+                Ptr(a.out),
+                int(a.m),
+                int(a.heads),
+                int(a.kv_heads),
+                int(a.head_dim),
+                int(a.block_size),
+                int(a.max_blocks),
+                int(a.window),
+                int(a.splits),
+                Ptr(a.partial),
+                Ptr(a.counters),
+            ];
+            let grid = (a.m as u32, a.heads as u32, a.splits as u32);
+            self.launch(f, grid, 128, 0, &args)
+        }
+
+        /// `out[b] = argmax(logits[b])` (u32; lowest id on ties, NaN ignored) for `m` rows of
+        /// `vocab` f32.
+        pub fn argmax(&self, logits: u64, vocab: usize, out: u64, m: usize) -> Result<()> {
+            use Arg::*;
+            let args = [Ptr(logits), I32(vocab as i32), Ptr(out)];
+            self.launch(&self.argmax, (m as u32, 1, 1), 1024, 0, &args)
+        }
+
+        /// Launches `f` on the device's stream, with programmatic dependent launch where the
+        /// GPU has it (cudarc's builder cannot set launch attributes, hence the driver call).
+        fn launch(
+            &self,
+            f: &CudaFunction,
+            grid: (u32, u32, u32),
+            block: u32,
+            smem: u32,
+            args: &[Arg],
+        ) -> Result<()> {
+            use candle_core::cuda_backend::cudarc::driver::sys;
+            // Each parameter in an 8-byte slot (the driver reads the parameter's own size).
+            let mut slots: Vec<u64> = args
+                .iter()
+                .map(|a| match *a {
+                    Arg::Ptr(p) => p,
+                    Arg::I32(v) => v as u32 as u64,
+                    Arg::F32(v) => v.to_bits() as u64,
+                })
+                .collect();
+            let mut params: Vec<*mut std::ffi::c_void> = slots
+                .iter_mut()
+                .map(|s| s as *mut u64 as *mut std::ffi::c_void)
+                .collect();
+            let stream = self.dev.cuda_stream();
+            stream.context().bind_to_thread().w()?;
+            // SAFETY: a plain-old-data union, zero is a valid value of every member.
+            let mut value: sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
+            value.programmaticStreamSerializationAllowed = 1;
+            let mut attribute = sys::CUlaunchAttribute {
+                id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+                pad: [0; 4],
+                value,
+            };
+            let config = sys::CUlaunchConfig {
+                gridDimX: grid.0,
+                gridDimY: grid.1,
+                gridDimZ: grid.2,
+                blockDimX: block,
+                blockDimY: 1,
+                blockDimZ: 1,
+                sharedMemBytes: smem,
+                hStream: stream.cu_stream(),
+                attrs: if self.pdl {
+                    &mut attribute
+                } else {
+                    std::ptr::null_mut()
+                },
+                numAttrs: self.pdl as u32,
+            };
+            // SAFETY: `params` points at one slot per kernel parameter, in order, alive for the
+            // call; the addresses inside are the caller's live device buffers.
+            unsafe {
+                sys::cuLaunchKernelEx(
+                    &config,
+                    f.cu_function(),
+                    params.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                )
+            }
+            .result()
+            .w()
+        }
+    }
+}
+
+/// Arguments of [`DecodeKernels::rope_write_kv`]: `qkv` `[m, (h + 2·kvh)·d]`, cos/sin tables
+/// `[positions, rd/2]` (short and long LongRoPE factors; the same for plain RoPE), `original`
+/// the length above which the long ones apply, `lens` `[m]` u32 (length with the new token),
+/// `tables` `[m, max_blocks]` u32, `q_out` `[h, m, d]`, caches `[blocks, kvh, bs, d]`.
+#[derive(Debug, Clone, Copy)]
+pub struct RopeKv {
+    pub qkv: u64,
+    pub cos_short: u64,
+    pub sin_short: u64,
+    pub cos_long: u64,
+    pub sin_long: u64,
+    pub original: usize,
+    pub lens: u64,
+    pub tables: u64,
+    pub max_blocks: usize,
+    pub q_out: u64,
+    pub k_cache: u64,
+    pub v_cache: u64,
+    pub m: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub rotary_dim: usize,
+    pub block_size: usize,
+}
+
+/// Arguments of [`DecodeKernels::attention`]: `q` `[h, m, d]`, out `[m, h, d]`, the rest as
+/// `paged_attention::paged_decode_attention` takes them, plus the split workspace.
+#[derive(Debug, Clone, Copy)]
+pub struct Attention {
+    pub q: u64,
+    pub k_cache: u64,
+    pub v_cache: u64,
+    pub tables: u64,
+    pub lens: u64,
+    pub out: u64,
+    pub m: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub block_size: usize,
+    pub max_blocks: usize,
+    pub window: usize,
+    pub splits: usize,
+    pub partial: u64,
+    pub counters: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reference_applies_norm_then_product_then_residual() {
+        // x = [3, 4]: mean square 12.5, so the normed row is x / sqrt(12.5) · g.
+        let x = [3.0, 4.0];
+        let g = [1.0, 2.0];
+        let w = [1.0, 0.0, 0.0, 1.0];
+        let input = GemvInput::RmsNorm {
+            weight: 0,
+            eps: 0.0,
+        };
+        let out = gemv_reference(&x, input, Some(&g), &w, 2, Some(&[1.0, 1.0]), DType::F32);
+        let s = 12.5f32.sqrt();
+        assert!((out[0] - (1.0 + 3.0 / s)).abs() < 1e-6);
+        assert!((out[1] - (1.0 + 8.0 / s)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn reference_swiglu_gates_the_up_half() {
+        let x = [0.0, 2.0, 5.0, 7.0]; // gate [0, 2], up [5, 7]
+        let w = [1.0, 1.0];
+        let out = gemv_reference(&x, GemvInput::SwiGlu, None, &w, 2, None, DType::F32);
+        let silu2 = 2.0 / (1.0 + (-2.0f32).exp());
+        assert!((out[0] - 7.0 * silu2).abs() < 1e-5);
+    }
+
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn groups_shrink_with_the_row() {
+        assert_eq!(threads_per_group(3072 / 2 / 16 * 16), 32); // int4, 96 chunks
+        assert_eq!(threads_per_group(3072 * 2), 128); // bf16, 384 chunks
+        assert_eq!(threads_per_group(8192 * 2), 256); // bf16, 1024 chunks
+    }
+}
