@@ -87,6 +87,7 @@ pub fn demo(dir: &Path, steps: usize, stop: &AtomicBool) -> anyhow::Result<()> {
         max_new_tokens: 24,
         stop_tokens: pipeline.stop_tokens.clone(),
         sampling: SamplingParams::greedy(),
+        speculative_tokens: None,
     };
     for question in [
         "What does the cow say?",

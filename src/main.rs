@@ -157,6 +157,25 @@ struct SamplingArgs {
         default_value_t = 256
     )]
     max_new_tokens: usize,
+    /// Speculative decoding: `ngram` proposes the tokens that followed the latest earlier
+    /// occurrence of the last few tokens (prompt lookup); the output is unchanged. It runs on
+    /// the general forward, not the GPU's decode graph.
+    #[arg(long, value_enum)]
+    speculative: Option<Speculative>,
+    /// Most tokens proposed a step (fewer while few are accepted).
+    #[arg(
+        long = "num_speculative_tokens",
+        alias = "num-speculative-tokens",
+        default_value_t = 5
+    )]
+    num_speculative_tokens: usize,
+}
+
+/// Where speculative decoding's proposals come from.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Speculative {
+    /// Prompt lookup: n-gram matches in the prompt and the output so far.
+    Ngram,
 }
 
 impl SamplingArgs {
@@ -174,6 +193,9 @@ impl SamplingArgs {
                 seed: self.seed,
                 ..SamplingParams::default()
             },
+            speculative_tokens: self
+                .speculative
+                .map(|Speculative::Ngram| self.num_speculative_tokens),
         }
     }
 }
@@ -786,8 +808,14 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         }
     })?;
     writeln!(stdout)?;
+    let (proposed, accepted) = generation.speculated;
+    let speculation = if proposed > 0 {
+        format!(", {accepted} of {proposed} speculated tokens accepted")
+    } else {
+        String::new()
+    };
     eprintln!(
-        "[{} prompt tokens, {} new tokens, prefill {:.0} ms, {:.1} tok/s]",
+        "[{} prompt tokens, {} new tokens, prefill {:.0} ms, {:.1} tok/s{speculation}]",
         generation.prompt_tokens,
         generation.tokens.len(),
         generation.prefill.as_secs_f64() * 1e3,

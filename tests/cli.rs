@@ -259,6 +259,25 @@ fn greedy_generate_streams_text_and_is_deterministic() {
     );
     assert_eq!(new_tokens(&second), n);
 
+    // Prompt-lookup speculation leaves the greedy text as it is.
+    let speculative = generate(
+        work.path(),
+        model,
+        &[
+            "--max_new_tokens",
+            "8",
+            "--temperature",
+            "0",
+            "--speculative",
+            "ngram",
+        ],
+    );
+    assert_eq!(
+        stdout(&first),
+        stdout(&speculative),
+        "--speculative ngram changed the greedy text"
+    );
+
     // The kebab-case spelling sets the same option: greedy stops after 3 tokens (or earlier, at
     // the same stop token the 8-token run met).
     let kebab = generate(

@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod sampling;
+pub mod speculative;
 pub mod token_stream;
 
 pub use error::{GenerateError, Result};

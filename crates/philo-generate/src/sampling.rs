@@ -207,6 +207,41 @@ impl Sampler {
     ///
     /// If `logits` is empty.
     pub fn sample(&mut self, logits: &[f32], previous_tokens: &[u32]) -> u32 {
+        match self.distribution(logits, previous_tokens) {
+            Distribution::Argmax(token) => token,
+            Distribution::Probabilities(probs) => draw(&probs, self.rng.random::<f64>()),
+        }
+    }
+
+    /// Speculative decoding's check of a `proposed` token (from a proposer that is not random,
+    /// such as prompt lookup): accepted with the probability [`Sampler::sample`] would give it,
+    /// else replaced by a draw from the rest of the distribution. The result is distributed
+    /// exactly as `sample`'s: P(y) = p(x)·[y = x] + (1 − p(x))·p(y)/(1 − p(x))·[y ≠ x] = p(y).
+    /// Returns whether `proposed` was kept, and the token.
+    pub fn accept_or_resample(
+        &mut self,
+        logits: &[f32],
+        previous_tokens: &[u32],
+        proposed: u32,
+    ) -> (bool, u32) {
+        match self.distribution(logits, previous_tokens) {
+            Distribution::Argmax(token) => (token == proposed, token),
+            Distribution::Probabilities(mut probs) => {
+                let p = probs.get(proposed as usize).copied().unwrap_or(0.0);
+                if f64::from(p) > self.rng.random::<f64>() {
+                    return (true, proposed);
+                }
+                if let Some(x) = probs.get_mut(proposed as usize) {
+                    *x = 0.0;
+                }
+                (false, draw(&probs, self.rng.random::<f64>()))
+            }
+        }
+    }
+
+    /// What [`Sampler::sample`] draws from: the argmax when greedy, else the probabilities after
+    /// bias, penalties, temperature and the filters (summing to 1).
+    fn distribution(&self, logits: &[f32], previous_tokens: &[u32]) -> Distribution {
         assert!(!logits.is_empty(), "cannot sample from an empty logits row");
         let p = &self.params;
         let mut scores: Vec<f32> = logits
@@ -220,7 +255,7 @@ impl Sampler {
         }
         apply_penalties(&mut scores, previous_tokens, p);
         if p.is_greedy() {
-            return argmax(&scores);
+            return Distribution::Argmax(argmax(&scores));
         }
         if p.temperature != 1.0 {
             // Divide (not multiply by the inverse) to round like HF.
@@ -241,8 +276,14 @@ impl Sampler {
             typical_p_filter(&mut scores, mass);
         }
         softmax_in_place(&mut scores);
-        draw(&scores, self.rng.random::<f64>())
+        Distribution::Probabilities(scores)
     }
+}
+
+/// What a sampler draws the next token from.
+enum Distribution {
+    Argmax(u32),
+    Probabilities(Vec<f32>),
 }
 
 /// Applies the repetition penalty, then the frequency and presence penalties
@@ -620,6 +661,38 @@ mod tests {
             ..SamplingParams::default()
         };
         assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn accept_or_resample_keeps_the_sampling_distribution() {
+        // Whatever is proposed, the kept-or-resampled token is distributed as a plain draw.
+        let logits = [2.0f32, 1.0, 0.5, -1.0, 0.0];
+        let mut probs = logits.to_vec();
+        softmax_in_place(&mut probs);
+        let draws = 200_000;
+        for proposed in [0u32, 3] {
+            let mut sampler = Sampler::new(plain(7)).unwrap();
+            let mut counts = [0usize; 5];
+            let mut kept = 0;
+            for _ in 0..draws {
+                let (accepted, token) = sampler.accept_or_resample(&logits, &[], proposed);
+                kept += accepted as usize;
+                counts[token as usize] += 1;
+            }
+            for (count, p) in counts.iter().zip(&probs) {
+                let freq = *count as f32 / draws as f32;
+                assert!(
+                    (freq - p).abs() < 0.005,
+                    "proposed {proposed}: {freq} vs {p}"
+                );
+            }
+            let kept = kept as f32 / draws as f32;
+            assert!((kept - probs[proposed as usize]).abs() < 0.005);
+        }
+        // Greedy: kept only when the proposal is the argmax.
+        let mut greedy = Sampler::new(SamplingParams::greedy()).unwrap();
+        assert_eq!(greedy.accept_or_resample(&logits, &[], 0), (true, 0));
+        assert_eq!(greedy.accept_or_resample(&logits, &[], 2), (false, 0));
     }
 
     #[test]

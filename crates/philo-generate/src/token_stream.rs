@@ -8,12 +8,17 @@ use philo_model::{DecodeGraph, KvCache, Phi3};
 
 use crate::error::{GenerateError, Result};
 use crate::sampling::{Sampler, SamplingParams};
+use crate::speculative::Speculation;
 
 /// One sequence being generated: prompt + tokens so far, the cache, the sampler.
 pub struct TokenStream<'m> {
     model: &'m Phi3,
     cache: KvCache,
+    /// Prompt and generated tokens, including any a speculative step produced ahead of
+    /// [`TokenStream::next_token`] handing them out.
     tokens: Vec<u32>,
+    /// How many of `tokens` have been handed out (the prompt counts as handed out).
+    handed: usize,
     prompt_len: usize,
     /// How many of `tokens` the cache holds.
     cached: usize,
@@ -21,6 +26,8 @@ pub struct TokenStream<'m> {
     /// The GPU's graph-captured decode step, when [`TokenStream::use_decode_graph`] found one
     /// for the model; it holds its own KV cache and `cache` stays empty.
     graph: Option<DecodeGraph>,
+    /// Prompt-lookup speculation, when [`TokenStream::with_speculation`] asked for it.
+    speculation: Option<Speculation>,
 }
 
 impl<'m> TokenStream<'m> {
@@ -40,11 +47,29 @@ impl<'m> TokenStream<'m> {
             model,
             cache: model.new_cache(),
             prompt_len: prompt.len(),
+            handed: prompt.len(),
             tokens: prompt,
             cached: 0,
             sampler: Sampler::new(params)?,
             graph: None,
+            speculation: None,
         })
+    }
+
+    /// Speculates by prompt lookup (see [`crate::speculative`]), proposing at most
+    /// `max_tokens` a step; the output is unchanged. It runs on the general path, so it
+    /// replaces the decode graph. Call before the first token.
+    pub fn with_speculation(mut self, max_tokens: usize) -> Self {
+        self.speculation = Some(Speculation::new(max_tokens));
+        self.graph = None;
+        self
+    }
+
+    /// Tokens proposed and accepted by speculation so far.
+    pub fn speculation_counts(&self) -> (usize, usize) {
+        self.speculation
+            .as_ref()
+            .map_or((0, 0), Speculation::counts)
     }
 
     /// Decodes through a [`DecodeGraph`] where the model allows one (CUDA, bf16/f16, no
@@ -52,6 +77,9 @@ impl<'m> TokenStream<'m> {
     /// tokens; elsewhere, or past that room, the stream runs as before. Call before the first
     /// token.
     pub fn use_decode_graph(mut self, max_new_tokens: usize) -> Result<Self> {
+        if self.speculation.is_some() {
+            return Ok(self);
+        }
         let context = self.model.config().max_position_embeddings;
         let capacity = (self.tokens.len() + max_new_tokens).min(context);
         self.graph = DecodeGraph::new(self.model, 1, capacity, true)?;
@@ -64,7 +92,18 @@ impl<'m> TokenStream<'m> {
     /// keys (rotated with the short factors) no longer match, so — as transformers does in
     /// `Phi3ForCausalLM.prepare_inputs_for_generation` — the cache is dropped and the whole
     /// sequence is recomputed with the long factors. That one step costs a full prefill.
+    /// With speculation a step may produce several tokens: they are handed out one per call.
     pub fn next_token(&mut self) -> Result<u32> {
+        if self.handed == self.tokens.len() {
+            self.advance()?;
+        }
+        let token = self.tokens[self.handed];
+        self.handed += 1;
+        Ok(token)
+    }
+
+    /// Appends at least one token: a graph step, a verified speculation, or a plain step.
+    fn advance(&mut self) -> Result<()> {
         if self
             .graph
             .as_ref()
@@ -76,6 +115,9 @@ impl<'m> TokenStream<'m> {
         }
         if self.graph.is_some() {
             return self.next_token_on_graph();
+        }
+        if let Some(proposal) = self.proposal() {
+            return self.verify(proposal);
         }
         let rotary = self.model.rotary();
         let last = self.tokens.len() - 1;
@@ -95,13 +137,66 @@ impl<'m> TokenStream<'m> {
         self.cached = self.tokens.len();
         let token = self.sampler.sample(&logits, &self.tokens);
         self.tokens.push(token);
-        Ok(token)
+        Ok(())
+    }
+
+    /// Speculation's proposal for the next step, if it has one: only once the cache holds all
+    /// but the last token, within the context, and never across LongRoPE's switch (that step
+    /// recomputes the sequence instead).
+    fn proposal(&mut self) -> Option<Vec<u32>> {
+        let speculation = self.speculation.as_mut()?;
+        let last = self.tokens.len() - 1;
+        if self.cached != last || last == 0 {
+            return None;
+        }
+        let context = self.model.config().max_position_embeddings;
+        let room = context.saturating_sub(self.tokens.len() + 1);
+        let mut proposal = speculation.propose(&self.tokens, room);
+        let rotary = self.model.rotary();
+        let long = rotary.uses_long_factors(last);
+        let same_side = (1..=proposal.len())
+            .take_while(|&i| rotary.uses_long_factors(last + i) == long)
+            .count();
+        proposal.truncate(same_side);
+        (!proposal.is_empty()).then_some(proposal)
+    }
+
+    /// One forward over the last token and `proposal`: keeps the proposed tokens the sampler
+    /// accepts in order, then one token of the model's own (the correction of the first
+    /// rejected one, or the next after all), and drops the rejected tokens' cache entries.
+    fn verify(&mut self, proposal: Vec<u32>) -> Result<()> {
+        let last = self.tokens.len() - 1;
+        let mut ids = vec![self.tokens[last]];
+        ids.extend(&proposal);
+        let input = Tensor::new(ids.as_slice(), self.model.device())?.unsqueeze(0)?;
+        let logits = self.model.forward(&input, None, Some(&mut self.cache))?;
+        let rows = logits.squeeze(0)?.to_vec2::<f32>()?;
+        let mut kept = 0;
+        for (i, row) in rows.iter().enumerate() {
+            let Some(&proposed) = proposal.get(i) else {
+                let token = self.sampler.sample(row, &self.tokens);
+                self.tokens.push(token);
+                break;
+            };
+            let (accepted, token) = self.sampler.accept_or_resample(row, &self.tokens, proposed);
+            self.tokens.push(token);
+            if !accepted {
+                break;
+            }
+            kept += 1;
+        }
+        self.cache.truncate(last + 1 + kept)?;
+        self.cached = last + 1 + kept;
+        if let Some(s) = self.speculation.as_mut() {
+            s.record(proposal.len(), kept);
+        }
+        Ok(())
     }
 
     /// [`TokenStream::next_token`] on the decode graph: a prefill of the whole sequence at the
     /// start and at LongRoPE's switch, one graph step otherwise; a plain greedy choice is made
     /// on the GPU, anything else by the sampler on the step's logits.
-    fn next_token_on_graph(&mut self) -> Result<u32> {
+    fn next_token_on_graph(&mut self) -> Result<()> {
         let graph = self.graph.as_mut().expect("checked by the caller");
         let rotary = self.model.rotary();
         let last = self.tokens.len() - 1;
@@ -123,22 +218,22 @@ impl<'m> TokenStream<'m> {
         };
         self.cached = self.tokens.len();
         self.tokens.push(token);
-        Ok(token)
+        Ok(())
     }
 
-    /// Prompt and generated tokens.
+    /// Prompt and generated tokens (those handed out).
     pub fn tokens(&self) -> &[u32] {
-        &self.tokens
+        &self.tokens[..self.handed]
     }
 
-    /// Generated tokens only.
+    /// Generated tokens only (those handed out).
     pub fn generated(&self) -> &[u32] {
-        &self.tokens[self.prompt_len..]
+        &self.tokens[self.prompt_len..self.handed]
     }
 
     /// Whether another token fits in the model's context.
     pub fn has_room(&self) -> bool {
-        self.tokens.len() < self.model.config().max_position_embeddings
+        self.handed < self.model.config().max_position_embeddings
     }
 }
 
@@ -165,6 +260,8 @@ pub struct Generation {
     pub prefill: Duration,
     /// Time of the remaining tokens.
     pub decode: Duration,
+    /// Speculation: tokens proposed and accepted (0, 0 without it).
+    pub speculated: (usize, usize),
 }
 
 impl Generation {
@@ -186,6 +283,8 @@ pub struct GenerateOptions {
     /// Generation stops on any of these (Phi-3: 32000, 32001, 32007).
     pub stop_tokens: Vec<u32>,
     pub sampling: SamplingParams,
+    /// Speculate by prompt lookup, proposing at most this many tokens a step (None: off).
+    pub speculative_tokens: Option<usize>,
 }
 
 /// Generates from `prompt`, calling `on_token` with each new token (stop tokens excluded);
@@ -197,8 +296,11 @@ pub fn generate(
     mut on_token: impl FnMut(u32) -> ControlFlow<()>,
 ) -> Result<Generation> {
     let prompt_tokens = prompt.len();
-    let mut stream = TokenStream::new(model, prompt, options.sampling.clone())?
-        .use_decode_graph(options.max_new_tokens)?;
+    let mut stream = TokenStream::new(model, prompt, options.sampling.clone())?;
+    if let Some(k) = options.speculative_tokens {
+        stream = stream.with_speculation(k);
+    }
+    let mut stream = stream.use_decode_graph(options.max_new_tokens)?;
     let start = Instant::now();
     let mut first_token_at = None;
     let mut tokens = Vec::new();
@@ -227,5 +329,6 @@ pub fn generate(
         prompt_tokens,
         prefill: first - start,
         decode: end - first,
+        speculated: stream.speculation_counts(),
     })
 }

@@ -77,6 +77,7 @@ fn generate_stops_on_stop_tokens_and_limits() {
         max_new_tokens: 5,
         stop_tokens: vec![],
         sampling: SamplingParams::greedy(),
+        speculative_tokens: None,
     };
     let out = generate(&model, prompt.clone(), &options, |_| {
         std::ops::ControlFlow::Continue(())
@@ -127,4 +128,107 @@ fn empty_and_oversized_prompts_are_refused() {
         .err()
         .unwrap();
     assert!(err.to_string().contains("context"), "{err}");
+}
+
+/// A prompt that repeats itself, so that prompt lookup has something to propose.
+fn repeated(prompt: &[u32], times: usize) -> Vec<u32> {
+    prompt
+        .iter()
+        .copied()
+        .cycle()
+        .take(prompt.len() * times)
+        .collect()
+}
+
+#[test]
+fn speculation_keeps_the_greedy_output() {
+    // The prompt is a piece, the model's own greedy continuation of it, and the piece again: prompt
+    // lookup then proposes that continuation, which the model may repeat (random weights give
+    // no other copying workload). The sliding window (gqa_window: 8) and LongRoPE's switch
+    // (longrope: original 32, crossed by the 22-token prompt's 11th new token) are included.
+    for (case, piece_len, new) in [
+        ("mini4k", 6, 24),
+        ("gqa_window", 5, 24),
+        ("longrope", 8, 24),
+    ] {
+        let (model, reference) = load(case);
+        let piece = ids(&reference["inputs"]["in0"])[..piece_len].to_vec();
+        let continuation = greedy_without_cache(&model, piece.clone(), 6);
+        let prompt = [piece.clone(), continuation, piece].concat();
+        let mut plain = TokenStream::new(&model, prompt.clone(), SamplingParams::greedy()).unwrap();
+        let expected: Vec<u32> = (0..new).map(|_| plain.next_token().unwrap()).collect();
+        let mut fast = TokenStream::new(&model, prompt, SamplingParams::greedy())
+            .unwrap()
+            .with_speculation(4);
+        let produced: Vec<u32> = (0..new).map(|_| fast.next_token().unwrap()).collect();
+        let (proposed, accepted) = fast.speculation_counts();
+        eprintln!("{case}: {accepted} of {proposed} proposed tokens accepted");
+        assert!(proposed > 0, "{case}: prompt lookup proposed nothing");
+        assert_eq!(produced, expected, "{case}");
+        assert_eq!(fast.generated(), expected.as_slice());
+    }
+}
+
+#[test]
+fn speculation_keeps_the_sampling_distribution() {
+    // The first three sampled tokens, over many seeds, with and without speculation: the same
+    // distribution (total variation distance within sampling noise).
+    let (model, reference) = load("mini4k");
+    let prompt = repeated(&ids(&reference["inputs"]["in0"])[..5], 3);
+    let runs = 3000;
+    let histogram = |speculate: bool| {
+        let mut counts = std::collections::HashMap::<Vec<u32>, usize>::new();
+        for seed in 0..runs {
+            let params = SamplingParams {
+                temperature: 0.7,
+                top_k: Some(3),
+                top_p: None,
+                seed: Some(seed as u64 + if speculate { 1_000_000 } else { 0 }),
+                ..SamplingParams::default()
+            };
+            let mut stream = TokenStream::new(&model, prompt.clone(), params).unwrap();
+            if speculate {
+                stream = stream.with_speculation(3);
+            }
+            let out: Vec<u32> = (0..3).map(|_| stream.next_token().unwrap()).collect();
+            *counts.entry(out).or_default() += 1;
+        }
+        counts
+    };
+    let (plain, fast) = (histogram(false), histogram(true));
+    let keys: std::collections::HashSet<&Vec<u32>> = plain.keys().chain(fast.keys()).collect();
+    let tv: f64 = keys
+        .iter()
+        .map(|k| {
+            let p = *plain.get(*k).unwrap_or(&0) as f64 / runs as f64;
+            let q = *fast.get(*k).unwrap_or(&0) as f64 / runs as f64;
+            (p - q).abs()
+        })
+        .sum::<f64>()
+        / 2.0;
+    eprintln!("{} outcomes, total variation {tv:.4}", keys.len());
+    assert!(tv < 0.06, "total variation {tv}");
+}
+
+#[test]
+fn speculation_accepts_what_the_model_would_say() {
+    // gqa_window sees 8 tokens a layer over 2 layers: what follows a 24-token prompt depends on
+    // its last 15 tokens only. So a copy of the prompt's end followed by its greedy continuation,
+    // put in front, changes nothing the model says, and prompt lookup proposes exactly it.
+    let (model, reference) = load("gqa_window");
+    let prompt = ids(&reference["inputs"]["in0"]);
+    let continuation = greedy_without_cache(&model, prompt.clone(), 12);
+    let mut lead = prompt[prompt.len() - 2..].to_vec();
+    lead.extend(&continuation[..5]);
+    let prompt = [lead, prompt].concat();
+    let mut plain = TokenStream::new(&model, prompt.clone(), SamplingParams::greedy()).unwrap();
+    let expected: Vec<u32> = (0..12).map(|_| plain.next_token().unwrap()).collect();
+    assert_eq!(expected, continuation, "the lead changes the continuation");
+    let mut fast = TokenStream::new(&model, prompt, SamplingParams::greedy())
+        .unwrap()
+        .with_speculation(4);
+    let produced: Vec<u32> = (0..12).map(|_| fast.next_token().unwrap()).collect();
+    assert_eq!(produced, expected);
+    let (proposed, accepted) = fast.speculation_counts();
+    assert!(accepted >= 4, "{accepted} of {proposed} accepted");
 }

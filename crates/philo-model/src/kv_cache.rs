@@ -32,6 +32,20 @@ impl KvCache {
         self.seq_len = 0;
     }
 
+    /// Keeps the first `len` positions and forgets the rest (speculative decoding's rollback of
+    /// rejected tokens). A `len` beyond what is cached changes nothing.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        if len >= self.seq_len {
+            return Ok(());
+        }
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.narrow(2, 0, len)?;
+            *v = v.narrow(2, 0, len)?;
+        }
+        self.seq_len = len;
+        Ok(())
+    }
+
     /// Appends new keys/values of `layer` and returns all keys/values of that layer.
     pub(crate) fn append(
         &mut self,
