@@ -232,7 +232,7 @@ fn decode_graph(
             ids.push(t);
         }
         let last = seqs[0].len() - 1;
-        if rotary.uses_long_factors(last) && !rotary.uses_long_factors(last - 1) {
+        if rotary.switches_between(last - 1, last) {
             next = prefill_all(&mut graph, &seqs)?;
             continue;
         }

@@ -121,10 +121,7 @@ impl<'m> TokenStream<'m> {
         }
         let rotary = self.model.rotary();
         let last = self.tokens.len() - 1;
-        if self.cached > 0
-            && rotary.uses_long_factors(last)
-            && !rotary.uses_long_factors(self.cached - 1)
-        {
+        if self.cached > 0 && rotary.switches_between(self.cached - 1, last) {
             self.cache.clear();
             self.cached = 0;
         }
@@ -153,9 +150,8 @@ impl<'m> TokenStream<'m> {
         let room = context.saturating_sub(self.tokens.len() + 1);
         let mut proposal = speculation.propose(&self.tokens, room);
         let rotary = self.model.rotary();
-        let long = rotary.uses_long_factors(last);
         let same_side = (1..=proposal.len())
-            .take_while(|&i| rotary.uses_long_factors(last + i) == long)
+            .take_while(|&i| !rotary.switches_between(last, last + i))
             .count();
         proposal.truncate(same_side);
         (!proposal.is_empty()).then_some(proposal)
@@ -200,9 +196,7 @@ impl<'m> TokenStream<'m> {
         let graph = self.graph.as_mut().expect("checked by the caller");
         let rotary = self.model.rotary();
         let last = self.tokens.len() - 1;
-        let switches = self.cached > 0
-            && rotary.uses_long_factors(last)
-            && !rotary.uses_long_factors(self.cached - 1);
+        let switches = self.cached > 0 && rotary.switches_between(self.cached - 1, last);
         let plain_greedy = self.sampler.params().is_plain_greedy();
         let token = if self.cached == 0 || switches {
             let long = rotary.uses_long_factors(last);

@@ -81,14 +81,19 @@ pub struct Gemv {
     pub output: GemvOutput,
 }
 
+/// The GEMV kernels' format names (`gemv_fused_{name}_…`), in [`GemvWeight::format`] order.
+#[cfg(feature = "cuda")]
+const FORMATS: [&str; 4] = ["dense", "int8", "int4", "nf4"];
+
 #[cfg(feature = "cuda")]
 impl GemvWeight {
-    fn kernel(&self) -> &'static str {
+    /// Index of the weight's format in [`FORMATS`].
+    fn format(&self) -> usize {
         match self {
-            GemvWeight::Dense { .. } => "dense",
-            GemvWeight::Int8 { .. } => "int8",
-            GemvWeight::Int4 { .. } => "int4",
-            GemvWeight::Nf4 { .. } => "nf4",
+            GemvWeight::Dense { .. } => 0,
+            GemvWeight::Int8 { .. } => 1,
+            GemvWeight::Int4 { .. } => 2,
+            GemvWeight::Nf4 { .. } => 3,
         }
     }
 
@@ -271,7 +276,7 @@ mod device {
         /// Whether kernels launch with programmatic dependent launch (compute capability 9+):
         /// each may start, and load its weights, while the previous one finishes.
         pdl: bool,
-        /// By format (dense, int8, int4, nf4), then accumulator rows (1, 2, 4).
+        /// By format ([`FORMATS`]), then accumulator rows (1, 2, 4).
         gemv: Vec<[CudaFunction; 3]>,
         embed: CudaFunction,
         rope_kv: CudaFunction,
@@ -287,7 +292,7 @@ mod device {
                 candle_core::bail!("the decode kernels run bf16 or f16");
             }
             let mut gemv = Vec::new();
-            for format in ["dense", "int8", "int4", "nf4"] {
+            for format in FORMATS {
                 let load = |m: usize| -> Result<CudaFunction> {
                     let f = function(dev, &DECODE, &format!("gemv_fused_{format}_{suffix}_m{m}"))?;
                     f.set_attribute(
@@ -330,9 +335,9 @@ mod device {
 
         /// Launches one fused GEMV (see [`Gemv`]).
         pub fn gemv(&self, g: &Gemv) -> Result<()> {
-            let elem = self.dtype.size_in_bytes();
-            let chunk_weights = 16 * g.k / g.weight.row_bytes(g.k, self.dtype);
-            let smem = g.m * g.k * elem;
+            let row_bytes = g.weight.row_bytes(g.k, self.dtype);
+            let chunk_weights = 16 * g.k / row_bytes;
+            let smem = g.m * g.k * self.dtype.size_in_bytes();
             // The staging holds at most 4 16-byte vectors of a row per thread (see decode.cu).
             if g.m == 0
                 || g.m > MAX_ROWS
@@ -344,19 +349,13 @@ mod device {
                     "gemv: {} rows of {} inputs do not fit the {} kernel",
                     g.m,
                     g.k,
-                    g.weight.kernel()
+                    FORMATS[g.weight.format()]
                 );
             }
             if smem > GEMV_SMEM_LIMIT {
                 candle_core::bail!("gemv: {} rows of {} inputs exceed shared memory", g.m, g.k);
             }
-            let format = match g.weight {
-                GemvWeight::Dense { .. } => 0,
-                GemvWeight::Int8 { .. } => 1,
-                GemvWeight::Int4 { .. } => 2,
-                GemvWeight::Nf4 { .. } => 3,
-            };
-            let f = &self.gemv[format][match g.m {
+            let f = &self.gemv[g.weight.format()][match g.m {
                 1 => 0,
                 2 => 1,
                 _ => 2,
@@ -390,8 +389,7 @@ mod device {
                 GemvOutput::AddTo(p) => (p, 0, p),
                 GemvOutput::F32(p) => (0, p, 0),
             };
-            let tpg = threads_per_group(g.weight.row_bytes(g.k, self.dtype));
-
+            let tpg = threads_per_group(row_bytes);
             let rows_per_block = 4 * (256 / tpg);
             let resident = f
                 .occupancy_max_active_blocks_per_multiprocessor(256, smem, None)

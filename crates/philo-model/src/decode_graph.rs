@@ -129,10 +129,6 @@ mod imp {
         t.clone()
     }
 
-    fn supported_dtype(dtype: DType) -> bool {
-        matches!(dtype, DType::BF16 | DType::F16)
-    }
-
     /// One launch of the step.
     enum Launch {
         Embed {
@@ -152,6 +148,40 @@ mod imp {
             out: u64,
             m: usize,
         },
+    }
+
+    impl Launch {
+        /// The kernel's name in profiles.
+        fn name(&self) -> &'static str {
+            match self {
+                Launch::Embed { .. } => "embed",
+                Launch::Gemv(name, _) => name,
+                Launch::RopeKv(_) => "rope + kv write",
+                Launch::Attention(_) => "attention",
+                Launch::Argmax { .. } => "argmax",
+            }
+        }
+
+        fn run(&self, k: &DecodeKernels) -> candle_core::Result<()> {
+            match self {
+                Launch::Embed {
+                    table,
+                    tokens,
+                    x,
+                    m,
+                    hidden,
+                } => k.embed(*table, *tokens, *x, *m, *hidden),
+                Launch::Gemv(_, g) => k.gemv(g),
+                Launch::RopeKv(a) => k.rope_write_kv(a),
+                Launch::Attention(a) => k.attention(a),
+                Launch::Argmax {
+                    logits,
+                    vocab,
+                    out,
+                    m,
+                } => k.argmax(*logits, *vocab, *out, *m),
+            }
+        }
     }
 
     pub struct Inner {
@@ -219,10 +249,11 @@ mod imp {
             let Device::Cuda(device) = model.device() else {
                 return Ok(None);
             };
-            let dtype = model.dtype();
-            if !supported_dtype(dtype) || rows == 0 || rows > DecodeGraph::MAX_ROWS {
+            // The kernels are bf16/f16 ones, as the model's fused path.
+            if !model.uses_fused_kernels() || rows == 0 || rows > DecodeGraph::MAX_ROWS {
                 return Ok(None);
             }
+            let dtype = model.dtype();
             let c = model.config().clone();
             let (h, kvh, d, hidden) = (
                 c.num_attention_heads,
@@ -268,13 +299,7 @@ mod imp {
             let positions: Vec<u32> = (0..capacity as u32).collect();
             let (cos_short, sin_short) = rotary.cos_sin(&positions, false, dtype, dev)?;
             let (cos_long, sin_long) = rotary.cos_sin(&positions, true, dtype, dev)?;
-            let original = match &c.rope.scaling {
-                crate::config::RopeScaling::LongRope {
-                    original_max_position_embeddings,
-                    ..
-                } => *original_max_position_embeddings,
-                crate::config::RopeScaling::None => usize::MAX,
-            };
+            let original = rotary.long_factors_above().unwrap_or(usize::MAX);
             let (cos_short, sin_short) = (keep(&mut kept, &cos_short), keep(&mut kept, &sin_short));
             let (cos_long, sin_long) = (keep(&mut kept, &cos_long), keep(&mut kept, &sin_long));
             launches.push(Launch::Embed {
@@ -498,35 +523,14 @@ mod imp {
         /// Launches the step's kernels in order; outside a capture with `PHILO_PROFILE=1`, each
         /// is timed (see `philo_kernels::profile`).
         fn launch_all(&self, profile: bool) -> Result<()> {
-            let k = &self.kernels;
             let device = Device::Cuda(self.device.clone());
             for launch in &self.launches {
-                let (name, run): (&'static str, Box<dyn Fn() -> candle_core::Result<()>>) =
-                    match launch {
-                        Launch::Embed {
-                            table,
-                            tokens,
-                            x,
-                            m,
-                            hidden,
-                        } => (
-                            "embed",
-                            Box::new(|| k.embed(*table, *tokens, *x, *m, *hidden)),
-                        ),
-                        Launch::Gemv(name, g) => (name, Box::new(|| k.gemv(g))),
-                        Launch::RopeKv(a) => ("rope + kv write", Box::new(|| k.rope_write_kv(a))),
-                        Launch::Attention(a) => ("attention", Box::new(|| k.attention(a))),
-                        Launch::Argmax {
-                            logits,
-                            vocab,
-                            out,
-                            m,
-                        } => ("argmax", Box::new(|| k.argmax(*logits, *vocab, *out, *m))),
-                    };
                 if profile {
-                    philo_kernels::profile::time(&device, name, run)?;
+                    philo_kernels::profile::time(&device, launch.name(), || {
+                        launch.run(&self.kernels)
+                    })?;
                 } else {
-                    run()?;
+                    launch.run(&self.kernels)?;
                 }
             }
             Ok(())

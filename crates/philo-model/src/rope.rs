@@ -71,7 +71,21 @@ impl RotaryEmbedding {
     /// Whether a forward whose highest position is `max_position` uses the long factors, as the
     /// reference decides it: max_position + 1 > original_max_position_embeddings.
     pub fn uses_long_factors(&self, max_position: usize) -> bool {
-        matches!(self.long, Some((_, original)) if max_position + 1 > original)
+        self.long_factors_above()
+            .is_some_and(|original| max_position + 1 > original)
+    }
+
+    /// The sequence length above which the long factors apply (LongRoPE's
+    /// original_max_position_embeddings), None without LongRoPE.
+    pub fn long_factors_above(&self) -> Option<usize> {
+        self.long.as_ref().map(|(_, original)| *original)
+    }
+
+    /// Whether LongRoPE's switch lies between positions `before` and `after`: keys cached up to
+    /// `before` were rotated with the short factors, and a forward reaching `after` needs the
+    /// long ones, so the sequence must be recomputed.
+    pub fn switches_between(&self, before: usize, after: usize) -> bool {
+        self.uses_long_factors(after) && !self.uses_long_factors(before)
     }
 
     /// cos and sin of shape `[positions.len(), rotary_dim / 2]`, computed with the factors chosen

@@ -55,7 +55,7 @@ fn check_case(
             .iter()
             .map(|ids| {
                 let last = ids.len() - 1;
-                rotary.uses_long_factors(last) && !rotary.uses_long_factors(last - 1)
+                rotary.switches_between(last - 1, last)
             })
             .collect();
         let logits: Vec<Vec<f32>> = if crossing.iter().any(|&c| c) {

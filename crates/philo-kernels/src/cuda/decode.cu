@@ -4,6 +4,7 @@
 // + residual] → norm+LM head GEMV → argmax. Per-step state (token ids, sequence lengths, block
 // tables) lives in device buffers the kernels read, so one captured graph replays every step.
 #include "common.cuh"
+#include "nf4_code.cuh"
 
 // Rows of x a GEMV takes (sequences decoded together).
 constexpr int MAXM = 4;
@@ -12,12 +13,6 @@ constexpr int R = 4;
 
 enum InputMode { IN_PLAIN = 0, IN_RMSNORM = 1, IN_SWIGLU = 2 };
 enum Format { F_DENSE = 0, F_INT8 = 1, F_INT4 = 2, F_NF4 = 3 };
-
-__constant__ float NF4_CODE[16] = {
-    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
-    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
-    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
-    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
 
 // Weights one 16-byte chunk of a row holds.
 template <typename T, int FMT> struct Chunk;
@@ -89,24 +84,6 @@ __device__ __forceinline__ float chunk_scale(const Scales& sc, int row, int col,
 // a prologue every block waits for, so it must cost one memory round trip, not one per element.
 constexpr int VPT = 4;
 
-__device__ __forceinline__ void unpack8(const uint4& v, float (&f)[8], const __nv_bfloat16*) {
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) { float2 p = __bfloat1622float2(h[i]); f[2 * i] = p.x; f[2 * i + 1] = p.y; }
-}
-__device__ __forceinline__ void unpack8(const uint4& v, float (&f)[8], const __half*) {
-    const __half2* h = reinterpret_cast<const __half2*>(&v);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) { float2 p = __half22float2(h[i]); f[2 * i] = p.x; f[2 * i + 1] = p.y; }
-}
-template <typename T> __device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
-    uint4 v;
-    T* t = reinterpret_cast<T*>(&v);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) t[i] = from_f32<T>(f[i]);
-    return v;
-}
-
 // Stages the GEMV's input rows in shared memory as T, transformed as the layer wants them:
 // plain; RMSNorm (x·rsqrt(ms + eps) rounded, times g, as rms_norm.cu); or SwiGLU of [gate | up]
 // (silu(gate) rounded, times up, as swiglu.cu). k % 8 == 0, k ≤ VPT · 8 · blockDim.x.
@@ -133,7 +110,7 @@ __device__ void stage_input(const T* x, const T* g, float eps, int mode, int m, 
             for (int i = 0; i < VPT; ++i) {
                 if (threadIdx.x + i * blockDim.x < nv) {
                     float f[8];
-                    unpack8(a[i], f, (const T*)nullptr);
+                    load8(reinterpret_cast<const T*>(&a[i]), f);
 #pragma unroll
                     for (int j = 0; j < 8; ++j) ss += f[j] * f[j];
                 }
@@ -149,13 +126,13 @@ __device__ void stage_input(const T* x, const T* g, float eps, int mode, int m, 
                 continue;
             }
             float fa[8], fb[8], o[8];
-            unpack8(a[i], fa, (const T*)nullptr);
-            unpack8(b[i], fb, (const T*)nullptr);
+            load8(reinterpret_cast<const T*>(&a[i]), fa);
+            load8(reinterpret_cast<const T*>(&b[i]), fb);
 #pragma unroll
             for (int j = 0; j < 8; ++j)
                 o[j] = mode == IN_RMSNORM ? fb[j] * round_to<T>(fa[j] * inv)
                                           : round_to<T>(fa[j] / (1.f + __expf(-fa[j]))) * fb[j];
-            out[r * nv + v] = pack8<T>(o);
+            store8(xs + (size_t)(r * nv + v) * 8, o);
         }
     }
     __syncthreads();
@@ -176,7 +153,7 @@ __device__ void gemv_fused(const T* x, const T* g, float eps, int mode, int m, i
     T* xs = reinterpret_cast<T*>(smem);
     __shared__ float nf4[16];
     __shared__ float red[8][R * MAXM];
-    if (threadIdx.x < 16) nf4[threadIdx.x] = NF4_CODE[threadIdx.x];
+    if (threadIdx.x < 16) nf4[threadIdx.x] = NF4[threadIdx.x];
 
     constexpr int E = Chunk<T, FMT>::E;
     const int groups_per_block = blockDim.x / tpg;

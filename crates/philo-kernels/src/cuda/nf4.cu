@@ -3,12 +3,7 @@
 // double-quantised: scale = code[q]·absmax2[block / 256] + offset, each step rounded to f32 as
 // bitsandbytes does. The value NF4[index]·scale is computed in f32, then rounded once.
 #include "common.cuh"
-
-__constant__ float NF4[16] = {
-    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
-    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
-    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
-    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+#include "nf4_code.cuh"
 
 // One thread per packed byte (two weights); `block` weights per scale (64). The general case.
 template <typename T>
