@@ -488,7 +488,8 @@ pub struct AttentionBench {
 }
 
 /// Times flash attention forward and backward (causal, no padding) on random q/k/v
-/// `[batch, heads, seq, head_dim]` of `dtype`: the median of `repeats` runs after a warm-up.
+/// `[batch, heads, seq, head_dim]` of `dtype` as training runs them (the backward to the fused
+/// QKV projection's gradient): the median of `repeats` runs after a warm-up.
 pub fn attention(
     config: &Phi3Config,
     batch: usize,
@@ -497,16 +498,25 @@ pub fn attention(
     device: &Device,
     repeats: usize,
 ) -> anyhow::Result<AttentionBench> {
-    use philo_kernels::attention::{flash_backward, flash_forward, AttentionMask};
-    let (h, kvh, d) = (
+    use philo_kernels::attention::{flash_backward_qkv, flash_forward, AttentionMask};
+    let (h, kvh, d, rd) = (
         config.num_attention_heads,
         config.num_key_value_heads,
         config.head_dim,
+        config.rope.rotary_dim,
     );
-    let rand = |heads: usize| -> anyhow::Result<Tensor> {
-        Ok(Tensor::randn(0f32, 1.0, (batch, heads, seq, d), device)?.to_dtype(dtype)?)
+    // What a training layer holds: rotated q, k and v of one fused projection, and the RoPE
+    // tables whose rotation the backward inverts.
+    let heads = Tensor::randn(0f32, 1.0, (batch, h + 2 * kvh, seq, d), device)?.to_dtype(dtype)?;
+    let (q, k, v) = (
+        heads.narrow(1, 0, h)?,
+        heads.narrow(1, h, kvh)?,
+        heads.narrow(1, h + kvh, kvh)?,
+    );
+    let table = || -> anyhow::Result<Tensor> {
+        Ok(Tensor::randn(0f32, 1.0, (batch, seq, rd / 2), device)?.to_dtype(dtype)?)
     };
-    let (q, k, v) = (rand(h)?, rand(kvh)?, rand(kvh)?);
+    let (cos, sin) = (table()?, table()?);
     let dout = Tensor::randn(0f32, 1.0, (batch, seq, h, d), device)?.to_dtype(dtype)?;
     let mask = AttentionMask {
         window: usize::MAX,
@@ -530,8 +540,17 @@ pub fn attention(
         Ok(())
     })?;
     let (out, lse) = flash_forward(&q, &k, &v, &mask)?;
+    // The training step's backward: to the QKV projection's gradient, RoPE inverted.
     let backward = time(&|| {
-        flash_backward(&q, &k, &v, &out, &lse, &dout, &mask)?;
+        flash_backward_qkv(
+            &heads,
+            kvh,
+            &out,
+            &lse,
+            &dout,
+            &mask,
+            Some((&cos, &sin, rd)),
+        )?;
         Ok(())
     })?;
     let flops = 2.0 * (batch * h * seq * seq * d) as f64;

@@ -333,6 +333,16 @@ mod cuda {
         2 * 2 * 64 * (d + 8) * 2 + 2 * 64 * 4
     }
 
+    /// Query rows of one forward block: 4 warps of two 16-row tiles up to head dim 96, one
+    /// above (`forward_row_tiles` in the kernel).
+    fn forward_rows_per_block(d: usize) -> usize {
+        if d <= 96 {
+            128
+        } else {
+            64
+        }
+    }
+
     /// Bytes of dynamic shared memory of the backward kernel (Q and dO tiles of 32 rows, two
     /// stages; the block's 128 keys; dS; per-query logsumexp, delta and segment, two stages).
     fn backward_smem(d: usize) -> usize {
@@ -383,7 +393,11 @@ mod cuda {
         let (scale, win) = (1.0 / (n.d as f32).sqrt(), window(mask));
         let [b, h, kvh, s, t] = [n.b, n.h, n.kvh, n.s, n.t].map(|v| v as i32);
         let cfg = LaunchConfig {
-            grid_dim: (n.s.div_ceil(64) as u32, (n.b * n.h) as u32, 1),
+            grid_dim: (
+                n.s.div_ceil(forward_rows_per_block(n.d)) as u32,
+                (n.b * n.h) as u32,
+                1,
+            ),
             block_dim: (128, 1, 1),
             shared_mem_bytes: dynamic_smem(&f, forward_smem(n.d))?,
         };
@@ -417,7 +431,20 @@ mod cuda {
         }
     }
 
-    /// The backward kernels: dq `[B, H, S, D]`, and dk, dv per query head `[B, H, T, D]`, f32.
+    /// Where the backward kernel puts dK and dV: f32 per query head, or (one query head per KV
+    /// head, queries at every key position) straight into the fused QKV projection's gradient.
+    enum KvGradients<'a> {
+        PerQueryHead,
+        IntoQkvGrad {
+            grad: &'a Tensor,
+            cos: u64,
+            sin: u64,
+            rotary_dim: usize,
+        },
+    }
+
+    /// The backward kernels: dq `[B, H, S, D]` f32 and, per `kv`, dk and dv per query head
+    /// `[B, H, T, D]` f32 (or None when they went into the QKV gradient).
     #[allow(clippy::too_many_arguments)]
     fn backward_f32(
         q: &Tensor,
@@ -428,7 +455,8 @@ mod cuda {
         dout: &Tensor,
         mask: &AttentionMask,
         n: Dims,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
+        kv: KvGradients,
+    ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
         let dtype = q.dtype();
         check(n.d, dtype)?;
         let dev = device(q)?;
@@ -439,21 +467,39 @@ mod cuda {
         let out = out.contiguous()?;
         let lse = lse.contiguous()?;
         let grad = dout.contiguous()?;
+        for (t, what) in [(&out, "out"), (&grad, "dout")] {
+            if !t.layout().start_offset().is_multiple_of(8) {
+                candle_core::bail!("flash attention backward: {what} must start 16-byte aligned");
+            }
+        }
         let seg = segments(mask)?;
         let seg_ptr = seg.as_ref().map(address).transpose()?.unwrap_or(0);
         let rows = n.b * n.s * n.h;
         let delta = unsafe { Tensor::empty(n.b * n.h * n.s, DType::F32, q.device())? };
-        // dQ is summed by atomics; the kernel writes every element of dK and dV.
-        let dq = Tensor::zeros((n.b, n.h, n.s, n.d), DType::F32, q.device())?;
-        let dk = unsafe { Tensor::empty((n.b, n.h, n.t, n.d), DType::F32, q.device())? };
-        let dv = unsafe { Tensor::empty((n.b, n.h, n.t, n.d), DType::F32, q.device())? };
+        // dQ is summed by atomics into rows that the delta kernel zeroes.
+        let dq = unsafe { Tensor::empty((n.b, n.h, n.s, n.d), DType::F32, q.device())? };
+        let per_head = match kv {
+            KvGradients::PerQueryHead => Some((
+                unsafe { Tensor::empty((n.b, n.h, n.t, n.d), DType::F32, q.device())? },
+                unsafe { Tensor::empty((n.b, n.h, n.t, n.d), DType::F32, q.device())? },
+            )),
+            KvGradients::IntoQkvGrad { .. } => None,
+        };
         let (out, lse, dout) = (address(&out)?, address(&lse)?, address(&grad)?);
-        let (delta_p, dq_p, dk_p, dv_p) = (
-            address(&delta)?,
-            address(&dq)?,
-            address(&dk)?,
-            address(&dv)?,
-        );
+        let (delta_p, dq_p) = (address(&delta)?, address(&dq)?);
+        let (dk_p, dv_p) = match &per_head {
+            Some((dk, dv)) => (address(dk)?, address(dv)?),
+            None => (0, 0),
+        };
+        let (dkv_p, cos_p, sin_p, rd) = match kv {
+            KvGradients::PerQueryHead => (0, 0, 0, 0),
+            KvGradients::IntoQkvGrad {
+                grad,
+                cos,
+                sin,
+                rotary_dim,
+            } => (address(grad)?, cos, sin, rotary_dim as i32),
+        };
         let [b, h, kvh, s, t] = [n.b, n.h, n.kvh, n.s, n.t].map(|v| v as i32);
         let d = n.d as i32;
         let sfx = suffix(dtype)?;
@@ -463,12 +509,14 @@ mod cuda {
             l.arg(&out)
                 .arg(&dout)
                 .arg(&delta_p)
+                .arg(&dq_p)
                 .arg(&b)
                 .arg(&h)
                 .arg(&s)
                 .arg(&d);
+            // 16 lanes per row, 16 rows a block.
             let cfg = LaunchConfig {
-                grid_dim: (rows.div_ceil(8) as u32, 1, 1),
+                grid_dim: (rows.div_ceil(16) as u32, 1, 1),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };
@@ -491,6 +539,7 @@ mod cuda {
                 .arg(&lse)
                 .arg(&delta_p);
             l.arg(&dq_p).arg(&dk_p).arg(&dv_p);
+            l.arg(&dkv_p).arg(&cos_p).arg(&sin_p).arg(&rd);
             l.arg(&b).arg(&h).arg(&kvh).arg(&s).arg(&t);
             l.arg(&q_b)
                 .arg(&q_h)
@@ -506,7 +555,7 @@ mod cuda {
             };
             unsafe { l.launch(cfg) }.w()?;
         }
-        Ok((dq, dk, dv))
+        Ok((dq, per_head))
     }
 
     /// dq, dk, dv in q's dtype from the f32 per-query-head results of [`backward_f32`].
@@ -521,7 +570,9 @@ mod cuda {
         mask: &AttentionMask,
         n: Dims,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let (dq, dk, dv) = backward_f32(q, k, v, out, lse, dout, mask, n)?;
+        let (dq, per_head) =
+            backward_f32(q, k, v, out, lse, dout, mask, n, KvGradients::PerQueryHead)?;
+        let (dk, dv) = per_head.ok_or_else(|| candle_core::Error::Msg("no dK/dV".into()))?;
         // Per-query-head dK/dV sum over the heads that share a KV head.
         let group = |x: Tensor| -> Result<Tensor> {
             let x = if n.kvh == n.h {
@@ -548,7 +599,6 @@ mod cuda {
         rope: Option<(&Tensor, &Tensor, usize)>,
         n: Dims,
     ) -> Result<Tensor> {
-        let (dq, dk, dv) = backward_f32(q, k, v, out, lse, dout, mask, n)?;
         let dev = device(q)?;
         let heads = n.h + 2 * n.kvh;
         let grad = unsafe { Tensor::empty((n.b, n.s, heads * n.d), q.dtype(), q.device())? };
@@ -562,18 +612,37 @@ mod cuda {
         };
         let cos_p = cos.as_ref().map(address).transpose()?.unwrap_or(0);
         let sin_p = sin.as_ref().map(address).transpose()?.unwrap_or(0);
+        // Without grouped queries the kernel writes dK and dV into the gradient itself; the
+        // pass below then writes only the q heads.
+        let direct = n.kvh == n.h && n.s == n.t;
+        let kv = if direct {
+            KvGradients::IntoQkvGrad {
+                grad: &grad,
+                cos: cos_p,
+                sin: sin_p,
+                rotary_dim: rd,
+            }
+        } else {
+            KvGradients::PerQueryHead
+        };
+        let (dq, per_head) = backward_f32(q, k, v, out, lse, dout, mask, n, kv)?;
         let f = typed_function(&dev, &FLASH_ATTENTION, "flash_qkv_grad", q.dtype())?;
         let stream = dev.cuda_stream();
         let mut l = stream.launch_builder(&f);
-        let [dq_p, dk_p, dv_p, grad_p] = [&dq, &dk, &dv, &grad].map(address);
-        let (dq_p, dk_p, dv_p, grad_p) = (dq_p?, dk_p?, dv_p?, grad_p?);
+        let [dq_p, grad_p] = [&dq, &grad].map(address);
+        let (dq_p, grad_p) = (dq_p?, grad_p?);
+        let (dk_p, dv_p) = match &per_head {
+            Some((dk, dv)) => (address(dk)?, address(dv)?),
+            None => (0, 0),
+        };
         l.arg(&dq_p)
             .arg(&dk_p)
             .arg(&dv_p)
             .arg(&cos_p)
             .arg(&sin_p)
             .arg(&grad_p);
-        let dims = [n.s, n.h, n.kvh, n.d, rd].map(|v| v as i32);
+        let heads_out = if direct { n.h } else { heads };
+        let dims = [n.s, n.h, n.kvh, n.d, rd, heads_out].map(|v| v as i32);
         for a in &dims {
             l.arg(a);
         }

@@ -869,74 +869,79 @@ fn cuda_flash_backward_qkv() -> Result<()> {
         return Ok(());
     };
     let mut rng = StdRng::seed_from_u64(41);
-    // GQA (4 query heads on 2 KV heads), partial rotary (48 of 96 dims), a window, two rows.
-    let (b, h, kvh, s, d, rd) = (2, 4, 2, 150, 96, 48);
-    for dtype in dtypes() {
-        let all = h + 2 * kvh;
-        let (heads, _) = upload(
-            uniform(&mut rng, b * all * s * d, 2.0),
-            &[b, all, s, d],
-            dtype,
-            &dev,
-        )?;
-        let (dout, _) = upload(
-            uniform(&mut rng, b * s * h * d, 1.0),
-            &[b, s, h, d],
-            dtype,
-            &dev,
-        )?;
-        let (cos, _) = upload(
-            uniform(&mut rng, b * s * rd / 2, 1.0),
-            &[b, s, rd / 2],
-            dtype,
-            &dev,
-        )?;
-        let (sin, _) = upload(
-            uniform(&mut rng, b * s * rd / 2, 1.0),
-            &[b, s, rd / 2],
-            dtype,
-            &dev,
-        )?;
-        let mask = AttentionMask {
-            window: 40,
-            segments: None,
-        };
-        let (q, k, v) = (
-            heads.narrow(1, 0, h)?,
-            heads.narrow(1, h, kvh)?,
-            heads.narrow(1, h + kvh, kvh)?,
-        );
-        let (out, lse) = attention::flash_forward(&q, &k, &v, &mask)?;
-        let got = attention::flash_backward_qkv(
-            &heads,
-            kvh,
-            &out,
-            &lse,
-            &dout,
-            &mask,
-            Some((&cos, &sin, rd)),
-        )?;
-        assert_eq!(got.dims(), &[b, s, all * d]);
-        // The CPU path: the f32 references, composed.
-        let cpu = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F32);
-        let want = attention::flash_backward_qkv(
-            &cpu(&heads)?,
-            kvh,
-            &cpu(&out)?,
-            &cpu(&lse)?,
-            &cpu(&dout)?,
-            &AttentionMask {
-                window: 40,
-                segments: None,
-            },
-            Some((&cpu(&cos)?, &cpu(&sin)?, rd)),
-        )?;
-        check(
-            &format!("flash_backward_qkv {dtype:?}"),
-            &host(&got)?,
-            &host(&want)?,
-            TOL_ATTN_BWD,
-        );
+    // Partial rotary (48 of 96 dims), a window, two rows; GQA (4 query heads on 2 KV heads:
+    // dK/dV summed by the pass after the kernel) and one KV head per query head with packed
+    // segments (the kernel writes dK/dV into the gradient itself).
+    let (b, h, s, d, rd) = (2, 4, 150, 96, 48);
+    for (kvh, packed) in [(2, false), (4, true)] {
+        for dtype in dtypes() {
+            let all = h + 2 * kvh;
+            let (heads, _) = upload(
+                uniform(&mut rng, b * all * s * d, 2.0),
+                &[b, all, s, d],
+                dtype,
+                &dev,
+            )?;
+            let (dout, _) = upload(
+                uniform(&mut rng, b * s * h * d, 1.0),
+                &[b, s, h, d],
+                dtype,
+                &dev,
+            )?;
+            let table = |rng: &mut StdRng| {
+                upload(
+                    uniform(rng, b * s * rd / 2, 1.0),
+                    &[b, s, rd / 2],
+                    dtype,
+                    &dev,
+                )
+            };
+            let ((cos, _), (sin, _)) = (table(&mut rng)?, table(&mut rng)?);
+            let segments = packed.then(|| two_rows_of_segments(s));
+            let mask_on = |device: &Device| -> Result<AttentionMask> {
+                Ok(AttentionMask {
+                    window: 40,
+                    segments: match &segments {
+                        Some(seg) => Some(Tensor::from_vec(seg.clone(), (b, s), device)?),
+                        None => None,
+                    },
+                })
+            };
+            let mask = mask_on(&dev)?;
+            let (q, k, v) = (
+                heads.narrow(1, 0, h)?,
+                heads.narrow(1, h, kvh)?,
+                heads.narrow(1, h + kvh, kvh)?,
+            );
+            let (out, lse) = attention::flash_forward(&q, &k, &v, &mask)?;
+            let got = attention::flash_backward_qkv(
+                &heads,
+                kvh,
+                &out,
+                &lse,
+                &dout,
+                &mask,
+                Some((&cos, &sin, rd)),
+            )?;
+            assert_eq!(got.dims(), &[b, s, all * d]);
+            // The CPU path: the f32 references, composed.
+            let cpu = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F32);
+            let want = attention::flash_backward_qkv(
+                &cpu(&heads)?,
+                kvh,
+                &cpu(&out)?,
+                &cpu(&lse)?,
+                &cpu(&dout)?,
+                &mask_on(&Device::Cpu)?,
+                Some((&cpu(&cos)?, &cpu(&sin)?, rd)),
+            )?;
+            check(
+                &format!("flash_backward_qkv kvh {kvh} packed {packed} {dtype:?}"),
+                &host(&got)?,
+                &host(&want)?,
+                TOL_ATTN_BWD,
+            );
+        }
     }
     Ok(())
 }

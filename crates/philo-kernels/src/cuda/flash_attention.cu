@@ -90,11 +90,12 @@ __device__ __forceinline__ void load_bt_x2(const T* row0, int ld, uint32_t* b) {
                  : "r"(addr));
 }
 
-// acc[j] (16 × 8) += A (16 × D, fragments a[D / 16]) · X_jᵀ for j < NJ, X_j being the 8 rows of
-// X from `x + j·8·ld` (X a row-major [n][D] tile in shared memory with row stride `ld`). The k
-// chunks (two at a time) are the outer loop: an MMA waits on at most the one before it, and
-// the other warps of the SM fill that gap.
-template <typename T, int D, int NJ>
+// acc[m·NJ + j] (16 × 8) += A_m (16 × D, fragments a[m·(D / 16) + kc]) · X_jᵀ for m < MT and
+// j < NJ, X_j being the 8 rows of X from `x + j·8·ld` (X a row-major [n][D] tile in shared
+// memory with row stride `ld`). Each B fragment loaded from shared memory serves the MT row
+// tiles. The k chunks (two at a time) are the outer loop: an MMA waits on at most the one
+// before it, and the other warps of the SM fill that gap.
+template <typename T, int D, int NJ, int MT = 1>
 __device__ __forceinline__ void mma_a_xt(float (*acc)[4], const uint32_t (*a)[4], const T* x, int ld) {
     if constexpr ((D / 16) % 2 == 0) {
 #pragma unroll
@@ -103,8 +104,12 @@ __device__ __forceinline__ void mma_a_xt(float (*acc)[4], const uint32_t (*a)[4]
             for (int j = 0; j < NJ; ++j) {
                 uint32_t b[4];
                 load_bt_x4<T>(x + j * 8 * ld + kc * 16, ld, b);
-                Mma<T>::run(acc[j], a[kc], b[0], b[1]);
-                Mma<T>::run(acc[j], a[kc + 1], b[2], b[3]);
+                // Every row tile's first half before any second half: an MMA's accumulator
+                // was last written MT MMAs ago.
+#pragma unroll
+                for (int m = 0; m < MT; ++m) Mma<T>::run(acc[m * NJ + j], a[m * (D / 16) + kc], b[0], b[1]);
+#pragma unroll
+                for (int m = 0; m < MT; ++m) Mma<T>::run(acc[m * NJ + j], a[m * (D / 16) + kc + 1], b[2], b[3]);
             }
         }
     } else {
@@ -114,10 +119,46 @@ __device__ __forceinline__ void mma_a_xt(float (*acc)[4], const uint32_t (*a)[4]
             for (int j = 0; j < NJ; ++j) {
                 uint32_t b[2];
                 load_bt_x2<T>(x + j * 8 * ld + kc * 16, ld, b);
-                Mma<T>::run(acc[j], a[kc], b[0], b[1]);
+#pragma unroll
+                for (int m = 0; m < MT; ++m) Mma<T>::run(acc[m * NJ + j], a[m * (D / 16) + kc], b[0], b[1]);
             }
         }
     }
+}
+
+// The backward's two products of one query tile at once, interleaved so that consecutive MMAs
+// never share an accumulator: acc1 += A1·X1ᵀ and acc2 += A2·X2ᵀ (16 rows of A each, as in
+// mma_a_xt with MT = 1).
+template <typename T, int D, int NJ>
+__device__ __forceinline__ void mma_a_xt_pair(float (*acc1)[4], const uint32_t (*a1)[4], const T* x1,
+                                              float (*acc2)[4], const uint32_t (*a2)[4], const T* x2,
+                                              int ld) {
+    if constexpr ((D / 16) % 2 == 0) {
+#pragma unroll
+        for (int kc = 0; kc < D / 16; kc += 2) {
+#pragma unroll
+            for (int j = 0; j < NJ; ++j) {
+                uint32_t b1[4], b2[4];
+                load_bt_x4<T>(x1 + j * 8 * ld + kc * 16, ld, b1);
+                load_bt_x4<T>(x2 + j * 8 * ld + kc * 16, ld, b2);
+                Mma<T>::run(acc1[j], a1[kc], b1[0], b1[1]);
+                Mma<T>::run(acc2[j], a2[kc], b2[0], b2[1]);
+                Mma<T>::run(acc1[j], a1[kc + 1], b1[2], b1[3]);
+                Mma<T>::run(acc2[j], a2[kc + 1], b2[2], b2[3]);
+            }
+        }
+    } else {
+        mma_a_xt<T, D, NJ>(acc1, a1, x1, ld);
+        mma_a_xt<T, D, NJ>(acc2, a2, x2, ld);
+    }
+}
+
+// 2^x on the special-function unit, subnormal results flushed to zero (what the softmax needs;
+// exp2f's subnormal handling costs several instructions per call).
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
 }
 
 // Adds (v0, v1) to p[0], p[1] (8-byte aligned): one vector atomic on Hopper, two before.
@@ -187,15 +228,19 @@ __device__ __forceinline__ bool all_visible(int k0, int n, int qpos_lo, int qpos
 
 constexpr float LOG2E = 1.4426950408889634f;
 
+// 16-row MMA tiles per warp in the forward: two up to head dim 96 (each K and V fragment read
+// from shared memory then serves both), one above (two would not fit in the registers).
+constexpr int forward_row_tiles(int d) { return d <= 96 ? 2 : 1; }
+
 // ---------------------------------------------------------------------------------------------
-// Forward: one block = 4 warps = 64 queries of one (batch, head); key tiles of 64, loaded two
-// stages deep with cp.async (the next tile arrives while this one is computed). Dynamic shared
-// memory: K and V stages plus their segment ids.
+// Forward: one block = 4 warps = 64 · forward_row_tiles(D) queries of one (batch, head), each
+// warp 16 or 32 consecutive query rows; key tiles of 64, loaded two stages deep with cp.async (the next tile arrives while this
+// one is computed). Dynamic shared memory: K and V stages plus their segment ids.
 template <typename T, int D>
 __device__ void flash_forward(const T* q, const T* k, const T* v, const int* seg, T* out,
                               float* lse, int B, int H, int KVH, int S, int T_, long q_b, long q_h,
                               long q_s, long k_b, long k_h, long k_t, int window, float scale) {
-    constexpr int BM = 64, BN = 64, LD = D + 8;
+    constexpr int MT = forward_row_tiles(D), BM = 64 * MT, BN = 64, LD = D + 8;
     extern __shared__ __align__(16) unsigned char smem[];
     T* ks = reinterpret_cast<T*>(smem);  // [2][BN][LD]
     T* vs = ks + 2 * BN * LD;            // [2][BN][LD]
@@ -203,36 +248,53 @@ __device__ void flash_forward(const T* q, const T* k, const T* v, const int* seg
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     int bh = blockIdx.y, b = bh / H, h = bh % H, kvh = h / (H / KVH);
     // Longest rows first: causal blocks near the end see the most keys.
-    int q0 = (gridDim.x - 1 - blockIdx.x) * BM, wq0 = q0 + warp * 16;
+    int q0 = (gridDim.x - 1 - blockIdx.x) * BM, wq0 = q0 + warp * 16 * MT;
     int past = T_ - S;
     const T* qp = q + b * q_b + h * q_h;
     const T* kp = k + b * k_b + kvh * k_h;
     const T* vp = v + b * k_b + kvh * k_h;
     const int* seg_b = seg ? seg + (size_t)b * T_ : nullptr;
 
-    // This warp's 16 query rows as A fragments (rows g and g + 8).
-    uint32_t qf[D / 16][4];
-    int r0 = wq0 + g, r1 = wq0 + g + 8;
+    // Tile m of this warp: rows wq0 + 16·m + g (e = 0, 1) and + 8 (e = 2, 3), as A fragments.
+    // (Row indices are recomputed where needed rather than kept: registers are the limit.)
+    auto row_of = [&](int m, int hi) { return wq0 + 16 * m + 8 * hi + g; };
+    uint32_t qf[MT][D / 16][4];
+    int qseg[MT][2];
+    bool one_segment = true;
+    int warp_seg = 0;
 #pragma unroll
-    for (int kc = 0; kc < D / 16; ++kc) {
-        int c = kc * 16 + 2 * t;
-        qf[kc][0] = r0 < S ? ld32(qp + r0 * q_s + c) : 0;
-        qf[kc][1] = r1 < S ? ld32(qp + r1 * q_s + c) : 0;
-        qf[kc][2] = r0 < S ? ld32(qp + r0 * q_s + c + 8) : 0;
-        qf[kc][3] = r1 < S ? ld32(qp + r1 * q_s + c + 8) : 0;
+    for (int m = 0; m < MT; ++m) {
+        int r0 = row_of(m, 0), r1 = row_of(m, 1);
+#pragma unroll
+        for (int kc = 0; kc < D / 16; ++kc) {
+            int c = kc * 16 + 2 * t;
+            qf[m][kc][0] = r0 < S ? ld32(qp + r0 * q_s + c) : 0;
+            qf[m][kc][1] = r1 < S ? ld32(qp + r1 * q_s + c) : 0;
+            qf[m][kc][2] = r0 < S ? ld32(qp + r0 * q_s + c + 8) : 0;
+            qf[m][kc][3] = r1 < S ? ld32(qp + r1 * q_s + c + 8) : 0;
+        }
+#pragma unroll
+        for (int hi = 0; hi < 2; ++hi) {
+            int row = row_of(m, hi);
+            qseg[m][hi] = (seg_b && row < S) ? seg_b[past + row] : 0;
+        }
+        if (m == 0) warp_seg = __shfl_sync(0xffffffff, qseg[0][0], 0);
+        one_segment = one_segment && qseg[m][0] == warp_seg && qseg[m][1] == warp_seg;
     }
-    int qpos0 = past + r0, qpos1 = past + r1;
-    int qseg0 = (seg_b && r0 < S) ? seg_b[qpos0] : 0, qseg1 = (seg_b && r1 < S) ? seg_b[qpos1] : 0;
     // The warp's rows all real and, with segments, all in one segment (then a key tile of that
     // segment alone needs no mask).
-    bool rows_real = wq0 + 15 < S;
-    int warp_seg = __shfl_sync(0xffffffff, qseg0, 0);
-    bool rows_one_segment = __all_sync(0xffffffff, qseg0 == warp_seg && qseg1 == warp_seg);
+    constexpr int WR = 16 * MT;  // rows per warp
+    bool rows_real = wq0 + WR - 1 < S;
+    bool rows_one_segment = __all_sync(0xffffffff, one_segment);
 
-    float o[D / 8][4];
+    float o[MT][D / 8][4];
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i) o[m][i][0] = o[m][i][1] = o[m][i][2] = o[m][i][3] = 0.f;
+    float mrow[MT][2], lrow[MT][2];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) mrow[m][0] = mrow[m][1] = -INFINITY, lrow[m][0] = lrow[m][1] = 0.f;
     float sl2 = scale * LOG2E;
 
     // Keys this block can see: from the window's start for its first query to its last query.
@@ -259,85 +321,129 @@ __device__ void flash_forward(const T* q, const T* k, const T* v, const int* seg
         const T* kst = ks + stage * BN * LD;
         const T* vst = vs + stage * BN * LD;
         const int* ksg = kseg + stage * BN;
-
-        float s[BN / 8][4];
+        // A warp whose rows see no key of this tile (all before it, or all past the window)
+        // skips it; its running max and sums stay as they are.
+        int wlast = past + min(wq0 + WR, S) - 1;
+        bool unseen = wq0 >= S || wlast < k0 || (long)past + wq0 - (k0 + BN - 1) >= window;
+        if (!unseen) {
+            float s[MT][BN / 8][4];
 #pragma unroll
-        for (int j = 0; j < BN / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-        mma_a_xt<T, D, BN / 8>(s, qf, kst, LD);
-        bool same_segment = true;
-        if (seg_b) {
-            bool keys_one = ksg[lane] == warp_seg && ksg[lane + 32] == warp_seg;
-            same_segment = rows_one_segment && warp_seg != 0 && __all_sync(0xffffffff, keys_one);
-        }
-        bool full = rows_real && all_visible(k0, BN, past + wq0, past + wq0 + 15, T_, window,
-                                             same_segment);
-        // Scale to log2 units, mask where needed, running max.
-        float mx0 = -INFINITY, mx1 = -INFINITY;
+            for (int m = 0; m < MT; ++m)
 #pragma unroll
-        for (int j = 0; j < BN / 8; ++j) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                bool row1 = e >= 2;
-                float val = s[j][e] * sl2;
-                if (!full) {
-                    int key = k0 + j * 8 + 2 * t + (e & 1);
-                    bool ok = (row1 ? r1 : r0) < S &&
-                              visible(key, row1 ? qpos1 : qpos0, T_, window,
-                                      seg_b ? ksg - k0 : nullptr, row1 ? qseg1 : qseg0);
-                    if (!ok) val = -INFINITY;
-                }
-                s[j][e] = val;
-                if (row1) mx1 = fmaxf(mx1, val); else mx0 = fmaxf(mx0, val);
+                for (int j = 0; j < BN / 8; ++j) s[m][j][0] = s[m][j][1] = s[m][j][2] = s[m][j][3] = 0.f;
+            mma_a_xt<T, D, BN / 8, MT>(s[0], qf[0], kst, LD);
+            bool same_segment = true;
+            if (seg_b) {
+                bool keys_one = ksg[lane] == warp_seg && ksg[lane + 32] == warp_seg;
+                same_segment = rows_one_segment && warp_seg != 0 && __all_sync(0xffffffff, keys_one);
             }
-        }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 2));
-        float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
-        // A row that has seen no key yet keeps exponent base 0 so that exp2 stays finite.
-        float u0 = n0 == -INFINITY ? 0.f : n0, u1 = n1 == -INFINITY ? 0.f : n1;
-        float a0 = exp2f(m0 - u0), a1 = exp2f(m1 - u1);
-        m0 = n0; m1 = n1;
-        l0 *= a0; l1 *= a1;
+            bool full = rows_real && all_visible(k0, BN, past + wq0, past + wq0 + WR - 1, T_, window,
+                                                 same_segment);
 #pragma unroll
-        for (int i = 0; i < D / 8; ++i) { o[i][0] *= a0; o[i][1] *= a0; o[i][2] *= a1; o[i][3] *= a1; }
-        uint32_t pf[BN / 16][4];
+            for (int m = 0; m < MT; ++m) {
+                // Mask where needed; running max (in log2 units: the scale is positive).
+                float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-        for (int j = 0; j < BN / 8; ++j) {
-            float p0 = exp2f(s[j][0] - u0), p1 = exp2f(s[j][1] - u0);
-            float p2 = exp2f(s[j][2] - u1), p3 = exp2f(s[j][3] - u1);
-            l0 += p0 + p1; l1 += p2 + p3;
-            pf[j / 2][(j % 2) * 2 + 0] = Mma<T>::pack(p0, p1);
-            pf[j / 2][(j % 2) * 2 + 1] = Mma<T>::pack(p2, p3);
-        }
+                for (int j = 0; j < BN / 8; ++j) {
 #pragma unroll
-        for (int kc = 0; kc < BN / 16; ++kc) {
+                    for (int e = 0; e < 4; ++e) {
+                        int hi = e >> 1;
+                        float val = s[m][j][e];
+                        if (!full) {
+                            int key = k0 + j * 8 + 2 * t + (e & 1);
+                            int row = row_of(m, hi);
+                            bool ok = row < S && visible(key, past + row, T_, window,
+                                                         seg_b ? ksg - k0 : nullptr, qseg[m][hi]);
+                            if (!ok) val = -INFINITY;
+                        }
+                        s[m][j][e] = val;
+                        mx[hi] = fmaxf(mx[hi], val);
+                    }
+                }
+                float a[2], u[2];
 #pragma unroll
-            for (int dn = 0; dn < D / 8; dn += 2) {
-                uint32_t bb[4];
-                load_b_trans_x4<T>(vst + kc * 16 * LD + dn * 8, LD, bb);
-                Mma<T>::run(o[dn], pf[kc], bb[0], bb[1]);
-                Mma<T>::run(o[dn + 1], pf[kc], bb[2], bb[3]);
+                for (int hi = 0; hi < 2; ++hi) {
+                    mx[hi] = fmaxf(mx[hi], __shfl_xor_sync(0xffffffff, mx[hi], 1));
+                    mx[hi] = fmaxf(mx[hi], __shfl_xor_sync(0xffffffff, mx[hi], 2));
+                    float n = fmaxf(mrow[m][hi], mx[hi] * sl2);
+                    // A row that has seen no key yet keeps exponent base 0 so that exp2 stays finite.
+                    u[hi] = n == -INFINITY ? 0.f : n;
+                    a[hi] = fast_exp2(mrow[m][hi] - u[hi]);
+                    mrow[m][hi] = n;
+                    lrow[m][hi] *= a[hi];
+                }
+#pragma unroll
+                for (int i = 0; i < D / 8; ++i) {
+                    o[m][i][0] *= a[0]; o[m][i][1] *= a[0]; o[m][i][2] *= a[1]; o[m][i][3] *= a[1];
+                }
+#pragma unroll
+                for (int j = 0; j < BN / 8; ++j) {
+                    s[m][j][0] = fast_exp2(fmaf(s[m][j][0], sl2, -u[0]));
+                    s[m][j][1] = fast_exp2(fmaf(s[m][j][1], sl2, -u[0]));
+                    s[m][j][2] = fast_exp2(fmaf(s[m][j][2], sl2, -u[1]));
+                    s[m][j][3] = fast_exp2(fmaf(s[m][j][3], sl2, -u[1]));
+                    lrow[m][0] += s[m][j][0] + s[m][j][1];
+                    lrow[m][1] += s[m][j][2] + s[m][j][3];
+                }
+            }
+            // O += P·V: each V fragment serves both row tiles.
+#pragma unroll
+            for (int kc = 0; kc < BN / 16; ++kc) {
+                uint32_t pf[MT][4];
+#pragma unroll
+                for (int m = 0; m < MT; ++m) {
+                    pf[m][0] = Mma<T>::pack(s[m][2 * kc][0], s[m][2 * kc][1]);
+                    pf[m][1] = Mma<T>::pack(s[m][2 * kc][2], s[m][2 * kc][3]);
+                    pf[m][2] = Mma<T>::pack(s[m][2 * kc + 1][0], s[m][2 * kc + 1][1]);
+                    pf[m][3] = Mma<T>::pack(s[m][2 * kc + 1][2], s[m][2 * kc + 1][3]);
+                }
+#pragma unroll
+                for (int dn = 0; dn < D / 8; dn += 2) {
+                    uint32_t bb[4];
+                    load_b_trans_x4<T>(vst + kc * 16 * LD + dn * 8, LD, bb);
+#pragma unroll
+                    for (int m = 0; m < MT; ++m) {
+                        Mma<T>::run(o[m][dn], pf[m], bb[0], bb[1]);
+                        Mma<T>::run(o[m][dn + 1], pf[m], bb[2], bb[3]);
+                    }
+                }
             }
         }
         // Every warp is done with this stage before the next iteration's copy overwrites it.
         __syncthreads();
     }
-    l0 += __shfl_xor_sync(0xffffffff, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffff, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffff, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffff, l1, 2);
-    float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
 #pragma unroll
-    for (int dn = 0; dn < D / 8; ++dn) {
-        int c = dn * 8 + 2 * t;
-        if (r0 < S) *reinterpret_cast<uint32_t*>(out + (((size_t)b * S + r0) * H + h) * D + c) = Mma<T>::pack(o[dn][0] * i0, o[dn][1] * i0);
-        if (r1 < S) *reinterpret_cast<uint32_t*>(out + (((size_t)b * S + r1) * H + h) * D + c) = Mma<T>::pack(o[dn][2] * i1, o[dn][3] * i1);
-    }
-    if (t == 0) {
-        if (r0 < S) lse[((size_t)b * H + h) * S + r0] = l0 > 0.f ? (m0 + log2f(l0)) / LOG2E : INFINITY;
-        if (r1 < S) lse[((size_t)b * H + h) * S + r1] = l1 > 0.f ? (m1 + log2f(l1)) / LOG2E : INFINITY;
+    for (int m = 0; m < MT; ++m) {
+        float inv[2];
+#pragma unroll
+        for (int hi = 0; hi < 2; ++hi) {
+            float l = lrow[m][hi];
+            l += __shfl_xor_sync(0xffffffff, l, 1);
+            l += __shfl_xor_sync(0xffffffff, l, 2);
+            lrow[m][hi] = l;
+            inv[hi] = l > 0.f ? 1.f / l : 0.f;
+        }
+#pragma unroll
+        for (int dn = 0; dn < D / 8; ++dn) {
+            int c = dn * 8 + 2 * t;
+#pragma unroll
+            for (int hi = 0; hi < 2; ++hi) {
+                int row = row_of(m, hi);
+                if (row < S)
+                    *reinterpret_cast<uint32_t*>(out + (((size_t)b * S + row) * H + h) * D + c) =
+                        Mma<T>::pack(o[m][dn][2 * hi] * inv[hi], o[m][dn][2 * hi + 1] * inv[hi]);
+            }
+        }
+        if (t == 0) {
+#pragma unroll
+            for (int hi = 0; hi < 2; ++hi) {
+                float l = lrow[m][hi];
+                int row = row_of(m, hi);
+                if (row < S)
+                    lse[((size_t)b * H + h) * S + row] =
+                        l > 0.f ? (mrow[m][hi] + log2f(l)) / LOG2E : INFINITY;
+            }
+        }
     }
 }
 
@@ -346,19 +452,94 @@ template <typename T, int D>
 constexpr int forward_smem() { return 2 * 2 * 64 * (D + 8) * (int)sizeof(T) + 2 * 64 * (int)sizeof(int); }
 
 // ---------------------------------------------------------------------------------------------
-// Backward, step 1: delta[b, h, i] = Σ_d dO·O (f32), one warp per query row.
+// Backward, step 1: delta[b, h, i] = Σ_d dO·O (f32) for every query row, and that row of the
+// f32 dQ accumulator zeroed (the backward adds into it). 16 lanes per row, 8 elements each
+// (D ≤ 128, a multiple of 8).
 template <typename T>
-__device__ void flash_delta(const T* out, const T* dout, float* delta, int B, int H, int S, int D) {
-    size_t row = blockIdx.x * (size_t)(blockDim.x / 32) + threadIdx.x / 32;  // over B·S·H
-    if (row >= (size_t)B * S * H) return;
-    int lane = threadIdx.x % 32;
+__device__ void flash_delta(const T* out, const T* dout, float* delta, float* dq, int B, int H,
+                            int S, int D) {
+    size_t row = (blockIdx.x * (size_t)blockDim.x + threadIdx.x) / 16;  // over B·S·H
+    int lane = threadIdx.x % 16, c = lane * 8;
+    bool live = row < (size_t)B * S * H;
     float acc = 0.f;
-    for (int c = lane; c < D; c += 32) acc += to_f32(out[row * D + c]) * to_f32(dout[row * D + c]);
-    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, o);
+    if (live && c < D) {
+        float o[8], g[8];
+        load8(out + row * D + c, o);
+        load8(dout + row * D + c, g);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc += o[e] * g[e];
+    }
+    for (int o = 8; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, o);
+    if (!live) return;
     int h = row % H;
     size_t bs = row / H;
     int b = bs / S, i = bs % S;
-    if (lane == 0) delta[((size_t)b * H + h) * S + i] = acc;
+    size_t at = ((size_t)b * H + h) * S + i;
+    if (lane == 0) delta[at] = acc;
+    float4* z = reinterpret_cast<float4*>(dq + at * D);
+    for (int v = lane; v < D / 4; v += 16) z[v] = make_float4(0.f, 0.f, 0.f, 0.f);
+}
+
+// Dynamic shared memory of the backward for head dim D.
+template <typename T, int D>
+constexpr int backward_smem() {
+    return (2 * 2 * 32 * (D + 8) + 128 * (D + 8) + 32 * 136) * (int)sizeof(T) + 2 * 3 * 32 * 4;
+}
+
+// The backward's dK and dV of a block's 128 keys written straight into the fused QKV
+// projection's gradient `dkv` [B, T, (H + 2·KVH)·D] (one query head per KV head, queries at every
+// key position), dK through RoPE's inverse rotation (rotate-half, the first rd dims; cos/sin
+// [B, T, rd/2]; none when cos is null). The accumulators pass through shared memory (reused:
+// the main loop is over) so that each thread can pair dimension j with j ± rd/2 and store 16
+// bytes at a time.
+template <typename T, int D>
+__device__ __forceinline__ void backward_write_dkv(const float (*dka)[4], const float (*dva)[4],
+                                                   T* dkv, const T* cos, const T* sin, int rd,
+                                                   int b, int h, int H, int KVH, int T_, int k0,
+                                                   int warp, int g, int t) {
+    constexpr int BK = 128, LDF = D + 4;
+    static_assert(BK * LDF * 4 <= backward_smem<T, D>(), "dK/dV staging exceeds the shared memory");
+    extern __shared__ __align__(16) unsigned char smem[];
+    float* acc = reinterpret_cast<float*>(smem);  // [BK][LDF]
+    size_t row_stride = (size_t)(H + 2 * KVH) * D;
+    int half = rd / 2;
+#pragma unroll
+    for (int pass = 0; pass < 2; ++pass) {
+        const float (*a)[4] = pass == 0 ? dka : dva;
+        __syncthreads();  // every warp is done with what the shared memory held before
+        int kl0 = warp * 16 + g;
+#pragma unroll
+        for (int dn = 0; dn < D / 8; ++dn) {
+            int c = dn * 8 + 2 * t;
+            acc[kl0 * LDF + c] = a[dn][0];
+            acc[kl0 * LDF + c + 1] = a[dn][1];
+            acc[(kl0 + 8) * LDF + c] = a[dn][2];
+            acc[(kl0 + 8) * LDF + c + 1] = a[dn][3];
+        }
+        __syncthreads();
+        int col0 = (pass == 0 ? H + h : H + KVH + h) * D;
+        bool rotate = pass == 0 && cos;
+        for (int i = threadIdx.x; i < BK * (D / 8); i += blockDim.x) {
+            int r = i / (D / 8), c8 = (i - r * (D / 8)) * 8, key = k0 + r;
+            if (key >= T_) continue;
+            const float* src = acc + r * LDF;
+            float val[8];
+            size_t pos = (size_t)b * T_ + key;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                int j = c8 + e;
+                if (rotate && j < rd) {
+                    // out1 = x1·c − x2·s, out2 = x2·c + x1·s  ⇒  dx1 = g1·c + g2·s, dx2 = g2·c − g1·s.
+                    int f = j < half ? j : j - half;
+                    float cs = to_f32(cos[pos * half + f]), sn = to_f32(sin[pos * half + f]);
+                    val[e] = j < half ? src[j] * cs + src[j + half] * sn : src[j] * cs - src[j - half] * sn;
+                } else {
+                    val[e] = src[j];
+                }
+            }
+            store8(dkv + pos * row_stride + col0 + c8, val);
+        }
+    }
 }
 
 // Backward, step 2: one block = 8 warps = 128 keys of one (batch, query head); query tiles of 32,
@@ -369,8 +550,9 @@ __device__ void flash_delta(const T* out, const T* dout, float* delta, int B, in
 template <typename T, int D>
 __device__ void flash_backward(const T* q, const T* k, const T* v, const int* seg, const T* dout,
                                const float* lse, const float* delta, float* dq, float* dk, float* dv,
-                               int B, int H, int KVH, int S, int T_, long q_b, long q_h, long q_s,
-                               long k_b, long k_h, long k_t, int window, float scale) {
+                               T* dkv, const T* cos, const T* sin, int rd, int B, int H, int KVH,
+                               int S, int T_, long q_b, long q_h, long q_s, long k_b, long k_h,
+                               long k_t, int window, float scale) {
     constexpr int BK = 128, BQ = 32, LD = D + 8, LDS = BK + 8;
     extern __shared__ __align__(16) unsigned char smem[];
     T* qs = reinterpret_cast<T*>(smem);      // [2][BQ][LD]
@@ -453,8 +635,7 @@ __device__ void flash_backward(const T* q, const T* k, const T* v, const int* se
             st[j][0] = st[j][1] = st[j][2] = st[j][3] = 0.f;
             dpt[j][0] = dpt[j][1] = dpt[j][2] = dpt[j][3] = 0.f;
         }
-        mma_a_xt<T, D, BQ / 8>(st, kf, qst, LD);
-        mma_a_xt<T, D, BQ / 8>(dpt, vf, dost, LD);
+        mma_a_xt_pair<T, D, BQ / 8>(st, kf, qst, dpt, vf, dost, LD);
         bool same_segment = true;
         if (seg_b) same_segment = keys_one_segment && warp_seg != 0 && __all_sync(0xffffffff, sq[lane] == warp_seg);
         bool full = keys_real && q0 + BQ <= S &&
@@ -474,7 +655,7 @@ __device__ void flash_backward(const T* q, const T* k, const T* v, const int* se
                     ok = i < S && key < T_ && key <= past + i && past + i - key < window &&
                          (!seg_b || (ks_ != 0 && ks_ == sq[ql]));
                 }
-                p[e] = ok ? exp2f(st[j][e] * sl2 - sl[ql]) : 0.f;
+                p[e] = ok ? fast_exp2(st[j][e] * sl2 - sl[ql]) : 0.f;
                 ds[e] = p[e] * (dpt[j][e] - sd[ql]) * scale;
             }
             pa[j / 2][(j % 2) * 2 + 0] = Mma<T>::pack(p[0], p[1]);
@@ -542,6 +723,10 @@ __device__ void flash_backward(const T* q, const T* k, const T* v, const int* se
             }
         }
     }
+    if (dkv) {
+        backward_write_dkv<T, D>(dka, dva, dkv, cos, sin, rd, b, h, H, KVH, T_, k0, warp, g, t);
+        return;
+    }
     // dK, dV of this warp's keys, per query head: [B, H, T, D] f32.
     size_t base = ((size_t)b * H + h) * T_;
 #pragma unroll
@@ -558,14 +743,8 @@ __device__ void flash_backward(const T* q, const T* k, const T* v, const int* se
     }
 }
 
-// Dynamic shared memory of the backward for head dim D.
-template <typename T, int D>
-constexpr int backward_smem() {
-    return (2 * 2 * 32 * (D + 8) + 128 * (D + 8) + 32 * 136) * (int)sizeof(T) + 2 * 3 * 32 * 4;
-}
-
 #define FLASH(name, T, D)                                                                          \
-    extern "C" __global__ void __launch_bounds__(128, 3) flash_forward_##name##_d##D(                 \
+    extern "C" __global__ void __launch_bounds__(128, forward_row_tiles(D) == 2 ? 2 : 3) flash_forward_##name##_d##D(                 \
         const T* q, const T* k, const T* v, const int* seg, T* out, float* lse, int B, int H,      \
         int KVH, int S, int T_, long q_b, long q_h, long q_s, long k_b, long k_h, long k_t,        \
         int window, float scale) {                                                                 \
@@ -574,10 +753,11 @@ constexpr int backward_smem() {
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(256) flash_backward_##name##_d##D(                \
         const T* q, const T* k, const T* v, const int* seg, const T* dout, const float* lse,       \
-        const float* delta, float* dq, float* dk, float* dv, int B, int H, int KVH, int S, int T_, \
-        long q_b, long q_h, long q_s, long k_b, long k_h, long k_t, int window, float scale) {     \
-        flash_backward<T, D>(q, k, v, seg, dout, lse, delta, dq, dk, dv, B, H, KVH, S, T_, q_b,    \
-                             q_h, q_s, k_b, k_h, k_t, window, scale);                              \
+        const float* delta, float* dq, float* dk, float* dv, T* dkv, const T* cos, const T* sin,   \
+        int rd, int B, int H, int KVH, int S, int T_, long q_b, long q_h, long q_s, long k_b,      \
+        long k_h, long k_t, int window, float scale) {                                             \
+        flash_backward<T, D>(q, k, v, seg, dout, lse, delta, dq, dk, dv, dkv, cos, sin, rd, B, H,  \
+                             KVH, S, T_, q_b, q_h, q_s, k_b, k_h, k_t, window, scale);             \
     }
 #define FLASH_ALL(name, T) \
     FLASH(name, T, 16) FLASH(name, T, 32) FLASH(name, T, 64) FLASH(name, T, 96) FLASH(name, T, 128)
@@ -585,16 +765,18 @@ FLASH_ALL(bf16, __nv_bfloat16)
 FLASH_ALL(f16, __half)
 
 // The gradient of the fused QKV projection from the backward's f32 results: one block per token
-// row (b, s), its threads walking the (h + 2·kvh)·d outputs. q heads read dq; k and v heads sum
-// dk / dv over the query heads of their group; q and k get RoPE's inverse rotation (rotate-half
-// layout, the first rd dims; cos/sin [b, s, rd/2]; none when cos is null).
+// row (b, s), its threads walking the first heads_out·d of the (h + 2·kvh)·d outputs (heads_out
+// = h when the backward wrote dK and dV itself). q heads read dq; k and v heads sum dk / dv over
+// the query heads of their group; q and k get RoPE's inverse rotation (rotate-half layout, the
+// first rd dims; cos/sin [b, s, rd/2]; none when cos is null).
 template <typename T>
 __device__ void flash_qkv_grad(const float* dq, const float* dk, const float* dv, const T* cos,
-                               const T* sin, T* out, int S, int H, int KVH, int D, int rd) {
+                               const T* sin, T* out, int S, int H, int KVH, int D, int rd,
+                               int heads_out) {
     int row = blockIdx.x, bi = row / S, si = row - bi * S;
     int heads = H + 2 * KVH, rep = H / KVH, half = rd / 2;
     T* dst = out + (size_t)row * heads * D;
-    for (int e = threadIdx.x; e < heads * D; e += blockDim.x) {
+    for (int e = threadIdx.x; e < heads_out * D; e += blockDim.x) {
         int hh = e / D, j = e - hh * D;
         bool is_q = hh < H, is_k = !is_q && hh < H + KVH;
         const float* src = is_q ? dq : is_k ? dk : dv;
@@ -620,16 +802,17 @@ __device__ void flash_qkv_grad(const float* dq, const float* dk, const float* dv
 #define QKV_GRAD(name, T)                                                                        \
     extern "C" __global__ void flash_qkv_grad_##name(const float* dq, const float* dk,          \
                                                      const float* dv, const T* cos, const T* sin, \
-                                                     T* out, int S, int H, int KVH, int D, int rd) { \
-        flash_qkv_grad<T>(dq, dk, dv, cos, sin, out, S, H, KVH, D, rd);                          \
+                                                     T* out, int S, int H, int KVH, int D, int rd, \
+                                                     int heads_out) {                             \
+        flash_qkv_grad<T>(dq, dk, dv, cos, sin, out, S, H, KVH, D, rd, heads_out);               \
     }
 QKV_GRAD(bf16, __nv_bfloat16)
 QKV_GRAD(f16, __half)
 
 #define DELTA(name, T)                                                                            \
     extern "C" __global__ void flash_delta_##name(const T* out, const T* dout, float* delta,     \
-                                                  int B, int H, int S, int D) {                   \
-        flash_delta<T>(out, dout, delta, B, H, S, D);                                             \
+                                                  float* dq, int B, int H, int S, int D) {        \
+        flash_delta<T>(out, dout, delta, dq, B, H, S, D);                                         \
     }
 DELTA(bf16, __nv_bfloat16)
 DELTA(f16, __half)
