@@ -265,7 +265,7 @@ fn check_lora(case: &Case) {
             ((loss - expected) / expected).abs() <= 1e-4,
             "{name}: AdamW step {step} loss {loss} vs {expected}"
         );
-        optimizer.update(&params, &out.grads, lr).unwrap();
+        optimizer.update(&params, &out.grads, lr, 1.0).unwrap();
     }
     for param in &params.params {
         let reference = reference_name("adamw.final", &param.name);

@@ -349,20 +349,6 @@ mod cuda {
         (2 * 2 * 32 * (d + 8) + 128 * (d + 8) + 32 * 136) * 2 + 2 * 3 * 32 * 4
     }
 
-    /// Allows `f` `bytes` of dynamic shared memory (beyond the default 48 KiB) and returns them.
-    fn dynamic_smem(
-        f: &candle_core::cuda_backend::cudarc::driver::CudaFunction,
-        bytes: usize,
-    ) -> Result<u32> {
-        use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
-        f.set_attribute(
-            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            bytes as i32,
-        )
-        .w()?;
-        Ok(bytes as u32)
-    }
-
     fn window(mask: &AttentionMask) -> i32 {
         mask.window.min(i32::MAX as usize) as i32
     }

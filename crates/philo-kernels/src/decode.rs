@@ -247,7 +247,6 @@ mod device {
     use super::*;
     use crate::launch::*;
     use crate::paged_attention::decode_kernel_name;
-    use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
     use candle_core::cuda_backend::cudarc::driver::CudaFunction;
     use candle_core::CudaDevice;
 
@@ -295,21 +294,13 @@ mod device {
             for format in FORMATS {
                 let load = |m: usize| -> Result<CudaFunction> {
                     let f = function(dev, &DECODE, &format!("gemv_fused_{format}_{suffix}_m{m}"))?;
-                    f.set_attribute(
-                        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        GEMV_SMEM_LIMIT as i32,
-                    )
-                    .w()?;
+                    dynamic_smem(&f, GEMV_SMEM_LIMIT)?;
                     Ok(f)
                 };
                 gemv.push([load(1)?, load(2)?, load(4)?]);
             }
             use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
-            let sms = dev
-                .cuda_stream()
-                .context()
-                .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-                .w()? as usize;
+            let sms = multiprocessors(dev)?;
             let major = dev
                 .cuda_stream()
                 .context()

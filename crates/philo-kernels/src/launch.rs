@@ -35,6 +35,8 @@ module!(DROPOUT, "dropout");
 module!(GEMV, "gemv");
 module!(PAGED_ATTENTION, "paged_attention");
 module!(DECODE, "decode");
+module!(LORA, "lora");
+module!(ADAMW, "adamw");
 
 type FunctionCache = HashMap<(DeviceId, String), CudaFunction>;
 type ModuleCache = HashMap<(DeviceId, &'static str), Arc<CudaModule>>;
@@ -224,3 +226,27 @@ macro_rules! with_float_or_int {
 }
 pub(crate) use candle_core::cuda_backend::cudarc::driver::DevicePtr;
 pub(crate) use with_float_or_int;
+
+/// Allows `f` `bytes` of dynamic shared memory (beyond the default 48 KiB) and returns them.
+pub(crate) fn dynamic_smem(
+    f: &candle_core::cuda_backend::cudarc::driver::CudaFunction,
+    bytes: usize,
+) -> Result<u32> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
+    f.set_attribute(
+        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        bytes as i32,
+    )
+    .w()?;
+    Ok(bytes as u32)
+}
+
+/// The device's streaming multiprocessors.
+pub(crate) fn multiprocessors(dev: &CudaDevice) -> Result<usize> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+    Ok(dev
+        .cuda_stream()
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .w()? as usize)
+}

@@ -5,12 +5,14 @@
 //! The model uses the kernels on CUDA in bf16/f16; on the CPU it keeps its composed candle ops,
 //! which match transformers in f32.
 
+pub mod adamw;
 pub mod attention;
 pub mod cross_entropy;
 pub mod decode;
 pub mod dropout;
 pub mod gemm;
 pub mod gemv;
+pub mod lora;
 pub mod nf4;
 pub mod paged_attention;
 pub mod profile;

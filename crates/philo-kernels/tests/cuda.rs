@@ -1135,3 +1135,110 @@ fn cuda_paged_decode_split_matches_unsplit() -> Result<()> {
     }
     Ok(())
 }
+
+// ------------------------------------------------------------------------------------------------
+// LoRA's rank-r products with the dropout inside them, against the composed CPU path
+
+#[test]
+fn cuda_lora_products_with_dropout() -> Result<()> {
+    use philo_kernels::lora;
+    let Some(dev) = gpu("cuda_lora_products_with_dropout") else {
+        return Ok(());
+    };
+    let mut rng = StdRng::seed_from_u64(77);
+    let cpu = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F32);
+    // Every rank the kernels take, ragged row counts (tails of the 64-row tiles and of the
+    // gradient's row splits), two widths, with and without dropout.
+    for (rank, width, rows) in [(16, 128, 1), (32, 384, 100), (64, 256, 300), (128, 128, 70)] {
+        for mask in [None, Some((0x5EED_u64 ^ rank as u64, 0.3f32))] {
+            for dtype in dtypes() {
+                let what = format!("lora r{rank} in {width} rows {rows} mask {mask:?} {dtype:?}");
+                let (x, _) = upload(
+                    uniform(&mut rng, rows * width, 1.0),
+                    &[rows, width],
+                    dtype,
+                    &dev,
+                )?;
+                let (a, _) = upload(
+                    uniform(&mut rng, rank * width, 0.5),
+                    &[rank, width],
+                    dtype,
+                    &dev,
+                )?;
+                let (d_down, _) = upload(
+                    uniform(&mut rng, rows * rank, 1.0),
+                    &[rows, rank],
+                    dtype,
+                    &dev,
+                )?;
+                let grad0 = uniform(&mut rng, rank * width, 1.0);
+
+                let got = lora::down(&x, &a, mask)?;
+                let want = lora::down(&cpu(&x)?, &cpu(&a)?, mask)?;
+                check(&format!("{what}: down"), &host(&got)?, &host(&want)?, TOL);
+
+                let grad = Tensor::from_vec(grad0.clone(), (rank, width), &dev)?;
+                lora::accumulate_grad_a(&grad, &d_down, &x, mask)?;
+                let want = Tensor::from_vec(grad0, (rank, width), &Device::Cpu)?;
+                lora::accumulate_grad_a(&want, &cpu(&d_down)?, &cpu(&x)?, mask)?;
+                check(
+                    &format!("{what}: grad A"),
+                    &host(&grad)?,
+                    &host(&want)?,
+                    TOL,
+                );
+
+                let got = lora::up_through_dropout(&d_down, &a, mask)?;
+                let want = lora::up_through_dropout(&cpu(&d_down)?, &cpu(&a)?, mask)?;
+                check(&format!("{what}: dx"), &host(&got)?, &host(&want)?, TOL);
+            }
+        }
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------------
+// The optimizer's kernels: AdamW in place and the gradients' sum of squares
+
+#[test]
+fn cuda_adamw_and_sum_of_squares() -> Result<()> {
+    use philo_kernels::adamw::{self, AdamWStep};
+    let Some(dev) = gpu("cuda_adamw_and_sum_of_squares") else {
+        return Ok(());
+    };
+    let mut rng = StdRng::seed_from_u64(5);
+    let step = AdamWStep {
+        lr: 2e-4,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        step: 3,
+        grad_scale: 0.5,
+    };
+    let n = 70_001;
+    let (p0, m0, g) = (
+        uniform(&mut rng, n, 1.0),
+        uniform(&mut rng, n, 0.1),
+        uniform(&mut rng, n, 2.0),
+    );
+    let v0: Vec<f32> = uniform(&mut rng, n, 0.1).iter().map(|x| x * x).collect();
+    let on = |x: &[f32]| Tensor::from_vec(x.to_vec(), n, &dev);
+    let (p, m, v, grad) = (on(&p0)?, on(&m0)?, on(&v0)?, on(&g)?);
+    assert!(adamw::has_kernel(&[&p, &m, &v, &grad]));
+    adamw::update_in_place(&p, &m, &v, &grad, &step)?;
+    let (mut pw, mut mw, mut vw) = (p0, m0, v0);
+    adamw::reference(&mut pw, &mut mw, &mut vw, &g, &step);
+    check("adamw p", &host(&p)?, &pw, 1e-5);
+    check("adamw m", &host(&m)?, &mw, 1e-5);
+    check("adamw v", &host(&v)?, &vw, 1e-5);
+
+    let tensors = [on(&g)?, on(&pw)?, Tensor::zeros(0, DType::F32, &dev)?];
+    let got = adamw::sum_of_squares(&tensors)?;
+    let want: f64 = g.iter().chain(&pw).map(|&x| (x as f64) * (x as f64)).sum();
+    assert!(
+        ((got - want) / want).abs() < 1e-5,
+        "sum of squares {got} vs {want}"
+    );
+    Ok(())
+}

@@ -78,7 +78,7 @@ struct PassLora {
 
 /// What an adapter's backward needs from its forward.
 struct LoraSaved {
-    /// The adapter's input after dropout, `[rows, in]`.
+    /// The adapter's input before dropout, `[rows, in]` (the mask is regenerated from its seed).
     input: Tensor,
     /// input · Aᵀ, `[rows, r]`.
     down: Tensor,
@@ -117,28 +117,39 @@ impl PassLinear {
         })
     }
 
-    /// y = x·Wᵀ + dropout(x)·Aᵀ·(scale·B)ᵀ on rows `x` `[rows, in]`. The adapter's product is
-    /// written first and the base GEMM adds onto it (beta = 1), so the sum costs no extra pass.
+    /// y = x·Wᵀ + dropout(x)·Aᵀ·(scale·B)ᵀ on rows `x` `[rows, in]`, written onto `onto`
+    /// (`[rows, out]`, contiguous, overwritten: y = onto + …) when given. The adapter's product
+    /// is written first and the base GEMM adds onto it (beta = 1), so the sums cost no extra
+    /// pass.
     fn forward(
         &self,
         x: &Tensor,
         dropout: Option<DropoutSeed>,
+        onto: Option<Tensor>,
     ) -> Result<(Tensor, Option<LoraSaved>)> {
         let dev = x.device();
-        let Some(lora) = &self.lora else {
-            let y = time(dev, self.names.gemm, || x.matmul(&self.weight.t()?))?;
-            return Ok((y, None));
+        let (y, beta) = match onto {
+            Some(y) => (y, 1.0),
+            None => (
+                unsafe { Tensor::empty((x.dim(0)?, self.weight.dim(0)?), x.dtype(), dev)? },
+                0.0,
+            ),
         };
-        let saved = self.lora_down(lora, x, dropout)?;
-        let y = time(dev, self.names.lora, || {
-            let y = unsafe { Tensor::empty((x.dim(0)?, self.weight.dim(0)?), x.dtype(), dev)? };
-            gemm_into(&y, &saved.down, false, &lora.b_scaled, true, 1.0, 0.0)?;
-            Ok(y)
-        })?;
+        let saved = match &self.lora {
+            Some(lora) => {
+                let saved = self.lora_down(lora, x, dropout)?;
+                time(dev, self.names.lora, || {
+                    gemm_into(&y, &saved.down, false, &lora.b_scaled, true, 1.0, beta)
+                })?;
+                Some(saved)
+            }
+            None => None,
+        };
+        let beta = if saved.is_some() { 1.0 } else { beta };
         time(dev, self.names.gemm, || {
-            gemm_into(&y, x, false, &self.weight, true, 1.0, 1.0)
+            gemm_into(&y, x, false, &self.weight, true, 1.0, beta)
         })?;
-        Ok((y, Some(saved)))
+        Ok((y, saved))
     }
 
     /// Only what the backward needs of this layer's adapter (its input after dropout and the
@@ -161,12 +172,11 @@ impl PassLinear {
         dropout: Option<DropoutSeed>,
     ) -> Result<LoraSaved> {
         Ok(time(x.device(), self.names.lora, || {
-            let input = match lora.mask_seed(dropout) {
-                Some(seed) => philo_kernels::dropout::dropout(x, seed, lora.dropout)?,
-                None => x.clone(),
-            };
-            let down = input.matmul(&lora.a.t()?)?;
-            Ok(LoraSaved { input, down })
+            let down = philo_kernels::lora::down(x, &lora.a, lora.mask(dropout))?;
+            Ok(LoraSaved {
+                input: x.clone(),
+                down,
+            })
         })?)
     }
 
@@ -190,17 +200,13 @@ impl PassLinear {
             )))
         })?;
         let dx = time(dev, self.names.lora_backward, || {
-            // d(down) = dy·(scale·B); dB = scale·dyᵀ·down; dA = d(down)ᵀ·input.
+            // d(down) = dy·(scale·B); dB = scale·dyᵀ·down; dA = d(down)ᵀ·dropout(input);
+            // dx = d(down)·A through the dropout (the same mask, regenerated from its seed).
+            let mask = lora.mask(dropout);
             let d_down = dy.matmul(&lora.b_scaled)?;
             accumulate_at_b(&grad.b, dy, &saved.down, lora.scale)?;
-            accumulate_at_b(&grad.a, &d_down, &saved.input, 1.0)?;
-            let dx = unsafe { Tensor::empty((dy.dim(0)?, self.weight.dim(1)?), dy.dtype(), dev)? };
-            gemm_into(&dx, &d_down, false, &lora.a, false, 1.0, 0.0)?;
-            // Through the dropout: the same mask, regenerated from its seed.
-            if let Some(seed) = lora.mask_seed(dropout) {
-                philo_kernels::dropout::dropout_in_place(&dx, seed, lora.dropout)?;
-            }
-            Ok(dx)
+            philo_kernels::lora::accumulate_grad_a(&grad.a, &d_down, &saved.input, mask)?;
+            philo_kernels::lora::up_through_dropout(&d_down, &lora.a, mask)
         })?;
         time(dev, self.names.dx_gemm, || {
             gemm_into(&dx, dy, false, &self.weight, false, 1.0, 1.0)
@@ -210,13 +216,14 @@ impl PassLinear {
 }
 
 impl PassLora {
-    /// The seed of this adapter's dropout mask in a forward with `dropout`, or None when no
-    /// mask applies.
-    fn mask_seed(&self, dropout: Option<DropoutSeed>) -> Option<u64> {
+    /// This adapter's dropout mask (seed, probability) in a forward with `dropout`, or None
+    /// when no mask applies.
+    fn mask(&self, dropout: Option<DropoutSeed>) -> philo_kernels::lora::Dropout {
         match dropout {
-            Some(DropoutSeed(s)) if self.dropout > 0.0 => {
-                Some(s ^ self.id.wrapping_mul(0x9E37_79B9_7F4A_7C15))
-            }
+            Some(DropoutSeed(s)) if self.dropout > 0.0 => Some((
+                s ^ self.id.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                self.dropout,
+            )),
             _ => None,
         }
     }
@@ -297,7 +304,7 @@ impl DecoderLayer {
                 .forward(x)
                 .map_err(candle_core::Error::wrap)
         })?;
-        let (qkv, qkv_lora) = w.qkv.forward(&rows(&n1)?, ctx.dropout)?;
+        let (qkv, qkv_lora) = w.qkv.forward(&rows(&n1)?, ctx.dropout, None)?;
         let heads = time(dev, "rope", || {
             qkv_rope(
                 &qkv.reshape((b, s, qkv.dim(1)?))?,
@@ -317,16 +324,21 @@ impl DecoderLayer {
                 flash_forward(&q, &k, &v, &ctx.attention)
             })?,
         };
-        let (o, o_lora) = w.o.forward(&attn.reshape((b * s, ()))?, ctx.dropout)?;
+        let (o, o_lora) =
+            w.o.forward(&attn.reshape((b * s, ()))?, ctx.dropout, None)?;
         let (hres, n2) = time(dev, "add + rms_norm", || {
             self.post_attention_layernorm
                 .forward_after_add(x, Some(&o.reshape((b, s, hidden))?))
                 .map_err(candle_core::Error::wrap)
         })?;
-        let (gate_up, gate_up_lora) = w.gate_up.forward(&rows(&n2)?, ctx.dropout)?;
+        let (gate_up, gate_up_lora) = w.gate_up.forward(&rows(&n2)?, ctx.dropout, None)?;
         let act = time(dev, "swiglu", || philo_kernels::swiglu::swiglu(&gate_up))?;
-        let (out, down_lora) = if output {
-            let (mlp, down_lora) = w.down.forward(&act, ctx.dropout)?;
+        let (out, down_lora) = if output && !keep {
+            // Nothing reads the residual stream again: the MLP's output is summed onto it.
+            let (out, down_lora) = w.down.forward(&act, ctx.dropout, Some(rows(&hres)?))?;
+            (Some(out.reshape((b, s, hidden))?), down_lora)
+        } else if output {
+            let (mlp, down_lora) = w.down.forward(&act, ctx.dropout, None)?;
             let out = time(dev, "residual add", || {
                 &hres + mlp.reshape((b, s, hidden))?
             })?;

@@ -55,18 +55,43 @@ impl AdamW {
         })
     }
 
-    /// One update with learning rate `lr`:
+    /// One update with learning rate `lr` from `grads` multiplied by `grad_scale` (the
+    /// clipping coefficient and loss-scale inverse, see [`clip_grad_norm`]):
     /// p ← p·(1 − lr·wd); m ← β1·m + (1−β1)·g; v ← β2·v + (1−β2)·g²;
     /// p ← p − lr/(1−β1ᵗ) · m / (sqrt(v)/sqrt(1−β2ᵗ) + eps).
-    pub fn update(&mut self, params: &LoraParams, grads: &[Tensor], lr: f64) -> Result<()> {
+    /// On CUDA one kernel per parameter updates p, m and v in place.
+    pub fn update(
+        &mut self,
+        params: &LoraParams,
+        grads: &[Tensor],
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<()> {
         let c = self.config;
         self.step += 1;
+        let step = philo_kernels::adamw::AdamWStep {
+            lr,
+            beta1: c.beta1,
+            beta2: c.beta2,
+            eps: c.eps,
+            weight_decay: c.weight_decay,
+            step: self.step,
+            grad_scale,
+        };
         let t = self.step as i32;
         let bias1 = 1.0 - c.beta1.powi(t);
         let bias2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
         for (i, (param, grad)) in params.params.iter().zip(grads).enumerate() {
-            let grad = grad.to_dtype(DType::F32)?;
-            let mut p = param.var.as_tensor().clone();
+            let p = param.var.as_tensor();
+            if philo_kernels::adamw::has_kernel(&[p, &self.m[i], &self.v[i], grad]) {
+                philo_kernels::adamw::update_in_place(p, &self.m[i], &self.v[i], grad, &step)?;
+                continue;
+            }
+            let mut grad = grad.to_dtype(DType::F32)?;
+            if grad_scale != 1.0 {
+                grad = (grad * grad_scale)?;
+            }
+            let mut p = p.clone();
             if c.weight_decay != 0.0 {
                 p = (p * (1.0 - lr * c.weight_decay))?;
             }
@@ -130,33 +155,15 @@ impl AdamW {
     }
 }
 
-/// Multiplies `grads` by `unscale` (1/loss scale, or 1) and scales them so their global L2 norm
-/// is at most `max_norm` (torch: coefficient max_norm / (norm + 1e-6), capped at 1), in one
-/// pass. Returns the norm of the unscaled gradients before clipping.
-pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: Option<f64>, unscale: f64) -> Result<f64> {
-    // Per-tensor sums of squares stay on the device; one transfer brings them all back.
-    let sums = grads
-        .iter()
-        .map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all())
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    if sums.is_empty() {
-        return Ok(0.0);
-    }
-    let total: f64 = Tensor::stack(&sums, 0)?
-        .to_vec1::<f32>()?
-        .iter()
-        .map(|&s| s as f64)
-        .sum();
-    let norm = total.sqrt() * unscale;
+/// The global L2 norm of `grads` times `unscale` (1/loss scale, or 1), and the factor the
+/// optimizer applies to the gradients: `unscale` times the clipping coefficient that brings the
+/// norm to at most `max_norm` (torch: max_norm / (norm + 1e-6), capped at 1). The gradients are
+/// not rewritten. The norm is not finite when a gradient holds an inf or NaN.
+pub fn clip_grad_norm(grads: &[Tensor], max_norm: Option<f64>, unscale: f64) -> Result<(f64, f64)> {
+    let norm = philo_kernels::adamw::sum_of_squares(grads)?.sqrt() * unscale;
     let clip = match max_norm {
-        Some(max_norm) => (max_norm / (norm + 1e-6)).min(1.0),
-        None => 1.0,
+        Some(max_norm) if norm.is_finite() => (max_norm / (norm + 1e-6)).min(1.0),
+        _ => 1.0,
     };
-    let coef = clip * unscale;
-    if norm.is_finite() && coef != 1.0 {
-        for g in grads.iter_mut() {
-            *g = (&*g * coef)?;
-        }
-    }
-    Ok(norm)
+    Ok((norm, clip * unscale))
 }

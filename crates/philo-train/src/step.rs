@@ -75,11 +75,11 @@ pub fn train_step(
     if !loss.is_finite() {
         return Err(TrainError::Diverged(format!("the loss became {loss}")));
     }
-    let mut grads: Vec<Tensor> = buffers.grads;
+    let grads: Vec<Tensor> = buffers.grads;
     let device = model.device();
     let unscale = 1.0 / context.loss_scale();
-    let grad_norm = time(device, "grad norm + clip", || {
-        clip_grad_norm(&mut grads, config.max_grad_norm, unscale).map_err(candle_core::Error::wrap)
+    let (grad_norm, grad_scale) = time(device, "grad norm + clip", || {
+        clip_grad_norm(&grads, config.max_grad_norm, unscale).map_err(candle_core::Error::wrap)
     })?;
     if let Some(scaler) = &mut context.scaler {
         scaler.update(grad_norm.is_finite());
@@ -98,7 +98,7 @@ pub fn train_step(
     }
     time(device, "adamw", || {
         optimizer
-            .update(params, &grads, config.lr)
+            .update(params, &grads, config.lr, grad_scale)
             .map_err(candle_core::Error::wrap)
     })?;
     context.profiler.lap("optimizer")?;

@@ -1,0 +1,246 @@
+// LoRA's rank-r products with the adapter's dropout applied inside them, so that the dropped-out
+// input is never written: the mask of element (row, col) of a [rows, K] input is
+// dropout_uniform(seed, row·K + col) ≥ p, exactly the mask of `dropout` on that input, and the
+// 1/(1 − p) scale is applied to the f32 accumulators. p = 0 means no dropout (no hashing).
+// The references are `lora::reference_*` on the Rust side.
+//
+//   lora_down:   down[rows, R]  = keep · (mask ∘ x)[rows, K] · Aᵀ        (A [R, K])
+//   lora_grad_a: gA[R, K]      += keep · d_downᵀ[R, rows] · (mask ∘ x)   (f32, atomics)
+//   lora_up:     dx[rows, K]    = keep · mask ∘ (d_down[rows, R] · A)
+// K is a multiple of 64 and R one of 16, 32, 64, 128 (the host checks and otherwise falls back
+// to dropout + cuBLAS).
+#include "dropout.cuh"
+#include "mma.cuh"
+
+// Zeroes the halves of a packed pair (elements i and i + step of the input) that dropout drops.
+__device__ __forceinline__ uint32_t mask_pair(uint32_t v, unsigned long long seed, float p,
+                                              unsigned long long i, unsigned long long step) {
+    if (dropout_uniform(seed, i) < p) v &= 0xFFFF0000u;
+    if (dropout_uniform(seed, i + step) < p) v &= 0x0000FFFFu;
+    return v;
+}
+
+// Starts copying a [rows][cols] tile (global row stride `stride`, cols a multiple of 8) to
+// shared memory with row stride ld; rows at or past `valid` are zero-filled.
+template <typename T>
+__device__ __forceinline__ void tile_async(T* dst, int ld, const T* src, size_t stride, int rows,
+                                           int cols, int valid) {
+    int v = cols / 8;
+    for (int i = threadIdx.x; i < rows * v; i += blockDim.x) {
+        int r = i / v, c = (i - r * v) * 8;
+        bool ok = r < valid;
+        cp_async16(dst + r * ld + c, ok ? src + r * stride + c : src, ok);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// down = keep · (mask ∘ x) · Aᵀ: one block = 4 warps = 64 rows × all R columns; K in tiles of 64,
+// three stages of cp.async. Each x element is read (and hashed) once.
+template <typename T, int R>
+__device__ void lora_down(const T* x, const T* a, T* down, int rows, int K,
+                          unsigned long long seed, float p) {
+    constexpr int BM = 64, BK = 64, LD = BK + 8, STAGES = 3, NJ = R / 8;
+    extern __shared__ __align__(16) unsigned char smem[];
+    T* xs = reinterpret_cast<T*>(smem);  // [STAGES][BM][LD]
+    T* as = xs + STAGES * BM * LD;       // [STAGES][R][LD]
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    int row0 = blockIdx.x * BM, tiles = K / BK;
+    auto issue = [&](int kt, int stage) {
+        int k0 = kt * BK;
+        tile_async<T>(xs + stage * BM * LD, LD, x + (size_t)row0 * K + k0, K, BM, BK, rows - row0);
+        tile_async<T>(as + stage * R * LD, LD, a + k0, K, R, BK, R);
+    };
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < tiles) issue(s, s);
+        cp_async_commit();
+    }
+    float acc[NJ][4];
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    int wrow = row0 + warp * 16 + g;  // this lane's first row
+    for (int kt = 0; kt < tiles; ++kt) {
+        int stage = kt % STAGES;
+        if (kt + STAGES - 1 < tiles) issue(kt + STAGES - 1, (kt + STAGES - 1) % STAGES);
+        cp_async_commit();
+        cp_async_wait<STAGES - 1>();
+        __syncthreads();
+        uint32_t af[BK / 16][4];
+#pragma unroll
+        for (int kc = 0; kc < BK / 16; ++kc) {
+            load_a_x4<T>(xs + stage * BM * LD + warp * 16 * LD + kc * 16, LD, af[kc]);
+            if (p > 0.f) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    // a0: (row g, cols 2t, 2t+1), a1: row g + 8, a2: cols + 8, a3: both.
+                    unsigned long long i = (unsigned long long)(wrow + (e & 1) * 8) * K +
+                                           kt * BK + kc * 16 + (e >> 1) * 8 + 2 * t;
+                    af[kc][e] = mask_pair(af[kc][e], seed, p, i, 1);
+                }
+            }
+        }
+        mma_a_xt<T, BK, NJ>(acc, af, as + stage * R * LD, LD);
+        __syncthreads();  // the stage is free for the copy issued next iteration
+    }
+    float keep = p > 0.f ? 1.f / (1.f - p) : 1.f;
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) {
+        int c = j * 8 + 2 * t;
+        if (wrow < rows)
+            *reinterpret_cast<uint32_t*>(down + (size_t)wrow * R + c) =
+                Mma<T>::pack(acc[j][0] * keep, acc[j][1] * keep);
+        if (wrow + 8 < rows)
+            *reinterpret_cast<uint32_t*>(down + (size_t)(wrow + 8) * R + c) =
+                Mma<T>::pack(acc[j][2] * keep, acc[j][3] * keep);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// gA += keep · d_downᵀ · (mask ∘ x): one block = 4 warps = all R rows × 64 columns of gA, over
+// `rows_per_block` input rows (blockIdx.y picks which) in steps of 32, three stages of cp.async;
+// warp w owns columns 16w .. 16w + 16. The partial sums are added to gA atomically.
+template <typename T, int R>
+__device__ void lora_grad_a(const T* x, const T* dd, float* ga, int rows, int K, int rows_per_block,
+                            unsigned long long seed, float p) {
+    constexpr int BN = 64, BR = 32, LDX = BN + 8, LDD = R + 8, STAGES = 3, MT = R / 16;
+    extern __shared__ __align__(16) unsigned char smem[];
+    T* xs = reinterpret_cast<T*>(smem);  // [STAGES][BR][LDX]
+    T* ds = xs + STAGES * BR * LDX;      // [STAGES][BR][LDD]
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    int col0 = blockIdx.x * BN, r_begin = blockIdx.y * rows_per_block;
+    int r_end = min(rows, r_begin + rows_per_block);
+    int steps = r_end > r_begin ? (r_end - r_begin + BR - 1) / BR : 0;
+    auto issue = [&](int st, int stage) {
+        int r0 = r_begin + st * BR;
+        tile_async<T>(xs + stage * BR * LDX, LDX, x + (size_t)r0 * K + col0, K, BR, BN, r_end - r0);
+        tile_async<T>(ds + stage * BR * LDD, LDD, dd + (size_t)r0 * R, R, BR, R, r_end - r0);
+    };
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < steps) issue(s, s);
+        cp_async_commit();
+    }
+    float acc[MT][2][4];
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int n = 0; n < 2; ++n) acc[m][n][0] = acc[m][n][1] = acc[m][n][2] = acc[m][n][3] = 0.f;
+    int wcol = col0 + warp * 16;
+    for (int st = 0; st < steps; ++st) {
+        int stage = st % STAGES, r0 = r_begin + st * BR;
+        if (st + STAGES - 1 < steps) issue(st + STAGES - 1, (st + STAGES - 1) % STAGES);
+        cp_async_commit();
+        cp_async_wait<STAGES - 1>();
+        __syncthreads();
+        const T* xt = xs + stage * BR * LDX;
+        const T* dt = ds + stage * BR * LDD;
+#pragma unroll
+        for (int kc = 0; kc < BR / 16; ++kc) {
+            // B = (mask ∘ x)[input rows (k) × this warp's 16 columns (n)].
+            uint32_t b[4];
+            load_b_trans_x4<T>(xt + kc * 16 * LDX + warp * 16, LDX, b);
+            if (p > 0.f) {
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    // b[q]: input rows 2t, 2t+1 (+ 8 for odd q), column g (+ 8 for q ≥ 2).
+                    unsigned long long i = (unsigned long long)(r0 + kc * 16 + (q & 1) * 8 + 2 * t) * K +
+                                           wcol + (q >> 1) * 8 + g;
+                    b[q] = mask_pair(b[q], seed, p, i, (unsigned long long)K);
+                }
+            }
+#pragma unroll
+            for (int m = 0; m < MT; ++m) {
+                uint32_t af[4];
+                load_at_x4<T>(dt + kc * 16 * LDD + m * 16, LDD, af);
+                Mma<T>::run(acc[m][0], af, b[0], b[1]);
+                Mma<T>::run(acc[m][1], af, b[2], b[3]);
+            }
+        }
+        __syncthreads();
+    }
+    if (steps == 0) return;
+    float keep = p > 0.f ? 1.f / (1.f - p) : 1.f;
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+            int r = m * 16 + g, c = wcol + n * 8 + 2 * t;
+            atomic_add2(ga + (size_t)r * K + c, acc[m][n][0] * keep, acc[m][n][1] * keep);
+            atomic_add2(ga + (size_t)(r + 8) * K + c, acc[m][n][2] * keep, acc[m][n][3] * keep);
+        }
+}
+
+// ---------------------------------------------------------------------------------------------
+// dx = keep · mask ∘ (d_down · A): one block = 4 warps = 64 rows × 128 columns, the whole rank
+// in one tile (d_down rows as A fragments, A's rows as B).
+template <typename T, int R>
+__device__ void lora_up(const T* dd, const T* a, T* dx, int rows, int K, unsigned long long seed,
+                        float p) {
+    constexpr int BM = 64, BN = 128, LDD = R + 8, LDA = BN + 8, NJ = BN / 8;
+    extern __shared__ __align__(16) unsigned char smem[];
+    T* ds = reinterpret_cast<T*>(smem);  // [BM][LDD]
+    T* as = ds + BM * LDD;               // [R][LDA]
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    int row0 = blockIdx.y * BM, col0 = blockIdx.x * BN;
+    tile_async<T>(ds, LDD, dd + (size_t)row0 * R, R, BM, R, rows - row0);
+    tile_async<T>(as, LDA, a + col0, K, R, BN, R);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    float acc[NJ][4];
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+#pragma unroll
+    for (int kc = 0; kc < R / 16; ++kc) {
+        uint32_t af[4];
+        load_a_x4<T>(ds + warp * 16 * LDD + kc * 16, LDD, af);
+#pragma unroll
+        for (int j = 0; j < NJ; j += 2) {
+            uint32_t b[4];
+            load_b_trans_x4<T>(as + kc * 16 * LDA + j * 8, LDA, b);
+            Mma<T>::run(acc[j], af, b[0], b[1]);
+            Mma<T>::run(acc[j + 1], af, b[2], b[3]);
+        }
+    }
+    float keep = p > 0.f ? 1.f / (1.f - p) : 1.f;
+    int wrow = row0 + warp * 16 + g;
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) {
+        int c = col0 + j * 8 + 2 * t;
+#pragma unroll
+        for (int hi = 0; hi < 2; ++hi) {
+            int row = wrow + 8 * hi;
+            if (row >= rows) continue;
+            float v0 = acc[j][2 * hi] * keep, v1 = acc[j][2 * hi + 1] * keep;
+            if (p > 0.f) {
+                unsigned long long i = (unsigned long long)row * K + c;
+                if (dropout_uniform(seed, i) < p) v0 = 0.f;
+                if (dropout_uniform(seed, i + 1) < p) v1 = 0.f;
+            }
+            *reinterpret_cast<uint32_t*>(dx + (size_t)row * K + c) = Mma<T>::pack(v0, v1);
+        }
+    }
+}
+
+// Dynamic shared memory of each kernel for rank R (two-byte elements).
+template <int R> constexpr int down_smem() { return 3 * (64 + R) * (64 + 8) * 2; }
+template <int R> constexpr int grad_a_smem() { return 3 * 32 * ((64 + 8) + (R + 8)) * 2; }
+template <int R> constexpr int up_smem() { return (64 * (R + 8) + R * (128 + 8)) * 2; }
+
+#define LORA(name, T, R)                                                                           \
+    extern "C" __global__ void __launch_bounds__(128) lora_down_##name##_r##R(                      \
+        const T* x, const T* a, T* down, int rows, int K, unsigned long long seed, float p) {      \
+        lora_down<T, R>(x, a, down, rows, K, seed, p);                                             \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(128) lora_grad_a_##name##_r##R(                    \
+        const T* x, const T* dd, float* ga, int rows, int K, int rows_per_block,                   \
+        unsigned long long seed, float p) {                                                        \
+        lora_grad_a<T, R>(x, dd, ga, rows, K, rows_per_block, seed, p);                            \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(128) lora_up_##name##_r##R(                        \
+        const T* dd, const T* a, T* dx, int rows, int K, unsigned long long seed, float p) {       \
+        lora_up<T, R>(dd, a, dx, rows, K, seed, p);                                                \
+    }
+#define LORA_RANKS(name, T) LORA(name, T, 16) LORA(name, T, 32) LORA(name, T, 64) LORA(name, T, 128)
+LORA_RANKS(bf16, __nv_bfloat16)
+LORA_RANKS(f16, __half)

@@ -1,0 +1,230 @@
+//! LoRA's rank-r products with the adapter's dropout inside them: the dropped-out input is never
+//! written, and its mask (the one [`crate::dropout::dropout`] draws for the same seed and shape)
+//! is regenerated wherever it is needed. `dropout` is `Some((seed, p))` with p in (0, 1), or
+//! None for no dropout.
+//!
+//! - [`down`]: down = dropout(x)·Aᵀ, `[rows, r]`
+//! - [`accumulate_grad_a`]: gA += d_downᵀ·dropout(x), gA `[r, in]` f32
+//! - [`up_through_dropout`]: dx = dropout-mask(d_down·A), the gradient through the dropout
+//!
+//! On CUDA (bf16/f16, the input width a multiple of 128 and r one of 16, 32, 64, 128) each is
+//! one kernel; otherwise they compose [`crate::dropout`] with matrix products, which is also
+//! their reference.
+
+use candle_core::{DType, Result, Tensor};
+
+use crate::dropout::{dropout, dropout_in_place};
+use crate::gemm::accumulate_at_b;
+
+/// A dropout mask: its seed and probability.
+pub type Dropout = Option<(u64, f32)>;
+
+/// down = dropout(x)·Aᵀ for x `[rows, in]` and A `[r, in]`, in x's dtype.
+pub fn down(x: &Tensor, a: &Tensor, mask: Dropout) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some(kernel) = cuda::Kernel::new(x, a.dim(0)?, x.dim(0)?, x.dim(1)?)? {
+        return kernel.down(x, a, mask);
+    }
+    let input = match mask {
+        Some((seed, p)) => dropout(x, seed, p)?,
+        None => x.clone(),
+    };
+    input.matmul(&a.t()?)
+}
+
+/// grad_a `[r, in]` (f32) += d_downᵀ·dropout(x) for d_down `[rows, r]` and x `[rows, in]`.
+pub fn accumulate_grad_a(
+    grad_a: &Tensor,
+    d_down: &Tensor,
+    x: &Tensor,
+    mask: Dropout,
+) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Some(kernel) = cuda::Kernel::new(x, d_down.dim(1)?, x.dim(0)?, x.dim(1)?)? {
+        return kernel.grad_a(grad_a, d_down, x, mask);
+    }
+    let input = match mask {
+        Some((seed, p)) => dropout(x, seed, p)?,
+        None => x.clone(),
+    };
+    accumulate_at_b(grad_a, d_down, &input, 1.0)
+}
+
+/// dx `[rows, in]` = d_down·A with the dropout's mask and scale applied (what the gradient of
+/// dropout(x)·Aᵀ with respect to x is), for d_down `[rows, r]` and A `[r, in]`.
+pub fn up_through_dropout(d_down: &Tensor, a: &Tensor, mask: Dropout) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some(kernel) = cuda::Kernel::new(d_down, d_down.dim(1)?, d_down.dim(0)?, a.dim(1)?)? {
+        return kernel.up(d_down, a, mask);
+    }
+    let dx = d_down.matmul(a)?;
+    if let Some((seed, p)) = mask {
+        dropout_in_place(&dx, seed, p)?;
+    }
+    Ok(dx)
+}
+
+/// Whether the kernels take this dtype and rank (the width is checked per call).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn kernel_shape(dtype: DType, rank: usize) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16) && [16, 32, 64, 128].contains(&rank)
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use crate::launch::*;
+
+    /// The kernels for one call: device, dtype suffix, rank, rows and input width.
+    pub(super) struct Kernel {
+        dev: candle_core::CudaDevice,
+        name: &'static str,
+        rank: usize,
+        rows: usize,
+        width: usize,
+    }
+
+    /// `(seed, p)` as the kernels take them (p = 0: no dropout).
+    fn mask_args(mask: Dropout) -> (u64, f32) {
+        mask.unwrap_or((0, 0.0))
+    }
+
+    impl Kernel {
+        /// The kernels for rank `rank` over `rows` rows of width `width` in `t`'s dtype and
+        /// device, or None when they do not apply.
+        pub(super) fn new(
+            t: &Tensor,
+            rank: usize,
+            rows: usize,
+            width: usize,
+        ) -> Result<Option<Kernel>> {
+            if !t.device().is_cuda()
+                || !kernel_shape(t.dtype(), rank)
+                || !width.is_multiple_of(128)
+                || rows == 0
+            {
+                return Ok(None);
+            }
+            Ok(Some(Kernel {
+                dev: device(t)?,
+                name: suffix(t.dtype())?,
+                rank,
+                rows,
+                width,
+            }))
+        }
+
+        fn function(
+            &self,
+            op: &str,
+        ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaFunction> {
+            function(
+                &self.dev,
+                &LORA,
+                &format!("lora_{op}_{}_r{}", self.name, self.rank),
+            )
+        }
+
+        /// Contiguous copies where needed, and a check that `t` is `dims`.
+        fn operand(t: &Tensor, dims: (usize, usize), what: &str) -> Result<Tensor> {
+            if t.dims2()? != dims {
+                candle_core::bail!("lora kernels: {what} is {:?}, expected {dims:?}", t.dims());
+            }
+            t.contiguous()
+        }
+
+        pub(super) fn down(&self, x: &Tensor, a: &Tensor, mask: Dropout) -> Result<Tensor> {
+            let (r, rows, k) = (self.rank, self.rows, self.width);
+            let x = Self::operand(x, (rows, k), "x")?;
+            let a = Self::operand(a, (r, k), "A")?;
+            let out = unsafe { Tensor::empty((rows, r), x.dtype(), x.device())? };
+            let f = self.function("down")?;
+            let smem = 3 * (64 + r) * (64 + 8) * 2;
+            let cfg = LaunchConfig {
+                grid_dim: (rows.div_ceil(64) as u32, 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: dynamic_smem(&f, smem)?,
+            };
+            let (xp, ap, op) = (address(&x)?, address(&a)?, address(&out)?);
+            let (seed, p) = mask_args(mask);
+            let (rows_i, k_i) = (rows as i32, k as i32);
+            let stream = self.dev.cuda_stream();
+            let mut l = stream.launch_builder(&f);
+            l.arg(&xp).arg(&ap).arg(&op).arg(&rows_i).arg(&k_i);
+            l.arg(&seed).arg(&p);
+            unsafe { l.launch(cfg) }.w()?;
+            Ok(out)
+        }
+
+        pub(super) fn grad_a(
+            &self,
+            grad_a: &Tensor,
+            d_down: &Tensor,
+            x: &Tensor,
+            mask: Dropout,
+        ) -> Result<()> {
+            let (r, rows, k) = (self.rank, self.rows, self.width);
+            if grad_a.dtype() != DType::F32 || grad_a.dims2()? != (r, k) || !grad_a.is_contiguous()
+            {
+                candle_core::bail!(
+                    "lora kernels: the A gradient must be a contiguous f32 [{r}, {k}], not {:?} {:?}",
+                    grad_a.dtype(),
+                    grad_a.dims()
+                );
+            }
+            let x = Self::operand(x, (rows, k), "x")?;
+            let dd = Self::operand(d_down, (rows, r), "d_down")?;
+            let f = self.function("grad_a")?;
+            // Column tiles of 64 times row splits: about four blocks an SM, each at least 256
+            // rows (32-row steps).
+            let columns = k / 64;
+            let sms = multiprocessors(&self.dev)?;
+            let splits = (4 * sms).div_ceil(columns).clamp(1, rows.div_ceil(256));
+            let per_block = rows.div_ceil(splits).div_ceil(32) * 32;
+            let splits = rows.div_ceil(per_block);
+            let smem = 3 * 32 * ((64 + 8) + (r + 8)) * 2;
+            let cfg = LaunchConfig {
+                grid_dim: (columns as u32, splits as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: dynamic_smem(&f, smem)?,
+            };
+            let (xp, dp, gp) = (address(&x)?, address(&dd)?, address(grad_a)?);
+            let (seed, p) = mask_args(mask);
+            let (rows_i, k_i, per_i) = (rows as i32, k as i32, per_block as i32);
+            let stream = self.dev.cuda_stream();
+            let mut l = stream.launch_builder(&f);
+            l.arg(&xp)
+                .arg(&dp)
+                .arg(&gp)
+                .arg(&rows_i)
+                .arg(&k_i)
+                .arg(&per_i);
+            l.arg(&seed).arg(&p);
+            unsafe { l.launch(cfg) }.w()?;
+            Ok(())
+        }
+
+        pub(super) fn up(&self, d_down: &Tensor, a: &Tensor, mask: Dropout) -> Result<Tensor> {
+            let (r, rows, k) = (self.rank, self.rows, self.width);
+            let dd = Self::operand(d_down, (rows, r), "d_down")?;
+            let a = Self::operand(a, (r, k), "A")?;
+            let out = unsafe { Tensor::empty((rows, k), dd.dtype(), dd.device())? };
+            let f = self.function("up")?;
+            let smem = (64 * (r + 8) + r * (128 + 8)) * 2;
+            let cfg = LaunchConfig {
+                grid_dim: ((k / 128) as u32, rows.div_ceil(64) as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: dynamic_smem(&f, smem)?,
+            };
+            let (dp, ap, op) = (address(&dd)?, address(&a)?, address(&out)?);
+            let (seed, p) = mask_args(mask);
+            let (rows_i, k_i) = (rows as i32, k as i32);
+            let stream = self.dev.cuda_stream();
+            let mut l = stream.launch_builder(&f);
+            l.arg(&dp).arg(&ap).arg(&op).arg(&rows_i).arg(&k_i);
+            l.arg(&seed).arg(&p);
+            unsafe { l.launch(cfg) }.w()?;
+            Ok(out)
+        }
+    }
+}
