@@ -207,6 +207,18 @@ fn cuda_qkv_rope() -> Result<()> {
                 rotary_dim: 16,
             },
         ),
+        (
+            // rd/2 = 6: the element-at-a-time walk.
+            "odd rotary",
+            1,
+            9,
+            QkvShape {
+                heads: 2,
+                kv_heads: 1,
+                head_dim: 16,
+                rotary_dim: 12,
+            },
+        ),
     ];
     for dtype in dtypes() {
         for (name, b, s, sh) in cases {
