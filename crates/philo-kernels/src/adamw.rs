@@ -45,7 +45,7 @@ pub fn reference(p: &mut [f32], m: &mut [f32], v: &mut [f32], grad: &[f32], s: &
     }
 }
 
-/// Σ x² over `tensors` (any float dtype), accumulated in f64.
+/// Σ x² over `tensors` (any float dtype): f32 partial sums per block (CUDA) or per tensor.
 pub fn sum_of_squares(tensors: &[Tensor]) -> Result<f64> {
     #[cfg(feature = "cuda")]
     if let Some(first) = tensors.first() {
@@ -115,7 +115,7 @@ mod cuda {
     pub(super) fn sum_of_squares(tensors: &[Tensor]) -> Result<f64> {
         let first = &tensors[0];
         let dev = device(first)?;
-        let total = Tensor::zeros(1, DType::F64, first.device())?;
+        let total = Tensor::zeros(1, DType::F32, first.device())?;
         let total_p = address(&total)?;
         let f = function(&dev, &ADAMW, "sum_of_squares")?;
         let stream = dev.cuda_stream();
@@ -129,7 +129,7 @@ mod cuda {
             l.arg(&x).arg(&n).arg(&total_p);
             unsafe { l.launch(elementwise_config(n)) }.w()?;
         }
-        Ok(total.to_vec1::<f64>()?[0])
+        Ok(total.to_vec1::<f32>()?[0] as f64)
     }
 
     pub(super) fn adamw(

@@ -1,15 +1,16 @@
 // The optimizer's element-wise passes over f32 LoRA parameters, one launch per tensor:
-//   sum_of_squares: *total += Σ x² (f64 accumulator shared by all tensors of a step)
+//   sum_of_squares: *total += Σ x² (one f32 accumulator shared by all tensors of a step; each
+//                   block adds its partial sum)
 //   adamw:          PyTorch's AdamW in place on p, m, v from g·grad_scale
 // The reference is `adamw::reference` on the Rust side.
 #include "common.cuh"
 
-extern "C" __global__ void sum_of_squares(const float* x, size_t n, double* total) {
+extern "C" __global__ void sum_of_squares(const float* x, size_t n, float* total) {
     float acc = 0.f;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         acc += x[i] * x[i];
     acc = block_sum(acc);
-    if (threadIdx.x == 0) atomicAdd(total, (double)acc);
+    if (threadIdx.x == 0) atomicAdd(total, acc);
 }
 
 // p ← p·(1 − lr·wd); m ← β1·m + (1−β1)·g; v ← β2·v + (1−β2)·g²;
