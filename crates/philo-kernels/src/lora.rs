@@ -133,26 +133,47 @@ mod cuda {
             t.contiguous()
         }
 
+        /// Launches kernel `op` on 128-thread blocks over `grid` with `smem` bytes of shared
+        /// memory and the arguments every LoRA kernel shares: two inputs and an output, rows and
+        /// width, then `extra` (grad_a's rows per block), then the mask.
+        #[allow(clippy::too_many_arguments)]
+        fn launch(
+            &self,
+            op: &str,
+            grid: (u32, u32, u32),
+            smem: usize,
+            [first, second, out]: [&Tensor; 3],
+            extra: Option<i32>,
+            mask: Dropout,
+        ) -> Result<()> {
+            let f = self.function(op)?;
+            let cfg = LaunchConfig {
+                grid_dim: grid,
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: dynamic_smem(&f, smem)?,
+            };
+            let (ap, bp, op_) = (address(first)?, address(second)?, address(out)?);
+            let (seed, p) = mask_args(mask);
+            let (rows, width) = (self.rows as i32, self.width as i32);
+            let stream = self.dev.cuda_stream();
+            let mut l = stream.launch_builder(&f);
+            l.arg(&ap).arg(&bp).arg(&op_).arg(&rows).arg(&width);
+            if let Some(extra) = &extra {
+                l.arg(extra);
+            }
+            l.arg(&seed).arg(&p);
+            unsafe { l.launch(cfg) }.w()?;
+            Ok(())
+        }
+
         pub(super) fn down(&self, x: &Tensor, a: &Tensor, mask: Dropout) -> Result<Tensor> {
             let (r, rows, k) = (self.rank, self.rows, self.width);
             let x = Self::operand(x, (rows, k), "x")?;
             let a = Self::operand(a, (r, k), "A")?;
             let out = unsafe { Tensor::empty((rows, r), x.dtype(), x.device())? };
-            let f = self.function("down")?;
+            let grid = (rows.div_ceil(64) as u32, 1, 1);
             let smem = 3 * (64 + r) * (64 + 8) * 2;
-            let cfg = LaunchConfig {
-                grid_dim: (rows.div_ceil(64) as u32, 1, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: dynamic_smem(&f, smem)?,
-            };
-            let (xp, ap, op) = (address(&x)?, address(&a)?, address(&out)?);
-            let (seed, p) = mask_args(mask);
-            let (rows_i, k_i) = (rows as i32, k as i32);
-            let stream = self.dev.cuda_stream();
-            let mut l = stream.launch_builder(&f);
-            l.arg(&xp).arg(&ap).arg(&op).arg(&rows_i).arg(&k_i);
-            l.arg(&seed).arg(&p);
-            unsafe { l.launch(cfg) }.w()?;
+            self.launch("down", grid, smem, [&x, &a, &out], None, mask)?;
             Ok(out)
         }
 
@@ -174,7 +195,6 @@ mod cuda {
             }
             let x = Self::operand(x, (rows, k), "x")?;
             let dd = Self::operand(d_down, (rows, r), "d_down")?;
-            let f = self.function("grad_a")?;
             // Column tiles of 64 times row splits: about four blocks an SM, each at least 256
             // rows (32-row steps).
             let columns = k / 64;
@@ -182,26 +202,10 @@ mod cuda {
             let splits = (4 * sms).div_ceil(columns).clamp(1, rows.div_ceil(256));
             let per_block = rows.div_ceil(splits).div_ceil(32) * 32;
             let splits = rows.div_ceil(per_block);
+            let grid = (columns as u32, splits as u32, 1);
             let smem = 3 * 32 * ((64 + 8) + (r + 8)) * 2;
-            let cfg = LaunchConfig {
-                grid_dim: (columns as u32, splits as u32, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: dynamic_smem(&f, smem)?,
-            };
-            let (xp, dp, gp) = (address(&x)?, address(&dd)?, address(grad_a)?);
-            let (seed, p) = mask_args(mask);
-            let (rows_i, k_i, per_i) = (rows as i32, k as i32, per_block as i32);
-            let stream = self.dev.cuda_stream();
-            let mut l = stream.launch_builder(&f);
-            l.arg(&xp)
-                .arg(&dp)
-                .arg(&gp)
-                .arg(&rows_i)
-                .arg(&k_i)
-                .arg(&per_i);
-            l.arg(&seed).arg(&p);
-            unsafe { l.launch(cfg) }.w()?;
-            Ok(())
+            let tensors = [&x, &dd, grad_a];
+            self.launch("grad_a", grid, smem, tensors, Some(per_block as i32), mask)
         }
 
         pub(super) fn up(&self, d_down: &Tensor, a: &Tensor, mask: Dropout) -> Result<Tensor> {
@@ -209,21 +213,9 @@ mod cuda {
             let dd = Self::operand(d_down, (rows, r), "d_down")?;
             let a = Self::operand(a, (r, k), "A")?;
             let out = unsafe { Tensor::empty((rows, k), dd.dtype(), dd.device())? };
-            let f = self.function("up")?;
+            let grid = ((k / 128) as u32, rows.div_ceil(64) as u32, 1);
             let smem = (64 * (r + 8) + r * (128 + 8)) * 2;
-            let cfg = LaunchConfig {
-                grid_dim: ((k / 128) as u32, rows.div_ceil(64) as u32, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: dynamic_smem(&f, smem)?,
-            };
-            let (dp, ap, op) = (address(&dd)?, address(&a)?, address(&out)?);
-            let (seed, p) = mask_args(mask);
-            let (rows_i, k_i) = (rows as i32, k as i32);
-            let stream = self.dev.cuda_stream();
-            let mut l = stream.launch_builder(&f);
-            l.arg(&dp).arg(&ap).arg(&op).arg(&rows_i).arg(&k_i);
-            l.arg(&seed).arg(&p);
-            unsafe { l.launch(cfg) }.w()?;
+            self.launch("up", grid, smem, [&dd, &a, &out], None, mask)?;
             Ok(out)
         }
     }
