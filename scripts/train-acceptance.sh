@@ -2,9 +2,11 @@
 # The training-speed acceptance runs on the GPU machine, from the repository root
 # (docs/training-speed.md has the results). Binaries are plain or .xz files.
 #
-#   scripts/train-acceptance.sh speed PHILO     # GPU tests, profile, bench train, the peers in
-#                                               # .peers (../shared/peers copied), and the seed's
-#                                               # finetune command on a full-size checkpoint
+#   scripts/train-acceptance.sh speed PHILO     # GPU tests, profile, bench train (with and
+#                                               # without dropout), attention beside torch's
+#                                               # SDPA, the peers in .peers (../shared/peers
+#                                               # copied), and the seed's finetune command on a
+#                                               # full-size checkpoint
 #   scripts/train-acceptance.sh parity PHILO OLD_PHILO
 #                                               # 30 steps at 12 × 2048 with two builds, per-step
 #                                               # losses compared
@@ -30,9 +32,13 @@ if [ "$mode" = speed ]; then
   echo "== profile QLoRA b12 [${SECONDS}s]"
   PHILO_PROFILE=1 "$philo" bench train --random --batch 12 --seq 2048 --rank 64 --quant nf4 --steps 1 2>&1 | grep "\[profile\]" | tail -34
   echo "== bench train [${SECONDS}s]"
-  for args in "--batch 12 --quant nf4" "--batch 1 --quant nf4" "--batch 12 --quant none"; do
+  for args in "--batch 12 --quant nf4" "--batch 12 --quant nf4 --lora_dropout 0" "--batch 1 --quant nf4" "--batch 12 --quant none"; do
+    echo "$args"
     "$philo" bench train --random --seq 2048 --rank 64 $args 2>&1 | grep -E "^train|rror"
   done
+  echo "== attention: philo, then torch's SDPA [${SECONDS}s]"
+  "$philo" bench attention --batch 4 --batch 12 2>&1 | grep -E "^attention|rror"
+  python3 "$repo/scripts/bench_kernels_torch.py" --batch 4 2>&1 | grep -i sdpa
   echo "== peers [${SECONDS}s]"
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$repo"/.peers/wheels/*.whl 2>&1 | tail -2
   PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 "$repo/.peers/train_peers.py" hf liger unsloth 2>&1 | grep '^{'
