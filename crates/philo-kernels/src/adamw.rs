@@ -18,30 +18,48 @@ pub struct AdamWStep {
     pub grad_scale: f64,
 }
 
+/// An update's factors in f32, each computed in f64 first (1 − β2 from an f32-rounded β2 would
+/// be off by 5e-5 relative, which PyTorch's f64 scalars are not).
+struct Factors {
+    beta1: f32,
+    one_minus_beta1: f32,
+    beta2: f32,
+    one_minus_beta2: f32,
+    /// 1 − lr·wd.
+    decay: f32,
+    bias2_sqrt: f32,
+    /// lr / (1 − β1ᵗ).
+    step_size: f32,
+    eps: f32,
+    grad_scale: f32,
+}
+
 impl AdamWStep {
-    /// (decay, bias2_sqrt, step_size): p·decay − step_size·m / (sqrt(v)/bias2_sqrt + eps).
-    fn factors(&self) -> (f32, f32, f32) {
+    fn factors(&self) -> Factors {
         let t = self.step as i32;
-        let bias1 = 1.0 - self.beta1.powi(t);
-        let bias2_sqrt = (1.0 - self.beta2.powi(t)).sqrt();
-        (
-            (1.0 - self.lr * self.weight_decay) as f32,
-            bias2_sqrt as f32,
-            (self.lr / bias1) as f32,
-        )
+        Factors {
+            beta1: self.beta1 as f32,
+            one_minus_beta1: (1.0 - self.beta1) as f32,
+            beta2: self.beta2 as f32,
+            one_minus_beta2: (1.0 - self.beta2) as f32,
+            decay: (1.0 - self.lr * self.weight_decay) as f32,
+            bias2_sqrt: (1.0 - self.beta2.powi(t)).sqrt() as f32,
+            step_size: (self.lr / (1.0 - self.beta1.powi(t))) as f32,
+            eps: self.eps as f32,
+            grad_scale: self.grad_scale as f32,
+        }
     }
 }
 
 /// Reference: p ← p·(1 − lr·wd); m ← β1·m + (1−β1)·g; v ← β2·v + (1−β2)·g²;
 /// p ← p − lr/(1−β1ᵗ) · m / (sqrt(v)/sqrt(1−β2ᵗ) + eps), with g = grad·grad_scale.
 pub fn reference(p: &mut [f32], m: &mut [f32], v: &mut [f32], grad: &[f32], s: &AdamWStep) {
-    let (decay, bias2_sqrt, step_size) = s.factors();
-    let (b1, b2, eps) = (s.beta1 as f32, s.beta2 as f32, s.eps as f32);
+    let f = s.factors();
     for i in 0..p.len() {
-        let g = grad[i] * s.grad_scale as f32;
-        m[i] = b1 * m[i] + (1.0 - b1) * g;
-        v[i] = b2 * v[i] + (1.0 - b2) * g * g;
-        p[i] = p[i] * decay - step_size * m[i] / (v[i].sqrt() / bias2_sqrt + eps);
+        let g = grad[i] * f.grad_scale;
+        m[i] = f.beta1 * m[i] + f.one_minus_beta1 * g;
+        v[i] = f.beta2 * v[i] + f.one_minus_beta2 * g * g;
+        p[i] = p[i] * f.decay - f.step_size * m[i] / (v[i].sqrt() / f.bias2_sqrt + f.eps);
     }
 }
 
@@ -144,26 +162,26 @@ mod cuda {
             return Ok(());
         }
         let dev = device(p)?;
-        let (decay, bias2_sqrt, step_size) = s.factors();
+        let f = s.factors();
         let [pp, mp, vp, gp] = [p, m, v, grad].map(address);
         let (pp, mp, vp, gp) = (pp?, mp?, vp?, gp?);
-        let (grad_scale, b1, b2, eps) = (
-            s.grad_scale as f32,
-            s.beta1 as f32,
-            s.beta2 as f32,
-            s.eps as f32,
-        );
-        let f = function(&dev, &ADAMW, "adamw")?;
+        let function = function(&dev, &ADAMW, "adamw")?;
         let stream = dev.cuda_stream();
-        let mut l = stream.launch_builder(&f);
+        let mut l = stream.launch_builder(&function);
         l.arg(&pp).arg(&mp).arg(&vp).arg(&gp).arg(&n);
-        l.arg(&grad_scale)
-            .arg(&decay)
-            .arg(&b1)
-            .arg(&b2)
-            .arg(&bias2_sqrt)
-            .arg(&eps)
-            .arg(&step_size);
+        for x in [
+            &f.grad_scale,
+            &f.decay,
+            &f.beta1,
+            &f.one_minus_beta1,
+            &f.beta2,
+            &f.one_minus_beta2,
+            &f.bias2_sqrt,
+            &f.eps,
+            &f.step_size,
+        ] {
+            l.arg(x);
+        }
         unsafe { l.launch(elementwise_config(n)) }.w()?;
         Ok(())
     }

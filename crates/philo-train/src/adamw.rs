@@ -59,7 +59,8 @@ impl AdamW {
     /// clipping coefficient and loss-scale inverse, see [`clip_grad_norm`]):
     /// p ← p·(1 − lr·wd); m ← β1·m + (1−β1)·g; v ← β2·v + (1−β2)·g²;
     /// p ← p − lr/(1−β1ᵗ) · m / (sqrt(v)/sqrt(1−β2ᵗ) + eps).
-    /// On CUDA one kernel per parameter updates p, m and v in place.
+    /// On CUDA one kernel per parameter updates p, m and v in place; elsewhere its reference
+    /// (`philo_kernels::adamw::reference`) does.
     pub fn update(
         &mut self,
         params: &LoraParams,
@@ -78,28 +79,20 @@ impl AdamW {
             step: self.step,
             grad_scale,
         };
-        let t = self.step as i32;
-        let bias1 = 1.0 - c.beta1.powi(t);
-        let bias2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
         for (i, (param, grad)) in params.params.iter().zip(grads).enumerate() {
             let p = param.var.as_tensor();
             if philo_kernels::adamw::has_kernel(&[p, &self.m[i], &self.v[i], grad]) {
                 philo_kernels::adamw::update_in_place(p, &self.m[i], &self.v[i], grad, &step)?;
                 continue;
             }
-            let mut grad = grad.to_dtype(DType::F32)?;
-            if grad_scale != 1.0 {
-                grad = (grad * grad_scale)?;
-            }
-            let mut p = p.clone();
-            if c.weight_decay != 0.0 {
-                p = (p * (1.0 - lr * c.weight_decay))?;
-            }
-            self.m[i] = ((&self.m[i] * c.beta1)? + (&grad * (1.0 - c.beta1))?)?;
-            self.v[i] = ((&self.v[i] * c.beta2)? + (grad.sqr()? * (1.0 - c.beta2))?)?;
-            let denom = ((self.v[i].sqrt()? / bias2_sqrt)? + c.eps)?;
-            let update = ((&self.m[i] / denom)? * (lr / bias1))?;
-            param.var.set(&(p - update)?)?;
+            // Elsewhere (the CPU) the kernel's reference, on host copies.
+            let host = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+            let (mut pv, mut mv, mut vv) = (host(p)?, host(&self.m[i])?, host(&self.v[i])?);
+            philo_kernels::adamw::reference(&mut pv, &mut mv, &mut vv, &host(grad)?, &step);
+            let back = |v: Vec<f32>| Tensor::from_vec(v, p.shape(), p.device());
+            self.m[i] = back(mv)?;
+            self.v[i] = back(vv)?;
+            param.var.set(&back(pv)?)?;
         }
         Ok(())
     }
