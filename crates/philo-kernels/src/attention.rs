@@ -429,6 +429,15 @@ mod cuda {
         },
     }
 
+    /// The kernels' dk and dv pointers: the per-query-head buffers, or null when the kernel
+    /// wrote dK/dV into the QKV gradient.
+    fn per_head_addresses(per_head: &Option<(Tensor, Tensor)>) -> Result<(u64, u64)> {
+        Ok(match per_head {
+            Some((dk, dv)) => (address(dk)?, address(dv)?),
+            None => (0, 0),
+        })
+    }
+
     /// The backward kernels: dq `[B, H, S, D]` f32 and, per `kv`, dk and dv per query head
     /// `[B, H, T, D]` f32 (or None when they went into the QKV gradient).
     #[allow(clippy::too_many_arguments)]
@@ -473,10 +482,7 @@ mod cuda {
         };
         let (out, lse, dout) = (address(&out)?, address(&lse)?, address(&grad)?);
         let (delta_p, dq_p) = (address(&delta)?, address(&dq)?);
-        let (dk_p, dv_p) = match &per_head {
-            Some((dk, dv)) => (address(dk)?, address(dv)?),
-            None => (0, 0),
-        };
+        let (dk_p, dv_p) = per_head_addresses(&per_head)?;
         let (dkv_p, cos_p, sin_p, rd) = match kv {
             KvGradients::PerQueryHead => (0, 0, 0, 0),
             KvGradients::IntoQkvGrad {
@@ -617,10 +623,7 @@ mod cuda {
         let mut l = stream.launch_builder(&f);
         let [dq_p, grad_p] = [&dq, &grad].map(address);
         let (dq_p, grad_p) = (dq_p?, grad_p?);
-        let (dk_p, dv_p) = match &per_head {
-            Some((dk, dv)) => (address(dk)?, address(dv)?),
-            None => (0, 0),
-        };
+        let (dk_p, dv_p) = per_head_addresses(&per_head)?;
         l.arg(&dq_p)
             .arg(&dk_p)
             .arg(&dv_p)
