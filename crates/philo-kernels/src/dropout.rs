@@ -5,14 +5,23 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 use crate::{from_host, host_f32};
 
-/// The uniform number in [0, 1) of element `i` (splitmix64 of seed + i·golden ratio, top 24
-/// bits), exactly as the kernel computes it.
+/// Mixes 32 bits (Wellons' lowbias32: two multiply-xorshift rounds, full avalanche).
+fn mix32(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7feb_352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846c_a68b);
+    x ^ (x >> 16)
+}
+
+/// The uniform number in [0, 1) of element `i`, exactly as the kernels compute it: elements 2j
+/// and 2j + 1 share one 32-bit hash of (seed, j), the low and the high 16 bits. 32-bit
+/// arithmetic and one hash per pair keep the mask cheap where kernels regenerate it.
 pub fn uniform(seed: u64, i: u64) -> f32 {
-    let mut z = seed.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    (z >> 40) as f32 * (1.0 / 16_777_216.0)
+    let j = i >> 1;
+    let h = mix32(mix32((j as u32).wrapping_add(seed as u32)) ^ (seed >> 32) as u32 ^ (j >> 32) as u32);
+    let bits = if i & 1 == 0 { h & 0xFFFF } else { h >> 16 };
+    bits as f32 * (1.0 / 65_536.0)
 }
 
 /// Reference: x_i / (1 − p) where uniform(seed, i) ≥ p, else 0.
@@ -126,5 +135,36 @@ impl candle_core::InplaceOp1 for DropoutInPlace {
             unsafe { b.launch(elementwise_config(n)) }.w()?;
         });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::uniform;
+
+    /// The mask drops close to p of the elements, both halves of a pair alike, and another
+    /// seed draws another mask.
+    #[test]
+    fn uniform_drops_p_of_the_elements() {
+        let n = 1 << 20;
+        let p = 0.1f32;
+        let dropped = |seed: u64, parity: u64| {
+            (0..n as u64)
+                .filter(|i| i & 1 == parity && uniform(seed, *i) < p)
+                .count() as f64
+                / (n / 2) as f64
+        };
+        for parity in [0, 1] {
+            let f = dropped(7, parity);
+            assert!((f - 0.1).abs() < 0.003, "dropped fraction {f}");
+        }
+        let same = (0..4096u64)
+            .filter(|&i| (uniform(7, i) < 0.5) == (uniform(8, i) < 0.5))
+            .count();
+        assert!((1800..2300).contains(&same), "seeds 7 and 8 agree on {same} of 4096");
+        let high = (0..4096u64)
+            .filter(|&i| (uniform(7, i) < 0.5) == (uniform(7 + (1 << 32), i) < 0.5))
+            .count();
+        assert!((1800..2300).contains(&high), "seeds differing above bit 32 agree on {high}");
     }
 }

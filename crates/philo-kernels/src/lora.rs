@@ -135,7 +135,8 @@ mod cuda {
 
         /// Launches kernel `op` on 128-thread blocks over `grid` with `smem` bytes of shared
         /// memory and the arguments every LoRA kernel shares: two inputs and an output, rows and
-        /// width, then `extra` (grad_a's rows per block), then the mask.
+        /// width, then `extra` (down's columns per split, grad_a's rows per block), then the
+        /// mask.
         #[allow(clippy::too_many_arguments)]
         fn launch(
             &self,
@@ -171,9 +172,32 @@ mod cuda {
             let x = Self::operand(x, (rows, k), "x")?;
             let a = Self::operand(a, (r, k), "A")?;
             let out = unsafe { Tensor::empty((rows, r), x.dtype(), x.device())? };
-            let grid = (rows.div_ceil(64) as u32, 1, 1);
             let smem = 3 * (64 + r) * (64 + 8) * 2;
-            self.launch("down", grid, smem, [&x, &a, &out], None, mask)?;
+            // 64-row blocks, and the input's columns split so that there are about four blocks
+            // an SM, each over at least 4 tiles of 64 columns.
+            let row_blocks = rows.div_ceil(64);
+            let tiles = k / 64;
+            let sms = multiprocessors(&self.dev)?;
+            let splits = (4 * sms).div_ceil(row_blocks).clamp(1, (tiles / 4).max(1));
+            let split_len = tiles.div_ceil(splits) * 64;
+            let splits = k.div_ceil(split_len);
+            let grid = (row_blocks as u32, splits as u32, 1);
+            if splits == 1 {
+                self.launch("down", grid, smem, [&x, &a, &out], Some(k as i32), mask)?;
+                return Ok(out);
+            }
+            let partial = unsafe { Tensor::empty((splits, rows, r), DType::F32, x.device())? };
+            let tensors = [&x, &a, &partial];
+            self.launch("down", grid, smem, tensors, Some(split_len as i32), mask)?;
+            let f = function(&self.dev, &LORA, &format!("lora_down_sum_{}", self.name))?;
+            let n = rows * r;
+            let (pp, dp) = (address(&partial)?, address(&out)?);
+            let (n32, splits32) = (n as i32, splits as i32);
+            let keep = mask.map_or(1.0, |(_, p)| 1.0 / (1.0 - p));
+            let stream = self.dev.cuda_stream();
+            let mut l = stream.launch_builder(&f);
+            l.arg(&pp).arg(&dp).arg(&n32).arg(&splits32).arg(&keep);
+            unsafe { l.launch(elementwise_config(n)) }.w()?;
             Ok(out)
         }
 

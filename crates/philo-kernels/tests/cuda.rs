@@ -1160,8 +1160,16 @@ fn cuda_lora_products_with_dropout() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(77);
     let cpu = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F32);
     // Every rank the kernels take, ragged row counts (tails of the 64-row tiles and of the
-    // gradient's row splits), two widths, with and without dropout.
-    for (rank, width, rows) in [(16, 128, 1), (32, 384, 100), (64, 256, 300), (128, 128, 70)] {
+    // gradient's row splits), widths that split the down product's columns (ragged last split)
+    // and that do not, with and without dropout.
+    for (rank, width, rows) in [
+        (16, 128, 1),
+        (32, 384, 100),
+        (64, 256, 300),
+        (128, 128, 70),
+        (64, 1152, 300),
+        (16, 512, 1),
+    ] {
         for mask in [None, Some((0x5EED_u64 ^ rank as u64, 0.3f32))] {
             for dtype in dtypes() {
                 let what = format!("lora r{rank} in {width} rows {rows} mask {mask:?} {dtype:?}");

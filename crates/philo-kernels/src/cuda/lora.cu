@@ -4,7 +4,8 @@
 // 1/(1 − p) scale is applied to the f32 accumulators. p = 0 means no dropout (no hashing).
 // The references are `lora::reference_*` on the Rust side.
 //
-//   lora_down:   down[rows, R]  = keep · (mask ∘ x)[rows, K] · Aᵀ        (A [R, K])
+//   lora_down:   down[rows, R]  = keep · (mask ∘ x)[rows, K] · Aᵀ        (A [R, K]), split over K
+//                when rows are few, the f32 partial sums then added by lora_down_sum
 //   lora_grad_a: gA[R, K]      += keep · d_downᵀ[R, rows] · (mask ∘ x)   (f32, atomics)
 //   lora_up:     dx[rows, K]    = keep · mask ∘ (d_down[rows, R] · A)
 // K is a multiple of 64 and R one of 16, 32, 64, 128 (the host checks and otherwise falls back
@@ -17,6 +18,16 @@ __device__ __forceinline__ uint32_t mask_pair(uint32_t v, unsigned long long see
                                               unsigned long long i, unsigned long long step) {
     if (dropout_uniform(seed, i) < p) v &= 0xFFFF0000u;
     if (dropout_uniform(seed, i + step) < p) v &= 0x0000FFFFu;
+    return v;
+}
+
+// mask_pair for adjacent elements i and i + 1 (i even): one hash for both.
+__device__ __forceinline__ uint32_t mask_adjacent(uint32_t v, unsigned long long seed, float p,
+                                                  unsigned long long i) {
+    bool drop0, drop1;
+    dropout_pair(seed, i, p, drop0, drop1);
+    if (drop0) v &= 0xFFFF0000u;
+    if (drop1) v &= 0x0000FFFFu;
     return v;
 }
 
@@ -34,19 +45,23 @@ __device__ __forceinline__ void tile_async(T* dst, int ld, const T* src, size_t 
 }
 
 // ---------------------------------------------------------------------------------------------
-// down = keep · (mask ∘ x) · Aᵀ: one block = 4 warps = 64 rows × all R columns; K in tiles of 64,
-// three stages of cp.async. Each x element is read (and hashed) once.
+// down = keep · (mask ∘ x) · Aᵀ: one block = 4 warps = 64 rows × all R columns over the input
+// columns [blockIdx.y · split_len, + split_len) in tiles of 64, three stages of cp.async. Each x
+// element is read (and hashed) once. With one split the block writes `out` (T [rows, R]);
+// with several, its f32 partial sum without the keep scale goes to out = float [splits][rows][R]
+// and `lora_down_sum` adds them (splitting K keeps the machine busy when rows are few).
 template <typename T, int R>
-__device__ void lora_down(const T* x, const T* a, T* down, int rows, int K,
+__device__ void lora_down(const T* x, const T* a, void* out, int rows, int K, int split_len,
                           unsigned long long seed, float p) {
     constexpr int BM = 64, BK = 64, LD = BK + 8, STAGES = 3, NJ = R / 8;
     extern __shared__ __align__(16) unsigned char smem[];
     T* xs = reinterpret_cast<T*>(smem);  // [STAGES][BM][LD]
     T* as = xs + STAGES * BM * LD;       // [STAGES][R][LD]
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    int row0 = blockIdx.x * BM, tiles = K / BK;
+    int row0 = blockIdx.x * BM, k_begin = blockIdx.y * split_len;
+    int tiles = (min(K, k_begin + split_len) - k_begin) / BK;
     auto issue = [&](int kt, int stage) {
-        int k0 = kt * BK;
+        int k0 = k_begin + kt * BK;
         tile_async<T>(xs + stage * BM * LD, LD, x + (size_t)row0 * K + k0, K, BM, BK, rows - row0);
         tile_async<T>(as + stage * R * LD, LD, a + k0, K, R, BK, R);
     };
@@ -73,15 +88,28 @@ __device__ void lora_down(const T* x, const T* a, T* down, int rows, int K,
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     // a0: (row g, cols 2t, 2t+1), a1: row g + 8, a2: cols + 8, a3: both.
-                    unsigned long long i = (unsigned long long)(wrow + (e & 1) * 8) * K +
+                    unsigned long long i = (unsigned long long)(wrow + (e & 1) * 8) * K + k_begin +
                                            kt * BK + kc * 16 + (e >> 1) * 8 + 2 * t;
-                    af[kc][e] = mask_pair(af[kc][e], seed, p, i, 1);
+                    af[kc][e] = mask_adjacent(af[kc][e], seed, p, i);
                 }
             }
         }
         mma_a_xt<T, BK, NJ>(acc, af, as + stage * R * LD, LD);
         __syncthreads();  // the stage is free for the copy issued next iteration
     }
+    if (gridDim.y > 1) {
+        float* part = reinterpret_cast<float*>(out) + (size_t)blockIdx.y * rows * R;
+#pragma unroll
+        for (int j = 0; j < NJ; ++j) {
+            int c = j * 8 + 2 * t;
+            if (wrow < rows)
+                *reinterpret_cast<float2*>(part + (size_t)wrow * R + c) = make_float2(acc[j][0], acc[j][1]);
+            if (wrow + 8 < rows)
+                *reinterpret_cast<float2*>(part + (size_t)(wrow + 8) * R + c) = make_float2(acc[j][2], acc[j][3]);
+        }
+        return;
+    }
+    T* down = reinterpret_cast<T*>(out);
     float keep = p > 0.f ? 1.f / (1.f - p) : 1.f;
 #pragma unroll
     for (int j = 0; j < NJ; ++j) {
@@ -92,6 +120,16 @@ __device__ void lora_down(const T* x, const T* a, T* down, int rows, int K,
         if (wrow + 8 < rows)
             *reinterpret_cast<uint32_t*>(down + (size_t)(wrow + 8) * R + c) =
                 Mma<T>::pack(acc[j][2] * keep, acc[j][3] * keep);
+    }
+}
+
+// down[e] = keep · Σ_s part[s][e] over the n elements of [rows, R].
+template <typename T>
+__device__ void lora_down_sum(const float* part, T* down, int n, int splits, float keep) {
+    for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < n; e += gridDim.x * blockDim.x) {
+        float v = 0.f;
+        for (int s = 0; s < splits; ++s) v += part[(size_t)s * n + e];
+        down[e] = from_f32<T>(v * keep);
     }
 }
 
@@ -213,9 +251,10 @@ __device__ void lora_up(const T* dd, const T* a, T* dx, int rows, int K, unsigne
             if (row >= rows) continue;
             float v0 = acc[j][2 * hi] * keep, v1 = acc[j][2 * hi + 1] * keep;
             if (p > 0.f) {
-                unsigned long long i = (unsigned long long)row * K + c;
-                if (dropout_uniform(seed, i) < p) v0 = 0.f;
-                if (dropout_uniform(seed, i + 1) < p) v1 = 0.f;
+                bool drop0, drop1;
+                dropout_pair(seed, (unsigned long long)row * K + c, p, drop0, drop1);
+                if (drop0) v0 = 0.f;
+                if (drop1) v1 = 0.f;
             }
             *reinterpret_cast<uint32_t*>(dx + (size_t)row * K + c) = Mma<T>::pack(v0, v1);
         }
@@ -229,8 +268,9 @@ template <int R> constexpr int up_smem() { return (64 * (R + 8) + R * (128 + 8))
 
 #define LORA(name, T, R)                                                                           \
     extern "C" __global__ void __launch_bounds__(128) lora_down_##name##_r##R(                      \
-        const T* x, const T* a, T* down, int rows, int K, unsigned long long seed, float p) {      \
-        lora_down<T, R>(x, a, down, rows, K, seed, p);                                             \
+        const T* x, const T* a, void* out, int rows, int K, int split_len,                         \
+        unsigned long long seed, float p) {                                                        \
+        lora_down<T, R>(x, a, out, rows, K, split_len, seed, p);                                   \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(128) lora_grad_a_##name##_r##R(                    \
         const T* x, const T* dd, float* ga, int rows, int K, int rows_per_block,                   \
@@ -241,6 +281,11 @@ template <int R> constexpr int up_smem() { return (64 * (R + 8) + R * (128 + 8))
         const T* dd, const T* a, T* dx, int rows, int K, unsigned long long seed, float p) {       \
         lora_up<T, R>(dd, a, dx, rows, K, seed, p);                                                \
     }
-#define LORA_RANKS(name, T) LORA(name, T, 16) LORA(name, T, 32) LORA(name, T, 64) LORA(name, T, 128)
+#define LORA_RANKS(name, T)                                                                        \
+    LORA(name, T, 16) LORA(name, T, 32) LORA(name, T, 64) LORA(name, T, 128)                       \
+    extern "C" __global__ void lora_down_sum_##name(const float* part, T* down, int n, int splits,  \
+                                                    float keep) {                                  \
+        lora_down_sum<T>(part, down, n, splits, keep);                                             \
+    }
 LORA_RANKS(bf16, __nv_bfloat16)
 LORA_RANKS(f16, __half)
