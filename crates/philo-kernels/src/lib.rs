@@ -25,6 +25,16 @@ mod launch;
 
 pub use candle_core::{Error, Result};
 
+/// `t` `[rows, cols]` followed by `pad` zero columns (the CPU side of the kernels that leave
+/// columns after each output row for the caller).
+pub fn pad_columns(t: Tensor, pad: usize) -> Result<Tensor> {
+    if pad == 0 {
+        return Ok(t);
+    }
+    let zeros = Tensor::zeros((t.dim(0)?, pad), t.dtype(), t.device())?;
+    Tensor::cat(&[&t, &zeros], 1)
+}
+
 /// A tensor's values as f32 on the host, row-major.
 fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
     t.to_device(&candle_core::Device::Cpu)?

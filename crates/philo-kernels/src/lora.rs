@@ -21,18 +21,39 @@ pub type Dropout = Option<(u64, f32)>;
 
 /// down = dropout(x)·Aᵀ for x `[rows, in]` and A `[r, in]`, in x's dtype.
 pub fn down(x: &Tensor, a: &Tensor, mask: Dropout) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if let Some(kernel) = cuda::Kernel::new(x, a.dim(0)?, x.dim(0)?, x.dim(1)?)? {
-        return kernel.down(x, a, mask);
-    }
-    let input = match mask {
-        Some((seed, p)) => dropout(x, seed, p)?,
-        None => x.clone(),
-    };
-    input.matmul(&a.t()?)
+    // Every element is written below.
+    let out = unsafe { Tensor::empty((x.dim(0)?, a.dim(0)?), x.dtype(), x.device())? };
+    down_into(x, a, mask, &out, 0)?;
+    Ok(out)
 }
 
-/// grad_a `[r, in]` (f32) += d_downᵀ·dropout(x) for d_down `[rows, r]` and x `[rows, in]`.
+/// [`down`] written into columns `col .. col + r` of `dst` (contiguous `[rows, ≥ col + r]`, x's
+/// dtype). x's rows may be strided (its last dim contiguous): x can be the first columns of
+/// `dst` itself, which then holds [x | down] for one GEMM against [W | scale·B].
+pub fn down_into(x: &Tensor, a: &Tensor, mask: Dropout, dst: &Tensor, col: usize) -> Result<()> {
+    let r = a.dim(0)?;
+    if !dst.is_contiguous() || dst.dim(0)? != x.dim(0)? || dst.dim(1)? < col + r {
+        candle_core::bail!(
+            "lora::down_into: dst {:?} cannot take [{}, {r}] at column {col}",
+            dst.dims(),
+            x.dim(0)?
+        );
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(kernel) = cuda::Kernel::new(x, r, x.dim(0)?, x.dim(1)?)? {
+        return kernel.down(x, a, mask, dst, col);
+    }
+    // Contiguous: candle's CUDA matmul takes no strided rows.
+    let input = match mask {
+        Some((seed, p)) => dropout(&x.contiguous()?, seed, p)?,
+        None => x.contiguous()?,
+    };
+    let product = input.matmul(&a.t()?)?.to_dtype(dst.dtype())?;
+    dst.slice_set(&product, 1, col)
+}
+
+/// grad_a `[r, in]` (f32) += d_downᵀ·dropout(x) for d_down `[rows, r]` and x `[rows, in]` (its
+/// rows may be strided).
 pub fn accumulate_grad_a(
     grad_a: &Tensor,
     d_down: &Tensor,
@@ -44,7 +65,7 @@ pub fn accumulate_grad_a(
         return kernel.grad_a(grad_a, d_down, x, mask);
     }
     let input = match mask {
-        Some((seed, p)) => dropout(x, seed, p)?,
+        Some((seed, p)) => dropout(&x.contiguous()?, seed, p)?,
         None => x.clone(),
     };
     accumulate_at_b(grad_a, d_down, &input, 1.0)
@@ -133,18 +154,37 @@ mod cuda {
             t.contiguous()
         }
 
+        /// `t` checked to be `dims`, with its row stride: rows may be strided as long as each
+        /// row is contiguous and starts 16 bytes after the previous one's multiple (a copy
+        /// otherwise).
+        fn strided_operand(t: &Tensor, dims: (usize, usize), what: &str) -> Result<(Tensor, usize)> {
+            if t.dims2()? != dims {
+                candle_core::bail!("lora kernels: {what} is {:?}, expected {dims:?}", t.dims());
+            }
+            let l = t.layout();
+            let (stride, offset) = (l.stride(), l.start_offset());
+            let elem = t.dtype().size_in_bytes();
+            if stride[1] == 1
+                && stride[0] >= dims.1
+                && (stride[0] * elem).is_multiple_of(16)
+                && (offset * elem).is_multiple_of(16)
+            {
+                return Ok((t.clone(), stride[0]));
+            }
+            Ok((t.contiguous()?, dims.1))
+        }
+
         /// Launches kernel `op` on 128-thread blocks over `grid` with `smem` bytes of shared
         /// memory and the arguments every LoRA kernel shares: two inputs and an output, rows and
-        /// width, then `extra` (down's columns per split, grad_a's rows per block), then the
-        /// mask.
-        #[allow(clippy::too_many_arguments)]
+        /// width, then `extra` (row strides, down's columns per split, grad_a's rows per
+        /// block), then the mask.
         fn launch(
             &self,
             op: &str,
             grid: (u32, u32, u32),
             smem: usize,
             [first, second, out]: [&Tensor; 3],
-            extra: Option<i32>,
+            extra: &[i32],
             mask: Dropout,
         ) -> Result<()> {
             let f = self.function(op)?;
@@ -159,19 +199,30 @@ mod cuda {
             let stream = self.dev.cuda_stream();
             let mut l = stream.launch_builder(&f);
             l.arg(&ap).arg(&bp).arg(&op_).arg(&rows).arg(&width);
-            if let Some(extra) = &extra {
-                l.arg(extra);
+            for e in extra {
+                l.arg(e);
             }
             l.arg(&seed).arg(&p);
             unsafe { l.launch(cfg) }.w()?;
             Ok(())
         }
 
-        pub(super) fn down(&self, x: &Tensor, a: &Tensor, mask: Dropout) -> Result<Tensor> {
+        pub(super) fn down(
+            &self,
+            x: &Tensor,
+            a: &Tensor,
+            mask: Dropout,
+            dst: &Tensor,
+            col: usize,
+        ) -> Result<()> {
             let (r, rows, k) = (self.rank, self.rows, self.width);
-            let x = Self::operand(x, (rows, k), "x")?;
+            let (x, ldx) = Self::strided_operand(x, (rows, k), "x")?;
             let a = Self::operand(a, (r, k), "A")?;
-            let out = unsafe { Tensor::empty((rows, r), x.dtype(), x.device())? };
+            if dst.dtype() != x.dtype() {
+                candle_core::bail!("lora::down_into: dst is {:?}, x {:?}", dst.dtype(), x.dtype());
+            }
+            let ld_out = dst.dim(1)?;
+            let out = dst.narrow(1, col, r)?;
             let smem = 3 * (64 + r) * (64 + 8) * 2;
             // 64-row blocks, and the input's columns split so that there are about four blocks
             // an SM, each over at least 4 tiles of 64 columns.
@@ -182,23 +233,25 @@ mod cuda {
             let split_len = tiles.div_ceil(splits) * 64;
             let splits = k.div_ceil(split_len);
             let grid = (row_blocks as u32, splits as u32, 1);
+            let strides = [ldx as i32, ld_out as i32, split_len as i32];
             if splits == 1 {
-                self.launch("down", grid, smem, [&x, &a, &out], Some(k as i32), mask)?;
-                return Ok(out);
+                return self.launch("down", grid, smem, [&x, &a, &out], &strides, mask);
             }
             let partial = unsafe { Tensor::empty((splits, rows, r), DType::F32, x.device())? };
-            let tensors = [&x, &a, &partial];
-            self.launch("down", grid, smem, tensors, Some(split_len as i32), mask)?;
+            self.launch("down", grid, smem, [&x, &a, &partial], &strides, mask)?;
             let f = function(&self.dev, &LORA, &format!("lora_down_sum_{}", self.name))?;
-            let n = rows * r;
             let (pp, dp) = (address(&partial)?, address(&out)?);
-            let (n32, splits32) = (n as i32, splits as i32);
+            let args = [rows as i32, r as i32, ld_out as i32, splits as i32];
             let keep = mask.map_or(1.0, |(_, p)| 1.0 / (1.0 - p));
             let stream = self.dev.cuda_stream();
             let mut l = stream.launch_builder(&f);
-            l.arg(&pp).arg(&dp).arg(&n32).arg(&splits32).arg(&keep);
-            unsafe { l.launch(elementwise_config(n)) }.w()?;
-            Ok(out)
+            l.arg(&pp).arg(&dp);
+            for a in &args {
+                l.arg(a);
+            }
+            l.arg(&keep);
+            unsafe { l.launch(elementwise_config(rows * r)) }.w()?;
+            Ok(())
         }
 
         pub(super) fn grad_a(
@@ -217,7 +270,7 @@ mod cuda {
                     grad_a.dims()
                 );
             }
-            let x = Self::operand(x, (rows, k), "x")?;
+            let (x, ldx) = Self::strided_operand(x, (rows, k), "x")?;
             let dd = Self::operand(d_down, (rows, r), "d_down")?;
             // Column tiles of 64 times row splits: about four blocks an SM, each at least 256
             // rows (32-row steps).
@@ -229,7 +282,8 @@ mod cuda {
             let grid = (columns as u32, splits as u32, 1);
             let smem = 3 * 32 * ((64 + 8) + (r + 8)) * 2;
             let tensors = [&x, &dd, grad_a];
-            self.launch("grad_a", grid, smem, tensors, Some(per_block as i32), mask)
+            let extra = [ldx as i32, per_block as i32];
+            self.launch("grad_a", grid, smem, tensors, &extra, mask)
         }
 
         pub(super) fn up(&self, d_down: &Tensor, a: &Tensor, mask: Dropout) -> Result<Tensor> {
@@ -239,7 +293,7 @@ mod cuda {
             let out = unsafe { Tensor::empty((rows, k), dd.dtype(), dd.device())? };
             let grid = ((k / 128) as u32, rows.div_ceil(64) as u32, 1);
             let smem = (64 * (r + 8) + r * (128 + 8)) * 2;
-            self.launch("up", grid, smem, [&dd, &a, &out], None, mask)?;
+            self.launch("up", grid, smem, [&dd, &a, &out], &[], mask)?;
             Ok(out)
         }
     }

@@ -154,17 +154,25 @@ impl Nf4Weight {
 
     /// The dequantised matrix `[rows, cols]` in `dtype`, on the weight's device.
     pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
+        self.dequantize_padded(dtype, 0)
+    }
+
+    /// The dequantised matrix as `[rows, cols + pad]`: `pad` columns after each row left for
+    /// the caller (unset on CUDA, zero on the CPU).
+    pub fn dequantize_padded(&self, dtype: DType, pad: usize) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if self.packed.device().is_cuda() {
-            return self.dequantize_cuda(dtype);
+            return self.dequantize_cuda(dtype, pad);
         }
-        self.to_host()?
+        let dense = self
+            .to_host()?
             .to_tensor(dtype, self.packed.device())
-            .map_err(quant_err)
+            .map_err(quant_err)?;
+        crate::pad_columns(dense, pad)
     }
 
     #[cfg(feature = "cuda")]
-    fn dequantize_cuda(&self, dtype: DType) -> Result<Tensor> {
+    fn dequantize_cuda(&self, dtype: DType, pad: usize) -> Result<Tensor> {
         use crate::launch::*;
         let dev = device(&self.packed)?;
         let n = self.rows * self.cols;
@@ -205,27 +213,33 @@ impl Nf4Weight {
         with_float_type!(dtype, T, {
             let p = contiguous::<u8>(cuda(&ps)?, pl)?;
             let a = contiguous::<f32>(cuda(&as_)?, al)?;
-            let out = unsafe { dev.alloc::<T>(n)? };
             let stream = dev.cuda_stream();
-            // Whole groups of 16 weights under one scale: the vectorised kernel.
+            // Whole groups of 16 weights under one scale (rows too, for padded rows): the
+            // vectorised kernel.
             if n.is_multiple_of(16)
                 && NF4_BLOCK_SIZE.is_multiple_of(16)
                 && NF4_BLOCK_SIZE.is_power_of_two()
+                && (pad == 0 || self.cols.is_multiple_of(16) && pad.is_multiple_of(8))
             {
+                let ld = self.cols + pad;
+                let out = unsafe { dev.alloc::<T>(self.rows * ld)? };
                 let f = typed_function(&dev, &NF4, "nf4_dequantize16", dtype)?;
                 let mut b = stream.launch_builder(&f);
                 let groups = n / 16;
                 let shift = (NF4_BLOCK_SIZE / 16).trailing_zeros() as i32;
+                let (cols, ld) = (self.cols as i32, ld as i32);
                 b.arg(&p).arg(&a).arg(&out).arg(&groups).arg(&shift);
+                b.arg(&cols).arg(&ld);
                 unsafe { b.launch(elementwise_config(groups)) }.w()?;
-            } else {
-                let f = typed_function(&dev, &NF4, "nf4_dequantize", dtype)?;
-                let mut b = stream.launch_builder(&f);
-                let block = NF4_BLOCK_SIZE as i32;
-                b.arg(&p).arg(&a).arg(&out).arg(&n).arg(&block);
-                unsafe { b.launch(elementwise_config(n.div_ceil(2))) }.w()?;
+                return Ok(tensor(out, &dev, (self.rows, self.cols + pad)));
             }
-            Ok(tensor(out, &dev, (self.rows, self.cols)))
+            let out = unsafe { dev.alloc::<T>(n)? };
+            let f = typed_function(&dev, &NF4, "nf4_dequantize", dtype)?;
+            let mut b = stream.launch_builder(&f);
+            let block = NF4_BLOCK_SIZE as i32;
+            b.arg(&p).arg(&a).arg(&out).arg(&n).arg(&block);
+            unsafe { b.launch(elementwise_config(n.div_ceil(2))) }.w()?;
+            crate::pad_columns(tensor(out, &dev, (self.rows, self.cols)), pad)
         })
     }
 }

@@ -47,12 +47,29 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     if x.device().is_cuda() {
         let (x, w) = (x.contiguous()?, w.contiguous()?);
         let out = unsafe { x.empty_like()? };
-        cuda::launch(cuda::Kind::Forward, &[&x, &w], &[&out], w.elem_count(), eps)?;
+        let n = w.elem_count();
+        cuda::launch(cuda::Kind::Forward, &[&x, &w], &[&out], n, n, eps)?;
         return Ok(out);
     }
     let out = reference(&host_f32(x)?, &host_f32(w)?, eps as f32);
     from_host(out, x.dims(), x.dtype(), x.device())
 }
+
+/// [`rms_norm`] of `x` `[..., n]` as rows `[rows, n + pad]`: the norm in the first n columns
+/// and `pad` columns after each row left for the caller (unset on CUDA, zero on the CPU).
+pub fn rms_norm_padded(x: &Tensor, w: &Tensor, eps: f64, pad: usize) -> Result<Tensor> {
+    let n = w.elem_count();
+    let rows = x.elem_count() / n.max(1);
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        let (x, w) = (x.contiguous()?, w.contiguous()?);
+        let out = unsafe { Tensor::empty((rows, n + pad), x.dtype(), x.device())? };
+        cuda::launch(cuda::Kind::Forward, &[&x, &w], &[&out], n, n + pad, eps)?;
+        return Ok(out);
+    }
+    crate::pad_columns(rms_norm(x, w, eps)?.reshape((rows, n))?, pad)
+}
+
 
 /// dx of RMSNorm given dy (see [`reference_backward`]), plus `add` when given: a gradient that
 /// reaches x by another path (the residual connection), summed in the same pass.
@@ -70,7 +87,8 @@ pub fn backward(
         let dx = unsafe { x.empty_like()? };
         let mut inputs = vec![&x, &w, &dy];
         inputs.extend(add.as_ref());
-        cuda::launch(cuda::Kind::Backward, &inputs, &[&dx], w.elem_count(), eps)?;
+        let n = w.elem_count();
+        cuda::launch(cuda::Kind::Backward, &inputs, &[&dx], n, n, eps)?;
         return Ok(dx);
     }
     let dx = reference_backward(&host_f32(x)?, &host_f32(w)?, &host_f32(dy)?, eps as f32);
@@ -85,21 +103,41 @@ pub fn backward(
 pub fn add_rms_norm(x: &Tensor, y: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() {
-        let (x, y, w) = (x.contiguous()?, y.contiguous()?, w.contiguous()?);
-        let sum = unsafe { x.empty_like()? };
-        let out = unsafe { x.empty_like()? };
-        cuda::launch(
-            cuda::Kind::AddForward,
-            &[&x, &y, &w],
-            &[&sum, &out],
-            w.elem_count(),
-            eps,
-        )?;
-        return Ok((sum, out));
+        let (sum, out) = add_rms_norm_padded(x, y, w, eps, 0)?;
+        return Ok((sum, out.reshape(x.shape())?));
     }
     let sum = (x + y)?;
     let normed = rms_norm(&sum, w, eps)?;
     Ok((sum, normed))
+}
+
+/// [`add_rms_norm`] with the norm as rows `[rows, n + pad]` (see [`rms_norm_padded`]).
+pub fn add_rms_norm_padded(
+    x: &Tensor,
+    y: &Tensor,
+    w: &Tensor,
+    eps: f64,
+    pad: usize,
+) -> Result<(Tensor, Tensor)> {
+    let n = w.elem_count();
+    let rows = x.elem_count() / n.max(1);
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        let (x, y, w) = (x.contiguous()?, y.contiguous()?, w.contiguous()?);
+        let sum = unsafe { x.empty_like()? };
+        let out = unsafe { Tensor::empty((rows, n + pad), x.dtype(), x.device())? };
+        cuda::launch(
+            cuda::Kind::AddForward,
+            &[&x, &y, &w],
+            &[&sum, &out],
+            n,
+            n + pad,
+            eps,
+        )?;
+        return Ok((sum, out));
+    }
+    let (sum, normed) = add_rms_norm(x, y, w, eps)?;
+    Ok((sum, crate::pad_columns(normed.reshape((rows, n))?, pad)?))
 }
 
 #[cfg(feature = "cuda")]
@@ -116,14 +154,16 @@ mod cuda {
         Backward,
     }
 
-    /// Runs the kernel of `kind` over rows of `n`: the vectorised one when rows are whole
-    /// 16-byte pieces (n a multiple of 8, every tensor starting 16-byte aligned) and short
-    /// enough for its registers, the scalar one otherwise.
+    /// Runs the kernel of `kind` over rows of `n`, the forwards' normed rows `out_ld` apart:
+    /// the vectorised kernel when rows are whole 16-byte pieces (n and out_ld multiples of 8,
+    /// every tensor starting 16-byte aligned) and short enough for its registers, the scalar
+    /// one otherwise.
     pub(super) fn launch(
         kind: Kind,
         inputs: &[&Tensor],
         outputs: &[&Tensor],
         n: usize,
+        out_ld: usize,
         eps: f64,
     ) -> Result<()> {
         let x = inputs[0];
@@ -133,7 +173,8 @@ mod cuda {
         let aligned =
             all.all(|t| (t.layout().start_offset() * t.dtype().size_in_bytes()).is_multiple_of(16));
         // 8-element pieces, VPT = 4 per thread, at most 1024 threads.
-        let vector = aligned && n.is_multiple_of(8) && n <= 8 * 4 * 1024;
+        let vector =
+            aligned && n.is_multiple_of(8) && out_ld.is_multiple_of(8) && n <= 8 * 4 * 1024;
         let base = match kind {
             Kind::Forward => "rms_norm",
             Kind::AddForward => "add_rms_norm",
@@ -171,8 +212,12 @@ mod cuda {
         for p in &pointers {
             b.arg(p);
         }
-        let (n32, eps) = (n as i32, eps as f32);
-        b.arg(&n32).arg(&eps);
+        let (n32, ld32, eps) = (n as i32, out_ld as i32, eps as f32);
+        b.arg(&n32);
+        if !matches!(kind, Kind::Backward) {
+            b.arg(&ld32);
+        }
+        b.arg(&eps);
         unsafe { b.launch(cfg) }.w()?;
         Ok(())
     }

@@ -374,6 +374,14 @@ fn cuda_nf4_matches_host_quantiser_bit_for_bit() -> Result<()> {
             want_bf,
             "{what}: from_host"
         );
+        // Padded rows: the same matrix in the first columns of [rows, cols + 64].
+        let padded = weight.dequantize_padded(DType::BF16, 64)?;
+        assert_eq!(padded.dims(), &[rows, cols + 64][..]);
+        assert_eq!(
+            host(&padded.narrow(1, 0, cols)?.contiguous()?)?,
+            want_bf,
+            "{what}: dequantize_padded(BF16, 64)"
+        );
     }
     // A size that is not a whole number of 16-weight groups: the byte-wise kernel.
     let odd = Tensor::from_vec(uniform(&mut rng, 3 * 70, 0.5), (3, 70), &Device::Cpu)?;
@@ -1196,6 +1204,24 @@ fn cuda_lora_products_with_dropout() -> Result<()> {
                 let got = lora::down(&x, &a, mask)?;
                 let want = lora::down(&cpu(&x)?, &cpu(&a)?, mask)?;
                 check(&format!("{what}: down"), &host(&got)?, &host(&want)?, TOL);
+                // x and down side by side in one [rows, width + rank] buffer, as the training
+                // layer keeps them: strided x in, down written into the last columns.
+                let padded = Tensor::zeros((rows, width + rank), dtype, &dev)?;
+                padded.slice_set(&x, 1, 0)?;
+                let x_view = padded.narrow(1, 0, width)?;
+                lora::down_into(&x_view, &a, mask, &padded, width)?;
+                let got = padded.narrow(1, width, rank)?.contiguous()?;
+                check(&format!("{what}: down into [x | down]"), &host(&got)?, &host(&want)?, TOL);
+                let grad = Tensor::zeros((rank, width), DType::F32, &dev)?;
+                lora::accumulate_grad_a(&grad, &d_down, &x_view, mask)?;
+                let want_strided = Tensor::zeros((rank, width), DType::F32, &Device::Cpu)?;
+                lora::accumulate_grad_a(&want_strided, &cpu(&d_down)?, &cpu(&x)?, mask)?;
+                check(
+                    &format!("{what}: grad A of strided x"),
+                    &host(&grad)?,
+                    &host(&want_strided)?,
+                    TOL,
+                );
 
                 let grad = Tensor::from_vec(grad0.clone(), (rank, width), &dev)?;
                 lora::accumulate_grad_a(&grad, &d_down, &x, mask)?;

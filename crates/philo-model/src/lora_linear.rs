@@ -171,6 +171,25 @@ impl LoraLinear {
         })
     }
 
+    /// [`LoraLinear::dense_weight`] with `columns` `[out, c]` (same dtype and device) after
+    /// each row: `[out, in + c]`. An NF4 base on the GPU is dequantised straight into it.
+    pub fn dense_weight_beside(
+        &self,
+        dtype: DType,
+        device: &candle_core::Device,
+        columns: &Tensor,
+    ) -> Result<Tensor> {
+        if let BaseWeight::Nf4Device(w) = &self.base {
+            let padded = w
+                .dequantize_padded(dtype, columns.dim(1)?)?
+                .to_device(device)?;
+            padded.slice_set(&columns.contiguous()?, 1, w.cols)?;
+            return Ok(padded);
+        }
+        let dense = self.dense_weight(dtype, device)?;
+        Ok(Tensor::cat(&[&dense, columns], 1)?)
+    }
+
     /// Stores a dense base in `format` (a quantised base stays as it is). A weight on a GPU is
     /// quantised into GPU-resident codes.
     pub fn quantize(&mut self, format: WeightFormat) -> Result<()> {

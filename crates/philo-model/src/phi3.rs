@@ -35,6 +35,41 @@ impl RmsNorm {
         Ok(normed.to_dtype(dtype)?.broadcast_mul(&self.weight)?)
     }
 
+    /// The norm of `x` `[..., n]` as rows `[rows, n + pad]`, `pad` columns after each row left
+    /// for the caller (see [`philo_kernels::rms_norm::rms_norm_padded`]).
+    pub fn forward_padded(&self, x: &Tensor, pad: usize) -> Result<Tensor> {
+        if x.device().is_cuda() {
+            return Ok(philo_kernels::rms_norm::rms_norm_padded(
+                x,
+                &self.weight,
+                self.eps,
+                pad,
+            )?);
+        }
+        pad_rows(&self.forward(x)?, pad)
+    }
+
+    /// [`RmsNorm::forward_after_add`] with the norm as padded rows (see
+    /// [`RmsNorm::forward_padded`]).
+    pub fn forward_after_add_padded(
+        &self,
+        x: &Tensor,
+        add: &Tensor,
+        pad: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        if x.device().is_cuda() {
+            return Ok(philo_kernels::rms_norm::add_rms_norm_padded(
+                x,
+                add,
+                &self.weight,
+                self.eps,
+                pad,
+            )?);
+        }
+        let (sum, normed) = self.forward_after_add(x, Some(add))?;
+        Ok((sum, pad_rows(&normed, pad)?))
+    }
+
     /// `x + add` (when given) and its norm: (the sum, the normed sum). The add is fused into
     /// the norm's kernel on the GPU, so a residual add costs no launch of its own.
     pub fn forward_after_add(&self, x: &Tensor, add: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
@@ -48,6 +83,13 @@ impl RmsNorm {
             None => Ok((x.clone(), self.forward(x)?)),
         }
     }
+}
+
+/// `t` `[..., n]` as rows `[rows, n + pad]`, the pad zero.
+fn pad_rows(t: &Tensor, pad: usize) -> Result<Tensor> {
+    let n = t.dim(D::Minus1)?;
+    let rows = t.reshape((t.elem_count() / n.max(1), n))?;
+    Ok(philo_kernels::pad_columns(rows, pad)?)
 }
 
 /// Self-attention with a fused `qkv_proj` laid out [Q | K | V].

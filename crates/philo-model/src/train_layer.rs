@@ -37,8 +37,13 @@ pub type LoraGrads = HashMap<u64, LoraGrad>;
 
 /// A linear layer as one training pass uses it: the base weight dense in the compute dtype (an
 /// NF4 base dequantised once for the whole pass) and the adapter's factors in the compute dtype.
+/// With an adapter the base sits beside scale·B in `folded` = [W | scale·B] `[out, in + r]`,
+/// and `weight` is W as a view of it: a forward whose input rows have r free columns after
+/// them ([`PassLinear::forward_padded`]) then adds the adapter inside the base GEMM, over
+/// [x | down], instead of writing and re-reading the output once more.
 struct PassLinear {
     weight: Tensor,
+    folded: Option<Tensor>,
     lora: Option<PassLora>,
     names: &'static OpNames,
 }
@@ -78,9 +83,10 @@ struct PassLora {
 
 /// What an adapter's backward needs from its forward.
 struct LoraSaved {
-    /// The adapter's input before dropout, `[rows, in]` (the mask is regenerated from its seed).
+    /// The adapter's input before dropout, `[rows, in]` (the mask is regenerated from its seed;
+    /// rows may be strided).
     input: Tensor,
-    /// input · Aᵀ, `[rows, r]`.
+    /// input · Aᵀ, `[rows, r]` (rows may be strided).
     down: Tensor,
 }
 
@@ -91,11 +97,6 @@ impl PassLinear {
         device: &candle_core::Device,
         names: &'static OpNames,
     ) -> Result<Self> {
-        let weight = time(device, "dequantize", || {
-            linear
-                .dense_weight(dtype, device)
-                .map_err(candle_core::Error::wrap)
-        })?;
         // Detached: A and B are the optimizer's variables; nothing here records a graph.
         let lora = linear
             .lora
@@ -110,11 +111,65 @@ impl PassLinear {
                 })
             })
             .transpose()?;
+        let (weight, folded) = time(device, "dequantize", || {
+            let dense = |e| candle_core::Error::wrap(e);
+            match &lora {
+                Some(l) => {
+                    let folded = linear
+                        .dense_weight_beside(dtype, device, &l.b_scaled)
+                        .map_err(dense)?;
+                    let width = folded.dim(1)? - l.b_scaled.dim(1)?;
+                    Ok((folded.narrow(1, 0, width)?, Some(folded)))
+                }
+                None => Ok((linear.dense_weight(dtype, device).map_err(dense)?, None)),
+            }
+        })?;
         Ok(PassLinear {
             weight,
+            folded,
             lora,
             names,
         })
+    }
+
+    /// Columns a forward input needs after each row for [`PassLinear::forward_padded`]: the
+    /// adapter's rank, or 0 without one.
+    fn pad(&self) -> usize {
+        self.lora.as_ref().map_or(0, |l| l.a.dim(0).unwrap_or(0))
+    }
+
+    /// [`PassLinear::forward`] on rows `padded` `[rows, in + pad()]` whose first `in` columns
+    /// are x: the adapter's down projection is written into the last columns and one GEMM
+    /// against [W | scale·B] gives x·Wᵀ + down·(scale·B)ᵀ.
+    fn forward_padded(
+        &self,
+        padded: &Tensor,
+        dropout: Option<DropoutSeed>,
+    ) -> Result<(Tensor, Option<LoraSaved>)> {
+        let (Some(lora), Some(folded)) = (&self.lora, &self.folded) else {
+            return self.forward(padded, dropout, None);
+        };
+        let dev = padded.device();
+        let (r, width) = (lora.a.dim(0)?, self.weight.dim(1)?);
+        if padded.dim(1)? != width + r {
+            return Err(ModelError::Candle(candle_core::Error::Msg(format!(
+                "padded input of {} columns for a projection of {width} inputs and rank {r}",
+                padded.dim(1)?
+            ))));
+        }
+        let x = padded.narrow(1, 0, width)?;
+        time(dev, self.names.lora, || {
+            philo_kernels::lora::down_into(&x, &lora.a, lora.mask(dropout), padded, width)
+        })?;
+        let y = unsafe { Tensor::empty((padded.dim(0)?, folded.dim(0)?), padded.dtype(), dev)? };
+        time(dev, self.names.gemm, || {
+            gemm_into(&y, padded, false, folded, true, 1.0, 0.0)
+        })?;
+        let saved = LoraSaved {
+            input: x,
+            down: padded.narrow(1, width, r)?,
+        };
+        Ok((y, Some(saved)))
     }
 
     /// y = x·Wᵀ + dropout(x)·Aᵀ·(scale·B)ᵀ on rows `x` `[rows, in]`, written onto `onto`
@@ -301,10 +356,10 @@ impl DecoderLayer {
         let dev = x.device();
         let n1 = time(dev, "rms_norm", || {
             self.input_layernorm
-                .forward(x)
+                .forward_padded(x, w.qkv.pad())
                 .map_err(candle_core::Error::wrap)
         })?;
-        let (qkv, qkv_lora) = w.qkv.forward(&rows(&n1)?, ctx.dropout, None)?;
+        let (qkv, qkv_lora) = w.qkv.forward_padded(&n1, ctx.dropout)?;
         let heads = time(dev, "rope", || {
             qkv_rope(
                 &qkv.reshape((b, s, qkv.dim(1)?))?,
@@ -328,10 +383,10 @@ impl DecoderLayer {
             w.o.forward(&attn.reshape((b * s, ()))?, ctx.dropout, None)?;
         let (hres, n2) = time(dev, "add + rms_norm", || {
             self.post_attention_layernorm
-                .forward_after_add(x, Some(&o.reshape((b, s, hidden))?))
+                .forward_after_add_padded(x, &o.reshape((b, s, hidden))?, w.gate_up.pad())
                 .map_err(candle_core::Error::wrap)
         })?;
-        let (gate_up, gate_up_lora) = w.gate_up.forward(&rows(&n2)?, ctx.dropout, None)?;
+        let (gate_up, gate_up_lora) = w.gate_up.forward_padded(&n2, ctx.dropout)?;
         let act = time(dev, "swiglu", || philo_kernels::swiglu::swiglu(&gate_up))?;
         let (out, down_lora) = if output && !keep {
             // Nothing reads the residual stream again: the MLP's output is summed onto it.

@@ -9,19 +9,13 @@
 //   lora_grad_a: gA[R, K]      += keep · d_downᵀ[R, rows] · (mask ∘ x)   (f32, atomics)
 //   lora_up:     dx[rows, K]    = keep · mask ∘ (d_down[rows, R] · A)
 // K is a multiple of 64 and R one of 16, 32, 64, 128 (the host checks and otherwise falls back
-// to dropout + cuBLAS).
+// to dropout + cuBLAS). x's rows are ldx apart and down's ld_out apart (a caller may keep x and
+// down side by side in one [rows, K + R] buffer); the mask is that of the logical [rows, K].
 #include "dropout.cuh"
 #include "mma.cuh"
 
-// Zeroes the halves of a packed pair (elements i and i + step of the input) that dropout drops.
-__device__ __forceinline__ uint32_t mask_pair(uint32_t v, unsigned long long seed, float p,
-                                              unsigned long long i, unsigned long long step) {
-    if (dropout_uniform(seed, i) < p) v &= 0xFFFF0000u;
-    if (dropout_uniform(seed, i + step) < p) v &= 0x0000FFFFu;
-    return v;
-}
-
-// mask_pair for adjacent elements i and i + 1 (i even): one hash for both.
+// Zeroes the halves of a packed pair of adjacent elements i and i + 1 (i even) that dropout
+// drops: one hash for both.
 __device__ __forceinline__ uint32_t mask_adjacent(uint32_t v, unsigned long long seed, float p,
                                                   unsigned long long i) {
     bool drop0, drop1;
@@ -51,8 +45,8 @@ __device__ __forceinline__ void tile_async(T* dst, int ld, const T* src, size_t 
 // with several, its f32 partial sum without the keep scale goes to out = float [splits][rows][R]
 // and `lora_down_sum` adds them (splitting K keeps the machine busy when rows are few).
 template <typename T, int R>
-__device__ void lora_down(const T* x, const T* a, void* out, int rows, int K, int split_len,
-                          unsigned long long seed, float p) {
+__device__ void lora_down(const T* x, const T* a, void* out, int rows, int K, int ldx, int ld_out,
+                          int split_len, unsigned long long seed, float p) {
     constexpr int BM = 64, BK = 64, LD = BK + 8, STAGES = 3, NJ = R / 8;
     extern __shared__ __align__(16) unsigned char smem[];
     T* xs = reinterpret_cast<T*>(smem);  // [STAGES][BM][LD]
@@ -62,7 +56,7 @@ __device__ void lora_down(const T* x, const T* a, void* out, int rows, int K, in
     int tiles = (min(K, k_begin + split_len) - k_begin) / BK;
     auto issue = [&](int kt, int stage) {
         int k0 = k_begin + kt * BK;
-        tile_async<T>(xs + stage * BM * LD, LD, x + (size_t)row0 * K + k0, K, BM, BK, rows - row0);
+        tile_async<T>(xs + stage * BM * LD, LD, x + (size_t)row0 * ldx + k0, ldx, BM, BK, rows - row0);
         tile_async<T>(as + stage * R * LD, LD, a + k0, K, R, BK, R);
     };
 #pragma unroll
@@ -115,21 +109,23 @@ __device__ void lora_down(const T* x, const T* a, void* out, int rows, int K, in
     for (int j = 0; j < NJ; ++j) {
         int c = j * 8 + 2 * t;
         if (wrow < rows)
-            *reinterpret_cast<uint32_t*>(down + (size_t)wrow * R + c) =
+            *reinterpret_cast<uint32_t*>(down + (size_t)wrow * ld_out + c) =
                 Mma<T>::pack(acc[j][0] * keep, acc[j][1] * keep);
         if (wrow + 8 < rows)
-            *reinterpret_cast<uint32_t*>(down + (size_t)(wrow + 8) * R + c) =
+            *reinterpret_cast<uint32_t*>(down + (size_t)(wrow + 8) * ld_out + c) =
                 Mma<T>::pack(acc[j][2] * keep, acc[j][3] * keep);
     }
 }
 
-// down[e] = keep · Σ_s part[s][e] over the n elements of [rows, R].
+// down[row, c] (rows ld_out apart) = keep · Σ_s part[s][row][c] over [rows, r].
 template <typename T>
-__device__ void lora_down_sum(const float* part, T* down, int n, int splits, float keep) {
+__device__ void lora_down_sum(const float* part, T* down, int rows, int r, int ld_out, int splits,
+                              float keep) {
+    int n = rows * r;
     for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < n; e += gridDim.x * blockDim.x) {
         float v = 0.f;
         for (int s = 0; s < splits; ++s) v += part[(size_t)s * n + e];
-        down[e] = from_f32<T>(v * keep);
+        down[(size_t)(e / r) * ld_out + e % r] = from_f32<T>(v * keep);
     }
 }
 
@@ -138,8 +134,8 @@ __device__ void lora_down_sum(const float* part, T* down, int n, int splits, flo
 // `rows_per_block` input rows (blockIdx.y picks which) in steps of 32, three stages of cp.async;
 // warp w owns columns 16w .. 16w + 16. The partial sums are added to gA atomically.
 template <typename T, int R>
-__device__ void lora_grad_a(const T* x, const T* dd, float* ga, int rows, int K, int rows_per_block,
-                            unsigned long long seed, float p) {
+__device__ void lora_grad_a(const T* x, const T* dd, float* ga, int rows, int K, int ldx,
+                            int rows_per_block, unsigned long long seed, float p) {
     constexpr int BN = 64, BR = 32, LDX = BN + 8, LDD = R + 8, STAGES = 3, MT = R / 16;
     extern __shared__ __align__(16) unsigned char smem[];
     T* xs = reinterpret_cast<T*>(smem);  // [STAGES][BR][LDX]
@@ -150,7 +146,7 @@ __device__ void lora_grad_a(const T* x, const T* dd, float* ga, int rows, int K,
     int steps = r_end > r_begin ? (r_end - r_begin + BR - 1) / BR : 0;
     auto issue = [&](int st, int stage) {
         int r0 = r_begin + st * BR;
-        tile_async<T>(xs + stage * BR * LDX, LDX, x + (size_t)r0 * K + col0, K, BR, BN, r_end - r0);
+        tile_async<T>(xs + stage * BR * LDX, LDX, x + (size_t)r0 * ldx + col0, ldx, BR, BN, r_end - r0);
         tile_async<T>(ds + stage * BR * LDD, LDD, dd + (size_t)r0 * R, R, BR, R, r_end - r0);
     };
 #pragma unroll
@@ -181,9 +177,16 @@ __device__ void lora_grad_a(const T* x, const T* dd, float* ga, int rows, int K,
 #pragma unroll
                 for (int q = 0; q < 4; ++q) {
                     // b[q]: input rows 2t, 2t+1 (+ 8 for odd q), column g (+ 8 for q ≥ 2).
-                    unsigned long long i = (unsigned long long)(r0 + kc * 16 + (q & 1) * 8 + 2 * t) * K +
-                                           wcol + (q >> 1) * 8 + g;
-                    b[q] = mask_pair(b[q], seed, p, i, (unsigned long long)K);
+                    // Columns g and g ^ 1 (lanes 4 apart) share each row's pair hash: this lane
+                    // hashes row 2t + (g & 1) and swaps with its partner for the other row.
+                    int row = r0 + kc * 16 + (q & 1) * 8 + 2 * t, col = wcol + (q >> 1) * 8 + g;
+                    uint32_t mine = dropout_pair_hash(
+                        seed, ((unsigned long long)(row + (g & 1)) * K + col) >> 1);
+                    uint32_t other = __shfl_xor_sync(0xffffffff, mine, 4);
+                    uint32_t h0 = (g & 1) ? other : mine, h1 = (g & 1) ? mine : other;
+                    int shift = 16 * (col & 1);
+                    if ((float)((h0 >> shift) & 0xFFFFu) * (1.0f / 65536.0f) < p) b[q] &= 0xFFFF0000u;
+                    if ((float)((h1 >> shift) & 0xFFFFu) * (1.0f / 65536.0f) < p) b[q] &= 0x0000FFFFu;
                 }
             }
 #pragma unroll
@@ -268,14 +271,14 @@ template <int R> constexpr int up_smem() { return (64 * (R + 8) + R * (128 + 8))
 
 #define LORA(name, T, R)                                                                           \
     extern "C" __global__ void __launch_bounds__(128) lora_down_##name##_r##R(                      \
-        const T* x, const T* a, void* out, int rows, int K, int split_len,                         \
+        const T* x, const T* a, void* out, int rows, int K, int ldx, int ld_out, int split_len,    \
         unsigned long long seed, float p) {                                                        \
-        lora_down<T, R>(x, a, out, rows, K, split_len, seed, p);                                   \
+        lora_down<T, R>(x, a, out, rows, K, ldx, ld_out, split_len, seed, p);                      \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(128) lora_grad_a_##name##_r##R(                    \
-        const T* x, const T* dd, float* ga, int rows, int K, int rows_per_block,                   \
+        const T* x, const T* dd, float* ga, int rows, int K, int ldx, int rows_per_block,          \
         unsigned long long seed, float p) {                                                        \
-        lora_grad_a<T, R>(x, dd, ga, rows, K, rows_per_block, seed, p);                            \
+        lora_grad_a<T, R>(x, dd, ga, rows, K, ldx, rows_per_block, seed, p);                       \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(128) lora_up_##name##_r##R(                        \
         const T* dd, const T* a, T* dx, int rows, int K, unsigned long long seed, float p) {       \
@@ -283,9 +286,9 @@ template <int R> constexpr int up_smem() { return (64 * (R + 8) + R * (128 + 8))
     }
 #define LORA_RANKS(name, T)                                                                        \
     LORA(name, T, 16) LORA(name, T, 32) LORA(name, T, 64) LORA(name, T, 128)                       \
-    extern "C" __global__ void lora_down_sum_##name(const float* part, T* down, int n, int splits,  \
-                                                    float keep) {                                  \
-        lora_down_sum<T>(part, down, n, splits, keep);                                             \
+    extern "C" __global__ void lora_down_sum_##name(const float* part, T* down, int rows, int r,    \
+                                                    int ld_out, int splits, float keep) {          \
+        lora_down_sum<T>(part, down, rows, r, ld_out, splits, keep);                               \
     }
 LORA_RANKS(bf16, __nv_bfloat16)
 LORA_RANKS(f16, __half)

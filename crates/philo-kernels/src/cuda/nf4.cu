@@ -44,10 +44,11 @@ template <> __device__ __forceinline__ void store16<__half>(__half* p, const flo
 
 // Groups of 16 weights (8 packed bytes, one scale: 16 divides the block): one 8-byte load and
 // 16-byte stores per thread, the code book in shared memory (lanes index it at random, which
-// the constant cache would serialise). `shift` = log2(block / 16).
+// the constant cache would serialise). `shift` = log2(block / 16). Output rows of `cols`
+// (a multiple of 16) are `ld` apart, so a caller can keep columns beside the matrix.
 template <typename T>
 __device__ void nf4_dequantize16(const uint8_t* packed, const float* absmax, T* out, size_t groups,
-                                 int shift) {
+                                 int shift, int cols, int ld) {
     __shared__ float code[16];
     if (threadIdx.x < 16) code[threadIdx.x] = NF4[threadIdx.x];
     __syncthreads();
@@ -62,7 +63,8 @@ __device__ void nf4_dequantize16(const uint8_t* packed, const float* absmax, T* 
             f[2 * k] = code[by[k] >> 4] * scale;
             f[2 * k + 1] = code[by[k] & 15] * scale;
         }
-        store16(out + gi * 16, f);
+        size_t e = gi * 16;
+        store16(out + (ld == cols ? e : e / cols * ld + e % cols), f);
     }
 }
 
@@ -82,8 +84,9 @@ extern "C" __global__ void nf4_double_scales(const uint8_t* quantized, const flo
     }                                                                                             \
     extern "C" __global__ void nf4_dequantize16_##name(const uint8_t* packed,                    \
                                                        const float* absmax, T* out,              \
-                                                       size_t groups, int shift) {                \
-        nf4_dequantize16<T>(packed, absmax, out, groups, shift);                                  \
+                                                       size_t groups, int shift, int cols,        \
+                                                       int ld) {                                  \
+        nf4_dequantize16<T>(packed, absmax, out, groups, shift, cols, ld);                        \
     }
 FOR_EACH_FLOAT(NF4_DQ)
 

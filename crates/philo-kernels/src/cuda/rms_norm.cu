@@ -1,7 +1,10 @@
 // RMSNorm as transformers' Phi3RMSNorm computes it: the mean square in f32, x·rsqrt(ms + eps)
 // rounded to the input dtype, then multiplied by the weight in that dtype.
-// One block per row. `add_rms_norm` first forms residual = x + y (rounded to the dtype, as a
-// separate `x + y` would be) and writes both the sum and its norm: one pass instead of three.
+// One block per row. The normed output's rows are `out_ld` apart (≥ n): a caller can leave
+// columns after each row for something else (the training layer puts LoRA's down projection
+// there, so that one GEMM over [x | down] adds the adapter to the base projection).
+// `add_rms_norm` first forms residual = x + y (rounded to the dtype, as a separate `x + y` would
+// be) and writes both the sum and its norm: one pass instead of three.
 //
 // Rows whose length is a multiple of 8 take the `_vec` kernels: 16-byte loads and stores, each
 // thread keeping its (at most VPT) pieces of the row in registers between the two passes.
@@ -22,15 +25,16 @@ __device__ void rms_norm_row(const T* x, const T* w, T* out, int n, float eps) {
 }
 
 template <typename T>
-__device__ void rms_norm(const T* x, const T* w, T* out, int n, float eps) {
+__device__ void rms_norm(const T* x, const T* w, T* out, int n, int out_ld, float eps) {
     size_t row = blockIdx.x;
-    rms_norm_row(x + row * n, w, out + row * n, n, eps);
+    rms_norm_row(x + row * n, w, out + row * out_ld, n, eps);
 }
 
 template <typename T>
-__device__ void add_rms_norm(const T* x, const T* y, const T* w, T* sum, T* out, int n, float eps) {
+__device__ void add_rms_norm(const T* x, const T* y, const T* w, T* sum, T* out, int n, int out_ld,
+                             float eps) {
     size_t row = blockIdx.x;
-    x += row * n; y += row * n; sum += row * n; out += row * n;
+    x += row * n; y += row * n; sum += row * n; out += row * out_ld;
     for (int i = threadIdx.x; i < n; i += blockDim.x) sum[i] = from_f32<T>(to_f32(x[i]) + to_f32(y[i]));
     // Each thread reads back only what it wrote itself, so no barrier is needed here.
     rms_norm_row<T>(sum, w, out, n, eps);
@@ -64,9 +68,10 @@ __device__ void rms_norm_backward(const T* x, const T* w, const T* dy, const T* 
 // Vectorised kernels (n % 8 == 0, n ≤ 8·VPT·blockDim).
 
 template <typename T, bool ADD>
-__device__ void rms_norm_vec(const T* x, const T* y, const T* w, T* sum, T* out, int n, float eps) {
+__device__ void rms_norm_vec(const T* x, const T* y, const T* w, T* sum, T* out, int n, int out_ld,
+                             float eps) {
     size_t row = blockIdx.x;
-    x += row * n; out += row * n;
+    x += row * n; out += row * out_ld;
     if (ADD) { y += row * n; sum += row * n; }
     float v[VPT][8];
     float ss = 0.f;
@@ -142,24 +147,26 @@ __device__ void rms_norm_backward_vec(const T* x, const T* w, const T* dy, const
 }
 
 #define RMS(name, T)                                                                           \
-    extern "C" __global__ void rms_norm_##name(const T* x, const T* w, T* out, int n, float eps) { \
-        rms_norm<T>(x, w, out, n, eps);                                                        \
+    extern "C" __global__ void rms_norm_##name(const T* x, const T* w, T* out, int n, int out_ld,  \
+                                               float eps) {                                    \
+        rms_norm<T>(x, w, out, n, out_ld, eps);                                                \
     }                                                                                          \
     extern "C" __global__ void add_rms_norm_##name(const T* x, const T* y, const T* w, T* sum,  \
-                                                   T* out, int n, float eps) {                 \
-        add_rms_norm<T>(x, y, w, sum, out, n, eps);                                            \
+                                                   T* out, int n, int out_ld, float eps) {     \
+        add_rms_norm<T>(x, y, w, sum, out, n, out_ld, eps);                                    \
     }                                                                                          \
     extern "C" __global__ void rms_norm_backward_##name(const T* x, const T* w, const T* dy,    \
                                                         const T* add, T* dx, int n, float eps) { \
         rms_norm_backward<T>(x, w, dy, add, dx, n, eps);                                       \
     }                                                                                          \
     extern "C" __global__ void rms_norm_vec_##name(const T* x, const T* w, T* out, int n,       \
-                                                   float eps) {                                \
-        rms_norm_vec<T, false>(x, nullptr, w, nullptr, out, n, eps);                           \
+                                                   int out_ld, float eps) {                    \
+        rms_norm_vec<T, false>(x, nullptr, w, nullptr, out, n, out_ld, eps);                   \
     }                                                                                          \
     extern "C" __global__ void add_rms_norm_vec_##name(const T* x, const T* y, const T* w,      \
-                                                       T* sum, T* out, int n, float eps) {     \
-        rms_norm_vec<T, true>(x, y, w, sum, out, n, eps);                                      \
+                                                       T* sum, T* out, int n, int out_ld,      \
+                                                       float eps) {                            \
+        rms_norm_vec<T, true>(x, y, w, sum, out, n, out_ld, eps);                              \
     }                                                                                          \
     extern "C" __global__ void rms_norm_backward_vec_##name(const T* x, const T* w, const T* dy, \
                                                             const T* add, T* dx, int n,        \
