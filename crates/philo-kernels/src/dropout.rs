@@ -19,7 +19,8 @@ fn mix32(mut x: u32) -> u32 {
 /// arithmetic and one hash per pair keep the mask cheap where kernels regenerate it.
 pub fn uniform(seed: u64, i: u64) -> f32 {
     let j = i >> 1;
-    let h = mix32(mix32((j as u32).wrapping_add(seed as u32)) ^ (seed >> 32) as u32 ^ (j >> 32) as u32);
+    let h =
+        mix32(mix32((j as u32).wrapping_add(seed as u32)) ^ (seed >> 32) as u32 ^ (j >> 32) as u32);
     let bits = if i & 1 == 0 { h & 0xFFFF } else { h >> 16 };
     bits as f32 * (1.0 / 65_536.0)
 }
@@ -161,10 +162,16 @@ mod tests {
         let same = (0..4096u64)
             .filter(|&i| (uniform(7, i) < 0.5) == (uniform(8, i) < 0.5))
             .count();
-        assert!((1800..2300).contains(&same), "seeds 7 and 8 agree on {same} of 4096");
+        assert!(
+            (1800..2300).contains(&same),
+            "seeds 7 and 8 agree on {same} of 4096"
+        );
         let high = (0..4096u64)
             .filter(|&i| (uniform(7, i) < 0.5) == (uniform(7 + (1 << 32), i) < 0.5))
             .count();
-        assert!((1800..2300).contains(&high), "seeds differing above bit 32 agree on {high}");
+        assert!(
+            (1800..2300).contains(&high),
+            "seeds differing above bit 32 agree on {high}"
+        );
     }
 }

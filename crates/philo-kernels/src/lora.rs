@@ -157,7 +157,11 @@ mod cuda {
         /// `t` checked to be `dims`, with its row stride: rows may be strided as long as each
         /// row is contiguous and starts 16 bytes after the previous one's multiple (a copy
         /// otherwise).
-        fn strided_operand(t: &Tensor, dims: (usize, usize), what: &str) -> Result<(Tensor, usize)> {
+        fn strided_operand(
+            t: &Tensor,
+            dims: (usize, usize),
+            what: &str,
+        ) -> Result<(Tensor, usize)> {
             if t.dims2()? != dims {
                 candle_core::bail!("lora kernels: {what} is {:?}, expected {dims:?}", t.dims());
             }
@@ -219,7 +223,11 @@ mod cuda {
             let (x, ldx) = Self::strided_operand(x, (rows, k), "x")?;
             let a = Self::operand(a, (r, k), "A")?;
             if dst.dtype() != x.dtype() {
-                candle_core::bail!("lora::down_into: dst is {:?}, x {:?}", dst.dtype(), x.dtype());
+                candle_core::bail!(
+                    "lora::down_into: dst is {:?}, x {:?}",
+                    dst.dtype(),
+                    x.dtype()
+                );
             }
             let ld_out = dst.dim(1)?;
             let out = dst.narrow(1, col, r)?;

@@ -70,7 +70,6 @@ pub fn rms_norm_padded(x: &Tensor, w: &Tensor, eps: f64, pad: usize) -> Result<T
     crate::pad_columns(rms_norm(x, w, eps)?.reshape((rows, n))?, pad)
 }
 
-
 /// dx of RMSNorm given dy (see [`reference_backward`]), plus `add` when given: a gradient that
 /// reaches x by another path (the residual connection), summed in the same pass.
 pub fn backward(

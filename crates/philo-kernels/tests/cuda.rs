@@ -1211,7 +1211,12 @@ fn cuda_lora_products_with_dropout() -> Result<()> {
                 let x_view = padded.narrow(1, 0, width)?;
                 lora::down_into(&x_view, &a, mask, &padded, width)?;
                 let got = padded.narrow(1, width, rank)?.contiguous()?;
-                check(&format!("{what}: down into [x | down]"), &host(&got)?, &host(&want)?, TOL);
+                check(
+                    &format!("{what}: down into [x | down]"),
+                    &host(&got)?,
+                    &host(&want)?,
+                    TOL,
+                );
                 let grad = Tensor::zeros((rank, width), DType::F32, &dev)?;
                 lora::accumulate_grad_a(&grad, &d_down, &x_view, mask)?;
                 let want_strided = Tensor::zeros((rank, width), DType::F32, &Device::Cpu)?;
