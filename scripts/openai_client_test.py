@@ -11,7 +11,10 @@ and the adapter, and its model must be able to generate at least 24 tokens after
 Checks: the model list (base and adapter, the adapter's parent), a chat completion, the same
 chat streamed (role first, the deltas add up to the whole answer's text under greedy decoding,
 one finish_reason, a usage chunk), a chat naming the adapter, a text completion (whole and
-streamed), log-probabilities (chat `logprobs`/`top_logprobs` and completions `logprobs`), and errors as the client raises them: an unknown model is openai.NotFoundError, n=2
+streamed), log-probabilities (chat `logprobs`/`top_logprobs` and completions `logprobs`),
+constrained output (`response_format` json_schema: the answer parses and fits the schema;
+json_object; an unknown type is a 400), and errors as the client raises them: an unknown model
+is openai.NotFoundError, n=2
 is openai.BadRequestError, a wrong API key (when one is given) is openai.AuthenticationError.
 
 Prints one line per check and exits 1 with the failures listed if any check fails, 2 if the
@@ -60,9 +63,8 @@ def check_usage(usage, what, max_tokens=MAX_TOKENS):
 
 
 def chat(client, model, **extra):
-    return client.chat.completions.create(
-        model=model, messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=0, **extra
-    )
+    params = {"max_tokens": MAX_TOKENS, "temperature": 0, **extra}
+    return client.chat.completions.create(model=model, messages=MESSAGES, **params)
 
 
 def check_models(client, args):
@@ -210,6 +212,55 @@ def check_logprobs(client, args):
     return f"{len(content)} chat tokens with 3 alternatives each, {n} completion tokens"
 
 
+ANSWER_SCHEMA = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green", "blue"]}},
+    "required": ["ok", "color"],
+    "additionalProperties": False,
+}
+
+
+def check_json(client, args):
+    import json
+
+    # A schema whose documents are short: the answer closes well within max_tokens, parses,
+    # and has exactly the schema's keys and values, whatever the model.
+    response = chat(
+        client,
+        args.model,
+        max_tokens=48,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "answer", "strict": True, "schema": ANSWER_SCHEMA},
+        },
+    )
+    choice = response.choices[0]
+    expect(choice.finish_reason == "stop", f"json_schema finish_reason {choice.finish_reason}")
+    value = json.loads(choice.message.content)
+    expect(
+        isinstance(value, dict)
+        and set(value) == {"ok", "color"}
+        and isinstance(value["ok"], bool)
+        and value["color"] in ("red", "green", "blue"),
+        f"json_schema answer {value!r} does not fit the schema",
+    )
+    # Any object: it parses when it closed, and starts as one when max_tokens cut it.
+    response = chat(client, args.model, max_tokens=64, response_format={"type": "json_object"})
+    choice = response.choices[0]
+    text = choice.message.content
+    if choice.finish_reason == "stop":
+        expect(isinstance(json.loads(text), dict), f"json_object answer {text!r} is no object")
+    else:
+        expect(text.startswith("{"), f"json_object answer {text!r} does not start an object")
+    expect_error(
+        openai.BadRequestError,
+        400,
+        lambda: chat(client, args.model, response_format={"type": "xml"}),
+        "response_format xml",
+    )
+    return f"json_schema {value}; json_object {choice.finish_reason}: {text[:40]!r}"
+
+
 def expect_error(error_type, status, call, what):
     try:
         call()
@@ -251,6 +302,7 @@ CHECKS = [
     ("adapter", check_adapter_chat),
     ("completion", check_completion),
     ("logprobs", check_logprobs),
+    ("response_format", check_json),
     ("errors", check_errors),
 ]
 

@@ -425,6 +425,7 @@ pub fn serve(
         max_tokens: new_tokens,
         sampling: philo_generate::SamplingParams::greedy(),
         stop_token_ids: Vec::new(),
+        constraint: None,
     };
     // One warm-up request (kernel loading, allocator growth) outside the measurement.
     let mut warm = engine.submit(request(streams))?;

@@ -18,6 +18,7 @@ use philo_model::{Adapter, LoraBank, PagedKvCache, Phi3, SeqChunk};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::sync::oneshot;
 
+use crate::constraint::JsonConstraint;
 use crate::request::{
     Backend, EngineStats, FinishReason, GenerationEvent, GenerationRequest, ModelInfo,
     SampledToken, SubmitError, UnloadError,
@@ -51,7 +52,7 @@ impl EngineConfig {
 enum Command {
     Submit {
         id: u64,
-        request: GenerationRequest,
+        request: Box<GenerationRequest>,
         adapter: Option<usize>,
         events: UnboundedSender<GenerationEvent>,
     },
@@ -253,7 +254,7 @@ impl Backend for EngineHandle {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let sent = self.send(Command::Submit {
             id,
-            request,
+            request: Box::new(request),
             adapter,
             events,
         });
@@ -373,6 +374,8 @@ struct Sequence {
     /// Prompt and generated tokens, for the repetition penalties.
     tokens: Vec<u32>,
     stop_token_ids: Vec<u32>,
+    /// The request's `response_format` grammar, advanced token by token.
+    constraint: Option<JsonConstraint>,
     long_rope: bool,
     /// Whether it has left the waiting queue (the admission bound no longer counts it).
     started: bool,
@@ -429,7 +432,7 @@ impl Engine {
                 request,
                 adapter,
                 events,
-            } => match self.admit(id, request, adapter, events.clone()) {
+            } => match self.admit(id, *request, adapter, events.clone()) {
                 Ok(sequence) => {
                     self.sequences.insert(id, sequence);
                 }
@@ -517,6 +520,7 @@ impl Engine {
             sampler,
             tokens: request.prompt,
             stop_token_ids: request.stop_token_ids,
+            constraint: request.constraint,
             long_rope,
             started: false,
         })
@@ -650,9 +654,10 @@ impl Engine {
         Ok(())
     }
 
-    /// The next token of each sampling row. Greedy rows without penalties or log-probabilities
-    /// take the argmax on the device; only the other rows' logits travel to the host, where
-    /// the rows that asked for log-probabilities get them from their raw logits.
+    /// The next token of each sampling row. Greedy rows without penalties, log-probabilities
+    /// or a constraint take the argmax on the device; only the other rows' logits travel to the
+    /// host, where the rows that asked for log-probabilities get them from their raw logits and
+    /// constrained rows sample among the tokens their grammar allows.
     fn sample(
         &mut self,
         logits: &Tensor,
@@ -666,6 +671,7 @@ impl Engine {
                 && p.frequency_penalty == 0.0
                 && p.presence_penalty == 0.0
                 && p.logprobs.is_none()
+                && s.constraint.is_none()
         };
         let argmax: Vec<u32> = logits.argmax(1)?.to_vec1()?;
         let mut out = Vec::with_capacity(rows.len());
@@ -691,9 +697,32 @@ impl Engine {
                 .to_device(&Device::Cpu)?
                 .to_dtype(DType::F32)?
                 .to_vec2::<f32>()?;
+            // A grammar that fails ends its own sequence, not the step's others.
+            let mut failed = Vec::new();
             for (&r, row) in full_rows.iter().zip(host) {
                 if let Some(s) = self.sequences.get_mut(&ids[r]) {
-                    let token = s.sampler.sample(&row, &s.tokens);
+                    let token = match &mut s.constraint {
+                        Some(constraint) => {
+                            let mut masked = row.clone();
+                            let sampled = constraint
+                                .mask(&mut masked, &s.stop_token_ids)
+                                .map(|()| s.sampler.sample(&masked, &s.tokens))
+                                .and_then(|token| {
+                                    if !s.stop_token_ids.contains(&token) {
+                                        constraint.advance(token)?;
+                                    }
+                                    Ok(token)
+                                });
+                            match sampled {
+                                Ok(token) => token,
+                                Err(e) => {
+                                    failed.push((ids[r], e));
+                                    continue;
+                                }
+                            }
+                        }
+                        None => s.sampler.sample(&row, &s.tokens),
+                    };
                     let logprobs = s
                         .sampler
                         .params()
@@ -707,6 +736,9 @@ impl Engine {
                         },
                     ));
                 }
+            }
+            for (id, e) in failed {
+                self.end(id, Some(GenerationEvent::Failed(e)));
             }
         }
         Ok(out)

@@ -3,6 +3,7 @@
 //! in one batch.
 
 pub mod block_allocator;
+pub mod constraint;
 pub mod engine;
 pub mod http;
 pub mod request;

@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 
 use philo_generate::{SamplingParams, TokenLogprobs};
+
+use crate::constraint::JsonConstraint;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 /// One sequence to generate, already tokenized and validated by the HTTP layer.
@@ -19,6 +21,9 @@ pub struct GenerationRequest {
     /// Generation ends (reason [`FinishReason::Stop`]) when one of these ids is sampled; the id
     /// itself is reported as a token too, so the HTTP layer decides whether to print it.
     pub stop_token_ids: Vec<u32>,
+    /// Constrained output (`response_format`): every sampled token keeps the text a prefix of
+    /// a document the constraint accepts.
+    pub constraint: Option<JsonConstraint>,
 }
 
 /// Why a sequence ended.

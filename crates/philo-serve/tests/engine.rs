@@ -47,6 +47,7 @@ fn request(model: &str, prompt: Vec<u32>, max_tokens: usize) -> GenerationReques
         max_tokens,
         sampling: SamplingParams::greedy(),
         stop_token_ids: Vec::new(),
+        constraint: None,
     }
 }
 

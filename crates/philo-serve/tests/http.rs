@@ -976,11 +976,26 @@ async fn invalid_requests_get_openai_errors() {
             "top_logprobs",
         ),
         (json!({"messages": hello(), "logprobs": 3}), "logprobs"),
-        // Fields philo does not implement are refused, never ignored.
+        // response_format: a known type, with a schema object that is a JSON Schema.
         (
-            json!({"messages": hello(), "response_format": {"type": "json_object"}}),
+            json!({"messages": hello(), "response_format": {"type": "xml"}}),
             "response_format",
         ),
+        (
+            json!({"messages": hello(), "response_format": {"type": "json_schema"}}),
+            "response_format",
+        ),
+        (
+            json!({"messages": hello(), "response_format": {"type": "json_schema",
+                   "json_schema": {"name": "x", "schema": [1]}}}),
+            "response_format",
+        ),
+        (
+            json!({"messages": hello(), "response_format": {"type": "json_schema",
+                   "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}}),
+            "response_format",
+        ),
+        // Fields philo does not implement are refused, never ignored.
         (
             json!({"messages": hello(), "tools": [{"type": "function", "function": {"name": "f"}}]}),
             "tools",
@@ -1020,6 +1035,19 @@ async fn invalid_requests_get_openai_errors() {
         backend.last_request().sampling.logit_bias,
         [(7, 2.5), (42, -100.0)]
     );
+    assert!(backend.last_request().constraint.is_none());
+    // JSON answers reach the engine as a grammar.
+    for format in [
+        json!({"type": "json_object"}),
+        json!({"type": "json_schema", "json_schema": {"name": "answer", "strict": true,
+               "schema": {"type": "object", "properties": {"ok": {"type": "boolean"}},
+                          "required": ["ok"], "additionalProperties": false}}}),
+    ] {
+        let body = json!({"messages": hello(), "response_format": format});
+        let reply = post(&app, chat, body).await;
+        assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+        assert!(backend.last_request().constraint.is_some(), "{format}");
+    }
 
     let reply = post(&app, chat, json!({"temperature": 1})).await;
     let error = reply.error(StatusCode::BAD_REQUEST);

@@ -14,7 +14,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::error::ApiError;
 use super::openai::{ChatTokenLogprob, PromptTokensDetails, TopLogprob, Usage};
-use super::params::Settings;
+use super::params::{ResponseFormat, Settings};
 use super::state::ServerState;
 use super::stop::{Scan, StopStrings};
 use crate::request::{FinishReason, GenerationEvent, GenerationRequest, SampledToken};
@@ -82,6 +82,15 @@ impl Generation {
                 ),
             ));
         }
+        let constraint = match &job.settings.response_format {
+            ResponseFormat::Text => None,
+            ResponseFormat::Json(schema) => Some(
+                state
+                    .grammars()?
+                    .json(schema.as_ref())
+                    .map_err(|e| ApiError::invalid_param("response_format", e))?,
+            ),
+        };
         let prompt_tokens = job.prompt.len();
         let events = state.backend().submit(GenerationRequest {
             model: job.model,
@@ -89,6 +98,7 @@ impl Generation {
             max_tokens: job.max_tokens,
             sampling: job.settings.sampling,
             stop_token_ids: state.stop_token_ids().to_vec(),
+            constraint,
         })?;
         Ok(Generation {
             state: state.clone(),

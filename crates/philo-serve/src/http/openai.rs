@@ -223,10 +223,15 @@ pub struct GenerationParams {
     /// sampling, each in [-100, 100]: -100 bans a token, 100 all but forces it.
     #[schema(schema_with = logit_bias_schema)]
     pub logit_bias: Option<std::collections::HashMap<String, f64>>,
+    /// `{"type": "text"}` (the default), `{"type": "json_object"}` (the answer is one JSON
+    /// object) or `{"type": "json_schema", "json_schema": {"name": …, "schema": {…}}}` (the
+    /// answer is a document of that JSON Schema). Enforced token by token: the output parses
+    /// unless it is cut short by `max_tokens` (finish_reason "length").
+    #[schema(schema_with = response_format_schema)]
+    pub response_format: Option<serde_json::Value>,
     /// Fields of OpenAI's API that philo does not implement yet. Each may be absent or hold
-    /// its "off" value (`response_format` `{"type": "text"}`, empty
-    /// `tools`, `tool_choice` "none"); any other value gets a 400 naming it, rather than being
-    /// ignored.
+    /// its "off" value (empty `tools`, `tool_choice` "none"); any other value gets a 400
+    /// naming it, rather than being ignored.
     #[serde(flatten)]
     #[schema(ignore)]
     pub unsupported: Unsupported,
@@ -235,7 +240,6 @@ pub struct GenerationParams {
 /// See [`GenerationParams::unsupported`].
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct Unsupported {
-    pub response_format: Option<serde_json::Value>,
     pub tools: Option<serde_json::Value>,
     pub tool_choice: Option<serde_json::Value>,
     pub functions: Option<serde_json::Value>,
@@ -254,14 +258,8 @@ impl Unsupported {
         };
         let empty = |v: &Value| v.as_array().is_some_and(Vec::is_empty);
         let none = |v: &Value| v.as_str() == Some("none");
-        let text = |v: &Value| v.get("type").and_then(Value::as_str) == Some("text");
         let one = |v: &Value| v.as_f64() == Some(1.0);
-        let checks: [(&'static str, bool, &'static str); 7] = [
-            (
-                "response_format",
-                off(&self.response_format, &text),
-                "constrained JSON output is not supported yet; only {\"type\": \"text\"}",
-            ),
+        let checks: [(&'static str, bool, &'static str); 6] = [
             (
                 "tools",
                 off(&self.tools, &empty),
@@ -385,6 +383,39 @@ pub struct CompletionInput {
     #[schema(minimum = 0, maximum = 5)]
     #[serde(default, deserialize_with = "optional_integer")]
     pub logprobs: Option<u32>,
+}
+
+fn response_format_schema() -> OneOfBuilder {
+    let kind = |name: &str| {
+        ObjectBuilder::new()
+            .property(
+                "type",
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .enum_values(Some([name])),
+            )
+            .required("type")
+    };
+    let json_schema = ObjectBuilder::new()
+        .property("name", ObjectBuilder::new().schema_type(Type::String))
+        .property(
+            "description",
+            ObjectBuilder::new().schema_type(Type::String),
+        )
+        .property("schema", ObjectBuilder::new().schema_type(Type::Object))
+        .property("strict", ObjectBuilder::new().schema_type(Type::Boolean));
+    OneOfBuilder::new()
+        .item(kind("text"))
+        .item(kind("json_object"))
+        .item(
+            kind("json_schema")
+                .property("json_schema", json_schema)
+                .required("json_schema"),
+        )
+        .item(ObjectBuilder::new().schema_type(Type::Null))
+        .description(Some(
+            "The answer's format: plain text, any JSON object, or a document of a JSON Schema (enforced while sampling).",
+        ))
 }
 
 fn logit_bias_schema() -> ObjectBuilder {

@@ -18,6 +18,48 @@ pub struct Settings {
     pub stream: bool,
     /// Whether a stream ends with a usage chunk.
     pub include_usage: bool,
+    /// What the answer must be (`response_format`).
+    pub response_format: ResponseFormat,
+}
+
+/// A request's `response_format`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ResponseFormat {
+    Text,
+    /// JSON: a document of the schema, or any object when there is none (`json_object`).
+    Json(Option<serde_json::Value>),
+}
+
+impl ResponseFormat {
+    /// Reads OpenAI's `response_format` object; the error names what is wrong with it.
+    fn from_param(value: Option<&serde_json::Value>) -> Result<Self, ApiError> {
+        use serde_json::Value;
+        let invalid = |why: &str| ApiError::invalid_param("response_format", why.to_string());
+        let Some(value) = value.filter(|v| !v.is_null()) else {
+            return Ok(ResponseFormat::Text);
+        };
+        match value.get("type").and_then(Value::as_str) {
+            Some("text") => Ok(ResponseFormat::Text),
+            Some("json_object") => Ok(ResponseFormat::Json(None)),
+            Some("json_schema") => {
+                let spec = value.get("json_schema").filter(|v| v.is_object()).ok_or_else(|| {
+                    invalid("`response_format` of type \"json_schema\" needs a `json_schema` object holding the `schema`")
+                })?;
+                match spec.get("schema") {
+                    None | Some(Value::Null) => Ok(ResponseFormat::Json(None)),
+                    Some(schema) if schema.is_object() => {
+                        Ok(ResponseFormat::Json(Some(schema.clone())))
+                    }
+                    Some(_) => Err(invalid(
+                        "`response_format.json_schema.schema` must be a JSON Schema object",
+                    )),
+                }
+            }
+            _ => Err(invalid(
+                "`response_format` must have `type` \"text\", \"json_object\" or \"json_schema\"",
+            )),
+        }
+    }
 }
 
 /// An allowed range of a number field.
@@ -201,6 +243,7 @@ impl Settings {
                 .as_ref()
                 .and_then(|o| o.include_usage)
                 .unwrap_or(false),
+            response_format: ResponseFormat::from_param(params.response_format.as_ref())?,
         })
     }
 }

@@ -1,13 +1,14 @@
 //! What every route shares: the engine, the text side of the model, the API key and metrics.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use philo_text::{ChatTemplate, Tokenizer};
 
 use super::error::ApiError;
 use super::metrics::Metrics;
 use super::openapi;
+use crate::constraint::Grammars;
 use crate::request::Backend;
 
 /// What `philo serve` hands the HTTP layer.
@@ -44,6 +45,8 @@ struct Shared {
     /// The OpenAPI document, rendered once.
     openapi_json: String,
     shutting_down: AtomicBool,
+    /// `response_format`'s grammars over the tokenizer, built on first use.
+    grammars: OnceLock<Result<Grammars, String>>,
 }
 
 impl ServerState {
@@ -74,6 +77,7 @@ impl ServerState {
                 base_model: config.base_model,
                 openapi_json,
                 shutting_down: AtomicBool::new(false),
+                grammars: OnceLock::new(),
             }),
         })
     }
@@ -105,6 +109,25 @@ impl ServerState {
 
     pub(crate) fn stop_token_ids(&self) -> &[u32] {
         &self.shared.stop_token_ids
+    }
+
+    /// The grammars of constrained output for the served tokenizer (a 500 when its tokens
+    /// cannot be read, or no stop token ends a document).
+    pub(crate) fn grammars(&self) -> Result<&Grammars, ApiError> {
+        let shared = &self.shared;
+        shared
+            .grammars
+            .get_or_init(|| {
+                let eos = *shared
+                    .stop_token_ids
+                    .first()
+                    .ok_or("no stop token is configured to end a constrained document")?;
+                let json = serde_json::to_value(shared.tokenizer.inner())
+                    .map_err(|e| format!("cannot read the tokenizer: {e}"))?;
+                Grammars::from_tokenizer_json(&json, eos)
+            })
+            .as_ref()
+            .map_err(|e| ApiError::internal(format!("constrained output is unavailable: {e}")))
     }
 
     pub(crate) fn api_key(&self) -> Option<&str> {
