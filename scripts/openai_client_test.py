@@ -13,8 +13,8 @@ chat streamed (role first, the deltas add up to the whole answer's text under gr
 one finish_reason, a usage chunk), a chat naming the adapter, a text completion (whole and
 streamed), log-probabilities (chat `logprobs`/`top_logprobs` and completions `logprobs`),
 constrained output (`response_format` json_schema: the answer parses and fits the schema;
-json_object; an unknown type is a 400), and errors as the client raises them: an unknown model
-is openai.NotFoundError, n=2
+json_object; an unknown type is a 400), n=2 (two choices), and errors as the client raises
+them: an unknown model is openai.NotFoundError, n=17
 is openai.BadRequestError, a wrong API key (when one is given) is openai.AuthenticationError.
 
 Prints one line per check and exits 1 with the failures listed if any check fails, 2 if the
@@ -212,6 +212,18 @@ def check_logprobs(client, args):
     return f"{len(content)} chat tokens with 3 alternatives each, {n} completion tokens"
 
 
+def check_choices(client, args):
+    response = chat(client, args.model, n=2, temperature=0.8, seed=3)
+    indices = [c.index for c in response.choices]
+    expect(indices == [0, 1], f"n=2 gave choices {indices}")
+    expect(
+        all(c.finish_reason in FINISH_REASONS for c in response.choices),
+        "a choice without a finish_reason",
+    )
+    check_usage(response.usage, "n=2", max_tokens=2 * MAX_TOKENS)
+    return f"n=2: {response.usage.completion_tokens} completion tokens in all"
+
+
 ANSWER_SCHEMA = {
     "type": "object",
     "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green", "blue"]}},
@@ -283,7 +295,7 @@ def check_errors(client, args):
         expect_error(
             openai.NotFoundError, 404, lambda: chat(client, "no-such-model"), "unknown model"
         ),
-        expect_error(openai.BadRequestError, 400, lambda: chat(client, args.model, n=2), "n=2"),
+        expect_error(openai.BadRequestError, 400, lambda: chat(client, args.model, n=17), "n=17"),
     ]
     if args.api_key and args.api_key != "none":
         wrong = openai.OpenAI(base_url=args.base_url, api_key=args.api_key + "-wrong", max_retries=0)
@@ -303,6 +315,7 @@ CHECKS = [
     ("completion", check_completion),
     ("logprobs", check_logprobs),
     ("response_format", check_json),
+    ("n", check_choices),
     ("errors", check_errors),
 ]
 

@@ -490,6 +490,81 @@ async fn chat_stream_sends_role_content_finish_usage_and_done() {
 }
 
 #[tokio::test]
+async fn n_choices_are_sequences_of_their_own_seeds_and_stream_by_index() {
+    let (app, backend) = setup();
+    let reply_tokens = tokenizer().encode(REPLY, false).unwrap().len() + 1;
+    let body = json!({"messages": hello(), "n": 3, "seed": 7, "temperature": 0.5});
+    let reply = post(&app, "/v1/chat/completions", body).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let answer = reply.json();
+    let choices = answer["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    for (i, choice) in choices.iter().enumerate() {
+        assert_eq!(choice["index"], i);
+        assert_eq!(choice["message"]["content"], expected_reply());
+        assert_eq!(choice["finish_reason"], "stop");
+    }
+    // The prompt counts once, the completions add up.
+    let usage = &answer["usage"];
+    assert_eq!(usage["completion_tokens"], 3 * reply_tokens);
+    let prompt = usage["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(usage["total_tokens"], prompt + 3 * reply_tokens as u64);
+    let seeds: Vec<Option<u64>> = backend
+        .submitted
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.sampling.seed)
+        .collect();
+    assert_eq!(seeds, [Some(7), Some(8), Some(9)]);
+
+    // Streamed: every choice opens, adds up to the whole reply and finishes once; one usage
+    // chunk at the end.
+    for (uri, text_of) in [
+        ("/v1/chat/completions", "/choices/0/delta/content"),
+        ("/v1/completions", "/choices/0/text"),
+    ] {
+        let mut body = json!({"n": 2, "stream": true, "stream_options": {"include_usage": true}});
+        if uri.ends_with("chat/completions") {
+            body["messages"] = hello();
+        } else {
+            body["prompt"] = json!("The capital of France");
+        }
+        let reply = post(&app, uri, body).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        let events = reply.events();
+        assert_eq!(events.last().unwrap(), "[DONE]");
+        let chunks: Vec<Value> = events[..events.len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str(e).unwrap())
+            .collect();
+        for index in 0..2 {
+            let mine: Vec<&Value> = chunks
+                .iter()
+                .filter(|c| c["choices"][0]["index"] == index)
+                .collect();
+            let text: String = mine
+                .iter()
+                .filter_map(|c| c.pointer(text_of).and_then(Value::as_str))
+                .collect();
+            assert!(text.contains("Paris"), "{uri} choice {index}: {text:?}");
+            let finishes = mine
+                .iter()
+                .filter(|c| !c["choices"][0]["finish_reason"].is_null())
+                .count();
+            assert_eq!(finishes, 1, "{uri} choice {index}");
+        }
+        let usage = chunks.last().unwrap();
+        assert_eq!(usage["choices"], json!([]), "{uri}");
+        assert_eq!(
+            usage["usage"]["completion_tokens"],
+            2 * reply_tokens,
+            "{uri}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn completions_answer_and_stream_text_completion_objects() {
     let (app, backend) = setup();
     let reply = post(
@@ -931,7 +1006,8 @@ async fn invalid_requests_get_openai_errors() {
             json!({"messages": hello(), "max_tokens": 1.5}),
             "max_tokens",
         ),
-        (json!({"messages": hello(), "n": 2}), "n"),
+        (json!({"messages": hello(), "n": 0}), "n"),
+        (json!({"messages": hello(), "n": 17}), "n"),
         (
             json!({"messages": hello(), "stop": ["a", "b", "c", "d", "e"]}),
             "stop",
@@ -1225,7 +1301,7 @@ async fn openapi_document_describes_every_route() {
     }
     let params = &doc["components"]["schemas"]["GenerationParams"]["properties"];
     assert_eq!(params["temperature"]["maximum"], 2.0);
-    assert_eq!(params["n"]["maximum"], 1);
+    assert_eq!(params["n"]["maximum"], 16);
     assert_eq!(params["max_tokens"]["maximum"], CONTEXT - 1);
     let chat = &doc["components"]["schemas"]["ChatInput"];
     assert_eq!(chat["required"], json!(["messages"]));

@@ -7,8 +7,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use philo_text::TextError;
 
+use super::choices::Choices;
 use super::error::ApiError;
-use super::generation::{Generation, Job};
+use super::generation::Job;
 use super::ids::{response_id, unix_now};
 use super::json::ApiJson;
 use super::openai::{
@@ -84,18 +85,16 @@ pub async fn create_chat_completion(
         "messages",
         state.backend().context_length(),
     )?;
-    let (stream, include_usage) = (settings.stream, settings.include_usage);
-    let mut generation = Generation::start(
-        &state,
-        Job {
-            model: model.clone(),
-            prompt,
-            max_tokens,
-            settings,
-            endpoint: ENDPOINT,
-            arrived,
-        },
-    )?;
+    let (stream, include_usage, n) = (settings.stream, settings.include_usage, settings.n);
+    let job = Job {
+        model: model.clone(),
+        prompt,
+        max_tokens,
+        settings,
+        endpoint: ENDPOINT,
+        arrived,
+    };
+    let mut choices = Choices::start(&state, job, n)?;
     let chunks = ChatChunks {
         id: response_id("chatcmpl-"),
         created: unix_now(),
@@ -103,24 +102,28 @@ pub async fn create_chat_completion(
         with_logprobs,
     };
     if stream {
-        return Ok(sse::respond(generation, chunks, include_usage));
+        return Ok(sse::respond(choices, chunks, include_usage));
     }
-    let (content, logprobs, reason) = generation.collect().await?;
+    let answers = choices.collect().await?;
     Ok(Json(ChatCompletion {
         id: chunks.id,
         object: "chat.completion",
         created: chunks.created,
         model: chunks.model,
-        choices: vec![ChatChoice {
-            index: 0,
-            message: AssistantMessage {
-                role: "assistant",
-                content,
-            },
-            logprobs: with_logprobs.then_some(ChatLogprobs { content: logprobs }),
-            finish_reason: reason.into(),
-        }],
-        usage: generation.usage(),
+        choices: answers
+            .into_iter()
+            .enumerate()
+            .map(|(index, (content, logprobs, reason))| ChatChoice {
+                index: index as u32,
+                message: AssistantMessage {
+                    role: "assistant",
+                    content,
+                },
+                logprobs: with_logprobs.then_some(ChatLogprobs { content: logprobs }),
+                finish_reason: reason.into(),
+            })
+            .collect(),
+        usage: choices.usage(),
     })
     .into_response())
 }
@@ -177,12 +180,18 @@ struct ChatChunks {
 }
 
 impl ChatChunks {
-    fn chunk(&self, delta: Delta, finish_reason: Option<FinishReason>) -> ChatCompletionChunk {
-        self.chunk_with(delta, Vec::new(), finish_reason)
+    fn chunk(
+        &self,
+        index: usize,
+        delta: Delta,
+        finish_reason: Option<FinishReason>,
+    ) -> ChatCompletionChunk {
+        self.chunk_with(index, delta, Vec::new(), finish_reason)
     }
 
     fn chunk_with(
         &self,
+        index: usize,
         delta: Delta,
         logprobs: Vec<ChatTokenLogprob>,
         finish_reason: Option<FinishReason>,
@@ -193,7 +202,7 @@ impl ChatChunks {
             created: self.created,
             model: self.model.clone(),
             choices: vec![ChunkChoice {
-                index: 0,
+                index: index as u32,
                 delta,
                 logprobs: self
                     .with_logprobs
@@ -208,32 +217,37 @@ impl ChatChunks {
 impl ChunkFormat for ChatChunks {
     type Chunk = ChatCompletionChunk;
 
-    fn opening(&self) -> Option<ChatCompletionChunk> {
-        // OpenAI opens every stream with the role and empty content.
+    fn opening(&self, index: usize) -> Option<ChatCompletionChunk> {
+        // OpenAI opens every choice's stream with the role and empty content.
         let delta = Delta {
             role: Some("assistant"),
             content: Some(String::new()),
         };
-        Some(self.chunk(delta, None))
+        Some(self.chunk(index, delta, None))
     }
 
-    fn text(&self, text: String, logprobs: Vec<ChatTokenLogprob>) -> ChatCompletionChunk {
+    fn text(
+        &self,
+        index: usize,
+        text: String,
+        logprobs: Vec<ChatTokenLogprob>,
+    ) -> ChatCompletionChunk {
         let delta = Delta {
             role: None,
             content: Some(text),
         };
-        self.chunk_with(delta, logprobs, None)
+        self.chunk_with(index, delta, logprobs, None)
     }
 
-    fn finish(&self, reason: FinishReason) -> ChatCompletionChunk {
-        self.chunk(Delta::default(), Some(reason))
+    fn finish(&self, index: usize, reason: FinishReason) -> ChatCompletionChunk {
+        self.chunk(index, Delta::default(), Some(reason))
     }
 
     fn usage(&self, usage: Usage) -> ChatCompletionChunk {
         ChatCompletionChunk {
             choices: Vec::new(),
             usage: Some(usage),
-            ..self.chunk(Delta::default(), None)
+            ..self.chunk(0, Delta::default(), None)
         }
     }
 }

@@ -6,8 +6,9 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+use super::choices::Choices;
 use super::error::ApiError;
-use super::generation::{Generation, Job};
+use super::generation::Job;
 use super::ids::{response_id, unix_now};
 use super::json::ApiJson;
 use super::openai::{
@@ -97,31 +98,36 @@ pub async fn create_completion(
         "prompt",
         state.backend().context_length(),
     )?;
-    let (stream, include_usage) = (settings.stream, settings.include_usage);
-    let mut generation = Generation::start(
-        &state,
-        Job {
-            model: model.clone(),
-            prompt,
-            max_tokens,
-            settings,
-            endpoint: ENDPOINT,
-            arrived,
-        },
-    )?;
+    let (stream, include_usage, n) = (settings.stream, settings.include_usage, settings.n);
+    let job = Job {
+        model: model.clone(),
+        prompt,
+        max_tokens,
+        settings,
+        endpoint: ENDPOINT,
+        arrived,
+    };
+    let mut choices = Choices::start(&state, job, n)?;
     let chunks = CompletionChunks {
         id: response_id("cmpl-"),
         created: unix_now(),
         model,
         with_logprobs,
-        streamed_chars: Default::default(),
+        streamed_chars: (0..n).map(|_| Default::default()).collect(),
     };
     if stream {
-        return Ok(sse::respond(generation, chunks, include_usage));
+        return Ok(sse::respond(choices, chunks, include_usage));
     }
-    let (text, logprobs, reason) = generation.collect().await?;
-    let mut completion = chunks.completion(text, logprobs, 0, Some(reason));
-    completion.usage = Some(generation.usage());
+    let answers = choices.collect().await?;
+    let mut completion = chunks.completion(Vec::new());
+    completion.choices = answers
+        .into_iter()
+        .enumerate()
+        .map(|(index, (text, logprobs, reason))| {
+            chunks.choice(index, text, logprobs, 0, Some(reason))
+        })
+        .collect();
+    completion.usage = Some(choices.usage());
     Ok(Json(completion).into_response())
 }
 
@@ -132,34 +138,40 @@ struct CompletionChunks {
     model: String,
     /// Whether the request asked for log-probabilities.
     with_logprobs: bool,
-    /// Characters of text already streamed: where the next chunk's text starts.
-    streamed_chars: std::sync::atomic::AtomicUsize,
+    /// Characters of text already streamed, per choice: where its next chunk's text starts.
+    streamed_chars: Vec<std::sync::atomic::AtomicUsize>,
 }
 
 impl CompletionChunks {
-    /// A completion (or chunk) of `text`, which starts `offset` characters into the choice.
-    fn completion(
-        &self,
-        text: String,
-        logprobs: Vec<ChatTokenLogprob>,
-        offset: usize,
-        finish_reason: Option<FinishReason>,
-    ) -> Completion {
-        let logprobs = self
-            .with_logprobs
-            .then(|| legacy_logprobs(logprobs, offset));
+    /// A completion (or chunk) holding `choices`.
+    fn completion(&self, choices: Vec<CompletionChoice>) -> Completion {
         Completion {
             id: self.id.clone(),
             object: "text_completion",
             created: self.created,
             model: self.model.clone(),
-            choices: vec![CompletionChoice {
-                index: 0,
-                text,
-                logprobs,
-                finish_reason: finish_reason.map(Into::into),
-            }],
+            choices,
             usage: None,
+        }
+    }
+
+    /// Choice `index` of `text`, which starts `offset` characters into the choice.
+    fn choice(
+        &self,
+        index: usize,
+        text: String,
+        logprobs: Vec<ChatTokenLogprob>,
+        offset: usize,
+        finish_reason: Option<FinishReason>,
+    ) -> CompletionChoice {
+        let logprobs = self
+            .with_logprobs
+            .then(|| legacy_logprobs(logprobs, offset));
+        CompletionChoice {
+            index: index as u32,
+            text,
+            logprobs,
+            finish_reason: finish_reason.map(Into::into),
         }
     }
 }
@@ -167,26 +179,30 @@ impl CompletionChunks {
 impl ChunkFormat for CompletionChunks {
     type Chunk = Completion;
 
-    fn opening(&self) -> Option<Completion> {
+    fn opening(&self, _index: usize) -> Option<Completion> {
         None
     }
 
-    fn text(&self, text: String, logprobs: Vec<ChatTokenLogprob>) -> Completion {
-        let offset = self
-            .streamed_chars
+    fn text(&self, index: usize, text: String, logprobs: Vec<ChatTokenLogprob>) -> Completion {
+        let offset = self.streamed_chars[index]
             .fetch_add(text.chars().count(), std::sync::atomic::Ordering::Relaxed);
-        self.completion(text, logprobs, offset, None)
+        self.completion(vec![self.choice(index, text, logprobs, offset, None)])
     }
 
-    fn finish(&self, reason: FinishReason) -> Completion {
-        self.completion(String::new(), Vec::new(), 0, Some(reason))
+    fn finish(&self, index: usize, reason: FinishReason) -> Completion {
+        self.completion(vec![self.choice(
+            index,
+            String::new(),
+            Vec::new(),
+            0,
+            Some(reason),
+        )])
     }
 
     fn usage(&self, usage: Usage) -> Completion {
         Completion {
-            choices: Vec::new(),
             usage: Some(usage),
-            ..self.completion(String::new(), Vec::new(), 0, None)
+            ..self.completion(Vec::new())
         }
     }
 }

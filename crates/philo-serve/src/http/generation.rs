@@ -33,6 +33,7 @@ pub enum Step {
 }
 
 /// What a route asks the engine to run.
+#[derive(Clone)]
 pub struct Job {
     pub model: String,
     pub prompt: Vec<u32>,
@@ -140,28 +141,6 @@ impl Generation {
                 ),
             }
         }
-    }
-
-    /// Runs to the end: the whole text, the tokens' log-probabilities (empty unless asked
-    /// for) and why it ended (for non-streamed answers).
-    pub async fn collect(
-        &mut self,
-    ) -> Result<(String, Vec<ChatTokenLogprob>, FinishReason), ApiError> {
-        let mut text = String::new();
-        let mut logprobs = Vec::new();
-        while let Some(step) = self.next().await {
-            match step {
-                Step::Text(piece, more) => {
-                    text.push_str(&piece);
-                    logprobs.extend(more);
-                }
-                Step::Finished(reason) => return Ok((text, logprobs, reason)),
-                Step::Failed(message) => return Err(ApiError::internal(message)),
-            }
-        }
-        Err(ApiError::internal(
-            "the generation ended without a result; this is a bug in philo, please report it",
-        ))
     }
 
     /// The token counts so far.

@@ -30,6 +30,7 @@
 
 mod auth;
 mod chat;
+mod choices;
 mod completions;
 mod error;
 mod generation;

@@ -211,8 +211,8 @@ pub struct GenerationParams {
     #[serde(default, deserialize_with = "optional_integer")]
     pub max_tokens: Option<u64>,
     pub stop: Option<Stop>,
-    /// Number of choices; philo generates one per request.
-    #[schema(minimum = 1, maximum = 1, default = 1)]
+    /// Number of choices, each its own sequence (choice i samples with `seed` + i).
+    #[schema(minimum = 1, maximum = 16, default = 1)]
     #[serde(default, deserialize_with = "optional_integer")]
     pub n: Option<u32>,
     /// Answer with server-sent events, one chunk per piece of text, then `data: [DONE]`.

@@ -5,6 +5,7 @@
 
 use philo_generate::SamplingParams;
 
+use super::choices::MAX_CHOICES;
 use super::error::ApiError;
 use super::openai::{GenerationParams, MAX_STOP_CHARS, MAX_STOP_STRINGS};
 
@@ -18,6 +19,8 @@ pub struct Settings {
     pub stream: bool,
     /// Whether a stream ends with a usage chunk.
     pub include_usage: bool,
+    /// How many choices to generate (`n`).
+    pub n: usize,
     /// What the answer must be (`response_format`).
     pub response_format: ResponseFormat,
 }
@@ -138,10 +141,11 @@ fn check_optional(param: &str, value: Option<f64>, range: &Range) -> Result<Opti
 impl Settings {
     /// Checks `params`; the error names the first field out of range.
     pub fn from_params(params: &GenerationParams) -> Result<Self, ApiError> {
-        if let Some(n) = params.n.filter(|&n| n != 1) {
+        let n = params.n.unwrap_or(1);
+        if !(1..=MAX_CHOICES).contains(&n) {
             return Err(ApiError::invalid_param(
                 "n",
-                format!("`n` is {n} but philo generates exactly one choice per request; leave `n` out or set it to 1, and send several requests for several choices"),
+                format!("`n` is {n} but must be in [1, {MAX_CHOICES}]; send several requests for more choices"),
             ));
         }
         if let Some((field, why)) = params.unsupported.first() {
@@ -243,6 +247,7 @@ impl Settings {
                 .as_ref()
                 .and_then(|o| o.include_usage)
                 .unwrap_or(false),
+            n: n as usize,
             response_format: ResponseFormat::from_param(params.response_format.as_ref())?,
         })
     }

@@ -1,38 +1,43 @@
-//! Streamed answers: a [`Generation`] as OpenAI-style server-sent events.
+//! Streamed answers: a request's [`Choices`] as OpenAI-style server-sent events.
 //!
-//! Each event is `data: <chunk JSON>`; the stream ends with `data: [DONE]`. A failure after the
+//! Each event is `data: <chunk JSON>`, each chunk about one choice (its `index`), in the order
+//! the choices' text arrives; the stream ends with `data: [DONE]`. A failure after the
 //! response has started (status 200 is already sent) becomes a `data: {"error": ...}` event
 //! before `[DONE]`, as OpenAI-compatible servers do.
 //!
-//! The event stream owns the generation and is polled by the response body, with no task in
-//! between: when the client disconnects, hyper drops the body, which drops the generation and
-//! with it the engine's receiver, so the engine cancels the sequence at once.
+//! The event stream owns the generations and is polled by the response body, with no task in
+//! between: when the client disconnects, hyper drops the body, which drops the generations and
+//! with them the engine's receivers, so the engine cancels the sequences at once.
 
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::{self, Stream};
 use serde::Serialize;
 
+use super::choices::Choices;
 use super::error::ApiError;
-use super::generation::{Generation, Step};
+use super::generation::Step;
 use super::openai::{ChatTokenLogprob, Usage};
 use crate::request::FinishReason;
 
 /// How an endpoint shapes its stream chunks.
 pub trait ChunkFormat: Send + 'static {
     type Chunk: Serialize;
-    /// The chunk sent before any text, if the endpoint has one (chat's `delta.role`).
-    fn opening(&self) -> Option<Self::Chunk>;
-    /// More text, with the log-probabilities of its tokens (empty unless the request asked).
-    fn text(&self, text: String, logprobs: Vec<ChatTokenLogprob>) -> Self::Chunk;
-    fn finish(&self, reason: FinishReason) -> Self::Chunk;
+    /// The chunk sent before any text of choice `index`, if the endpoint has one (chat's
+    /// `delta.role`).
+    fn opening(&self, index: usize) -> Option<Self::Chunk>;
+    /// More text of choice `index`, with the log-probabilities of its tokens (empty unless the
+    /// request asked).
+    fn text(&self, index: usize, text: String, logprobs: Vec<ChatTokenLogprob>) -> Self::Chunk;
+    fn finish(&self, index: usize, reason: FinishReason) -> Self::Chunk;
     /// The usage chunk (`choices: []`) sent last when `stream_options.include_usage` is set.
     fn usage(&self, usage: Usage) -> Self::Chunk;
 }
 
 /// Where a stream is.
 enum Phase {
-    Opening,
+    /// The opening chunk of the choice with this index is next.
+    Opening(usize),
     Generating,
     Usage,
     Done,
@@ -40,7 +45,7 @@ enum Phase {
 }
 
 struct EventStream<F> {
-    generation: Generation,
+    choices: Choices,
     format: F,
     include_usage: bool,
     phase: Phase,
@@ -51,33 +56,38 @@ impl<F: ChunkFormat> EventStream<F> {
     async fn next_event(&mut self) -> Option<Result<Event, axum::Error>> {
         loop {
             match self.phase {
-                Phase::Opening => {
-                    self.phase = Phase::Generating;
-                    if let Some(chunk) = self.format.opening() {
+                Phase::Opening(index) => {
+                    self.phase = if index + 1 < self.choices.count() {
+                        Phase::Opening(index + 1)
+                    } else {
+                        Phase::Generating
+                    };
+                    if let Some(chunk) = self.format.opening(index) {
                         return Some(json_event(&chunk));
                     }
                 }
-                Phase::Generating => match self.generation.next().await {
-                    Some(Step::Text(text, logprobs)) => {
-                        return Some(json_event(&self.format.text(text, logprobs)))
+                Phase::Generating => match self.choices.next().await {
+                    Some((index, Step::Text(text, logprobs))) => {
+                        return Some(json_event(&self.format.text(index, text, logprobs)))
                     }
-                    Some(Step::Finished(reason)) => {
+                    Some((index, Step::Finished(reason))) => {
+                        return Some(json_event(&self.format.finish(index, reason)));
+                    }
+                    Some((_, Step::Failed(message))) => {
+                        self.phase = Phase::Done;
+                        return Some(json_event(&ApiError::internal(message).into_body()));
+                    }
+                    None => {
                         self.phase = if self.include_usage {
                             Phase::Usage
                         } else {
                             Phase::Done
                         };
-                        return Some(json_event(&self.format.finish(reason)));
                     }
-                    Some(Step::Failed(message)) => {
-                        self.phase = Phase::Done;
-                        return Some(json_event(&ApiError::internal(message).into_body()));
-                    }
-                    None => self.phase = Phase::Done,
                 },
                 Phase::Usage => {
                     self.phase = Phase::Done;
-                    return Some(json_event(&self.format.usage(self.generation.usage())));
+                    return Some(json_event(&self.format.usage(self.choices.usage())));
                 }
                 Phase::Done => {
                     self.phase = Phase::Ended;
@@ -93,13 +103,13 @@ fn json_event(chunk: &impl Serialize) -> Result<Event, axum::Error> {
     Event::default().json_data(chunk)
 }
 
-/// The streamed answer of `generation`, as a `text/event-stream` response.
-pub fn respond<F: ChunkFormat>(generation: Generation, format: F, include_usage: bool) -> Response {
+/// The streamed answer of `choices`, as a `text/event-stream` response.
+pub fn respond<F: ChunkFormat>(choices: Choices, format: F, include_usage: bool) -> Response {
     let events = EventStream {
-        generation,
+        choices,
         format,
         include_usage,
-        phase: Phase::Opening,
+        phase: Phase::Opening(0),
     };
     Sse::new(into_stream(events))
         // Comments every 15 s keep proxies from closing a stream that waits in the queue.
