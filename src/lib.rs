@@ -7,6 +7,7 @@
 //! `philo-generate`.
 
 pub mod bench;
+pub mod bench_http;
 pub mod chat;
 pub mod demo;
 pub mod device;

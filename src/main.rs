@@ -675,12 +675,73 @@ struct BenchArgs {
     /// launched one by one; candle: the general forward).
     #[arg(long, value_enum, default_value = "graph")]
     engine: philo::bench::DecodeEngine,
+    /// Serve: load a running server at this base URL (e.g. http://127.0.0.1:8000/v1) over
+    /// HTTP instead of the engine in-process: --batch streamed chat completions at a time,
+    /// sampled (--temperature, --top_p), prompts of about --seq tokens, --new_tokens each.
+    #[arg(long)]
+    http: Option<String>,
+    /// Serve --http: requests in all per --batch value (default 4 × the streams).
+    #[arg(long, requires = "http")]
+    requests: Option<usize>,
+    /// Serve --http: the base model's id (default: the field is left out).
+    #[arg(long = "served_model", alias = "served-model", requires = "http")]
+    served_model: Option<String>,
+    /// Serve --http: an adapter that every second request names.
+    #[arg(long, requires = "http")]
+    adapter: Option<String>,
+    /// Serve --http: the server's API key.
+    #[arg(long = "api_key", alias = "api-key", requires = "http")]
+    api_key: Option<String>,
+    /// Serve --http: sampling temperature.
+    #[arg(long, default_value_t = 0.7, requires = "http")]
+    temperature: f32,
+    /// Serve --http: nucleus sampling mass.
+    #[arg(
+        long = "top_p",
+        alias = "top-p",
+        default_value_t = 0.9,
+        requires = "http"
+    )]
+    top_p: f32,
     /// Write the results as JSON to this file too.
     #[arg(long)]
     json: Option<PathBuf>,
 }
 
+/// `bench serve --http`: loads a running server, one run per --batch value.
+fn bench_http(args: &BenchArgs, base_url: &str) -> anyhow::Result<()> {
+    let mut results = Vec::new();
+    for &streams in &args.batch {
+        let options = philo::bench_http::HttpBench {
+            base_url: base_url.to_string(),
+            model: args.served_model.clone(),
+            adapter: args.adapter.clone(),
+            api_key: args.api_key.clone(),
+            streams,
+            requests: args.requests.unwrap_or(4 * streams),
+            prompt_words: args.seq.unwrap_or(128) * 3 / 4,
+            max_tokens: args.new_tokens,
+            temperature: args.temperature,
+            top_p: args.top_p,
+        };
+        results.push(philo::bench_http::run(&options)?);
+    }
+    print!("{}", philo::bench_http::table(&results));
+    let json = serde_json::to_string_pretty(&results)?;
+    println!("{json}");
+    if let Some(path) = &args.json {
+        std::fs::write(path, json).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
 fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(url) = &args.http {
+        if !matches!(args.task, BenchTask::Serve) {
+            anyhow::bail!("--http loads a running server: it goes with `bench serve`");
+        }
+        return bench_http(&args, url);
+    }
     let device = args.device.open()?;
     let dtype = args.dtype.unwrap_or_else(|| default_dtype(&device));
     if let BenchTask::Attention = args.task {

@@ -462,6 +462,48 @@ fn api_key_is_required_on_v1_routes_only() {
             "GET {path} without a key"
         );
     }
+
+    // `philo bench serve --http` loads the server as clients do (streamed, sampled, keyed),
+    // and stops with the server's answer when a request fails.
+    let out = w.join("bench.json");
+    let url = server.url("/v1");
+    let bench = |key: &str| {
+        let mut cmd = philo(w);
+        cmd.args(["bench", "serve", "--http", &url, "--api_key", key])
+            .args([
+                "--served_model",
+                SERVED_NAME,
+                "--batch",
+                "3",
+                "--requests",
+                "6",
+            ])
+            .args(["--seq", "16", "--new_tokens", "6", "--json", s(&out)]);
+        cmd.output().unwrap()
+    };
+    let output = bench(API_KEY);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let results: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let run = &results[0];
+    assert_eq!(
+        (run["streams"].as_u64(), run["requests"].as_u64()),
+        (Some(3), Some(6))
+    );
+    let tokens = run["completion_tokens"].as_u64().unwrap();
+    assert!((6..=36).contains(&tokens), "{run}");
+    assert!(run["tokens_per_second"].as_f64().unwrap() > 0.0, "{run}");
+    assert!(
+        run["time_to_first_token"]["p50_ms"].as_f64().unwrap() > 0.0,
+        "{run}"
+    );
+    let output = bench("wrong-key");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("HTTP 401"), "{stderr}");
 }
 
 /// What a streamed chat answer held.

@@ -327,7 +327,7 @@ mod tests {
             ),
             (
                 GenerationParams {
-                    n: Some(2),
+                    n: Some(17),
                     ..Default::default()
                 },
                 "n",
