@@ -88,6 +88,7 @@ pub fn demo(dir: &Path, steps: usize, stop: &AtomicBool) -> anyhow::Result<()> {
         stop_tokens: pipeline.stop_tokens.clone(),
         sampling: SamplingParams::greedy(),
         speculative_tokens: None,
+        draft: None,
     };
     for question in [
         "What does the cow say?",

@@ -158,10 +158,15 @@ struct SamplingArgs {
     )]
     max_new_tokens: usize,
     /// Speculative decoding: `ngram` proposes the tokens that followed the latest earlier
-    /// occurrence of the last few tokens (prompt lookup); the output is unchanged. It runs on
-    /// the general forward, not the GPU's decode graph.
+    /// occurrence of the last few tokens (prompt lookup), `draft` what --draft_model decodes
+    /// greedily ahead; the output is unchanged. It runs on the general forward, not the GPU's
+    /// decode graph.
     #[arg(long, value_enum)]
     speculative: Option<Speculative>,
+    /// The draft model of `--speculative draft`: a smaller checkpoint (folder or hub id) with the
+    /// model's tokenizer, loaded with the same --quant, device and dtype.
+    #[arg(long = "draft_model", alias = "draft-model")]
+    draft_model: Option<String>,
     /// Most tokens proposed a step (fewer while few are accepted).
     #[arg(
         long = "num_speculative_tokens",
@@ -176,6 +181,8 @@ struct SamplingArgs {
 enum Speculative {
     /// Prompt lookup: n-gram matches in the prompt and the output so far.
     Ngram,
+    /// A draft model (--draft_model) decoding greedily ahead.
+    Draft,
 }
 
 impl SamplingArgs {
@@ -193,10 +200,35 @@ impl SamplingArgs {
                 seed: self.seed,
                 ..SamplingParams::default()
             },
-            speculative_tokens: self
-                .speculative
-                .map(|Speculative::Ngram| self.num_speculative_tokens),
+            speculative_tokens: self.speculative.map(|_| self.num_speculative_tokens),
+            draft: None,
         }
+    }
+
+    /// The options, with the draft model loaded when `--speculative draft` asks for one.
+    fn options_for(
+        &self,
+        model: &ModelArgs,
+        pipeline: &Pipeline,
+    ) -> anyhow::Result<GenerateOptions> {
+        let mut options = self.options(pipeline.stop_tokens.clone());
+        match (self.speculative, &self.draft_model) {
+            (Some(Speculative::Draft), Some(dir)) => {
+                let device = model.device.open()?;
+                let dtype = model.dtype.unwrap_or_else(|| default_dtype(&device));
+                let weights = model.weights.options(philo::quant::BaseQuant::None);
+                let draft = Pipeline::load(dir, None, weights, dtype, &device)?;
+                options.draft = Some(Arc::new(draft.model));
+            }
+            (Some(Speculative::Draft), None) => {
+                anyhow::bail!("--speculative draft needs --draft_model DIR (a smaller checkpoint with the model's tokenizer)")
+            }
+            (_, Some(_)) => {
+                anyhow::bail!("--draft_model is the draft of `--speculative draft`; add that flag or drop --draft_model")
+            }
+            _ => {}
+        }
+        Ok(options)
     }
 }
 
@@ -860,7 +892,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     } else {
         pipeline.encode_prompt(&args.prompt)?
     };
-    let options = args.sampling.options(pipeline.stop_tokens.clone());
+    let options = args.sampling.options_for(&args.model, &pipeline)?;
     let mut stdout = std::io::stdout().lock();
     let (generation, _) = pipeline.stream(prompt, &options, |piece| {
         match write!(stdout, "{piece}").and_then(|_| stdout.flush()) {
@@ -887,7 +919,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
 
 fn chat(args: ChatArgs) -> anyhow::Result<()> {
     let pipeline = load(&args.model)?;
-    let options = args.sampling.options(pipeline.stop_tokens.clone());
+    let options = args.sampling.options_for(&args.model, &pipeline)?;
     let cancel = Arc::new(AtomicBool::new(false));
     let generating = Arc::new(AtomicBool::new(false));
     {

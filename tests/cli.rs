@@ -277,6 +277,44 @@ fn greedy_generate_streams_text_and_is_deterministic() {
         stdout(&speculative),
         "--speculative ngram changed the greedy text"
     );
+    // So does a draft model (here the model itself: every proposal is kept).
+    let drafted = generate(
+        work.path(),
+        model,
+        &[
+            "--max_new_tokens",
+            "8",
+            "--temperature",
+            "0",
+            "--speculative",
+            "draft",
+            "--draft_model",
+            model,
+        ],
+    );
+    assert_eq!(
+        stdout(&first),
+        stdout(&drafted),
+        "--speculative draft changed the greedy text"
+    );
+    assert!(
+        stderr(&drafted).contains("speculated tokens accepted"),
+        "{}",
+        stderr(&drafted)
+    );
+    // A draft without --speculative draft, and the reverse, are refused with the fix.
+    for args in [
+        &["--speculative", "draft"][..],
+        &["--draft_model", model][..],
+    ] {
+        let out = philo_in(work.path())
+            .args(["generate", "--model", model, "--prompt", "Hi"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(stderr(&out).contains("--draft_model"), "{}", stderr(&out));
+    }
 
     // The kebab-case spelling sets the same option: greedy stops after 3 tokens (or earlier, at
     // the same stop token the 8-token run met).

@@ -13,6 +13,8 @@ pub enum GenerateError {
     EmptyPrompt,
     #[error("the prompt has {prompt} tokens but the model's context is {context}; shorten it")]
     PromptTooLong { prompt: usize, context: usize },
+    #[error("the draft model's vocabulary has {draft} tokens but the model's has {model}; a draft must share the model's tokenizer (a smaller Phi-3-family checkpoint)")]
+    DraftVocabulary { model: usize, draft: usize },
 }
 
 impl From<candle_core::Error> for GenerateError {

@@ -1,8 +1,17 @@
-//! Speculative decoding by prompt lookup: the tokens that followed the latest earlier occurrence
-//! of the sequence's last few tokens are proposed as its continuation, and one forward over them
-//! keeps the longest prefix the model agrees with (see [`crate::Sampler::accept_or_resample`]),
+//! Speculative decoding: a proposer guesses the next few tokens, and one forward of the model
+//! over them keeps the longest prefix it agrees with (see [`crate::Sampler::accept_or_resample`]),
 //! plus one token of its own. Outputs are those of plain decoding; only the number of forwards
 //! changes. How many tokens to propose adapts to how many were kept.
+//!
+//! Proposers: prompt lookup (the tokens that followed the latest earlier occurrence of the
+//! sequence's last few tokens) and a draft model (a smaller model with the same tokenizer,
+//! decoding greedily ahead). Both make each proposal a deterministic function of the context,
+//! which is what keeps `accept_or_resample`'s rule exact with sampling too.
+
+use candle_core::Tensor;
+use philo_model::{KvCache, Phi3};
+
+use crate::error::Result;
 
 /// The longest n-gram looked up, then shorter ones down to a single token.
 const MAX_NGRAM: usize = 3;
@@ -37,9 +46,97 @@ pub fn prompt_lookup(tokens: &[u32], k: usize) -> Vec<u32> {
     Vec::new()
 }
 
+/// Where proposals come from.
+pub enum Proposer<'m> {
+    /// Prompt lookup ([`prompt_lookup`]).
+    Ngram,
+    /// A draft model decoding greedily ahead.
+    Draft(DraftModel<'m>),
+}
+
+/// A draft model with its own KV cache, kept in step with the sequence: after a verify step it
+/// drops what it had cached past the tokens the model kept.
+pub struct DraftModel<'m> {
+    model: &'m Phi3,
+    cache: KvCache,
+    /// The tokens whose K/V `cache` holds.
+    cached: Vec<u32>,
+}
+
+impl<'m> DraftModel<'m> {
+    pub fn new(model: &'m Phi3) -> Self {
+        DraftModel {
+            model,
+            cache: model.new_cache(),
+            cached: Vec::new(),
+        }
+    }
+
+    /// The draft's `k` greedy tokens after `tokens` (fewer where its context ends).
+    pub fn propose(&mut self, tokens: &[u32], k: usize) -> Result<Vec<u32>> {
+        let context = self.model.config().max_position_embeddings;
+        let k = k.min(context.saturating_sub(tokens.len()));
+        if k == 0 || tokens.is_empty() {
+            return Ok(Vec::new());
+        }
+        // LongRoPE rotates every position with the factors of the sequence's length: the
+        // cache is recomputed when the length crosses the switch, and one proposal never
+        // crosses it (the draft feeds its guesses 1 .. k-1 at the positions after the sequence).
+        let rotary = self.model.rotary();
+        let last = tokens.len() - 1;
+        let k = 1
+            + (1..k)
+                .take_while(|&i| !rotary.switches_between(last, last + i))
+                .count();
+        // Keep the cached prefix the sequence still starts with, but recompute at least its
+        // last token (its logits are not kept).
+        let mut keep = self
+            .cached
+            .iter()
+            .zip(tokens)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(last);
+        if keep > 0 && rotary.switches_between(keep - 1, last) {
+            keep = 0;
+        }
+        if keep == 0 {
+            self.cache.clear();
+        } else {
+            self.cache.truncate(keep)?;
+        }
+        self.cached.truncate(keep);
+        let mut input = tokens[keep..].to_vec();
+        let mut proposal = Vec::with_capacity(k);
+        while proposal.len() < k {
+            let ids = Tensor::new(input.as_slice(), self.model.device())?.unsqueeze(0)?;
+            let logits = self
+                .model
+                .forward_last(&ids, None, Some(&mut self.cache))?
+                .squeeze(0)?
+                .to_vec1::<f32>()?;
+            self.cached.extend(&input);
+            let token = argmax(&logits);
+            proposal.push(token);
+            input = vec![token];
+        }
+        Ok(proposal)
+    }
+}
+
+fn argmax(values: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in values.iter().enumerate() {
+        if v > values[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
 /// The adaptive state of one sequence's speculation.
-#[derive(Debug, Clone)]
-pub struct Speculation {
+pub struct Speculation<'m> {
+    proposer: Proposer<'m>,
     max_tokens: usize,
     /// Tokens proposed next time.
     tokens: usize,
@@ -49,10 +146,11 @@ pub struct Speculation {
     kept: usize,
 }
 
-impl Speculation {
-    /// Speculation proposing at most `max_tokens` a step.
-    pub fn new(max_tokens: usize) -> Self {
+impl<'m> Speculation<'m> {
+    /// Speculation from `proposer`, proposing at most `max_tokens` a step.
+    pub fn new(proposer: Proposer<'m>, max_tokens: usize) -> Self {
         Speculation {
+            proposer,
             max_tokens: max_tokens.max(1),
             tokens: max_tokens.max(1),
             misses: 0,
@@ -64,12 +162,16 @@ impl Speculation {
 
     /// The proposal for the sequence `tokens`, at most `room` long; empty while paused (each
     /// call then counts one plain step).
-    pub fn propose(&mut self, tokens: &[u32], room: usize) -> Vec<u32> {
+    pub fn propose(&mut self, tokens: &[u32], room: usize) -> Result<Vec<u32>> {
         if self.paused_for > 0 {
             self.paused_for -= 1;
-            return Vec::new();
+            return Ok(Vec::new());
         }
-        prompt_lookup(tokens, self.tokens.min(room))
+        let k = self.tokens.min(room);
+        match &mut self.proposer {
+            Proposer::Ngram => Ok(prompt_lookup(tokens, k)),
+            Proposer::Draft(draft) => draft.propose(tokens, k),
+        }
     }
 
     /// Records that `kept` of `proposed` tokens were accepted: all kept → propose one more next
@@ -121,20 +223,21 @@ mod tests {
     #[test]
     fn proposals_grow_shrink_and_pause() {
         let tokens = [1, 2, 1, 2, 1, 2, 1, 2, 1, 2, 1];
-        let mut s = Speculation::new(4);
-        assert_eq!(s.propose(&tokens, 8).len(), 4);
+        let mut s = Speculation::new(Proposer::Ngram, 4);
+        let propose = |s: &mut Speculation, room| s.propose(&tokens, room).unwrap().len();
+        assert_eq!(propose(&mut s, 8), 4);
         s.record(4, 0);
-        assert_eq!(s.propose(&tokens, 8).len(), 2);
+        assert_eq!(propose(&mut s, 8), 2);
         s.record(2, 2);
-        assert_eq!(s.propose(&tokens, 8).len(), 3);
-        assert_eq!(s.propose(&tokens, 1).len(), 1, "room caps the proposal");
+        assert_eq!(propose(&mut s, 8), 3);
+        assert_eq!(propose(&mut s, 1), 1, "room caps the proposal");
         for _ in 0..MISSES_BEFORE_PAUSE {
             s.record(1, 0);
         }
         for _ in 0..PAUSE_STEPS {
-            assert!(s.propose(&tokens, 8).is_empty());
+            assert_eq!(propose(&mut s, 8), 0);
         }
-        assert!(!s.propose(&tokens, 8).is_empty());
+        assert_ne!(propose(&mut s, 8), 0);
         assert_eq!(s.counts(), (4 + 2 + MISSES_BEFORE_PAUSE, 2));
     }
 }

@@ -8,7 +8,7 @@ use philo_model::{DecodeGraph, KvCache, Phi3};
 
 use crate::error::{GenerateError, Result};
 use crate::sampling::{Sampler, SamplingParams};
-use crate::speculative::Speculation;
+use crate::speculative::{DraftModel, Proposer, Speculation};
 
 /// One sequence being generated: prompt + tokens so far, the cache, the sampler.
 pub struct TokenStream<'m> {
@@ -26,8 +26,9 @@ pub struct TokenStream<'m> {
     /// The GPU's graph-captured decode step, when [`TokenStream::use_decode_graph`] found one
     /// for the model; it holds its own KV cache and `cache` stays empty.
     graph: Option<DecodeGraph>,
-    /// Prompt-lookup speculation, when [`TokenStream::with_speculation`] asked for it.
-    speculation: Option<Speculation>,
+    /// Speculation, when [`TokenStream::with_speculation`] or [`TokenStream::with_draft`]
+    /// asked for it.
+    speculation: Option<Speculation<'m>>,
 }
 
 impl<'m> TokenStream<'m> {
@@ -60,9 +61,27 @@ impl<'m> TokenStream<'m> {
     /// `max_tokens` a step; the output is unchanged. It runs on the general path, so it
     /// replaces the decode graph. Call before the first token.
     pub fn with_speculation(mut self, max_tokens: usize) -> Self {
-        self.speculation = Some(Speculation::new(max_tokens));
+        self.speculation = Some(Speculation::new(Proposer::Ngram, max_tokens));
         self.graph = None;
         self
+    }
+
+    /// Speculates with `draft` (a model with the same vocabulary, decoding greedily ahead),
+    /// proposing at most `max_tokens` a step; the output is unchanged. As
+    /// [`TokenStream::with_speculation`], it replaces the decode graph. Call before the first
+    /// token.
+    pub fn with_draft(mut self, draft: &'m Phi3, max_tokens: usize) -> Result<Self> {
+        let (ours, theirs) = (self.model.config().vocab_size, draft.config().vocab_size);
+        if ours != theirs {
+            return Err(GenerateError::DraftVocabulary {
+                model: ours,
+                draft: theirs,
+            });
+        }
+        let proposer = Proposer::Draft(DraftModel::new(draft));
+        self.speculation = Some(Speculation::new(proposer, max_tokens));
+        self.graph = None;
+        Ok(self)
     }
 
     /// Tokens proposed and accepted by speculation so far.
@@ -116,7 +135,7 @@ impl<'m> TokenStream<'m> {
         if self.graph.is_some() {
             return self.next_token_on_graph();
         }
-        if let Some(proposal) = self.proposal() {
+        if let Some(proposal) = self.proposal()? {
             return self.verify(proposal);
         }
         let rotary = self.model.rotary();
@@ -140,21 +159,25 @@ impl<'m> TokenStream<'m> {
     /// Speculation's proposal for the next step, if it has one: only once the cache holds all
     /// but the last token, within the context, and never across LongRoPE's switch (that step
     /// recomputes the sequence instead).
-    fn proposal(&mut self) -> Option<Vec<u32>> {
-        let speculation = self.speculation.as_mut()?;
+    fn proposal(&mut self) -> Result<Option<Vec<u32>>> {
+        let Some(speculation) = self.speculation.as_mut() else {
+            return Ok(None);
+        };
         let last = self.tokens.len() - 1;
         if self.cached != last || last == 0 {
-            return None;
+            return Ok(None);
         }
         let context = self.model.config().max_position_embeddings;
         let room = context.saturating_sub(self.tokens.len() + 1);
-        let mut proposal = speculation.propose(&self.tokens, room);
+        let mut proposal = speculation.propose(&self.tokens, room)?;
         let rotary = self.model.rotary();
+        // The cache holds positions up to last - 1: the verify step must not reach the long
+        // factors from there (the plain step recomputes the sequence instead).
         let same_side = (1..=proposal.len())
-            .take_while(|&i| !rotary.switches_between(last, last + i))
+            .take_while(|&i| !rotary.switches_between(last - 1, last + i))
             .count();
         proposal.truncate(same_side);
-        (!proposal.is_empty()).then_some(proposal)
+        Ok((!proposal.is_empty()).then_some(proposal))
     }
 
     /// One forward over the last token and `proposal`: keeps the proposed tokens the sampler
@@ -277,8 +300,11 @@ pub struct GenerateOptions {
     /// Generation stops on any of these (Phi-3: 32000, 32001, 32007).
     pub stop_tokens: Vec<u32>,
     pub sampling: SamplingParams,
-    /// Speculate by prompt lookup, proposing at most this many tokens a step (None: off).
+    /// Speculate, proposing at most this many tokens a step (None: off): by prompt lookup,
+    /// or with `draft` when given.
     pub speculative_tokens: Option<usize>,
+    /// The draft model of speculation (None: prompt lookup).
+    pub draft: Option<std::sync::Arc<Phi3>>,
 }
 
 /// Generates from `prompt`, calling `on_token` with each new token (stop tokens excluded);
@@ -292,7 +318,10 @@ pub fn generate(
     let prompt_tokens = prompt.len();
     let mut stream = TokenStream::new(model, prompt, options.sampling.clone())?;
     if let Some(k) = options.speculative_tokens {
-        stream = stream.with_speculation(k);
+        stream = match options.draft.as_deref() {
+            Some(draft) => stream.with_draft(draft, k)?,
+            None => stream.with_speculation(k),
+        };
     }
     let mut stream = stream.use_decode_graph(options.max_new_tokens)?;
     let start = Instant::now();

@@ -78,6 +78,7 @@ fn generate_stops_on_stop_tokens_and_limits() {
         stop_tokens: vec![],
         sampling: SamplingParams::greedy(),
         speculative_tokens: None,
+        draft: None,
     };
     let out = generate(&model, prompt.clone(), &options, |_| {
         std::ops::ControlFlow::Continue(())
@@ -231,4 +232,99 @@ fn speculation_accepts_what_the_model_would_say() {
     assert_eq!(produced, expected);
     let (proposed, accepted) = fast.speculation_counts();
     assert!(accepted >= 4, "{accepted} of {proposed} accepted");
+}
+
+#[test]
+fn a_draft_model_keeps_the_greedy_output() {
+    // Drafted by the model itself every proposal is kept; drafted by another model of the same
+    // vocabulary (different weights) few are. The output is plain greedy's either way, across
+    // the sliding window (gqa_window) and LongRoPE's switch (longrope).
+    let (other, _) = load("mini4k");
+    for (case, new) in [("mini4k", 20), ("gqa_window", 20), ("longrope", 24)] {
+        let (model, reference) = load(case);
+        let prompt = ids(&reference["inputs"]["in0"])[..22].to_vec();
+        let mut plain = TokenStream::new(&model, prompt.clone(), SamplingParams::greedy()).unwrap();
+        let expected: Vec<u32> = (0..new).map(|_| plain.next_token().unwrap()).collect();
+        for (draft, name) in [(&model, "itself"), (&other, "mini4k")] {
+            let mut fast = TokenStream::new(&model, prompt.clone(), SamplingParams::greedy())
+                .unwrap()
+                .with_draft(draft, 4)
+                .unwrap();
+            let produced: Vec<u32> = (0..new).map(|_| fast.next_token().unwrap()).collect();
+            let (proposed, accepted) = fast.speculation_counts();
+            eprintln!("{case} drafted by {name}: {accepted} of {proposed} accepted");
+            assert_eq!(produced, expected, "{case} drafted by {name}");
+            assert!(proposed > 0, "{case} drafted by {name}: nothing proposed");
+            if std::ptr::eq(draft, &model) {
+                assert_eq!(accepted, proposed, "{case}: a model agrees with itself");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_draft_model_keeps_the_sampling_distribution() {
+    // As for prompt lookup: the first three sampled tokens over many seeds, plain and drafted
+    // (by the model's own greedy guesses, which sampling often keeps and sometimes rejects),
+    // have the same distribution.
+    let (model, reference) = load("gqa_window");
+    let (draft, _) = load("gqa_window");
+    let prompt = ids(&reference["inputs"]["in0"])[..12].to_vec();
+    let runs = 3000;
+    let histogram = |speculate: bool| {
+        let mut counts = std::collections::HashMap::<Vec<u32>, usize>::new();
+        let mut kept = (0, 0);
+        for seed in 0..runs {
+            let params = SamplingParams {
+                temperature: 0.7,
+                top_k: Some(3),
+                top_p: None,
+                seed: Some(seed as u64 + if speculate { 1_000_000 } else { 0 }),
+                ..SamplingParams::default()
+            };
+            let mut stream = TokenStream::new(&model, prompt.clone(), params).unwrap();
+            if speculate {
+                stream = stream.with_draft(&draft, 3).unwrap();
+            }
+            let out: Vec<u32> = (0..3).map(|_| stream.next_token().unwrap()).collect();
+            let (p, a) = stream.speculation_counts();
+            kept = (kept.0 + p, kept.1 + a);
+            *counts.entry(out).or_default() += 1;
+        }
+        (counts, kept)
+    };
+    let ((plain, _), (fast, (proposed, accepted))) = (histogram(false), histogram(true));
+    assert!(
+        accepted > 0 && accepted < proposed,
+        "{accepted} of {proposed} accepted"
+    );
+    let keys: std::collections::HashSet<&Vec<u32>> = plain.keys().chain(fast.keys()).collect();
+    let tv: f64 = keys
+        .iter()
+        .map(|k| {
+            let p = *plain.get(*k).unwrap_or(&0) as f64 / runs as f64;
+            let q = *fast.get(*k).unwrap_or(&0) as f64 / runs as f64;
+            (p - q).abs()
+        })
+        .sum::<f64>()
+        / 2.0;
+    eprintln!(
+        "{} outcomes, total variation {tv:.4}, {accepted} of {proposed} accepted",
+        keys.len()
+    );
+    assert!(tv < 0.06, "total variation {tv}");
+}
+
+#[test]
+fn a_draft_of_another_vocabulary_is_refused() {
+    let (model, _) = load("mini4k");
+    let config = philo_model::tiny::tiny_config();
+    let weights = philo_model::tiny::random_weights(&config, 0, &Device::Cpu).unwrap();
+    let draft = Phi3::load(&config, &weights, DType::F32, &Device::Cpu).unwrap();
+    let error = TokenStream::new(&model, vec![1, 2, 3], SamplingParams::greedy())
+        .unwrap()
+        .with_draft(&draft, 4)
+        .err()
+        .expect("a draft with 32,064 tokens for a 512-token model");
+    assert!(error.to_string().contains("vocabulary"), "{error}");
 }
