@@ -168,6 +168,76 @@ pub fn decode(
     Ok(steps.result(model, "candle"))
 }
 
+/// What `bench decode --speculative` measured: plain greedy decoding and the same with
+/// speculation, on one prompt, batch 1.
+#[derive(Debug, Clone, Serialize)]
+pub struct SpeculativeDecode {
+    /// `ngram` or `draft`.
+    pub proposer: String,
+    pub max_tokens: usize,
+    pub plain_tokens_per_second: f64,
+    pub tokens_per_second: f64,
+    pub proposed: usize,
+    pub accepted: usize,
+    pub verify_steps: usize,
+    /// New tokens per verify step (accepted proposals plus the model's own token).
+    pub tokens_per_verify_step: f64,
+    /// Whether the speculative output was the plain one, token for token (it must be).
+    pub same_output: bool,
+}
+
+/// Greedy decoding of `new_tokens` after a `prompt_len`-token prompt (a piece of random ids
+/// twice, so prompt lookup finds matches), plain and speculating with `draft` (a model with
+/// the same vocabulary) or by prompt lookup, proposing at most `max_tokens` a step.
+pub fn speculative_decode(
+    model: &Phi3,
+    draft: Option<&Phi3>,
+    prompt_len: usize,
+    new_tokens: usize,
+    max_tokens: usize,
+) -> anyhow::Result<SpeculativeDecode> {
+    use philo_generate::{SamplingParams, TokenStream};
+    let vocab = model.config().vocab_size;
+    let half = (prompt_len / 2).max(1);
+    let piece: Vec<u32> = (0..half)
+        .map(|i| ((i * 7919 + 13) % (vocab - 100)) as u32 + 100)
+        .collect();
+    let prompt = [piece.clone(), piece].concat();
+    let run = |speculate: bool| -> anyhow::Result<(Vec<u32>, f64, TokenStream<'_>)> {
+        let mut stream = TokenStream::new(model, prompt.clone(), SamplingParams::greedy())?;
+        if speculate {
+            stream = match draft {
+                Some(draft) => stream.with_draft(draft, max_tokens)?,
+                None => stream.with_speculation(max_tokens),
+            };
+        }
+        // The first token (the prefill) is not timed.
+        let mut out = vec![stream.next_token()?];
+        synchronize(model.device())?;
+        let start = Instant::now();
+        for _ in 1..new_tokens.max(2) {
+            out.push(stream.next_token()?);
+        }
+        let rate = (out.len() - 1) as f64 / start.elapsed().as_secs_f64();
+        Ok((out, rate, stream))
+    };
+    let (plain, plain_rate, _) = run(false)?;
+    let (fast, rate, stream) = run(true)?;
+    let (proposed, accepted) = stream.speculation_counts();
+    let verify_steps = stream.verify_steps();
+    Ok(SpeculativeDecode {
+        proposer: if draft.is_some() { "draft" } else { "ngram" }.into(),
+        max_tokens,
+        plain_tokens_per_second: plain_rate,
+        tokens_per_second: rate,
+        proposed,
+        accepted,
+        verify_steps,
+        tokens_per_verify_step: (accepted + verify_steps) as f64 / verify_steps.max(1) as f64,
+        same_output: plain == fast,
+    })
+}
+
 /// What a decode run measured, for its [`BenchResult`].
 struct DecodeSteps {
     batch: usize,

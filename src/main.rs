@@ -707,6 +707,21 @@ struct BenchArgs {
     /// launched one by one; candle: the general forward).
     #[arg(long, value_enum, default_value = "graph")]
     engine: philo::bench::DecodeEngine,
+    /// Decode: speculate (batch 1, greedy) by prompt lookup or with --draft_model, against
+    /// plain decoding on the same prompt (a piece of random ids twice): acceptance, tokens per
+    /// verify step, tok/s of both.
+    #[arg(long, value_enum)]
+    speculative: Option<Speculative>,
+    /// Decode --speculative draft: the draft model (folder or hub id), loaded like the model.
+    #[arg(long = "draft_model", alias = "draft-model")]
+    draft_model: Option<String>,
+    /// Decode --speculative: most tokens proposed a step.
+    #[arg(
+        long = "num_speculative_tokens",
+        alias = "num-speculative-tokens",
+        default_value_t = 5
+    )]
+    num_speculative_tokens: usize,
     /// Serve: load a running server at this base URL (e.g. http://127.0.0.1:8000/v1) over
     /// HTTP instead of the engine in-process: --batch streamed chat completions at a time,
     /// sampled (--temperature, --top_p), prompts of about --seq tokens, --new_tokens each.
@@ -826,6 +841,50 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         }
         (None, false) => anyhow::bail!("philo bench needs --model DIR or --random"),
     };
+    if let Some(proposer) = args.speculative {
+        if !matches!(args.task, BenchTask::Decode) {
+            anyhow::bail!("--speculative goes with `bench decode`");
+        }
+        let draft = match (proposer, &args.draft_model) {
+            (Speculative::Draft, Some(dir)) => {
+                let weights = philo::pipeline::WeightOptions {
+                    quant: load_quant,
+                    merge_adapter: false,
+                };
+                Some(Pipeline::load(dir, None, weights, dtype, &device)?.model)
+            }
+            (Speculative::Draft, None) => {
+                anyhow::bail!("--speculative draft needs --draft_model DIR")
+            }
+            (Speculative::Ngram, Some(_)) => {
+                anyhow::bail!("--draft_model goes with --speculative draft")
+            }
+            (Speculative::Ngram, None) => None,
+        };
+        let r = philo::bench::speculative_decode(
+            &model,
+            draft.as_ref(),
+            args.seq.unwrap_or(128),
+            args.new_tokens,
+            args.num_speculative_tokens,
+        )?;
+        println!(
+            "speculative decode ({}, k ≤ {}): {:.1} tok/s against {:.1} plain ({:.2}×); {} of {} proposed tokens accepted, {:.2} tokens per verify step over {} steps; output {}",
+            r.proposer,
+            r.max_tokens,
+            r.tokens_per_second,
+            r.plain_tokens_per_second,
+            r.tokens_per_second / r.plain_tokens_per_second,
+            r.accepted,
+            r.proposed,
+            r.tokens_per_verify_step,
+            r.verify_steps,
+            if r.same_output { "identical" } else { "DIFFERENT (a bug)" }
+        );
+        println!("{}", serde_json::to_string(&r)?);
+        anyhow::ensure!(r.same_output, "speculation changed the greedy output");
+        return Ok(());
+    }
     let mut results = Vec::new();
     if let BenchTask::Train = args.task {
         let [batch] = args.batch[..] else {

@@ -302,6 +302,34 @@ fn greedy_generate_streams_text_and_is_deterministic() {
         "{}",
         stderr(&drafted)
     );
+    // `bench decode --speculative draft` reports the same output and what speculation did.
+    let out = run(
+        work.path(),
+        &[
+            "bench",
+            "decode",
+            "--model",
+            model,
+            "--device",
+            "cpu",
+            "--speculative",
+            "draft",
+            "--draft_model",
+            model,
+            "--seq",
+            "16",
+            "--new_tokens",
+            "12",
+        ],
+    );
+    assert_success(&out, "philo bench decode --speculative draft");
+    let json: serde_json::Value = stdout(&out)
+        .lines()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .expect("a JSON line");
+    assert_eq!(json["same_output"], true, "{json}");
+    assert_eq!(json["accepted"], json["proposed"], "{json}");
+    assert!(json["verify_steps"].as_u64().unwrap() > 0, "{json}");
     // A draft without --speculative draft, and the reverse, are refused with the fix.
     for args in [
         &["--speculative", "draft"][..],

@@ -144,6 +144,8 @@ pub struct Speculation<'m> {
     paused_for: usize,
     proposed: usize,
     kept: usize,
+    /// Verify steps run.
+    verified: usize,
 }
 
 impl<'m> Speculation<'m> {
@@ -157,6 +159,7 @@ impl<'m> Speculation<'m> {
             paused_for: 0,
             proposed: 0,
             kept: 0,
+            verified: 0,
         }
     }
 
@@ -180,6 +183,7 @@ impl<'m> Speculation<'m> {
     pub fn record(&mut self, proposed: usize, kept: usize) {
         self.proposed += proposed;
         self.kept += kept;
+        self.verified += 1;
         if kept == proposed {
             self.tokens = (self.tokens + 1).min(self.max_tokens);
         } else if kept == 0 {
@@ -199,6 +203,11 @@ impl<'m> Speculation<'m> {
     /// Proposed and accepted tokens so far.
     pub fn counts(&self) -> (usize, usize) {
         (self.proposed, self.kept)
+    }
+
+    /// Verify steps so far (each also adds one token of the model's own).
+    pub fn verify_steps(&self) -> usize {
+        self.verified
     }
 }
 

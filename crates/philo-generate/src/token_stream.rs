@@ -91,6 +91,13 @@ impl<'m> TokenStream<'m> {
             .map_or((0, 0), Speculation::counts)
     }
 
+    /// Speculation's verify steps so far.
+    pub fn verify_steps(&self) -> usize {
+        self.speculation
+            .as_ref()
+            .map_or(0, Speculation::verify_steps)
+    }
+
     /// Decodes through a [`DecodeGraph`] where the model allows one (CUDA, bf16/f16, no
     /// unmerged adapter, weights philo's kernels read), with room for `max_new_tokens` more
     /// tokens; elsewhere, or past that room, the stream runs as before. Call before the first
