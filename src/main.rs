@@ -157,6 +157,13 @@ struct SamplingArgs {
         default_value_t = 256
     )]
     max_new_tokens: usize,
+    #[command(flatten)]
+    speculation: SpeculativeArgs,
+}
+
+/// Speculative decoding's flags (generate, chat, bench decode).
+#[derive(Args)]
+struct SpeculativeArgs {
     /// Speculative decoding: `ngram` proposes the tokens that followed the latest earlier
     /// occurrence of the last few tokens (prompt lookup), `draft` what --draft_model decodes
     /// greedily ahead; the output is unchanged. It runs on the general forward, not the GPU's
@@ -174,6 +181,26 @@ struct SamplingArgs {
         default_value_t = 5
     )]
     num_speculative_tokens: usize,
+}
+
+impl SpeculativeArgs {
+    /// The draft model `--speculative draft` names, loaded by `load`; None for prompt lookup or
+    /// no speculation. A draft without that flag, or the flag without a draft, is an error.
+    fn draft(
+        &self,
+        load: impl FnOnce(&str) -> anyhow::Result<philo_model::Phi3>,
+    ) -> anyhow::Result<Option<philo_model::Phi3>> {
+        match (self.speculative, &self.draft_model) {
+            (Some(Speculative::Draft), Some(dir)) => Ok(Some(load(dir)?)),
+            (Some(Speculative::Draft), None) => {
+                anyhow::bail!("--speculative draft needs --draft_model DIR (a smaller checkpoint with the model's tokenizer)")
+            }
+            (_, Some(_)) => {
+                anyhow::bail!("--draft_model is the draft of `--speculative draft`; add that flag or drop --draft_model")
+            }
+            _ => Ok(None),
+        }
+    }
 }
 
 /// Where speculative decoding's proposals come from.
@@ -200,7 +227,10 @@ impl SamplingArgs {
                 seed: self.seed,
                 ..SamplingParams::default()
             },
-            speculative_tokens: self.speculative.map(|_| self.num_speculative_tokens),
+            speculative_tokens: self
+                .speculation
+                .speculative
+                .map(|_| self.speculation.num_speculative_tokens),
             draft: None,
         }
     }
@@ -212,22 +242,13 @@ impl SamplingArgs {
         pipeline: &Pipeline,
     ) -> anyhow::Result<GenerateOptions> {
         let mut options = self.options(pipeline.stop_tokens.clone());
-        match (self.speculative, &self.draft_model) {
-            (Some(Speculative::Draft), Some(dir)) => {
-                let device = model.device.open()?;
-                let dtype = model.dtype.unwrap_or_else(|| default_dtype(&device));
-                let weights = model.weights.options(philo::quant::BaseQuant::None);
-                let draft = Pipeline::load(dir, None, weights, dtype, &device)?;
-                options.draft = Some(Arc::new(draft.model));
-            }
-            (Some(Speculative::Draft), None) => {
-                anyhow::bail!("--speculative draft needs --draft_model DIR (a smaller checkpoint with the model's tokenizer)")
-            }
-            (_, Some(_)) => {
-                anyhow::bail!("--draft_model is the draft of `--speculative draft`; add that flag or drop --draft_model")
-            }
-            _ => {}
-        }
+        let draft = self.speculation.draft(|dir| {
+            let device = model.device.open()?;
+            let dtype = model.dtype.unwrap_or_else(|| default_dtype(&device));
+            let weights = model.weights.options(philo::quant::BaseQuant::None);
+            Ok(Pipeline::load(dir, None, weights, dtype, &device)?.model)
+        })?;
+        options.draft = draft.map(Arc::new);
         Ok(options)
     }
 }
@@ -707,21 +728,10 @@ struct BenchArgs {
     /// launched one by one; candle: the general forward).
     #[arg(long, value_enum, default_value = "graph")]
     engine: philo::bench::DecodeEngine,
-    /// Decode: speculate (batch 1, greedy) by prompt lookup or with --draft_model, against
-    /// plain decoding on the same prompt (a piece of random ids twice): acceptance, tokens per
-    /// verify step, tok/s of both.
-    #[arg(long, value_enum)]
-    speculative: Option<Speculative>,
-    /// Decode --speculative draft: the draft model (folder or hub id), loaded like the model.
-    #[arg(long = "draft_model", alias = "draft-model")]
-    draft_model: Option<String>,
-    /// Decode --speculative: most tokens proposed a step.
-    #[arg(
-        long = "num_speculative_tokens",
-        alias = "num-speculative-tokens",
-        default_value_t = 5
-    )]
-    num_speculative_tokens: usize,
+    /// Decode with --speculative: batch 1, greedy, against plain decoding on the same prompt (a
+    /// piece of random ids twice): acceptance, tokens per verify step, tok/s of both.
+    #[command(flatten)]
+    speculation: SpeculativeArgs,
     /// Serve: load a running server at this base URL (e.g. http://127.0.0.1:8000/v1) over
     /// HTTP instead of the engine in-process: --batch streamed chat completions at a time,
     /// sampled (--temperature, --top_p), prompts of about --seq tokens, --new_tokens each.
@@ -841,32 +851,23 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         }
         (None, false) => anyhow::bail!("philo bench needs --model DIR or --random"),
     };
-    if let Some(proposer) = args.speculative {
+    if args.speculation.speculative.is_some() {
         if !matches!(args.task, BenchTask::Decode) {
             anyhow::bail!("--speculative goes with `bench decode`");
         }
-        let draft = match (proposer, &args.draft_model) {
-            (Speculative::Draft, Some(dir)) => {
-                let weights = philo::pipeline::WeightOptions {
-                    quant: load_quant,
-                    merge_adapter: false,
-                };
-                Some(Pipeline::load(dir, None, weights, dtype, &device)?.model)
-            }
-            (Speculative::Draft, None) => {
-                anyhow::bail!("--speculative draft needs --draft_model DIR")
-            }
-            (Speculative::Ngram, Some(_)) => {
-                anyhow::bail!("--draft_model goes with --speculative draft")
-            }
-            (Speculative::Ngram, None) => None,
-        };
+        let draft = args.speculation.draft(|dir| {
+            let weights = philo::pipeline::WeightOptions {
+                quant: load_quant,
+                merge_adapter: false,
+            };
+            Ok(Pipeline::load(dir, None, weights, dtype, &device)?.model)
+        })?;
         let r = philo::bench::speculative_decode(
             &model,
             draft.as_ref(),
             args.seq.unwrap_or(128),
             args.new_tokens,
-            args.num_speculative_tokens,
+            args.speculation.num_speculative_tokens,
         )?;
         println!(
             "speculative decode ({}, k ≤ {}): {:.1} tok/s against {:.1} plain ({:.2}×); {} of {} proposed tokens accepted, {:.2} tokens per verify step over {} steps; output {}",

@@ -131,6 +131,25 @@ fn empty_and_oversized_prompts_are_refused() {
     assert!(err.to_string().contains("context"), "{err}");
 }
 
+/// The number of distinct outcomes and the total variation distance between two histograms
+/// of `runs` draws each.
+fn total_variation(
+    a: &std::collections::HashMap<Vec<u32>, usize>,
+    b: &std::collections::HashMap<Vec<u32>, usize>,
+    runs: usize,
+) -> (usize, f64) {
+    let keys: std::collections::HashSet<&Vec<u32>> = a.keys().chain(b.keys()).collect();
+    let share = |h: &std::collections::HashMap<Vec<u32>, usize>, k: &Vec<u32>| {
+        *h.get(k).unwrap_or(&0) as f64 / runs as f64
+    };
+    let tv = keys
+        .iter()
+        .map(|k| (share(a, k) - share(b, k)).abs())
+        .sum::<f64>()
+        / 2.0;
+    (keys.len(), tv)
+}
+
 /// A prompt that repeats itself, so that prompt lookup has something to propose.
 fn repeated(prompt: &[u32], times: usize) -> Vec<u32> {
     prompt
@@ -197,17 +216,8 @@ fn speculation_keeps_the_sampling_distribution() {
         counts
     };
     let (plain, fast) = (histogram(false), histogram(true));
-    let keys: std::collections::HashSet<&Vec<u32>> = plain.keys().chain(fast.keys()).collect();
-    let tv: f64 = keys
-        .iter()
-        .map(|k| {
-            let p = *plain.get(*k).unwrap_or(&0) as f64 / runs as f64;
-            let q = *fast.get(*k).unwrap_or(&0) as f64 / runs as f64;
-            (p - q).abs()
-        })
-        .sum::<f64>()
-        / 2.0;
-    eprintln!("{} outcomes, total variation {tv:.4}", keys.len());
+    let (outcomes, tv) = total_variation(&plain, &fast, runs);
+    eprintln!("{outcomes} outcomes, total variation {tv:.4}");
     assert!(tv < 0.06, "total variation {tv}");
 }
 
@@ -298,20 +308,8 @@ fn a_draft_model_keeps_the_sampling_distribution() {
         accepted > 0 && accepted < proposed,
         "{accepted} of {proposed} accepted"
     );
-    let keys: std::collections::HashSet<&Vec<u32>> = plain.keys().chain(fast.keys()).collect();
-    let tv: f64 = keys
-        .iter()
-        .map(|k| {
-            let p = *plain.get(*k).unwrap_or(&0) as f64 / runs as f64;
-            let q = *fast.get(*k).unwrap_or(&0) as f64 / runs as f64;
-            (p - q).abs()
-        })
-        .sum::<f64>()
-        / 2.0;
-    eprintln!(
-        "{} outcomes, total variation {tv:.4}, {accepted} of {proposed} accepted",
-        keys.len()
-    );
+    let (outcomes, tv) = total_variation(&plain, &fast, runs);
+    eprintln!("{outcomes} outcomes, total variation {tv:.4}, {accepted} of {proposed} accepted");
     assert!(tv < 0.06, "total variation {tv}");
 }
 
