@@ -184,6 +184,57 @@ pub struct SpeculativeDecode {
     pub tokens_per_verify_step: f64,
     /// Whether the speculative output was the plain one, token for token (it must be).
     pub same_output: bool,
+    /// The cost of a verify step by proposal length (k = 0 is a plain step).
+    pub verify_cost: Vec<VerifyCost>,
+}
+
+/// One verify step's time: a forward over the last token and `k` proposals.
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyCost {
+    pub k: usize,
+    pub ms: f64,
+    /// Relative to a plain one-token step.
+    pub relative: f64,
+}
+
+/// The time of a forward over 1 + k tokens after `prompt_len` cached ones, k = 0..=max_k, on
+/// the general path (where speculation runs), each the mean of 8 after a warm-up.
+pub fn verify_cost_curve(
+    model: &Phi3,
+    prompt_len: usize,
+    max_k: usize,
+) -> anyhow::Result<Vec<VerifyCost>> {
+    let device = model.device();
+    let vocab = model.config().vocab_size;
+    let prompt = random_prompt(1, prompt_len.max(1), vocab, device)?;
+    let mut cache = model.new_cache();
+    model.forward_last(&prompt, None, Some(&mut cache))?;
+    let cached = cache.seq_len();
+    let mut curve: Vec<VerifyCost> = Vec::with_capacity(max_k + 1);
+    for k in 0..=max_k {
+        let ids = random_prompt(1, k + 1, vocab, device)?;
+        let mut time = || -> anyhow::Result<f64> {
+            let start = Instant::now();
+            let logits = model.forward(&ids, None, Some(&mut cache))?;
+            logits
+                .to_dtype(candle_core::DType::F32)?
+                .sum_all()?
+                .to_scalar::<f32>()?;
+            let seconds = start.elapsed().as_secs_f64();
+            cache.truncate(cached)?;
+            Ok(seconds)
+        };
+        time()?;
+        let reps = 8;
+        let mut total = 0.0;
+        for _ in 0..reps {
+            total += time()?;
+        }
+        let ms = total * 1e3 / reps as f64;
+        let relative = curve.first().map_or(1.0, |plain| ms / plain.ms);
+        curve.push(VerifyCost { k, ms, relative });
+    }
+    Ok(curve)
 }
 
 /// Greedy decoding of `new_tokens` after a `prompt_len`-token prompt (a piece of random ids
@@ -235,6 +286,7 @@ pub fn speculative_decode(
         verify_steps,
         tokens_per_verify_step: (accepted + verify_steps) as f64 / verify_steps.max(1) as f64,
         same_output: plain == fast,
+        verify_cost: verify_cost_curve(model, prompt.len(), 8)?,
     })
 }
 

@@ -882,6 +882,12 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
             r.verify_steps,
             if r.same_output { "identical" } else { "DIFFERENT (a bug)" }
         );
+        let curve: Vec<String> = r
+            .verify_cost
+            .iter()
+            .map(|c| format!("k={} {:.2}×", c.k, c.relative))
+            .collect();
+        println!("verify step against a plain step: {}", curve.join(", "));
         println!("{}", serde_json::to_string(&r)?);
         anyhow::ensure!(r.same_output, "speculation changed the greedy output");
         return Ok(());

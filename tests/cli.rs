@@ -330,6 +330,13 @@ fn greedy_generate_streams_text_and_is_deterministic() {
     assert_eq!(json["same_output"], true, "{json}");
     assert_eq!(json["accepted"], json["proposed"], "{json}");
     assert!(json["verify_steps"].as_u64().unwrap() > 0, "{json}");
+    let curve = json["verify_cost"].as_array().unwrap();
+    assert_eq!(curve.len(), 9, "k = 0..=8: {json}");
+    assert_eq!(curve[0]["relative"], 1.0);
+    assert!(
+        curve.iter().all(|c| c["ms"].as_f64().unwrap() > 0.0),
+        "{json}"
+    );
     // A draft without --speculative draft, and the reverse, are refused with the fix.
     for args in [
         &["--speculative", "draft"][..],
