@@ -4,9 +4,14 @@ real Phi-3-mini-4k-instruct config, plus the real tokenizer. For running philo's
 real shape where no real weights exist (speed does not depend on the values). Needs torch and
 transformers (the GPU machine has both).
 
-  python3 scripts/write_random_phi3.py OUT_DIR
+  python3 scripts/write_random_phi3.py OUT_DIR [--layers N] [--adapter ADAPTER_DIR]
+
+--layers keeps N decoder layers (a smaller model of the same family and tokenizer, e.g. a
+speculative-decoding draft); --adapter also writes a random PEFT LoRA adapter for it (r 64,
+alpha 128, on qkv_proj, o_proj, gate_up_proj and down_proj; B drawn normal(0, 0.01) rather than
+PEFT's zeros, so the adapter changes the output).
 """
-import json, os, shutil, sys
+import argparse, json, os, shutil
 
 import torch
 from transformers import Phi3Config, Phi3ForCausalLM
@@ -16,9 +21,16 @@ ROOT = os.path.dirname(HERE)
 
 
 def main():
-    out = sys.argv[1]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out")
+    parser.add_argument("--layers", type=int)
+    parser.add_argument("--adapter")
+    args = parser.parse_args()
+    out = args.out
     with open(os.path.join(ROOT, "tests/fixtures/configs/phi-3-mini-4k-instruct.config.json")) as f:
         raw = json.load(f)
+    if args.layers:
+        raw["num_hidden_layers"] = args.layers
     config = Phi3Config(**{k: v for k, v in raw.items()
                            if not k.startswith("_") and k not in ("architectures", "torch_dtype")})
     torch.manual_seed(0)
@@ -28,6 +40,17 @@ def main():
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(ROOT, "assets/phi-3-tokenizer", name), out)
     print(f"wrote {out}: {sum(p.numel() for p in model.parameters()):,} parameters")
+    if args.adapter:
+        from peft import LoraConfig, get_peft_model
+        lora = LoraConfig(r=64, lora_alpha=128, lora_dropout=0.0, task_type="CAUSAL_LM",
+                          target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+        peft_model = get_peft_model(model, lora)
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, 0.01)
+        peft_model.save_pretrained(args.adapter)
+        print(f"wrote the adapter {args.adapter}")
 
 
 if __name__ == "__main__":
