@@ -783,11 +783,24 @@ fn bench_http(args: &BenchArgs, base_url: &str) -> anyhow::Result<()> {
         };
         results.push(philo::bench_http::run(&options)?);
     }
-    print!("{}", philo::bench_http::table(&results));
-    let json = serde_json::to_string_pretty(&results)?;
-    println!("{json}");
-    if let Some(path) = &args.json {
-        std::fs::write(path, json).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    report(
+        &philo::bench_http::table(&results),
+        &results,
+        args.json.as_deref(),
+    )
+}
+
+/// Prints a bench's table and its results as JSON, and writes the JSON to `json` when given.
+fn report(
+    table: &str,
+    results: &impl serde::Serialize,
+    json: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    print!("{table}");
+    let text = serde_json::to_string_pretty(results)?;
+    println!("{text}");
+    if let Some(path) = json {
+        std::fs::write(path, text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     }
     Ok(())
 }
@@ -929,13 +942,11 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
             });
         }
     }
-    print!("{}", philo::bench::table(&results));
-    let json = serde_json::to_string_pretty(&results)?;
-    println!("{json}");
-    if let Some(path) = args.json {
-        std::fs::write(&path, json).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    }
-    Ok(())
+    report(
+        &philo::bench::table(&results),
+        &results,
+        args.json.as_deref(),
+    )
 }
 
 fn load(args: &ModelArgs) -> anyhow::Result<Pipeline> {

@@ -131,6 +131,35 @@ fn empty_and_oversized_prompts_are_refused() {
     assert!(err.to_string().contains("context"), "{err}");
 }
 
+/// The first three tokens sampled (temperature 0.7, top-k 3) after `prompt`, counted over `runs`
+/// seeds from `first_seed`, with `speculate` applied to each stream; and speculation's
+/// (proposed, accepted) totals.
+fn first_three_tokens<'m>(
+    model: &'m Phi3,
+    prompt: &[u32],
+    runs: usize,
+    first_seed: u64,
+    speculate: impl Fn(TokenStream<'m>) -> TokenStream<'m>,
+) -> (std::collections::HashMap<Vec<u32>, usize>, (usize, usize)) {
+    let mut counts = std::collections::HashMap::<Vec<u32>, usize>::new();
+    let mut kept = (0, 0);
+    for seed in 0..runs {
+        let params = SamplingParams {
+            temperature: 0.7,
+            top_k: Some(3),
+            top_p: None,
+            seed: Some(first_seed + seed as u64),
+            ..SamplingParams::default()
+        };
+        let mut stream = speculate(TokenStream::new(model, prompt.to_vec(), params).unwrap());
+        let out: Vec<u32> = (0..3).map(|_| stream.next_token().unwrap()).collect();
+        let (p, a) = stream.speculation_counts();
+        kept = (kept.0 + p, kept.1 + a);
+        *counts.entry(out).or_default() += 1;
+    }
+    (counts, kept)
+}
+
 /// The number of distinct outcomes and the total variation distance between two histograms
 /// of `runs` draws each.
 fn total_variation(
@@ -196,26 +225,8 @@ fn speculation_keeps_the_sampling_distribution() {
     let (model, reference) = load("mini4k");
     let prompt = repeated(&ids(&reference["inputs"]["in0"])[..5], 3);
     let runs = 3000;
-    let histogram = |speculate: bool| {
-        let mut counts = std::collections::HashMap::<Vec<u32>, usize>::new();
-        for seed in 0..runs {
-            let params = SamplingParams {
-                temperature: 0.7,
-                top_k: Some(3),
-                top_p: None,
-                seed: Some(seed as u64 + if speculate { 1_000_000 } else { 0 }),
-                ..SamplingParams::default()
-            };
-            let mut stream = TokenStream::new(&model, prompt.clone(), params).unwrap();
-            if speculate {
-                stream = stream.with_speculation(3);
-            }
-            let out: Vec<u32> = (0..3).map(|_| stream.next_token().unwrap()).collect();
-            *counts.entry(out).or_default() += 1;
-        }
-        counts
-    };
-    let (plain, fast) = (histogram(false), histogram(true));
+    let (plain, _) = first_three_tokens(&model, &prompt, runs, 0, |s| s);
+    let (fast, _) = first_three_tokens(&model, &prompt, runs, 1_000_000, |s| s.with_speculation(3));
     let (outcomes, tv) = total_variation(&plain, &fast, runs);
     eprintln!("{outcomes} outcomes, total variation {tv:.4}");
     assert!(tv < 0.06, "total variation {tv}");
@@ -281,29 +292,10 @@ fn a_draft_model_keeps_the_sampling_distribution() {
     let (draft, _) = load("gqa_window");
     let prompt = ids(&reference["inputs"]["in0"])[..12].to_vec();
     let runs = 3000;
-    let histogram = |speculate: bool| {
-        let mut counts = std::collections::HashMap::<Vec<u32>, usize>::new();
-        let mut kept = (0, 0);
-        for seed in 0..runs {
-            let params = SamplingParams {
-                temperature: 0.7,
-                top_k: Some(3),
-                top_p: None,
-                seed: Some(seed as u64 + if speculate { 1_000_000 } else { 0 }),
-                ..SamplingParams::default()
-            };
-            let mut stream = TokenStream::new(&model, prompt.clone(), params).unwrap();
-            if speculate {
-                stream = stream.with_draft(&draft, 3).unwrap();
-            }
-            let out: Vec<u32> = (0..3).map(|_| stream.next_token().unwrap()).collect();
-            let (p, a) = stream.speculation_counts();
-            kept = (kept.0 + p, kept.1 + a);
-            *counts.entry(out).or_default() += 1;
-        }
-        (counts, kept)
-    };
-    let ((plain, _), (fast, (proposed, accepted))) = (histogram(false), histogram(true));
+    let (plain, _) = first_three_tokens(&model, &prompt, runs, 0, |s| s);
+    let (fast, (proposed, accepted)) = first_three_tokens(&model, &prompt, runs, 1_000_000, |s| {
+        s.with_draft(&draft, 3).unwrap()
+    });
     assert!(
         accepted > 0 && accepted < proposed,
         "{accepted} of {proposed} accepted"
