@@ -1,6 +1,8 @@
-//! With the `cuda` feature, compiles every `src/cuda/*.cu` to PTX with nvcc (found through
-//! CUDA_ROOT/CUDA_HOME/CUDA_PATH or PATH) for `CUDA_COMPUTE_CAP` (default 80: Ampere and newer,
-//! which the bf16 tensor-core instructions need). Without it, nothing is built.
+//! With the `cuda` feature, compiles every `src/cuda/*.cu` with nvcc (found through
+//! CUDA_ROOT/CUDA_HOME/CUDA_PATH or PATH) into a fat binary for `CUDA_COMPUTE_CAP` (default 80:
+//! Ampere and newer, which the bf16 tensor-core instructions need): machine code for that GPU
+//! generation, so the driver does not spend the first step compiling, plus its PTX for newer
+//! GPUs. Without the feature, nothing is built.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -28,12 +30,12 @@ fn main() {
             continue;
         }
         let stem = path.file_stem().unwrap().to_string_lossy().to_string();
-        let ptx = out.join(format!("{stem}.ptx"));
+        let fatbin = out.join(format!("{stem}.fatbin"));
         let status = Command::new(&nvcc)
-            .args(["--ptx", "-O3", "-std=c++17", "--expt-relaxed-constexpr"])
-            .arg(format!("-arch=sm_{cap}"))
+            .args(["--fatbin", "-O3", "-std=c++17", "--expt-relaxed-constexpr"])
+            .arg(format!("-gencode=arch=compute_{cap},code=[sm_{cap},compute_{cap}]"))
             .arg("-o")
-            .arg(&ptx)
+            .arg(&fatbin)
             .arg(&path)
             .status()
             .unwrap_or_else(|e| {

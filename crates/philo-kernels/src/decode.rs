@@ -266,6 +266,31 @@ mod device {
     /// Dynamic shared memory a GEMV may take for its staged input: 4 rows of 8,192 in bf16.
     const GEMV_SMEM_LIMIT: usize = 96 * 1024;
 
+    /// The tensor-core GEMV of one weight format (`gemv_tc_*` in decode.cu).
+    struct TensorCoreGemv {
+        f: CudaFunction,
+        /// Dynamic shared memory a block may take (the GPU's opt-in limit less the static).
+        dynamic_smem: usize,
+        /// Weights per 16-byte chunk; k must be a multiple of 32 of them (one 512-byte tile).
+        chunk_weights: usize,
+        /// Bytes of one warp's tile in shared memory (as `tc_tile_bytes`).
+        tile_bytes: usize,
+        /// Tiles each warp keeps in flight: measured on the H200 (3 for dense and INT4, 2 for
+        /// INT8); fewer where the GPU's shared memory does not hold them.
+        stages: usize,
+    }
+
+    /// How one tensor-core GEMV launches.
+    struct TensorCorePlan<'a> {
+        gemv: &'a TensorCoreGemv,
+        stages: usize,
+        blocks: usize,
+        smem: usize,
+    }
+
+    /// Threads of a tensor-core GEMV block (8 warps).
+    const TC_THREADS: usize = 256;
+
     /// The decode kernels of one compute dtype, loaded once.
     pub struct DecodeKernels {
         dev: CudaDevice,
@@ -277,6 +302,8 @@ mod device {
         pdl: bool,
         /// By format ([`FORMATS`]), then accumulator rows (1, 2, 4).
         gemv: Vec<[CudaFunction; 3]>,
+        /// The tensor-core GEMV by format (dense, INT8, INT4), with its tile stages.
+        tc: Vec<TensorCoreGemv>,
         embed: CudaFunction,
         rope_kv: CudaFunction,
         /// By head dimension: 64, 96, 128, any other.
@@ -299,7 +326,37 @@ mod device {
                 };
                 gemv.push([load(1)?, load(2)?, load(4)?]);
             }
-            use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+            use candle_core::cuda_backend::cudarc::driver::sys::{
+                CUdevice_attribute, CUfunction_attribute_enum,
+            };
+            let smem_limit = dev
+                .cuda_stream()
+                .context()
+                .attribute(
+                    CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+                )
+                .w()? as usize;
+            let mut tc = Vec::new();
+            for (format, chunk_weights, tile_bytes, stages) in [
+                ("dense", 16 / dtype.size_in_bytes(), 8 * 512, 3),
+                ("int8", 16, 8 * 512, 2),
+                ("int4", 32, 8 * 512 + 256, 3),
+            ] {
+                let f = function(dev, &DECODE, &format!("gemv_tc_{format}_{suffix}"))?;
+                // What the block may take beyond its static shared memory.
+                let static_smem = f
+                    .get_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
+                    .w()? as usize;
+                let dynamic = smem_limit.saturating_sub(static_smem);
+                dynamic_smem(&f, dynamic)?;
+                tc.push(TensorCoreGemv {
+                    f,
+                    dynamic_smem: dynamic,
+                    chunk_weights,
+                    tile_bytes,
+                    stages,
+                });
+            }
             let sms = multiprocessors(dev)?;
             let major = dev
                 .cuda_stream()
@@ -312,6 +369,7 @@ mod device {
                 sms,
                 pdl: major >= 9,
                 gemv,
+                tc,
                 embed: function(dev, &DECODE, &format!("embed_rows_{suffix}"))?,
                 rope_kv: function(dev, &DECODE, &format!("rope_write_kv_{suffix}"))?,
                 attention: [
@@ -380,6 +438,31 @@ mod device {
                 GemvOutput::AddTo(p) => (p, 0, p),
                 GemvOutput::F32(p) => (0, p, 0),
             };
+            if let Some(plan) = self.tensor_core_plan(g, group)? {
+                use Arg::*;
+                let args = [
+                    Ptr(g.x),
+                    Ptr(norm),
+                    F32(eps),
+                    I32(mode),
+                    I32(g.m as i32),
+                    I32(g.n as i32),
+                    I32(g.k as i32),
+                    Ptr(w),
+                    Ptr(s),
+                    I32(plan.stages as i32),
+                    Ptr(out),
+                    Ptr(out_f32),
+                    Ptr(residual),
+                ];
+                return self.launch(
+                    &plan.gemv.f,
+                    (plan.blocks as u32, 1, 1),
+                    TC_THREADS as u32,
+                    plan.smem as u32,
+                    &args,
+                );
+            }
             let tpg = threads_per_group(row_bytes);
             let rows_per_block = 4 * (256 / tpg);
             let resident = f
@@ -410,6 +493,66 @@ mod device {
                 Ptr(residual),
             ];
             self.launch(f, (blocks as u32, 1, 1), 256, smem as u32, &args)
+        }
+
+        /// The tensor-core GEMV for `g` with its stages, grid and shared memory, or None where
+        /// it does not apply (NF4, INT4 groups other than 128, k not a whole number of 512-byte
+        /// tiles, or tiles that do not fit in shared memory): then the FMA kernel runs.
+        fn tensor_core_plan(
+            &self,
+            g: &Gemv,
+            int4_group: usize,
+        ) -> Result<Option<TensorCorePlan<'_>>> {
+            let format = g.weight.format();
+            let Some(tc) = self.tc.get(format) else {
+                return Ok(None);
+            };
+            if !g.k.is_multiple_of(32 * tc.chunk_weights)
+                || (matches!(g.weight, GemvWeight::Int4 { .. }) && int4_group != 128)
+            {
+                return Ok(None);
+            }
+            let groups = g.n.div_ceil(8);
+            let warps = TC_THREADS / 32;
+            let input = g.m * g.k * self.dtype.size_in_bytes();
+            let row_sums = |per: usize| per * 8 * MAX_ROWS * 4;
+            for stages in (2..=tc.stages).rev() {
+                let base = warps * stages * tc.tile_bytes + input;
+                if base + row_sums(1) > tc.dynamic_smem {
+                    continue;
+                }
+                // Blocks own whole groups of 8 rows: as few per block as the resident blocks
+                // allow, and the fewest blocks that give each that many.
+                let mut resident = usize::MAX;
+                let mut smem = base + row_sums(1);
+                loop {
+                    let fits =
+                        tc.f.occupancy_max_active_blocks_per_multiprocessor(
+                            TC_THREADS as u32,
+                            smem,
+                            None,
+                        )
+                        .w()?
+                        .max(1) as usize;
+                    if fits >= resident {
+                        break;
+                    }
+                    resident = fits;
+                    let per = groups.div_ceil(self.sms * resident);
+                    smem = base + row_sums(per);
+                }
+                if smem > tc.dynamic_smem {
+                    continue;
+                }
+                let per = groups.div_ceil(self.sms * resident);
+                return Ok(Some(TensorCorePlan {
+                    gemv: tc,
+                    stages,
+                    blocks: groups.div_ceil(per),
+                    smem,
+                }));
+            }
+            Ok(None)
         }
 
         /// `x[b] = table[tokens[b]]` for `m` rows of `hidden`.

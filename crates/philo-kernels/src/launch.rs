@@ -14,14 +14,15 @@ use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape, S
 /// One compiled `.cu` file.
 pub(crate) struct Module {
     name: &'static str,
-    ptx: &'static str,
+    /// nvcc's fat binary: machine code for the build's GPU generation and its PTX.
+    fatbin: &'static [u8],
 }
 
 macro_rules! module {
     ($const:ident, $file:literal) => {
         pub(crate) const $const: Module = Module {
             name: $file,
-            ptx: include_str!(concat!(env!("OUT_DIR"), "/", $file, ".ptx")),
+            fatbin: include_bytes!(concat!(env!("OUT_DIR"), "/", $file, ".fatbin")),
         };
     };
 }
@@ -59,7 +60,7 @@ pub(crate) fn function(dev: &CudaDevice, module: &Module, name: &str) -> Result<
                 let m = dev
                     .cuda_stream()
                     .context()
-                    .load_module(Ptx::from_src(module.ptx))
+                    .load_module(Ptx::from_binary(module.fatbin.to_vec()))
                     .w()?;
                 modules.insert((dev.id(), module.name), m.clone());
                 m

@@ -3,7 +3,7 @@
 // KV write → paged split-K attention → O GEMV + residual → norm+gate/up GEMV → SwiGLU+down GEMV
 // + residual] → norm+LM head GEMV → argmax. Per-step state (token ids, sequence lengths, block
 // tables) lives in device buffers the kernels read, so one captured graph replays every step.
-#include "common.cuh"
+#include "mma.cuh"
 #include "nf4_code.cuh"
 
 // Rows of x a GEMV takes (sequences decoded together).
@@ -86,8 +86,10 @@ constexpr int VPT = 4;
 
 // Stages the GEMV's input rows in shared memory as T, transformed as the layer wants them:
 // plain; RMSNorm (x·rsqrt(ms + eps) rounded, times g, as rms_norm.cu); or SwiGLU of [gate | up]
-// (silu(gate) rounded, times up, as swiglu.cu). k % 8 == 0, k ≤ VPT · 8 · blockDim.x.
-template <typename T>
+// (silu(gate) rounded, times up, as swiglu.cu). k % 8 == 0, k ≤ VPT · 8 · blockDim.x. With
+// PAIRS each group of 8 elements is stored in the order INT4 nibbles unpack in on the tensor-core
+// path: 0, 4, 1, 5, 2, 6, 3, 7.
+template <typename T, bool PAIRS = false>
 __device__ void stage_input(const T* x, const T* g, float eps, int mode, int m, int k, T* xs) {
     const int nv = k / 8;
     uint4* out = reinterpret_cast<uint4*>(xs);
@@ -121,7 +123,7 @@ __device__ void stage_input(const T* x, const T* g, float eps, int mode, int m, 
         for (int i = 0; i < VPT; ++i) {
             int v = threadIdx.x + i * blockDim.x;
             if (v >= nv) continue;
-            if (mode == IN_PLAIN) {
+            if (mode == IN_PLAIN && !PAIRS) {
                 out[r * nv + v] = a[i];
                 continue;
             }
@@ -130,9 +132,15 @@ __device__ void stage_input(const T* x, const T* g, float eps, int mode, int m, 
             load8(reinterpret_cast<const T*>(&b[i]), fb);
 #pragma unroll
             for (int j = 0; j < 8; ++j)
-                o[j] = mode == IN_RMSNORM ? fb[j] * round_to<T>(fa[j] * inv)
-                                          : round_to<T>(fa[j] / (1.f + __expf(-fa[j]))) * fb[j];
-            store8(xs + (size_t)(r * nv + v) * 8, o);
+                o[j] = mode == IN_PLAIN     ? fa[j]
+                       : mode == IN_RMSNORM ? fb[j] * round_to<T>(fa[j] * inv)
+                                            : round_to<T>(fa[j] / (1.f + __expf(-fa[j]))) * fb[j];
+            if (PAIRS) {
+                float p[8] = {o[0], o[4], o[1], o[5], o[2], o[6], o[3], o[7]};
+                store8(xs + (size_t)(r * nv + v) * 8, p);
+            } else {
+                store8(xs + (size_t)(r * nv + v) * 8, o);
+            }
         }
     }
     __syncthreads();
@@ -286,6 +294,218 @@ GEMV_FUSED(dense_f16, __half, F_DENSE)
 GEMV_FUSED(int8_f16, __half, F_INT8)
 GEMV_FUSED(int4_f16, __half, F_INT4)
 GEMV_FUSED(nf4_f16, __half, F_NF4)
+
+// ---------------------------------------------------------------------------------------------
+// The same GEMV on tensor cores, for dense, INT8 and INT4 weights (n any, k a multiple of 32·E;
+// INT4 in groups of 128). A warp's tile is 8 weight rows × 512 bytes: cp.async copies it with
+// one instruction per row (512 contiguous bytes, what DRAM streams best), S tiles in flight per
+// warp, storing chunk c of row r at c ^ r so that ldmatrix reads without bank conflicts.
+// ldmatrix turns four chunks of the 8 rows into B fragments of mma.m16n8k16 (column g = row
+// g); the input rows are the A operand (rows 0..m−1, the rest zero). k may be permuted freely
+// as long as x and W agree: each lane's weight pairs stay in its own fragment slots, and the
+// input is staged in the matching order (INT4 nibbles unpack as pairs (0,4), (1,5), …).
+// Dequantising is then a few integer operations per pair, with no float conversion per weight:
+// the FMA path's per-weight work is what held INT4 and INT8 below the bandwidth.
+// Blocks own whole groups of 8 rows (balanced); the block's warps split its tiles evenly and
+// add their row sums into shared memory; the epilogue is gemv_fused's.
+
+template <typename T> struct Nibbles;
+template <> struct Nibbles<__nv_bfloat16> {
+    // Bits 0–3 and 16–19 of u as a bf16 pair: 128 + nibble (exact), minus 136.
+    static __device__ __forceinline__ uint32_t pair(uint32_t u) {
+        uint32_t v = (u & 0x000F000Fu) | 0x43004300u;
+        __nv_bfloat162 r = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&v), __floats2bfloat162_rn(136.f, 136.f));
+        return *reinterpret_cast<uint32_t*>(&r);
+    }
+};
+template <> struct Nibbles<__half> {
+    // 1024 + nibble (exact), minus 1032.
+    static __device__ __forceinline__ uint32_t pair(uint32_t u) {
+        uint32_t v = (u & 0x000F000Fu) | 0x64006400u;
+        __half2 r = __hsub2(*reinterpret_cast<__half2*>(&v), __floats2half2_rn(1032.f, 1032.f));
+        return *reinterpret_cast<uint32_t*>(&r);
+    }
+};
+
+// INT8 codes (+ 128) in bytes j and j + 1 of u as a pair of T, exact: 2²³ + byte as a float's
+// bits, minus 2²³ + 128.
+template <typename T>
+__device__ __forceinline__ uint32_t int8_pair(uint32_t u, int j) {
+    float lo = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7540 + j)) - 8388736.f;
+    float hi = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7541 + j)) - 8388736.f;
+    return Mma<T>::pack(lo, hi);
+}
+
+// Bytes of one warp tile in shared memory: 8 rows × 512, and for INT4 the tile's 8 × 8 scales.
+template <int FMT> constexpr int tc_tile_bytes() { return 8 * 512 + (FMT == F_INT4 ? 256 : 0); }
+
+template <typename T, int FMT>
+__device__ void gemv_tc(const T* x, const T* g, float eps, int mode, int m, int n, int k,
+                        const void* w, const float* scales, int stages, T* out, float* out_f32,
+                        const T* residual) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    constexpr int E = Chunk<T, FMT>::E, TILE = tc_tile_bytes<FMT>();
+    const int warps = blockDim.x / 32;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, t = lane % 4;
+    const int tiles_per_group = k / (E * 32);
+    const int groups = (n + 7) / 8;
+    const int per = groups / gridDim.x, extra = groups % gridDim.x;
+    const int rg0 = blockIdx.x * per + min((int)blockIdx.x, extra);
+    const int nrg = per + ((int)blockIdx.x < extra ? 1 : 0);
+    unsigned char* tiles = smem + (size_t)warp * stages * TILE;
+    T* xs = reinterpret_cast<T*>(smem + (size_t)warps * stages * TILE);
+    float* red = reinterpret_cast<float*>(smem + (size_t)warps * stages * TILE + (size_t)m * k * sizeof(T));
+    const int total = nrg * tiles_per_group;
+    const int i0 = warp * total / warps, i1 = (warp + 1) * total / warps;
+    const size_t row_bytes = (size_t)k * 16 / E;
+    const unsigned char* wb = reinterpret_cast<const unsigned char*>(w);
+    const int groups_per_row = FMT == F_INT4 ? k / 128 : 0;
+
+    // The copy cursor runs stages − 1 tiles ahead of the compute cursor.
+    int f_rg = i0 / tiles_per_group, f_kt = i0 % tiles_per_group, fi = i0, fstage = 0;
+    auto issue = [&]() {
+        if (fi < i1) {
+            unsigned char* dst = tiles + fstage * TILE;
+            int row0 = (rg0 + f_rg) * 8;
+#pragma unroll
+            for (int r = 0; r < 8; ++r) {
+                bool ok = row0 + r < n;
+                const unsigned char* src = wb + (ok ? (size_t)(row0 + r) * row_bytes + (size_t)f_kt * 512 + lane * 16 : 0);
+                cp_async16(dst + r * 512 + ((lane ^ r) * 16), src, ok);
+            }
+            if (FMT == F_INT4 && lane < 16) {
+                // Row lane / 2's scales of the tile's 8 groups, 4 at a time.
+                int row = row0 + lane / 2;
+                bool ok = row < n;
+                const float* src = scales + (ok ? (size_t)row * groups_per_row + f_kt * 8 + (lane % 2) * 4 : 0);
+                cp_async16(dst + 8 * 512 + lane * 16, src, ok);
+            }
+        }
+        cp_async_commit();
+        ++fi;
+        fstage = fstage + 1 == stages ? 0 : fstage + 1;
+        if (++f_kt == tiles_per_group) {
+            f_kt = 0;
+            ++f_rg;
+        }
+    };
+    // The first tiles stream in while the previous kernel finishes.
+    for (int s = 0; s < stages - 1; ++s) issue();
+    for (int i = threadIdx.x; i < nrg * 8 * MAXM; i += blockDim.x) red[i] = 0.f;
+    pdl_allow_next();
+    pdl_wait_previous();
+    stage_input<T, FMT == F_INT4>(x, g, eps, mode, m, k, xs);
+
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    int c_rg = i0 / tiles_per_group, c_kt = i0 % tiles_per_group, cstage = 0;
+    const T* xrow = xs + (size_t)(gq < m ? gq : 0) * k;
+    // Lane (g, t) holds the sums of rows 2t and 2t + 1 of the group for input row g.
+    auto flush = [&]() {
+        if (gq < m) {
+            atomicAdd(&red[(c_rg * 8 + 2 * t) * MAXM + gq], acc[0]);
+            atomicAdd(&red[(c_rg * 8 + 2 * t + 1) * MAXM + gq], acc[1]);
+        }
+        acc[0] = acc[1] = 0.f;
+    };
+    for (int i = i0; i < i1; ++i) {
+        __syncwarp();  // every lane is done with the stage the next copy overwrites
+        issue();
+        if (stages == 3) cp_async_wait<2>();
+        else cp_async_wait<1>();
+        __syncwarp();
+        const unsigned char* tile = tiles + cstage * TILE;
+        const int kbase = c_kt * 32 * E;
+#pragma unroll
+        for (int q = 0; q < 8; ++q) {
+            // Chunks 4q .. 4q + 3 of the 8 rows: lane 8i + j addresses row j of chunk 4q + i.
+            uint32_t r[4];
+            ldsm_x4<false>(tile + (lane % 8) * 512 + (((4 * q + lane / 8) ^ (lane % 8)) * 16), r);
+            if constexpr (FMT == F_DENSE) {
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    int k0 = kbase + (4 * q + 2 * h) * 8;
+                    uint32_t a[4] = {0u, 0u, 0u, 0u};
+                    if (gq < m) {
+                        a[0] = *reinterpret_cast<const uint32_t*>(xrow + k0 + 2 * t);
+                        a[2] = *reinterpret_cast<const uint32_t*>(xrow + k0 + 8 + 2 * t);
+                    }
+                    Mma<T>::run(acc, a, r[2 * h], r[2 * h + 1]);
+                }
+            } else if constexpr (FMT == F_INT8) {
+                // Lane t holds bytes 4t .. 4t + 3 of each chunk.
+#pragma unroll
+                for (int h = 0; h < 4; ++h) {
+                    int k0 = kbase + (4 * q + h) * 16 + 4 * t;
+                    uint32_t a[4] = {0u, 0u, 0u, 0u};
+                    if (gq < m) {
+                        uint2 xv = *reinterpret_cast<const uint2*>(xrow + k0);
+                        a[0] = xv.x;
+                        a[2] = xv.y;
+                    }
+                    Mma<T>::run(acc, a, int8_pair<T>(r[h], 0), int8_pair<T>(r[h], 2));
+                }
+            } else {
+                // Lane t holds nibbles 8t .. 8t + 7 of each chunk; the four chunks are one
+                // group of 128, scaled once.
+                float d[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+                for (int h = 0; h < 4; ++h) {
+                    int k0 = kbase + (4 * q + h) * 32 + 8 * t;
+                    uint32_t a0[4] = {0u, 0u, 0u, 0u}, a1[4] = {0u, 0u, 0u, 0u};
+                    if (gq < m) {
+                        uint4 xv = *reinterpret_cast<const uint4*>(xrow + k0);
+                        a0[0] = xv.x;
+                        a0[2] = xv.y;
+                        a1[0] = xv.z;
+                        a1[2] = xv.w;
+                    }
+                    uint32_t u = r[h];
+                    Mma<T>::run(d, a0, Nibbles<T>::pair(u), Nibbles<T>::pair(u >> 4));
+                    Mma<T>::run(d, a1, Nibbles<T>::pair(u >> 8), Nibbles<T>::pair(u >> 12));
+                }
+                const float* ts = reinterpret_cast<const float*>(tile + 8 * 512);
+                acc[0] += d[0] * ts[(2 * t) * 8 + q];
+                acc[1] += d[1] * ts[(2 * t + 1) * 8 + q];
+            }
+        }
+        cstage = cstage + 1 == stages ? 0 : cstage + 1;
+        if (++c_kt == tiles_per_group) {
+            flush();
+            c_kt = 0;
+            ++c_rg;
+        }
+    }
+    if (c_kt != 0) flush();
+    cp_async_wait<0>();
+    __syncthreads();
+    for (int tt = threadIdx.x; tt < nrg * 8 * m; tt += blockDim.x) {
+        int i = tt / m, rr = tt % m, row = rg0 * 8 + i;
+        if (row >= n) continue;
+        float v = red[i * MAXM + rr];
+        if (FMT == F_INT8) v = v * scales[row] * (1.f / 127.f);
+        size_t at = (size_t)rr * n + row;
+        if (out_f32 != nullptr) {
+            out_f32[at] = round_to<T>(v);
+        } else if (residual != nullptr) {
+            out[at] = from_f32<T>(to_f32(residual[at]) + round_to<T>(v));
+        } else {
+            out[at] = from_f32<T>(v);
+        }
+    }
+}
+
+#define GEMV_TC(fname, T, FMT)                                                                          \
+    extern "C" __global__ void __launch_bounds__(256) gemv_tc_##fname(                                   \
+        const T* x, const T* g, float eps, int mode, int m, int n, int k, const void* w,                 \
+        const float* scales, int stages, T* out, float* out_f32, const T* residual) {                    \
+        gemv_tc<T, FMT>(x, g, eps, mode, m, n, k, w, scales, stages, out, out_f32, residual);            \
+    }
+GEMV_TC(dense_bf16, __nv_bfloat16, F_DENSE)
+GEMV_TC(int8_bf16, __nv_bfloat16, F_INT8)
+GEMV_TC(int4_bf16, __nv_bfloat16, F_INT4)
+GEMV_TC(dense_f16, __half, F_DENSE)
+GEMV_TC(int8_f16, __half, F_INT8)
+GEMV_TC(int4_f16, __half, F_INT4)
 
 // x[b] = embed[tokens[b]]; one block per row.
 template <typename T>
