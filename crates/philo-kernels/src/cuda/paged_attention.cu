@@ -1,6 +1,6 @@
 // The paged KV cache's kernels (reference: src/paged_attention.rs).
 // Cache layout [blocks, kv_heads, block_size, d]; slot = block * block_size + offset.
-#include "common.cuh"
+#include "mma.cuh"
 
 // new [kvh, t, d] → cache at slots[t]; one thread per element.
 template <typename T>
@@ -23,8 +23,9 @@ __device__ void write_kv(T* cache, const T* values, const uint32_t* slots, int t
 // One block of 128 threads (4 warps) per (sequence, head). Keys go in tiles of 128: one thread
 // scores one key with 16-byte loads, then an online softmax rescales across tiles. For the
 // weighted sum of V each warp takes every 4th key of the tile and its lanes cover the head's
-// dimensions in pairs (128-byte coalesced rows), so the chain of dependent loads per thread is a
-// quarter of the tile; the 4 warps' partial sums are added at the end. q [h, n, d], out [n, h, d].
+// dimensions in pairs (128-byte coalesced rows); for the common head dims the tile's values are
+// already in shared memory by then (copied while the scores were computed). The 4 warps'
+// partial sums are added at the end. q [h, n, d], out [n, h, d].
 //
 // Long sequences split their keys over `splits` blocks (grid.z), as flash-decoding does, so that
 // a few sequences still fill the GPU: each block writes its (max, sum, unnormalised output) to
@@ -52,6 +53,12 @@ __device__ void paged_decode(const T* q, const T* kc, const T* vc, const uint32_
     __shared__ float qs[256];
     __shared__ float probs[TILE];
     __shared__ float partial[WARPS][256];
+    // With the head dim fixed and a tile of values within 32 KiB, the tile's values are copied
+    // into shared memory (cp.async) as soon as the tile starts: they arrive while its scores
+    // are computed, instead of a chain of dependent loads after the softmax.
+    constexpr bool PREFETCH = D > 0 && D * sizeof(T) <= 256;
+    constexpr int CHUNK = 16 / sizeof(T);  // elements per 16-byte copy
+    __shared__ __align__(16) T vtile[PREFETCH ? TILE * D : 1];
     pdl_allow_next();
     pdl_wait_previous();
     int seq = blockIdx.x, head = blockIdx.y, tid = threadIdx.x;
@@ -73,6 +80,18 @@ __device__ void paged_decode(const T* q, const T* kc, const T* vc, const uint32_
     float running_max = -INFINITY, running_sum = 0.f;
     float acc[PAIRS][2] = {};
     for (int start = first; start < end; start += TILE) {
+        if constexpr (PREFETCH) {
+            __syncthreads();  // the previous tile's values are read
+            constexpr int CH = D / CHUNK;
+            int count = min(TILE, end - start);
+            for (int j = tid; j < count * CH; j += blockDim.x) {
+                int i = j / CH, c = j % CH, pi = start + i;
+                size_t block = table[pi / bs];
+                const T* v = vc + ((block * kvh + kh) * bs + pi % bs) * D + c * CHUNK;
+                cp_async16(vtile + i * D + c * CHUNK, v, true);
+            }
+            cp_async_commit();
+        }
         int p = start + tid;
         float score = -INFINITY;
         if (p < end) {
@@ -98,6 +117,7 @@ __device__ void paged_decode(const T* q, const T* kc, const T* vc, const uint32_
         running_max = new_max;
         __syncthreads();
         probs[tid] = prob;
+        if constexpr (PREFETCH) cp_async_wait<0>();
         __syncthreads();
         int count = min(TILE, end - start);
 #pragma unroll
@@ -107,9 +127,14 @@ __device__ void paged_decode(const T* q, const T* kc, const T* vc, const uint32_
         }
 #pragma unroll 8
         for (int i = warp; i < count; i += WARPS) {
-            int pi = start + i;
-            size_t block = table[pi / bs];
-            const T* v = vc + ((block * kvh + kh) * bs + pi % bs) * d;
+            const T* v;
+            if constexpr (PREFETCH) {
+                v = vtile + i * D;
+            } else {
+                int pi = start + i;
+                size_t block = table[pi / bs];
+                v = vc + ((block * kvh + kh) * bs + pi % bs) * d;
+            }
             float w = probs[i];
 #pragma unroll
             for (int r = 0; r < PAIRS; ++r) {
