@@ -381,6 +381,32 @@ struct Sequence {
     started: bool,
 }
 
+/// The next token of one sequence from its row of logits on the host: sampled (among the tokens
+/// its grammar allows, when it has one), with the log-probabilities it asked for.
+fn sample_row(s: &mut Sequence, row: &[f32]) -> Result<SampledToken, String> {
+    let token = match &mut s.constraint {
+        Some(constraint) => {
+            let mut masked = row.to_vec();
+            constraint.mask(&mut masked, &s.stop_token_ids)?;
+            let token = s.sampler.sample(&masked, &s.tokens);
+            if !s.stop_token_ids.contains(&token) {
+                constraint.advance(token)?;
+            }
+            token
+        }
+        None => s.sampler.sample(row, &s.tokens),
+    };
+    let logprobs = s
+        .sampler
+        .params()
+        .logprobs
+        .map(|k| token_logprobs(row, token, k));
+    Ok(SampledToken {
+        id: token,
+        logprobs,
+    })
+}
+
 struct Engine {
     model: Phi3,
     cache: PagedKvCache,
@@ -697,44 +723,42 @@ impl Engine {
                 .to_device(&Device::Cpu)?
                 .to_dtype(DType::F32)?
                 .to_vec2::<f32>()?;
+            // Rows sample on all cores: a sampled row (top-p sorts the vocabulary) costs
+            // milliseconds, and 64 of them one after another held a step for ~100 ms.
+            let mut host_rows: HashMap<u64, Vec<f32>> =
+                full_rows.iter().map(|&r| ids[r]).zip(host).collect();
+            let mut work: Vec<(u64, &mut Sequence, Vec<f32>)> = self
+                .sequences
+                .iter_mut()
+                .filter_map(|(id, s)| host_rows.remove(id).map(|row| (*id, s, row)))
+                .collect();
+            let threads = std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(work.len());
+            let per_thread = work.len().div_ceil(threads.max(1));
+            let sampled: Vec<(u64, Result<SampledToken, String>)> = std::thread::scope(|scope| {
+                let handles: Vec<_> = work
+                    .chunks_mut(per_thread.max(1))
+                    .map(|chunk| {
+                        scope.spawn(move || {
+                            chunk
+                                .iter_mut()
+                                .map(|(id, s, row)| (*id, sample_row(s, row)))
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .flat_map(|h| h.join().expect("a sampling thread panicked"))
+                    .collect()
+            });
             // A grammar that fails ends its own sequence, not the step's others.
             let mut failed = Vec::new();
-            for (&r, row) in full_rows.iter().zip(host) {
-                if let Some(s) = self.sequences.get_mut(&ids[r]) {
-                    let token = match &mut s.constraint {
-                        Some(constraint) => {
-                            let mut masked = row.clone();
-                            let sampled = constraint
-                                .mask(&mut masked, &s.stop_token_ids)
-                                .map(|()| s.sampler.sample(&masked, &s.tokens))
-                                .and_then(|token| {
-                                    if !s.stop_token_ids.contains(&token) {
-                                        constraint.advance(token)?;
-                                    }
-                                    Ok(token)
-                                });
-                            match sampled {
-                                Ok(token) => token,
-                                Err(e) => {
-                                    failed.push((ids[r], e));
-                                    continue;
-                                }
-                            }
-                        }
-                        None => s.sampler.sample(&row, &s.tokens),
-                    };
-                    let logprobs = s
-                        .sampler
-                        .params()
-                        .logprobs
-                        .map(|k| token_logprobs(&row, token, k));
-                    out.push((
-                        ids[r],
-                        SampledToken {
-                            id: token,
-                            logprobs,
-                        },
-                    ));
+            for (id, result) in sampled {
+                match result {
+                    Ok(token) => out.push((id, token)),
+                    Err(e) => failed.push((id, e)),
                 }
             }
             for (id, e) in failed {
