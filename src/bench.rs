@@ -182,8 +182,12 @@ pub struct SpeculativeDecode {
     pub verify_steps: usize,
     /// New tokens per verify step (accepted proposals plus the model's own token).
     pub tokens_per_verify_step: f64,
-    /// Whether the speculative output was the plain one, token for token (it must be).
+    /// Whether the speculative output was the plain one, token for token. In f32 it must be; in
+    /// bf16/f16 the verify step's batched kernels round differently from a single-token step,
+    /// which on near-tied logits (random weights) can pick another token.
     pub same_output: bool,
+    /// The first generated token where the two outputs differ.
+    pub first_difference: Option<usize>,
     /// The cost of a verify step by proposal length (k = 0 is a plain step).
     pub verify_cost: Vec<VerifyCost>,
 }
@@ -286,6 +290,11 @@ pub fn speculative_decode(
         verify_steps,
         tokens_per_verify_step: (accepted + verify_steps) as f64 / verify_steps.max(1) as f64,
         same_output: plain == fast,
+        first_difference: plain
+            .iter()
+            .zip(&fast)
+            .position(|(a, b)| a != b)
+            .or_else(|| (plain.len() != fast.len()).then(|| plain.len().min(fast.len()))),
         verify_cost: verify_cost_curve(model, prompt.len(), 8)?,
     })
 }
