@@ -438,18 +438,21 @@ mod device {
                 GemvOutput::AddTo(p) => (p, 0, p),
                 GemvOutput::F32(p) => (0, p, 0),
             };
+            use Arg::*;
+            // The two kernels' leading parameters.
+            let common = [
+                Ptr(g.x),
+                Ptr(norm),
+                F32(eps),
+                I32(mode),
+                I32(g.m as i32),
+                I32(g.n as i32),
+                I32(g.k as i32),
+                Ptr(w),
+                Ptr(s),
+            ];
             if let Some(plan) = self.tensor_core_plan(g, group)? {
-                use Arg::*;
-                let args = [
-                    Ptr(g.x),
-                    Ptr(norm),
-                    F32(eps),
-                    I32(mode),
-                    I32(g.m as i32),
-                    I32(g.n as i32),
-                    I32(g.k as i32),
-                    Ptr(w),
-                    Ptr(s),
+                let tail = [
                     I32(plan.stages as i32),
                     Ptr(out),
                     Ptr(out_f32),
@@ -460,7 +463,7 @@ mod device {
                     (plan.blocks as u32, 1, 1),
                     TC_THREADS as u32,
                     plan.smem as u32,
-                    &args,
+                    &[&common[..], &tail].concat(),
                 );
             }
             let tpg = threads_per_group(row_bytes);
@@ -470,17 +473,7 @@ mod device {
                 .w()?
                 .max(1) as usize;
             let blocks = g.n.div_ceil(rows_per_block).min(self.sms * resident);
-            use Arg::*;
-            let args = [
-                Ptr(g.x),
-                Ptr(norm),
-                F32(eps),
-                I32(mode),
-                I32(g.m as i32),
-                I32(g.n as i32),
-                I32(g.k as i32),
-                Ptr(w),
-                Ptr(s),
+            let tail = [
                 I32(group as i32),
                 Ptr(q2),
                 Ptr(code2),
@@ -492,6 +485,7 @@ mod device {
                 Ptr(out_f32),
                 Ptr(residual),
             ];
+            let args = [&common[..], &tail].concat();
             self.launch(f, (blocks as u32, 1, 1), 256, smem as u32, &args)
         }
 

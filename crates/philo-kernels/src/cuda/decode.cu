@@ -146,6 +146,22 @@ __device__ void stage_input(const T* x, const T* g, float eps, int mode, int m, 
     __syncthreads();
 }
 
+// The GEMV epilogue for input row r, output `row` of n, given its sum v: INT8's per-row scale,
+// then T (optionally added to `residual` in place, as `x + y` rounds), or f32 rounded through T.
+template <typename T, int FMT>
+__device__ __forceinline__ void store_output(float v, int r, int row, int n, const float* int8_absmax,
+                                             T* out, float* out_f32, const T* residual) {
+    if (FMT == F_INT8) v = v * int8_absmax[row] * (1.f / 127.f);
+    size_t at = (size_t)r * n + row;
+    if (out_f32 != nullptr) {
+        out_f32[at] = round_to<T>(v);
+    } else if (residual != nullptr) {
+        out[at] = from_f32<T>(to_f32(residual[at]) + round_to<T>(v));
+    } else {
+        out[at] = from_f32<T>(v);
+    }
+}
+
 // y[r, row] = xin[r] · W[row]ᵀ for m ≤ MAXM input rows, W [n, k] in format FMT. Threads form
 // groups of `tpg` (a multiple of 32); a group computes R consecutive output rows at a time, its
 // threads walking the rows' 16-byte chunks, and the block's groups stride over all row groups
@@ -262,15 +278,7 @@ __device__ void gemv_fused(const T* x, const T* g, float eps, int mode, int m, i
             if (row < n) {
                 float v = 0.f;
                 for (int wi = 0; wi < warps_per_group; ++wi) v += red[gi * warps_per_group + wi][i * MAXM + r];
-                if (FMT == F_INT8) v = v * sc.s[row] * (1.f / 127.f);
-                size_t at = (size_t)r * n + row;
-                if (out_f32 != nullptr) {
-                    out_f32[at] = round_to<T>(v);
-                } else if (residual != nullptr) {
-                    out[at] = from_f32<T>(to_f32(residual[at]) + round_to<T>(v));
-                } else {
-                    out[at] = from_f32<T>(v);
-                }
+                store_output<T, FMT>(v, r, row, n, sc.s, out, out_f32, residual);
             }
         }
         __syncthreads();
@@ -481,16 +489,7 @@ __device__ void gemv_tc(const T* x, const T* g, float eps, int mode, int m, int 
     for (int tt = threadIdx.x; tt < nrg * 8 * m; tt += blockDim.x) {
         int i = tt / m, rr = tt % m, row = rg0 * 8 + i;
         if (row >= n) continue;
-        float v = red[i * MAXM + rr];
-        if (FMT == F_INT8) v = v * scales[row] * (1.f / 127.f);
-        size_t at = (size_t)rr * n + row;
-        if (out_f32 != nullptr) {
-            out_f32[at] = round_to<T>(v);
-        } else if (residual != nullptr) {
-            out[at] = from_f32<T>(to_f32(residual[at]) + round_to<T>(v));
-        } else {
-            out[at] = from_f32<T>(v);
-        }
+        store_output<T, FMT>(red[i * MAXM + rr], rr, row, n, scales, out, out_f32, residual);
     }
 }
 
