@@ -285,6 +285,11 @@ pub fn speculative_decode(
     let (fast, rate, stream) = run(true)?;
     let (proposed, accepted) = stream.speculation_counts();
     let verify_steps = stream.verify_steps();
+    let first_difference = plain
+        .iter()
+        .zip(&fast)
+        .position(|(a, b)| a != b)
+        .or_else(|| (plain.len() != fast.len()).then(|| plain.len().min(fast.len())));
     Ok(SpeculativeDecode {
         proposer: if draft.is_some() { "draft" } else { "ngram" }.into(),
         max_tokens,
@@ -294,12 +299,8 @@ pub fn speculative_decode(
         accepted,
         verify_steps,
         tokens_per_verify_step: (accepted + verify_steps) as f64 / verify_steps.max(1) as f64,
-        same_output: plain == fast,
-        first_difference: plain
-            .iter()
-            .zip(&fast)
-            .position(|(a, b)| a != b)
-            .or_else(|| (plain.len() != fast.len()).then(|| plain.len().min(fast.len()))),
+        same_output: first_difference.is_none(),
+        first_difference,
         verify_cost: verify_cost_curve(model, prompt.len(), 8)?,
     })
 }
