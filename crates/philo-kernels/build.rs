@@ -2,7 +2,9 @@
 //! CUDA_ROOT/CUDA_HOME/CUDA_PATH or PATH) into a fat binary for `CUDA_COMPUTE_CAP` (default 80:
 //! Ampere and newer, which the bf16 tensor-core instructions need): machine code for that GPU
 //! generation, so the driver does not spend the first step compiling, plus its PTX for newer
-//! GPUs. Without the feature, nothing is built.
+//! GPUs. Files named `*_sm90.cu` use Hopper-only instructions (wgmma): they are compiled for
+//! sm_90a when `CUDA_COMPUTE_CAP` is 90 and left empty otherwise (the host side then uses the
+//! portable kernels). Without the feature, nothing is built.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -31,9 +33,18 @@ fn main() {
         }
         let stem = path.file_stem().unwrap().to_string_lossy().to_string();
         let fatbin = out.join(format!("{stem}.fatbin"));
+        let arch = if stem.ends_with("_sm90") {
+            if cap != "90" {
+                std::fs::write(&fatbin, []).expect("OUT_DIR is writable");
+                continue;
+            }
+            "90a".to_string()
+        } else {
+            cap.clone()
+        };
         let status = Command::new(&nvcc)
             .args(["--fatbin", "-O3", "-std=c++17", "--expt-relaxed-constexpr"])
-            .arg(format!("-gencode=arch=compute_{cap},code=[sm_{cap},compute_{cap}]"))
+            .arg(format!("-gencode=arch=compute_{arch},code=[sm_{arch},compute_{arch}]"))
             .arg("-o")
             .arg(&fatbin)
             .arg(&path)

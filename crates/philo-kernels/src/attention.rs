@@ -343,6 +343,15 @@ mod cuda {
         }
     }
 
+    /// The Hopper forward (`flash_attention_sm90.cu`): query rows per block (three warp groups
+    /// of 64), threads, and bytes of dynamic shared memory (the Q tile, K and V tiles of 128
+    /// rows two stages deep, their segment ids and mbarriers, 1024 for alignment).
+    const WG_FORWARD_ROWS: usize = 192;
+    const WG_FORWARD_THREADS: u32 = 384;
+    fn wg_forward_smem(d: usize) -> usize {
+        (WG_FORWARD_ROWS + 2 * 2 * 128) * d * 2 + 2 * (128 * 4 + 16) + 1024
+    }
+
     /// Bytes of dynamic shared memory of the backward kernel (Q and dO tiles of 32 rows, two
     /// stages; the block's 128 keys; dS; per-query logsumexp, delta and segment, two stages).
     fn backward_smem(d: usize) -> usize {
@@ -371,21 +380,30 @@ mod cuda {
         let seg_ptr = seg.as_ref().map(address).transpose()?.unwrap_or(0);
         let out = unsafe { Tensor::empty((n.b, n.s, n.h, n.d), dtype, q.device())? };
         let lse = unsafe { Tensor::empty((n.b, n.h, n.s), DType::F32, q.device())? };
-        let f = function(
-            &dev,
-            &FLASH_ATTENTION,
-            &format!("flash_forward_{}_d{}", suffix(dtype)?, n.d),
-        )?;
+        let sfx = suffix(dtype)?;
+        // Hopper: the wgmma kernel (about twice as fast at Phi-3's head dim 96).
+        let (f, rows, threads, smem) = if matches!(n.d, 64 | 96) && hopper_kernels(&dev)? {
+            let f = function(
+                &dev,
+                &FLASH_ATTENTION_SM90,
+                &format!("flash_forward_wg_{sfx}_d{}", n.d),
+            )?;
+            let smem = wg_forward_smem(n.d);
+            (f, WG_FORWARD_ROWS, WG_FORWARD_THREADS, smem)
+        } else {
+            let f = function(
+                &dev,
+                &FLASH_ATTENTION,
+                &format!("flash_forward_{sfx}_d{}", n.d),
+            )?;
+            (f, forward_rows_per_block(n.d), 128, forward_smem(n.d))
+        };
         let (scale, win) = (1.0 / (n.d as f32).sqrt(), window(mask));
         let [b, h, kvh, s, t] = [n.b, n.h, n.kvh, n.s, n.t].map(|v| v as i32);
         let cfg = LaunchConfig {
-            grid_dim: (
-                n.s.div_ceil(forward_rows_per_block(n.d)) as u32,
-                (n.b * n.h) as u32,
-                1,
-            ),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: dynamic_smem(&f, forward_smem(n.d))?,
+            grid_dim: (n.s.div_ceil(rows) as u32, (n.b * n.h) as u32, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: dynamic_smem(&f, smem)?,
         };
         let [qp, kp, vp, out_p, lse_p] = [q, &k, &v, &out, &lse].map(address);
         let (qp, kp, vp, out_p, lse_p) = (qp?, kp?, vp?, out_p?, lse_p?);

@@ -14,7 +14,8 @@ use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape, S
 /// One compiled `.cu` file.
 pub(crate) struct Module {
     name: &'static str,
-    /// nvcc's fat binary: machine code for the build's GPU generation and its PTX.
+    /// nvcc's fat binary: machine code for the build's GPU generation and its PTX (empty for a
+    /// Hopper-only file in a build for another generation).
     fatbin: &'static [u8],
 }
 
@@ -38,6 +39,25 @@ module!(PAGED_ATTENTION, "paged_attention");
 module!(DECODE, "decode");
 module!(LORA, "lora");
 module!(ADAMW, "adamw");
+module!(FLASH_ATTENTION_SM90, "flash_attention_sm90");
+
+/// Whether the Hopper-only kernels (wgmma, `*_sm90.cu`) run on `dev`: built for sm_90a, and the
+/// device is compute capability 9.0.
+pub(crate) fn hopper_kernels(dev: &CudaDevice) -> Result<bool> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+    if FLASH_ATTENTION_SM90.fatbin.is_empty() {
+        return Ok(false);
+    }
+    let stream = dev.cuda_stream();
+    let context = stream.context();
+    let major = context
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+        .w()?;
+    let minor = context
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
+        .w()?;
+    Ok((major, minor) == (9, 0))
+}
 
 type FunctionCache = HashMap<(DeviceId, String), CudaFunction>;
 type ModuleCache = HashMap<(DeviceId, &'static str), Arc<CudaModule>>;

@@ -562,6 +562,50 @@ fn cuda_flash_attention_gqa_window_segments() -> Result<()> {
     Ok(())
 }
 
+/// Head dims 64 and 96 take the wgmma forward on an H200 (the mma.sync one elsewhere): several
+/// 192-row query blocks with a partial last one, GQA, a window crossing key tiles, segments.
+#[test]
+fn cuda_flash_attention_wgmma_shapes() -> Result<()> {
+    let Some(dev) = gpu("cuda_flash_attention_wgmma_shapes") else {
+        return Ok(());
+    };
+    let cases = [
+        (
+            "b2 h4 kvh2 s=t=400 d96 window 150 segments",
+            96,
+            150,
+            true,
+            DType::BF16,
+        ),
+        (
+            "b2 h4 kvh2 s=t=400 d96 window 150 segments",
+            96,
+            150,
+            true,
+            DType::F16,
+        ),
+        (
+            "b2 h4 kvh2 s=t=400 d64 causal",
+            64,
+            usize::MAX,
+            false,
+            DType::BF16,
+        ),
+    ];
+    for (i, (name, d, window, segments, dtype)) in cases.into_iter().enumerate() {
+        let c = FlashCase {
+            name,
+            n: dims(2, 4, 2, 400, 400, d),
+            window,
+            segments: segments.then(|| two_rows_of_segments(400)),
+            dtype,
+            fused: false,
+        };
+        flash_case(&dev, c, 40 + i as u64)?;
+    }
+    Ok(())
+}
+
 #[test]
 fn cuda_flash_attention_d16() -> Result<()> {
     let Some(dev) = gpu("cuda_flash_attention_d16") else {

@@ -12,6 +12,7 @@
 //           segment. Query i sits at key position past + i, past = T − S.
 // A key j is visible to query position i when j ≤ i, i − j < window and the segments allow it.
 // The plain reference of both passes is `attention::reference` on the Rust side.
+#include "flash_common.cuh"
 #include "mma.cuh"
 
 // The backward's two products of one query tile at once, interleaved so that consecutive MMAs
@@ -41,14 +42,6 @@ __device__ __forceinline__ void mma_a_xt_pair(float (*acc1)[4], const uint32_t (
     }
 }
 
-// 2^x on the special-function unit, subnormal results flushed to zero (what the softmax needs;
-// exp2f's subnormal handling costs several instructions per call).
-__device__ __forceinline__ float fast_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-
 // Starts copying a [rows][D] tile (global row stride `stride`) to shared memory (row stride
 // D + 8); rows at or past `valid` are zero-filled.
 template <typename T, int D>
@@ -73,26 +66,6 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, size_t stride, i
         *reinterpret_cast<uint4*>(dst + r * (D + 8) + c) = val;
     }
 }
-
-__device__ __forceinline__ bool visible(int key, int qpos, int T_, int window, const int* seg_b,
-                                        int qseg) {
-    if (key >= T_ || key > qpos || qpos - key >= window) return false;
-    if (seg_b) {
-        int ks = seg_b[key];
-        return ks != 0 && ks == qseg;
-    }
-    return true;
-}
-
-// Whether every (query, key) pair of a tile is visible, so the tile needs no mask: queries at
-// positions qpos_lo .. qpos_hi (all real rows), keys k0 .. k0 + n − 1 (all below T_), and —
-// with segments — every key and query in one segment (`same_segment`, decided by the caller).
-__device__ __forceinline__ bool all_visible(int k0, int n, int qpos_lo, int qpos_hi, int T_,
-                                            int window, bool same_segment) {
-    return same_segment && k0 + n <= T_ && k0 + n - 1 <= qpos_lo && qpos_hi - k0 < window;
-}
-
-constexpr float LOG2E = 1.4426950408889634f;
 
 // 16-row MMA tiles per warp in the forward: two up to head dim 96 (each K and V fragment read
 // from shared memory then serves both), one above (two would not fit in the registers).
