@@ -125,8 +125,10 @@ pub struct StepContext {
 }
 
 impl StepContext {
-    /// For a model on `device` computing in `dtype`: f16 gets dynamic loss scaling.
+    /// For a model on `device` computing in `dtype`: f16 gets dynamic loss scaling. On CUDA the
+    /// device's memory pool keeps freed memory from here on (`memory::keep_freed_memory`).
     pub fn new(device: &candle_core::Device, dtype: DType) -> Self {
+        philo_model::memory::keep_freed_memory(device);
         StepContext {
             pool: OffloadPool::default(),
             scaler: (dtype == DType::F16).then(LossScaler::default),
