@@ -352,6 +352,16 @@ mod cuda {
         (WG_FORWARD_ROWS + 2 * 2 * 128) * d * 2 + 2 * (128 * 4 + 16) + 1024
     }
 
+    /// The Hopper backward's bytes of dynamic shared memory (`flash_attention_sm90.cu`: K and V
+    /// of 128 keys, Q and dO tiles of 64 rows two stages deep, two dSᵀ buffers of 128 × 64,
+    /// per-query logsumexp, delta and segment per stage, mbarriers, 1024 for alignment; at least
+    /// the f32 staging of dK/dV).
+    fn wg_backward_smem(d: usize) -> usize {
+        let tiles =
+            (2 * 128 * d + 2 * 2 * 64 * d + 2 * 128 * 64) * 2 + 2 * (3 * 64 * 4 + 16) + 1024;
+        tiles.max(128 * (d + 4) * 4 + 1024)
+    }
+
     /// Bytes of dynamic shared memory of the backward kernel (Q and dO tiles of 32 rows, two
     /// stages; the block's 128 keys; dS; per-query logsumexp, delta and segment, two stages).
     fn backward_smem(d: usize) -> usize {
@@ -533,11 +543,22 @@ mod cuda {
             unsafe { l.launch(cfg) }.w()?;
         }
         {
-            let f = function(
-                &dev,
-                &FLASH_ATTENTION,
-                &format!("flash_backward_{sfx}_d{}", n.d),
-            )?;
+            // Hopper: the wgmma kernel. Both take 256 threads and 128 keys a block.
+            let (f, smem) = if matches!(n.d, 64 | 96) && hopper_kernels(&dev)? {
+                let f = function(
+                    &dev,
+                    &FLASH_ATTENTION_SM90,
+                    &format!("flash_backward_wg_{sfx}_d{}", n.d),
+                )?;
+                (f, wg_backward_smem(n.d))
+            } else {
+                let f = function(
+                    &dev,
+                    &FLASH_ATTENTION,
+                    &format!("flash_backward_{sfx}_d{}", n.d),
+                )?;
+                (f, backward_smem(n.d))
+            };
             let (qp, kp, vp) = (address(q)?, address(&k)?, address(&v)?);
             let (scale, win) = (1.0 / (n.d as f32).sqrt(), window(mask));
             let mut l = stream.launch_builder(&f);
@@ -561,7 +582,7 @@ mod cuda {
             let cfg = LaunchConfig {
                 grid_dim: (n.t.div_ceil(128) as u32, (n.b * n.h) as u32, 1),
                 block_dim: (256, 1, 1),
-                shared_mem_bytes: dynamic_smem(&f, backward_smem(n.d))?,
+                shared_mem_bytes: dynamic_smem(&f, smem)?,
             };
             unsafe { l.launch(cfg) }.w()?;
         }

@@ -562,8 +562,9 @@ fn cuda_flash_attention_gqa_window_segments() -> Result<()> {
     Ok(())
 }
 
-/// Head dims 64 and 96 take the wgmma forward on an H200 (the mma.sync one elsewhere): several
-/// 192-row query blocks with a partial last one, GQA, a window crossing key tiles, segments.
+/// Head dims 64 and 96 take the wgmma kernels on an H200 (the mma.sync ones elsewhere): several
+/// 192-row query blocks (forward) and 128-key blocks of 64-query tiles (backward) with partial
+/// last ones, GQA, a window crossing tiles, segments.
 #[test]
 fn cuda_flash_attention_wgmma_shapes() -> Result<()> {
     let Some(dev) = gpu("cuda_flash_attention_wgmma_shapes") else {
@@ -933,11 +934,12 @@ fn cuda_flash_backward_qkv() -> Result<()> {
         return Ok(());
     };
     let mut rng = StdRng::seed_from_u64(41);
-    // Partial rotary (48 of 96 dims), a window, two rows; GQA (4 query heads on 2 KV heads:
-    // dK/dV summed by the pass after the kernel) and one KV head per query head with packed
-    // segments (the kernel writes dK/dV into the gradient itself).
-    let (b, h, s, d, rd) = (2, 4, 150, 96, 48);
-    for (kvh, packed) in [(2, false), (4, true)] {
+    // Partial rotary (48 of 96 dims: the final pass's 8-wide path; 20: its scalar one), a
+    // window, two rows; GQA (4 query heads on 2 KV heads: dK/dV summed by the pass after the
+    // kernel) and one KV head per query head with packed segments (the kernel writes dK/dV into
+    // the gradient itself).
+    let (b, h, s, d) = (2, 4, 150, 96);
+    for (kvh, packed, rd) in [(2, false, 48), (4, true, 48), (2, false, 20)] {
         for dtype in dtypes() {
             let all = h + 2 * kvh;
             let (heads, _) = upload(
@@ -1000,7 +1002,7 @@ fn cuda_flash_backward_qkv() -> Result<()> {
                 Some((&cpu(&cos)?, &cpu(&sin)?, rd)),
             )?;
             check(
-                &format!("flash_backward_qkv kvh {kvh} packed {packed} {dtype:?}"),
+                &format!("flash_backward_qkv kvh {kvh} packed {packed} rd {rd} {dtype:?}"),
                 &host(&got)?,
                 &host(&want)?,
                 TOL_ATTN_BWD,
