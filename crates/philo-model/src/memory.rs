@@ -48,22 +48,11 @@ pub fn device_memory(device: &Device) -> Option<(u64, u64)> {
 pub fn keep_freed_memory(device: &Device) {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(d) = device {
-        use candle_core::cuda_backend::cudarc::driver::{result, sys};
-        let ctx = d.cuda_stream().context().clone();
-        if ctx.bind_to_thread().is_err() {
-            return;
-        }
-        // SAFETY: the pool is the device's default pool; the value is a u64 as the attribute needs.
-        unsafe {
-            if let Ok(pool) = result::device::get_default_mem_pool(ctx.cu_device()) {
-                let mut keep_all = u64::MAX;
-                let _ = result::mem_pool::set_attribute(
-                    pool,
-                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                    &mut keep_all as *mut u64 as *mut std::ffi::c_void,
-                );
-            }
-        }
+        set_cuda_pool_attribute(
+            d,
+            candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            u64::MAX,
+        );
     }
     let _ = device;
 }
@@ -72,24 +61,39 @@ pub fn keep_freed_memory(device: &Device) {
 pub fn reset_peak_memory(device: &Device) {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(d) = device {
-        use candle_core::cuda_backend::cudarc::driver::{result, sys};
-        let ctx = d.cuda_stream().context().clone();
-        if ctx.bind_to_thread().is_err() {
-            return;
-        }
-        // SAFETY: the pool is the device's default pool; the value is a u64 as the attribute needs.
-        unsafe {
-            if let Ok(pool) = result::device::get_default_mem_pool(ctx.cu_device()) {
-                let mut zero = 0u64;
-                let _ = result::mem_pool::set_attribute(
-                    pool,
-                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-                    &mut zero as *mut u64 as *mut std::ffi::c_void,
-                );
-            }
-        }
+        set_cuda_pool_attribute(
+            d,
+            candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            0,
+        );
     }
     let _ = device;
+}
+
+/// Sets a u64 attribute of the device's default memory pool; a refusal by the driver is ignored
+/// (both callers are optimisations or measurements, never needed for correctness).
+#[cfg(feature = "cuda")]
+fn set_cuda_pool_attribute(
+    d: &candle_core::CudaDevice,
+    attr: candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute,
+    value: u64,
+) {
+    use candle_core::cuda_backend::cudarc::driver::result;
+    let ctx = d.cuda_stream().context().clone();
+    if ctx.bind_to_thread().is_err() {
+        return;
+    }
+    let mut value = value;
+    // SAFETY: the pool is the device's default pool; the value is a u64 as the attribute needs.
+    unsafe {
+        if let Ok(pool) = result::device::get_default_mem_pool(ctx.cu_device()) {
+            let _ = result::mem_pool::set_attribute(
+                pool,
+                attr,
+                &mut value as *mut u64 as *mut std::ffi::c_void,
+            );
+        }
+    }
 }
 
 #[cfg(feature = "cuda")]
