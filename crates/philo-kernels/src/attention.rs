@@ -343,6 +343,13 @@ mod cuda {
         }
     }
 
+    /// Whether head dim `d` runs on the Hopper wgmma kernels (`flash_attention_sm90.cu`: head
+    /// dims 64 and 96, on a compute-capability-9.0 GPU of a build for it) rather than the
+    /// mma.sync ones.
+    fn wgmma_kernels(dev: &candle_core::CudaDevice, d: usize) -> Result<bool> {
+        Ok(matches!(d, 64 | 96) && hopper_kernels(dev)?)
+    }
+
     /// The Hopper forward (`flash_attention_sm90.cu`): query rows per block (three warp groups
     /// of 64), threads, and bytes of dynamic shared memory (the Q tile, K and V tiles of 128
     /// rows two stages deep, their segment ids and mbarriers, 1024 for alignment).
@@ -392,7 +399,7 @@ mod cuda {
         let lse = unsafe { Tensor::empty((n.b, n.h, n.s), DType::F32, q.device())? };
         let sfx = suffix(dtype)?;
         // Hopper: the wgmma kernel (about twice as fast at Phi-3's head dim 96).
-        let (f, rows, threads, smem) = if matches!(n.d, 64 | 96) && hopper_kernels(&dev)? {
+        let (f, rows, threads, smem) = if wgmma_kernels(&dev, n.d)? {
             let f = function(
                 &dev,
                 &FLASH_ATTENTION_SM90,
@@ -544,7 +551,7 @@ mod cuda {
         }
         {
             // Hopper: the wgmma kernel. Both take 256 threads and 128 keys a block.
-            let (f, smem) = if matches!(n.d, 64 | 96) && hopper_kernels(&dev)? {
+            let (f, smem) = if wgmma_kernels(&dev, n.d)? {
                 let f = function(
                     &dev,
                     &FLASH_ATTENTION_SM90,

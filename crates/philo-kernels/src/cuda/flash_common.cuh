@@ -59,6 +59,10 @@ __device__ __forceinline__ void backward_store_dkv(const float (*dka)[4], const 
     }
 }
 
+// Bytes of shared memory that backward_write_dkv stages dK/dV through: [128][D + 4] f32.
+template <int D>
+constexpr int backward_dkv_staging() { return 128 * (D + 4) * 4; }
+
 // The backward's dK and dV of a block's 128 keys written straight into the fused QKV
 // projection's gradient `dkv` [B, T, (H + 2·KVH)·D] (one query head per KV head, queries at every
 // key position), dK through RoPE's inverse rotation (rotate-half, the first rd dims; cos/sin
@@ -67,9 +71,6 @@ __device__ __forceinline__ void backward_store_dkv(const float (*dka)[4], const 
 // bytes at a time. `acc`: shared memory for [128][D + 4] f32 (backward_dkv_staging bytes),
 // free by the time all threads arrive here. Warp w holds keys w·16 .. w·16 + 15 of the block,
 // in mma.sync's accumulator layout (n8 block dn in dka[dn]).
-template <int D>
-constexpr int backward_dkv_staging() { return 128 * (D + 4) * 4; }
-
 template <typename T, int D>
 __device__ __forceinline__ void backward_write_dkv(const float (*dka)[4], const float (*dva)[4],
                                                    float* acc, T* dkv, const T* cos, const T* sin,
