@@ -62,6 +62,7 @@ pub fn report(title: &str) -> Result<()> {
         return Ok(());
     }
     let mut totals: Vec<(&'static str, f64, usize)> = Vec::new();
+    let gaps = gaps_between(&marks)?;
     for (name, mark) in marks {
         // Without the `cuda` feature the match has one arm.
         #[allow(clippy::infallible_destructuring_match)]
@@ -90,5 +91,51 @@ pub fn report(title: &str) -> Result<()> {
             100.0 * ms / sum
         );
     }
+    if !gaps.is_empty() {
+        let total: f64 = gaps.iter().map(|g| g.2).sum();
+        eprintln!(
+            "[profile] {total:.1} ms between timed operations (untimed work, idle), largest:"
+        );
+        for (before, after, ms, count) in gaps.iter().take(GAPS_SHOWN) {
+            eprintln!("[profile]   {before} → {after}: {ms:.2} ms over {count} gaps");
+        }
+    }
     Ok(())
+}
+
+/// Gap pairs listed by [`report`].
+const GAPS_SHOWN: usize = 10;
+
+/// Device time from the end of each timed operation to the start of the next, summed by the
+/// pair of names around it (largest first): the work nobody timed and the device's idle time.
+/// Nested operations (an inner one ends before its outer one starts) give negative spans,
+/// which are left out.
+#[allow(clippy::type_complexity)]
+fn gaps_between(
+    marks: &[(&'static str, Mark)],
+) -> Result<Vec<(&'static str, &'static str, f64, usize)>> {
+    let mut gaps: Vec<(&'static str, &'static str, f64, usize)> = Vec::new();
+    #[cfg(feature = "cuda")]
+    for pair in marks.windows(2) {
+        use candle_core::cuda_backend::WrapErr;
+        let ((before, Mark::Cuda(_, end)), (after, Mark::Cuda(start, _))) = (&pair[0], &pair[1])
+        else {
+            continue;
+        };
+        let ms = end.elapsed_ms(start).w()? as f64;
+        if ms <= 0.0 {
+            continue;
+        }
+        match gaps.iter_mut().find(|g| g.0 == *before && g.1 == *after) {
+            Some(g) => {
+                g.2 += ms;
+                g.3 += 1;
+            }
+            None => gaps.push((before, after, ms, 1)),
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = marks;
+    gaps.sort_by(|a, b| b.2.total_cmp(&a.2));
+    Ok(gaps)
 }
