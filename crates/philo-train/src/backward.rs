@@ -218,7 +218,14 @@ pub fn accumulate(
         .map(|&(start, len)| ctx.rows(start, len))
         .collect::<std::result::Result<Vec<LayerContext>, _>>()?;
 
-    let mut x = model.embed(&batch.input_ids)?;
+    // The residual stream as row chunks: each layer writes its chunks' outputs separately and
+    // the next layer reads them as they are (concatenating them cost 0.27 ms a layer).
+    let embedded = model.embed(&batch.input_ids)?;
+    let mut x = chunks
+        .iter()
+        .map(|&(start, len)| embedded.narrow(0, start, len))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    drop(embedded);
     let mut checkpoints = Checkpoints::new(
         model.device(),
         checkpointing && options.offload,
@@ -229,28 +236,32 @@ pub fn accumulate(
         let weights = model.layer_weights(i)?;
         let mut outs = Vec::with_capacity(chunks.len());
         let mut kept = Vec::with_capacity(chunks.len());
-        // The checkpoint: the layer input, then each chunk's attention output and logsumexp.
-        let mut checkpoint = Vec::with_capacity(1 + 2 * chunks.len());
-        for (c, &(start, len)) in chunks.iter().enumerate() {
-            let chunk = x.narrow(0, start, len)?;
+        // The checkpoint: the layer input's chunks, then each chunk's attention output and
+        // logsumexp.
+        let mut attention = Vec::with_capacity(2 * chunks.len());
+        for (c, chunk) in x.iter().enumerate() {
             if checkpointing {
-                let (out, attention) =
-                    model.layer_forward_train(i, &chunk, &contexts[c], &weights)?;
+                let (out, state) = model.layer_forward_train(i, chunk, &contexts[c], &weights)?;
                 outs.push(out);
-                checkpoint.extend([attention.out, attention.lse]);
+                attention.extend([state.out, state.lse]);
             } else {
-                let (out, keep) = model.layer_forward_keep(i, &chunk, &contexts[c], &weights)?;
+                let (out, keep) = model.layer_forward_keep(i, chunk, &contexts[c], &weights)?;
                 outs.push(out);
                 kept.push(keep);
             }
         }
+        let input = std::mem::replace(&mut x, outs);
         if checkpointing {
-            checkpoint.insert(0, x);
-            checkpoints.push(i, checkpoint)?;
+            checkpoints.push(i, input.into_iter().chain(attention).collect())?;
         }
         saved.push(kept);
-        x = Tensor::cat(&outs, 0)?;
     }
+    // The head reads the whole batch; the chunks are freed here.
+    let x = if x.len() == 1 {
+        x.swap_remove(0)
+    } else {
+        Tensor::cat(&std::mem::take(&mut x), 0)?
+    };
     profiler.lap("forward")?;
 
     let head = model.head_weight().ok_or_else(|| {
@@ -281,8 +292,13 @@ pub fn accumulate(
         )
         .transpose()
     })?;
-    let (loss_sum, mut upstream) =
+    let (loss_sum, upstream) =
         head_loss.ok_or_else(|| TrainError::Data("the batch has no labelled token".into()))?;
+    // Row chunks again, as the layers' backward produces them.
+    let mut upstream = chunks
+        .iter()
+        .map(|&(start, len)| upstream.narrow(0, start, len))
+        .collect::<candle_core::Result<Vec<_>>>()?;
     profiler.lap("head + loss")?;
 
     for i in (0..layers).rev() {
@@ -298,12 +314,14 @@ pub fn accumulate(
             Vec::new()
         };
         let mut input_grads = Vec::with_capacity(chunks.len());
-        for (c, &(start, len)) in chunks.iter().enumerate() {
+        for c in 0..chunks.len() {
             let recomputed;
             let layer_saved = match kept.get(c) {
                 Some(s) => s,
                 None => {
-                    let [input, out, lse] = [0, 1 + 2 * c, 2 + 2 * c].map(|j| checkpoint.get(j));
+                    let n = chunks.len();
+                    let [input, out, lse] =
+                        [c, n + 2 * c, n + 2 * c + 1].map(|j| checkpoint.get(j));
                     let (Some(input), Some(out), Some(lse)) = (input, out, lse) else {
                         return Err(TrainError::Internal(format!(
                             "layer {i} kept neither its checkpoint nor its state"
@@ -313,10 +331,9 @@ pub fn accumulate(
                         out: out.clone(),
                         lse: lse.clone(),
                     };
-                    let input = input.narrow(0, start, len)?;
                     recomputed = model.layer_recompute(
                         i,
-                        &input,
+                        input,
                         &contexts[c],
                         &weights,
                         Some(&attention),
@@ -327,13 +344,13 @@ pub fn accumulate(
             input_grads.push(model.layer_backward(
                 i,
                 layer_saved,
-                &upstream.narrow(0, start, len)?,
+                &upstream[c],
                 &contexts[c],
                 &weights,
                 &buffers.by_adapter,
             )?);
         }
-        upstream = Tensor::cat(&input_grads, 0)?;
+        upstream = input_grads;
     }
     profiler.lap("recompute + backward")?;
     Ok(loss_sum)
