@@ -39,6 +39,7 @@ module!(PAGED_ATTENTION, "paged_attention");
 module!(DECODE, "decode");
 module!(LORA, "lora");
 module!(ADAMW, "adamw");
+module!(ROWS, "rows");
 module!(FLASH_ATTENTION_SM90, "flash_attention_sm90");
 
 /// Whether the Hopper-only kernels (wgmma, `*_sm90.cu`) run on `dev`: built for sm_90a, and the
@@ -270,4 +271,19 @@ pub(crate) fn multiprocessors(dev: &CudaDevice) -> Result<usize> {
         .context()
         .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
         .w()? as usize)
+}
+
+/// How many blocks of `threads` threads and `smem` bytes of dynamic shared memory running `f`
+/// the whole device holds at once: one wave of blocks.
+pub(crate) fn resident_blocks(
+    dev: &CudaDevice,
+    f: &candle_core::cuda_backend::cudarc::driver::CudaFunction,
+    threads: u32,
+    smem: usize,
+) -> Result<usize> {
+    dynamic_smem(f, smem)?;
+    let per_sm = f
+        .occupancy_max_active_blocks_per_multiprocessor(threads, smem, None)
+        .w()?;
+    Ok(per_sm.max(1) as usize * multiprocessors(dev)?)
 }

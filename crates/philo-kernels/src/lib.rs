@@ -18,6 +18,7 @@ pub mod paged_attention;
 pub mod profile;
 pub mod rms_norm;
 pub mod rope;
+pub mod rows;
 pub mod swiglu;
 
 #[cfg(feature = "cuda")]

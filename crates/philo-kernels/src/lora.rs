@@ -6,6 +6,7 @@
 //! - [`down`]: down = dropout(x)·Aᵀ, `[rows, r]`
 //! - [`accumulate_grad_a`]: gA += d_downᵀ·dropout(x), gA `[r, in]` f32
 //! - [`up_through_dropout`]: dx = dropout-mask(d_down·A), the gradient through the dropout
+//! - [`add_up_through_dropout`]: the same added onto dx in place
 //!
 //! On CUDA (bf16/f16, the input width a multiple of 128 and r one of 16, 32, 64, 128) each is
 //! one kernel; otherwise they compose [`crate::dropout`] with matrix products, which is also
@@ -52,8 +53,8 @@ pub fn down_into(x: &Tensor, a: &Tensor, mask: Dropout, dst: &Tensor, col: usize
     dst.slice_set(&product, 1, col)
 }
 
-/// grad_a `[r, in]` (f32) += d_downᵀ·dropout(x) for d_down `[rows, r]` and x `[rows, in]` (its
-/// rows may be strided).
+/// grad_a `[r, in]` (f32) += d_downᵀ·dropout(x) for d_down `[rows, r]` and x `[rows, in]` (the
+/// rows of both may be strided).
 pub fn accumulate_grad_a(
     grad_a: &Tensor,
     d_down: &Tensor,
@@ -68,7 +69,7 @@ pub fn accumulate_grad_a(
         Some((seed, p)) => dropout(&x.contiguous()?, seed, p)?,
         None => x.clone(),
     };
-    accumulate_at_b(grad_a, d_down, &input, 1.0)
+    accumulate_at_b(grad_a, &d_down.contiguous()?, &input, 1.0)
 }
 
 /// dx `[rows, in]` = d_down·A with the dropout's mask and scale applied (what the gradient of
@@ -76,13 +77,40 @@ pub fn accumulate_grad_a(
 pub fn up_through_dropout(d_down: &Tensor, a: &Tensor, mask: Dropout) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if let Some(kernel) = cuda::Kernel::new(d_down, d_down.dim(1)?, d_down.dim(0)?, a.dim(1)?)? {
-        return kernel.up(d_down, a, mask);
+        let dx =
+            unsafe { Tensor::empty((d_down.dim(0)?, a.dim(1)?), d_down.dtype(), d_down.device())? };
+        kernel.up(d_down, a, mask, &dx, false)?;
+        return Ok(dx);
     }
-    let dx = d_down.matmul(a)?;
+    let dx = d_down.contiguous()?.matmul(a)?;
     if let Some((seed, p)) = mask {
         dropout_in_place(&dx, seed, p)?;
     }
     Ok(dx)
+}
+
+/// [`up_through_dropout`] added onto the first `in` columns of `dst` (contiguous `[rows, ≥ in]`,
+/// d_down's dtype) in place; d_down's rows may be strided (it can be the last columns of `dst`,
+/// next to dx, as one GEMM against [W | scale·B] writes them).
+pub fn add_up_through_dropout(
+    d_down: &Tensor,
+    a: &Tensor,
+    mask: Dropout,
+    dst: &Tensor,
+) -> Result<()> {
+    let (rows, width) = (d_down.dim(0)?, a.dim(1)?);
+    if !dst.is_contiguous() || dst.dim(0)? != rows || dst.dim(1)? < width {
+        candle_core::bail!(
+            "lora::add_up_through_dropout: dst {:?} cannot take [{rows}, {width}]",
+            dst.dims()
+        );
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(kernel) = cuda::Kernel::new(d_down, d_down.dim(1)?, rows, width)? {
+        return kernel.up(d_down, a, mask, dst, true);
+    }
+    let sum = (dst.narrow(1, 0, width)? + up_through_dropout(d_down, a, mask)?)?;
+    dst.slice_set(&sum, 1, 0)
 }
 
 /// Whether the kernels take this dtype and rank (the width is checked per call).
@@ -232,12 +260,13 @@ mod cuda {
             let ld_out = dst.dim(1)?;
             let out = dst.narrow(1, col, r)?;
             let smem = 3 * (64 + r) * (64 + 8) * 2;
-            // 64-row blocks, and the input's columns split so that there are about four blocks
-            // an SM, each over at least 4 tiles of 64 columns.
+            // 64-row blocks, and the input's columns split when rows are few, so that the
+            // blocks fill the machine in one wave (a second, partial wave cost a third of the
+            // time at 8,192 rows), each over at least 4 tiles of 64 columns.
             let row_blocks = rows.div_ceil(64);
             let tiles = k / 64;
-            let sms = multiprocessors(&self.dev)?;
-            let splits = (4 * sms).div_ceil(row_blocks).clamp(1, (tiles / 4).max(1));
+            let resident = resident_blocks(&self.dev, &self.function("down")?, 128, smem)?;
+            let splits = (resident / row_blocks).clamp(1, (tiles / 4).max(1));
             let split_len = tiles.div_ceil(splits) * 64;
             let splits = k.div_ceil(split_len);
             let grid = (row_blocks as u32, splits as u32, 1);
@@ -279,7 +308,7 @@ mod cuda {
                 );
             }
             let (x, ldx) = Self::strided_operand(x, (rows, k), "x")?;
-            let dd = Self::operand(d_down, (rows, r), "d_down")?;
+            let (dd, ldd) = Self::strided_operand(d_down, (rows, r), "d_down")?;
             // Column tiles of 64 times row splits: about four blocks an SM, each at least 256
             // rows (32-row steps).
             let columns = k / 64;
@@ -290,19 +319,36 @@ mod cuda {
             let grid = (columns as u32, splits as u32, 1);
             let smem = 3 * 32 * ((64 + 8) + (r + 8)) * 2;
             let tensors = [&x, &dd, grad_a];
-            let extra = [ldx as i32, per_block as i32];
+            let extra = [ldx as i32, ldd as i32, per_block as i32];
             self.launch("grad_a", grid, smem, tensors, &extra, mask)
         }
 
-        pub(super) fn up(&self, d_down: &Tensor, a: &Tensor, mask: Dropout) -> Result<Tensor> {
+        /// dx = the product through the mask into the first columns of `dst` (contiguous
+        /// `[rows, ≥ width]`), or added onto them when `accumulate`.
+        pub(super) fn up(
+            &self,
+            d_down: &Tensor,
+            a: &Tensor,
+            mask: Dropout,
+            dst: &Tensor,
+            accumulate: bool,
+        ) -> Result<()> {
             let (r, rows, k) = (self.rank, self.rows, self.width);
-            let dd = Self::operand(d_down, (rows, r), "d_down")?;
+            let (dd, ldd) = Self::strided_operand(d_down, (rows, r), "d_down")?;
             let a = Self::operand(a, (r, k), "A")?;
-            let out = unsafe { Tensor::empty((rows, k), dd.dtype(), dd.device())? };
+            if dst.dtype() != dd.dtype() || !dst.dim(1)?.is_multiple_of(2) {
+                // Pairs of columns are stored as one 4-byte word.
+                candle_core::bail!(
+                    "lora::up: dst {:?} {:?} needs d_down's dtype and an even row length",
+                    dst.dims(),
+                    dst.dtype()
+                );
+            }
             let grid = ((k / 128) as u32, rows.div_ceil(64) as u32, 1);
-            let smem = (64 * (r + 8) + r * (128 + 8)) * 2;
-            self.launch("up", grid, smem, [&dd, &a, &out], &[], mask)?;
-            Ok(out)
+            // The operand tiles, then (in the same memory) the f32 result tile.
+            let smem = ((64 * (r + 8) + r * (128 + 8)) * 2).max(64 * (128 + 4) * 4);
+            let extra = [ldd as i32, dst.dim(1)? as i32, accumulate as i32];
+            self.launch("up", grid, smem, [&dd, &a, dst], &extra, mask)
         }
     }
 }

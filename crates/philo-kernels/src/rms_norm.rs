@@ -71,7 +71,8 @@ pub fn rms_norm_padded(x: &Tensor, w: &Tensor, eps: f64, pad: usize) -> Result<T
 }
 
 /// dx of RMSNorm given dy (see [`reference_backward`]), plus `add` when given: a gradient that
-/// reaches x by another path (the residual connection), summed in the same pass.
+/// reaches x by another path (the residual connection), summed in the same pass. dy is shaped
+/// like x, or `[rows, n]` with strided rows (read in place on CUDA); dx is shaped like x.
 pub fn backward(
     x: &Tensor,
     w: &Tensor,
@@ -81,13 +82,18 @@ pub fn backward(
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() {
-        let (x, w, dy) = (x.contiguous()?, w.contiguous()?, dy.contiguous()?);
+        let n = w.elem_count();
+        let (x, w) = (x.contiguous()?, w.contiguous()?);
+        // dy may be rows of a wider buffer (`[rows, n]` with a longer row stride): read in place.
+        let (dy, dy_ld) = match dy.layout().stride() {
+            [ld, 1] if dy.dims2()?.1 == n && *ld >= n => (dy.clone(), *ld),
+            _ => (dy.contiguous()?, n),
+        };
         let add = add.map(Tensor::contiguous).transpose()?;
         let dx = unsafe { x.empty_like()? };
         let mut inputs = vec![&x, &w, &dy];
         inputs.extend(add.as_ref());
-        let n = w.elem_count();
-        cuda::launch(cuda::Kind::Backward, &inputs, &[&dx], n, n, eps)?;
+        cuda::launch(cuda::Kind::Backward, &inputs, &[&dx], n, dy_ld, eps)?;
         return Ok(dx);
     }
     let dx = reference_backward(&host_f32(x)?, &host_f32(w)?, &host_f32(dy)?, eps as f32);
@@ -153,7 +159,8 @@ mod cuda {
         Backward,
     }
 
-    /// Runs the kernel of `kind` over rows of `n`, the forwards' normed rows `out_ld` apart:
+    /// Runs the kernel of `kind` over rows of `n`, the forwards' normed rows (the backward's dy
+    /// rows) `out_ld` apart:
     /// the vectorised kernel when rows are whole 16-byte pieces (n and out_ld multiples of 8,
     /// every tensor starting 16-byte aligned) and short enough for its registers, the scalar
     /// one otherwise.
@@ -212,11 +219,7 @@ mod cuda {
             b.arg(p);
         }
         let (n32, ld32, eps) = (n as i32, out_ld as i32, eps as f32);
-        b.arg(&n32);
-        if !matches!(kind, Kind::Backward) {
-            b.arg(&ld32);
-        }
-        b.arg(&eps);
+        b.arg(&n32).arg(&ld32).arg(&eps);
         unsafe { b.launch(cfg) }.w()?;
         Ok(())
     }

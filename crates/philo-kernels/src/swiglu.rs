@@ -34,7 +34,11 @@ pub fn reference_backward(gate_up: &[f32], grad: &[f32], i: usize) -> Vec<f32> {
     out
 }
 
-struct SwiGlu;
+/// The forward with `pad` columns after each output row (left unwritten).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct SwiGlu {
+    pad: usize,
+}
 
 impl CustomOp1 for SwiGlu {
     fn name(&self) -> &'static str {
@@ -55,17 +59,18 @@ impl CustomOp1 for SwiGlu {
         use candle_core::backend::BackendStorage;
         let mut dims = l.shape().dims().to_vec();
         let i = *dims.last().unwrap() / 2;
-        *dims.last_mut().unwrap() = i;
+        let ld_out = i + self.pad;
+        *dims.last_mut().unwrap() = ld_out;
         let rows = l.shape().elem_count() / (2 * i);
         let dev = s.device().clone();
         let slice = with_float_type!(s.dtype(), T, {
             let x = contiguous::<T>(s, l)?;
-            let out = unsafe { dev.alloc::<T>(rows * i)? };
+            let out = unsafe { dev.alloc::<T>(rows * ld_out)? };
             let f = typed_function(&dev, &SWIGLU, "swiglu", s.dtype())?;
             let stream = dev.cuda_stream();
             let mut b = stream.launch_builder(&f);
-            let i32_ = i as i32;
-            b.arg(&x).arg(&out).arg(&i32_);
+            let (i32_, ld32) = (i as i32, ld_out as i32);
+            b.arg(&x).arg(&out).arg(&i32_).arg(&ld32);
             unsafe { b.launch(block_per_row(rows)) }.w()?;
             candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
         });
@@ -76,18 +81,32 @@ impl CustomOp1 for SwiGlu {
 /// silu(gate)·up of `gate_up` `[..., 2·i]`. On CUDA one kernel; on the CPU the reference.
 /// [`backward`] is its gradient.
 pub fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
+    swiglu_padded(gate_up, 0)
+}
+
+/// [`swiglu`] written into rows of `i + pad` values `[..., i + pad]`: the last `pad` columns of
+/// each row are free for the caller (on CUDA they are left unwritten; on the CPU they are 0),
+/// e.g. for a LoRA down projection to sit beside its input ([x | down]).
+pub fn swiglu_padded(gate_up: &Tensor, pad: usize) -> Result<Tensor> {
     if gate_up.device().is_cuda() {
-        return gate_up.contiguous()?.apply_op1(SwiGlu);
+        return gate_up.contiguous()?.apply_op1(SwiGlu { pad });
     }
     let mut dims = gate_up.dims().to_vec();
     let i = *dims.last().unwrap() / 2;
     *dims.last_mut().unwrap() = i;
-    from_host(
+    let out = from_host(
         reference(&host_f32(gate_up)?, i),
         &dims,
         gate_up.dtype(),
         gate_up.device(),
-    )
+    )?;
+    if pad == 0 {
+        return Ok(out);
+    }
+    let rows = out.elem_count() / i.max(1);
+    let padded = crate::pad_columns(out.reshape((rows, i))?, pad)?;
+    *dims.last_mut().unwrap() = i + pad;
+    padded.reshape(dims)
 }
 
 /// The gradient of `gate_up` given that of `swiglu(gate_up)`.

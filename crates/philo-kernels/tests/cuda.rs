@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use philo_kernels::attention::{self, AttentionMask, Dims};
 use philo_kernels::nf4::Nf4Weight;
 use philo_kernels::rope::QkvShape;
-use philo_kernels::{cross_entropy, rms_norm, rope, swiglu};
+use philo_kernels::{cross_entropy, rms_norm, rope, rows, swiglu};
 use philo_quant::Nf4Tensor;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -116,6 +116,18 @@ fn cuda_rms_norm() -> Result<()> {
             let dx = rms_norm::backward(&x, &w, &dy, eps, Some(&y))?;
             let want: Vec<f32> = want_dx.iter().zip(&yh).map(|(a, b)| a + b).collect();
             check(&format!("{what} bwd + add"), &host(&dx)?, &want, TOL);
+            // dy as the first n columns of wider rows, read in place: 64 more columns keep the
+            // vectorised kernel, 3 more (rows no longer 16-byte aligned) take the scalar one.
+            for extra in [64, 3] {
+                let wide = Tensor::cat(&[&dy, &dy.narrow(1, 0, extra.min(n))?], 1)?;
+                let dx = rms_norm::backward(&x, &w, &wide.narrow(1, 0, n)?, eps, Some(&y))?;
+                check(
+                    &format!("{what} bwd, dy rows {} apart", n + extra),
+                    &host(&dx)?,
+                    &want,
+                    TOL,
+                );
+            }
             // Rows that start at an odd element (a view): the scalar kernel.
             let odd = Tensor::cat(&[&x, &x], 1)?.narrow(1, 1, n)?;
             let odd_h: Vec<f32> = (0..rows)
@@ -269,8 +281,11 @@ fn cuda_swiglu() -> Result<()> {
         return Ok(());
     };
     let mut rng = StdRng::seed_from_u64(13);
-    let (rows, i) = (5, 8192);
-    for dtype in dtypes() {
+    // 8192: eight elements a thread; 1001: not a multiple of 8, the scalar loop.
+    for (dtype, (rows, i)) in dtypes()
+        .into_iter()
+        .flat_map(|d| [(5, 8192), (3, 1001)].map(|s| (d, s)))
+    {
         let what = format!("swiglu {dtype:?} rows {rows} i {i}");
         let (x, xh) = upload(
             uniform(&mut rng, rows * 2 * i, 6.0),
@@ -288,6 +303,16 @@ fn cuda_swiglu() -> Result<()> {
             TOL,
         );
 
+        // With 64 free columns after each row (where the down projection's adapter goes).
+        let padded = swiglu::swiglu_padded(&x, 64)?;
+        assert_eq!(padded.dims(), &[rows, i + 64][..]);
+        check(
+            &format!("{what} fwd padded"),
+            &host(&padded.narrow(1, 0, i)?)?,
+            &swiglu::reference(&xh, i),
+            TOL,
+        );
+
         let want = swiglu::reference_backward(&xh, &gh, i);
         check(
             &format!("{what} bwd"),
@@ -295,6 +320,37 @@ fn cuda_swiglu() -> Result<()> {
             &want,
             TOL,
         );
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------------
+// Row scatter
+
+#[test]
+fn cuda_scatter_rows() -> Result<()> {
+    let Some(dev) = gpu("cuda_scatter_rows") else {
+        return Ok(());
+    };
+    let mut rng = StdRng::seed_from_u64(17);
+    // 3072 bf16 columns: 16-byte copies; 7: 2-byte copies; f32 too.
+    for (dtype, cols) in [(DType::BF16, 3072), (DType::BF16, 7), (DType::F32, 3072)] {
+        let (rows, index) = (9, [7u32, 0, 4, 8]);
+        let (dst, mut want) = upload(
+            uniform(&mut rng, rows * cols, 1.0),
+            &[rows, cols],
+            dtype,
+            &dev,
+        )?;
+        let (src, src_host) = upload(
+            uniform(&mut rng, index.len() * cols, 1.0),
+            &[index.len(), cols],
+            dtype,
+            &dev,
+        )?;
+        rows::scatter_rows(&dst, &index, &src)?;
+        rows::reference_scatter(&mut want, cols, &index, &src_host);
+        assert_eq!(host(&dst)?, want, "scatter_rows {dtype:?} cols {cols}");
     }
     Ok(())
 }
@@ -702,47 +758,43 @@ fn cuda_cross_entropy() -> Result<()> {
         return Ok(());
     };
     let mut rng = StdRng::seed_from_u64(41);
-    let (rows, v) = (9, 32064);
-    let grad_scale = 1.0 / rows as f32;
-    let (logits, lh) = upload(
-        uniform(&mut rng, rows * v, 5.0),
-        &[rows, v],
-        DType::BF16,
-        &dev,
-    )?;
-    let targets: Vec<u32> = (0..rows).map(|_| rng.random_range(0..v as u32)).collect();
-    let tt = Tensor::from_vec(targets.clone(), rows, &dev)?;
-    let (loss, grad) = cross_entropy::cross_entropy_with_grad(&logits, &tt, grad_scale as f64)?;
-    assert_eq!((loss.dims(), loss.dtype()), (&[rows][..], DType::F32));
-    assert_eq!((grad.dims(), grad.dtype()), (&[rows, v][..], DType::BF16));
-    let (want_loss, want_grad) = cross_entropy::reference(&lh, &targets, grad_scale);
-    check(
-        "cross_entropy bf16 rows 9 V 32064 loss",
-        &host(&loss)?,
-        &want_loss,
-        TOL,
-    );
-    let got_grad = host(&grad)?;
-    check(
-        "cross_entropy bf16 rows 9 V 32064 grad",
-        &got_grad,
-        &want_grad,
-        TOL,
-    );
-    // The non-target entries on their own scale (the −1 of the target dominates the one above).
-    let off_target = |g: &[f32]| -> Vec<f32> {
-        g.iter()
-            .enumerate()
-            .filter(|(i, _)| targets[i / v] as usize != i % v)
-            .map(|(_, x)| *x)
-            .collect()
-    };
-    check(
-        "cross_entropy bf16 rows 9 V 32064 grad (non-target entries)",
-        &off_target(&got_grad),
-        &off_target(&want_grad),
-        TOL,
-    );
+    // Phi-3's vocabulary (the row read once into registers) and one entry fewer (not a whole
+    // number of 8-wide pieces: the three-pass loop).
+    for v in [32064, 32063] {
+        let rows = 9;
+        let what = format!("cross_entropy bf16 rows {rows} V {v}");
+        let grad_scale = 1.0 / rows as f32;
+        let (logits, lh) = upload(
+            uniform(&mut rng, rows * v, 5.0),
+            &[rows, v],
+            DType::BF16,
+            &dev,
+        )?;
+        let targets: Vec<u32> = (0..rows).map(|_| rng.random_range(0..v as u32)).collect();
+        let tt = Tensor::from_vec(targets.clone(), rows, &dev)?;
+        let (loss, grad) = cross_entropy::cross_entropy_with_grad(&logits, &tt, grad_scale as f64)?;
+        assert_eq!((loss.dims(), loss.dtype()), (&[rows][..], DType::F32));
+        assert_eq!((grad.dims(), grad.dtype()), (&[rows, v][..], DType::BF16));
+        let (want_loss, want_grad) = cross_entropy::reference(&lh, &targets, grad_scale);
+        check(&format!("{what} loss"), &host(&loss)?, &want_loss, TOL);
+        let got_grad = host(&grad)?;
+        check(&format!("{what} grad"), &got_grad, &want_grad, TOL);
+        // The non-target entries on their own scale (the −1 of the target dominates the one
+        // above).
+        let off_target = |g: &[f32]| -> Vec<f32> {
+            g.iter()
+                .enumerate()
+                .filter(|(i, _)| targets[i / v] as usize != i % v)
+                .map(|(_, x)| *x)
+                .collect()
+        };
+        check(
+            &format!("{what} grad (non-target entries)"),
+            &off_target(&got_grad),
+            &off_target(&want_grad),
+            TOL,
+        );
+    }
     Ok(())
 }
 
@@ -1288,6 +1340,55 @@ fn cuda_lora_products_with_dropout() -> Result<()> {
                 let got = lora::up_through_dropout(&d_down, &a, mask)?;
                 let want = lora::up_through_dropout(&cpu(&d_down)?, &cpu(&a)?, mask)?;
                 check(&format!("{what}: dx"), &host(&got)?, &host(&want)?, TOL);
+
+                // [dx | d_down] side by side, as one GEMM against [W | scale·B] writes them in
+                // the backward: A's gradient from the strided d_down, and dx += its share.
+                let (dx0, dx0_host) = upload(
+                    uniform(&mut rng, rows * width, 1.0),
+                    &[rows, width],
+                    dtype,
+                    &dev,
+                )?;
+                let both = Tensor::cat(&[&dx0, &d_down], 1)?;
+                let d_down_view = both.narrow(1, width, rank)?;
+                let grad = Tensor::zeros((rank, width), DType::F32, &dev)?;
+                lora::accumulate_grad_a(&grad, &d_down_view, &x, mask)?;
+                let want_a = Tensor::zeros((rank, width), DType::F32, &Device::Cpu)?;
+                lora::accumulate_grad_a(&want_a, &cpu(&d_down)?, &cpu(&x)?, mask)?;
+                check(
+                    &format!("{what}: grad A of strided d_down"),
+                    &host(&grad)?,
+                    &host(&want_a)?,
+                    TOL,
+                );
+                lora::add_up_through_dropout(&d_down_view, &a, mask, &both)?;
+                let want_dx: Vec<f32> = host(&want)?
+                    .iter()
+                    .zip(&dx0_host)
+                    .map(|(u, d)| u + d)
+                    .collect();
+                check(
+                    &format!("{what}: dx += through [dx | d_down]"),
+                    &host(&both.narrow(1, 0, width)?)?,
+                    &want_dx,
+                    TOL,
+                );
+                check(
+                    &format!("{what}: d_down left as it was"),
+                    &host(&both.narrow(1, width, rank)?)?,
+                    &host(&d_down)?,
+                    0.0,
+                );
+                // Rows not a whole number of 16-byte pieces apart: element-wise stores.
+                let spare = Tensor::zeros((rows, 2), dtype, &dev)?;
+                let ragged = Tensor::cat(&[&dx0, &d_down, &spare], 1)?;
+                lora::add_up_through_dropout(&ragged.narrow(1, width, rank)?, &a, mask, &ragged)?;
+                check(
+                    &format!("{what}: dx += with rows {} apart", width + rank + 2),
+                    &host(&ragged.narrow(1, 0, width)?)?,
+                    &want_dx,
+                    TOL,
+                );
             }
         }
     }

@@ -140,14 +140,16 @@ impl PassLinear {
 
     /// [`PassLinear::forward`] on rows `padded` `[rows, in + pad()]` whose first `in` columns
     /// are x: the adapter's down projection is written into the last columns and one GEMM
-    /// against [W | scale·B] gives x·Wᵀ + down·(scale·B)ᵀ.
+    /// against [W | scale·B] gives x·Wᵀ + down·(scale·B)ᵀ (added onto `onto` when given, as
+    /// in [`PassLinear::forward`]).
     fn forward_padded(
         &self,
         padded: &Tensor,
         dropout: Option<DropoutSeed>,
+        onto: Option<Tensor>,
     ) -> Result<(Tensor, Option<LoraSaved>)> {
         let (Some(lora), Some(folded)) = (&self.lora, &self.folded) else {
-            return self.forward(padded, dropout, None);
+            return self.forward(padded, dropout, onto);
         };
         let dev = padded.device();
         let (r, width) = (lora.a.dim(0)?, self.weight.dim(1)?);
@@ -161,9 +163,15 @@ impl PassLinear {
         time(dev, self.names.lora, || {
             philo_kernels::lora::down_into(&x, &lora.a, lora.mask(dropout), padded, width)
         })?;
-        let y = unsafe { Tensor::empty((padded.dim(0)?, folded.dim(0)?), padded.dtype(), dev)? };
+        let (y, beta) = match onto {
+            Some(y) => (y, 1.0),
+            None => (
+                unsafe { Tensor::empty((padded.dim(0)?, folded.dim(0)?), padded.dtype(), dev)? },
+                0.0,
+            ),
+        };
         time(dev, self.names.gemm, || {
-            gemm_into(&y, padded, false, folded, true, 1.0, 0.0)
+            gemm_into(&y, padded, false, folded, true, 1.0, beta)
         })?;
         let saved = LoraSaved {
             input: x,
@@ -235,8 +243,10 @@ impl PassLinear {
         })?)
     }
 
-    /// dx from dy `[rows, out]`; the adapter's dA and dB are added to `grads`. The adapter's
-    /// part of dx is written first and the base GEMM adds onto it.
+    /// dx `[rows, in]` from dy `[rows, out]`; the adapter's dA and dB are added to `grads`.
+    /// With an output wider than the input, dx comes back as the first columns of a wider
+    /// buffer (its rows strided); otherwise the adapter's part of dx is written first and the
+    /// base GEMM adds onto it.
     fn backward(
         &self,
         saved: Option<&LoraSaved>,
@@ -254,10 +264,28 @@ impl PassLinear {
                 lora.id
             )))
         })?;
+        let mask = lora.mask(dropout);
+        let (out, width) = self.weight.dims2()?;
+        if let (Some(folded), true) = (&self.folded, out > width) {
+            // A wide output (qkv, gate_up): one GEMM against [W | scale·B] gives
+            // [dx | d(down)] and reads dy once instead of twice; the adapter's share of dx is
+            // then added in place (re-reading dx, which is narrower than dy).
+            let r = lora.a.dim(0)?;
+            let both = unsafe { Tensor::empty((dy.dim(0)?, width + r), dy.dtype(), dev)? };
+            time(dev, self.names.dx_gemm, || {
+                gemm_into(&both, dy, false, folded, false, 1.0, 0.0)
+            })?;
+            let d_down = both.narrow(1, width, r)?;
+            time(dev, self.names.lora_backward, || {
+                accumulate_at_b(&grad.b, dy, &saved.down, lora.scale)?;
+                philo_kernels::lora::accumulate_grad_a(&grad.a, &d_down, &saved.input, mask)?;
+                philo_kernels::lora::add_up_through_dropout(&d_down, &lora.a, mask, &both)
+            })?;
+            return Ok(both.narrow(1, 0, width)?);
+        }
         let dx = time(dev, self.names.lora_backward, || {
             // d(down) = dy·(scale·B); dB = scale·dyᵀ·down; dA = d(down)ᵀ·dropout(input);
             // dx = d(down)·A through the dropout (the same mask, regenerated from its seed).
-            let mask = lora.mask(dropout);
             let d_down = dy.matmul(&lora.b_scaled)?;
             accumulate_at_b(&grad.b, dy, &saved.down, lora.scale)?;
             philo_kernels::lora::accumulate_grad_a(&grad.a, &d_down, &saved.input, mask)?;
@@ -359,7 +387,7 @@ impl DecoderLayer {
                 .forward_padded(x, w.qkv.pad())
                 .map_err(candle_core::Error::wrap)
         })?;
-        let (qkv, qkv_lora) = w.qkv.forward_padded(&n1, ctx.dropout)?;
+        let (qkv, qkv_lora) = w.qkv.forward_padded(&n1, ctx.dropout, None)?;
         let heads = time(dev, "rope", || {
             qkv_rope(
                 &qkv.reshape((b, s, qkv.dim(1)?))?,
@@ -386,14 +414,20 @@ impl DecoderLayer {
                 .forward_after_add_padded(x, &o.reshape((b, s, hidden))?, w.gate_up.pad())
                 .map_err(candle_core::Error::wrap)
         })?;
-        let (gate_up, gate_up_lora) = w.gate_up.forward_padded(&n2, ctx.dropout)?;
-        let act = time(dev, "swiglu", || philo_kernels::swiglu::swiglu(&gate_up))?;
+        let (gate_up, gate_up_lora) = w.gate_up.forward_padded(&n2, ctx.dropout, None)?;
+        // [act | room for the down projection's adapter].
+        let act_padded = time(dev, "swiglu", || {
+            philo_kernels::swiglu::swiglu_padded(&gate_up, w.down.pad())
+        })?;
+        let act = act_padded.narrow(1, 0, gate_up.dim(1)? / 2)?;
         let (out, down_lora) = if output && !keep {
             // Nothing reads the residual stream again: the MLP's output is summed onto it.
-            let (out, down_lora) = w.down.forward(&act, ctx.dropout, Some(rows(&hres)?))?;
+            let (out, down_lora) =
+                w.down
+                    .forward_padded(&act_padded, ctx.dropout, Some(rows(&hres)?))?;
             (Some(out.reshape((b, s, hidden))?), down_lora)
         } else if output {
-            let (mlp, down_lora) = w.down.forward(&act, ctx.dropout, None)?;
+            let (mlp, down_lora) = w.down.forward_padded(&act_padded, ctx.dropout, None)?;
             let out = time(dev, "residual add", || {
                 &hres + mlp.reshape((b, s, hidden))?
             })?;
@@ -431,7 +465,6 @@ impl DecoderLayer {
         grads: &LoraGrads,
     ) -> Result<Tensor> {
         let ctx = &ctx.inner;
-        let (b, s, hidden) = dout.dims3()?;
         let kvh = self.self_attn.num_kv_heads;
         let dev = dout.device();
         // MLP: out = h + down(swiglu(gate_up(norm2(h)))).
@@ -447,13 +480,7 @@ impl DecoderLayer {
                 .backward(saved.gate_up_lora.as_ref(), &d_gate_up, ctx.dropout, grads)?;
         let norm2 = &self.post_attention_layernorm;
         let dh = time(dev, "rms_norm bwd + add", || {
-            philo_kernels::rms_norm::backward(
-                &saved.h,
-                &norm2.weight,
-                &d_n2.reshape((b, s, hidden))?,
-                norm2.eps,
-                Some(dout),
-            )
+            philo_kernels::rms_norm::backward(&saved.h, &norm2.weight, &d_n2, norm2.eps, Some(dout))
         })?;
 
         // Attention: h = x + o_proj(flash(rope(qkv_proj(norm1(x))))).
@@ -476,13 +503,7 @@ impl DecoderLayer {
             .backward(saved.qkv_lora.as_ref(), &rows(&d_qkv)?, ctx.dropout, grads)?;
         let norm1 = &self.input_layernorm;
         time(dev, "rms_norm bwd + add", || {
-            philo_kernels::rms_norm::backward(
-                &saved.x,
-                &norm1.weight,
-                &d_n1.reshape((b, s, hidden))?,
-                norm1.eps,
-                Some(&dh),
-            )
+            philo_kernels::rms_norm::backward(&saved.x, &norm1.weight, &d_n1, norm1.eps, Some(&dh))
         })
         .map_err(Into::into)
     }

@@ -74,14 +74,14 @@ pub fn chunked_head_loss(
         .map(|&r| (r as usize / (s - 1) * s + r as usize % (s - 1)) as u32)
         .collect();
     let flat = hidden.reshape((b * s, h))?;
-    let mut d_hidden = Tensor::zeros((b * s, h), hidden.dtype(), device)?;
+    // Each labelled row's gradient is written once; the other rows stay 0.
+    let d_hidden = Tensor::zeros((b * s, h), hidden.dtype(), device)?;
     let mut loss_sum = Tensor::zeros((), DType::F32, device)?;
     for (idx, tgt) in hidden_rows
         .chunks(chunk_rows.max(1))
         .zip(targets.chunks(chunk_rows.max(1)))
     {
-        let idx = Tensor::new(idx, device)?;
-        let picked = flat.index_select(&idx, 0)?;
+        let picked = flat.index_select(&Tensor::new(idx, device)?, 0)?;
         let logits = picked.matmul(&head_weight.t()?)?;
         let (loss, grad) = philo_kernels::cross_entropy::cross_entropy_with_grad(
             &logits,
@@ -89,7 +89,7 @@ pub fn chunked_head_loss(
             scale,
         )?;
         loss_sum = loss_sum.add(&loss.sum_all()?)?;
-        d_hidden = d_hidden.index_add(&idx, &grad.matmul(head_weight)?, 0)?;
+        philo_kernels::rows::scatter_rows(&d_hidden, idx, &grad.matmul(head_weight)?)?;
     }
     let loss_sum = loss_sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     Ok(Some((loss_sum, d_hidden.reshape((b, s, h))?)))

@@ -7,10 +7,12 @@
 //   lora_down:   down[rows, R]  = keep · (mask ∘ x)[rows, K] · Aᵀ        (A [R, K]), split over K
 //                when rows are few, the f32 partial sums then added by lora_down_sum
 //   lora_grad_a: gA[R, K]      += keep · d_downᵀ[R, rows] · (mask ∘ x)   (f32, atomics)
-//   lora_up:     dx[rows, K]    = keep · mask ∘ (d_down[rows, R] · A)
+//   lora_up:     dx[rows, K]    = keep · mask ∘ (d_down[rows, R] · A), or += when accumulating
 // K is a multiple of 64 and R one of 16, 32, 64, 128 (the host checks and otherwise falls back
 // to dropout + cuBLAS). x's rows are ldx apart and down's ld_out apart (a caller may keep x and
-// down side by side in one [rows, K + R] buffer); the mask is that of the logical [rows, K].
+// down side by side in one [rows, K + R] buffer), d_down's ldd apart and dx's ld_dx apart (the
+// backward may get dx and d_down side by side from one GEMM); the mask is that of the logical
+// [rows, K].
 #include "dropout.cuh"
 #include "mma.cuh"
 
@@ -134,7 +136,7 @@ __device__ void lora_down_sum(const float* part, T* down, int rows, int r, int l
 // `rows_per_block` input rows (blockIdx.y picks which) in steps of 32, three stages of cp.async;
 // warp w owns columns 16w .. 16w + 16. The partial sums are added to gA atomically.
 template <typename T, int R>
-__device__ void lora_grad_a(const T* x, const T* dd, float* ga, int rows, int K, int ldx,
+__device__ void lora_grad_a(const T* x, const T* dd, float* ga, int rows, int K, int ldx, int ldd,
                             int rows_per_block, unsigned long long seed, float p) {
     constexpr int BN = 64, BR = 32, LDX = BN + 8, LDD = R + 8, STAGES = 3, MT = R / 16;
     extern __shared__ __align__(16) unsigned char smem[];
@@ -147,7 +149,7 @@ __device__ void lora_grad_a(const T* x, const T* dd, float* ga, int rows, int K,
     auto issue = [&](int st, int stage) {
         int r0 = r_begin + st * BR;
         tile_async<T>(xs + stage * BR * LDX, LDX, x + (size_t)r0 * ldx + col0, ldx, BR, BN, r_end - r0);
-        tile_async<T>(ds + stage * BR * LDD, LDD, dd + (size_t)r0 * R, R, BR, R, r_end - r0);
+        tile_async<T>(ds + stage * BR * LDD, LDD, dd + (size_t)r0 * ldd, ldd, BR, R, r_end - r0);
     };
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
@@ -212,18 +214,22 @@ __device__ void lora_grad_a(const T* x, const T* dd, float* ga, int rows, int K,
 }
 
 // ---------------------------------------------------------------------------------------------
-// dx = keep · mask ∘ (d_down · A): one block = 4 warps = 64 rows × 128 columns, the whole rank
-// in one tile (d_down rows as A fragments, A's rows as B).
+// dx = keep · mask ∘ (d_down · A), added to dx's values when `accumulate`: one block = 4 warps =
+// 64 rows × 128 columns, the whole rank in one tile (d_down rows as A fragments, A's rows as B).
+// The masked f32 tile is staged in shared memory and written (or read, added and written) row
+// by row in 16-byte pieces: the fragments' own 4-byte stores touched 8 rows a warp instruction
+// and ran below 1 TB/s.
 template <typename T, int R>
-__device__ void lora_up(const T* dd, const T* a, T* dx, int rows, int K, unsigned long long seed,
-                        float p) {
-    constexpr int BM = 64, BN = 128, LDD = R + 8, LDA = BN + 8, NJ = BN / 8;
+__device__ void lora_up(const T* dd, const T* a, T* dx, int rows, int K, int ldd, int ld_dx,
+                        int accumulate, unsigned long long seed, float p) {
+    constexpr int BM = 64, BN = 128, LDD = R + 8, LDA = BN + 8, NJ = BN / 8, LDO = BN + 4;
     extern __shared__ __align__(16) unsigned char smem[];
     T* ds = reinterpret_cast<T*>(smem);  // [BM][LDD]
     T* as = ds + BM * LDD;               // [R][LDA]
+    float* staged = reinterpret_cast<float*>(smem);  // [BM][LDO], after the products
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     int row0 = blockIdx.y * BM, col0 = blockIdx.x * BN;
-    tile_async<T>(ds, LDD, dd + (size_t)row0 * R, R, BM, R, rows - row0);
+    tile_async<T>(ds, LDD, dd + (size_t)row0 * ldd, ldd, BM, R, rows - row0);
     tile_async<T>(as, LDA, a + col0, K, R, BN, R);
     cp_async_commit();
     cp_async_wait<0>();
@@ -243,23 +249,47 @@ __device__ void lora_up(const T* dd, const T* a, T* dx, int rows, int K, unsigne
             Mma<T>::run(acc[j + 1], af, b[2], b[3]);
         }
     }
+    __syncthreads();  // the operand tiles are no longer read: their memory takes the result
     float keep = p > 0.f ? 1.f / (1.f - p) : 1.f;
-    int wrow = row0 + warp * 16 + g;
 #pragma unroll
     for (int j = 0; j < NJ; ++j) {
-        int c = col0 + j * 8 + 2 * t;
+        int c = j * 8 + 2 * t;
 #pragma unroll
         for (int hi = 0; hi < 2; ++hi) {
-            int row = wrow + 8 * hi;
-            if (row >= rows) continue;
+            int r = warp * 16 + g + 8 * hi;
             float v0 = acc[j][2 * hi] * keep, v1 = acc[j][2 * hi + 1] * keep;
             if (p > 0.f) {
                 bool drop0, drop1;
-                dropout_pair(seed, (unsigned long long)row * K + c, p, drop0, drop1);
+                dropout_pair(seed, (unsigned long long)(row0 + r) * K + col0 + c, p, drop0, drop1);
                 if (drop0) v0 = 0.f;
                 if (drop1) v1 = 0.f;
             }
-            *reinterpret_cast<uint32_t*>(dx + (size_t)row * K + c) = Mma<T>::pack(v0, v1);
+            *reinterpret_cast<float2*>(staged + r * LDO + c) = make_float2(v0, v1);
+        }
+    }
+    __syncthreads();
+    bool wide = ld_dx % 8 == 0 && (uintptr_t)dx % 16 == 0;
+    for (int i = threadIdx.x; i < BM * BN / 8; i += blockDim.x) {
+        int r = i / (BN / 8), c = (i % (BN / 8)) * 8;
+        if (row0 + r >= rows) break;
+        const float* src = staged + r * LDO + c;
+        T* dst = dx + (size_t)(row0 + r) * ld_dx + col0 + c;
+        float v[8];
+        *reinterpret_cast<float4*>(v) = *reinterpret_cast<const float4*>(src);
+        *reinterpret_cast<float4*>(v + 4) = *reinterpret_cast<const float4*>(src + 4);
+        if (wide) {
+            if (accumulate) {
+                // The same rounding as a GEMM adding onto the stored value (beta = 1).
+                float old[8];
+                load8(dst, old);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) v[e] += old[e];
+            }
+            store8(dst, v);
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; ++e)
+                dst[e] = from_f32<T>(v[e] + (accumulate ? to_f32(dst[e]) : 0.f));
         }
     }
 }
@@ -267,7 +297,11 @@ __device__ void lora_up(const T* dd, const T* a, T* dx, int rows, int K, unsigne
 // Dynamic shared memory of each kernel for rank R (two-byte elements).
 template <int R> constexpr int down_smem() { return 3 * (64 + R) * (64 + 8) * 2; }
 template <int R> constexpr int grad_a_smem() { return 3 * 32 * ((64 + 8) + (R + 8)) * 2; }
-template <int R> constexpr int up_smem() { return (64 * (R + 8) + R * (128 + 8)) * 2; }
+template <int R> constexpr int up_smem() {
+    // The operand tiles, then (in the same memory) the f32 result tile.
+    constexpr int operands = (64 * (R + 8) + R * (128 + 8)) * 2, result = 64 * (128 + 4) * 4;
+    return operands > result ? operands : result;
+}
 
 #define LORA(name, T, R)                                                                           \
     extern "C" __global__ void __launch_bounds__(128) lora_down_##name##_r##R(                      \
@@ -276,13 +310,14 @@ template <int R> constexpr int up_smem() { return (64 * (R + 8) + R * (128 + 8))
         lora_down<T, R>(x, a, out, rows, K, ldx, ld_out, split_len, seed, p);                      \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(128) lora_grad_a_##name##_r##R(                    \
-        const T* x, const T* dd, float* ga, int rows, int K, int ldx, int rows_per_block,          \
+        const T* x, const T* dd, float* ga, int rows, int K, int ldx, int ldd, int rows_per_block, \
         unsigned long long seed, float p) {                                                        \
-        lora_grad_a<T, R>(x, dd, ga, rows, K, ldx, rows_per_block, seed, p);                       \
+        lora_grad_a<T, R>(x, dd, ga, rows, K, ldx, ldd, rows_per_block, seed, p);                  \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(128) lora_up_##name##_r##R(                        \
-        const T* dd, const T* a, T* dx, int rows, int K, unsigned long long seed, float p) {       \
-        lora_up<T, R>(dd, a, dx, rows, K, seed, p);                                                \
+        const T* dd, const T* a, T* dx, int rows, int K, int ldd, int ld_dx, int accumulate,       \
+        unsigned long long seed, float p) {                                                        \
+        lora_up<T, R>(dd, a, dx, rows, K, ldd, ld_dx, accumulate, seed, p);                        \
     }
 #define LORA_RANKS(name, T)                                                                        \
     LORA(name, T, 16) LORA(name, T, 32) LORA(name, T, 64) LORA(name, T, 128)                       \

@@ -42,12 +42,13 @@ __device__ void add_rms_norm(const T* x, const T* y, const T* w, T* sum, T* out,
 
 // Backward for x (the weight is frozen): with r = rsqrt(mean(x²) + eps) and g = w·dy,
 // dx = r·g − x·r³·mean(x·g), plus `add` (a gradient arriving by the residual path) when not
-// null. All in f32, rounded once.
+// null. All in f32, rounded once. dy's rows are dy_ld apart (≥ n: dy may be the first columns
+// of a wider GEMM output).
 template <typename T>
 __device__ void rms_norm_backward(const T* x, const T* w, const T* dy, const T* add, T* dx, int n,
-                                  float eps) {
+                                  int dy_ld, float eps) {
     size_t row = blockIdx.x;
-    x += row * n; dy += row * n; dx += row * n;
+    x += row * n; dy += row * dy_ld; dx += row * n;
     if (add) add += row * n;
     float ss = 0.f, xg = 0.f;
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
@@ -107,9 +108,9 @@ __device__ void rms_norm_vec(const T* x, const T* y, const T* w, T* sum, T* out,
 
 template <typename T>
 __device__ void rms_norm_backward_vec(const T* x, const T* w, const T* dy, const T* add, T* dx,
-                                      int n, float eps) {
+                                      int n, int dy_ld, float eps) {
     size_t row = blockIdx.x;
-    x += row * n; dy += row * n; dx += row * n;
+    x += row * n; dy += row * dy_ld; dx += row * n;
     if (add) add += row * n;
     float xv[VPT][8], gv[VPT][8];
     float ss = 0.f, xg = 0.f;
@@ -156,8 +157,9 @@ __device__ void rms_norm_backward_vec(const T* x, const T* w, const T* dy, const
         add_rms_norm<T>(x, y, w, sum, out, n, out_ld, eps);                                    \
     }                                                                                          \
     extern "C" __global__ void rms_norm_backward_##name(const T* x, const T* w, const T* dy,    \
-                                                        const T* add, T* dx, int n, float eps) { \
-        rms_norm_backward<T>(x, w, dy, add, dx, n, eps);                                       \
+                                                        const T* add, T* dx, int n, int dy_ld,  \
+                                                        float eps) {                           \
+        rms_norm_backward<T>(x, w, dy, add, dx, n, dy_ld, eps);                                \
     }                                                                                          \
     extern "C" __global__ void rms_norm_vec_##name(const T* x, const T* w, T* out, int n,       \
                                                    int out_ld, float eps) {                    \
@@ -170,7 +172,7 @@ __device__ void rms_norm_backward_vec(const T* x, const T* w, const T* dy, const
     }                                                                                          \
     extern "C" __global__ void rms_norm_backward_vec_##name(const T* x, const T* w, const T* dy, \
                                                             const T* add, T* dx, int n,        \
-                                                            float eps) {                       \
-        rms_norm_backward_vec<T>(x, w, dy, add, dx, n, eps);                                   \
+                                                            int dy_ld, float eps) {            \
+        rms_norm_backward_vec<T>(x, w, dy, add, dx, n, dy_ld, eps);                            \
     }
 FOR_EACH_FLOAT(RMS)
