@@ -154,16 +154,6 @@ mod cuda {
         }
     }
 
-    /// The device address of a storage's element at `offset` (any float dtype).
-    fn address(s: &CudaStorage, offset: usize) -> Result<u64> {
-        let stream = s.device().cuda_stream();
-        with_float_type!(s.dtype(), T, {
-            let view = s.as_cuda_slice::<T>()?.slice(offset..);
-            let (ptr, _sync) = view.device_ptr(&stream);
-            Ok(ptr)
-        })
-    }
-
     impl InplaceOp3 for Gemm {
         fn name(&self) -> &'static str {
             "philo-gemm-into"
@@ -199,10 +189,10 @@ mod cuda {
             let in_type = data_type(a.dtype())?;
             let out_type = data_type(c.dtype())?;
             let (ap, bp) = (
-                address(a, al.start_offset())?,
-                address(b, bl.start_offset())?,
+                storage_address(a, al.start_offset())?,
+                storage_address(b, bl.start_offset())?,
             );
-            let cp = address(c, cl.start_offset())?;
+            let cp = storage_address(c, cl.start_offset())?;
             // Column-major view: cᵀ [n, m] = op(b)ᵀ [n, k] · op(a)ᵀ [k, m].
             unsafe {
                 result::gemm_ex(

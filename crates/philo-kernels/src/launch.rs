@@ -132,14 +132,6 @@ pub(crate) fn contiguous<'a, T: CudaDType + DeviceRepr>(
     }
 }
 
-/// A view from a (possibly strided) tensor's start offset.
-pub(crate) fn from_offset<'a, T: CudaDType + DeviceRepr>(
-    s: &'a CudaStorage,
-    l: &Layout,
-) -> Result<CudaView<'a, T>> {
-    Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
-}
-
 /// Wraps a freshly written device buffer as a tensor (no autograd history).
 pub(crate) fn tensor<T: CudaDType, S: Into<Shape>>(
     slice: CudaSlice<T>,
@@ -181,12 +173,17 @@ pub(crate) fn elementwise_config(
 /// Device address of a tensor's first element. Kernels run on the device's one stream, so no
 /// event bookkeeping is needed.
 pub(crate) fn address(t: &Tensor) -> Result<u64> {
-    use candle_core::backend::BackendStorage;
     let (s, l) = t.storage_and_layout();
-    let s = cuda(&s)?;
+    storage_address(cuda(&s)?, l.start_offset())
+}
+
+/// The device address of a storage's element at `offset` (float or integer dtypes), for custom
+/// ops that receive storages rather than tensors.
+pub(crate) fn storage_address(s: &CudaStorage, offset: usize) -> Result<u64> {
+    use candle_core::backend::BackendStorage;
     let stream = s.device().cuda_stream();
     with_float_or_int!(s.dtype(), T, {
-        let view = from_offset::<T>(s, l)?;
+        let view = s.as_cuda_slice::<T>()?.slice(offset..);
         let (ptr, _sync) = view.device_ptr(&stream);
         Ok(ptr)
     })

@@ -57,16 +57,6 @@ mod cuda {
 
     pub(super) struct Scatter;
 
-    /// Device address of a storage's element at `offset`.
-    fn address_of(s: &CudaStorage, offset: usize) -> Result<u64> {
-        let stream = s.device().cuda_stream();
-        with_float_or_int!(s.dtype(), T, {
-            let view = s.as_cuda_slice::<T>()?.slice(offset..);
-            let (ptr, _sync) = view.device_ptr(&stream);
-            Ok(ptr)
-        })
-    }
-
     impl InplaceOp3 for Scatter {
         fn name(&self) -> &'static str {
             "philo-scatter-rows"
@@ -97,9 +87,9 @@ mod cuda {
             let row_bytes = (cols * src.dtype().size_in_bytes()) as i64;
             let dev = dst.device().clone();
             let (dp, ip, sp) = (
-                address_of(dst, dl.start_offset())?,
-                address_of(index, il.start_offset())?,
-                address_of(src, sl.start_offset())?,
+                storage_address(dst, dl.start_offset())?,
+                storage_address(index, il.start_offset())?,
+                storage_address(src, sl.start_offset())?,
             );
             let f = function(&dev, &ROWS, "scatter_rows")?;
             let cfg = LaunchConfig {
