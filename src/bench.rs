@@ -433,6 +433,8 @@ pub struct TrainBench {
     pub offload: bool,
     /// LoRA dropout probability (finetune's default 0.05; Unsloth's recipe uses 0).
     pub lora_dropout: f32,
+    /// Decoder layers at the end that keep their activations instead of being recomputed.
+    pub uncheckpointed_layers: usize,
 }
 
 /// Tokens/s of LoRA training with gradient checkpointing on all four projection types, one
@@ -481,6 +483,7 @@ pub fn train(mut model: Phi3, options: &TrainBench) -> anyhow::Result<BenchResul
         pass: PassOptions {
             checkpointing: true,
             offload: options.offload,
+            uncheckpointed_layers: options.uncheckpointed_layers,
         },
     };
     let mut context = StepContext::new(&device, model.dtype());

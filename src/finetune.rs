@@ -67,6 +67,7 @@ impl FinetuneOptions {
             save_steps: None,
             gradient_checkpointing: true,
             gradient_offload: true,
+            uncheckpointed_layers: 0,
         }
     }
 }
@@ -113,6 +114,7 @@ pub fn finetune(options: &FinetuneOptions, stop: &AtomicBool) -> anyhow::Result<
         dtype_bytes: options.dtype.size_in_bytes(),
         checkpointing: options.trainer.gradient_checkpointing,
         offload: options.trainer.gradient_offload,
+        uncheckpointed_layers: options.trainer.uncheckpointed_layers,
         dropout: options.lora_dropout > 0.0,
     };
     let sizing = crate::plan::size_batch(

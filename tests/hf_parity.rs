@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use philo_generate::{SamplingParams, TokenStream};
 use philo_model::{Adapter, ModelFiles, Phi3, Phi3Config, SafetensorsStore};
 use philo_train::adamw::{AdamW, AdamWConfig};
-use philo_train::backward::{loss_and_grads, MicroBatch};
+use philo_train::backward::{loss_and_grads, MicroBatch, PassOptions};
 use philo_train::lora_params::LoraParams;
 use philo_train::loss::count_targets;
 
@@ -218,8 +218,14 @@ fn check_lora(case: &Case) {
         labels: vec![labels],
     };
     let n = count_targets(&batch.labels);
-    for checkpointing in [false, true] {
-        let out = loss_and_grads(&model, &params, &batch, n, checkpointing, None).unwrap();
+    // Without checkpointing, with it, and with the last half of the layers exempt from it.
+    let layers = model.config().num_hidden_layers;
+    let partial = PassOptions {
+        uncheckpointed_layers: layers.div_ceil(2),
+        ..PassOptions::CHECKPOINTED
+    };
+    for options in [PassOptions::KEEP_ALL, PassOptions::CHECKPOINTED, partial] {
+        let out = loss_and_grads(&model, &params, &batch, n, options, None).unwrap();
         let loss = out.loss_sum / n as f64;
         let expected = lora["loss"].as_f64().unwrap();
         assert!(
@@ -258,7 +264,8 @@ fn check_lora(case: &Case) {
             labels: vec![ids.iter().map(|&i| i as i64).collect()],
         };
         let n = count_targets(&batch.labels);
-        let out = loss_and_grads(&model, &params, &batch, n, true, None).unwrap();
+        let out =
+            loss_and_grads(&model, &params, &batch, n, PassOptions::CHECKPOINTED, None).unwrap();
         let loss = out.loss_sum / n as f64;
         let expected = expected_losses[step].as_f64().unwrap();
         assert!(
@@ -441,7 +448,19 @@ fn hf_reference_cases_on_cuda_bf16() {
                 ),
                 labels: labels.clone(),
             };
-            let g = loss_and_grads(m, &params, &batch, count_targets(&labels), true, None).unwrap();
+            let g = loss_and_grads(
+                m,
+                &params,
+                &batch,
+                count_targets(&labels),
+                // The GPU runs the first layer checkpointed and the second as kept.
+                PassOptions {
+                    uncheckpointed_layers: usize::from(device.is_cuda()),
+                    ..PassOptions::CHECKPOINTED
+                },
+                None,
+            )
+            .unwrap();
             let flat: Vec<f32> = g
                 .grads
                 .iter()

@@ -149,6 +149,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
                 dtype_bytes: dtype_bytes(s.dtype),
                 checkpointing: !s.no_gradient_checkpointing,
                 offload: !s.no_gradient_offload,
+                uncheckpointed_layers: s.uncheckpointed_layers,
                 dropout: s.lora_dropout > 0.0,
             };
             let plan = philo_plan::plan_finetune(

@@ -15,12 +15,14 @@ fn mix32(mut x: u32) -> u32 {
 }
 
 /// The uniform number in [0, 1) of element `i`, exactly as the kernels compute it: elements 2j
-/// and 2j + 1 share one 32-bit hash of (seed, j), the low and the high 16 bits. 32-bit
-/// arithmetic and one hash per pair keep the mask cheap where kernels regenerate it.
+/// and 2j + 1 share one 32-bit hash, the low and the high 16 bits. The hash is one `mix32` of
+/// j's low 32 bits XOR a key of the seed (and j's high bits), which kernels compute once: 32-bit
+/// arithmetic and one mix per pair keep the mask cheap where kernels regenerate it.
 pub fn uniform(seed: u64, i: u64) -> f32 {
     let j = i >> 1;
-    let h =
-        mix32(mix32((j as u32).wrapping_add(seed as u32)) ^ (seed >> 32) as u32 ^ (j >> 32) as u32);
+    let key = mix32(mix32((seed >> 32) as u32) ^ seed as u32)
+        ^ ((j >> 32) as u32).wrapping_mul(0x9E37_79B9);
+    let h = mix32(j as u32 ^ key);
     let bits = if i & 1 == 0 { h & 0xFFFF } else { h >> 16 };
     bits as f32 * (1.0 / 65_536.0)
 }
@@ -143,8 +145,8 @@ impl candle_core::InplaceOp1 for DropoutInPlace {
 mod tests {
     use super::uniform;
 
-    /// The mask drops close to p of the elements, both halves of a pair alike, and another
-    /// seed draws another mask.
+    /// The mask drops close to p of the elements, both halves of a pair alike and
+    /// independently, and another seed draws another mask.
     #[test]
     fn uniform_drops_p_of_the_elements() {
         let n = 1 << 20;
@@ -159,6 +161,14 @@ mod tests {
             let f = dropped(7, parity);
             assert!((f - 0.1).abs() < 0.003, "dropped fraction {f}");
         }
+        // The two halves of a pair's hash are independent: both below 0.5 in a quarter of pairs.
+        let both = (0..4096u64)
+            .filter(|&j| uniform(7, 2 * j) < 0.5 && uniform(7, 2 * j + 1) < 0.5)
+            .count();
+        assert!(
+            (900..1150).contains(&both),
+            "both halves low in {both} of 4096"
+        );
         let same = (0..4096u64)
             .filter(|&i| (uniform(7, i) < 0.5) == (uniform(8, i) < 0.5))
             .count();

@@ -29,5 +29,5 @@ pub use lora_linear::{BaseWeight, DropoutSeed, Lora, LoraLinear, WeightFormat};
 pub use paged_forward::SeqChunk;
 pub use paged_kv_cache::PagedKvCache;
 pub use phi3::{LayerContext, Phi3};
-pub use train_layer::{AttentionState, LayerSaved, LayerWeights, LoraGrad, LoraGrads};
+pub use train_layer::{CheckpointState, LayerSaved, LayerWeights, LoraGrad, LoraGrads};
 pub use weights::{SafetensorsStore, WeightSource};

@@ -5,10 +5,11 @@
 //! What is kept for the backward, per layer: the input, the rotated q/k/v, the attention output
 //! and its logsumexp, the post-attention residual, the gate/up projection and, per adapter, its
 //! (dropped-out) input and the rank-r down projection. The norms' backward recomputes their
-//! statistics from their inputs. With
-//! gradient checkpointing only the layer input is kept and the rest is recomputed by running
-//! the forward again, chunk by chunk, right before the backward of that chunk. Dropout masks
-//! are regenerated from their seed instead of stored.
+//! statistics from their inputs. With gradient checkpointing only the layer input, the
+//! attention output with its logsumexp and the post-attention residual are kept
+//! ([`CheckpointState`]); the rest is recomputed by running the forward again from there
+//! (without flash attention and the o projection), chunk by chunk, right before the backward of
+//! that chunk. Dropout masks are regenerated from their seed instead of stored.
 //!
 //! The same code runs on the CPU, where philo-kernels' f32 references do the work (the tests
 //! hold it to PEFT's gradients), and on CUDA, where their kernels and cuBLAS do.
@@ -321,11 +322,13 @@ pub struct LayerWeights {
     down: PassLinear,
 }
 
-/// A layer's attention output `[b, s, h, d]` and logsumexp `[b, h, s]` (f32): cheap to keep
-/// beside the layer input, and it spares the recompute a flash-attention forward.
-pub struct AttentionState {
-    pub out: Tensor,
+/// What a checkpointed layer keeps beside its input: the attention output `[b, s, h, d]`, its
+/// logsumexp `[b, h, s]` (f32) and the post-attention residual `[b, s, hidden]`. They spare the
+/// recompute the flash-attention forward and the o projection.
+pub struct CheckpointState {
+    pub attn: Tensor,
     pub lse: Tensor,
+    pub residual: Tensor,
 }
 
 /// Everything a layer's backward reads from its forward (see the module docs).
@@ -363,9 +366,10 @@ impl DecoderLayer {
     }
 
     /// The layer on `x` `[b, s, hidden]`: its output when `output`, what its backward needs
-    /// when `keep`, and always its attention output and logsumexp. A recompute for the backward
-    /// asks for the second only, which spares the down projection's GEMM and the last residual
-    /// add, and given `attention` (kept from the forward) it skips flash attention too.
+    /// when `keep`, and the state a checkpoint keeps when `output` alone. A recompute for the
+    /// backward asks for the second only, which spares the down projection's GEMM and the last
+    /// residual add, and given `checkpoint` (kept from the forward) it skips flash attention and
+    /// the o projection too.
     #[allow(clippy::too_many_arguments)]
     fn forward_train(
         &self,
@@ -375,8 +379,8 @@ impl DecoderLayer {
         rotary_dim: usize,
         output: bool,
         keep: bool,
-        attention: Option<&AttentionState>,
-    ) -> Result<(Option<Tensor>, Option<LayerSaved>, AttentionState)> {
+        checkpoint: Option<&CheckpointState>,
+    ) -> Result<(Option<Tensor>, Option<LayerSaved>, Option<CheckpointState>)> {
         let ctx = &ctx.inner;
         let (b, s, hidden) = x.dims3()?;
         let shape = self.qkv_shape(rotary_dim);
@@ -401,27 +405,53 @@ impl DecoderLayer {
             heads.narrow(1, h, kvh)?,
             heads.narrow(1, h + kvh, kvh)?,
         );
-        let (attn, lse) = match attention {
-            Some(a) => (a.out.clone(), a.lse.clone()),
-            None => time(dev, "flash fwd", || {
-                flash_forward(&q, &k, &v, &ctx.attention)
-            })?,
+        let norm2 = &self.post_attention_layernorm;
+        let (attn, lse, o_lora, hres, n2) = match checkpoint {
+            Some(c) => {
+                let o_lora =
+                    w.o.backward_inputs(&c.attn.reshape((b * s, ()))?, ctx.dropout)?;
+                let n2 = time(dev, "rms_norm", || {
+                    norm2
+                        .forward_padded(&c.residual, w.gate_up.pad())
+                        .map_err(candle_core::Error::wrap)
+                })?;
+                (
+                    c.attn.clone(),
+                    c.lse.clone(),
+                    o_lora,
+                    c.residual.clone(),
+                    n2,
+                )
+            }
+            None => {
+                let (attn, lse) = time(dev, "flash fwd", || {
+                    flash_forward(&q, &k, &v, &ctx.attention)
+                })?;
+                let (o, o_lora) =
+                    w.o.forward(&attn.reshape((b * s, ()))?, ctx.dropout, None)?;
+                let (hres, n2) = time(dev, "add + rms_norm", || {
+                    norm2
+                        .forward_after_add_padded(x, &o.reshape((b, s, hidden))?, w.gate_up.pad())
+                        .map_err(candle_core::Error::wrap)
+                })?;
+                (attn, lse, o_lora, hres, n2)
+            }
         };
-        let (o, o_lora) =
-            w.o.forward(&attn.reshape((b * s, ()))?, ctx.dropout, None)?;
-        let (hres, n2) = time(dev, "add + rms_norm", || {
-            self.post_attention_layernorm
-                .forward_after_add_padded(x, &o.reshape((b, s, hidden))?, w.gate_up.pad())
-                .map_err(candle_core::Error::wrap)
-        })?;
         let (gate_up, gate_up_lora) = w.gate_up.forward_padded(&n2, ctx.dropout, None)?;
         // [act | room for the down projection's adapter].
         let act_padded = time(dev, "swiglu", || {
             philo_kernels::swiglu::swiglu_padded(&gate_up, w.down.pad())
         })?;
         let act = act_padded.narrow(1, 0, gate_up.dim(1)? / 2)?;
+        let mut kept = None;
         let (out, down_lora) = if output && !keep {
-            // Nothing reads the residual stream again: the MLP's output is summed onto it.
+            // A checkpoint: the residual is copied for it, and the MLP's output is summed onto
+            // the residual stream itself.
+            kept = Some(CheckpointState {
+                attn: attn.clone(),
+                lse: lse.clone(),
+                residual: time(dev, "residual copy", || hres.copy())?,
+            });
             let (out, down_lora) =
                 w.down
                     .forward_padded(&act_padded, ctx.dropout, Some(rows(&hres)?))?;
@@ -435,10 +465,6 @@ impl DecoderLayer {
         } else {
             (None, w.down.backward_inputs(&act, ctx.dropout)?)
         };
-        let attention = AttentionState {
-            out: attn.clone(),
-            lse: lse.clone(),
-        };
         let saved = keep.then(|| LayerSaved {
             x: x.clone(),
             qkv_lora,
@@ -451,7 +477,7 @@ impl DecoderLayer {
             gate_up,
             down_lora,
         });
-        Ok((out, saved, attention))
+        Ok((out, saved, kept))
     }
 
     /// dL/dx from dL/d(out) `dout` `[b, s, hidden]`; LoRA gradients are added to `grads`.
@@ -522,35 +548,38 @@ impl Phi3 {
         })
     }
 
-    /// Training forward of layer `index` on `x` `[b, s, hidden]`: its output and its attention
-    /// (with gradient checkpointing, the backward recomputes the rest with
-    /// [`Phi3::layer_recompute`]).
+    /// Training forward of layer `index` on `x` `[b, s, hidden]` with gradient checkpointing:
+    /// its output and what the checkpoint keeps beside `x` (the backward recomputes the rest
+    /// with [`Phi3::layer_recompute`]).
     pub fn layer_forward_train(
         &self,
         index: usize,
         x: &Tensor,
         ctx: &LayerContext,
         weights: &LayerWeights,
-    ) -> Result<(Tensor, AttentionState)> {
+    ) -> Result<(Tensor, CheckpointState)> {
         let rd = self.rotary().rotary_dim();
         let layer = &self.layers[index];
-        let (out, _, attention) = layer.forward_train(x, ctx, weights, rd, true, false, None)?;
-        Ok((out.ok_or_else(|| missing("output"))?, attention))
+        match layer.forward_train(x, ctx, weights, rd, true, false, None)? {
+            (Some(out), _, Some(state)) => Ok((out, state)),
+            _ => Err(missing("output or checkpoint")),
+        }
     }
 
-    /// What the backward of layer `index` needs from its input `x`, recomputed (gradient
-    /// checkpointing); with the forward's `attention`, flash attention is not run again.
+    /// What the backward of layer `index` needs from its input `x` and its `checkpoint`,
+    /// recomputed (gradient checkpointing).
     pub fn layer_recompute(
         &self,
         index: usize,
         x: &Tensor,
         ctx: &LayerContext,
         weights: &LayerWeights,
-        attention: Option<&AttentionState>,
+        checkpoint: &CheckpointState,
     ) -> Result<LayerSaved> {
         let rd = self.rotary().rotary_dim();
         let layer = &self.layers[index];
-        let (_, saved, _) = layer.forward_train(x, ctx, weights, rd, false, true, attention)?;
+        let (_, saved, _) =
+            layer.forward_train(x, ctx, weights, rd, false, true, Some(checkpoint))?;
         saved.ok_or_else(|| missing("saved state"))
     }
 

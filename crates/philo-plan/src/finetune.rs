@@ -225,8 +225,37 @@ mod tests {
             dtype_bytes: 2,
             checkpointing: true,
             offload: true,
+            uncheckpointed_layers: 0,
             dropout: true,
         }
+    }
+
+    #[test]
+    fn uncheckpointed_layers_trade_memory_for_recompute() {
+        let shape = mini();
+        let full = qlora(12, 2048, 64);
+        let with = |layers| TrainSetup {
+            uncheckpointed_layers: layers,
+            ..full.clone()
+        };
+        let none = TrainSetup {
+            checkpointing: false,
+            ..full.clone()
+        };
+        let peak = |s: &TrainSetup| train::train_memory(&shape, s).total();
+        let seconds = |s: &TrainSetup| {
+            speed::train_seconds(
+                &speed::train_work(&shape, s),
+                &GpuSpec::parse("h200").unwrap(),
+            )
+        };
+        assert!(peak(&full) < peak(&with(16)) && peak(&with(16)) < peak(&none));
+        assert_eq!(peak(&with(32)), peak(&none));
+        assert_eq!(peak(&with(40)), peak(&none));
+        assert!(seconds(&full) > seconds(&with(16)) && seconds(&with(16)) > seconds(&none));
+        let host = |s: &TrainSetup| train::host_checkpoint_bytes(&shape, s);
+        assert_eq!(host(&with(16)), host(&full) / 2.0);
+        assert_eq!(host(&with(32)), 0.0);
     }
 
     #[test]
@@ -254,23 +283,39 @@ mod tests {
     fn predicted_peaks_match_the_h200_measurements() {
         let shape = mini();
         let cases = [
-            (qlora(1, 512, 64), 3.99),
-            (qlora(12, 2048, 64), 6.99),
-            (qlora(12, 4096, 64), 8.55),
+            (qlora(1, 512, 64), 3.96),
+            (qlora(12, 2048, 64), 7.41),
+            (qlora(12, 4096, 64), 9.68),
             (qlora(1, 2048, 8), 3.04),
             (
                 TrainSetup {
                     base: BaseFormat::Dense,
                     ..qlora(12, 2048, 64)
                 },
-                11.78,
+                12.42,
             ),
             (
                 TrainSetup {
                     offload: false,
                     ..qlora(4, 2048, 64)
                 },
-                8.60,
+                9.82,
+            ),
+            (
+                TrainSetup {
+                    base: BaseFormat::Dense,
+                    uncheckpointed_layers: 20,
+                    ..qlora(12, 2048, 64)
+                },
+                56.54,
+            ),
+            (
+                TrainSetup {
+                    base: BaseFormat::Dense,
+                    uncheckpointed_layers: 24,
+                    ..qlora(12, 2048, 64)
+                },
+                65.59,
             ),
         ];
         for (setup, measured) in cases {
@@ -280,6 +325,20 @@ mod tests {
                 "{setup:?}: predicted {predicted:.2} GiB, measured {measured}"
             );
         }
+    }
+
+    /// A few uncheckpointed layers beside checkpointed ones: the model adds their kept state
+    /// to the backward's peak, which they no longer overlap with, so it over-predicts, by 9 %
+    /// against the H200's 11.14 GiB (`--batch 4 --uncheckpointed_layers 8`); never under.
+    #[test]
+    fn mixed_checkpointing_is_over_predicted_a_little() {
+        let setup = TrainSetup {
+            uncheckpointed_layers: 8,
+            ..qlora(4, 2048, 64)
+        };
+        let predicted = train::train_memory(&mini(), &setup).total() / GIB;
+        let over = predicted / 11.14 - 1.0;
+        assert!((0.0..0.1).contains(&over), "predicted {predicted:.2} GiB");
     }
 
     #[test]

@@ -39,13 +39,12 @@ pub fn train_work(shape: &ModelShape, setup: &TrainSetup) -> TrainWork {
     let tokens = (setup.batch * setup.seq) as f64;
     let layers = shape.layers as f64;
     let projections = shape.projection_params() as f64;
-    let down = layers * shape.projections()[3].params() as f64;
-    // Forward 2N, the input gradient 2N; the recompute skips the down projection.
-    let per_token = if setup.checkpointing {
-        6.0 * projections - 2.0 * down
-    } else {
-        4.0 * projections
-    };
+    let [_, o, _, down] = shape.projections().map(|p| layers * p.params() as f64);
+    // The share of layers recomputed in the backward.
+    let recomputed = setup.recomputed_layers(shape) as f64 / layers.max(1.0);
+    // Forward 2N, the input gradient 2N; the recompute skips the o and down projections (the
+    // checkpoint keeps the post-attention residual).
+    let per_token = 4.0 * projections + recomputed * (2.0 * (projections - o - down));
     let head = 4.0 * (shape.vocab * shape.hidden) as f64;
     let gemm_flops = tokens * (per_token + head);
     // Forward 4·pairs·hidden (QKᵀ and PV), backward 2.5 times that.
@@ -60,12 +59,12 @@ pub fn train_work(shape: &ModelShape, setup: &TrainSetup) -> TrainWork {
     // Activations read or written by the memory-bound kernels, per token and layer pass: about
     // the widths the layer produces (hidden-sized tensors, q/k/v, gate/up, SwiGLU) once each.
     let qkv = ((shape.heads + 2 * shape.kv_heads) * shape.head_dim) as f64;
-    let passes = if setup.checkpointing { 3.0 } else { 2.0 };
+    let passes = 2.0 + recomputed;
     let activation_bytes = tokens * layers * passes * (6.0 * h + qkv + 3.0 * inter) * dt;
     let dequant_bytes = match setup.base {
         BaseFormat::Dense => 0.0,
         format => {
-            let pass_count = if setup.checkpointing { 2.0 } else { 1.0 };
+            let pass_count = 1.0 + recomputed;
             pass_count * projections * (format.bytes_per_weight(setup.dtype_bytes) + dt)
         }
     };

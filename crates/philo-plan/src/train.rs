@@ -65,8 +65,22 @@ pub struct TrainSetup {
     pub checkpointing: bool,
     /// Checkpoints in pinned host memory instead of on the GPU.
     pub offload: bool,
+    /// With checkpointing, the last this many layers keep their saved state instead
+    /// (`--uncheckpointed_layers`).
+    pub uncheckpointed_layers: usize,
     /// LoRA dropout above 0 (the adapters keep a dropped-out copy of their input).
     pub dropout: bool,
+}
+
+impl TrainSetup {
+    /// Layers of `shape` that keep only a checkpoint and are recomputed in the backward.
+    pub fn recomputed_layers(&self, shape: &ModelShape) -> usize {
+        if self.checkpointing {
+            shape.layers.saturating_sub(self.uncheckpointed_layers)
+        } else {
+            0
+        }
+    }
 }
 
 /// Predicted peak memory, bytes, by what holds it.
@@ -161,15 +175,17 @@ impl TrainMemory {
 }
 
 /// Hidden-sized tensors (in the compute dtype) per token of the micro-batch alive at the
-/// backward's peak. Fitted: 11.15, i.e. 68.5 KB a token at Phi-3-mini's width. The code holds
-/// the layer input and output, the upstream gradient, the chunks' input gradients and their
-/// concatenation, the checkpoint of the layer being differentiated and the next one's
-/// (prefetched), f32 norm statistics, and the allocator's blocks not yet reused.
-const BATCH_HIDDEN_COPIES: f64 = 11.15;
+/// backward's peak. Fitted: 15.0, i.e. 92 KB a token at Phi-3-mini's width (2026-12-03, four
+/// configurations with gradient offload). The code holds the layer input and output, the
+/// upstream gradient, the chunks' input gradients, f32 norm statistics, the allocator's blocks
+/// not yet reused and, with offload, checkpoints in flight (see below).
+const BATCH_HIDDEN_COPIES: f64 = 15.0;
 
-/// Of those, the two checkpoints (input and attention output of two layers) that come back
-/// from the host: with the checkpoints on the GPU they are the stored tensors themselves.
-const RETURNED_CHECKPOINT_COPIES: f64 = 4.0;
+/// Of those, what gradient offload holds on the GPU: the checkpoints (input, attention output
+/// and residual: 3 copies a layer) of the two layers coming back, and about two layers' going
+/// out while their copies are in flight. Fitted: 12 (the prediction without offload is 2.8 %
+/// above the measurement).
+const RETURNED_CHECKPOINT_COPIES: f64 = 12.0;
 
 /// The layer chunk's peak over the widths the code keeps and the backward allocates (fitted:
 /// the forward's transients and allocation order add the rest).
@@ -220,16 +236,18 @@ pub fn train_memory(shape: &ModelShape, setup: &TrainSetup) -> TrainMemory {
     let backward_width = 3.0 * inter + h;
 
     let mut batch_copies = BATCH_HIDDEN_COPIES;
-    let checkpoints = if !setup.checkpointing {
-        // Every layer keeps its saved state, attention output and logsumexp included.
-        shape.layers as f64
-            * tokens
-            * (LAYER_ACTIVATION_FACTOR * saved_width * dt + h * dt + lse_bytes)
-    } else if setup.offload {
-        0.0
+    let recomputed = setup.recomputed_layers(shape);
+    // A layer that is not recomputed keeps its `LayerSaved` (exact widths, no fitted factor):
+    // its input, the attention output and the residual, both norms' outputs and the SwiGLU
+    // with r columns beside each (the adapters' down projections), q/k/v, gate/up, o's down
+    // projection, and the logsumexp.
+    let kept_width = 5.0 * h + qkv_width + 3.0 * inter + adapters * setup.rank as f64;
+    let kept = (shape.layers - recomputed) as f64 * tokens * (kept_width * dt + lse_bytes);
+    let checkpoints = if recomputed == 0 || setup.offload {
+        kept
     } else {
         batch_copies -= RETURNED_CHECKPOINT_COPIES;
-        shape.layers as f64 * tokens * (2.0 * h * dt + lse_bytes)
+        kept + recomputed as f64 * tokens * (3.0 * h * dt + lse_bytes)
     };
     let batch_activations = tokens * batch_copies * h * dt;
     let layer_activations =
@@ -258,12 +276,13 @@ pub fn train_memory(shape: &ModelShape, setup: &TrainSetup) -> TrainMemory {
 }
 
 /// Pinned host memory the gradient checkpoints of one micro-batch take with offload (0
-/// without): every layer's input, attention output and logsumexp.
+/// without): every recomputed layer's input, attention output with its logsumexp, and
+/// post-attention residual.
 pub fn host_checkpoint_bytes(shape: &ModelShape, setup: &TrainSetup) -> f64 {
-    if !(setup.checkpointing && setup.offload) {
+    if !setup.offload {
         return 0.0;
     }
     let dt = setup.dtype_bytes as f64;
-    let per_token = 2.0 * shape.hidden as f64 * dt + (shape.heads * 4) as f64;
-    shape.layers as f64 * (setup.batch * setup.seq) as f64 * per_token
+    let per_token = 3.0 * shape.hidden as f64 * dt + (shape.heads * 4) as f64;
+    setup.recomputed_layers(shape) as f64 * (setup.batch * setup.seq) as f64 * per_token
 }

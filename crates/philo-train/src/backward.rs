@@ -2,7 +2,7 @@
 //! (`philo_model::train_layer`), with or without gradient checkpointing.
 
 use candle_core::{DType, Tensor};
-use philo_model::{AttentionState, DropoutSeed, LayerContext, LoraGrad, LoraGrads, Phi3};
+use philo_model::{CheckpointState, DropoutSeed, LayerContext, LoraGrad, LoraGrads, Phi3};
 
 use crate::error::{Result, TrainError};
 use crate::lora_params::LoraParams;
@@ -81,14 +81,10 @@ pub fn loss_and_grads(
     params: &LoraParams,
     batch: &MicroBatch,
     normalizer: usize,
-    checkpointing: bool,
+    options: PassOptions,
     dropout: Option<DropoutSeed>,
 ) -> Result<Gradients> {
     let buffers = GradBuffers::zeros(params)?;
-    let options = PassOptions {
-        checkpointing,
-        offload: false,
-    };
     let loss_sum = accumulate(
         model,
         &buffers,
@@ -105,7 +101,7 @@ pub fn loss_and_grads(
 }
 
 /// How a micro-batch's activations are kept for its backward.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PassOptions {
     /// Keep only each decoder layer's input and recompute the layer right before its
     /// backward, so activation memory is that of one layer's row chunk.
@@ -113,6 +109,24 @@ pub struct PassOptions {
     /// With checkpointing on a GPU: keep those inputs in pinned host memory (see
     /// [`crate::offload`]).
     pub offload: bool,
+    /// With checkpointing: the last `uncheckpointed_layers` decoder layers keep what their backward
+    /// needs instead, so they are not recomputed (faster, at a layer's activations each).
+    pub uncheckpointed_layers: usize,
+}
+
+impl PassOptions {
+    /// Every layer checkpointed (its input kept on the device) and recomputed.
+    pub const CHECKPOINTED: PassOptions = PassOptions {
+        checkpointing: true,
+        offload: false,
+        uncheckpointed_layers: 0,
+    };
+    /// Every layer keeps what its backward needs.
+    pub const KEEP_ALL: PassOptions = PassOptions {
+        checkpointing: false,
+        offload: false,
+        uncheckpointed_layers: 0,
+    };
 }
 
 /// What persists from one micro-batch to the next: the pinned buffers of gradient offload, the
@@ -194,11 +208,16 @@ pub fn accumulate(
     options: PassOptions,
     step: &mut StepContext,
 ) -> Result<f64> {
-    let checkpointing = options.checkpointing;
+    let layers = model.config().num_hidden_layers;
+    // Layers below `recomputed_layers` are checkpointed; the rest keep their activations.
+    let recomputed_layers = if options.checkpointing {
+        layers.saturating_sub(options.uncheckpointed_layers)
+    } else {
+        0
+    };
     let loss_scale = step.loss_scale();
     let profiler = &mut step.profiler;
     let ctx = model.context(&batch.input_ids, batch.segments.as_ref(), 0, dropout)?;
-    let layers = model.config().num_hidden_layers;
     let scale = loss_scale / normalizer.max(1) as f64;
     let (b, s) = batch.input_ids.dims2()?;
     // On the GPU a layer runs in row chunks of about CHUNK_TOKENS tokens. The same chunks are
@@ -223,22 +242,23 @@ pub fn accumulate(
     let mut x = row_chunks(&model.embed(&batch.input_ids)?, &chunks)?;
     let mut checkpoints = Checkpoints::new(
         model.device(),
-        checkpointing && options.offload,
+        recomputed_layers > 0 && options.offload,
         &mut step.pool,
     )?;
-    let mut saved = Vec::with_capacity(if checkpointing { 0 } else { layers });
+    let mut saved = Vec::with_capacity(layers);
     for i in 0..layers {
+        let checkpointing = i < recomputed_layers;
         let weights = model.layer_weights(i)?;
         let mut outs = Vec::with_capacity(chunks.len());
         let mut kept = Vec::with_capacity(chunks.len());
-        // The checkpoint: the layer input's chunks, then each chunk's attention output and
-        // logsumexp.
-        let mut attention = Vec::with_capacity(2 * chunks.len());
+        // The checkpoint: the layer input's chunks, then each chunk's attention output,
+        // logsumexp and post-attention residual.
+        let mut states = Vec::with_capacity(3 * chunks.len());
         for (c, chunk) in x.iter().enumerate() {
             if checkpointing {
                 let (out, state) = model.layer_forward_train(i, chunk, &contexts[c], &weights)?;
                 outs.push(out);
-                attention.extend([state.out, state.lse]);
+                states.extend([state.attn, state.lse, state.residual]);
             } else {
                 let (out, keep) = model.layer_forward_keep(i, chunk, &contexts[c], &weights)?;
                 outs.push(out);
@@ -247,7 +267,7 @@ pub fn accumulate(
         }
         let input = std::mem::replace(&mut x, outs);
         if checkpointing {
-            checkpoints.push(i, input.into_iter().chain(attention).collect())?;
+            checkpoints.push(i, input.into_iter().chain(states).collect())?;
         }
         saved.push(kept);
     }
@@ -265,8 +285,8 @@ pub fn accumulate(
                 .into(),
         )
     })?;
-    if checkpointing {
-        checkpoints.prefetch(layers - 1)?;
+    if recomputed_layers > 0 {
+        checkpoints.prefetch(recomputed_layers - 1)?;
     }
     let device = model.device();
     let head_loss = time(device, "head + loss", || {
@@ -296,7 +316,7 @@ pub fn accumulate(
     for i in (0..layers).rev() {
         let weights = model.layer_weights(i)?;
         let kept = saved.pop().unwrap_or_default();
-        let checkpoint = if checkpointing {
+        let checkpoint = if i < recomputed_layers {
             let tensors = checkpoints.take(i)?;
             if i > 0 {
                 checkpoints.prefetch(i - 1)?;
@@ -312,24 +332,21 @@ pub fn accumulate(
                 Some(s) => s,
                 None => {
                     let n = chunks.len();
-                    let [input, out, lse] =
-                        [c, n + 2 * c, n + 2 * c + 1].map(|j| checkpoint.get(j));
-                    let (Some(input), Some(out), Some(lse)) = (input, out, lse) else {
+                    let [input, attn, lse, residual] =
+                        [c, n + 3 * c, n + 3 * c + 1, n + 3 * c + 2].map(|j| checkpoint.get(j));
+                    let (Some(input), Some(attn), Some(lse), Some(residual)) =
+                        (input, attn, lse, residual)
+                    else {
                         return Err(TrainError::Internal(format!(
                             "layer {i} kept neither its checkpoint nor its state"
                         )));
                     };
-                    let attention = AttentionState {
-                        out: out.clone(),
+                    let state = CheckpointState {
+                        attn: attn.clone(),
                         lse: lse.clone(),
+                        residual: residual.clone(),
                     };
-                    recomputed = model.layer_recompute(
-                        i,
-                        input,
-                        &contexts[c],
-                        &weights,
-                        Some(&attention),
-                    )?;
+                    recomputed = model.layer_recompute(i, input, &contexts[c], &weights, &state)?;
                     &recomputed
                 }
             };

@@ -1,5 +1,5 @@
 //! Where what is kept of each layer for the backward (gradient checkpoints: the layer input,
-//! its attention output and logsumexp) waits: on the device, or — "gradient offload" — in
+//! its attention output with the logsumexp, and the post-attention residual) waits: on the device, or — "gradient offload" — in
 //! pinned host memory. The copies run on a second CUDA stream,
 //! overlapped with the layers' compute: each input goes out while the next layers run forward,
 //! and comes back one layer ahead of its backward. The main stream waits for a copy only where

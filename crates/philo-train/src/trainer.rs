@@ -45,6 +45,9 @@ pub struct TrainerConfig {
     pub gradient_checkpointing: bool,
     /// With checkpointing on a GPU, keep the checkpoints in pinned host memory.
     pub gradient_offload: bool,
+    /// With checkpointing, the last this many decoder layers keep their activations and are
+    /// not recomputed (see [`PassOptions::uncheckpointed_layers`]).
+    pub uncheckpointed_layers: usize,
 }
 
 /// What one logged optimizer step measured; also a line of metrics.jsonl.
@@ -343,6 +346,7 @@ impl Trainer {
                 pass: PassOptions {
                     checkpointing: self.config.gradient_checkpointing,
                     offload: self.config.gradient_offload,
+                    uncheckpointed_layers: self.config.uncheckpointed_layers,
                 },
             };
             let outcome = match train_step(

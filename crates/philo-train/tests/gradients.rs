@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use philo_model::adapter::{AdapterConfig, TARGET_MODULES};
 use philo_model::tiny::{random_weights, tiny_config};
 use philo_model::{DropoutSeed, Phi3, Phi3Config};
-use philo_train::backward::{loss_and_grads, MicroBatch};
+use philo_train::backward::{loss_and_grads, MicroBatch, PassOptions};
 use philo_train::lora_params::LoraParams;
 use philo_train::loss::count_targets;
 use rand::rngs::StdRng;
@@ -77,12 +77,27 @@ fn backward_matches_finite_differences_with_dropout_and_packing() {
     let n = count_targets(&labels);
     let dropout = Some(DropoutSeed(99));
     let loss = |params: &LoraParams| -> f64 {
-        loss_and_grads(&model, params, &batch, n, true, dropout)
-            .unwrap()
-            .loss_sum
+        loss_and_grads(
+            &model,
+            params,
+            &batch,
+            n,
+            PassOptions::CHECKPOINTED,
+            dropout,
+        )
+        .unwrap()
+        .loss_sum
             / n as f64
     };
-    let grads = loss_and_grads(&model, &params, &batch, n, true, dropout).unwrap();
+    let grads = loss_and_grads(
+        &model,
+        &params,
+        &batch,
+        n,
+        PassOptions::CHECKPOINTED,
+        dropout,
+    )
+    .unwrap();
     let originals: Vec<Tensor> = params
         .params
         .iter()

@@ -59,6 +59,7 @@ fn overflowing_f16_steps_are_skipped_and_the_scale_halves() {
         pass: PassOptions {
             checkpointing: true,
             offload: false,
+            uncheckpointed_layers: 0,
         },
     };
     let mut context = StepContext::new(&Device::Cpu, DType::F16);

@@ -116,6 +116,7 @@ fn trainer_config(output_dir: &Path) -> TrainerConfig {
         save_steps: None,
         gradient_checkpointing: true,
         gradient_offload: true,
+        uncheckpointed_layers: 0,
     }
 }
 

@@ -1,6 +1,8 @@
 // The uniform number of dropout's mask for element i (`dropout::uniform` on the Rust side):
-// elements 2j and 2j + 1 share one 32-bit hash of (seed, j), two rounds of lowbias32, and take
-// its low and high 16 bits / 2^16. An element is kept when its uniform is >= p.
+// elements 2j and 2j + 1 share one 32-bit hash, lowbias32 of j's low 32 bits XOR a key, and
+// take its low and high 16 bits / 2^16. The key mixes the 64-bit seed and j's high bits; for a
+// given seed it is loop-invariant, so a mask costs one lowbias32 per pair of elements. An
+// element is kept when its uniform is >= p.
 #pragma once
 #include "common.cuh"
 
@@ -12,10 +14,15 @@ __device__ __forceinline__ uint32_t dropout_mix32(uint32_t x) {
     return x ^ (x >> 16);
 }
 
+// The key of pair j's hash: the seed's two halves mixed, then j's high bits (0 below 2^32 pairs).
+__device__ __forceinline__ uint32_t dropout_key(unsigned long long seed, unsigned long long j) {
+    uint32_t key = dropout_mix32(dropout_mix32((uint32_t)(seed >> 32)) ^ (uint32_t)seed);
+    return key ^ (uint32_t)(j >> 32) * 0x9E3779B9u;
+}
+
 // The hash of pair j = i / 2.
 __device__ __forceinline__ uint32_t dropout_pair_hash(unsigned long long seed, unsigned long long j) {
-    uint32_t h = dropout_mix32((uint32_t)j + (uint32_t)seed);
-    return dropout_mix32(h ^ (uint32_t)(seed >> 32) ^ (uint32_t)(j >> 32));
+    return dropout_mix32((uint32_t)j ^ dropout_key(seed, j));
 }
 
 __device__ __forceinline__ float dropout_uniform(unsigned long long seed, unsigned long long i) {
