@@ -160,10 +160,7 @@ impl PassLinear {
                 padded.dim(1)?
             ))));
         }
-        let x = padded.narrow(1, 0, width)?;
-        time(dev, self.names.lora, || {
-            philo_kernels::lora::down_into(&x, &lora.a, lora.mask(dropout), padded, width)
-        })?;
+        let saved = self.down_padded(lora, padded, dropout)?;
         let (y, beta) = match onto {
             Some(y) => (y, 1.0),
             None => (
@@ -174,11 +171,41 @@ impl PassLinear {
         time(dev, self.names.gemm, || {
             gemm_into(&y, padded, false, folded, true, 1.0, beta)
         })?;
-        let saved = LoraSaved {
+        Ok((y, Some(saved)))
+    }
+
+    /// The adapter's down projection of the rows `padded` `[rows, in + r]` (x in the first
+    /// `in` columns) written into their last r columns: what the backward needs of the adapter.
+    fn down_padded(
+        &self,
+        lora: &PassLora,
+        padded: &Tensor,
+        dropout: Option<DropoutSeed>,
+    ) -> Result<LoraSaved> {
+        let (r, width) = (lora.a.dim(0)?, self.weight.dim(1)?);
+        let x = padded.narrow(1, 0, width)?;
+        time(padded.device(), self.names.lora, || {
+            philo_kernels::lora::down_into(&x, &lora.a, lora.mask(dropout), padded, width)
+        })?;
+        Ok(LoraSaved {
             input: x,
             down: padded.narrow(1, width, r)?,
+        })
+    }
+
+    /// The adapter's saved state derived again for a backward: `padded(r)` gives its input
+    /// rows with r free columns (a norm or SwiGLU run again), where the down projection is then
+    /// written. None without an adapter.
+    fn rederive(
+        &self,
+        dropout: Option<DropoutSeed>,
+        padded: impl FnOnce(usize) -> Result<Tensor>,
+    ) -> Result<Option<LoraSaved>> {
+        let Some(lora) = &self.lora else {
+            return Ok(None);
         };
-        Ok((y, Some(saved)))
+        let padded = padded(self.pad())?;
+        Ok(Some(self.down_padded(lora, &padded, dropout)?))
     }
 
     /// y = x·Wᵀ + dropout(x)·Aᵀ·(scale·B)ᵀ on rows `x` `[rows, in]`, written onto `onto`
@@ -331,8 +358,13 @@ pub struct CheckpointState {
     pub residual: Tensor,
 }
 
-/// Everything a layer's backward reads from its forward (see the module docs).
+/// Everything a layer's backward reads from its forward (see the module docs). A layer kept
+/// whole across the forward (not checkpointed) is `lean`: the inputs of the qkv, gate/up and
+/// down adapters (both norms' outputs and the SwiGLU, 30 % of the state) are dropped and derived
+/// again from x, h and gate/up right before the backward, which costs two norms, a SwiGLU and
+/// three rank-r products instead of the recompute's GEMMs.
 pub struct LayerSaved {
+    lean: bool,
     x: Tensor,
     qkv_lora: Option<LoraSaved>,
     /// `[b, h + 2·kvh, s, d]`: rotated q and k, then v.
@@ -465,17 +497,21 @@ impl DecoderLayer {
         } else {
             (None, w.down.backward_inputs(&act, ctx.dropout)?)
         };
+        // A forward that keeps its state for a later backward (not a recompute right before
+        // it) frees the adapters' inputs; the backward derives them again.
+        let lean = output && keep;
         let saved = keep.then(|| LayerSaved {
+            lean,
             x: x.clone(),
-            qkv_lora,
+            qkv_lora: qkv_lora.filter(|_| !lean),
             heads,
             attn,
             lse,
             o_lora,
             h: hres,
-            gate_up_lora,
+            gate_up_lora: gate_up_lora.filter(|_| !lean),
             gate_up,
-            down_lora,
+            down_lora: down_lora.filter(|_| !lean),
         });
         Ok((out, saved, kept))
     }
@@ -493,18 +529,49 @@ impl DecoderLayer {
         let ctx = &ctx.inner;
         let kvh = self.self_attn.num_kv_heads;
         let dev = dout.device();
+        // A lean state's adapter inputs, derived again: each right before its use.
+        let norm = |norm: &crate::phi3::RmsNorm, input: &Tensor, pad: usize| -> Result<Tensor> {
+            Ok(time(dev, "rms_norm", || {
+                norm.forward_padded(input, pad)
+                    .map_err(candle_core::Error::wrap)
+            })?)
+        };
+        let lean = |derive: &dyn Fn() -> Result<Option<LoraSaved>>| {
+            if saved.lean {
+                derive()
+            } else {
+                Ok(None)
+            }
+        };
         // MLP: out = h + down(swiglu(gate_up(norm2(h)))).
         let dout_rows = rows(dout)?;
-        let d_act = w
-            .down
-            .backward(saved.down_lora.as_ref(), &dout_rows, ctx.dropout, grads)?;
+        let down_lora = lean(&|| {
+            w.down.rederive(ctx.dropout, |pad| {
+                Ok(time(dev, "swiglu", || {
+                    philo_kernels::swiglu::swiglu_padded(&saved.gate_up, pad)
+                })?)
+            })
+        })?;
+        let d_act = w.down.backward(
+            saved.down_lora.as_ref().or(down_lora.as_ref()),
+            &dout_rows,
+            ctx.dropout,
+            grads,
+        )?;
         let d_gate_up = time(dev, "swiglu bwd", || {
             philo_kernels::swiglu::backward(&saved.gate_up, &d_act)
         })?;
-        let d_n2 =
-            w.gate_up
-                .backward(saved.gate_up_lora.as_ref(), &d_gate_up, ctx.dropout, grads)?;
         let norm2 = &self.post_attention_layernorm;
+        let gate_up_lora = lean(&|| {
+            w.gate_up
+                .rederive(ctx.dropout, |pad| norm(norm2, &saved.h, pad))
+        })?;
+        let d_n2 = w.gate_up.backward(
+            saved.gate_up_lora.as_ref().or(gate_up_lora.as_ref()),
+            &d_gate_up,
+            ctx.dropout,
+            grads,
+        )?;
         let dh = time(dev, "rms_norm bwd + add", || {
             philo_kernels::rms_norm::backward(&saved.h, &norm2.weight, &d_n2, norm2.eps, Some(dout))
         })?;
@@ -524,10 +591,17 @@ impl DecoderLayer {
                 Some((&ctx.cos, &ctx.sin, rotary_dim)),
             )
         })?;
-        let d_n1 = w
-            .qkv
-            .backward(saved.qkv_lora.as_ref(), &rows(&d_qkv)?, ctx.dropout, grads)?;
         let norm1 = &self.input_layernorm;
+        let qkv_lora = lean(&|| {
+            w.qkv
+                .rederive(ctx.dropout, |pad| norm(norm1, &saved.x, pad))
+        })?;
+        let d_n1 = w.qkv.backward(
+            saved.qkv_lora.as_ref().or(qkv_lora.as_ref()),
+            &rows(&d_qkv)?,
+            ctx.dropout,
+            grads,
+        )?;
         time(dev, "rms_norm bwd + add", || {
             philo_kernels::rms_norm::backward(&saved.x, &norm1.weight, &d_n1, norm1.eps, Some(&dh))
         })

@@ -237,11 +237,15 @@ pub fn train_memory(shape: &ModelShape, setup: &TrainSetup) -> TrainMemory {
 
     let mut batch_copies = BATCH_HIDDEN_COPIES;
     let recomputed = setup.recomputed_layers(shape);
-    // A layer that is not recomputed keeps its `LayerSaved` (exact widths, no fitted factor):
-    // its input, the attention output and the residual, both norms' outputs and the SwiGLU
-    // with r columns beside each (the adapters' down projections), q/k/v, gate/up, o's down
-    // projection, and the logsumexp.
-    let kept_width = 5.0 * h + qkv_width + 3.0 * inter + adapters * setup.rank as f64;
+    // A layer that is not recomputed keeps its lean `LayerSaved` (exact widths, no fitted
+    // factor): its input, the attention output and the residual, q/k/v, gate/up, o's down
+    // projection and the logsumexp (the other adapters' inputs are derived again).
+    let o_down = if setup.targets.iter().any(|t| t == "o_proj") {
+        setup.rank as f64
+    } else {
+        0.0
+    };
+    let kept_width = 3.0 * h + qkv_width + 2.0 * inter + o_down;
     let kept = (shape.layers - recomputed) as f64 * tokens * (kept_width * dt + lse_bytes);
     let checkpoints = if recomputed == 0 || setup.offload {
         kept
