@@ -536,42 +536,32 @@ impl DecoderLayer {
                     .map_err(candle_core::Error::wrap)
             })?)
         };
-        let lean = |derive: &dyn Fn() -> Result<Option<LoraSaved>>| {
-            if saved.lean {
-                derive()
+        // A projection's backward, with its adapter's saved state kept or derived again.
+        let linear_backward = |linear: &PassLinear,
+                               kept: Option<&LoraSaved>,
+                               input: &dyn Fn(usize) -> Result<Tensor>,
+                               dy: &Tensor| {
+            let derived = if saved.lean {
+                linear.rederive(ctx.dropout, input)?
             } else {
-                Ok(None)
-            }
+                None
+            };
+            linear.backward(kept.or(derived.as_ref()), dy, ctx.dropout, grads)
         };
         // MLP: out = h + down(swiglu(gate_up(norm2(h)))).
         let dout_rows = rows(dout)?;
-        let down_lora = lean(&|| {
-            w.down.rederive(ctx.dropout, |pad| {
-                Ok(time(dev, "swiglu", || {
-                    philo_kernels::swiglu::swiglu_padded(&saved.gate_up, pad)
-                })?)
-            })
-        })?;
-        let d_act = w.down.backward(
-            saved.down_lora.as_ref().or(down_lora.as_ref()),
-            &dout_rows,
-            ctx.dropout,
-            grads,
-        )?;
+        let act = |pad| -> Result<Tensor> {
+            Ok(time(dev, "swiglu", || {
+                philo_kernels::swiglu::swiglu_padded(&saved.gate_up, pad)
+            })?)
+        };
+        let d_act = linear_backward(&w.down, saved.down_lora.as_ref(), &act, &dout_rows)?;
         let d_gate_up = time(dev, "swiglu bwd", || {
             philo_kernels::swiglu::backward(&saved.gate_up, &d_act)
         })?;
         let norm2 = &self.post_attention_layernorm;
-        let gate_up_lora = lean(&|| {
-            w.gate_up
-                .rederive(ctx.dropout, |pad| norm(norm2, &saved.h, pad))
-        })?;
-        let d_n2 = w.gate_up.backward(
-            saved.gate_up_lora.as_ref().or(gate_up_lora.as_ref()),
-            &d_gate_up,
-            ctx.dropout,
-            grads,
-        )?;
+        let n2 = |pad| norm(norm2, &saved.h, pad);
+        let d_n2 = linear_backward(&w.gate_up, saved.gate_up_lora.as_ref(), &n2, &d_gate_up)?;
         let dh = time(dev, "rms_norm bwd + add", || {
             philo_kernels::rms_norm::backward(&saved.h, &norm2.weight, &d_n2, norm2.eps, Some(dout))
         })?;
@@ -592,16 +582,8 @@ impl DecoderLayer {
             )
         })?;
         let norm1 = &self.input_layernorm;
-        let qkv_lora = lean(&|| {
-            w.qkv
-                .rederive(ctx.dropout, |pad| norm(norm1, &saved.x, pad))
-        })?;
-        let d_n1 = w.qkv.backward(
-            saved.qkv_lora.as_ref().or(qkv_lora.as_ref()),
-            &rows(&d_qkv)?,
-            ctx.dropout,
-            grads,
-        )?;
+        let n1 = |pad| norm(norm1, &saved.x, pad);
+        let d_n1 = linear_backward(&w.qkv, saved.qkv_lora.as_ref(), &n1, &rows(&d_qkv)?)?;
         time(dev, "rms_norm bwd + add", || {
             philo_kernels::rms_norm::backward(&saved.x, &norm1.weight, &d_n1, norm1.eps, Some(&dh))
         })

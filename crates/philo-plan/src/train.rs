@@ -101,8 +101,9 @@ pub struct TrainMemory {
     pub batch_activations: f64,
     /// What one row chunk of a layer keeps for its backward, and the backward's own buffers.
     pub layer_activations: f64,
-    /// Gradient checkpoints held on the GPU (none with offload), or every layer's saved state
-    /// without checkpointing.
+    /// Gradient checkpoints held on the GPU (none with offload), and the saved state of the
+    /// layers that are not checkpointed (`--uncheckpointed_layers`, or all without
+    /// checkpointing).
     pub checkpoints: f64,
     /// What the loss (the logits of one chunk and their gradient) needs beyond the layers'
     /// peak: 0 unless the loss is the step's widest moment.
@@ -167,7 +168,7 @@ impl TrainMemory {
             ("AdamW state", self.optimizer_state),
             ("batch activations", self.batch_activations),
             ("layer activations", self.layer_activations),
-            ("checkpoints on GPU", self.checkpoints),
+            ("layer state on GPU", self.checkpoints),
             ("loss chunk", self.loss_chunk),
             ("workspace", self.workspace),
         ]
