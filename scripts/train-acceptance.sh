@@ -32,7 +32,7 @@ if [ "$mode" = speed ]; then
   echo "== profile QLoRA b12 [${SECONDS}s]"
   PHILO_PROFILE=1 "$philo" bench train --random --batch 12 --seq 2048 --rank 64 --quant nf4 --steps 1 2>&1 | grep "\[profile\]" | tail -34
   echo "== bench train [${SECONDS}s]"
-  for args in "--batch 12 --quant nf4" "--batch 12 --quant nf4 --lora_dropout 0" "--batch 1 --quant nf4" "--batch 12 --quant none"; do
+  for args in "--batch 12 --quant nf4" "--batch 12 --quant nf4 --lora_dropout 0" "--batch 1 --quant nf4" "--batch 12 --quant none" "--batch 12 --quant none --uncheckpointed_layers 24"; do
     echo "$args"
     "$philo" bench train --random --seq 2048 --rank 64 $args 2>&1 | grep -E "^train|rror"
   done
