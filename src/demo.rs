@@ -55,6 +55,7 @@ pub fn demo(dir: &Path, steps: usize, stop: &AtomicBool) -> anyhow::Result<()> {
         eval_dataset: Some(eval),
         batch_size: philo_plan::BatchChoice::Fixed(8),
         effective_batch_size: None,
+        uncheckpointed_layers: philo_plan::LayerChoice::Fixed(0),
         lora_r: 16,
         lora_alpha: 32.0,
         lora_dropout: 0.05,

@@ -9,7 +9,7 @@ use crate::quant::BaseQuant;
 use indicatif::{ProgressBar, ProgressStyle};
 use philo_model::adapter::AdapterConfig;
 use philo_model::{ModelFiles, Phi3, Phi3Config, SafetensorsStore};
-use philo_plan::BatchChoice;
+use philo_plan::{BatchChoice, LayerChoice};
 use philo_train::adamw::AdamWConfig;
 use philo_train::data::{load_dataset, split_eval, DataFormat, DataOptions, RowDataset};
 use philo_train::schedule::ScheduleKind;
@@ -31,6 +31,9 @@ pub struct FinetuneOptions {
     pub batch_size: BatchChoice,
     /// Rows per optimizer step: sets the gradient accumulation when given.
     pub effective_batch_size: Option<usize>,
+    /// Layers kept whole instead of recomputed, or auto (sized from free GPU memory);
+    /// replaces the trainer's.
+    pub uncheckpointed_layers: LayerChoice,
     pub lora_r: usize,
     pub lora_alpha: f64,
     pub lora_dropout: f32,
@@ -114,7 +117,7 @@ pub fn finetune(options: &FinetuneOptions, stop: &AtomicBool) -> anyhow::Result<
         dtype_bytes: options.dtype.size_in_bytes(),
         checkpointing: options.trainer.gradient_checkpointing,
         offload: options.trainer.gradient_offload,
-        uncheckpointed_layers: options.trainer.uncheckpointed_layers,
+        uncheckpointed_layers: 0,
         dropout: options.lora_dropout > 0.0,
     };
     let sizing = crate::plan::size_batch(
@@ -123,6 +126,7 @@ pub fn finetune(options: &FinetuneOptions, stop: &AtomicBool) -> anyhow::Result<
         options.batch_size,
         options.trainer.gradient_accumulation_steps,
         options.effective_batch_size,
+        options.uncheckpointed_layers,
         &options.device,
     )?;
     if options.batch_size == BatchChoice::Auto || options.effective_batch_size.is_some() {
@@ -138,10 +142,17 @@ pub fn finetune(options: &FinetuneOptions, stop: &AtomicBool) -> anyhow::Result<
                 .map_or(String::new(), |g| format!(" of {g:.1} GiB free"))
         );
     }
+    if options.uncheckpointed_layers == LayerChoice::Auto {
+        eprintln!(
+            "uncheckpointed layers: {} of {} (auto); predicted peak {:.1} GiB",
+            sizing.uncheckpointed_layers, config.num_hidden_layers, sizing.predicted_peak_gib
+        );
+    }
     let advice = sizing.advice();
     let mut trainer_config = options.trainer.clone();
     trainer_config.batch_size = sizing.batch;
     trainer_config.gradient_accumulation_steps = sizing.accumulation;
+    trainer_config.uncheckpointed_layers = sizing.uncheckpointed_layers;
 
     let store = SafetensorsStore::open_dir(&files.dir)?;
     let model = Phi3::load_as(

@@ -7,8 +7,8 @@ use std::path::Path;
 use anyhow::Context;
 use philo_model::{ModelFiles, Phi3Config};
 use philo_plan::{
-    BaseFormat, BatchChoice, FinetunePlan, GeneratePlan, GpuSpec, MemoryLimits, ModelShape,
-    ServePlan,
+    BaseFormat, BatchChoice, FinetunePlan, GeneratePlan, GpuSpec, LayerChoice, MemoryLimits,
+    ModelShape, ServePlan,
 };
 
 use crate::quant::BaseQuant;
@@ -111,6 +111,13 @@ pub fn finetune_report(plan: &FinetunePlan) -> String {
         plan.gradient_accumulation_steps,
         plan.effective_batch_size
     );
+    if plan.auto_layers || plan.uncheckpointed_layers > 0 {
+        out += &format!(
+            "uncheckpointed layers: {}{} (each keeps its state instead of being recomputed)\n",
+            plan.uncheckpointed_layers,
+            if plan.auto_layers { " (auto)" } else { "" }
+        );
+    }
     if !plan.bf16 {
         out += "this GPU has no bf16: train with --dtype f16 (philo scales the loss dynamically)\n";
     }
@@ -238,6 +245,8 @@ mod tests {
 pub struct BatchSizing {
     pub batch: usize,
     pub accumulation: usize,
+    /// Decoder layers that keep their state instead of being recomputed.
+    pub uncheckpointed_layers: usize,
     pub seq: usize,
     pub predicted_peak_gib: f64,
     /// Device memory free before the model was loaded (GPU only).
@@ -271,15 +280,18 @@ impl BatchSizing {
     }
 }
 
-/// The micro-batch and gradient accumulation of a fine-tune of `setup` (its batch ignored) on
-/// `device`: `batch` rows, or with [`BatchChoice::Auto`] the largest that fits the free GPU
-/// memory; with `effective` the accumulation keeps that many rows per optimizer step.
+/// The micro-batch, gradient accumulation and uncheckpointed layers of a fine-tune of `setup`
+/// (its batch and layers ignored) on `device`: `batch` rows, or with [`BatchChoice::Auto`] the
+/// largest that fits the free GPU memory with every layer checkpointed; with `effective` the
+/// accumulation keeps that many rows per optimizer step; then `layers`, or with
+/// [`LayerChoice::Auto`] as many as still fit beside that micro-batch.
 pub fn size_batch(
     shape: &ModelShape,
     setup: &philo_plan::TrainSetup,
     batch: BatchChoice,
     accumulation: usize,
     effective: Option<usize>,
+    layers: LayerChoice,
     device: &candle_core::Device,
 ) -> anyhow::Result<BatchSizing> {
     anyhow::ensure!(
@@ -292,16 +304,27 @@ pub fn size_batch(
     // The libraries that load with the first kernels still have to fit.
     let free = philo_model::memory::device_memory(device)
         .map(|(free, _)| (free as f64 - philo_plan::LIBRARY_BYTES).max(0.0));
-    let largest_fit = free.and_then(|gpu_bytes| {
-        let limits = MemoryLimits {
-            gpu_bytes,
-            host_bytes: host_available_bytes(),
-        };
-        philo_plan::finetune::largest_batch(shape, setup, limits)
+    let limits = free.map(|gpu_bytes| MemoryLimits {
+        gpu_bytes,
+        host_bytes: host_available_bytes(),
     });
+    let setup = philo_plan::TrainSetup {
+        uncheckpointed_layers: match layers {
+            LayerChoice::Fixed(n) => n,
+            LayerChoice::Auto => 0,
+        },
+        ..setup.clone()
+    };
+    let largest_fit =
+        limits.and_then(|limits| philo_plan::finetune::largest_batch(shape, &setup, limits));
     if batch == BatchChoice::Auto && free.is_none() {
         anyhow::bail!(
             "--batch_size auto sizes the batch from free GPU memory, and this run is not on a CUDA GPU: give a number"
+        );
+    }
+    if layers == LayerChoice::Auto && free.is_none() {
+        anyhow::bail!(
+            "--uncheckpointed_layers auto sizes from free GPU memory, and this run is not on a CUDA GPU: give a number (0 checkpoints every layer)"
         );
     }
     let (batch, accumulation) = philo_plan::finetune::choose_batch(
@@ -317,14 +340,16 @@ pub fn size_batch(
             free.unwrap_or(0.0) / philo_plan::GIB
         )
     })?;
-    let planned = philo_plan::TrainSetup {
-        batch,
-        ..setup.clone()
-    };
+    let mut planned = philo_plan::TrainSetup { batch, ..setup };
+    if let (LayerChoice::Auto, Some(limits)) = (layers, limits) {
+        planned.uncheckpointed_layers =
+            philo_plan::finetune::most_uncheckpointed_layers(shape, &planned, limits);
+    }
     Ok(BatchSizing {
         batch,
         accumulation,
-        seq: setup.seq,
+        uncheckpointed_layers: planned.uncheckpointed_layers,
+        seq: planned.seq,
         predicted_peak_gib: philo_plan::train::train_memory(shape, &planned).total()
             / philo_plan::GIB,
         free_gib: free.map(|f| f / philo_plan::GIB),

@@ -834,6 +834,53 @@ fn plan_batch_size_auto_keeps_the_effective_batch() {
 }
 
 #[test]
+fn plan_uncheckpointed_layers_auto_fills_the_gpu_beside_the_batch() {
+    let work = TempDir::new().expect("temp dir");
+    let json = work.path().join("plan.json");
+    let plan = |layers: &str| {
+        let args = [
+            "plan",
+            "finetune",
+            "--config",
+            MINI_CONFIG,
+            "--gpu",
+            "rtx4090",
+            "--lora_r",
+            "64",
+            "--batch_size",
+            "12",
+            "--uncheckpointed_layers",
+            layers,
+            "--json",
+            path_str(&json),
+        ];
+        let out = run(work.path(), &args);
+        assert_success(&out, "philo plan finetune");
+        (stdout(&out), read_json(&json))
+    };
+    let (text, auto) = plan("auto");
+    let layers = auto["uncheckpointed_layers"].as_u64().unwrap();
+    assert!((1..32).contains(&layers), "{auto}");
+    assert_eq!(auto["auto_layers"], true);
+    assert_eq!(auto["fits"], true);
+    assert!(
+        text.contains(&format!("uncheckpointed layers: {layers} (auto)")),
+        "{text}"
+    );
+    // The same count given as a number plans the same; one more layer leaves the 10 % headroom.
+    let (_, fixed) = plan(&layers.to_string());
+    assert_eq!(fixed["peak_gib"], auto["peak_gib"]);
+    assert_eq!(fixed["auto_layers"], false);
+    let (_, more) = plan(&(layers + 1).to_string());
+    let gib = |key: &str| more[key].as_f64().unwrap();
+    let held = gib("peak_gib") + gib("allocator_reserve_gib");
+    assert!(
+        held * 1.1 > gib("gpu_memory_gib") - gib("cuda_context_gib"),
+        "{more}"
+    );
+}
+
+#[test]
 fn plan_serve_and_generate_report_memory_and_speed() {
     let work = TempDir::new().expect("temp dir");
     let json = work.path().join("plan.json");
@@ -903,6 +950,34 @@ fn monitor_without_a_gpu_exits_1_with_the_reason() {
     let work = TempDir::new().expect("temp dir");
     let out = run(work.path(), &["monitor", "--count", "1"]);
     assert_error_line(&out, &["no NVIDIA driver found"]);
+}
+
+#[test]
+fn finetune_uncheckpointed_layers_auto_needs_a_gpu() {
+    let (work, model) = tiny_model();
+    let data = work.path().join("data.json");
+    std::fs::write(&data, r#"[{"text": "the cat says meow"}]"#).unwrap();
+    let out = run(
+        work.path(),
+        &[
+            "finetune",
+            "--base_model",
+            path_str(&model),
+            "--dataset",
+            path_str(&data),
+            "--uncheckpointed_layers",
+            "auto",
+            "--device",
+            "cpu",
+        ],
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--uncheckpointed_layers auto sizes from free GPU memory"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
 }
 
 #[test]

@@ -149,15 +149,19 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
                 dtype_bytes: dtype_bytes(s.dtype),
                 checkpointing: !s.no_gradient_checkpointing,
                 offload: !s.no_gradient_offload,
-                uncheckpointed_layers: s.uncheckpointed_layers,
+                uncheckpointed_layers: 0,
                 dropout: s.lora_dropout > 0.0,
+            };
+            let choices = philo_plan::SizeChoices {
+                batch: s.batch_size,
+                accumulation: s.gradient_accumulation_steps,
+                effective: s.effective_batch_size,
+                layers: s.uncheckpointed_layers,
             };
             let plan = philo_plan::plan_finetune(
                 &shape,
                 &setup,
-                s.batch_size,
-                s.gradient_accumulation_steps,
-                s.effective_batch_size,
+                choices,
                 &gpu,
                 philo::plan::plan_limits(&gpu, a.host_memory_gib),
             )?;

@@ -20,6 +20,11 @@ pub struct FinetunePlan {
     pub batch_size: usize,
     /// Whether `batch_size` was chosen by `--batch_size auto`.
     pub auto_batch: bool,
+    /// Decoder layers that keep their state instead of being recomputed (all of them without
+    /// gradient checkpointing).
+    pub uncheckpointed_layers: usize,
+    /// Whether `uncheckpointed_layers` was chosen by `--uncheckpointed_layers auto`.
+    pub auto_layers: bool,
     pub gradient_accumulation_steps: usize,
     pub effective_batch_size: usize,
     pub seq: usize,
@@ -68,6 +73,27 @@ impl std::str::FromStr for BatchChoice {
             )),
             Ok(n) => Ok(BatchChoice::Fixed(n)),
         }
+    }
+}
+
+/// How many decoder layers skip gradient checkpointing (`--uncheckpointed_layers`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerChoice {
+    Fixed(usize),
+    /// As many as fit with [`HEADROOM`] once the micro-batch is chosen.
+    Auto,
+}
+
+impl std::str::FromStr for LayerChoice {
+    type Err = String;
+    /// `--uncheckpointed_layers`: a number of layers (0: all checkpointed) or `auto`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "auto" {
+            return Ok(LayerChoice::Auto);
+        }
+        s.parse::<usize>().map(LayerChoice::Fixed).map_err(|_| {
+            format!("`{s}` is not a number of layers: give a number (0: every layer checkpointed) or auto")
+        })
     }
 }
 
@@ -120,12 +146,7 @@ pub fn largest_batch(
             batch,
             ..setup.clone()
         };
-        let host_fits = limits.host_bytes.is_none_or(|host| {
-            train::host_checkpoint_bytes(shape, &setup) * (1.0 + HEADROOM) <= host
-        });
-        let memory = train::train_memory(shape, &setup);
-        let held = memory.total() + ALLOCATOR_RESERVE * memory.activations();
-        host_fits && held * (1.0 + HEADROOM) <= limits.gpu_bytes
+        fits(shape, &setup, limits)
     };
     if !fits(1) {
         return None;
@@ -143,14 +164,58 @@ pub fn largest_batch(
     Some(lo)
 }
 
-/// Plans a fine-tune of `setup` (its batch replaced as `batch` says) with
-/// `accumulation` steps, or the accumulation that keeps `effective` rows per optimizer step.
+/// Whether `setup`'s predicted peak with the allocator's reserve, and its pinned checkpoints,
+/// fit `limits` with [`HEADROOM`].
+pub fn fits(shape: &ModelShape, setup: &TrainSetup, limits: MemoryLimits) -> bool {
+    let host_fits = limits
+        .host_bytes
+        .is_none_or(|host| train::host_checkpoint_bytes(shape, setup) * (1.0 + HEADROOM) <= host);
+    let memory = train::train_memory(shape, setup);
+    let held = memory.total() + ALLOCATOR_RESERVE * memory.activations();
+    host_fits && held * (1.0 + HEADROOM) <= limits.gpu_bytes
+}
+
+/// The most decoder layers of `setup` (its `uncheckpointed_layers` ignored) that can keep their
+/// state instead of being recomputed while it still [`fits`] `limits`: 0 when only full
+/// checkpointing fits, or without checkpointing.
+pub fn most_uncheckpointed_layers(
+    shape: &ModelShape,
+    setup: &TrainSetup,
+    limits: MemoryLimits,
+) -> usize {
+    if !setup.checkpointing {
+        return 0;
+    }
+    // Memory grows with every layer kept: the last count that fits.
+    (1..=shape.layers)
+        .take_while(|&layers| {
+            let setup = TrainSetup {
+                uncheckpointed_layers: layers,
+                ..setup.clone()
+            };
+            fits(shape, &setup, limits)
+        })
+        .last()
+        .unwrap_or(0)
+}
+
+/// What a fine-tune's flags leave to the plan: the micro-batch, the gradient accumulation (or
+/// the effective batch that sets it) and the uncheckpointed layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SizeChoices {
+    pub batch: BatchChoice,
+    pub accumulation: usize,
+    pub effective: Option<usize>,
+    pub layers: LayerChoice,
+}
+
+/// Plans a fine-tune of `setup` (its batch and uncheckpointed layers replaced as `choices`
+/// say): with both on auto, the micro-batch is chosen first, every layer checkpointed, then the
+/// layers that still fit beside it.
 pub fn plan_finetune(
     shape: &ModelShape,
     setup: &TrainSetup,
-    batch: BatchChoice,
-    accumulation: usize,
-    effective: Option<usize>,
+    choices: SizeChoices,
     gpu: &GpuSpec,
     limits: MemoryLimits,
 ) -> Result<FinetunePlan, PlanError> {
@@ -160,19 +225,34 @@ pub fn plan_finetune(
             "--max_seq_length and --lora_r must be at least 1".into(),
         ));
     }
-    let largest = largest_batch(shape, setup, limits);
-    let (batch_size, accumulation) =
-        choose_batch(batch, accumulation, effective, largest).ok_or_else(|| {
-            PlanError::Setup(format!(
-                "not even one row of {} tokens fits in {:.1} GiB: lower --max_seq_length or --lora_r, or quantise the base (--quant nf4)",
-                setup.seq,
-                usable_bytes / GIB
-            ))
-        })?;
     let setup = TrainSetup {
-        batch: batch_size,
+        uncheckpointed_layers: match choices.layers {
+            LayerChoice::Fixed(n) => n,
+            LayerChoice::Auto => 0,
+        },
         ..setup.clone()
     };
+    let largest = largest_batch(shape, &setup, limits);
+    let (batch_size, accumulation) = choose_batch(
+        choices.batch,
+        choices.accumulation,
+        choices.effective,
+        largest,
+    )
+    .ok_or_else(|| {
+        PlanError::Setup(format!(
+            "not even one row of {} tokens fits in {:.1} GiB: lower --max_seq_length or --lora_r, or quantise the base (--quant nf4)",
+            setup.seq,
+            usable_bytes / GIB
+        ))
+    })?;
+    let mut setup = TrainSetup {
+        batch: batch_size,
+        ..setup
+    };
+    if choices.layers == LayerChoice::Auto {
+        setup.uncheckpointed_layers = most_uncheckpointed_layers(shape, &setup, limits);
+    }
     let memory = train::train_memory(shape, &setup);
     let peak = memory.total();
     let reserve = ALLOCATOR_RESERVE * memory.activations();
@@ -182,7 +262,9 @@ pub fn plan_finetune(
         gpu_memory_gib: gpu.memory_gib(),
         bf16: gpu.bf16,
         batch_size,
-        auto_batch: batch == BatchChoice::Auto,
+        auto_batch: choices.batch == BatchChoice::Auto,
+        uncheckpointed_layers: shape.layers - setup.recomputed_layers(shape),
+        auto_layers: choices.layers == LayerChoice::Auto,
         gradient_accumulation_steps: accumulation,
         effective_batch_size: batch_size * accumulation,
         seq: setup.seq,
@@ -325,6 +407,47 @@ mod tests {
                 "{setup:?}: predicted {predicted:.2} GiB, measured {measured}"
             );
         }
+    }
+
+    #[test]
+    fn layer_choice_parses() {
+        assert_eq!("auto".parse::<LayerChoice>(), Ok(LayerChoice::Auto));
+        assert_eq!("0".parse::<LayerChoice>(), Ok(LayerChoice::Fixed(0)));
+        assert_eq!("24".parse::<LayerChoice>(), Ok(LayerChoice::Fixed(24)));
+        assert!("-1"
+            .parse::<LayerChoice>()
+            .unwrap_err()
+            .contains("not a number of layers"));
+    }
+
+    /// The most uncheckpointed layers fit, one more does not; none when the batch alone
+    /// fills the GPU, all on a large one, and none without checkpointing.
+    #[test]
+    fn most_uncheckpointed_layers_is_the_last_that_fits() {
+        let shape = mini();
+        let limits = |gib: f64| MemoryLimits {
+            gpu_bytes: gib * GIB - CUDA_CONTEXT_BYTES,
+            host_bytes: None,
+        };
+        let setup = qlora(12, 2048, 64);
+        let with = |layers| TrainSetup {
+            uncheckpointed_layers: layers,
+            ..setup.clone()
+        };
+        let n = most_uncheckpointed_layers(&shape, &setup, limits(24.0));
+        assert!((1..32).contains(&n), "{n}");
+        assert!(fits(&shape, &with(n), limits(24.0)));
+        assert!(!fits(&shape, &with(n + 1), limits(24.0)));
+        assert_eq!(most_uncheckpointed_layers(&shape, &setup, limits(10.0)), 0);
+        assert_eq!(
+            most_uncheckpointed_layers(&shape, &setup, limits(140.0)),
+            32
+        );
+        let none = TrainSetup {
+            checkpointing: false,
+            ..setup.clone()
+        };
+        assert_eq!(most_uncheckpointed_layers(&shape, &none, limits(140.0)), 0);
     }
 
     /// A few uncheckpointed layers beside checkpointed ones: the model adds their kept state

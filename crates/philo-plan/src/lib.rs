@@ -10,7 +10,9 @@ pub mod shape;
 pub mod speed;
 pub mod train;
 
-pub use finetune::{plan_finetune, BatchChoice, FinetunePlan, MemoryLimits};
+pub use finetune::{
+    plan_finetune, BatchChoice, FinetunePlan, LayerChoice, MemoryLimits, SizeChoices,
+};
 pub use gpu::GpuSpec;
 pub use infer::{plan_generate, plan_serve, GeneratePlan, ServePlan, ServeSetup};
 pub use shape::ModelShape;
