@@ -953,57 +953,37 @@ fn monitor_without_a_gpu_exits_1_with_the_reason() {
 }
 
 #[test]
-fn finetune_uncheckpointed_layers_auto_needs_a_gpu() {
+fn finetune_auto_sizing_needs_a_gpu() {
     let (work, model) = tiny_model();
     let data = work.path().join("data.json");
     std::fs::write(&data, r#"[{"text": "the cat says meow"}]"#).unwrap();
-    let out = run(
-        work.path(),
-        &[
-            "finetune",
-            "--base_model",
-            path_str(&model),
-            "--dataset",
-            path_str(&data),
-            "--uncheckpointed_layers",
-            "auto",
-            "--device",
-            "cpu",
-        ],
-    );
-    let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(
-        err.contains("--uncheckpointed_layers auto sizes from free GPU memory"),
-        "{err}"
-    );
-    assert!(!err.contains("panicked"), "{err}");
-}
-
-#[test]
-fn finetune_batch_size_auto_needs_a_gpu() {
-    let (work, model) = tiny_model();
-    let data = work.path().join("data.json");
-    std::fs::write(&data, r#"[{"text": "the cat says meow"}]"#).unwrap();
-    let out = run(
-        work.path(),
-        &[
-            "finetune",
-            "--base_model",
-            path_str(&model),
-            "--dataset",
-            path_str(&data),
+    for (flag, message) in [
+        (
             "--batch_size",
-            "auto",
-            "--device",
-            "cpu",
-        ],
-    );
-    let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(
-        err.contains("--batch_size auto sizes the batch from free GPU memory"),
-        "{err}"
-    );
-    assert!(!err.contains("panicked"), "{err}");
+            "--batch_size auto sizes the batch from free GPU memory",
+        ),
+        (
+            "--uncheckpointed_layers",
+            "--uncheckpointed_layers auto sizes from free GPU memory",
+        ),
+    ] {
+        let out = run(
+            work.path(),
+            &[
+                "finetune",
+                "--base_model",
+                path_str(&model),
+                "--dataset",
+                path_str(&data),
+                flag,
+                "auto",
+                "--device",
+                "cpu",
+            ],
+        );
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(message), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
 }
