@@ -103,14 +103,15 @@ pub fn loss_and_grads(
 /// How a micro-batch's activations are kept for its backward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PassOptions {
-    /// Keep only each decoder layer's input and recompute the layer right before its
-    /// backward, so activation memory is that of one layer's row chunk.
+    /// Keep only each decoder layer's checkpoint (its input, attention output and residual)
+    /// and recompute the layer right before its backward, so activation memory is that of one
+    /// layer's row chunk.
     pub checkpointing: bool,
-    /// With checkpointing on a GPU: keep those inputs in pinned host memory (see
+    /// With checkpointing on a GPU: keep those checkpoints in pinned host memory (see
     /// [`crate::offload`]).
     pub offload: bool,
-    /// With checkpointing: the last `uncheckpointed_layers` decoder layers keep what their backward
-    /// needs instead, so they are not recomputed (faster, at a layer's activations each).
+    /// With checkpointing: the last `uncheckpointed_layers` decoder layers keep what their
+    /// backward needs instead, so they are not recomputed (faster, at a layer's state each).
     pub uncheckpointed_layers: usize,
 }
 
