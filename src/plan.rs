@@ -309,10 +309,7 @@ pub fn size_batch(
         host_bytes: host_available_bytes(),
     });
     let setup = philo_plan::TrainSetup {
-        uncheckpointed_layers: match layers {
-            LayerChoice::Fixed(n) => n,
-            LayerChoice::Auto => 0,
-        },
+        uncheckpointed_layers: layers.before_batch(),
         ..setup.clone()
     };
     let largest_fit =
@@ -341,9 +338,9 @@ pub fn size_batch(
         )
     })?;
     let mut planned = philo_plan::TrainSetup { batch, ..setup };
-    if let (LayerChoice::Auto, Some(limits)) = (layers, limits) {
+    if let Some(limits) = limits {
         planned.uncheckpointed_layers =
-            philo_plan::finetune::most_uncheckpointed_layers(shape, &planned, limits);
+            philo_plan::finetune::choose_layers(shape, &planned, layers, limits);
     }
     Ok(BatchSizing {
         batch,

@@ -23,7 +23,7 @@ use philo_kernels::rope::{qkv_rope, QkvShape};
 
 use crate::error::{ModelError, Result};
 use crate::lora_linear::{DropoutSeed, LoraLinear};
-use crate::phi3::{DecoderLayer, LayerContext, Phi3};
+use crate::phi3::{DecoderLayer, LayerContext, Phi3, RmsNorm};
 use philo_kernels::profile::time;
 
 /// Gradient accumulators of one adapter: f32, shaped like its A `[r, in]` and B `[out, r]`.
@@ -153,13 +153,6 @@ impl PassLinear {
             return self.forward(padded, dropout, onto);
         };
         let dev = padded.device();
-        let (r, width) = (lora.a.dim(0)?, self.weight.dim(1)?);
-        if padded.dim(1)? != width + r {
-            return Err(ModelError::Candle(candle_core::Error::Msg(format!(
-                "padded input of {} columns for a projection of {width} inputs and rank {r}",
-                padded.dim(1)?
-            ))));
-        }
         let saved = self.down_padded(lora, padded, dropout)?;
         let (y, beta) = match onto {
             Some(y) => (y, 1.0),
@@ -183,6 +176,12 @@ impl PassLinear {
         dropout: Option<DropoutSeed>,
     ) -> Result<LoraSaved> {
         let (r, width) = (lora.a.dim(0)?, self.weight.dim(1)?);
+        if padded.dim(1)? != width + r {
+            return Err(ModelError::Candle(candle_core::Error::Msg(format!(
+                "padded input of {} columns for a projection of {width} inputs and rank {r}",
+                padded.dim(1)?
+            ))));
+        }
         let x = padded.narrow(1, 0, width)?;
         time(padded.device(), self.names.lora, || {
             philo_kernels::lora::down_into(&x, &lora.a, lora.mask(dropout), padded, width)
@@ -380,6 +379,15 @@ pub struct LayerSaved {
     down_lora: Option<LoraSaved>,
 }
 
+/// `norm` of `x` as rows with `pad` free columns after each (see `RmsNorm::forward_padded`),
+/// timed as "rms_norm".
+fn norm_padded(norm: &RmsNorm, x: &Tensor, pad: usize) -> Result<Tensor> {
+    Ok(time(x.device(), "rms_norm", || {
+        norm.forward_padded(x, pad)
+            .map_err(candle_core::Error::wrap)
+    })?)
+}
+
 /// `t` `[b, s, n]` as rows `[b·s, n]`.
 fn rows(t: &Tensor) -> Result<Tensor> {
     let n = t.dim(candle_core::D::Minus1)?;
@@ -418,11 +426,7 @@ impl DecoderLayer {
         let shape = self.qkv_shape(rotary_dim);
         let (h, kvh) = (shape.heads, shape.kv_heads);
         let dev = x.device();
-        let n1 = time(dev, "rms_norm", || {
-            self.input_layernorm
-                .forward_padded(x, w.qkv.pad())
-                .map_err(candle_core::Error::wrap)
-        })?;
+        let n1 = norm_padded(&self.input_layernorm, x, w.qkv.pad())?;
         let (qkv, qkv_lora) = w.qkv.forward_padded(&n1, ctx.dropout, None)?;
         let heads = time(dev, "rope", || {
             qkv_rope(
@@ -442,11 +446,7 @@ impl DecoderLayer {
             Some(c) => {
                 let o_lora =
                     w.o.backward_inputs(&c.attn.reshape((b * s, ()))?, ctx.dropout)?;
-                let n2 = time(dev, "rms_norm", || {
-                    norm2
-                        .forward_padded(&c.residual, w.gate_up.pad())
-                        .map_err(candle_core::Error::wrap)
-                })?;
+                let n2 = norm_padded(norm2, &c.residual, w.gate_up.pad())?;
                 (
                     c.attn.clone(),
                     c.lse.clone(),
@@ -529,13 +529,6 @@ impl DecoderLayer {
         let ctx = &ctx.inner;
         let kvh = self.self_attn.num_kv_heads;
         let dev = dout.device();
-        // A lean state's adapter inputs, derived again: each right before its use.
-        let norm = |norm: &crate::phi3::RmsNorm, input: &Tensor, pad: usize| -> Result<Tensor> {
-            Ok(time(dev, "rms_norm", || {
-                norm.forward_padded(input, pad)
-                    .map_err(candle_core::Error::wrap)
-            })?)
-        };
         // A projection's backward, with its adapter's saved state kept or derived again.
         let linear_backward = |linear: &PassLinear,
                                kept: Option<&LoraSaved>,
@@ -560,7 +553,7 @@ impl DecoderLayer {
             philo_kernels::swiglu::backward(&saved.gate_up, &d_act)
         })?;
         let norm2 = &self.post_attention_layernorm;
-        let n2 = |pad| norm(norm2, &saved.h, pad);
+        let n2 = |pad| norm_padded(norm2, &saved.h, pad);
         let d_n2 = linear_backward(&w.gate_up, saved.gate_up_lora.as_ref(), &n2, &d_gate_up)?;
         let dh = time(dev, "rms_norm bwd + add", || {
             philo_kernels::rms_norm::backward(&saved.h, &norm2.weight, &d_n2, norm2.eps, Some(dout))
@@ -582,7 +575,7 @@ impl DecoderLayer {
             )
         })?;
         let norm1 = &self.input_layernorm;
-        let n1 = |pad| norm(norm1, &saved.x, pad);
+        let n1 = |pad| norm_padded(norm1, &saved.x, pad);
         let d_n1 = linear_backward(&w.qkv, saved.qkv_lora.as_ref(), &n1, &rows(&d_qkv)?)?;
         time(dev, "rms_norm bwd + add", || {
             philo_kernels::rms_norm::backward(&saved.x, &norm1.weight, &d_n1, norm1.eps, Some(&dh))

@@ -97,6 +97,17 @@ impl std::str::FromStr for LayerChoice {
     }
 }
 
+impl LayerChoice {
+    /// The count to choose the micro-batch with: the fixed one, or 0 for auto, whose count
+    /// [`choose_layers`] picks once the micro-batch is chosen.
+    pub fn before_batch(self) -> usize {
+        match self {
+            LayerChoice::Fixed(n) => n,
+            LayerChoice::Auto => 0,
+        }
+    }
+}
+
 /// (micro-batch, gradient accumulation) for `choice` with `accumulation` steps, or the
 /// accumulation that keeps `effective` rows per optimizer step; `largest` is the largest
 /// micro-batch that fits. None when `choice` is auto and not even one row fits.
@@ -209,6 +220,20 @@ pub struct SizeChoices {
     pub layers: LayerChoice,
 }
 
+/// The uncheckpointed layers of `setup` (its micro-batch chosen): `choice`'s fixed count, or
+/// for auto [`most_uncheckpointed_layers`] within `limits`.
+pub fn choose_layers(
+    shape: &ModelShape,
+    setup: &TrainSetup,
+    choice: LayerChoice,
+    limits: MemoryLimits,
+) -> usize {
+    match choice {
+        LayerChoice::Fixed(n) => n,
+        LayerChoice::Auto => most_uncheckpointed_layers(shape, setup, limits),
+    }
+}
+
 /// Plans a fine-tune of `setup` (its batch and uncheckpointed layers replaced as `choices`
 /// say): with both on auto, the micro-batch is chosen first, every layer checkpointed, then the
 /// layers that still fit beside it.
@@ -226,10 +251,7 @@ pub fn plan_finetune(
         ));
     }
     let setup = TrainSetup {
-        uncheckpointed_layers: match choices.layers {
-            LayerChoice::Fixed(n) => n,
-            LayerChoice::Auto => 0,
-        },
+        uncheckpointed_layers: choices.layers.before_batch(),
         ..setup.clone()
     };
     let largest = largest_batch(shape, &setup, limits);
@@ -250,9 +272,7 @@ pub fn plan_finetune(
         batch: batch_size,
         ..setup
     };
-    if choices.layers == LayerChoice::Auto {
-        setup.uncheckpointed_layers = most_uncheckpointed_layers(shape, &setup, limits);
-    }
+    setup.uncheckpointed_layers = choose_layers(shape, &setup, choices.layers, limits);
     let memory = train::train_memory(shape, &setup);
     let peak = memory.total();
     let reserve = ALLOCATOR_RESERVE * memory.activations();
