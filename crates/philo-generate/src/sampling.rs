@@ -213,6 +213,15 @@ impl Sampler {
         }
     }
 
+    /// [`Sampler::sample`] with its uniform draw `u` in [0, 1) given instead of taken from the
+    /// sampler's RNG: what any other sampler with these settings (the GPU's) must pick for `u`.
+    pub fn sample_with_uniform(&self, logits: &[f32], previous_tokens: &[u32], u: f64) -> u32 {
+        match self.distribution(logits, previous_tokens) {
+            Distribution::Argmax(token) => token,
+            Distribution::Probabilities(probs) => draw(&probs, u),
+        }
+    }
+
     /// Speculative decoding's check of a `proposed` token (from a proposer that is not random,
     /// such as prompt lookup): accepted with the probability [`Sampler::sample`] would give it,
     /// else replaced by a draw from the rest of the distribution. The result is distributed
@@ -1218,5 +1227,76 @@ mod tests {
         for params in ok {
             assert!(params.validate().is_ok(), "{params:?}");
         }
+    }
+
+    /// The GPU sampler's reference (philo-kernels, what `sample_rows` is tested against) picks
+    /// what this sampler picks for the same uniform number, over temperature, top-k, top-p,
+    /// min-p and their mix, on logits with and without ties and NaN.
+    #[test]
+    fn gpu_sampling_reference_draws_as_the_host_sampler() {
+        use philo_kernels::sampling::{draw_weights, reference, same_up_to_rounding};
+        use philo_kernels::sampling::{uniform, RowSampling};
+        let mut rng = StdRng::seed_from_u64(5);
+        let settings = [
+            (1.0, None, None, None),
+            (0.7, None, None, None),
+            (0.7, Some(40), None, None),
+            (0.7, None, Some(0.9), None),
+            (1.3, None, Some(0.5), None),
+            (0.8, None, None, Some(0.05)),
+            (0.6, Some(50), Some(0.95), Some(0.02)),
+            (0.0, None, None, None),
+        ];
+        let (mut draws, mut rounded) = (0, 0);
+        for row in 0..16 {
+            let mut logits: Vec<f32> = (0..2_000)
+                .map(|_| rng.random_range(-1.0f32..1.0) * (2.0 + row as f32))
+                .collect();
+            if row % 2 == 1 {
+                // Coarse values: many ties, also at the thresholds.
+                logits
+                    .iter_mut()
+                    .for_each(|x| *x = (*x * 4.0).round() / 4.0);
+            }
+            logits[7] = f32::NAN;
+            for (i, &(temperature, top_k, top_p, min_p)) in settings.iter().enumerate() {
+                let params = SamplingParams {
+                    temperature,
+                    top_k,
+                    top_p,
+                    min_p,
+                    seed: Some(1),
+                    ..SamplingParams::default()
+                };
+                let sampler = Sampler::new(params).unwrap();
+                for counter in 0..40u32 {
+                    let gpu = RowSampling {
+                        temperature,
+                        top_k: top_k.map_or(0, |k| k as u32),
+                        top_p: top_p.unwrap_or(1.0),
+                        min_p: min_p.unwrap_or(0.0),
+                        seed: (row * 100 + i) as u64,
+                        counter,
+                    };
+                    let u = uniform(gpu.seed, counter);
+                    let host = sampler.sample_with_uniform(&logits, &[], f64::from(u));
+                    let want = reference(&logits, &gpu);
+                    // The host normalises in f32 before its f64 running sum: at a boundary
+                    // between two tokens the two may round apart.
+                    let rounding = || {
+                        let weights = draw_weights(&logits, &gpu).unwrap();
+                        same_up_to_rounding(&weights, u, want, host, 1e-6)
+                    };
+                    assert!(
+                        want == host || rounding(),
+                        "row {row} {gpu:?}: {want} vs {host}"
+                    );
+                    rounded += usize::from(want != host);
+                    draws += 1;
+                }
+            }
+        }
+        assert_eq!(draws, 16 * 8 * 40);
+        assert!(rounded <= 2, "{rounded} draws differ by rounding");
     }
 }

@@ -305,10 +305,15 @@ mod device {
         /// The tensor-core GEMV by format (dense, INT8, INT4), with its tile stages.
         tc: Vec<TensorCoreGemv>,
         embed: CudaFunction,
+        transform: CudaFunction,
+        widen: CudaFunction,
+        lora_shrink: CudaFunction,
+        lora_expand: CudaFunction,
         rope_kv: CudaFunction,
         /// By head dimension: 64, 96, 128, any other.
         attention: [CudaFunction; 4],
         argmax: CudaFunction,
+        sample: CudaFunction,
     }
 
     impl DecodeKernels {
@@ -371,6 +376,10 @@ mod device {
                 gemv,
                 tc,
                 embed: function(dev, &DECODE, &format!("embed_rows_{suffix}"))?,
+                transform: function(dev, &DECODE, &format!("transform_rows_{suffix}"))?,
+                widen: function(dev, &DECODE, &format!("widen_rows_{suffix}"))?,
+                lora_shrink: function(dev, &DECODE, &format!("lora_shrink_{suffix}"))?,
+                lora_expand: function(dev, &DECODE, &format!("lora_expand_{suffix}"))?,
                 rope_kv: function(dev, &DECODE, &format!("rope_write_kv_{suffix}"))?,
                 attention: [
                     function(dev, &PAGED_ATTENTION, &decode_kernel_name(dtype, 64)?)?,
@@ -379,6 +388,7 @@ mod device {
                     function(dev, &PAGED_ATTENTION, &decode_kernel_name(dtype, 0)?)?,
                 ],
                 argmax: function(dev, &DECODE, "argmax_rows")?,
+                sample: function(dev, &SAMPLING, "sample_rows")?,
             })
         }
 
@@ -549,6 +559,129 @@ mod device {
             Ok(None)
         }
 
+        /// Streaming multiprocessors of the GPU.
+        pub fn multiprocessors(&self) -> usize {
+            self.sms
+        }
+
+        /// `out` `[m, k]` = `input(x)`, the GEMV's input transform on its own (RMSNorm, SwiGLU
+        /// of `x` `[m, 2k]`, or a copy): what a GEMM takes when more rows than [`MAX_ROWS`]
+        /// decode together. `k` as the GEMV allows (a multiple of 8, at most 8,192).
+        pub fn transform_rows(
+            &self,
+            x: u64,
+            input: GemvInput,
+            m: usize,
+            k: usize,
+            out: u64,
+        ) -> Result<()> {
+            if !k.is_multiple_of(8) || k > 4 * 8 * 256 {
+                candle_core::bail!("transform_rows: rows of {k} do not fit the kernel");
+            }
+            let (mode, norm, eps) = match input {
+                GemvInput::Plain => (0i32, 0u64, 0f32),
+                GemvInput::RmsNorm { weight, eps } => (1, weight, eps),
+                GemvInput::SwiGlu => (2, 0, 0.0),
+            };
+            use Arg::*;
+            let args = [Ptr(x), Ptr(norm), F32(eps), I32(mode), int(k), Ptr(out)];
+            self.launch(&self.transform, (m as u32, 1, 1), 256, 0, &args)
+        }
+
+        /// Both products of the batched LoRA of one projection (see [`BatchedLora`]): `t` =
+        /// x·Aᵀ per row, then `y` += t·(scale·B)ᵀ in place, for the rows with an adapter.
+        pub fn lora(&self, l: &BatchedLora) -> Result<()> {
+            use Arg::*;
+            let shrink = [
+                Ptr(l.x),
+                int(l.k),
+                Ptr(l.adapter_rows),
+                Ptr(l.entries),
+                Ptr(l.t),
+                int(l.max_rank),
+            ];
+            // A block per (row, 8 ranks); blocks past the row's adapter's rank return at once.
+            let grid = (l.m as u32, l.max_rank.div_ceil(8) as u32, 1);
+            self.launch(&self.lora_shrink, grid, 256, 0, &shrink)?;
+            let expand = [
+                Ptr(l.t),
+                int(l.max_rank),
+                Ptr(l.adapter_rows),
+                Ptr(l.entries),
+                Ptr(l.y),
+                int(l.n),
+                int(l.m),
+            ];
+            let grid = (l.n.div_ceil(128) as u32, l.m.div_ceil(4) as u32, 1);
+            self.launch(&self.lora_expand, grid, 128, 0, &expand)
+        }
+
+        /// `out[i]` = `x[i]` as f32 for `n` elements of the compute dtype.
+        pub fn widen(&self, x: u64, out: u64, n: usize) -> Result<()> {
+            use Arg::*;
+            let blocks = n.div_ceil(256).min(4 * self.sms).max(1);
+            self.launch(
+                &self.widen,
+                (blocks as u32, 1, 1),
+                256,
+                0,
+                &[Ptr(x), Ptr(out), int(n)],
+            )
+        }
+
+        /// `out = a · Wᵀ` for `a` `[m, k]` and a dense weight `[n, k]` in the compute dtype, by
+        /// cuBLAS (f32 accumulation): stored, added to the residual stream (beta = 1, rounded
+        /// once), or written as f32.
+        pub fn gemm(
+            &self,
+            a: u64,
+            m: usize,
+            n: usize,
+            k: usize,
+            w: u64,
+            output: GemvOutput,
+        ) -> Result<()> {
+            use candle_core::cuda_backend::cudarc::cublas::{result, sys};
+            let in_type = match self.dtype {
+                DType::BF16 => sys::cudaDataType_t::CUDA_R_16BF,
+                _ => sys::cudaDataType_t::CUDA_R_16F,
+            };
+            let (c, out_type, beta) = match output {
+                GemvOutput::Store(p) => (p, in_type, 0f32),
+                GemvOutput::AddTo(p) => (p, in_type, 1.0),
+                GemvOutput::F32(p) => (p, sys::cudaDataType_t::CUDA_R_32F, 0.0),
+            };
+            let alpha = 1f32;
+            let blas = self.dev.cublas_handle();
+            // Column-major: outᵀ [n, m] = W [n, k] · aᵀ [k, m].
+            // SAFETY: the caller's live device buffers of the sizes named; cuBLAS runs on the
+            // device's stream, in order with the kernels.
+            unsafe {
+                result::gemm_ex(
+                    *blas.handle(),
+                    sys::cublasOperation_t::CUBLAS_OP_T,
+                    sys::cublasOperation_t::CUBLAS_OP_N,
+                    n as i32,
+                    m as i32,
+                    k as i32,
+                    (&alpha) as *const f32 as *const _,
+                    w as *const _,
+                    in_type,
+                    k as i32,
+                    a as *const _,
+                    in_type,
+                    k as i32,
+                    (&beta) as *const f32 as *const _,
+                    c as *mut _,
+                    out_type,
+                    n as i32,
+                    sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+                )
+            }
+            .w()
+        }
+
         /// `x[b] = table[tokens[b]]` for `m` rows of `hidden`.
         pub fn embed(
             &self,
@@ -573,7 +706,7 @@ mod device {
                 Ptr(a.sin_short),
                 Ptr(a.cos_long),
                 Ptr(a.sin_long),
-                int(a.original),
+                Ptr(a.long_rows),
                 Ptr(a.lens),
                 Ptr(a.tables),
                 int(a.max_blocks),
@@ -631,6 +764,26 @@ mod device {
             use Arg::*;
             let args = [Ptr(logits), I32(vocab as i32), Ptr(out)];
             self.launch(&self.argmax, (m as u32, 1, 1), 1024, 0, &args)
+        }
+
+        /// `out[b]` = the token drawn from `logits` row b (f32, `vocab` ≤
+        /// [`crate::sampling::MAX_VOCAB`]) with the settings of row b in `params`
+        /// ([`crate::sampling::RowSampling::write`] with `stride`), for `m` rows.
+        pub fn sample(
+            &self,
+            logits: u64,
+            vocab: usize,
+            params: u64,
+            stride: usize,
+            out: u64,
+            m: usize,
+        ) -> Result<()> {
+            if vocab > crate::sampling::MAX_VOCAB || m > stride {
+                candle_core::bail!("sample: {m} rows of {vocab} logits do not fit the kernel");
+            }
+            use Arg::*;
+            let args = [Ptr(logits), int(vocab), Ptr(params), int(stride), Ptr(out)];
+            self.launch(&self.sample, (m as u32, 1, 1), 1024, 0, &args)
         }
 
         /// Launches `f` on the device's stream, with programmatic dependent launch where the
@@ -699,9 +852,57 @@ mod device {
     }
 }
 
+/// Arguments of [`DecodeKernels::lora`]: each of the `m` rows names an adapter in
+/// `adapter_rows` (u32 index into `entries`, `u32::MAX` for none); `entries` holds per adapter
+/// the addresses of A `[rank, k]` and scale·B `[n, rank]` (compute dtype, contiguous) and the
+/// rank, three u64 each (see [`lora_entry`]); `x` `[m, k]`, `y` `[m, n]` (added to in place), `t`
+/// f32 `[m, max_rank]` scratch.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchedLora {
+    pub x: u64,
+    pub y: u64,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub adapter_rows: u64,
+    pub entries: u64,
+    pub t: u64,
+    pub max_rank: usize,
+}
+
+/// The three u64 words of one adapter's entry in [`BatchedLora::entries`]: A, scale·B, rank (an
+/// adapter that leaves the projection alone has rank 0).
+pub fn lora_entry(a: u64, scaled_b: u64, rank: usize) -> [u64; 3] {
+    [a, scaled_b, rank as u64]
+}
+
+/// Plain reference of [`DecodeKernels::lora`] for one row in f32: `y + x·Aᵀ·(scale·B)ᵀ`, with
+/// x·Aᵀ and the product rounded to `dtype` as the kernels round them.
+pub fn lora_reference(
+    x: &[f32],
+    a: &[f32],
+    scaled_b: &[f32],
+    rank: usize,
+    y: &[f32],
+    dtype: DType,
+) -> Vec<f32> {
+    let round = |v: f32| round_to(v, dtype);
+    let k = x.len();
+    let t: Vec<f32> = (0..rank)
+        .map(|r| round((0..k).map(|i| x[i] * a[r * k + i]).sum()))
+        .collect();
+    y.iter()
+        .enumerate()
+        .map(|(j, &yj)| {
+            let delta: f32 = (0..rank).map(|r| t[r] * scaled_b[j * rank + r]).sum();
+            round(yj + round(delta))
+        })
+        .collect()
+}
+
 /// Arguments of [`DecodeKernels::rope_write_kv`]: `qkv` `[m, (h + 2·kvh)·d]`, cos/sin tables
-/// `[positions, rd/2]` (short and long LongRoPE factors; the same for plain RoPE), `original`
-/// the length above which the long ones apply, `lens` `[m]` u32 (length with the new token),
+/// `[positions, rd/2]` (short and long LongRoPE factors; the same for plain RoPE), `long_rows`
+/// `[m]` u32 (non-zero: the row rotates with the long ones), `lens` `[m]` u32 (length with the new token),
 /// `tables` `[m, max_blocks]` u32, `q_out` `[h, m, d]`, caches `[blocks, kvh, bs, d]`.
 #[derive(Debug, Clone, Copy)]
 pub struct RopeKv {
@@ -710,7 +911,7 @@ pub struct RopeKv {
     pub sin_short: u64,
     pub cos_long: u64,
     pub sin_long: u64,
-    pub original: usize,
+    pub long_rows: u64,
     pub lens: u64,
     pub tables: u64,
     pub max_blocks: usize,

@@ -40,6 +40,7 @@ module!(DECODE, "decode");
 module!(LORA, "lora");
 module!(ADAMW, "adamw");
 module!(ROWS, "rows");
+module!(SAMPLING, "sampling");
 module!(FLASH_ATTENTION_SM90, "flash_attention_sm90");
 
 /// Whether the Hopper-only kernels (wgmma, `*_sm90.cu`) run on `dev`: built for sm_90a, and the

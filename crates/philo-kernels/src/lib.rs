@@ -19,6 +19,7 @@ pub mod profile;
 pub mod rms_norm;
 pub mod rope;
 pub mod rows;
+pub mod sampling;
 pub mod swiglu;
 
 #[cfg(feature = "cuda")]

@@ -1440,3 +1440,232 @@ fn cuda_adamw_and_sum_of_squares() -> Result<()> {
     );
     Ok(())
 }
+
+/// The many-rows path of the decode step: the GEMV's input transform as its own kernel, then
+/// cuBLAS, against the GEMV's reference (dense weights; stored, added, f32 outputs).
+#[test]
+fn cuda_transform_rows_then_gemm() -> Result<()> {
+    use philo_kernels::decode::*;
+    let Some(dev) = gpu("cuda_transform_rows_then_gemm") else {
+        return Ok(());
+    };
+    let Device::Cuda(cuda_dev) = &dev else {
+        unreachable!()
+    };
+    let mut rng = StdRng::seed_from_u64(23);
+    for (m, n, k) in [(5, 1152, 3072), (16, 320, 8192), (9, 100, 1024)] {
+        for dtype in dtypes() {
+            let kernels = DecodeKernels::load(cuda_dev, dtype)?;
+            let w = uniform(&mut rng, n * k, 0.05);
+            let (weight, _kept, w_values) = decode_weight("dense", &w, n, k, dtype, &dev)?;
+            let GemvWeight::Dense { w: w_address } = weight else {
+                unreachable!()
+            };
+            for input in ["plain", "rmsnorm", "swiglu"] {
+                let width = if input == "swiglu" { 2 * k } else { k };
+                let (x, xs) = upload(uniform(&mut rng, m * width, 1.0), &[m, width], dtype, &dev)?;
+                let (g, gs) = upload(uniform(&mut rng, k, 2.0), &[k], dtype, &dev)?;
+                let (res, res_host) = upload(uniform(&mut rng, m * n, 1.0), &[m, n], dtype, &dev)?;
+                let gemv_input = match input {
+                    "plain" => GemvInput::Plain,
+                    "rmsnorm" => GemvInput::RmsNorm {
+                        weight: address(&g)?,
+                        eps: 1e-5,
+                    },
+                    _ => GemvInput::SwiGlu,
+                };
+                let norm = (input == "rmsnorm").then_some(gs.as_slice());
+                let staged = Tensor::zeros((m, k), dtype, &dev)?;
+                kernels.transform_rows(address(&x)?, gemv_input, m, k, address(&staged)?)?;
+                let stored = Tensor::zeros((m, n), dtype, &dev)?;
+                let logits = Tensor::zeros((m, n), DType::F32, &dev)?;
+                for (output, target, residual) in [
+                    (GemvOutput::Store(address(&stored)?), &stored, None),
+                    (
+                        GemvOutput::AddTo(address(&res)?),
+                        &res,
+                        Some(res_host.as_slice()),
+                    ),
+                    (GemvOutput::F32(address(&logits)?), &logits, None),
+                ] {
+                    kernels.gemm(address(&staged)?, m, n, k, w_address, output)?;
+                    let want = gemv_reference(&xs, gemv_input, norm, &w_values, k, residual, dtype);
+                    check(
+                        &format!("transform + gemm {input} {output:?} {dtype:?} m{m} n{n} k{k}"),
+                        &host(target)?,
+                        &want,
+                        1e-2,
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// GPU sampling against its reference, token for token (up to rounding at a boundary): greedy
+/// (NaN and ties), temperature alone, top-k (with ties at the k-th), top-p, min-p and all
+/// together, on f32 logits and on bf16-rounded ones (many ties at the top-p threshold), a
+/// vocabulary that is not a multiple of the threads' share, and one with every logit -inf.
+#[test]
+fn cuda_sample_rows_match_the_reference() -> Result<()> {
+    use philo_kernels::decode::{address, DecodeKernels};
+    use philo_kernels::sampling::{
+        self, draw_weights, reference, same_up_to_rounding, RowSampling,
+    };
+    let Some(dev) = gpu("cuda_sample_rows_match_the_reference") else {
+        return Ok(());
+    };
+    let Device::Cuda(cuda_dev) = &dev else {
+        unreachable!()
+    };
+    let kernels = DecodeKernels::load(cuda_dev, DType::BF16)?;
+    let mut rng = StdRng::seed_from_u64(31);
+    let settings = |t: f32, k: u32, p: f32, min_p: f32| RowSampling {
+        temperature: t,
+        top_k: k,
+        top_p: p,
+        min_p,
+        seed: 0,
+        counter: 0,
+    };
+    let kinds = [
+        settings(0.0, 0, 1.0, 0.0),
+        settings(1.0, 0, 1.0, 0.0),
+        settings(0.7, 0, 1.0, 0.0),
+        settings(0.7, 40, 1.0, 0.0),
+        settings(0.7, 0, 0.9, 0.0),
+        settings(1.3, 0, 0.5, 0.0),
+        settings(0.8, 0, 1.0, 0.05),
+        settings(0.6, 50, 0.95, 0.02),
+    ];
+    for vocab in [32_064usize, 1000] {
+        let rows = 64;
+        let mut logits = Vec::with_capacity(rows * vocab);
+        for r in 0..rows {
+            let scale = 2.0 + r as f32 * 0.2;
+            let row = uniform(&mut rng, vocab, scale);
+            // Odd rows rounded through bf16: ties everywhere.
+            logits.extend(row.into_iter().map(|x| {
+                if r % 2 == 1 {
+                    half::bf16::from_f32(x).to_f32()
+                } else {
+                    x
+                }
+            }));
+        }
+        logits[3] = f32::NAN;
+        logits[vocab..2 * vocab].fill(f32::NEG_INFINITY);
+        let device_logits = Tensor::from_vec(logits.clone(), rows * vocab, &dev)?;
+        for round in 0..3u32 {
+            let mut params = vec![0u32; RowSampling::WORDS * rows];
+            let mut row_settings = Vec::new();
+            for r in 0..rows {
+                let mut s = kinds[(r + round as usize) % kinds.len()];
+                s.seed = 1000 + r as u64;
+                s.counter = round * 7 + r as u32;
+                s.write(&mut params, rows, r);
+                row_settings.push(s);
+            }
+            let params = Tensor::from_vec(params, rows * RowSampling::WORDS, &dev)?;
+            let out = Tensor::zeros(rows, DType::U32, &dev)?;
+            kernels.sample(
+                address(&device_logits)?,
+                vocab,
+                address(&params)?,
+                rows,
+                address(&out)?,
+                rows,
+            )?;
+            let got = out.to_vec1::<u32>()?;
+            for r in 0..rows {
+                let (row, s) = (&logits[r * vocab..(r + 1) * vocab], &row_settings[r]);
+                let want = reference(row, s);
+                // Both sum in f64, but exp may differ by an ulp: a draw right at a boundary
+                // between two tokens may fall either side.
+                let rounding = || {
+                    draw_weights(row, s).is_some_and(|w| {
+                        let u = sampling::uniform(s.seed, s.counter);
+                        same_up_to_rounding(&w, u, want, got[r], 1e-6)
+                    })
+                };
+                assert!(
+                    got[r] == want || rounding(),
+                    "vocab {vocab} round {round} row {r}: {} vs {want}, {s:?}",
+                    got[r]
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The batched LoRA of the decode step (BGMV shrink and expand) against its reference: rows of
+/// two adapters (ranks 16 and 12, the latter on the scalar path) mixed with rows without one,
+/// which must stay as they were.
+#[test]
+fn cuda_batched_lora_matches_the_reference() -> Result<()> {
+    use philo_kernels::decode::*;
+    let Some(dev) = gpu("cuda_batched_lora_matches_the_reference") else {
+        return Ok(());
+    };
+    let Device::Cuda(cuda_dev) = &dev else {
+        unreachable!()
+    };
+    let mut rng = StdRng::seed_from_u64(41);
+    let (k, n, max_rank) = (1024, 320, 64);
+    let rows: [Option<usize>; 6] = [Some(0), None, Some(1), Some(0), None, Some(1)];
+    let m = rows.len();
+    for dtype in dtypes() {
+        let kernels = DecodeKernels::load(cuda_dev, dtype)?;
+        let ranks = [16, 12];
+        let mut adapters = Vec::new();
+        let mut entries = Vec::new();
+        for &rank in &ranks {
+            let (a, a_host) = upload(uniform(&mut rng, rank * k, 0.1), &[rank, k], dtype, &dev)?;
+            let (b, b_host) = upload(uniform(&mut rng, n * rank, 0.1), &[n, rank], dtype, &dev)?;
+            entries.extend(lora_entry(address(&a)?, address(&b)?, rank));
+            adapters.push((a, a_host, b, b_host));
+        }
+        // candle has no u64: the same bits as i64.
+        let entries: Vec<i64> = entries.into_iter().map(|w| w as i64).collect();
+        let entries = Tensor::from_vec(entries.clone(), entries.len(), &dev)?;
+        let adapter_rows: Vec<u32> = rows
+            .iter()
+            .map(|r| r.map_or(u32::MAX, |i| i as u32))
+            .collect();
+        let adapter_rows = Tensor::from_vec(adapter_rows, m, &dev)?;
+        let (x, x_host) = upload(uniform(&mut rng, m * k, 1.0), &[m, k], dtype, &dev)?;
+        let (y, y_host) = upload(uniform(&mut rng, m * n, 1.0), &[m, n], dtype, &dev)?;
+        let t = Tensor::zeros(m * max_rank, DType::F32, &dev)?;
+        kernels.lora(&BatchedLora {
+            x: address(&x)?,
+            y: address(&y)?,
+            m,
+            n,
+            k,
+            adapter_rows: address(&adapter_rows)?,
+            entries: address(&entries)?,
+            t: address(&t)?,
+            max_rank,
+        })?;
+        let got = host(&y)?;
+        for (r, adapter) in rows.iter().enumerate() {
+            let before = &y_host[r * n..(r + 1) * n];
+            let want = match adapter {
+                None => before.to_vec(),
+                Some(i) => {
+                    let (_, a, _, b) = &adapters[*i];
+                    lora_reference(&x_host[r * k..(r + 1) * k], a, b, ranks[*i], before, dtype)
+                }
+            };
+            check(
+                &format!("batched lora {dtype:?} row {r} adapter {adapter:?}"),
+                &got[r * n..(r + 1) * n],
+                &want,
+                1e-2,
+            );
+        }
+    }
+    Ok(())
+}

@@ -76,6 +76,22 @@ impl LoraBank {
         Ok(Some(matmul_t(&matmul_t(x, &lora.a)?, &lora.scaled_b)?))
     }
 
+    /// A and scale·B of `slot` at (layer, module), where that adapter targets it.
+    pub fn weights(
+        &self,
+        slot: usize,
+        layer: usize,
+        module: &'static str,
+    ) -> Option<(&Tensor, &Tensor)> {
+        let lora = self.slots.get(slot)?.as_ref()?.get(&(layer, module))?;
+        Some((&lora.a, &lora.scaled_b))
+    }
+
+    /// The slots that hold an adapter, in order.
+    pub fn loaded(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.slots.len()).filter(|&s| self.contains(s))
+    }
+
     /// Whether `slot` holds an adapter.
     pub fn contains(&self, slot: usize) -> bool {
         matches!(self.slots.get(slot), Some(Some(_)))

@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::collections::HashMap;
-
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use philo_model::{Adapter, LoraBank, PagedKvCache, Phi3, SeqChunk};
@@ -158,28 +156,8 @@ fn sequences_with_different_adapters_share_a_step() {
     let dir = case_dir("mini4k");
     let model = load_model(&dir, DType::F32);
     let adapter = Adapter::load(&dir.join("adapter")).unwrap();
-    // A second adapter: the same A, B negated and scaled, written as PEFT files.
-    let tmp = tempfile::tempdir().unwrap();
-    let tensors: HashMap<String, Tensor> =
-        candle_core::safetensors::load(dir.join("adapter/adapter_model.safetensors"), &Device::Cpu)
-            .unwrap()
-            .into_iter()
-            .map(|(name, t)| {
-                let t = if name.contains("lora_B") {
-                    (t * -1.5).unwrap()
-                } else {
-                    t
-                };
-                (name, t)
-            })
-            .collect();
-    std::fs::copy(
-        dir.join("adapter/adapter_config.json"),
-        tmp.path().join("adapter_config.json"),
-    )
-    .unwrap();
-    candle_core::safetensors::save(&tensors, tmp.path().join("adapter_model.safetensors")).unwrap();
-    let other = Adapter::load(tmp.path()).unwrap();
+    // A second adapter: the same A, B negated and scaled.
+    let (_tmp, other) = negated_adapter(&dir);
 
     let mut bank = LoraBank::new();
     let first = bank.insert(&adapter, &model).unwrap();

@@ -515,14 +515,111 @@ __device__ void embed_rows(const T* table, const uint32_t* tokens, T* x, int hid
     for (int j = threadIdx.x; j < hidden; j += blockDim.x) x[(size_t)blockIdx.x * hidden + j] = src[j];
 }
 
+// Row r of x transformed as the GEMV stages its input (plain, RMSNorm, SwiGLU), written to
+// out [m, k]: the input of a cuBLAS GEMM when more rows decode together than the GEMV takes.
+// One block per row.
+template <typename T>
+__device__ void transform_rows(const T* x, const T* g, float eps, int mode, int k, T* out) {
+    pdl_allow_next();
+    pdl_wait_previous();
+    const size_t r = blockIdx.x;
+    stage_input<T>(x + r * (mode == IN_SWIGLU ? 2 * k : k), g, eps, mode, 1, k, out + r * k);
+}
+
+// One LoRA adapter's weights at one (layer, projection): A [rank, in] and scale·B [out, rank] in
+// the compute dtype. rank 0: the adapter leaves this projection alone.
+struct LoraEntry {
+    const void* a;
+    const void* b;
+    unsigned long long rank;
+};
+
+// Rows without an adapter in the per-row adapter indices.
+constexpr uint32_t NO_ADAPTER = 0xFFFFFFFFu;
+
+// Batched LoRA, first product (as Punica's BGMV shrink): t[r, k] = x[r] · A[k] rounded to T, for
+// each row r whose adapter index is not NO_ADAPTER (entries[adapter[r]]). One block per (row,
+// 8 ranks from blockIdx.y · 8), a warp per rank; t is f32 [m, max_rank].
+template <typename T>
+__device__ void lora_shrink(const T* x, int in, const uint32_t* adapter, const LoraEntry* entries, float* t,
+                            int max_rank) {
+    pdl_allow_next();
+    pdl_wait_previous();
+    const int r = blockIdx.x;
+    const uint32_t a = adapter[r];
+    if (a == NO_ADAPTER) return;
+    const LoraEntry e = entries[a];
+    const T* xr = x + (size_t)r * in;
+    const int lane = threadIdx.x % 32;
+    const int k = blockIdx.y * (blockDim.x / 32) + threadIdx.x / 32;
+    if (k < (int)e.rank) {
+        const T* ak = reinterpret_cast<const T*>(e.a) + (size_t)k * in;
+        float s = 0.f;
+#pragma unroll 4
+        for (int i = lane * 8; i < in; i += 256) {
+            float xf[8], af[8];
+            load8(xr + i, xf);
+            load8(ak + i, af);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) s += xf[j] * af[j];
+        }
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
+        if (lane == 0) t[(size_t)r * max_rank + k] = round_to<T>(s);
+    }
+}
+
+// Batched LoRA, second product (BGMV expand): y[r, j] = y[r, j] + T(t[r] · (scale·B)[j]) for the
+// rows with an adapter, y [m, out] in place (the projection's output or the residual stream).
+// Blocks of 128 columns × 4 rows; rows of one adapter next to each other reuse B from L1.
+template <typename T>
+__device__ void lora_expand(const float* t, int max_rank, const uint32_t* adapter, const LoraEntry* entries,
+                            T* y, int out, int m) {
+    pdl_allow_next();
+    pdl_wait_previous();
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= out) return;
+    const int r0 = blockIdx.y * 4, r1 = min(r0 + 4, m);
+    for (int r = r0; r < r1; ++r) {
+        const uint32_t a = adapter[r];
+        if (a == NO_ADAPTER) continue;
+        const LoraEntry e = entries[a];
+        const int rank = (int)e.rank;
+        if (rank == 0) continue;
+        const T* b = reinterpret_cast<const T*>(e.b) + (size_t)j * rank;
+        const float* tr = t + (size_t)r * max_rank;
+        float s = 0.f;
+        if (rank % 8 == 0) {
+            for (int k = 0; k < rank; k += 8) {
+                float bf[8];
+                load8(b + k, bf);
+#pragma unroll
+                for (int q = 0; q < 8; ++q) s += tr[k + q] * bf[q];
+            }
+        } else {
+            for (int k = 0; k < rank; ++k) s += tr[k] * to_f32(b[k]);
+        }
+        const size_t at = (size_t)r * out + j;
+        y[at] = from_f32<T>(to_f32(y[at]) + round_to<T>(s));
+    }
+}
+
+// out[i] = x[i] as f32 for n elements: logits that cuBLAS wrote in T (cuBLAS's f32-output
+// GEMM of a skinny batch was 40× slower than its T output on the H200).
+template <typename T>
+__device__ void widen_rows(const T* x, float* out, int n) {
+    pdl_allow_next();
+    pdl_wait_previous();
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) out[i] = to_f32(x[i]);
+}
+
 // One block per (row, head), one thread per element of the head.
 // Rotates row b's q and k at position lens[b] − 1 (rotate-half layout, rounding as rope.cu),
-// writes q to q_out [h, m, d] and k, v into the paged caches at that position's slot. The long
-// LongRoPE table applies once the sequence is longer than `original` (the host recomputes the
-// cache at that switch, as transformers does). cos/sin: [positions, rd/2].
+// writes q to q_out [h, m, d] and k, v into the paged caches at that position's slot. Rows with
+// long_rows[b] ≠ 0 rotate with LongRoPE's long table (the host decides per sequence, and
+// recomputes a sequence's cache when it switches, as transformers does). cos/sin: [positions, rd/2].
 template <typename T>
 __device__ void rope_write_kv(const T* qkv, const T* cos_short, const T* sin_short, const T* cos_long,
-                              const T* sin_long, int original, const uint32_t* lens,
+                              const T* sin_long, const uint32_t* long_rows, const uint32_t* lens,
                               const uint32_t* tables, int max_blocks, T* q_out, T* kc, T* vc, int m,
                               int h, int kvh, int d, int rd, int bs) {
     pdl_allow_next();
@@ -530,7 +627,7 @@ __device__ void rope_write_kv(const T* qkv, const T* cos_short, const T* sin_sho
     int b = blockIdx.x, head = blockIdx.y, j = threadIdx.x;
     if (j >= d) return;
     int len = lens[b], pos = len - 1, half = rd / 2;
-    bool long_rope = len > original;
+    bool long_rope = long_rows[b] != 0;
     const T* cs = (long_rope ? cos_long : cos_short) + (size_t)pos * half;
     const T* sn = (long_rope ? sin_long : sin_short) + (size_t)pos * half;
     const T* row = qkv + (size_t)b * (h + 2 * kvh) * d;
@@ -598,10 +695,25 @@ extern "C" __global__ void argmax_rows(const float* logits, int vocab, uint32_t*
     }                                                                                                     \
     extern "C" __global__ void rope_write_kv_##name(                                                     \
         const T* qkv, const T* cos_short, const T* sin_short, const T* cos_long, const T* sin_long,       \
-        int original, const uint32_t* lens, const uint32_t* tables, int max_blocks, T* q_out, T* kc,      \
-        T* vc, int m, int h, int kvh, int d, int rd, int bs) {                                            \
-        rope_write_kv<T>(qkv, cos_short, sin_short, cos_long, sin_long, original, lens, tables,          \
+        const uint32_t* long_rows, const uint32_t* lens, const uint32_t* tables, int max_blocks,         \
+        T* q_out, T* kc, T* vc, int m, int h, int kvh, int d, int rd, int bs) {                           \
+        rope_write_kv<T>(qkv, cos_short, sin_short, cos_long, sin_long, long_rows, lens, tables,         \
                          max_blocks, q_out, kc, vc, m, h, kvh, d, rd, bs);                                \
+    }                                                                                                     \
+    extern "C" __global__ void lora_shrink_##name(const T* x, int in, const uint32_t* adapter,        \
+                                                  const LoraEntry* entries, float* t, int max_rank) {   \
+        lora_shrink<T>(x, in, adapter, entries, t, max_rank);                                             \
+    }                                                                                                     \
+    extern "C" __global__ void lora_expand_##name(const float* t, int max_rank, const uint32_t* adapter, \
+                                                  const LoraEntry* entries, T* y, int out, int m) {     \
+        lora_expand<T>(t, max_rank, adapter, entries, y, out, m);                                         \
+    }                                                                                                     \
+    extern "C" __global__ void widen_rows_##name(const T* x, float* out, int n) {                     \
+        widen_rows<T>(x, out, n);                                                                         \
+    }                                                                                                     \
+    extern "C" __global__ void transform_rows_##name(const T* x, const T* g, float eps, int mode, int k, \
+                                                     T* out) {                                            \
+        transform_rows<T>(x, g, eps, mode, k, out);                                                       \
     }
 DECODE(bf16, __nv_bfloat16)
 DECODE(f16, __half)

@@ -70,3 +70,30 @@ pub fn last_logits(model: &Phi3, ids: &[u32]) -> Tensor {
         .to_device(&Device::Cpu)
         .unwrap()
 }
+
+/// A second adapter for `dir`'s (mini4k's): the same A, B negated and scaled by 1.5, written as
+/// PEFT files into a temporary folder (kept alive by the returned guard).
+pub fn negated_adapter(dir: &Path) -> (tempfile::TempDir, philo_model::Adapter) {
+    let tmp = tempfile::tempdir().unwrap();
+    let tensors: std::collections::HashMap<String, Tensor> =
+        candle_core::safetensors::load(dir.join("adapter/adapter_model.safetensors"), &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .map(|(name, t)| {
+                let t = if name.contains("lora_B") {
+                    (t * -1.5).unwrap()
+                } else {
+                    t
+                };
+                (name, t)
+            })
+            .collect();
+    std::fs::copy(
+        dir.join("adapter/adapter_config.json"),
+        tmp.path().join("adapter_config.json"),
+    )
+    .unwrap();
+    candle_core::safetensors::save(&tensors, tmp.path().join("adapter_model.safetensors")).unwrap();
+    let adapter = philo_model::Adapter::load(tmp.path()).unwrap();
+    (tmp, adapter)
+}

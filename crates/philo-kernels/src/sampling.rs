@@ -1,0 +1,224 @@
+//! Sampling the next token on the GPU (`cuda/sampling.cu`, launched by
+//! `decode::DecodeKernels::sample`): greedy, or temperature, top-k, top-p and min-p in Hugging
+//! Face's order (as philo-generate's host sampler applies them), then one draw whose uniform
+//! number is a hash of the row's seed and draw counter, so a seeded request repeats itself.
+//! [`reference`] is the plain version the kernel is tested against.
+
+/// Temperatures below this decode greedily (philo-generate's threshold).
+pub const GREEDY_TEMPERATURE: f32 = 1e-5;
+
+/// The largest vocabulary the kernel takes (32 logits per thread, 1,024 threads).
+pub const MAX_VOCAB: usize = 32 * 1024;
+
+/// One row's sampling settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RowSampling {
+    /// Below [`GREEDY_TEMPERATURE`]: the argmax (lowest id among equals).
+    pub temperature: f32,
+    /// Keep the `top_k` largest logits and their ties (0: off).
+    pub top_k: u32,
+    /// Nucleus mass (1: off).
+    pub top_p: f32,
+    /// Drop tokens below `min_p` times the top probability (0: off).
+    pub min_p: f32,
+    pub seed: u64,
+    /// Which draw of the row this is (the position it samples for).
+    pub counter: u32,
+}
+
+impl RowSampling {
+    /// The argmax.
+    pub fn greedy() -> Self {
+        RowSampling {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed: 0,
+            counter: 0,
+        }
+    }
+
+    /// Words of the row in the kernel's parameter block (see [`RowSampling::write`]).
+    pub const WORDS: usize = 7;
+
+    /// Writes the row's settings into `params`, `WORDS` arrays of `stride` u32 words, at `row`.
+    pub fn write(&self, params: &mut [u32], stride: usize, row: usize) {
+        let words = [
+            self.temperature.to_bits(),
+            self.top_k,
+            self.top_p.to_bits(),
+            self.min_p.to_bits(),
+            self.seed as u32,
+            (self.seed >> 32) as u32,
+            self.counter,
+        ];
+        for (i, w) in words.into_iter().enumerate() {
+            params[i * stride + row] = w;
+        }
+    }
+}
+
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// The uniform number in [0, 1) of draw `counter` of a row seeded with `seed` (24 bits), as
+/// the kernel computes it.
+pub fn uniform(seed: u64, counter: u32) -> f32 {
+    let h = splitmix64(seed ^ splitmix64(u64::from(counter)));
+    (h >> 40) as f32 * (1.0 / 16_777_216.0)
+}
+
+/// The token the kernel draws from one row of `logits`.
+pub fn reference(logits: &[f32], s: &RowSampling) -> u32 {
+    match draw_weights(logits, s) {
+        None => argmax(logits),
+        Some(weights) => pick(&weights, uniform(s.seed, s.counter)),
+    }
+}
+
+/// The largest logit's id (lowest among equals, NaN ignored), 0 when none is above -inf.
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best: Option<(usize, f32)> = None;
+    for (i, &x) in logits.iter().enumerate() {
+        if x > best.map_or(f32::NEG_INFINITY, |(_, b)| b) {
+            best = Some((i, x));
+        }
+    }
+    best.map_or(0, |(i, _)| i as u32)
+}
+
+/// What a sampled row draws from: one weight per token after temperature and the filters,
+/// unnormalised (the largest logit weighs 1, removed tokens 0); None for a greedy row.
+pub fn draw_weights(logits: &[f32], s: &RowSampling) -> Option<Vec<f32>> {
+    if s.temperature < GREEDY_TEMPERATURE {
+        return None;
+    }
+    let mut v: Vec<f32> = logits
+        .iter()
+        .map(|&x| if x.is_nan() { f32::NEG_INFINITY } else { x })
+        .collect();
+    if s.temperature != 1.0 {
+        v.iter_mut().for_each(|x| *x /= s.temperature);
+    }
+    if s.top_k > 0 && (s.top_k as usize) < v.len() {
+        let mut sorted = v.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        let kth = sorted[s.top_k as usize - 1];
+        v.iter_mut()
+            .filter(|x| **x < kth)
+            .for_each(|x| *x = f32::NEG_INFINITY);
+    }
+    let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut e: Vec<f32> = v
+        .iter()
+        .map(|&x| {
+            if x == max || max == f32::NEG_INFINITY {
+                1.0
+            } else {
+                (x - max).exp()
+            }
+        })
+        .collect();
+    if s.top_p < 1.0 {
+        // Larger logits first, lower id first among equals; a token stays while the mass
+        // before it is below top_p.
+        let target = f64::from(s.top_p) * e.iter().map(|&w| f64::from(w)).sum::<f64>();
+        let mut order: Vec<usize> = (0..v.len()).collect();
+        order.sort_by(|&a, &b| v[b].total_cmp(&v[a]).then(a.cmp(&b)));
+        let mut before = 0.0f64;
+        for i in order {
+            let weight = e[i];
+            if before >= target {
+                e[i] = 0.0;
+            }
+            before += f64::from(weight);
+        }
+    }
+    if s.min_p > 0.0 {
+        e.iter_mut()
+            .filter(|x| **x < s.min_p)
+            .for_each(|x| *x = 0.0);
+    }
+    Some(e)
+}
+
+/// The first token whose running sum (f64) passes `u` times the total weight; the last
+/// possible one if rounding puts the target at the very top.
+pub fn pick(weights: &[f32], u: f32) -> u32 {
+    let total: f64 = weights.iter().map(|&w| f64::from(w)).sum();
+    let target = f64::from(u) * total;
+    let mut acc = 0.0f64;
+    let mut last = 0;
+    for (i, &w) in weights.iter().enumerate() {
+        if w > 0.0 {
+            acc += f64::from(w);
+            last = i;
+            if acc > target {
+                return i as u32;
+            }
+        }
+    }
+    last as u32
+}
+
+/// Whether tokens `a` and `b` are both what [`pick`] gives for `u` up to rounding: both
+/// possible, and the running sum up to the first of them lies within `tolerance` (relative to
+/// the total) of the target. Two samplers that sum in different orders may differ there.
+pub fn same_up_to_rounding(weights: &[f32], u: f32, a: u32, b: u32, tolerance: f64) -> bool {
+    let (lo, hi) = (a.min(b) as usize, a.max(b) as usize);
+    if hi >= weights.len() || weights[lo] <= 0.0 || weights[hi] <= 0.0 {
+        return false;
+    }
+    let total: f64 = weights.iter().map(|&w| f64::from(w)).sum();
+    let through_lo: f64 = weights[..=lo].iter().map(|&w| f64::from(w)).sum();
+    let between: f64 = weights[lo + 1..hi].iter().map(|&w| f64::from(w)).sum();
+    // Only zero-weight tokens may lie between them, and the boundary must be at the target.
+    between == 0.0 && (through_lo - f64::from(u) * total).abs() <= tolerance * total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uniform_is_spread_over_the_unit_interval() {
+        let n = 20_000;
+        let mut buckets = [0usize; 10];
+        for c in 0..n {
+            let u = uniform(42, c);
+            assert!((0.0..1.0).contains(&u));
+            buckets[(u * 10.0) as usize] += 1;
+        }
+        for b in buckets {
+            assert!((b as f64 - 2_000.0).abs() < 200.0, "{buckets:?}");
+        }
+        assert_ne!(uniform(1, 0), uniform(2, 0));
+    }
+
+    #[test]
+    fn greedy_takes_the_first_largest_and_filters_keep_the_top() {
+        let logits = [1.0, 3.0, f32::NAN, 3.0, -2.0];
+        assert_eq!(reference(&logits, &RowSampling::greedy()), 1);
+        // top_k 1 and a tiny top_p both leave only the two tied largest (top-k keeps ties,
+        // top-p the first of them).
+        for counter in 0..50 {
+            let mut s = RowSampling {
+                temperature: 0.7,
+                top_k: 1,
+                top_p: 1.0,
+                min_p: 0.0,
+                seed: 9,
+                counter,
+            };
+            assert!([1, 3].contains(&reference(&logits, &s)));
+            s.top_k = 0;
+            s.top_p = 0.01;
+            assert_eq!(reference(&logits, &s), 1);
+        }
+    }
+}
