@@ -535,14 +535,16 @@ pub fn train(mut model: Phi3, options: &TrainBench) -> anyhow::Result<BenchResul
 
 /// `streams` concurrent requests through the serving engine (continuous batching over the paged
 /// KV cache), each a `prompt_len`-token prompt and exactly `new_tokens` greedy tokens: aggregate
-/// generated tokens per second from the first submission to the last token.
+/// generated tokens per second from the first submission to the last token. `engine` picks how
+/// the decode-only steps run (the graph; the same kernels launched one by one; candle's forward).
 pub fn serve(
     model: &Phi3,
     streams: usize,
     prompt_len: usize,
     new_tokens: usize,
+    decode: DecodeEngine,
 ) -> anyhow::Result<BenchResult> {
-    use philo_serve::engine::{EngineConfig, EngineHandle};
+    use philo_serve::engine::{DecodePath, EngineConfig, EngineHandle};
     use philo_serve::request::{Backend, GenerationEvent, GenerationRequest};
     let block_size = 16;
     let per_stream = (prompt_len + new_tokens).div_ceil(block_size);
@@ -553,6 +555,11 @@ pub fn serve(
         max_queue: streams,
         block_size,
         num_blocks: streams * per_stream + 1,
+        decode_path: match decode {
+            DecodeEngine::Graph => DecodePath::Graph,
+            DecodeEngine::Kernels => DecodePath::Kernels,
+            DecodeEngine::Candle => DecodePath::Eager,
+        },
     };
     let engine = EngineHandle::start(model.clone(), config, Vec::new())?;
     let vocab = model.config().vocab_size;
@@ -610,7 +617,7 @@ pub fn serve(
         tokens_per_second: tokens as f64 / seconds,
         peak_memory_gib: peak_memory_gib(model.device()),
         host_ms_per_step: None,
-        engine: None,
+        engine: Some(format!("{decode:?}").to_lowercase()),
     })
 }
 

@@ -624,6 +624,10 @@ struct ServeArgs {
     /// Requests allowed to wait for a place in the batch; beyond it clients get 429.
     #[arg(long = "max-queue", default_value_t = 256)]
     max_queue: usize,
+    /// Run every step through the general forward, op by op (as vLLM's --enforce-eager): no
+    /// decode kernels or CUDA graphs, for comparing or working around them.
+    #[arg(long = "enforce_eager", alias = "enforce-eager")]
+    enforce_eager: bool,
     #[command(flatten)]
     shape: ServeShapeArgs,
 }
@@ -675,6 +679,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         kv_cache_gib: args.shape.kv_cache_gib,
         gpu_memory_utilization: args.shape.gpu_memory_utilization,
         quant: args.weights.quant(philo::quant::BaseQuant::None),
+        enforce_eager: args.enforce_eager,
     };
     philo::serve::run(options, dtype, &device)
 }
@@ -742,8 +747,8 @@ struct BenchArgs {
     /// Train: LoRA dropout probability (finetune's default).
     #[arg(long = "lora_dropout", alias = "lora-dropout", default_value_t = 0.05)]
     lora_dropout: f32,
-    /// Decode: how a step runs (graph: philo's kernels in one CUDA graph; kernels: the same
-    /// launched one by one; candle: the general forward).
+    /// Decode and serve: how a decode step runs (graph: philo's kernels in one CUDA graph;
+    /// kernels: the same launched one by one; candle: the general forward).
     #[arg(long, value_enum, default_value = "graph")]
     engine: philo::bench::DecodeEngine,
     /// Decode with --speculative: batch 1, greedy, against plain decoding on the same prompt (a
@@ -964,9 +969,13 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
                     args.new_tokens,
                     args.engine,
                 )?,
-                BenchTask::Serve => {
-                    philo::bench::serve(&model, batch, args.seq.unwrap_or(128), args.new_tokens)?
-                }
+                BenchTask::Serve => philo::bench::serve(
+                    &model,
+                    batch,
+                    args.seq.unwrap_or(128),
+                    args.new_tokens,
+                    args.engine,
+                )?,
             });
         }
     }

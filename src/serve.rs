@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use candle_core::{DType, Device};
 use philo_model::{Adapter, PagedKvCache};
-use philo_serve::engine::{EngineConfig, EngineHandle};
+use philo_serve::engine::{DecodePath, EngineConfig, EngineHandle};
 use philo_serve::http::{serve, shutdown_signal, ServerConfig, ServerState};
 use philo_serve::request::Backend;
 
@@ -37,6 +37,8 @@ pub struct ServeOptions {
     pub gpu_memory_utilization: f64,
     /// The base model's format (adapters run unmerged on top).
     pub quant: crate::quant::BaseQuant,
+    /// Run every step through the general forward (no decode kernels or CUDA graphs).
+    pub enforce_eager: bool,
 }
 
 /// The id clients use for the base model when `--served-model-name` is not given: a local
@@ -190,6 +192,11 @@ pub fn run(options: ServeOptions, dtype: DType, device: &Device) -> anyhow::Resu
         max_queue: options.max_queue,
         block_size: options.block_size,
         num_blocks,
+        decode_path: if options.enforce_eager {
+            DecodePath::Eager
+        } else {
+            DecodePath::Graph
+        },
     };
     let Pipeline {
         model,

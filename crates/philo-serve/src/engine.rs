@@ -14,7 +14,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use candle_core::{DType, Device, Tensor};
 use philo_generate::{token_logprobs, Sampler};
-use philo_model::{Adapter, LoraBank, PagedKvCache, Phi3, SeqChunk};
+use philo_model::{
+    Adapter, DecodeRow, DecodeStep, LoraBank, PagedKvCache, Phi3, RowSampling, SeqChunk,
+};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::sync::oneshot;
 
@@ -40,6 +42,22 @@ pub struct EngineConfig {
     pub block_size: usize,
     /// KV blocks in the cache.
     pub num_blocks: usize,
+    /// How steps that only decode run on a GPU.
+    pub decode_path: DecodePath,
+}
+
+/// How the engine runs a step in which every sequence decodes one token (no prompt chunk and no
+/// adapter row): on a GPU with philo's decode kernels (see `philo_model::DecodeStep`), captured
+/// in one CUDA graph per batch size, or as every other step runs (`Phi3::forward_paged`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DecodePath {
+    /// The decode kernels, one CUDA graph per batch size (captured on its first step).
+    #[default]
+    Graph,
+    /// The same kernels launched one by one (`PHILO_PROFILE=1` times each).
+    Kernels,
+    /// The general forward op by op, as vLLM's --enforce-eager.
+    Eager,
 }
 
 impl EngineConfig {
@@ -157,6 +175,19 @@ impl EngineHandle {
             waiting: AtomicUsize::new(0),
             shutting_down: AtomicBool::new(false),
         });
+        let mut decode = match config.decode_path {
+            DecodePath::Eager => None,
+            path => DecodeStep::new(
+                &model,
+                &cache,
+                config.max_running,
+                context,
+                path == DecodePath::Graph,
+            )?,
+        };
+        if let Some(decode) = decode.as_mut() {
+            decode.set_adapters(&bank)?;
+        }
         let (tx, rx) = mpsc::channel();
         let scheduler = Scheduler::new(SchedulerConfig {
             max_running: config.max_running,
@@ -169,6 +200,7 @@ impl EngineHandle {
         let engine = Engine {
             model,
             cache,
+            decode,
             bank,
             unloading: Vec::new(),
             scheduler,
@@ -379,6 +411,37 @@ struct Sequence {
     long_rope: bool,
     /// Whether it has left the waiting queue (the admission bound no longer counts it).
     started: bool,
+    /// The seed of its draws on the GPU (the request's, or a random one).
+    gpu_seed: u64,
+}
+
+impl Sequence {
+    /// How the GPU picks this sequence's next token, or None where only the host sampler can
+    /// (penalties, logit bias, typical-p, log-probabilities, a grammar).
+    fn gpu_sampling(&self) -> Option<RowSampling> {
+        let p = self.sampler.params();
+        let host_only = self.constraint.is_some()
+            || p.logprobs.is_some()
+            || !p.logit_bias.is_empty()
+            || p.repetition_penalty.is_some_and(|r| r != 1.0)
+            || p.frequency_penalty != 0.0
+            || p.presence_penalty != 0.0
+            || p.typical_p.is_some_and(|t| t < 1.0);
+        if host_only {
+            return None;
+        }
+        if p.is_greedy() {
+            return Some(RowSampling::greedy());
+        }
+        Some(RowSampling {
+            temperature: p.temperature,
+            top_k: p.top_k.map_or(0, |k| k.min(u32::MAX as usize) as u32),
+            top_p: p.top_p.unwrap_or(1.0),
+            min_p: p.min_p.unwrap_or(0.0),
+            seed: self.gpu_seed,
+            counter: self.tokens.len() as u32,
+        })
+    }
 }
 
 /// The next token of one sequence from its row of logits on the host: sampled (among the tokens
@@ -407,9 +470,55 @@ fn sample_row(s: &mut Sequence, row: &[f32]) -> Result<SampledToken, String> {
     })
 }
 
+/// Where a step's f32 logits `[rows, vocab]` are.
+enum StepLogits {
+    /// The general forward's output.
+    Tensor(Tensor),
+    /// The decode step's buffers (its last run), rows of `vocab`; the rows whose token the
+    /// GPU chose.
+    Decode { vocab: usize, on_device: Vec<bool> },
+}
+
+impl StepLogits {
+    /// Each row's token as the device chose it: the argmax of the forward's logits, or what
+    /// the decode step sampled.
+    fn device_tokens(&self, decode: Option<&DecodeStep>) -> anyhow::Result<Vec<u32>> {
+        Ok(match self {
+            StepLogits::Tensor(t) => t.argmax(1)?.to_vec1()?,
+            StepLogits::Decode { .. } => decoded(decode)?.tokens()?,
+        })
+    }
+
+    /// The logits of `rows` on the host.
+    fn rows(&self, decode: Option<&DecodeStep>, rows: &[usize]) -> anyhow::Result<Vec<Vec<f32>>> {
+        Ok(match self {
+            StepLogits::Tensor(t) => {
+                let index: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+                let index = Tensor::new(index.as_slice(), t.device())?;
+                t.index_select(&index, 0)?
+                    .to_device(&Device::Cpu)?
+                    .to_dtype(DType::F32)?
+                    .to_vec2::<f32>()?
+            }
+            StepLogits::Decode { vocab, .. } => {
+                let all = decoded(decode)?.logits()?;
+                rows.iter()
+                    .map(|&r| all[r * vocab..(r + 1) * vocab].to_vec())
+                    .collect()
+            }
+        })
+    }
+}
+
+fn decoded(decode: Option<&DecodeStep>) -> anyhow::Result<&DecodeStep> {
+    decode.ok_or_else(|| anyhow::anyhow!("the step's logits are in a decode step that is gone"))
+}
+
 struct Engine {
     model: Phi3,
     cache: PagedKvCache,
+    /// The decode kernels over `cache`, where the model and GPU take them.
+    decode: Option<DecodeStep>,
     bank: LoraBank,
     /// Bank slots of unloaded adapters that running sequences still use.
     unloading: Vec<usize>,
@@ -501,6 +610,7 @@ impl Engine {
                     }
                     Err(e) => Err(e.to_string()),
                 };
+                self.adapters_changed();
                 let _ = reply.send(result);
             }
             Command::UnloadAdapter { slot } => {
@@ -531,6 +641,7 @@ impl Engine {
             .model
             .rotary()
             .uses_long_factors(longest.saturating_sub(1));
+        let gpu_seed = request.sampling.seed.unwrap_or_else(rand::random);
         let sampler = Sampler::new(request.sampling).map_err(|e| e.to_string())?;
         self.scheduler
             .add(
@@ -549,6 +660,7 @@ impl Engine {
             constraint: request.constraint,
             long_rope,
             started: false,
+            gpu_seed,
         })
     }
 
@@ -556,6 +668,7 @@ impl Engine {
     fn free_unloaded(&mut self) {
         let sequences = &self.sequences;
         let bank = &mut self.bank;
+        let before = self.unloading.len();
         self.unloading.retain(|&slot| {
             let in_use = sequences.values().any(|s| s.adapter == Some(slot));
             if !in_use {
@@ -563,6 +676,20 @@ impl Engine {
             }
             in_use
         });
+        if self.unloading.len() != before {
+            self.adapters_changed();
+        }
+    }
+
+    /// Tells the decode kernels which adapters the bank holds now. Should that fail (a device
+    /// error), every step runs the general forward from then on.
+    fn adapters_changed(&mut self) {
+        if let Some(decode) = self.decode.as_mut() {
+            if let Err(e) = decode.set_adapters(&self.bank) {
+                eprintln!("philo serve: the decode kernels stop here ({e}); steps run the general forward");
+                self.decode = None;
+            }
+        }
     }
 
     /// Ends the sequences whose request has gone away (client disconnect, stop string).
@@ -621,9 +748,47 @@ impl Engine {
                 long_rope: self.sequences.get(&s.id).is_some_and(|q| q.long_rope),
             })
             .collect();
-        let logits = self
-            .model
-            .forward_paged(&chunks, &mut self.cache, &self.bank)?;
+        let logits = match self.decode.as_mut() {
+            Some(decode)
+                if decode.takes(chunks.len())
+                    && chunks.iter().all(|c| {
+                        c.tokens.len() == 1 && c.adapter.is_none_or(|a| decode.has_adapter(a))
+                    }) =>
+            {
+                let sampling: Vec<Option<RowSampling>> = plan
+                    .seqs
+                    .iter()
+                    .map(|s| {
+                        let seq = self.sequences.get(&s.id)?;
+                        let gpu = seq.gpu_sampling()?;
+                        // Without GPU sampling the kernels give the argmax only.
+                        (decode.samples() || gpu == RowSampling::greedy()).then_some(gpu)
+                    })
+                    .collect();
+                let rows: Vec<DecodeRow> = chunks
+                    .iter()
+                    .zip(&sampling)
+                    .map(|(c, gpu)| DecodeRow {
+                        token: c.tokens[0],
+                        len: c.past + 1,
+                        long_rope: c.long_rope,
+                        block_table: c.block_table,
+                        sampling: gpu.unwrap_or_else(RowSampling::greedy),
+                        adapter: c.adapter,
+                    })
+                    .collect();
+                decode.run(&rows)?;
+                StepLogits::Decode {
+                    vocab: self.model.config().vocab_size,
+                    on_device: sampling.iter().map(Option::is_some).collect(),
+                }
+            }
+            _ => StepLogits::Tensor(self.model.forward_paged(
+                &chunks,
+                &mut self.cache,
+                &self.bank,
+            )?),
+        };
         let rows: Vec<usize> = (0..plan.seqs.len())
             .filter(|&i| plan.seqs[i].samples)
             .collect();
@@ -680,49 +845,39 @@ impl Engine {
         Ok(())
     }
 
-    /// The next token of each sampling row. Greedy rows without penalties, log-probabilities
-    /// or a constraint take the argmax on the device; only the other rows' logits travel to the
-    /// host, where the rows that asked for log-probabilities get them from their raw logits and
-    /// constrained rows sample among the tokens their grammar allows.
+    /// The next token of each sampling row. Rows the device can choose for take its token: the
+    /// decode step's (greedy or sampled on the GPU), or the forward's argmax for greedy rows
+    /// without penalties, log-probabilities or a constraint. Only the other rows' logits travel
+    /// to the host, where the rows that asked for log-probabilities get them from their raw
+    /// logits and constrained rows sample among the tokens their grammar allows.
     fn sample(
         &mut self,
-        logits: &Tensor,
+        logits: &StepLogits,
         ids: &[u64],
         rows: &[usize],
     ) -> anyhow::Result<Vec<(u64, SampledToken)>> {
         let plain_greedy = |s: &Sequence| {
             let p = s.sampler.params();
-            p.is_greedy()
-                && p.repetition_penalty.is_none_or(|r| r == 1.0)
-                && p.frequency_penalty == 0.0
-                && p.presence_penalty == 0.0
-                && p.logprobs.is_none()
-                && s.constraint.is_none()
+            p.is_plain_greedy() && p.logprobs.is_none() && s.constraint.is_none()
         };
-        let argmax: Vec<u32> = logits.argmax(1)?.to_vec1()?;
+        let on_device = |r: usize, s: &Sequence| match logits {
+            StepLogits::Tensor(_) => plain_greedy(s),
+            StepLogits::Decode { on_device, .. } => on_device[r],
+        };
+        let device_tokens = logits.device_tokens(self.decode.as_ref())?;
         let mut out = Vec::with_capacity(rows.len());
         let mut full_rows = Vec::new();
         for &r in rows {
             match self.sequences.get(&ids[r]) {
-                Some(s) if plain_greedy(s) => out.push((ids[r], SampledToken::from(argmax[r]))),
+                Some(s) if on_device(r, s) => {
+                    out.push((ids[r], SampledToken::from(device_tokens[r])))
+                }
                 Some(_) => full_rows.push(r),
                 None => {}
             }
         }
         if !full_rows.is_empty() {
-            let index = Tensor::new(
-                full_rows
-                    .iter()
-                    .map(|&r| r as u32)
-                    .collect::<Vec<_>>()
-                    .as_slice(),
-                logits.device(),
-            )?;
-            let host = logits
-                .index_select(&index, 0)?
-                .to_device(&Device::Cpu)?
-                .to_dtype(DType::F32)?
-                .to_vec2::<f32>()?;
+            let host = logits.rows(self.decode.as_ref(), &full_rows)?;
             // Rows sample on all cores: a sampled row (top-p sorts the vocabulary) costs
             // milliseconds, and 64 of them one after another held a step for ~100 ms.
             let mut host_rows: HashMap<u64, Vec<f32>> =

@@ -10,7 +10,7 @@ use candle_core::{DType, Device};
 use http_body_util::BodyExt;
 use philo_model::tiny::{random_weights, tiny_config};
 use philo_model::Phi3;
-use philo_serve::engine::{EngineConfig, EngineHandle};
+use philo_serve::engine::{DecodePath, EngineConfig, EngineHandle};
 use philo_serve::http::{router, ServerConfig, ServerState};
 use philo_serve::request::Backend;
 use philo_text::{ChatTemplate, Tokenizer};
@@ -35,6 +35,7 @@ async fn later_choices_reuse_the_prompt_blocks_of_the_first() {
         max_queue: 16,
         block_size: BLOCK_SIZE,
         num_blocks: 64,
+        decode_path: DecodePath::default(),
     };
     let engine = Arc::new(EngineHandle::start(model, engine_config, Vec::new()).unwrap());
     let tokenizer = Tokenizer::from_file(&tokenizer_dir().join("tokenizer.json")).unwrap();

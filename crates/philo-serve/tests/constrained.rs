@@ -9,7 +9,7 @@ use philo_generate::SamplingParams;
 use philo_model::tiny::{random_weights, tiny_config};
 use philo_model::Phi3;
 use philo_serve::constraint::{Grammars, JsonConstraint};
-use philo_serve::engine::{EngineConfig, EngineHandle};
+use philo_serve::engine::{DecodePath, EngineConfig, EngineHandle};
 use philo_serve::request::{Backend, FinishReason, GenerationEvent, GenerationRequest};
 use philo_text::Tokenizer;
 use serde_json::{json, Value};
@@ -192,6 +192,7 @@ fn the_engine_answers_with_documents_of_the_schema() {
         max_queue: 16,
         block_size: 16,
         num_blocks: 64,
+        decode_path: DecodePath::default(),
     };
     let engine = EngineHandle::start(model(), config, Vec::new()).unwrap();
     let prompt = tokenizer

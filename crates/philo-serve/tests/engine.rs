@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device};
 use philo_generate::{SamplingParams, TokenStream};
 use philo_model::{Adapter, Phi3, Phi3Config, SafetensorsStore};
-use philo_serve::engine::{EngineConfig, EngineHandle};
+use philo_serve::engine::{DecodePath, EngineConfig, EngineHandle};
 use philo_serve::request::{
     Backend, FinishReason, GenerationEvent, GenerationRequest, SubmitError, UnloadError,
 };
@@ -88,6 +88,7 @@ fn config(num_blocks: usize, max_tokens_per_step: usize) -> EngineConfig {
         max_queue: 64,
         block_size: 4,
         num_blocks,
+        decode_path: DecodePath::default(),
     }
 }
 
@@ -411,6 +412,24 @@ fn logprobs_come_from_the_raw_logits_only_when_asked() {
         }
     }
     assert_eq!(plain_tokens, expected.1);
+    engine.shutdown();
+    engine.join();
+}
+
+/// A greedy request with a logit bias is not plain greedy: the bias decides (+100 on one id
+/// makes every token that id), though the raw logits' argmax is another token.
+#[test]
+fn greedy_with_logit_bias_follows_the_bias() {
+    let model = model();
+    let prompt = prompt(3, 6);
+    let plain = alone(&model, &prompt, 4);
+    let forced = (0..500u32).find(|t| !plain.contains(t)).unwrap();
+    let engine = EngineHandle::start(model, config(32, 64), Vec::new()).unwrap();
+    let mut biased = request("tiny", prompt, 4);
+    biased.sampling.logit_bias = vec![(forced, 100.0)];
+    let mut rx = engine.submit(biased).unwrap();
+    let (tokens, _) = collect(&mut rx);
+    assert_eq!(tokens, vec![forced; 4]);
     engine.shutdown();
     engine.join();
 }

@@ -30,7 +30,7 @@ use candle_core::{DType, Device};
 use futures_util::StreamExt;
 use philo_model::tiny::{random_weights, tiny_config};
 use philo_model::Phi3;
-use philo_serve::engine::{EngineConfig, EngineHandle};
+use philo_serve::engine::{DecodePath, EngineConfig, EngineHandle};
 use philo_serve::http::{serve, ServerConfig, ServerState};
 use philo_serve::request::Backend;
 use philo_text::{ChatTemplate, Tokenizer};
@@ -477,6 +477,7 @@ async fn thousand_requests_with_cancels_and_refusals_leak_nothing() {
                 max_queue: MAX_QUEUE,
                 block_size: BLOCK_SIZE,
                 num_blocks: NUM_BLOCKS,
+                decode_path: DecodePath::default(),
             },
             Vec::new(),
         )
