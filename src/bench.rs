@@ -376,7 +376,7 @@ fn decode_graph(
         let issue = Instant::now();
         graph.step(&next)?;
         issuing += issue.elapsed().as_secs_f64();
-        next = graph.greedy()?;
+        next = graph.tokens()?;
     }
     synchronize(model.device())?;
     let seconds = start.elapsed().as_secs_f64();

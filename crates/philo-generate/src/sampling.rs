@@ -98,6 +98,35 @@ impl SamplingParams {
             && self.presence_penalty == 0.0
     }
 
+    /// The same choice made on the GPU by the decode kernels (`philo_model::RowSampling`), for
+    /// draw `counter` (the position sampled for) of a sequence seeded with `seed`; None where
+    /// only the host sampler can choose: penalties, logit bias, typical-p, log-probabilities.
+    /// The GPU draws its uniform number from a hash of (seed, counter), not from this
+    /// sampler's RNG: a seeded request repeats itself on the GPU, but not token for token what
+    /// the host would draw.
+    pub fn on_gpu(&self, seed: u64, counter: u32) -> Option<philo_model::RowSampling> {
+        let host_only = self.logprobs.is_some()
+            || !self.logit_bias.is_empty()
+            || self.repetition_penalty.is_some_and(|r| r != 1.0)
+            || self.frequency_penalty != 0.0
+            || self.presence_penalty != 0.0
+            || self.typical_p.is_some_and(|t| t < 1.0);
+        if host_only {
+            return None;
+        }
+        if self.is_greedy() {
+            return Some(philo_model::RowSampling::greedy());
+        }
+        Some(philo_model::RowSampling {
+            temperature: self.temperature,
+            top_k: self.top_k.map_or(0, |k| k.min(u32::MAX as usize) as u32),
+            top_p: self.top_p.unwrap_or(1.0),
+            min_p: self.min_p.unwrap_or(0.0),
+            seed,
+            counter,
+        })
+    }
+
     /// Checks every parameter; the error names the first bad one.
     pub fn validate(&self) -> Result<(), SamplingError> {
         if !self.temperature.is_finite() || self.temperature < 0.0 {

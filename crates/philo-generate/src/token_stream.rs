@@ -23,6 +23,8 @@ pub struct TokenStream<'m> {
     /// How many of `tokens` the cache holds.
     cached: usize,
     sampler: Sampler,
+    /// The seed of the draws the GPU makes for this sequence (the request's, or a random one).
+    gpu_seed: u64,
     /// The GPU's graph-captured decode step, when [`TokenStream::use_decode_graph`] found one
     /// for the model; it holds its own KV cache and `cache` stays empty.
     graph: Option<DecodeGraph>,
@@ -51,6 +53,7 @@ impl<'m> TokenStream<'m> {
             handed: prompt.len(),
             tokens: prompt,
             cached: 0,
+            gpu_seed: params.seed.unwrap_or_else(rand::random),
             sampler: Sampler::new(params)?,
             graph: None,
             speculation: None,
@@ -227,18 +230,23 @@ impl<'m> TokenStream<'m> {
         let rotary = self.model.rotary();
         let last = self.tokens.len() - 1;
         let switches = self.cached > 0 && rotary.switches_between(self.cached - 1, last);
-        let plain_greedy = self.sampler.params().is_plain_greedy();
+        // The GPU chooses where it can (the token alone comes back): greedy, or sampled when
+        // the graph samples and the settings need no host-only step.
+        let on_gpu = self
+            .sampler
+            .params()
+            .on_gpu(self.gpu_seed, self.tokens.len() as u32)
+            .filter(|s| graph.samples() || *s == philo_model::RowSampling::greedy());
         let token = if self.cached == 0 || switches {
             let long = rotary.uses_long_factors(last);
             let logits = graph.prefill(self.model, 0, &self.tokens, long)?;
             self.sampler.sample(&logits, &self.tokens)
+        } else if let Some(sampling) = on_gpu {
+            graph.step_sampled(&[self.tokens[last]], &[sampling])?;
+            graph.tokens()?[0]
         } else {
             graph.step(&[self.tokens[last]])?;
-            if plain_greedy {
-                graph.greedy()?[0]
-            } else {
-                self.sampler.sample(&graph.logits()?, &self.tokens)
-            }
+            self.sampler.sample(&graph.logits()?, &self.tokens)
         };
         self.cached = self.tokens.len();
         self.tokens.push(token);

@@ -116,10 +116,18 @@ impl DecodeGraph {
     /// and runs the step; the results are read with [`DecodeGraph::logits`] or
     /// [`DecodeGraph::greedy`].
     pub fn step(&mut self, tokens: &[u32]) -> Result<()> {
-        if tokens.len() != self.rows {
+        self.step_sampled(tokens, &vec![RowSampling::greedy(); tokens.len()])
+    }
+
+    /// [`DecodeGraph::step`] with each row's next token chosen on the GPU as `sampling[row]`
+    /// says (read it with [`DecodeGraph::tokens`]; where [`DecodeGraph::samples`] is false, the
+    /// GPU gives the argmax of every row).
+    pub fn step_sampled(&mut self, tokens: &[u32], sampling: &[RowSampling]) -> Result<()> {
+        if tokens.len() != self.rows || sampling.len() != self.rows {
             return Err(err(format!(
-                "decode graph: {} tokens for {} rows",
+                "decode graph: {} tokens and {} sampling settings for {} rows",
                 tokens.len(),
+                sampling.len(),
                 self.rows
             )));
         }
@@ -140,7 +148,7 @@ impl DecodeGraph {
                 len: self.lengths[r] + 1,
                 long_rope: self.long_rope[r],
                 block_table: &tables[r],
-                sampling: RowSampling::greedy(),
+                sampling: sampling[r],
                 adapter: None,
             })
             .collect();
@@ -156,9 +164,16 @@ impl DecodeGraph {
         self.step.logits()
     }
 
-    /// The last step's argmax per row (lowest id on ties), computed on the GPU.
-    pub fn greedy(&self) -> Result<Vec<u32>> {
+    /// The last step's token per row, chosen on the GPU: the argmax (lowest id on ties) after
+    /// [`DecodeGraph::step`], as each row's settings say after [`DecodeGraph::step_sampled`].
+    pub fn tokens(&self) -> Result<Vec<u32>> {
         self.step.tokens()
+    }
+
+    /// Whether the GPU samples (else it only takes the argmax; vocabularies above
+    /// `philo_kernels::sampling::MAX_VOCAB`).
+    pub fn samples(&self) -> bool {
+        self.step.samples()
     }
 
     /// Tokens each row holds in its cache.

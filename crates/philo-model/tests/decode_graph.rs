@@ -67,7 +67,7 @@ fn check_case(
         } else {
             graph.step(&next).unwrap();
             let all = graph.logits().unwrap();
-            let greedy = graph.greedy().unwrap();
+            let greedy = graph.tokens().unwrap();
             let rows_logits: Vec<Vec<f32>> = all.chunks(vocab).map(<[f32]>::to_vec).collect();
             for (r, l) in rows_logits.iter().enumerate() {
                 assert_eq!(greedy[r], argmax(l), "step {step} row {r}: GPU argmax");
@@ -319,4 +319,74 @@ fn decode_step_over_scattered_blocks_matches_the_full_forward_on_cuda() {
         relative_diff(&last_logits(&tuned, &ids), &last_logits(&model, &ids)) > 5e-2,
         "the adapter is too weak to test with"
     );
+}
+
+/// `generate`'s sampled decoding on the GPU: each step's token is what the GPU sampler's
+/// reference draws from that step's logits with the row's settings (temperature with top-p,
+/// top-k, min-p), up to rounding at a boundary between two tokens.
+#[test]
+fn decode_graph_samples_as_the_reference_draws_on_cuda() {
+    use philo_kernels::sampling::{draw_weights, reference, same_up_to_rounding, uniform};
+    if std::env::var("PHILO_CUDA_TESTS").as_deref() != Ok("1") {
+        eprintln!("skipped (set PHILO_CUDA_TESTS=1 to run the CUDA tests)");
+        return;
+    }
+    let device = Device::new_cuda(0).expect("PHILO_CUDA_TESTS=1 but no CUDA device 0");
+    let dir = case_dir("mini4k");
+    let config = Phi3Config::from_file(&dir.join("config.json")).unwrap();
+    let store = SafetensorsStore::open_dir(&dir).unwrap();
+    let model = Phi3::load(&config, &store, DType::BF16, &device).unwrap();
+    let vocab = config.vocab_size;
+    let mut graph = DecodeGraph::new(&model, 3, 64, true).unwrap().unwrap();
+    assert!(graph.samples());
+    let settings = |t: f32, top_k: u32, top_p: f32, min_p: f32, seed: u64| RowSampling {
+        temperature: t,
+        top_k,
+        top_p,
+        min_p,
+        seed,
+        counter: 0,
+    };
+    let rows = [
+        settings(0.8, 0, 0.9, 0.0, 11),
+        settings(1.2, 20, 1.0, 0.0, 12),
+        settings(0.7, 0, 1.0, 0.05, 13),
+    ];
+    let mut next = Vec::new();
+    for r in 0..3 {
+        let logits = graph
+            .prefill(&model, r, &prompt(r as u32 + 5, 6, vocab), false)
+            .unwrap();
+        next.push(argmax(&logits));
+    }
+    let mut distinct = std::collections::HashSet::new();
+    for step in 0..12u32 {
+        let sampling: Vec<RowSampling> = rows
+            .iter()
+            .map(|s| RowSampling {
+                counter: step,
+                ..*s
+            })
+            .collect();
+        graph.step_sampled(&next, &sampling).unwrap();
+        let logits = graph.logits().unwrap();
+        let tokens = graph.tokens().unwrap();
+        for (r, s) in sampling.iter().enumerate() {
+            let row = &logits[r * vocab..(r + 1) * vocab];
+            let want = reference(row, s);
+            let rounding = || {
+                let weights = draw_weights(row, s).unwrap();
+                same_up_to_rounding(&weights, uniform(s.seed, s.counter), want, tokens[r], 1e-6)
+            };
+            assert!(
+                tokens[r] == want || rounding(),
+                "step {step} row {r}: {} vs {want}",
+                tokens[r]
+            );
+            distinct.insert(tokens[r]);
+        }
+        next = tokens;
+    }
+    // Sampling, not argmax: the draws spread over several tokens.
+    assert!(distinct.len() > 3, "{distinct:?}");
 }

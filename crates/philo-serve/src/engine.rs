@@ -419,28 +419,12 @@ impl Sequence {
     /// How the GPU picks this sequence's next token, or None where only the host sampler can
     /// (penalties, logit bias, typical-p, log-probabilities, a grammar).
     fn gpu_sampling(&self) -> Option<RowSampling> {
-        let p = self.sampler.params();
-        let host_only = self.constraint.is_some()
-            || p.logprobs.is_some()
-            || !p.logit_bias.is_empty()
-            || p.repetition_penalty.is_some_and(|r| r != 1.0)
-            || p.frequency_penalty != 0.0
-            || p.presence_penalty != 0.0
-            || p.typical_p.is_some_and(|t| t < 1.0);
-        if host_only {
+        if self.constraint.is_some() {
             return None;
         }
-        if p.is_greedy() {
-            return Some(RowSampling::greedy());
-        }
-        Some(RowSampling {
-            temperature: p.temperature,
-            top_k: p.top_k.map_or(0, |k| k.min(u32::MAX as usize) as u32),
-            top_p: p.top_p.unwrap_or(1.0),
-            min_p: p.min_p.unwrap_or(0.0),
-            seed: self.gpu_seed,
-            counter: self.tokens.len() as u32,
-        })
+        self.sampler
+            .params()
+            .on_gpu(self.gpu_seed, self.tokens.len() as u32)
     }
 }
 
