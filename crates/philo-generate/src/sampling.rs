@@ -455,23 +455,10 @@ pub fn token_logprobs(logits: &[f32], chosen: u32, k: usize) -> TokenLogprobs {
     }
 }
 
-/// Samples an index from `probs` given a uniform `u` in `[0, 1)`.
+/// Samples an index from `probs` given a uniform `u` in `[0, 1)`: the GPU sampler's draw
+/// (the first index whose running sum passes `u` times the total).
 fn draw(probs: &[f32], u: f64) -> u32 {
-    let total: f64 = probs.iter().map(|&p| f64::from(p)).sum();
-    let target = u * total;
-    let mut acc = 0.0f64;
-    let mut last_possible = 0;
-    for (i, &p) in probs.iter().enumerate() {
-        if p > 0.0 {
-            acc += f64::from(p);
-            last_possible = i;
-            if acc > target {
-                return i as u32;
-            }
-        }
-    }
-    // Only reached if rounding puts `target` at the very top of the range.
-    last_possible as u32
+    philo_kernels::sampling::pick(probs, u)
 }
 
 /// Top-k (HF `TopKLogitsWarper`): sets to `-inf` every logit below the k-th
@@ -1314,7 +1301,7 @@ mod tests {
                     // between two tokens the two may round apart.
                     let rounding = || {
                         let weights = draw_weights(&logits, &gpu).unwrap();
-                        same_up_to_rounding(&weights, u, want, host, 1e-6)
+                        same_up_to_rounding(&weights, f64::from(u), want, host, 1e-6)
                     };
                     assert!(
                         want == host || rounding(),

@@ -86,6 +86,18 @@ pub struct Gemv {
 const FORMATS: [&str; 4] = ["dense", "int8", "int4", "nf4"];
 
 #[cfg(feature = "cuda")]
+impl GemvInput {
+    /// The kernels' (mode, norm weights, eps) for this transform (`InputMode` in decode.cu).
+    fn kernel_args(&self) -> (i32, u64, f32) {
+        match *self {
+            GemvInput::Plain => (0, 0, 0.0),
+            GemvInput::RmsNorm { weight, eps } => (1, weight, eps),
+            GemvInput::SwiGlu => (2, 0, 0.0),
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
 impl GemvWeight {
     /// Index of the weight's format in [`FORMATS`].
     fn format(&self) -> usize {
@@ -419,11 +431,7 @@ mod device {
                 2 => 1,
                 _ => 2,
             }];
-            let (mode, norm, eps) = match g.input {
-                GemvInput::Plain => (0i32, 0u64, 0f32),
-                GemvInput::RmsNorm { weight, eps } => (1, weight, eps),
-                GemvInput::SwiGlu => (2, 0, 0.0),
-            };
+            let (mode, norm, eps) = g.input.kernel_args();
             let (w, s, group, q2, code2, absmax2, offset2, block2) = match g.weight {
                 GemvWeight::Dense { w } => (w, 0u64, 0usize, 0u64, 0u64, 0u64, 0f32, 0usize),
                 GemvWeight::Int8 { codes, absmax } => (codes, absmax, 0, 0, 0, 0, 0.0, 0),
@@ -578,11 +586,7 @@ mod device {
             if !k.is_multiple_of(8) || k > 4 * 8 * 256 {
                 candle_core::bail!("transform_rows: rows of {k} do not fit the kernel");
             }
-            let (mode, norm, eps) = match input {
-                GemvInput::Plain => (0i32, 0u64, 0f32),
-                GemvInput::RmsNorm { weight, eps } => (1, weight, eps),
-                GemvInput::SwiGlu => (2, 0, 0.0),
-            };
+            let (mode, norm, eps) = input.kernel_args();
             use Arg::*;
             let args = [Ptr(x), Ptr(norm), F32(eps), I32(mode), int(k), Ptr(out)];
             self.launch(&self.transform, (m as u32, 1, 1), 256, 0, &args)
@@ -641,45 +645,29 @@ mod device {
             w: u64,
             output: GemvOutput,
         ) -> Result<()> {
-            use candle_core::cuda_backend::cudarc::cublas::{result, sys};
-            let in_type = match self.dtype {
-                DType::BF16 => sys::cudaDataType_t::CUDA_R_16BF,
-                _ => sys::cudaDataType_t::CUDA_R_16F,
+            let (c, out_dtype, beta) = match output {
+                GemvOutput::Store(p) => (p, self.dtype, 0.0),
+                GemvOutput::AddTo(p) => (p, self.dtype, 1.0),
+                GemvOutput::F32(p) => (p, DType::F32, 0.0),
             };
-            let (c, out_type, beta) = match output {
-                GemvOutput::Store(p) => (p, in_type, 0f32),
-                GemvOutput::AddTo(p) => (p, in_type, 1.0),
-                GemvOutput::F32(p) => (p, sys::cudaDataType_t::CUDA_R_32F, 0.0),
+            let gemm = crate::gemm::RawGemm {
+                trans_a: false,
+                trans_b: true,
+                m,
+                n,
+                k,
+                a,
+                lda: k,
+                b: w,
+                ldb: k,
+                c,
+                in_dtype: self.dtype,
+                out_dtype,
+                alpha: 1.0,
+                beta,
             };
-            let alpha = 1f32;
-            let blas = self.dev.cublas_handle();
-            // Column-major: outᵀ [n, m] = W [n, k] · aᵀ [k, m].
-            // SAFETY: the caller's live device buffers of the sizes named; cuBLAS runs on the
-            // device's stream, in order with the kernels.
-            unsafe {
-                result::gemm_ex(
-                    *blas.handle(),
-                    sys::cublasOperation_t::CUBLAS_OP_T,
-                    sys::cublasOperation_t::CUBLAS_OP_N,
-                    n as i32,
-                    m as i32,
-                    k as i32,
-                    (&alpha) as *const f32 as *const _,
-                    w as *const _,
-                    in_type,
-                    k as i32,
-                    a as *const _,
-                    in_type,
-                    k as i32,
-                    (&beta) as *const f32 as *const _,
-                    c as *mut _,
-                    out_type,
-                    n as i32,
-                    sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                    sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
-                )
-            }
-            .w()
+            // SAFETY: the caller's live device buffers of the sizes named.
+            unsafe { crate::gemm::raw_gemm(&self.dev, &gemm) }
         }
 
         /// `x[b] = table[tokens[b]]` for `m` rows of `hidden`.

@@ -113,18 +113,72 @@ pub fn accumulate_at_b(acc: &Tensor, a: &Tensor, b: &Tensor, alpha: f64) -> Resu
 }
 
 #[cfg(feature = "cuda")]
+pub(crate) use cuda::{raw_gemm, RawGemm};
+
+#[cfg(feature = "cuda")]
 mod cuda {
     use super::*;
     use crate::launch::*;
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::cublas::{result, sys};
-    use candle_core::{CpuStorage, CudaStorage, InplaceOp3, Layout};
+    use candle_core::{CpuStorage, CudaDevice, CudaStorage, InplaceOp3, Layout};
 
     pub(super) struct Gemm {
         pub trans_a: bool,
         pub trans_b: bool,
         pub alpha: f32,
         pub beta: f32,
+    }
+
+    /// c `[m, n]` ← alpha·op(a)·op(b) + beta·c on device addresses, row-major as [`reference`]
+    /// lays them out; `lda`/`ldb` are the row strides of a and b as stored.
+    pub(crate) struct RawGemm {
+        pub trans_a: bool,
+        pub trans_b: bool,
+        pub m: usize,
+        pub n: usize,
+        pub k: usize,
+        pub a: u64,
+        pub lda: usize,
+        pub b: u64,
+        pub ldb: usize,
+        pub c: u64,
+        pub in_dtype: DType,
+        pub out_dtype: DType,
+        pub alpha: f32,
+        pub beta: f32,
+    }
+
+    /// One cuBLAS `GemmEx` (f32 accumulation) on `dev`'s handle and stream.
+    ///
+    /// # Safety
+    /// The addresses are live device buffers holding the shapes and strides `g` names.
+    pub(crate) unsafe fn raw_gemm(dev: &CudaDevice, g: &RawGemm) -> Result<()> {
+        let blas = dev.cublas_handle();
+        let (in_type, out_type) = (data_type(g.in_dtype)?, data_type(g.out_dtype)?);
+        // Column-major view: cᵀ [n, m] = op(b)ᵀ [n, k] · op(a)ᵀ [k, m].
+        result::gemm_ex(
+            *blas.handle(),
+            op(g.trans_b),
+            op(g.trans_a),
+            g.n as i32,
+            g.m as i32,
+            g.k as i32,
+            (&g.alpha) as *const f32 as *const _,
+            g.b as *const _,
+            in_type,
+            g.ldb as i32,
+            g.a as *const _,
+            in_type,
+            g.lda as i32,
+            (&g.beta) as *const f32 as *const _,
+            g.c as *mut _,
+            out_type,
+            g.n as i32,
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+        )
+        .w()
     }
 
     /// Row stride of a 2-D layout whose last dim is contiguous.
@@ -184,41 +238,24 @@ mod cuda {
             let (ar, ac) = al.shape().dims2()?;
             let k = if self.trans_a { ar } else { ac };
             let (lda, ldb) = (row_stride(al, "a")?, row_stride(bl, "b")?);
-            let dev = c.device().clone();
-            let blas = dev.cublas_handle();
-            let in_type = data_type(a.dtype())?;
-            let out_type = data_type(c.dtype())?;
-            let (ap, bp) = (
-                storage_address(a, al.start_offset())?,
-                storage_address(b, bl.start_offset())?,
-            );
-            let cp = storage_address(c, cl.start_offset())?;
-            // Column-major view: cᵀ [n, m] = op(b)ᵀ [n, k] · op(a)ᵀ [k, m].
-            unsafe {
-                result::gemm_ex(
-                    *blas.handle(),
-                    op(self.trans_b),
-                    op(self.trans_a),
-                    n as i32,
-                    m as i32,
-                    k as i32,
-                    (&self.alpha) as *const f32 as *const _,
-                    bp as *const _,
-                    in_type,
-                    ldb as i32,
-                    ap as *const _,
-                    in_type,
-                    lda as i32,
-                    (&self.beta) as *const f32 as *const _,
-                    cp as *mut _,
-                    out_type,
-                    n as i32,
-                    sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                    sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
-                )
-            }
-            .w()?;
-            Ok(())
+            let gemm = RawGemm {
+                trans_a: self.trans_a,
+                trans_b: self.trans_b,
+                m,
+                n,
+                k,
+                a: storage_address(a, al.start_offset())?,
+                lda,
+                b: storage_address(b, bl.start_offset())?,
+                ldb,
+                c: storage_address(c, cl.start_offset())?,
+                in_dtype: a.dtype(),
+                out_dtype: c.dtype(),
+                alpha: self.alpha,
+                beta: self.beta,
+            };
+            // SAFETY: the addresses are the storages' own, of the layouts checked above.
+            unsafe { raw_gemm(c.device(), &gemm) }
         }
     }
 }

@@ -77,7 +77,7 @@ pub fn uniform(seed: u64, counter: u32) -> f32 {
 pub fn reference(logits: &[f32], s: &RowSampling) -> u32 {
     match draw_weights(logits, s) {
         None => argmax(logits),
-        Some(weights) => pick(&weights, uniform(s.seed, s.counter)),
+        Some(weights) => pick(&weights, f64::from(uniform(s.seed, s.counter))),
     }
 }
 
@@ -147,11 +147,12 @@ pub fn draw_weights(logits: &[f32], s: &RowSampling) -> Option<Vec<f32>> {
     Some(e)
 }
 
-/// The first token whose running sum (f64) passes `u` times the total weight; the last
-/// possible one if rounding puts the target at the very top.
-pub fn pick(weights: &[f32], u: f32) -> u32 {
+/// The first token whose running sum (f64) passes `u` (in [0, 1)) times the total weight; the
+/// last possible one if rounding puts the target at the very top. philo-generate's host
+/// sampler draws with it too.
+pub fn pick(weights: &[f32], u: f64) -> u32 {
     let total: f64 = weights.iter().map(|&w| f64::from(w)).sum();
-    let target = f64::from(u) * total;
+    let target = u * total;
     let mut acc = 0.0f64;
     let mut last = 0;
     for (i, &w) in weights.iter().enumerate() {
@@ -169,7 +170,7 @@ pub fn pick(weights: &[f32], u: f32) -> u32 {
 /// Whether tokens `a` and `b` are both what [`pick`] gives for `u` up to rounding: both
 /// possible, and the running sum up to the first of them lies within `tolerance` (relative to
 /// the total) of the target. Two samplers that sum in different orders may differ there.
-pub fn same_up_to_rounding(weights: &[f32], u: f32, a: u32, b: u32, tolerance: f64) -> bool {
+pub fn same_up_to_rounding(weights: &[f32], u: f64, a: u32, b: u32, tolerance: f64) -> bool {
     let (lo, hi) = (a.min(b) as usize, a.max(b) as usize);
     if hi >= weights.len() || weights[lo] <= 0.0 || weights[hi] <= 0.0 {
         return false;
@@ -178,7 +179,7 @@ pub fn same_up_to_rounding(weights: &[f32], u: f32, a: u32, b: u32, tolerance: f
     let through_lo: f64 = weights[..=lo].iter().map(|&w| f64::from(w)).sum();
     let between: f64 = weights[lo + 1..hi].iter().map(|&w| f64::from(w)).sum();
     // Only zero-weight tokens may lie between them, and the boundary must be at the target.
-    between == 0.0 && (through_lo - f64::from(u) * total).abs() <= tolerance * total
+    between == 0.0 && (through_lo - u * total).abs() <= tolerance * total
 }
 
 #[cfg(test)]

@@ -1586,7 +1586,7 @@ fn cuda_sample_rows_match_the_reference() -> Result<()> {
                 let rounding = || {
                     draw_weights(row, s).is_some_and(|w| {
                         let u = sampling::uniform(s.seed, s.counter);
-                        same_up_to_rounding(&w, u, want, got[r], 1e-6)
+                        same_up_to_rounding(&w, f64::from(u), want, got[r], 1e-6)
                     })
                 };
                 assert!(

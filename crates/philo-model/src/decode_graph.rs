@@ -22,9 +22,9 @@ const BLOCK_SIZE: usize = 16;
 pub struct DecodeGraph {
     step: DecodeStep,
     cache: PagedKvCache,
-    rows: usize,
     capacity: usize,
-    max_blocks: usize,
+    /// The blocks each row owns (a fixed run of the graph's cache).
+    tables: Vec<Vec<u32>>,
     lengths: Vec<usize>,
     /// Whether each row rotates with LongRoPE's long factors (as its last prefill decided).
     long_rope: Vec<bool>,
@@ -58,21 +58,25 @@ impl DecodeGraph {
         if !step.takes(rows) {
             return Ok(None);
         }
+        let tables = (0..rows as u32)
+            .map(|r| {
+                let first = r * max_blocks as u32;
+                (first..first + max_blocks as u32).collect()
+            })
+            .collect();
         Ok(Some(DecodeGraph {
             step,
             cache,
-            rows,
             capacity,
-            max_blocks,
+            tables,
             lengths: vec![0; rows],
             long_rope: vec![false; rows],
         }))
     }
 
-    /// The blocks row `row` owns.
-    fn table(&self, row: usize) -> Vec<u32> {
-        let first = (row * self.max_blocks) as u32;
-        (first..first + self.max_blocks as u32).collect()
+    /// Sequences the graph decodes together.
+    fn rows(&self) -> usize {
+        self.tables.len()
     }
 
     /// Tokens each sequence has room for.
@@ -90,19 +94,18 @@ impl DecodeGraph {
         tokens: &[u32],
         long_rope: bool,
     ) -> Result<Vec<f32>> {
-        if row >= self.rows || tokens.is_empty() || tokens.len() > self.capacity {
+        if row >= self.rows() || tokens.is_empty() || tokens.len() > self.capacity {
             return Err(err(format!(
                 "decode graph: prefill of {} tokens into row {row} (the graph has {} rows of {} tokens)",
                 tokens.len(),
-                self.rows,
+                self.rows(),
                 self.capacity
             )));
         }
-        let table = self.table(row);
         let chunk = SeqChunk {
             tokens,
             past: 0,
-            block_table: &table,
+            block_table: &self.tables[row],
             adapter: None,
             long_rope,
         };
@@ -114,7 +117,7 @@ impl DecodeGraph {
 
     /// Feeds one token to every sequence (`tokens[row]`, appended after what the row holds)
     /// and runs the step; the results are read with [`DecodeGraph::logits`] or
-    /// [`DecodeGraph::greedy`].
+    /// [`DecodeGraph::tokens`].
     pub fn step(&mut self, tokens: &[u32]) -> Result<()> {
         self.step_sampled(tokens, &vec![RowSampling::greedy(); tokens.len()])
     }
@@ -123,12 +126,12 @@ impl DecodeGraph {
     /// says (read it with [`DecodeGraph::tokens`]; where [`DecodeGraph::samples`] is false, the
     /// GPU gives the argmax of every row).
     pub fn step_sampled(&mut self, tokens: &[u32], sampling: &[RowSampling]) -> Result<()> {
-        if tokens.len() != self.rows || sampling.len() != self.rows {
+        if tokens.len() != self.rows() || sampling.len() != self.rows() {
             return Err(err(format!(
                 "decode graph: {} tokens and {} sampling settings for {} rows",
                 tokens.len(),
                 sampling.len(),
-                self.rows
+                self.rows()
             )));
         }
         if let Some(row) = self
@@ -141,13 +144,12 @@ impl DecodeGraph {
                 self.lengths[row], self.capacity
             )));
         }
-        let tables: Vec<Vec<u32>> = (0..self.rows).map(|r| self.table(r)).collect();
-        let rows: Vec<DecodeRow> = (0..self.rows)
+        let rows: Vec<DecodeRow> = (0..self.rows())
             .map(|r| DecodeRow {
                 token: tokens[r],
                 len: self.lengths[r] + 1,
                 long_rope: self.long_rope[r],
-                block_table: &tables[r],
+                block_table: &self.tables[r],
                 sampling: sampling[r],
                 adapter: None,
             })

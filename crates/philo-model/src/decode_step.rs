@@ -1,7 +1,8 @@
 //! One decode step of many sequences on the GPU as an explicit kernel sequence over buffers
-//! allocated once, captured in a CUDA graph per row count on its first use and replayed after.
-//! Per step the host writes each row's token, length, RoPE table choice and block table (one
-//! copy) and reads back the greedy ids or the logits.
+//! allocated once, captured in a CUDA graph per (row count, adapters or not) on its first use
+//! and replayed after. Per step the host writes each row's token, length, RoPE table choice,
+//! adapter, sampling settings and block table (one copy) and reads back the tokens the GPU chose
+//! or the logits.
 //!
 //! The sequences' keys and values live in a [`PagedKvCache`] the caller owns: the serving
 //! engine's pool, or [`crate::DecodeGraph`]'s own. Up to [`DecodeStep::GEMV_ROWS`] rows go
@@ -59,11 +60,6 @@ impl DecodeStep {
     /// [`DecodeStep::GEMV_ROWS`] only on a dense base.
     pub fn takes(&self, rows: usize) -> bool {
         self.inner.takes(rows)
-    }
-
-    /// Most blocks a row's table may name.
-    pub fn max_blocks(&self) -> usize {
-        self.inner.max_blocks()
     }
 
     /// Most adapters the step holds at once.
@@ -128,9 +124,6 @@ mod imp {
             Ok(None)
         }
         pub fn takes(&self, _: usize) -> bool {
-            match *self {}
-        }
-        pub fn max_blocks(&self) -> usize {
             match *self {}
         }
         pub fn set_adapters(&mut self, _: &LoraBank) -> Result<()> {
@@ -371,8 +364,6 @@ mod imp {
         /// Row order of the last step on the device (rows of one adapter together): device row
         /// i is the caller's row `order[i]`.
         order: Vec<usize>,
-        /// Rows of the last step.
-        rows: usize,
         config: crate::config::Phi3Config,
         dtype: DType,
         rotary_dim: usize,
@@ -539,7 +530,6 @@ mod imp {
                 adapters: Vec::new(),
                 lora_kept: Vec::new(),
                 order: Vec::new(),
-                rows: 0,
                 rotary_dim: rotary.rotary_dim(),
                 dtype,
                 config: c,
@@ -557,10 +547,6 @@ mod imp {
                                 .iter()
                                 .all(|p| p.dense.is_some())
                         }))
-        }
-
-        pub fn max_blocks(&self) -> usize {
-            self.max_blocks
         }
 
         pub fn set_adapters(&mut self, bank: &LoraBank) -> Result<()> {
@@ -919,7 +905,6 @@ mod imp {
             stream
                 .memcpy_htod(&state, &mut dst)
                 .map_err(candle_core::Error::wrap)?;
-            self.rows = m;
             self.order = order;
             let key = (m, lora);
             if self.capture && !self.graphs.contains_key(&key) {
@@ -969,7 +954,7 @@ mod imp {
             let vocab = self.config.vocab_size;
             let stream = self.device.cuda_stream();
             let device_rows = stream
-                .clone_dtoh(&self.buffers.logits.slice(0..self.rows * vocab))
+                .clone_dtoh(&self.buffers.logits.slice(0..self.order.len() * vocab))
                 .map_err(candle_core::Error::wrap)?;
             let mut out = vec![0f32; device_rows.len()];
             for (d, &r) in self.order.iter().enumerate() {
@@ -986,7 +971,7 @@ mod imp {
         pub fn tokens(&self) -> Result<Vec<u32>> {
             let stream = self.device.cuda_stream();
             let device_rows = stream
-                .clone_dtoh(&self.buffers.next.slice(0..self.rows))
+                .clone_dtoh(&self.buffers.next.slice(0..self.order.len()))
                 .map_err(candle_core::Error::wrap)?;
             let mut out = vec![0u32; device_rows.len()];
             for (d, &r) in self.order.iter().enumerate() {

@@ -376,7 +376,8 @@ fn decode_graph_samples_as_the_reference_draws_on_cuda() {
             let want = reference(row, s);
             let rounding = || {
                 let weights = draw_weights(row, s).unwrap();
-                same_up_to_rounding(&weights, uniform(s.seed, s.counter), want, tokens[r], 1e-6)
+                let u = f64::from(uniform(s.seed, s.counter));
+                same_up_to_rounding(&weights, u, want, tokens[r], 1e-6)
             };
             assert!(
                 tokens[r] == want || rounding(),

@@ -46,8 +46,8 @@ pub struct EngineConfig {
     pub decode_path: DecodePath,
 }
 
-/// How the engine runs a step in which every sequence decodes one token (no prompt chunk and no
-/// adapter row): on a GPU with philo's decode kernels (see `philo_model::DecodeStep`), captured
+/// How the engine runs a step in which every sequence decodes one token (no prompt chunk; rows
+/// of adapters the kernels hold, see `DecodeStep::set_adapters`): on a GPU with philo's decode kernels (see `philo_model::DecodeStep`), captured
 /// in one CUDA graph per batch size, or as every other step runs (`Phi3::forward_paged`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DecodePath {

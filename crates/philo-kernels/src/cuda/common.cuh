@@ -16,19 +16,23 @@ template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return
 // Rounds a float through T and back: what storing an intermediate in T does to it.
 template <typename T> __device__ __forceinline__ float round_to(float x) { return to_f32(from_f32<T>(x)); }
 
-// Sum of `v` over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
-__device__ __forceinline__ float block_sum(float v) {
-    __shared__ float partial[32];
+// Sum of `v` over the block (blockDim.x a multiple of 32, at most 1024) in a fixed order; every
+// thread gets it. V: float, double or an unsigned count.
+template <typename V>
+__device__ __forceinline__ V block_total(V v) {
+    __shared__ V partial[32];
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     __syncthreads();
     if (lane == 0) partial[warp] = v;
     __syncthreads();
     int warps = blockDim.x / 32;
-    v = lane < warps ? partial[lane] : 0.f;
+    v = lane < warps ? partial[lane] : V(0);
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
     return v;
 }
+
+__device__ __forceinline__ float block_sum(float v) { return block_total<float>(v); }
 
 __device__ __forceinline__ float block_max(float v) {
     __shared__ float partial[32];

@@ -38,20 +38,6 @@ __device__ __forceinline__ float key_value(uint32_t k) {
     return __uint_as_float((k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k);
 }
 
-// Sum of v over the block in a fixed order; every thread gets it.
-template <typename V>
-__device__ __forceinline__ V block_total(V v) {
-    __shared__ V partial[32];
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    __syncthreads();
-    if (lane == 0) partial[warp] = v;
-    __syncthreads();
-    v = lane < (int)(blockDim.x / 32) ? partial[lane] : V(0);
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
-    return v;
-}
-
 // Exclusive prefix sum of v over the threads in order (and the block's total).
 template <typename V>
 __device__ __forceinline__ V block_exclusive_scan(V v, V* total) {
