@@ -10,8 +10,9 @@ use candle_core::DType;
 #[cfg(feature = "cuda")]
 use candle_core::Result;
 
-/// Most input rows (sequences decoded together) one launch takes.
-pub const MAX_ROWS: usize = 4;
+/// Most input rows (sequences decoded together, or one sequence's verify rows) one launch
+/// takes, where their staged input fits in shared memory (see `DecodeKernels::gemv_rows`).
+pub const MAX_ROWS: usize = 8;
 
 /// What the GEMV does to its input before the product.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -275,9 +276,6 @@ mod device {
         Arg::I32(v.min(i32::MAX as usize) as i32)
     }
 
-    /// Dynamic shared memory a GEMV may take for its staged input: 4 rows of 8,192 in bf16.
-    const GEMV_SMEM_LIMIT: usize = 96 * 1024;
-
     /// The tensor-core GEMV of one weight format (`gemv_tc_*` in decode.cu).
     struct TensorCoreGemv {
         f: CudaFunction,
@@ -312,8 +310,10 @@ mod device {
         /// Whether kernels launch with programmatic dependent launch (compute capability 9+):
         /// each may start, and load its weights, while the previous one finishes.
         pdl: bool,
-        /// By format ([`FORMATS`]), then accumulator rows (1, 2, 4).
-        gemv: Vec<[CudaFunction; 3]>,
+        /// By format ([`FORMATS`]), then accumulator rows (1, 2, 4, 8).
+        gemv: Vec<[CudaFunction; 4]>,
+        /// Dynamic shared memory the FMA GEMV may take for its staged input rows.
+        gemv_smem: usize,
         /// The tensor-core GEMV by format (dense, INT8, INT4), with its tile stages.
         tc: Vec<TensorCoreGemv>,
         embed: CudaFunction,
@@ -334,15 +334,6 @@ mod device {
             if dtype == DType::F32 {
                 candle_core::bail!("the decode kernels run bf16 or f16");
             }
-            let mut gemv = Vec::new();
-            for format in FORMATS {
-                let load = |m: usize| -> Result<CudaFunction> {
-                    let f = function(dev, &DECODE, &format!("gemv_fused_{format}_{suffix}_m{m}"))?;
-                    dynamic_smem(&f, GEMV_SMEM_LIMIT)?;
-                    Ok(f)
-                };
-                gemv.push([load(1)?, load(2)?, load(4)?]);
-            }
             use candle_core::cuda_backend::cudarc::driver::sys::{
                 CUdevice_attribute, CUfunction_attribute_enum,
             };
@@ -353,6 +344,17 @@ mod device {
                     CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
                 )
                 .w()? as usize;
+            // The FMA GEMV's static shared memory (its reduction and NF4 table) is under 2 KiB.
+            let gemv_smem = smem_limit.saturating_sub(2048);
+            let mut gemv = Vec::new();
+            for format in FORMATS {
+                let load = |m: usize| -> Result<CudaFunction> {
+                    let f = function(dev, &DECODE, &format!("gemv_fused_{format}_{suffix}_m{m}"))?;
+                    dynamic_smem(&f, gemv_smem)?;
+                    Ok(f)
+                };
+                gemv.push([load(1)?, load(2)?, load(4)?, load(8)?]);
+            }
             let mut tc = Vec::new();
             for (format, chunk_weights, tile_bytes, stages) in [
                 ("dense", 16 / dtype.size_in_bytes(), 8 * 512, 3),
@@ -386,6 +388,7 @@ mod device {
                 sms,
                 pdl: major >= 9,
                 gemv,
+                gemv_smem,
                 tc,
                 embed: function(dev, &DECODE, &format!("embed_rows_{suffix}"))?,
                 transform: function(dev, &DECODE, &format!("transform_rows_{suffix}"))?,
@@ -408,7 +411,7 @@ mod device {
         pub fn gemv(&self, g: &Gemv) -> Result<()> {
             let row_bytes = g.weight.row_bytes(g.k, self.dtype);
             let chunk_weights = 16 * g.k / row_bytes;
-            let smem = g.m * g.k * self.dtype.size_in_bytes();
+            let smem = self.staged_bytes(g.m, g.k);
             // The staging holds at most 4 16-byte vectors of a row per thread (see decode.cu).
             if g.m == 0
                 || g.m > MAX_ROWS
@@ -423,13 +426,14 @@ mod device {
                     FORMATS[g.weight.format()]
                 );
             }
-            if smem > GEMV_SMEM_LIMIT {
+            if smem > self.gemv_smem {
                 candle_core::bail!("gemv: {} rows of {} inputs exceed shared memory", g.m, g.k);
             }
             let f = &self.gemv[g.weight.format()][match g.m {
                 1 => 0,
                 2 => 1,
-                _ => 2,
+                3 | 4 => 2,
+                _ => 3,
             }];
             let (mode, norm, eps) = g.input.kernel_args();
             let (w, s, group, q2, code2, absmax2, offset2, block2) = match g.weight {
@@ -526,8 +530,12 @@ mod device {
             }
             let groups = g.n.div_ceil(8);
             let warps = TC_THREADS / 32;
-            let input = g.m * g.k * self.dtype.size_in_bytes();
+            let input = self.staged_bytes(g.m, g.k);
             let row_sums = |per: usize| per * 8 * MAX_ROWS * 4;
+            // Two resident blocks per multiprocessor before more stages: with one, the next
+            // kernel's blocks cannot start (and prefetch) until this one's leave, which cost
+            // a verify step of 3-8 rows about 10 % per row on the H200.
+            let mut best: Option<(usize, TensorCorePlan)> = None;
             for stages in (2..=tc.stages).rev() {
                 let base = warps * stages * tc.tile_bytes + input;
                 if base + row_sums(1) > tc.dynamic_smem {
@@ -557,14 +565,30 @@ mod device {
                     continue;
                 }
                 let per = groups.div_ceil(self.sms * resident);
-                return Ok(Some(TensorCorePlan {
+                let plan = TensorCorePlan {
                     gemv: tc,
                     stages,
                     blocks: groups.div_ceil(per),
                     smem,
-                }));
+                };
+                if best.as_ref().is_none_or(|(r, _)| resident.min(2) > *r) {
+                    best = Some((resident.min(2), plan));
+                }
             }
-            Ok(None)
+            Ok(best.map(|(_, plan)| plan))
+        }
+
+        /// Most rows one GEMV takes with inputs of `k` (up to [`MAX_ROWS`]): as many as the
+        /// staged input fits in shared memory (8 rows of 8,192 in bf16 take 128 KiB; an RTX
+        /// 4090's blocks hold 99 KiB).
+        pub fn gemv_rows(&self, k: usize) -> usize {
+            (self.gemv_smem / self.staged_bytes(1, k)).min(MAX_ROWS)
+        }
+
+        /// Shared memory of `m` staged input rows of `k`: each row padded by 8 elements
+        /// (`XPAD` in decode.cu), so that rows start in different banks.
+        fn staged_bytes(&self, m: usize, k: usize) -> usize {
+            m * (k + 8) * self.dtype.size_in_bytes()
         }
 
         /// Streaming multiprocessors of the GPU.

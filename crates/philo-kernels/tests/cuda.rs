@@ -1121,12 +1121,16 @@ fn cuda_decode_gemv_every_format_and_input() -> Result<()> {
         unreachable!()
     };
     let mut rng = StdRng::seed_from_u64(21);
-    // (rows, n, k): a QKV, a down projection and a ragged n that leaves a partial row group.
+    // (rows, n, k): a QKV, a down projection and a ragged n that leaves a partial row group;
+    // 5-8 rows (a verify step's) up to the down projection's width.
     for (m, n, k) in [
         (1, 1152, 3072),
         (3, 320, 8192),
         (2, 102, 1024),
         (4, 64, 256),
+        (8, 320, 8192),
+        (5, 102, 3072),
+        (7, 64, 1024),
     ] {
         for dtype in dtypes() {
             let kernels = DecodeKernels::load(cuda_dev, dtype)?;

@@ -5,7 +5,7 @@
 //! or the logits.
 //!
 //! The sequences' keys and values live in a [`PagedKvCache`] the caller owns: the serving
-//! engine's pool, or [`crate::DecodeGraph`]'s own. Up to [`DecodeStep::GEMV_ROWS`] rows go
+//! engine's pool, or [`crate::DecodeGraph`]'s own. Up to [`DecodeStep::gemv_rows`] rows go
 //! through the fused GEMV (RMSNorm or SwiGLU on its input, the residual add in its epilogue, any
 //! weight format); more rows go through cuBLAS on a dense base, with the input transform as its
 //! own kernel and the residual added by the GEMM (beta = 1).
@@ -39,9 +39,6 @@ pub struct DecodeStep {
 }
 
 impl DecodeStep {
-    /// Most rows the fused GEMV takes; beyond, the step multiplies with cuBLAS.
-    pub const GEMV_ROWS: usize = philo_kernels::decode::MAX_ROWS;
-
     /// A decode step for `model` over `cache` (which must outlive it and keep its storage), for
     /// up to `max_rows` sequences of up to `max_len` tokens, or None where it cannot run: not on
     /// CUDA, not bf16/f16, an unmerged adapter, or weights the kernels do not read (GGUF blocks,
@@ -57,9 +54,20 @@ impl DecodeStep {
     }
 
     /// Whether a step of `rows` sequences runs here: at most `max_rows`, and more than
-    /// [`DecodeStep::GEMV_ROWS`] only on a dense base.
+    /// [`DecodeStep::gemv_rows`] only on a dense base.
     pub fn takes(&self, rows: usize) -> bool {
         self.inner.takes(rows)
+    }
+
+    /// Most rows the fused GEMV takes on any GPU; [`DecodeStep::gemv_rows`] says how many on
+    /// this one.
+    pub const MAX_GEMV_ROWS: usize = philo_kernels::decode::MAX_ROWS;
+
+    /// Most rows the fused GEMV takes: on quantised weights 8 where the GPU's shared memory
+    /// holds 8 staged inputs of the MLP's width (as on the H200), on a dense base 4 (cuBLAS is
+    /// faster beyond); past it a dense base multiplies with cuBLAS.
+    pub fn gemv_rows(&self) -> usize {
+        self.inner.gemv_rows()
     }
 
     /// Most adapters the step holds at once.
@@ -127,6 +135,9 @@ mod imp {
             match *self {}
         }
         pub fn set_adapters(&mut self, _: &LoraBank) -> Result<()> {
+            match *self {}
+        }
+        pub fn gemv_rows(&self) -> usize {
             match *self {}
         }
         pub fn has_adapter(&self, _: usize) -> bool {
@@ -283,6 +294,11 @@ mod imp {
         }
     }
 
+    /// Most rows of a dense base that take the fused GEMV: from 5 rows cuBLAS is faster (H200,
+    /// one sequence's verify step: 8 rows on the GEMV 1.43× a one-row step, 9 on cuBLAS 1.27×;
+    /// 8 sequences 2,119 tokens/s on the GEMV). Quantised bases take the GEMV up to its limit.
+    const DENSE_GEMV_ROWS: usize = 4;
+
     /// Where the block tables start in the state buffer, in rows of `max_rows` words.
     const TABLES_AT: usize = 4 + RowSampling::WORDS;
 
@@ -343,6 +359,11 @@ mod imp {
         device: CudaDevice,
         capture: bool,
         max_rows: usize,
+        /// Most rows the fused GEMV takes (see `DecodeKernels::gemv_rows`; on a dense base at
+        /// most `DENSE_GEMV_ROWS`).
+        gemv_rows: usize,
+        /// Every projection has dense weights: any row count runs (cuBLAS past `gemv_rows`).
+        dense: bool,
         max_len: usize,
         max_blocks: usize,
         block_size: usize,
@@ -479,6 +500,16 @@ mod imp {
             let block_size = cache.block_size();
             let max_blocks = max_len.div_ceil(block_size);
             let sms = kernels.multiprocessors();
+            let dense = head.dense.is_some()
+                && layers.iter().all(|l| {
+                    [&l.qkv, &l.o, &l.gate_up, &l.down]
+                        .iter()
+                        .all(|p| p.dense.is_some())
+                });
+            let mut gemv_rows = kernels.gemv_rows(hidden.max(inter).max(h * d));
+            if dense {
+                gemv_rows = gemv_rows.min(DENSE_GEMV_ROWS);
+            }
             let split_floats = (1..=max_rows)
                 .map(|m| m * h * splits(m, max_len, h, sms) * (d + 2))
                 .max()
@@ -493,7 +524,7 @@ mod imp {
                 attn: zeros(max_rows * h * d, dtype)?,
                 gate_up: zeros(max_rows * 2 * inter, dtype)?,
                 head_out: zeros(
-                    if max_rows > MAX_ROWS {
+                    if max_rows > gemv_rows {
                         max_rows * c.vocab_size
                     } else {
                         1
@@ -515,6 +546,8 @@ mod imp {
                 device: device.clone(),
                 capture,
                 max_rows,
+                gemv_rows,
+                dense,
                 max_len,
                 max_blocks,
                 block_size,
@@ -539,14 +572,11 @@ mod imp {
         }
 
         pub fn takes(&self, rows: usize) -> bool {
-            (1..=self.max_rows).contains(&rows)
-                && (rows <= MAX_ROWS
-                    || self.head.dense.is_some()
-                        && self.layers.iter().all(|l| {
-                            [&l.qkv, &l.o, &l.gate_up, &l.down]
-                                .iter()
-                                .all(|p| p.dense.is_some())
-                        }))
+            (1..=self.max_rows).contains(&rows) && (rows <= self.gemv_rows || self.dense)
+        }
+
+        pub fn gemv_rows(&self) -> usize {
+            self.gemv_rows
         }
 
         pub fn set_adapters(&mut self, bank: &LoraBank) -> Result<()> {
@@ -615,7 +645,7 @@ mod imp {
             let (tokens, lens, long_rows, adapter_rows, params, tables) =
                 (word(0), word(1), word(2), word(3), word(4), word(TABLES_AT));
             let lora_table = slice_addr(&b.lora_table, &self.device);
-            let gemv_path = m <= MAX_ROWS;
+            let gemv_path = m <= self.gemv_rows;
             // One projection of `m` rows: the fused GEMV, or the input transform then cuBLAS;
             // then, with `entries` (an adapter table), the batched LoRA on the same input.
             let project = |launches: &mut Vec<Launch>,
@@ -855,8 +885,8 @@ mod imp {
             let m = rows.len();
             if !self.takes(m) {
                 return Err(err(format!(
-                    "decode step: {m} rows do not fit (at most {}; more than {MAX_ROWS} only on a dense base)",
-                    self.max_rows
+                    "decode step: {m} rows do not fit (at most {}; more than {} only on a dense base)",
+                    self.max_rows, self.gemv_rows
                 )));
             }
             let mut adapter_index = Vec::with_capacity(m);

@@ -6,10 +6,16 @@
 #include "mma.cuh"
 #include "nf4_code.cuh"
 
-// Rows of x a GEMV takes (sequences decoded together).
-constexpr int MAXM = 4;
+// Rows of x a GEMV takes (sequences decoded together, or one sequence's verify rows): the
+// tensor-core GEMV's mma has 16 input rows, of which it fills the first 8.
+constexpr int MAXM = 8;
 // Output rows one thread group computes: each x chunk read from shared memory serves R rows.
 constexpr int R = 4;
+// Elements of padding after each staged input row (16 bytes): rows of 3,072 or 8,192 would
+// otherwise all start at the same shared-memory bank, and the tensor-core GEMV's lanes, which
+// read the same columns of up to 8 rows at once, would conflict 8 ways (a step of 8 rows took
+// 1.8x one of 1 row on the H200).
+constexpr int XPAD = 8;
 
 enum InputMode { IN_PLAIN = 0, IN_RMSNORM = 1, IN_SWIGLU = 2 };
 enum Format { F_DENSE = 0, F_INT8 = 1, F_INT4 = 2, F_NF4 = 3 };
@@ -88,11 +94,41 @@ constexpr int VPT = 4;
 // plain; RMSNorm (x·rsqrt(ms + eps) rounded, times g, as rms_norm.cu); or SwiGLU of [gate | up]
 // (silu(gate) rounded, times up, as swiglu.cu). k % 8 == 0, k ≤ VPT · 8 · blockDim.x. With
 // PAIRS each group of 8 elements is stored in the order INT4 nibbles unpack in on the tensor-core
-// path: 0, 4, 1, 5, 2, 6, 3, 7.
+// path: 0, 4, 1, 5, 2, 6, 3, 7. Row r starts at xs + r · (k + XPAD).
+// One staged 16-byte vector: `a` (8 inputs) transformed with `b` (the norm weights, or the up
+// half for SwiGLU) and `inv` (the row's 1/rms), written at `dst`.
+template <typename T, bool PAIRS>
+__device__ __forceinline__ void stage_vector(const uint4& a, const uint4& b, float inv, int mode, T* dst) {
+    if (mode == IN_PLAIN && !PAIRS) {
+        *reinterpret_cast<uint4*>(dst) = a;
+        return;
+    }
+    float fa[8], fb[8], o[8];
+    load8(reinterpret_cast<const T*>(&a), fa);
+    load8(reinterpret_cast<const T*>(&b), fb);
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+        o[j] = mode == IN_PLAIN     ? fa[j]
+               : mode == IN_RMSNORM ? fb[j] * round_to<T>(fa[j] * inv)
+                                    : round_to<T>(fa[j] / (1.f + __expf(-fa[j]))) * fb[j];
+    if (PAIRS) {
+        float p[8] = {o[0], o[4], o[1], o[5], o[2], o[6], o[3], o[7]};
+        store8(dst, p);
+    } else {
+        store8(dst, o);
+    }
+}
+
+template <typename T, bool PAIRS = false>
+__device__ void stage_rows_grouped(const T* x, const T* g, float eps, int mode, int m, int k, T* xs);
+
 template <typename T, bool PAIRS = false>
 __device__ void stage_input(const T* x, const T* g, float eps, int mode, int m, int k, T* xs) {
+    if (m > 1) {
+        stage_rows_grouped<T, PAIRS>(x, g, eps, mode, m, k, xs);
+        return;
+    }
     const int nv = k / 8;
-    uint4* out = reinterpret_cast<uint4*>(xs);
     for (int r = 0; r < m; ++r) {
         const uint4* src = reinterpret_cast<const uint4*>(x + (size_t)r * (mode == IN_SWIGLU ? 2 * k : k));
         uint4 a[VPT], b[VPT];
@@ -123,23 +159,79 @@ __device__ void stage_input(const T* x, const T* g, float eps, int mode, int m, 
         for (int i = 0; i < VPT; ++i) {
             int v = threadIdx.x + i * blockDim.x;
             if (v >= nv) continue;
-            if (mode == IN_PLAIN && !PAIRS) {
-                out[r * nv + v] = a[i];
-                continue;
-            }
-            float fa[8], fb[8], o[8];
-            load8(reinterpret_cast<const T*>(&a[i]), fa);
-            load8(reinterpret_cast<const T*>(&b[i]), fb);
+            stage_vector<T, PAIRS>(a[i], b[i], inv, mode, xs + (size_t)(r * (nv + 1) + v) * 8);
+        }
+    }
+    __syncthreads();
+}
+
+// stage_input for several rows: one row per group of warps at a time (the block's warps split
+// into as many groups as rows, up to one warp a row), each group walking its row in batches of
+// VPT vectors per thread. Staged one after another, every row cost a memory round trip and a
+// block reduction: about 2 µs per row and GEMV, a verify step's main cost.
+template <typename T, bool PAIRS>
+__device__ void stage_rows_grouped(const T* x, const T* g, float eps, int mode, int m, int k, T* xs) {
+    __shared__ float sums[32];
+    const int nv = k / 8;
+    const int warps = blockDim.x / 32;
+    int groups = 1;
+    while (groups * 2 <= m && groups * 2 <= warps) groups *= 2;
+    const int gw = warps / groups, gt = gw * 32;
+    const int group = threadIdx.x / gt, t = threadIdx.x % gt;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const uint4* g4 = reinterpret_cast<const uint4*>(g);
+    // Every thread runs the same rounds (the reduction synchronises the block).
+    for (int r0 = 0; r0 < m; r0 += groups) {
+        const int r = r0 + group;
+        const bool active = r < m;
+        const uint4* src =
+            reinterpret_cast<const uint4*>(x + (size_t)(active ? r : 0) * (mode == IN_SWIGLU ? 2 * k : k));
+        float inv = 1.f;
+        if (mode == IN_RMSNORM) {
+            float ss = 0.f;
+            for (int v0 = 0; v0 < nv; v0 += VPT * gt) {
+                uint4 a[VPT];
 #pragma unroll
-            for (int j = 0; j < 8; ++j)
-                o[j] = mode == IN_PLAIN     ? fa[j]
-                       : mode == IN_RMSNORM ? fb[j] * round_to<T>(fa[j] * inv)
-                                            : round_to<T>(fa[j] / (1.f + __expf(-fa[j]))) * fb[j];
-            if (PAIRS) {
-                float p[8] = {o[0], o[4], o[1], o[5], o[2], o[6], o[3], o[7]};
-                store8(xs + (size_t)(r * nv + v) * 8, p);
-            } else {
-                store8(xs + (size_t)(r * nv + v) * 8, o);
+                for (int i = 0; i < VPT; ++i) {
+                    int v = v0 + t + i * gt;
+                    if (active && v < nv) a[i] = src[v];
+                }
+#pragma unroll
+                for (int i = 0; i < VPT; ++i) {
+                    int v = v0 + t + i * gt;
+                    if (active && v < nv) {
+                        float f[8];
+                        load8(reinterpret_cast<const T*>(&a[i]), f);
+#pragma unroll
+                        for (int j = 0; j < 8; ++j) ss += f[j] * f[j];
+                    }
+                }
+            }
+            for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffff, ss, o);
+            if (lane == 0) sums[warp] = ss;
+            __syncthreads();
+            float total = 0.f;
+            for (int w = group * gw; w < (group + 1) * gw; ++w) total += sums[w];
+            inv = rsqrtf(total / k + eps);
+            __syncthreads();  // sums is written again next round
+        }
+        if (!active) continue;
+        for (int v0 = 0; v0 < nv; v0 += VPT * gt) {
+            uint4 a[VPT], b[VPT];
+#pragma unroll
+            for (int i = 0; i < VPT; ++i) {
+                int v = v0 + t + i * gt;
+                if (v < nv) {
+                    a[i] = src[v];
+                    if (mode == IN_SWIGLU) b[i] = src[nv + v];
+                    else if (mode == IN_RMSNORM) b[i] = g4[v];
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < VPT; ++i) {
+                int v = v0 + t + i * gt;
+                if (v >= nv) continue;
+                stage_vector<T, PAIRS>(a[i], b[i], inv, mode, xs + (size_t)(r * (nv + 1) + v) * 8);
             }
         }
     }
@@ -166,7 +258,7 @@ __device__ __forceinline__ void store_output(float v, int r, int row, int n, con
 // groups of `tpg` (a multiple of 32); a group computes R consecutive output rows at a time, its
 // threads walking the rows' 16-byte chunks, and the block's groups stride over all row groups
 // (a grid of about what fits on the GPU at once), so each block stages its input once. Loads
-// run one batch ahead of the arithmetic, the first batch before the staging. M (1, 2 or 4 ≥ m)
+// run one batch ahead of the arithmetic, the first batch before the staging. M (1, 2, 4 or 8 ≥ m)
 // sizes the accumulators. The epilogue writes T (optionally adding `residual` in place, as
 // `x + y` rounds), or f32 rounded through T (logits).
 template <typename T, int FMT, int M>
@@ -237,7 +329,7 @@ __device__ void gemv_fused(const T* x, const T* g, float eps, int mode, int m, i
 #pragma unroll
                 for (int r = 0; r < M; ++r) {
                     if (r >= m) break;
-                    uint4 raw = *reinterpret_cast<const uint4*>(xs + r * k + col + q * 8);
+                    uint4 raw = *reinterpret_cast<const uint4*>(xs + r * (k + XPAD) + col + q * 8);
                     const T* tv = reinterpret_cast<const T*>(&raw);
 #pragma unroll
                     for (int j = 0; j < 8; ++j) xf[r][j] = to_f32(tv[j]);
@@ -293,7 +385,8 @@ __device__ void gemv_fused(const T* x, const T* g, float eps, int mode, int m, i
         Scales sc{s, group, q2, code2, absmax2, offset2, block2};                                       \
         gemv_fused<T, FMT, M>(x, g, eps, mode, m, n, k, w, sc, tpg, out, out_f32, residual);            \
     }
-#define GEMV_FUSED(fname, T, FMT) GEMV_FUSED_M(fname, T, FMT, 1) GEMV_FUSED_M(fname, T, FMT, 2) GEMV_FUSED_M(fname, T, FMT, 4)
+#define GEMV_FUSED(fname, T, FMT) \
+    GEMV_FUSED_M(fname, T, FMT, 1) GEMV_FUSED_M(fname, T, FMT, 2) GEMV_FUSED_M(fname, T, FMT, 4) GEMV_FUSED_M(fname, T, FMT, 8)
 GEMV_FUSED(dense_bf16, __nv_bfloat16, F_DENSE)
 GEMV_FUSED(int8_bf16, __nv_bfloat16, F_INT8)
 GEMV_FUSED(int4_bf16, __nv_bfloat16, F_INT4)
@@ -362,7 +455,7 @@ __device__ void gemv_tc(const T* x, const T* g, float eps, int mode, int m, int 
     const int nrg = per + ((int)blockIdx.x < extra ? 1 : 0);
     unsigned char* tiles = smem + (size_t)warp * stages * TILE;
     T* xs = reinterpret_cast<T*>(smem + (size_t)warps * stages * TILE);
-    float* red = reinterpret_cast<float*>(smem + (size_t)warps * stages * TILE + (size_t)m * k * sizeof(T));
+    float* red = reinterpret_cast<float*>(smem + (size_t)warps * stages * TILE + (size_t)m * (k + XPAD) * sizeof(T));
     const int total = nrg * tiles_per_group;
     const int i0 = warp * total / warps, i1 = (warp + 1) * total / warps;
     const size_t row_bytes = (size_t)k * 16 / E;
@@ -406,7 +499,7 @@ __device__ void gemv_tc(const T* x, const T* g, float eps, int mode, int m, int 
 
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     int c_rg = i0 / tiles_per_group, c_kt = i0 % tiles_per_group, cstage = 0;
-    const T* xrow = xs + (size_t)(gq < m ? gq : 0) * k;
+    const T* xrow = xs + (size_t)(gq < m ? gq : 0) * (k + XPAD);
     // Lane (g, t) holds the sums of rows 2t and 2t + 1 of the group for input row g.
     auto flush = [&]() {
         if (gq < m) {
