@@ -201,8 +201,9 @@ pub struct VerifyCost {
     pub relative: f64,
 }
 
-/// The time of a forward over 1 + k tokens after `prompt_len` cached ones, k = 0..=max_k, on
-/// the general path (where speculation runs), each the mean of 8 after a warm-up.
+/// The time of a forward over 1 + k tokens after `prompt_len` cached ones, k = 0..=max_k, where
+/// speculation verifies: the decode graph's multi-row step where the model has one (as many
+/// k as it takes), else the general path; each the mean of 8 after a warm-up.
 pub fn verify_cost_curve(
     model: &Phi3,
     prompt_len: usize,
@@ -210,29 +211,54 @@ pub fn verify_cost_curve(
 ) -> anyhow::Result<Vec<VerifyCost>> {
     let device = model.device();
     let vocab = model.config().vocab_size;
+    if let Some(mut graph) = philo_model::DecodeGraph::new(model, 1, prompt_len + max_k + 2, true)?
+    {
+        let prompt: Vec<u32> = (0..prompt_len.max(1))
+            .map(|i| (i * 7919 % vocab) as u32)
+            .collect();
+        graph.prefill(model, 0, &prompt, false)?;
+        let cached = prompt.len();
+        return cost_curve(max_k.min(graph.verify_rows() - 1), |k| {
+            let ids: Vec<u32> = (0..=k).map(|i| (i * 31 + 7) as u32).collect();
+            let start = Instant::now();
+            graph.verify(0, &ids)?;
+            graph.tokens()?;
+            let seconds = start.elapsed().as_secs_f64();
+            graph.rewind(0, cached)?;
+            Ok(seconds)
+        });
+    }
     let prompt = random_prompt(1, prompt_len.max(1), vocab, device)?;
     let mut cache = model.new_cache();
     model.forward_last(&prompt, None, Some(&mut cache))?;
     let cached = cache.seq_len();
+    cost_curve(max_k, |k| {
+        let ids = random_prompt(1, k + 1, vocab, device)?;
+        let start = Instant::now();
+        let logits = model.forward(&ids, None, Some(&mut cache))?;
+        logits
+            .to_dtype(candle_core::DType::F32)?
+            .sum_all()?
+            .to_scalar::<f32>()?;
+        let seconds = start.elapsed().as_secs_f64();
+        cache.truncate(cached)?;
+        Ok(seconds)
+    })
+}
+
+/// The cost of `verify(k)` (seconds of one verify step of k proposals) for k = 0..=max_k: the
+/// mean of 8 after a warm-up, relative to k = 0.
+fn cost_curve(
+    max_k: usize,
+    mut verify: impl FnMut(usize) -> anyhow::Result<f64>,
+) -> anyhow::Result<Vec<VerifyCost>> {
     let mut curve: Vec<VerifyCost> = Vec::with_capacity(max_k + 1);
     for k in 0..=max_k {
-        let ids = random_prompt(1, k + 1, vocab, device)?;
-        let mut time = || -> anyhow::Result<f64> {
-            let start = Instant::now();
-            let logits = model.forward(&ids, None, Some(&mut cache))?;
-            logits
-                .to_dtype(candle_core::DType::F32)?
-                .sum_all()?
-                .to_scalar::<f32>()?;
-            let seconds = start.elapsed().as_secs_f64();
-            cache.truncate(cached)?;
-            Ok(seconds)
-        };
-        time()?;
+        verify(k)?;
         let reps = 8;
         let mut total = 0.0;
         for _ in 0..reps {
-            total += time()?;
+            total += verify(k)?;
         }
         let ms = total * 1e3 / reps as f64;
         let relative = curve.first().map_or(1.0, |plain| ms / plain.ms);
@@ -241,9 +267,11 @@ pub fn verify_cost_curve(
     Ok(curve)
 }
 
-/// Greedy decoding of `new_tokens` after a `prompt_len`-token prompt (a piece of random ids
-/// twice, so prompt lookup finds matches), plain and speculating with `draft` (a model with
-/// the same vocabulary) or by prompt lookup, proposing at most `max_tokens` a step.
+/// Greedy decoding of `new_tokens` after a `prompt_len`-token prompt (a run of consecutive ids
+/// from 1,024, twice, so prompt lookup finds matches; `scripts/write_random_phi3.py
+/// --copy_cycle 64` writes a model that repeats it), plain and speculating with `draft` (a
+/// model with the same vocabulary) or by prompt lookup, proposing at most `max_tokens` a step;
+/// both on the decode graph where the model has one.
 pub fn speculative_decode(
     model: &Phi3,
     draft: Option<&Phi3>,
@@ -254,9 +282,7 @@ pub fn speculative_decode(
     use philo_generate::{SamplingParams, TokenStream};
     let vocab = model.config().vocab_size;
     let half = (prompt_len / 2).max(1);
-    let piece: Vec<u32> = (0..half)
-        .map(|i| ((i * 7919 + 13) % (vocab - 100)) as u32 + 100)
-        .collect();
+    let piece: Vec<u32> = (0..half).map(|i| ((1024 + i) % vocab) as u32).collect();
     let prompt = [piece.clone(), piece].concat();
     let run = |speculate: bool| -> anyhow::Result<(Vec<u32>, f64, TokenStream<'_>)> {
         let mut stream = TokenStream::new(model, prompt.clone(), SamplingParams::greedy())?;
@@ -266,6 +292,7 @@ pub fn speculative_decode(
                 None => stream.with_speculation(max_tokens),
             };
         }
+        let mut stream = stream.use_decode_graph(new_tokens + 1)?;
         // The first token (the prefill) is not timed.
         let mut out = vec![stream.next_token()?];
         synchronize(model.device())?;
@@ -394,15 +421,24 @@ fn decode_graph(
 /// A fixed-width table of results.
 pub fn table(results: &[BenchResult]) -> String {
     let mut out = format!(
-        "{:<8} {:<5} {:<5} {:>6} {:>6} {:>6} {:>10} {:>12} {:>9}\n",
-        "task", "dev", "dtype", "layers", "batch", "seq", "seconds", "tokens/s", "peak GiB"
+        "{:<8} {:<5} {:<5} {:>6} {:>6} {:>6} {:>10} {:>12} {:>9}  {}\n",
+        "task",
+        "dev",
+        "dtype",
+        "layers",
+        "batch",
+        "seq",
+        "seconds",
+        "tokens/s",
+        "peak GiB",
+        "engine"
     );
     for r in results {
         let peak = r
             .peak_memory_gib
             .map_or("-".to_string(), |g| format!("{g:.2}"));
         out.push_str(&format!(
-            "{:<8} {:<5} {:<5} {:>6} {:>6} {:>6} {:>10.3} {:>12.1} {:>9}\n",
+            "{:<8} {:<5} {:<5} {:>6} {:>6} {:>6} {:>10.3} {:>12.1} {:>9}  {}\n",
             r.task,
             r.device,
             r.dtype,
@@ -411,7 +447,8 @@ pub fn table(results: &[BenchResult]) -> String {
             r.seq,
             r.seconds,
             r.tokens_per_second,
-            peak
+            peak,
+            r.engine.as_deref().unwrap_or("")
         ));
     }
     out
@@ -536,13 +573,15 @@ pub fn train(mut model: Phi3, options: &TrainBench) -> anyhow::Result<BenchResul
 /// `streams` concurrent requests through the serving engine (continuous batching over the paged
 /// KV cache), each a `prompt_len`-token prompt and exactly `new_tokens` greedy tokens: aggregate
 /// generated tokens per second from the first submission to the last token. `engine` picks how
-/// the decode-only steps run (the graph; the same kernels launched one by one; candle's forward).
+/// the decode-only steps run (the graph; the same kernels launched one by one; candle's forward);
+/// `speculative_tokens` turns on the engine's prompt-lookup speculation.
 pub fn serve(
     model: &Phi3,
     streams: usize,
     prompt_len: usize,
     new_tokens: usize,
     decode: DecodeEngine,
+    speculative_tokens: Option<usize>,
 ) -> anyhow::Result<BenchResult> {
     use philo_serve::engine::{DecodePath, EngineConfig, EngineHandle};
     use philo_serve::request::{Backend, GenerationEvent, GenerationRequest};
@@ -560,6 +599,7 @@ pub fn serve(
             DecodeEngine::Kernels => DecodePath::Kernels,
             DecodeEngine::Candle => DecodePath::Eager,
         },
+        speculative_tokens,
     };
     let engine = EngineHandle::start(model.clone(), config, Vec::new())?;
     let vocab = model.config().vocab_size;
@@ -597,6 +637,7 @@ pub fn serve(
         }
     }
     let seconds = start.elapsed().as_secs_f64();
+    let stats = engine.stats();
     engine.shutdown();
     engine.join();
     anyhow::ensure!(
@@ -617,7 +658,15 @@ pub fn serve(
         tokens_per_second: tokens as f64 / seconds,
         peak_memory_gib: peak_memory_gib(model.device()),
         host_ms_per_step: None,
-        engine: Some(format!("{decode:?}").to_lowercase()),
+        engine: Some(match speculative_tokens {
+            None => format!("{decode:?}").to_lowercase(),
+            Some(k) => format!(
+                "{} + ngram k≤{k}: {} of {} proposed accepted",
+                format!("{decode:?}").to_lowercase(),
+                stats.spec_accepted_tokens_total,
+                stats.spec_proposed_tokens_total
+            ),
+        }),
     })
 }
 

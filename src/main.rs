@@ -166,8 +166,8 @@ struct SamplingArgs {
 struct SpeculativeArgs {
     /// Speculative decoding: `ngram` proposes the tokens that followed the latest earlier
     /// occurrence of the last few tokens (prompt lookup), `draft` what --draft_model decodes
-    /// greedily ahead; the output is unchanged. It runs on the general forward, not the GPU's
-    /// decode graph.
+    /// greedily ahead; the output is unchanged. On the GPU the decode graph verifies the
+    /// proposals (up to 8 a step) in one multi-row step.
     #[arg(long, value_enum)]
     speculative: Option<Speculative>,
     /// The draft model of `--speculative draft`: a smaller checkpoint (folder or hub id) with the
@@ -184,6 +184,20 @@ struct SpeculativeArgs {
 }
 
 impl SpeculativeArgs {
+    /// The engine's speculation (serve, bench serve): prompt lookup only.
+    fn serve_tokens(&self) -> anyhow::Result<Option<usize>> {
+        match self.speculative {
+            None if self.draft_model.is_some() => {
+                anyhow::bail!("--draft_model is the draft of `--speculative draft`; add that flag or drop --draft_model")
+            }
+            None => Ok(None),
+            Some(Speculative::Ngram) => Ok(Some(self.num_speculative_tokens)),
+            Some(Speculative::Draft) => anyhow::bail!(
+                "the server speculates by prompt lookup (--speculative ngram); a draft model runs in generate, chat and bench decode"
+            ),
+        }
+    }
+
     /// The draft model `--speculative draft` names, loaded by `load`; None for prompt lookup or
     /// no speculation. A draft without that flag, or the flag without a draft, is an error.
     fn draft(
@@ -628,6 +642,11 @@ struct ServeArgs {
     /// decode kernels or CUDA graphs, for comparing or working around them.
     #[arg(long = "enforce_eager", alias = "enforce-eager")]
     enforce_eager: bool,
+    /// Speculative decoding by prompt lookup (`--speculative ngram`): while at most 4
+    /// sequences decode, each step also verifies up to --num_speculative_tokens tokens per
+    /// sequence copied from its prompt and output; the output is unchanged.
+    #[command(flatten)]
+    speculation: SpeculativeArgs,
     #[command(flatten)]
     shape: ServeShapeArgs,
 }
@@ -680,6 +699,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         gpu_memory_utilization: args.shape.gpu_memory_utilization,
         quant: args.weights.quant(philo::quant::BaseQuant::None),
         enforce_eager: args.enforce_eager,
+        speculative_tokens: args.speculation.serve_tokens()?,
     };
     philo::serve::run(options, dtype, &device)
 }
@@ -752,7 +772,8 @@ struct BenchArgs {
     #[arg(long, value_enum, default_value = "graph")]
     engine: philo::bench::DecodeEngine,
     /// Decode with --speculative: batch 1, greedy, against plain decoding on the same prompt (a
-    /// piece of random ids twice): acceptance, tokens per verify step, tok/s of both.
+    /// run of consecutive ids twice): acceptance, tokens per verify step, tok/s of both, and
+    /// the verify step's cost for 1 to 8 proposals.
     #[command(flatten)]
     speculation: SpeculativeArgs,
     /// Serve: load a running server at this base URL (e.g. http://127.0.0.1:8000/v1) over
@@ -887,9 +908,9 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         }
         (None, false) => anyhow::bail!("philo bench needs --model DIR or --random"),
     };
-    if args.speculation.speculative.is_some() {
+    if args.speculation.speculative.is_some() && !matches!(args.task, BenchTask::Serve) {
         if !matches!(args.task, BenchTask::Decode) {
-            anyhow::bail!("--speculative goes with `bench decode`");
+            anyhow::bail!("--speculative goes with `bench decode` and `bench serve`");
         }
         let draft = args.speculation.draft(|dir| {
             let weights = philo::pipeline::WeightOptions {
@@ -975,6 +996,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
                     args.seq.unwrap_or(128),
                     args.new_tokens,
                     args.engine,
+                    args.speculation.serve_tokens()?,
                 )?,
             });
         }

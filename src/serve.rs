@@ -39,6 +39,9 @@ pub struct ServeOptions {
     pub quant: crate::quant::BaseQuant,
     /// Run every step through the general forward (no decode kernels or CUDA graphs).
     pub enforce_eager: bool,
+    /// Speculative decoding by prompt lookup, up to this many tokens a step (None: off; see
+    /// `EngineConfig::speculative_tokens`).
+    pub speculative_tokens: Option<usize>,
 }
 
 /// The id clients use for the base model when `--served-model-name` is not given: a local
@@ -197,6 +200,7 @@ pub fn run(options: ServeOptions, dtype: DType, device: &Device) -> anyhow::Resu
         } else {
             DecodePath::Graph
         },
+        speculative_tokens: options.speculative_tokens,
     };
     let Pipeline {
         model,

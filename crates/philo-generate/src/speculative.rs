@@ -9,7 +9,7 @@
 //! which is what keeps `accept_or_resample`'s rule exact with sampling too.
 
 use candle_core::Tensor;
-use philo_model::{KvCache, Phi3};
+use philo_model::{DecodeGraph, KvCache, Phi3};
 
 use crate::error::Result;
 
@@ -54,8 +54,8 @@ pub fn prompt_lookup(tokens: &[u32], k: usize) -> Vec<u32> {
 pub enum Proposer<'m> {
     /// Prompt lookup ([`prompt_lookup`]).
     Ngram,
-    /// A draft model decoding greedily ahead.
-    Draft(DraftModel<'m>),
+    /// A draft model decoding greedily ahead (boxed: it holds its own KV cache and graph).
+    Draft(Box<DraftModel<'m>>),
 }
 
 /// A draft model with its own KV cache, kept in step with the sequence: after a verify step it
@@ -63,7 +63,10 @@ pub enum Proposer<'m> {
 pub struct DraftModel<'m> {
     model: &'m Phi3,
     cache: KvCache,
-    /// The tokens whose K/V `cache` holds.
+    /// The draft's decode graph, once [`DraftModel::use_decode_graph`] found one (`cache` then
+    /// stays empty).
+    graph: Option<DecodeGraph>,
+    /// The tokens whose K/V the cache (or the graph) holds.
     cached: Vec<u32>,
 }
 
@@ -72,13 +75,26 @@ impl<'m> DraftModel<'m> {
         DraftModel {
             model,
             cache: model.new_cache(),
+            graph: None,
             cached: Vec::new(),
         }
     }
 
+    /// Drafts on a [`DecodeGraph`] with room for sequences of `capacity` tokens, where the
+    /// draft model has one (else it stays on the general path).
+    pub fn use_decode_graph(&mut self, capacity: usize) -> Result<()> {
+        self.graph = DecodeGraph::new(self.model, 1, capacity, true)?;
+        self.cache.clear();
+        self.cached.clear();
+        Ok(())
+    }
+
     /// The draft's `k` greedy tokens after `tokens` (fewer where its context ends).
     pub fn propose(&mut self, tokens: &[u32], k: usize) -> Result<Vec<u32>> {
-        let context = self.model.config().max_position_embeddings;
+        let context = match &self.graph {
+            Some(graph) => graph.capacity(),
+            None => self.model.config().max_position_embeddings,
+        };
         let k = k.min(context.saturating_sub(tokens.len()));
         if k == 0 || tokens.is_empty() {
             return Ok(Vec::new());
@@ -104,6 +120,9 @@ impl<'m> DraftModel<'m> {
         if keep > 0 && rotary.switches_between(keep - 1, last) {
             keep = 0;
         }
+        if self.graph.is_some() {
+            return self.propose_on_graph(tokens, k, keep);
+        }
         if keep == 0 {
             self.cache.clear();
         } else {
@@ -123,6 +142,34 @@ impl<'m> DraftModel<'m> {
             let token = argmax(&logits);
             proposal.push(token);
             input = vec![token];
+        }
+        Ok(proposal)
+    }
+}
+
+impl DraftModel<'_> {
+    /// [`DraftModel::propose`] on the draft's decode graph, keeping the first `keep` cached
+    /// tokens: the tokens after them go in as one verify step where they fit (one or two after
+    /// a verify step of the model), else the sequence is prefilled again; then one graph step
+    /// per further token, the GPU's argmax alone coming back.
+    fn propose_on_graph(&mut self, tokens: &[u32], k: usize, keep: usize) -> Result<Vec<u32>> {
+        let graph = self.graph.as_mut().expect("checked by the caller");
+        let last = tokens.len() - 1;
+        let first = if keep > 0 && tokens.len() - keep <= graph.verify_rows() {
+            graph.rewind(0, keep)?;
+            graph.verify(0, &tokens[keep..])?;
+            *graph.tokens()?.last().expect("one row per token fed")
+        } else {
+            let long = self.model.rotary().uses_long_factors(last);
+            argmax(&graph.prefill(self.model, 0, tokens, long)?)
+        };
+        self.cached = tokens.to_vec();
+        let mut proposal = vec![first];
+        while proposal.len() < k {
+            let token = proposal[proposal.len() - 1];
+            graph.step(&[token])?;
+            self.cached.push(token);
+            proposal.push(graph.tokens()?[0]);
         }
         Ok(proposal)
     }
@@ -167,6 +214,15 @@ impl<'m> Speculation<'m> {
             proposed: 0,
             kept: 0,
             verified: 0,
+        }
+    }
+
+    /// Drafts on a decode graph of sequences up to `capacity` tokens, where a draft model has
+    /// one (see [`DraftModel::use_decode_graph`]); prompt lookup needs none.
+    pub fn use_decode_graph(&mut self, capacity: usize) -> Result<()> {
+        match &mut self.proposer {
+            Proposer::Ngram => Ok(()),
+            Proposer::Draft(draft) => draft.use_decode_graph(capacity),
         }
     }
 

@@ -61,17 +61,15 @@ impl<'m> TokenStream<'m> {
     }
 
     /// Speculates by prompt lookup (see [`crate::speculative`]), proposing at most
-    /// `max_tokens` a step; the output is unchanged. It runs on the general path, so it
-    /// replaces the decode graph. Call before the first token.
+    /// `max_tokens` a step; the output is unchanged. On the decode graph the proposals are
+    /// verified by its multi-row step ([`DecodeGraph::verify`]). Call before the first token.
     pub fn with_speculation(mut self, max_tokens: usize) -> Self {
         self.speculation = Some(Speculation::new(Proposer::Ngram, max_tokens));
-        self.graph = None;
         self
     }
 
     /// Speculates with `draft` (a model with the same vocabulary, decoding greedily ahead),
-    /// proposing at most `max_tokens` a step; the output is unchanged. As
-    /// [`TokenStream::with_speculation`], it replaces the decode graph. Call before the first
+    /// proposing at most `max_tokens` a step; the output is unchanged. Call before the first
     /// token.
     pub fn with_draft(mut self, draft: &'m Phi3, max_tokens: usize) -> Result<Self> {
         let (ours, theirs) = (self.model.config().vocab_size, draft.config().vocab_size);
@@ -81,9 +79,8 @@ impl<'m> TokenStream<'m> {
                 draft: theirs,
             });
         }
-        let proposer = Proposer::Draft(DraftModel::new(draft));
+        let proposer = Proposer::Draft(Box::new(DraftModel::new(draft)));
         self.speculation = Some(Speculation::new(proposer, max_tokens));
-        self.graph = None;
         Ok(self)
     }
 
@@ -106,12 +103,12 @@ impl<'m> TokenStream<'m> {
     /// tokens; elsewhere, or past that room, the stream runs as before. Call before the first
     /// token.
     pub fn use_decode_graph(mut self, max_new_tokens: usize) -> Result<Self> {
-        if self.speculation.is_some() {
-            return Ok(self);
-        }
         let context = self.model.config().max_position_embeddings;
         let capacity = (self.tokens.len() + max_new_tokens).min(context);
         self.graph = DecodeGraph::new(self.model, 1, capacity, true)?;
+        if let (Some(_), Some(speculation)) = (&self.graph, self.speculation.as_mut()) {
+            speculation.use_decode_graph(capacity)?;
+        }
         Ok(self)
     }
 
@@ -142,11 +139,14 @@ impl<'m> TokenStream<'m> {
             self.graph = None;
             self.cached = 0;
         }
+        if let Some(proposal) = self.proposal()? {
+            return match self.graph.is_some() {
+                true => self.verify_on_graph(proposal),
+                false => self.verify(proposal),
+            };
+        }
         if self.graph.is_some() {
             return self.next_token_on_graph();
-        }
-        if let Some(proposal) = self.proposal()? {
-            return self.verify(proposal);
         }
         let rotary = self.model.rotary();
         let last = self.tokens.len() - 1;
@@ -167,8 +167,9 @@ impl<'m> TokenStream<'m> {
     }
 
     /// Speculation's proposal for the next step, if it has one: only once the cache holds all
-    /// but the last token, within the context, and never across LongRoPE's switch (that step
-    /// recomputes the sequence instead).
+    /// but the last token, within the context (the graph's room, and as many tokens as its
+    /// verify step takes), and never across LongRoPE's switch (that step recomputes the
+    /// sequence instead).
     fn proposal(&mut self) -> Result<Option<Vec<u32>>> {
         let Some(speculation) = self.speculation.as_mut() else {
             return Ok(None);
@@ -177,8 +178,11 @@ impl<'m> TokenStream<'m> {
         if self.cached != last || last == 0 {
             return Ok(None);
         }
-        let context = self.model.config().max_position_embeddings;
-        let room = context.saturating_sub(self.tokens.len() + 1);
+        let (context, most) = match &self.graph {
+            Some(graph) => (graph.capacity(), graph.verify_rows() - 1),
+            None => (self.model.config().max_position_embeddings, usize::MAX),
+        };
+        let room = context.saturating_sub(self.tokens.len() + 1).min(most);
         let mut proposal = speculation.propose(&self.tokens, room)?;
         let rotary = self.model.rotary();
         // The cache holds positions up to last - 1: the verify step must not reach the long
@@ -200,8 +204,51 @@ impl<'m> TokenStream<'m> {
         let input = Tensor::new(ids.as_slice(), self.model.device())?.unsqueeze(0)?;
         let logits = self.model.forward(&input, None, Some(&mut self.cache))?;
         let rows = logits.squeeze(0)?.to_vec2::<f32>()?;
+        let kept = self.accept(&proposal, rows.iter().map(Vec::as_slice));
+        self.cache.truncate(last + 1 + kept)?;
+        self.cached = last + 1 + kept;
+        Ok(())
+    }
+
+    /// [`TokenStream::verify`] on the decode graph: one step of 1 + k rows of the sequence.
+    /// Greedy settings compare the proposals with the argmax the GPU took per row (only the
+    /// ids come back); anything else reads the rows' logits for the sampler's rule.
+    fn verify_on_graph(&mut self, proposal: Vec<u32>) -> Result<()> {
+        let graph = self.graph.as_mut().expect("checked by the caller");
+        let last = self.tokens.len() - 1;
+        let mut ids = vec![self.tokens[last]];
+        ids.extend(&proposal);
+        graph.verify(0, &ids)?;
+        let greedy = self.sampler.params().on_gpu(0, 0) == Some(philo_model::RowSampling::greedy());
+        let kept = if greedy {
+            let best = graph.tokens()?;
+            let kept = proposal
+                .iter()
+                .zip(&best)
+                .take_while(|(p, b)| p == b)
+                .count();
+            self.tokens.extend(&best[..=kept]);
+            if let Some(s) = self.speculation.as_mut() {
+                s.record(proposal.len(), kept);
+            }
+            kept
+        } else {
+            let logits = graph.logits()?;
+            let vocab = self.model.config().vocab_size;
+            self.accept(&proposal, logits.chunks(vocab))
+        };
+        let graph = self.graph.as_mut().expect("checked above");
+        graph.rewind(0, last + 1 + kept)?;
+        self.cached = last + 1 + kept;
+        Ok(())
+    }
+
+    /// Appends the proposed tokens the sampler accepts in order, given the model's logits after
+    /// the last token and after each proposal (`rows`), then one token of the model's own;
+    /// records the outcome and returns how many proposals were kept.
+    fn accept<'r>(&mut self, proposal: &[u32], rows: impl Iterator<Item = &'r [f32]>) -> usize {
         let mut kept = 0;
-        for (i, row) in rows.iter().enumerate() {
+        for (i, row) in rows.enumerate() {
             let Some(&proposed) = proposal.get(i) else {
                 let token = self.sampler.sample(row, &self.tokens);
                 self.tokens.push(token);
@@ -214,12 +261,10 @@ impl<'m> TokenStream<'m> {
             }
             kept += 1;
         }
-        self.cache.truncate(last + 1 + kept)?;
-        self.cached = last + 1 + kept;
         if let Some(s) = self.speculation.as_mut() {
             s.record(proposal.len(), kept);
         }
-        Ok(())
+        kept
     }
 
     /// [`TokenStream::next_token`] on the decode graph: a prefill of the whole sequence at the

@@ -18,6 +18,9 @@ use crate::phi3::Phi3;
 /// Tokens per block of the graph's paged KV cache.
 const BLOCK_SIZE: usize = 16;
 
+/// Most rows of one verify step ([`DecodeGraph::verify`]): the last token and 8 proposals.
+pub const MAX_VERIFY_ROWS: usize = 9;
+
 /// The graph-captured decode step of `rows` sequences, each with room for `capacity` tokens.
 pub struct DecodeGraph {
     step: DecodeStep,
@@ -36,8 +39,8 @@ fn err(message: String) -> ModelError {
 
 impl DecodeGraph {
     /// A decode graph for `model`, or None where it cannot run: not on CUDA, not bf16/f16, an
-    /// unmerged adapter, weights held as GGUF blocks or NF4 on the host, or more than
-    /// [`DecodeStep::GEMV_ROWS`] rows of quantised weights. `capture` false runs the same
+    /// unmerged adapter, weights held as GGUF blocks or NF4 on the host, or more rows of
+    /// quantised weights than [`DecodeStep::gemv_rows`]. `capture` false runs the same
     /// kernels launch by launch (for measuring what the graph saves).
     pub fn new(model: &Phi3, rows: usize, capacity: usize, capture: bool) -> Result<Option<Self>> {
         if !model.device().is_cuda() || rows == 0 {
@@ -52,7 +55,9 @@ impl DecodeGraph {
             model.dtype(),
             model.device(),
         )?;
-        let Some(step) = DecodeStep::new(model, &cache, rows, capacity, capture)? else {
+        // Room for a verify step's rows beside the sequences' own.
+        let max_rows = rows.max(MAX_VERIFY_ROWS);
+        let Some(step) = DecodeStep::new(model, &cache, max_rows, capacity, capture)? else {
             return Ok(None);
         };
         if !step.takes(rows) {
@@ -159,6 +164,67 @@ impl DecodeGraph {
             *l += 1;
         }
         Ok(())
+    }
+
+    /// Most tokens one [`DecodeGraph::verify`] takes (the last token and its proposals): up
+    /// to [`MAX_VERIFY_ROWS`], as many rows as the step runs on the model's weights.
+    pub fn verify_rows(&self) -> usize {
+        (1..=MAX_VERIFY_ROWS)
+            .rev()
+            .find(|&n| self.step.takes(n))
+            .unwrap_or(1)
+    }
+
+    /// Speculation's verify step for sequence `row`: `tokens` (its last token, then the
+    /// proposals) are fed at the positions after what the row holds, each as a row of one step
+    /// that attends to the row's cache up to its own position (every row's keys and values are
+    /// written before any row attends). [`DecodeGraph::logits`] and [`DecodeGraph::tokens`]
+    /// then hold one row per token: what the model predicts after each. The row keeps all of
+    /// `tokens`; [`DecodeGraph::rewind`] drops those of rejected proposals.
+    pub fn verify(&mut self, row: usize, tokens: &[u32]) -> Result<()> {
+        let held = self.lengths.get(row).copied().unwrap_or(0);
+        if held == 0
+            || tokens.is_empty()
+            || tokens.len() > self.verify_rows()
+            || held + tokens.len() > self.capacity
+        {
+            return Err(err(format!(
+                "decode graph: verify of {} tokens after {held} in row {row} (at most {} tokens, rows of {})",
+                tokens.len(),
+                self.verify_rows(),
+                self.capacity
+            )));
+        }
+        let rows: Vec<DecodeRow> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, &token)| DecodeRow {
+                token,
+                len: held + 1 + i,
+                long_rope: self.long_rope[row],
+                block_table: &self.tables[row],
+                sampling: RowSampling::greedy(),
+                adapter: None,
+            })
+            .collect();
+        self.step.run(&rows)?;
+        self.lengths[row] = held + tokens.len();
+        Ok(())
+    }
+
+    /// Keeps the first `len` tokens of sequence `row` (at least one, at most what it holds):
+    /// the cache slots past them are written again by the next step.
+    pub fn rewind(&mut self, row: usize, len: usize) -> Result<()> {
+        match self.lengths.get_mut(row) {
+            Some(held) if len > 0 && len <= *held => {
+                *held = len;
+                Ok(())
+            }
+            _ => Err(err(format!(
+                "decode graph: rewind of row {row} to {len} tokens (it holds {:?})",
+                self.lengths.get(row)
+            ))),
+        }
     }
 
     /// The last step's f32 logits `[rows, vocab]`, row-major.

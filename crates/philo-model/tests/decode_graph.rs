@@ -132,17 +132,109 @@ fn decode_graph_matches_the_full_forward_on_cuda() {
                 // Three rows of different lengths, past the gqa case's window of 8.
                 check_case(&model, 3, &[5, 17, 1], 12, true, tol);
                 check_case(&model, 1, &[9], 4, false, tol);
-                let many = [5, 17, 1, 9, 3, 30];
+                // Up to 8 rows through the GEMV (the H200's shared memory holds their inputs).
+                let many = [5, 17, 1, 9, 3, 30, 2, 11, 7, 4];
+                check_case(&model, 6, &many[..6], 12, true, tol);
+                check_case(&model, 8, &many[..8], 4, true, tol);
                 if format == WeightFormat::Dense {
                     // More rows than the GEMV takes: norms and SwiGLU as their own kernel, cuBLAS.
-                    check_case(&model, 6, &many, 12, true, tol);
-                    check_case(&model, 5, &many[..5], 4, false, tol);
+                    check_case(&model, 10, &many, 12, true, tol);
+                    check_case(&model, 9, &many[..9], 4, false, tol);
                 } else {
                     // Quantised weights are read by the GEMV only.
-                    assert!(DecodeGraph::new(&model, 6, 64, true).unwrap().is_none());
+                    assert!(DecodeGraph::new(&model, 10, 64, true).unwrap().is_none());
                 }
             }
         }
+    }
+}
+
+/// Speculation's verify step: after a prefill, one step over the last token and `k` proposed
+/// tokens gives each row the logits of the full forward over the sequence up to that token; a
+/// rewind to fewer tokens and the next steps then continue as if the rejected ones were never
+/// fed (their cache slots are written again).
+fn verify_case(model: &Phi3, prompt_len: usize, k: usize, keep: usize, tol: f32) {
+    let vocab = model.config().vocab_size;
+    let rotary = model.rotary();
+    let mut graph = DecodeGraph::new(model, 1, prompt_len + k + 8, true)
+        .unwrap()
+        .expect("the graph takes this model");
+    assert!(graph.verify_rows() > k, "{} rows", graph.verify_rows());
+    let mut seq = prompt(3, prompt_len, vocab);
+    let long = rotary.uses_long_factors(prompt_len - 1);
+    let first = graph.prefill(model, 0, &seq, long).unwrap();
+    seq.push(argmax(&first));
+    // The last token, then proposals (arbitrary ids: the logits do not depend on acceptance).
+    let fed: Vec<u32> = std::iter::once(*seq.last().unwrap())
+        .chain(prompt(9, k, vocab))
+        .collect();
+    graph.verify(0, &fed).unwrap();
+    let logits = graph.logits().unwrap();
+    let greedy = graph.tokens().unwrap();
+    assert_eq!(logits.len(), (k + 1) * vocab);
+    let mut worst = 0f32;
+    for i in 0..=k {
+        let ids = [&seq[..], &fed[1..=i]].concat();
+        let row = &logits[i * vocab..(i + 1) * vocab];
+        assert_eq!(greedy[i], argmax(row), "verify row {i}: GPU argmax");
+        let got = candle_core::Tensor::new(row, &Device::Cpu).unwrap();
+        let diff = relative_diff(&got, &last_logits(model, &ids));
+        worst = worst.max(diff);
+        assert!(diff < tol, "verify row {i} of {k}: relative diff {diff}");
+    }
+    // Keep `keep` proposals, then decode on from the kept sequence.
+    seq.extend(&fed[1..=keep]);
+    graph.rewind(0, seq.len()).unwrap();
+    let mut next = argmax(&logits[keep * vocab..(keep + 1) * vocab]);
+    for step in 0..3 {
+        seq.push(next);
+        graph.step(&[next]).unwrap();
+        let row = graph.logits().unwrap();
+        let got = candle_core::Tensor::new(row.as_slice(), &Device::Cpu).unwrap();
+        let diff = relative_diff(&got, &last_logits(model, &seq));
+        worst = worst.max(diff);
+        assert!(
+            diff < tol,
+            "step {step} after keeping {keep} of {k}: relative diff {diff}"
+        );
+        next = argmax(&row);
+    }
+    eprintln!("  verify k {k}, keep {keep}: largest relative diff {worst:.4}");
+}
+
+#[test]
+fn decode_graph_verifies_proposals_and_rewinds_on_cuda() {
+    if std::env::var("PHILO_CUDA_TESTS").as_deref() != Ok("1") {
+        eprintln!("skipped (set PHILO_CUDA_TESTS=1 to run the CUDA tests)");
+        return;
+    }
+    let device = Device::new_cuda(0).expect("PHILO_CUDA_TESTS=1 but no CUDA device 0");
+    for (case, format) in [
+        ("mini4k", WeightFormat::Dense),
+        ("mini4k", WeightFormat::Int8),
+        ("gqa_window", WeightFormat::Dense),
+        ("longrope", WeightFormat::Dense),
+    ] {
+        let dir = case_dir(case);
+        let config = Phi3Config::from_file(&dir.join("config.json")).unwrap();
+        let store = SafetensorsStore::open_dir(&dir).unwrap();
+        let model = Phi3::load_as(&config, &store, DType::BF16, &device, format).unwrap();
+        eprintln!("{case} {format:?}");
+        let tol = if format == WeightFormat::Dense {
+            3e-2
+        } else {
+            8e-2
+        };
+        // gqa_window's window is 8: 7 proposals after 6 tokens run across it. longrope's
+        // switch is at 32: both sides, never across (proposals stop before it).
+        let prompt_len = if case == "longrope" { 36 } else { 6 };
+        verify_case(&model, prompt_len, 7, 3, tol);
+        verify_case(&model, prompt_len, 1, 0, tol);
+        if format == WeightFormat::Dense {
+            // 9 rows: past the GEMV, cuBLAS.
+            verify_case(&model, prompt_len, 8, 8, tol);
+        }
+        verify_case(&model, 9, 4, 4, tol);
     }
 }
 

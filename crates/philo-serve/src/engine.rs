@@ -13,6 +13,7 @@ use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use candle_core::{DType, Device, Tensor};
+use philo_generate::speculative::{Proposer, Speculation};
 use philo_generate::{token_logprobs, Sampler};
 use philo_model::{
     Adapter, DecodeRow, DecodeStep, LoraBank, PagedKvCache, Phi3, RowSampling, SeqChunk,
@@ -44,6 +45,14 @@ pub struct EngineConfig {
     pub num_blocks: usize,
     /// How steps that only decode run on a GPU.
     pub decode_path: DecodePath,
+    /// Speculative decoding by prompt lookup, proposing up to this many tokens per sequence
+    /// and step (None: off). It runs on the decode step only, and only while the step's rows
+    /// (each sequence's last token and its proposals) number at most 8
+    /// (`DecodeStep::MAX_GEMV_ROWS`), so up to 4 decoding sequences with (8 / sequences) − 1
+    /// proposals each: there a step of 8 rows costs 1.3-1.5× one of a single row (H200), while
+    /// with more sequences every extra row adds weight and KV traffic that rejected guesses
+    /// waste.
+    pub speculative_tokens: Option<usize>,
 }
 
 /// How the engine runs a step in which every sequence decodes one token (no prompt chunk; rows
@@ -180,7 +189,11 @@ impl EngineHandle {
             path => DecodeStep::new(
                 &model,
                 &cache,
-                config.max_running,
+                // Speculation's steps take up to the fused GEMV's rows, however few sequences run.
+                match config.speculative_tokens {
+                    Some(_) => config.max_running.max(DecodeStep::MAX_GEMV_ROWS),
+                    None => config.max_running,
+                },
                 context,
                 path == DecodePath::Graph,
             )?,
@@ -208,6 +221,7 @@ impl EngineHandle {
             commands: rx,
             shared: shared.clone(),
             model_id: config.model_id.clone(),
+            speculative_tokens: config.speculative_tokens,
         };
         let thread = std::thread::Builder::new()
             .name("philo-engine".into())
@@ -413,6 +427,9 @@ struct Sequence {
     started: bool,
     /// The seed of its draws on the GPU (the request's, or a random one).
     gpu_seed: u64,
+    /// Prompt-lookup speculation, when the engine speculates and the request allows it (no
+    /// grammar, no log-probabilities).
+    speculation: Option<Speculation<'static>>,
 }
 
 impl Sequence {
@@ -425,6 +442,11 @@ impl Sequence {
         self.sampler
             .params()
             .on_gpu(self.gpu_seed, self.tokens.len() as u32)
+    }
+
+    /// Whether its next token is the plain argmax, which the GPU takes for every row.
+    fn gpu_greedy(&self) -> bool {
+        self.gpu_sampling() == Some(RowSampling::greedy())
     }
 }
 
@@ -511,6 +533,8 @@ struct Engine {
     commands: Receiver<Command>,
     shared: Arc<Shared>,
     model_id: String,
+    /// See [`EngineConfig::speculative_tokens`].
+    speculative_tokens: Option<usize>,
 }
 
 impl Engine {
@@ -626,6 +650,10 @@ impl Engine {
             .rotary()
             .uses_long_factors(longest.saturating_sub(1));
         let gpu_seed = request.sampling.seed.unwrap_or_else(rand::random);
+        let speculation = self
+            .speculative_tokens
+            .filter(|_| request.constraint.is_none() && request.sampling.logprobs.is_none())
+            .map(|k| Speculation::new(Proposer::Ngram, k));
         let sampler = Sampler::new(request.sampling).map_err(|e| e.to_string())?;
         self.scheduler
             .add(
@@ -645,6 +673,7 @@ impl Engine {
             long_rope,
             started: false,
             gpu_seed,
+            speculation,
         })
     }
 
@@ -706,18 +735,194 @@ impl Engine {
     /// ends every sequence of the step's plan with that error, so none keeps its KV blocks or
     /// its place in the waiting count.
     fn step(&mut self) -> anyhow::Result<()> {
-        let plan = self.scheduler.schedule();
+        let mut plan = self.scheduler.schedule();
         if plan.seqs.is_empty() {
             return Ok(());
         }
         let ids: Vec<u64> = plan.seqs.iter().map(|s| s.id).collect();
-        let result = self.run_plan(&plan);
+        let proposed = self.propose(&mut plan);
+        let result = if proposed.iter().any(|&k| k > 0) {
+            self.run_speculative_plan(&plan, &proposed)
+        } else {
+            self.run_plan(&plan)
+        };
         if let Err(e) = &result {
             for id in ids {
                 self.end(id, Some(GenerationEvent::Failed(e.to_string())));
             }
         }
         result
+    }
+
+    /// Adds prompt-lookup proposals to the plan's sequences where speculation runs (see
+    /// [`EngineConfig::speculative_tokens`]): every sequence decodes one token on the decode
+    /// step, all of them allow it, and the rows fit the fused GEMV with at least one proposal
+    /// each. Returns how many tokens each sequence of the plan had proposed (all 0: a plain
+    /// step).
+    fn propose(&mut self, plan: &mut crate::scheduler::StepPlan) -> Vec<usize> {
+        let n = plan.seqs.len();
+        let mut proposed = vec![0; n];
+        let (Some(max_k), Some(decode)) = (self.speculative_tokens, self.decode.as_ref()) else {
+            return proposed;
+        };
+        let budget = (1..=DecodeStep::MAX_GEMV_ROWS)
+            .rev()
+            .find(|&r| decode.takes(r))
+            .unwrap_or(0);
+        let per_seq = budget / n;
+        let eligible = per_seq >= 2
+            && plan.seqs.iter().all(|c| {
+                c.tokens.len() == 1
+                    && c.samples
+                    && c.adapter.is_none_or(|a| decode.has_adapter(a as usize))
+                    && self
+                        .sequences
+                        .get(&c.id)
+                        .is_some_and(|s| s.started && s.speculation.is_some())
+            });
+        if !eligible || !decode.takes(n * per_seq) {
+            return proposed;
+        }
+        for (chunk, k) in plan.seqs.iter_mut().zip(&mut proposed) {
+            let Some(seq) = self.sequences.get_mut(&chunk.id) else {
+                continue;
+            };
+            let Some(speculation) = seq.speculation.as_mut() else {
+                continue;
+            };
+            // Prompt lookup cannot fail; a proposal that does is dropped like an empty one.
+            let proposal = speculation
+                .propose(&seq.tokens, max_k.min(per_seq - 1))
+                .unwrap_or_default();
+            *k = self.scheduler.speculate(chunk, &proposal);
+        }
+        proposed
+    }
+
+    /// A decode step in which sequences verify proposals: each sequence's last token and its
+    /// `proposed[i]` proposals are rows of one step over its blocks (every row writes its K/V
+    /// before any attends). Each sequence keeps the proposals its sampler accepts in order —
+    /// greedy ones compare them with the GPU's argmax, others run the sampler's
+    /// accept-or-resample rule on the rows' logits, so the output is distributed as plain
+    /// decoding's — then one token of its own; the scheduler drops the rest.
+    fn run_speculative_plan(
+        &mut self,
+        plan: &crate::scheduler::StepPlan,
+        proposed: &[usize],
+    ) -> anyhow::Result<()> {
+        let decode = self
+            .decode
+            .as_mut()
+            .ok_or_else(|| anyhow::anyhow!("speculation without the decode step"))?;
+        let mut rows = Vec::new();
+        let mut first_row = Vec::with_capacity(plan.seqs.len());
+        // Whether the GPU picks each sequence's tokens: greedy ones always, and a sequence
+        // without proposals that the GPU samples for; the others' rows go to the host.
+        let mut on_device = Vec::with_capacity(plan.seqs.len());
+        for chunk in &plan.seqs {
+            let seq = self
+                .sequences
+                .get(&chunk.id)
+                .ok_or_else(|| anyhow::anyhow!("sequence {} is gone", chunk.id))?;
+            let long_rope = seq.long_rope;
+            let gpu = seq
+                .gpu_sampling()
+                .filter(|s| decode.samples() || *s == RowSampling::greedy());
+            let (sampling, device) = match chunk.tokens.len() {
+                1 => (gpu.unwrap_or_else(RowSampling::greedy), gpu.is_some()),
+                _ => (RowSampling::greedy(), seq.gpu_greedy()),
+            };
+            on_device.push(device);
+            first_row.push(rows.len());
+            for (i, &token) in chunk.tokens.iter().enumerate() {
+                rows.push(DecodeRow {
+                    token,
+                    len: chunk.past + 1 + i,
+                    long_rope,
+                    block_table: &chunk.block_table,
+                    sampling,
+                    adapter: chunk.adapter.map(|a| a as usize),
+                });
+            }
+        }
+        decode.run(&rows)?;
+        let device_tokens = decode.tokens()?;
+        let host_logits = match on_device.iter().all(|&d| d) {
+            true => None,
+            false => Some(decode.logits()?),
+        };
+        let vocab = self.model.config().vocab_size;
+        let (mut emitted_total, mut accepted_total) = (0u64, 0u64);
+        for (i, chunk) in plan.seqs.iter().enumerate() {
+            let (k, row0) = (proposed[i], first_row[i]);
+            let Some(seq) = self.sequences.get_mut(&chunk.id) else {
+                continue;
+            };
+            let proposal = &chunk.tokens[1..];
+            let mut emitted = Vec::with_capacity(k + 1);
+            match &host_logits {
+                Some(logits) if !on_device[i] => {
+                    let mut context = seq.tokens.clone();
+                    for j in 0..=k {
+                        let row = &logits[(row0 + j) * vocab..(row0 + j + 1) * vocab];
+                        let token = match proposal.get(j) {
+                            Some(&p) => {
+                                let (accepted, token) =
+                                    seq.sampler.accept_or_resample(row, &context, p);
+                                if !accepted {
+                                    emitted.push(token);
+                                    break;
+                                }
+                                token
+                            }
+                            None => seq.sampler.sample(row, &context),
+                        };
+                        emitted.push(token);
+                        context.push(token);
+                    }
+                }
+                _ => {
+                    let best = &device_tokens[row0..row0 + k + 1];
+                    let kept = proposal
+                        .iter()
+                        .zip(best)
+                        .take_while(|(p, b)| p == b)
+                        .count();
+                    emitted.extend(&best[..=kept]);
+                }
+            }
+            let kept = emitted.len() - 1;
+            accepted_total += kept as u64;
+            if k > 0 {
+                self.scheduler.accept_speculation(chunk.id, kept);
+                if let Some(speculation) = seq.speculation.as_mut() {
+                    speculation.record(k, kept);
+                }
+            }
+            emitted_total += emitted.len() as u64;
+            for (j, &token) in emitted.iter().enumerate() {
+                // Kept proposals are in the scheduler already; the last token is appended.
+                if !self.emit(chunk.id, SampledToken::from(token), j == kept) {
+                    break;
+                }
+            }
+        }
+        let proposed_total = proposed.iter().sum::<usize>() as u64;
+        self.count_step(emitted_total, proposed_total, accepted_total);
+        Ok(())
+    }
+
+    /// Counts a step that generated `generated` tokens, `accepted` of `proposed` speculated.
+    fn count_step(&self, generated: u64, proposed: u64, accepted: u64) {
+        let mut stats = self
+            .shared
+            .stats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        stats.steps_total += 1;
+        stats.generated_tokens_total += generated;
+        stats.spec_proposed_tokens_total += proposed;
+        stats.spec_accepted_tokens_total += accepted;
     }
 
     fn run_plan(&mut self, plan: &crate::scheduler::StepPlan) -> anyhow::Result<()> {
@@ -781,15 +986,7 @@ impl Engine {
             &plan.seqs.iter().map(|s| s.id).collect::<Vec<_>>(),
             &rows,
         )?;
-        {
-            let mut stats = self
-                .shared
-                .stats
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            stats.steps_total += 1;
-            stats.generated_tokens_total += next.len() as u64;
-        }
+        self.count_step(next.len() as u64, 0, 0);
         for s in &plan.seqs {
             if let Some(seq) = self.sequences.get_mut(&s.id) {
                 if !seq.started {
@@ -812,21 +1009,39 @@ impl Engine {
             }
         }
         for (id, token) in next {
-            let Some(seq) = self.sequences.get_mut(&id) else {
-                continue;
-            };
-            let token_id = token.id;
-            seq.tokens.push(token_id);
-            let status = self.scheduler.append_token(id, token_id);
-            if seq.events.send(GenerationEvent::Token(token)).is_err() {
-                self.end(id, None);
-            } else if seq.stop_token_ids.contains(&token_id) {
-                self.end(id, Some(GenerationEvent::Finished(FinishReason::Stop)));
-            } else if status == Some(SeqStatus::LengthReached) {
-                self.end(id, Some(GenerationEvent::Finished(FinishReason::Length)));
-            }
+            self.emit(id, token, true);
         }
         Ok(())
+    }
+
+    /// Hands sequence `id` its next token (appended to the scheduler's sequence too when
+    /// `append`) and ends the sequence where the token stops it, its length is reached or its
+    /// client is gone. Returns whether the sequence goes on.
+    fn emit(&mut self, id: u64, token: SampledToken, append: bool) -> bool {
+        let Some(seq) = self.sequences.get_mut(&id) else {
+            return false;
+        };
+        let token_id = token.id;
+        seq.tokens.push(token_id);
+        let status = append
+            .then(|| self.scheduler.append_token(id, token_id))
+            .flatten();
+        let end = if seq.events.send(GenerationEvent::Token(token)).is_err() {
+            Some(None)
+        } else if seq.stop_token_ids.contains(&token_id) {
+            Some(Some(GenerationEvent::Finished(FinishReason::Stop)))
+        } else if status == Some(SeqStatus::LengthReached) {
+            Some(Some(GenerationEvent::Finished(FinishReason::Length)))
+        } else {
+            None
+        };
+        match end {
+            Some(last) => {
+                self.end(id, last);
+                false
+            }
+            None => true,
+        }
     }
 
     /// The next token of each sampling row. Rows the device can choose for take its token: the

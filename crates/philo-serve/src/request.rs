@@ -110,6 +110,9 @@ pub struct EngineStats {
     pub cached_prompt_tokens_total: u64,
     pub preemptions_total: u64,
     pub steps_total: u64,
+    /// Speculative decoding: tokens proposed, and those of them accepted.
+    pub spec_proposed_tokens_total: u64,
+    pub spec_accepted_tokens_total: u64,
 }
 
 /// The engine as the HTTP layer sees it. Implemented by the scheduler loop's handle.

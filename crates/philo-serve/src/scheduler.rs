@@ -111,6 +111,9 @@ struct Sequence {
     cached_prompt_tokens: Option<usize>,
     /// The last step it was planned in; 0 before the first.
     planned_step: u64,
+    /// Proposed tokens at the end of `tokens` that the planned step verifies (see
+    /// [`Scheduler::speculate`]); 0 outside such a step.
+    speculated: usize,
 }
 
 impl Sequence {
@@ -217,6 +220,7 @@ impl Scheduler {
             chain: None,
             cached_prompt_tokens: None,
             planned_step: 0,
+            speculated: 0,
         });
         Ok(())
     }
@@ -253,6 +257,69 @@ impl Scheduler {
             self.admit(&mut budget, &mut plan);
         }
         plan
+    }
+
+    /// Speculative decoding: appends `proposal` (tokens guessed to follow) to the decode chunk
+    /// `chunk` of the plan just returned, so that one step computes the K/V and logits of the
+    /// last token and of each proposed one. As many proposed tokens are taken as the sequence
+    /// may still generate beyond the step's own token and as free blocks hold (nobody is
+    /// preempted for a guess); returns that number. After the step, the caller keeps the
+    /// accepted ones with [`Scheduler::accept_speculation`] before appending the sampled
+    /// token as usual.
+    pub fn speculate(&mut self, chunk: &mut ScheduledSeq, proposal: &[u32]) -> usize {
+        let bs = self.config.block_size;
+        let free = self.allocator.num_free();
+        let Some(seq) = self.running.iter_mut().find(|s| {
+            s.id == chunk.id && s.planned_step == self.step && s.pending() == 0 && s.speculated == 0
+        }) else {
+            return 0;
+        };
+        if chunk.tokens.len() != 1 || chunk.past + 1 != seq.cached {
+            return 0;
+        }
+        let generated = seq.tokens.len() - seq.prompt_len;
+        let room = (seq.blocks.len() + free) * bs - seq.cached;
+        let k = proposal
+            .len()
+            .min(seq.max_new_tokens.saturating_sub(generated + 1))
+            .min(room);
+        if k == 0 {
+            return 0;
+        }
+        let needed = (seq.cached + k).div_ceil(bs) - seq.blocks.len();
+        let Some(new) = self.allocator.allocate_n(needed) else {
+            return 0;
+        };
+        seq.blocks.extend(new);
+        seq.tokens.extend(&proposal[..k]);
+        seq.cached += k;
+        seq.speculated = k;
+        chunk.tokens.extend(&proposal[..k]);
+        chunk.block_table = seq.blocks.clone();
+        k
+    }
+
+    /// Keeps the first `kept` tokens that [`Scheduler::speculate`] proposed for sequence `id`
+    /// and drops the rest, with the blocks only they used (their K/V slots are written again
+    /// later); the sequence then awaits its sampled token ([`Scheduler::append_token`]).
+    /// Returns false when `id` has no proposal in flight.
+    pub fn accept_speculation(&mut self, id: u64, kept: usize) -> bool {
+        let bs = self.config.block_size;
+        let Some(seq) = self
+            .running
+            .iter_mut()
+            .find(|s| s.id == id && s.speculated > 0)
+        else {
+            return false;
+        };
+        let rejected = seq.speculated - kept.min(seq.speculated);
+        seq.speculated = 0;
+        let len = seq.tokens.len() - rejected;
+        seq.tokens.truncate(len);
+        seq.cached = len;
+        let spare = seq.blocks.split_off(len.div_ceil(bs));
+        self.release_blocks(&spare);
+        true
     }
 
     /// Adds `token`, sampled from the logits of sequence `id`'s last planned chunk, to the
@@ -550,6 +617,11 @@ mod tests {
         /// Sequences seen in a plan; their first `past` is their cached prompt tokens.
         admitted: HashSet<u64>,
         shared_prompt_tokens: usize,
+        /// Speculates: each decode chunk gets a proposal of a few tokens, some right, some
+        /// wrong, drawn from this.
+        speculate: Option<StdRng>,
+        /// Proposed tokens the fake model accepted.
+        accepted: usize,
     }
 
     impl Harness {
@@ -565,7 +637,32 @@ mod tests {
                 partial_chunks: 0,
                 admitted: HashSet::new(),
                 shared_prompt_tokens: 0,
+                speculate: None,
+                accepted: 0,
             }
+        }
+
+        /// Up to 4 tokens guessed to follow sequence `id`'s history: a random number of the
+        /// fake model's own, then possibly a wrong one.
+        fn proposal(&mut self, id: u64) -> Vec<u32> {
+            let Some(rng) = self.speculate.as_mut() else {
+                return Vec::new();
+            };
+            let adapter = self.requests[&id].adapter;
+            let mut state = self.live[&id]
+                .iter()
+                .fold(START, |state, &t| kv_state(state, t, adapter));
+            let right = rng.random_range(0..=4);
+            let mut proposal = Vec::new();
+            for _ in 0..right {
+                let token = next_token(state);
+                proposal.push(token);
+                state = kv_state(state, token, adapter);
+            }
+            if right < 4 && rng.random_bool(0.5) {
+                proposal.push((next_token(state) + 1) % 1000);
+            }
+            proposal
         }
 
         fn add(
@@ -595,12 +692,28 @@ mod tests {
 
         /// One engine step: schedule, check, run the fake model, append or finish.
         fn step(&mut self) -> StepPlan {
-            let plan = self.sched.schedule();
+            let mut plan = self.sched.schedule();
+            let mut proposals: HashMap<u64, Vec<u32>> = HashMap::new();
+            for s in &mut plan.seqs {
+                if s.tokens.len() == 1 && s.samples {
+                    let proposal = self.proposal(s.id);
+                    let k = self.sched.speculate(s, &proposal);
+                    assert!(k <= proposal.len());
+                    if k > 0 {
+                        proposals.insert(s.id, proposal[..k].to_vec());
+                    }
+                }
+            }
             check_invariants(&self.sched);
             let config = &self.sched.config;
             let bs = config.block_size;
             assert!(plan.seqs.len() <= config.max_running);
-            let fed: usize = plan.seqs.iter().map(|s| s.tokens.len()).sum();
+            // Proposals ride on top of the budget (as they do on top of one decode row).
+            let fed: usize = plan
+                .seqs
+                .iter()
+                .map(|s| s.tokens.len() - proposals.get(&s.id).map_or(0, Vec::len))
+                .sum();
             assert!(
                 fed <= config.max_tokens_per_step,
                 "{fed} tokens in one step"
@@ -615,7 +728,8 @@ mod tests {
             let mut results = Vec::new();
             for s in &plan.seqs {
                 assert!(ids.insert(s.id), "sequence {} planned twice", s.id);
-                let history = &self.live[&s.id];
+                let proposed = proposals.get(&s.id).map_or(&[][..], Vec::as_slice);
+                let history = &[&self.live[&s.id][..], proposed].concat();
                 let adapter = self.requests[&s.id].adapter;
                 let end = s.past + s.tokens.len();
                 assert_eq!(s.adapter, adapter);
@@ -647,8 +761,10 @@ mod tests {
                     );
                 }
                 let mut writes = Vec::new();
+                let mut states = Vec::new();
                 for (p, &token) in (s.past..end).zip(&s.tokens) {
                     state = kv_state(state, token, adapter);
+                    states.push(state);
                     assert!(written.insert(slot(p)), "slot {} written twice", slot(p));
                     let block = s.block_table[p / bs];
                     assert_eq!(
@@ -658,21 +774,50 @@ mod tests {
                     );
                     writes.push((slot(p), state));
                 }
-                results.push((s.id, s.samples.then_some(state), writes));
+                // The states after the last known token and after each proposed one.
+                let sampled = s
+                    .samples
+                    .then(|| states[states.len() - 1 - proposed.len()..].to_vec());
+                results.push((s.id, sampled, writes));
             }
             for (id, sampled, writes) in results {
                 self.computed += writes.len();
                 for (slot, state) in writes {
                     self.kv[slot] = Some(state);
                 }
-                let Some(state) = sampled else { continue };
-                let token = next_token(state);
+                let Some(states) = sampled else { continue };
+                // Proposals are kept while each is the token the fake model samples before
+                // it; then the model's own token follows.
+                let proposed = proposals.remove(&id).unwrap_or_default();
+                let kept = proposed
+                    .iter()
+                    .zip(&states)
+                    .take_while(|(&p, &state)| p == next_token(state))
+                    .count();
+                if !proposed.is_empty() {
+                    assert!(self.sched.accept_speculation(id, kept));
+                }
+                self.accepted += kept;
+                let request = &self.requests[&id];
+                let history = self.live.get_mut(&id).unwrap();
+                history.extend(&proposed[..kept]);
+                let generated = &history[request.prompt.len()..];
+                assert_eq!(self.sched.generated(id), Some(generated));
+                if let Some(i) = proposed[..kept].iter().position(|&t| t < self.stop_below) {
+                    // A kept proposal ends the sequence (what follows it is dropped).
+                    let end = history.len() - kept + i + 1;
+                    history.truncate(end);
+                    self.outputs
+                        .insert(id, history[request.prompt.len()..].to_vec());
+                    self.live.remove(&id);
+                    self.sched.finish(id);
+                    continue;
+                }
+                let token = next_token(states[kept]);
                 let status = self
                     .sched
                     .append_token(id, token)
                     .expect("the sequence awaits a token");
-                let request = &self.requests[&id];
-                let history = self.live.get_mut(&id).unwrap();
                 history.push(token);
                 let generated = &history[request.prompt.len()..];
                 assert_eq!(self.sched.generated(id), Some(generated));
@@ -1048,7 +1193,8 @@ mod tests {
     #[test]
     fn random_loads_keep_every_slot_with_one_owner() {
         let (mut preemptions, mut shared, mut queue_full, mut cancelled) = (0, 0, 0, 0);
-        for seed in 0..40 {
+        let mut accepted = 0;
+        for seed in 0..80 {
             let mut rng = StdRng::seed_from_u64(seed);
             let block_size = rng.random_range(1..=4);
             let config = SchedulerConfig {
@@ -1059,6 +1205,10 @@ mod tests {
                 block_size,
             };
             let mut h = Harness::new(config.clone(), 15);
+            // Every second load speculates: proposals in flight, kept in part, rolled back.
+            if seed % 2 == 1 {
+                h.speculate = Some(StdRng::seed_from_u64(seed + 1000));
+            }
             let families: Vec<Vec<u32>> = (0..3)
                 .map(|_| {
                     (0..rng.random_range(0..=12))
@@ -1106,8 +1256,10 @@ mod tests {
             h.assert_drained();
             preemptions += h.sched.preemptions();
             shared += h.shared_prompt_tokens;
+            accepted += h.accepted;
         }
         // The loads must exercise what they are meant to check.
         assert!(preemptions > 0 && shared > 0 && queue_full > 0 && cancelled > 0);
+        assert!(accepted > 0);
     }
 }

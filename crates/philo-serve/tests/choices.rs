@@ -36,6 +36,7 @@ async fn later_choices_reuse_the_prompt_blocks_of_the_first() {
         block_size: BLOCK_SIZE,
         num_blocks: 64,
         decode_path: DecodePath::default(),
+        speculative_tokens: None,
     };
     let engine = Arc::new(EngineHandle::start(model, engine_config, Vec::new()).unwrap());
     let tokenizer = Tokenizer::from_file(&tokenizer_dir().join("tokenizer.json")).unwrap();

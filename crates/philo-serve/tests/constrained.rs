@@ -193,6 +193,7 @@ fn the_engine_answers_with_documents_of_the_schema() {
         block_size: 16,
         num_blocks: 64,
         decode_path: DecodePath::default(),
+        speculative_tokens: None,
     };
     let engine = EngineHandle::start(model(), config, Vec::new()).unwrap();
     let prompt = tokenizer

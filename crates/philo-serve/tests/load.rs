@@ -478,6 +478,7 @@ async fn thousand_requests_with_cancels_and_refusals_leak_nothing() {
                 block_size: BLOCK_SIZE,
                 num_blocks: NUM_BLOCKS,
                 decode_path: DecodePath::default(),
+                speculative_tokens: None,
             },
             Vec::new(),
         )

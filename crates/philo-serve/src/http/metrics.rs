@@ -264,6 +264,16 @@ impl Collector for EngineCollector {
                 stats.preemptions_total,
             ),
             ("engine_steps", "Engine forward steps.", stats.steps_total),
+            (
+                "spec_decode_proposed_tokens",
+                "Tokens proposed by speculative decoding (prompt lookup).",
+                stats.spec_proposed_tokens_total,
+            ),
+            (
+                "spec_decode_accepted_tokens",
+                "Proposed tokens that the model accepted.",
+                stats.spec_accepted_tokens_total,
+            ),
         ];
         for (name, help, value) in counters {
             let counter = ConstCounter::new(value);
