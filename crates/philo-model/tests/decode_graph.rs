@@ -103,11 +103,9 @@ fn argmax(logits: &[f32]) -> u32 {
 
 #[test]
 fn decode_graph_matches_the_full_forward_on_cuda() {
-    if std::env::var("PHILO_CUDA_TESTS").as_deref() != Ok("1") {
-        eprintln!("skipped (set PHILO_CUDA_TESTS=1 to run the CUDA tests)");
+    let Some(device) = cuda_device() else {
         return;
-    }
-    let device = Device::new_cuda(0).expect("PHILO_CUDA_TESTS=1 but no CUDA device 0");
+    };
     let formats = [
         WeightFormat::Dense,
         WeightFormat::Int8,
@@ -204,11 +202,9 @@ fn verify_case(model: &Phi3, prompt_len: usize, k: usize, keep: usize, tol: f32)
 
 #[test]
 fn decode_graph_verifies_proposals_and_rewinds_on_cuda() {
-    if std::env::var("PHILO_CUDA_TESTS").as_deref() != Ok("1") {
-        eprintln!("skipped (set PHILO_CUDA_TESTS=1 to run the CUDA tests)");
+    let Some(device) = cuda_device() else {
         return;
-    }
-    let device = Device::new_cuda(0).expect("PHILO_CUDA_TESTS=1 but no CUDA device 0");
+    };
     for (case, format) in [
         ("mini4k", WeightFormat::Dense),
         ("mini4k", WeightFormat::Int8),
@@ -341,11 +337,9 @@ fn scattered_case(
 /// batched LoRA), each row against the full forward of its own model.
 #[test]
 fn decode_step_over_scattered_blocks_matches_the_full_forward_on_cuda() {
-    if std::env::var("PHILO_CUDA_TESTS").as_deref() != Ok("1") {
-        eprintln!("skipped (set PHILO_CUDA_TESTS=1 to run the CUDA tests)");
+    let Some(device) = cuda_device() else {
         return;
-    }
-    let device = Device::new_cuda(0).expect("PHILO_CUDA_TESTS=1 but no CUDA device 0");
+    };
     let open = |case: &str| {
         let dir = case_dir(case);
         let config = Phi3Config::from_file(&dir.join("config.json")).unwrap();
@@ -419,11 +413,9 @@ fn decode_step_over_scattered_blocks_matches_the_full_forward_on_cuda() {
 #[test]
 fn decode_graph_samples_as_the_reference_draws_on_cuda() {
     use philo_kernels::sampling::{draw_weights, reference, same_up_to_rounding, uniform};
-    if std::env::var("PHILO_CUDA_TESTS").as_deref() != Ok("1") {
-        eprintln!("skipped (set PHILO_CUDA_TESTS=1 to run the CUDA tests)");
+    let Some(device) = cuda_device() else {
         return;
-    }
-    let device = Device::new_cuda(0).expect("PHILO_CUDA_TESTS=1 but no CUDA device 0");
+    };
     let dir = case_dir("mini4k");
     let config = Phi3Config::from_file(&dir.join("config.json")).unwrap();
     let store = SafetensorsStore::open_dir(&dir).unwrap();

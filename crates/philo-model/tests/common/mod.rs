@@ -19,6 +19,16 @@ pub fn load_model(dir: &Path, dtype: DType) -> Phi3 {
     Phi3::load(&config, &store, dtype, &Device::Cpu).unwrap()
 }
 
+/// CUDA device 0 when PHILO_CUDA_TESTS=1 (a GPU test then needs it); otherwise None, after
+/// saying that the test is skipped.
+pub fn cuda_device() -> Option<Device> {
+    if std::env::var("PHILO_CUDA_TESTS").as_deref() != Ok("1") {
+        eprintln!("skipped (set PHILO_CUDA_TESTS=1 to run the CUDA tests)");
+        return None;
+    }
+    Some(Device::new_cuda(0).expect("PHILO_CUDA_TESTS=1 but no CUDA device 0"))
+}
+
 pub fn reference(dir: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap()
 }
