@@ -172,6 +172,12 @@ pub fn run(options: ServeOptions, dtype: DType, device: &Device) -> anyhow::Resu
         merge_adapter: false,
     };
     let pipeline = Pipeline::load(&options.model, None, weights, dtype, device)?;
+    if options.speculative_tokens.is_some() && (options.enforce_eager || !device.is_cuda()) {
+        eprintln!(
+            "philo serve: --speculative verifies on the GPU's decode step; with {} every step runs plain",
+            if options.enforce_eager { "--enforce_eager" } else { "this device" }
+        );
+    }
     let mut adapters = Vec::new();
     for (name, dir) in &options.adapters {
         let adapter =
