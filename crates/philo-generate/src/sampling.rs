@@ -277,6 +277,34 @@ impl Sampler {
         }
     }
 
+    /// Speculative decoding's verify step, given the model's logits after the last token and
+    /// after each of `proposal` (`rows`, one more than proposals): appends to `tokens` the
+    /// proposals [`Sampler::accept_or_resample`] keeps in order, then one token of the model's
+    /// own (the replacement of the first rejected one, or a draw after all), and returns how
+    /// many proposals were kept.
+    pub fn verify_proposal<'r>(
+        &mut self,
+        proposal: &[u32],
+        rows: impl Iterator<Item = &'r [f32]>,
+        tokens: &mut Vec<u32>,
+    ) -> usize {
+        let mut kept = 0;
+        for (i, row) in rows.enumerate() {
+            let Some(&proposed) = proposal.get(i) else {
+                let token = self.sample(row, tokens);
+                tokens.push(token);
+                break;
+            };
+            let (accepted, token) = self.accept_or_resample(row, tokens, proposed);
+            tokens.push(token);
+            if !accepted {
+                break;
+            }
+            kept += 1;
+        }
+        kept
+    }
+
     /// What [`Sampler::sample`] draws from: the argmax when greedy, else the probabilities after
     /// bias, penalties, temperature and the filters (summing to 1).
     fn distribution(&self, logits: &[f32], previous_tokens: &[u32]) -> Distribution {

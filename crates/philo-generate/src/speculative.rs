@@ -175,6 +175,18 @@ impl DraftModel<'_> {
     }
 }
 
+/// Greedy verification: the proposals that match the model's argmax after the token before
+/// each (`argmax`, one more than proposals), then the model's own next token. Returns those
+/// tokens; all but the last are kept proposals.
+pub fn greedy_kept<'a>(proposal: &[u32], argmax: &'a [u32]) -> &'a [u32] {
+    let kept = proposal
+        .iter()
+        .zip(argmax)
+        .take_while(|(p, a)| p == a)
+        .count();
+    &argmax[..=kept]
+}
+
 fn argmax(values: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &v) in values.iter().enumerate() {

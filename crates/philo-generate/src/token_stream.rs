@@ -8,7 +8,7 @@ use philo_model::{DecodeGraph, KvCache, Phi3};
 
 use crate::error::{GenerateError, Result};
 use crate::sampling::{Sampler, SamplingParams};
-use crate::speculative::{DraftModel, Proposer, Speculation};
+use crate::speculative::{greedy_kept, DraftModel, Proposer, Speculation};
 
 /// One sequence being generated: prompt + tokens so far, the cache, the sampler.
 pub struct TokenStream<'m> {
@@ -222,16 +222,9 @@ impl<'m> TokenStream<'m> {
         let greedy = self.sampler.params().on_gpu(0, 0) == Some(philo_model::RowSampling::greedy());
         let kept = if greedy {
             let best = graph.tokens()?;
-            let kept = proposal
-                .iter()
-                .zip(&best)
-                .take_while(|(p, b)| p == b)
-                .count();
-            self.tokens.extend(&best[..=kept]);
-            if let Some(s) = self.speculation.as_mut() {
-                s.record(proposal.len(), kept);
-            }
-            kept
+            let emitted = greedy_kept(&proposal, &best);
+            self.tokens.extend(emitted);
+            self.record(proposal.len(), emitted.len() - 1)
         } else {
             let logits = graph.logits()?;
             let vocab = self.model.config().vocab_size;
@@ -247,22 +240,16 @@ impl<'m> TokenStream<'m> {
     /// the last token and after each proposal (`rows`), then one token of the model's own;
     /// records the outcome and returns how many proposals were kept.
     fn accept<'r>(&mut self, proposal: &[u32], rows: impl Iterator<Item = &'r [f32]>) -> usize {
-        let mut kept = 0;
-        for (i, row) in rows.enumerate() {
-            let Some(&proposed) = proposal.get(i) else {
-                let token = self.sampler.sample(row, &self.tokens);
-                self.tokens.push(token);
-                break;
-            };
-            let (accepted, token) = self.sampler.accept_or_resample(row, &self.tokens, proposed);
-            self.tokens.push(token);
-            if !accepted {
-                break;
-            }
-            kept += 1;
-        }
+        let kept = self
+            .sampler
+            .verify_proposal(proposal, rows, &mut self.tokens);
+        self.record(proposal.len(), kept)
+    }
+
+    /// Tells speculation that `kept` of `proposed` tokens were accepted; returns `kept`.
+    fn record(&mut self, proposed: usize, kept: usize) -> usize {
         if let Some(s) = self.speculation.as_mut() {
-            s.record(proposal.len(), kept);
+            s.record(proposed, kept);
         }
         kept
     }

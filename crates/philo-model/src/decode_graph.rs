@@ -183,15 +183,15 @@ impl DecodeGraph {
     /// `tokens`; [`DecodeGraph::rewind`] drops those of rejected proposals.
     pub fn verify(&mut self, row: usize, tokens: &[u32]) -> Result<()> {
         let held = self.lengths.get(row).copied().unwrap_or(0);
+        let most = self.verify_rows();
         if held == 0
             || tokens.is_empty()
-            || tokens.len() > self.verify_rows()
+            || tokens.len() > most
             || held + tokens.len() > self.capacity
         {
             return Err(err(format!(
-                "decode graph: verify of {} tokens after {held} in row {row} (at most {} tokens, rows of {})",
+                "decode graph: verify of {} tokens after {held} in row {row} (at most {most} tokens, rows of {})",
                 tokens.len(),
-                self.verify_rows(),
                 self.capacity
             )));
         }

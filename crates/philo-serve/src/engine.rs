@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use candle_core::{DType, Device, Tensor};
-use philo_generate::speculative::{Proposer, Speculation};
+use philo_generate::speculative::{greedy_kept, Proposer, Speculation};
 use philo_generate::{token_logprobs, Sampler};
 use philo_model::{
     Adapter, DecodeRow, DecodeStep, LoraBank, PagedKvCache, Phi3, RowSampling, SeqChunk,
@@ -859,38 +859,15 @@ impl Engine {
                 continue;
             };
             let proposal = &chunk.tokens[1..];
-            let mut emitted = Vec::with_capacity(k + 1);
-            match &host_logits {
+            let emitted = match &host_logits {
                 Some(logits) if !on_device[i] => {
                     let mut context = seq.tokens.clone();
-                    for j in 0..=k {
-                        let row = &logits[(row0 + j) * vocab..(row0 + j + 1) * vocab];
-                        let token = match proposal.get(j) {
-                            Some(&p) => {
-                                let (accepted, token) =
-                                    seq.sampler.accept_or_resample(row, &context, p);
-                                if !accepted {
-                                    emitted.push(token);
-                                    break;
-                                }
-                                token
-                            }
-                            None => seq.sampler.sample(row, &context),
-                        };
-                        emitted.push(token);
-                        context.push(token);
-                    }
+                    let rows = logits[row0 * vocab..(row0 + k + 1) * vocab].chunks(vocab);
+                    seq.sampler.verify_proposal(proposal, rows, &mut context);
+                    context.split_off(seq.tokens.len())
                 }
-                _ => {
-                    let best = &device_tokens[row0..row0 + k + 1];
-                    let kept = proposal
-                        .iter()
-                        .zip(best)
-                        .take_while(|(p, b)| p == b)
-                        .count();
-                    emitted.extend(&best[..=kept]);
-                }
-            }
+                _ => greedy_kept(proposal, &device_tokens[row0..row0 + k + 1]).to_vec(),
+            };
             let kept = emitted.len() - 1;
             accepted_total += kept as u64;
             if k > 0 {

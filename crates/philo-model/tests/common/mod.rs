@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use philo_model::{Phi3, Phi3Config, SafetensorsStore};
+use philo_model::{Phi3, Phi3Config, SafetensorsStore, WeightFormat};
 
 pub fn case_dir(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -27,6 +27,14 @@ pub fn cuda_device() -> Option<Device> {
         return None;
     }
     Some(Device::new_cuda(0).expect("PHILO_CUDA_TESTS=1 but no CUDA device 0"))
+}
+
+/// Reference case `name` loaded in bf16 on `device` with its weights held as `format`.
+pub fn load_case_bf16(name: &str, device: &Device, format: WeightFormat) -> Phi3 {
+    let dir = case_dir(name);
+    let config = Phi3Config::from_file(&dir.join("config.json")).unwrap();
+    let store = SafetensorsStore::open_dir(&dir).unwrap();
+    Phi3::load_as(&config, &store, DType::BF16, device, format).unwrap()
 }
 
 pub fn reference(dir: &Path) -> serde_json::Value {
