@@ -314,8 +314,9 @@ mod device {
         gemv: Vec<[CudaFunction; 4]>,
         /// Dynamic shared memory the FMA GEMV may take for its staged input rows.
         gemv_smem: usize,
-        /// The tensor-core GEMV by format (dense, INT8, INT4), with its tile stages.
-        tc: Vec<TensorCoreGemv>,
+        /// The tensor-core GEMV by format (dense, INT8, INT4), with its tile stages: the one-row
+        /// instance, then the several-row one.
+        tc: Vec<[TensorCoreGemv; 2]>,
         embed: CudaFunction,
         transform: CudaFunction,
         widen: CudaFunction,
@@ -361,20 +362,26 @@ mod device {
                 ("int8", 16, 8 * 512, 2),
                 ("int4", 32, 8 * 512 + 256, 3),
             ] {
-                let f = function(dev, &DECODE, &format!("gemv_tc_{format}_{suffix}"))?;
-                // What the block may take beyond its static shared memory.
-                let static_smem = f
-                    .get_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
-                    .w()? as usize;
-                let dynamic = smem_limit.saturating_sub(static_smem);
-                dynamic_smem(&f, dynamic)?;
-                tc.push(TensorCoreGemv {
-                    f,
-                    dynamic_smem: dynamic,
-                    chunk_weights,
-                    tile_bytes,
-                    stages,
-                });
+                // One instance for one row, one for several (see decode.cu).
+                let load = |rows: &str| -> Result<TensorCoreGemv> {
+                    let f = function(dev, &DECODE, &format!("gemv_tc_{format}_{suffix}{rows}"))?;
+                    // What the block may take beyond its static shared memory.
+                    let static_smem = f
+                        .get_attribute(
+                            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
+                        )
+                        .w()? as usize;
+                    let dynamic = smem_limit.saturating_sub(static_smem);
+                    dynamic_smem(&f, dynamic)?;
+                    Ok(TensorCoreGemv {
+                        f,
+                        dynamic_smem: dynamic,
+                        chunk_weights,
+                        tile_bytes,
+                        stages,
+                    })
+                };
+                tc.push([load("")?, load("_rows")?]);
             }
             let sms = multiprocessors(dev)?;
             let major = dev
@@ -520,7 +527,11 @@ mod device {
             int4_group: usize,
         ) -> Result<Option<TensorCorePlan<'_>>> {
             let format = g.weight.format();
-            let Some(tc) = self.tc.get(format) else {
+            let Some(tc) = self
+                .tc
+                .get(format)
+                .map(|one_or_rows| &one_or_rows[usize::from(g.m > 1)])
+            else {
                 return Ok(None);
             };
             if !g.k.is_multiple_of(32 * tc.chunk_weights)

@@ -1122,7 +1122,8 @@ fn cuda_decode_gemv_every_format_and_input() -> Result<()> {
     };
     let mut rng = StdRng::seed_from_u64(21);
     // (rows, n, k): a QKV, a down projection and a ragged n that leaves a partial row group;
-    // 5-8 rows (a verify step's) up to the down projection's width.
+    // 5-8 rows (a verify step's) up to the down projection's width; rows of 640 are not whole
+    // warps of 16-byte vectors (the norm's per-row sums then add lane by lane).
     for (m, n, k) in [
         (1, 1152, 3072),
         (3, 320, 8192),
@@ -1131,6 +1132,7 @@ fn cuda_decode_gemv_every_format_and_input() -> Result<()> {
         (8, 320, 8192),
         (5, 102, 3072),
         (7, 64, 1024),
+        (6, 40, 640),
     ] {
         for dtype in dtypes() {
             let kernels = DecodeKernels::load(cuda_dev, dtype)?;

@@ -119,58 +119,51 @@ __device__ __forceinline__ void stage_vector(const uint4& a, const uint4& b, flo
     }
 }
 
+// One row: each thread holds its vectors in registers, so the norm takes no second pass. Also
+// the transform of one row into global memory (transform_rows).
 template <typename T, bool PAIRS = false>
-__device__ void stage_rows_grouped(const T* x, const T* g, float eps, int mode, int m, int k, T* xs);
-
-template <typename T, bool PAIRS = false>
-__device__ void stage_input(const T* x, const T* g, float eps, int mode, int m, int k, T* xs) {
-    if (m > 1) {
-        stage_rows_grouped<T, PAIRS>(x, g, eps, mode, m, k, xs);
-        return;
-    }
+__device__ void stage_row(const T* x, const T* g, float eps, int mode, int k, T* xs) {
     const int nv = k / 8;
-    for (int r = 0; r < m; ++r) {
-        const uint4* src = reinterpret_cast<const uint4*>(x + (size_t)r * (mode == IN_SWIGLU ? 2 * k : k));
-        uint4 a[VPT], b[VPT];
+    const uint4* src = reinterpret_cast<const uint4*>(x);
+    uint4 a[VPT], b[VPT];
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+        int v = threadIdx.x + i * blockDim.x;
+        if (v < nv) {
+            a[i] = src[v];
+            if (mode == IN_SWIGLU) b[i] = src[nv + v];
+            else if (mode == IN_RMSNORM) b[i] = reinterpret_cast<const uint4*>(g)[v];
+        }
+    }
+    float inv = 1.f;
+    if (mode == IN_RMSNORM) {
+        float ss = 0.f;
 #pragma unroll
         for (int i = 0; i < VPT; ++i) {
-            int v = threadIdx.x + i * blockDim.x;
-            if (v < nv) {
-                a[i] = src[v];
-                if (mode == IN_SWIGLU) b[i] = src[nv + v];
-                else if (mode == IN_RMSNORM) b[i] = reinterpret_cast<const uint4*>(g)[v];
+            if (threadIdx.x + i * blockDim.x < nv) {
+                float f[8];
+                load8(reinterpret_cast<const T*>(&a[i]), f);
+#pragma unroll
+                for (int j = 0; j < 8; ++j) ss += f[j] * f[j];
             }
         }
-        float inv = 1.f;
-        if (mode == IN_RMSNORM) {
-            float ss = 0.f;
+        inv = rsqrtf(block_sum(ss) / k + eps);
+    }
 #pragma unroll
-            for (int i = 0; i < VPT; ++i) {
-                if (threadIdx.x + i * blockDim.x < nv) {
-                    float f[8];
-                    load8(reinterpret_cast<const T*>(&a[i]), f);
-#pragma unroll
-                    for (int j = 0; j < 8; ++j) ss += f[j] * f[j];
-                }
-            }
-            inv = rsqrtf(block_sum(ss) / k + eps);
-        }
-#pragma unroll
-        for (int i = 0; i < VPT; ++i) {
-            int v = threadIdx.x + i * blockDim.x;
-            if (v >= nv) continue;
-            stage_vector<T, PAIRS>(a[i], b[i], inv, mode, xs + (size_t)(r * (nv + 1) + v) * 8);
-        }
+    for (int i = 0; i < VPT; ++i) {
+        int v = threadIdx.x + i * blockDim.x;
+        if (v >= nv) continue;
+        stage_vector<T, PAIRS>(a[i], b[i], inv, mode, xs + (size_t)v * 8);
     }
     __syncthreads();
 }
 
-// stage_input for several rows: one row per group of warps at a time (the block's warps split
+// stage_row for several rows: one row per group of warps at a time (the block's warps split
 // into as many groups as rows, up to one warp a row), each group walking its row in batches of
 // VPT vectors per thread. Staged one after another, every row cost a memory round trip and a
 // block reduction: about 2 µs per row and GEMV, a verify step's main cost.
-template <typename T, bool PAIRS>
-__device__ void stage_rows_grouped(const T* x, const T* g, float eps, int mode, int m, int k, T* xs) {
+template <typename T, bool PAIRS = false>
+__device__ void stage_rows(const T* x, const T* g, float eps, int mode, int m, int k, T* xs) {
     __shared__ float sums[32];
     const int nv = k / 8;
     const int warps = blockDim.x / 32;
@@ -295,7 +288,9 @@ __device__ void gemv_fused(const T* x, const T* g, float eps, int mode, int m, i
     load(blockIdx.x * groups_per_block + gi, t);
     pdl_allow_next();
     pdl_wait_previous();
-    stage_input<T>(x, g, eps, mode, m, k, xs);
+    // One row's staging takes fewer registers than several rows' (kernel-wide, in the loop too).
+    if (M == 1) stage_row<T>(x, g, eps, mode, k, xs);
+    else stage_rows<T>(x, g, eps, mode, m, k, xs);
 
     // Every thread runs the same number of rounds (the block synchronises in each).
     for (int base = blockIdx.x * groups_per_block; base < row_groups; base += stride) {
@@ -440,7 +435,7 @@ __device__ __forceinline__ uint32_t int8_pair(uint32_t u, int j) {
 // Bytes of one warp tile in shared memory: 8 rows × 512, and for INT4 the tile's 8 × 8 scales.
 template <int FMT> constexpr int tc_tile_bytes() { return 8 * 512 + (FMT == F_INT4 ? 256 : 0); }
 
-template <typename T, int FMT>
+template <typename T, int FMT, bool ROWS>
 __device__ void gemv_tc(const T* x, const T* g, float eps, int mode, int m, int n, int k,
                         const void* w, const float* scales, int stages, T* out, float* out_f32,
                         const T* residual) {
@@ -495,7 +490,8 @@ __device__ void gemv_tc(const T* x, const T* g, float eps, int mode, int m, int 
     for (int i = threadIdx.x; i < nrg * 8 * MAXM; i += blockDim.x) red[i] = 0.f;
     pdl_allow_next();
     pdl_wait_previous();
-    stage_input<T, FMT == F_INT4>(x, g, eps, mode, m, k, xs);
+    if (ROWS) stage_rows<T, FMT == F_INT4>(x, g, eps, mode, m, k, xs);
+    else stage_row<T, FMT == F_INT4>(x, g, eps, mode, k, xs);
 
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     int c_rg = i0 / tiles_per_group, c_kt = i0 % tiles_per_group, cstage = 0;
@@ -586,12 +582,15 @@ __device__ void gemv_tc(const T* x, const T* g, float eps, int mode, int m, int 
     }
 }
 
-#define GEMV_TC(fname, T, FMT)                                                                          \
-    extern "C" __global__ void __launch_bounds__(256) gemv_tc_##fname(                                   \
+// Two instances: one row, and several. Several rows' staging takes more registers (116-128 in
+// all, against 64-80), which would cost the one-row kernel its third resident block on INT8.
+#define GEMV_TC_ROWS(fname, T, FMT, ROWS, suffix)                                                        \
+    extern "C" __global__ void __launch_bounds__(256) gemv_tc_##fname##suffix(                           \
         const T* x, const T* g, float eps, int mode, int m, int n, int k, const void* w,                 \
         const float* scales, int stages, T* out, float* out_f32, const T* residual) {                    \
-        gemv_tc<T, FMT>(x, g, eps, mode, m, n, k, w, scales, stages, out, out_f32, residual);            \
+        gemv_tc<T, FMT, ROWS>(x, g, eps, mode, m, n, k, w, scales, stages, out, out_f32, residual);      \
     }
+#define GEMV_TC(fname, T, FMT) GEMV_TC_ROWS(fname, T, FMT, false, ) GEMV_TC_ROWS(fname, T, FMT, true, _rows)
 GEMV_TC(dense_bf16, __nv_bfloat16, F_DENSE)
 GEMV_TC(int8_bf16, __nv_bfloat16, F_INT8)
 GEMV_TC(int4_bf16, __nv_bfloat16, F_INT4)
@@ -616,7 +615,7 @@ __device__ void transform_rows(const T* x, const T* g, float eps, int mode, int 
     pdl_allow_next();
     pdl_wait_previous();
     const size_t r = blockIdx.x;
-    stage_input<T>(x + r * (mode == IN_SWIGLU ? 2 * k : k), g, eps, mode, 1, k, out + r * k);
+    stage_row<T>(x + r * (mode == IN_SWIGLU ? 2 * k : k), g, eps, mode, k, out + r * k);
 }
 
 // One LoRA adapter's weights at one (layer, projection): A [rank, in] and scale·B [out, rank] in
