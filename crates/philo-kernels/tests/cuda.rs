@@ -30,6 +30,13 @@ fn gpu(test: &str) -> Option<Device> {
     Some(Device::new_cuda(0).expect("PHILO_CUDA_TESTS=1 but CUDA device 0 cannot be opened"))
 }
 
+/// [`gpu`] with its CUDA device, for the tests that load the decode kernels.
+fn cuda_gpu(test: &str) -> Option<(Device, candle_core::CudaDevice)> {
+    let dev = gpu(test)?;
+    let cuda = dev.as_cuda_device().expect("device 0 is CUDA").clone();
+    Some((dev, cuda))
+}
+
 fn uniform(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-scale..scale)).collect()
 }
@@ -1114,11 +1121,8 @@ fn decode_weight(
 #[test]
 fn cuda_decode_gemv_every_format_and_input() -> Result<()> {
     use philo_kernels::decode::*;
-    let Some(dev) = gpu("cuda_decode_gemv_every_format_and_input") else {
+    let Some((dev, cuda_dev)) = cuda_gpu("cuda_decode_gemv_every_format_and_input") else {
         return Ok(());
-    };
-    let Device::Cuda(cuda_dev) = &dev else {
-        unreachable!()
     };
     let mut rng = StdRng::seed_from_u64(21);
     // (rows, n, k): a QKV, a down projection and a ragged n that leaves a partial row group;
@@ -1135,7 +1139,7 @@ fn cuda_decode_gemv_every_format_and_input() -> Result<()> {
         (6, 40, 640),
     ] {
         for dtype in dtypes() {
-            let kernels = DecodeKernels::load(cuda_dev, dtype)?;
+            let kernels = DecodeKernels::load(&cuda_dev, dtype)?;
             for format in ["dense", "int8", "int4", "nf4", "nf4-dq"] {
                 let w = uniform(&mut rng, n * k, 0.05);
                 let (weight, _kept, w_values) = decode_weight(format, &w, n, k, dtype, &dev)?;
@@ -1198,11 +1202,8 @@ fn cuda_decode_gemv_every_format_and_input() -> Result<()> {
 fn cuda_paged_decode_split_matches_unsplit() -> Result<()> {
     use philo_kernels::decode::{address, Attention, DecodeKernels};
     use philo_kernels::paged_attention::paged_decode_reference;
-    let Some(dev) = gpu("cuda_paged_decode_split_matches_unsplit") else {
+    let Some((dev, cuda_dev)) = cuda_gpu("cuda_paged_decode_split_matches_unsplit") else {
         return Ok(());
-    };
-    let Device::Cuda(cuda_dev) = &dev else {
-        unreachable!()
     };
     let mut rng = StdRng::seed_from_u64(22);
     let (h, kvh, d, bs) = (8, 4, 96, 16);
@@ -1213,7 +1214,7 @@ fn cuda_paged_decode_split_matches_unsplit() -> Result<()> {
         (vec![33u32, 517], 40, 5),
     ] {
         let dtype = DType::BF16;
-        let kernels = DecodeKernels::load(cuda_dev, dtype)?;
+        let kernels = DecodeKernels::load(&cuda_dev, dtype)?;
         let n = lens.len();
         let max_blocks = *lens.iter().max().unwrap() as usize / bs + 1;
         let blocks = n * max_blocks;
@@ -1452,16 +1453,13 @@ fn cuda_adamw_and_sum_of_squares() -> Result<()> {
 #[test]
 fn cuda_transform_rows_then_gemm() -> Result<()> {
     use philo_kernels::decode::*;
-    let Some(dev) = gpu("cuda_transform_rows_then_gemm") else {
+    let Some((dev, cuda_dev)) = cuda_gpu("cuda_transform_rows_then_gemm") else {
         return Ok(());
-    };
-    let Device::Cuda(cuda_dev) = &dev else {
-        unreachable!()
     };
     let mut rng = StdRng::seed_from_u64(23);
     for (m, n, k) in [(5, 1152, 3072), (16, 320, 8192), (9, 100, 1024)] {
         for dtype in dtypes() {
-            let kernels = DecodeKernels::load(cuda_dev, dtype)?;
+            let kernels = DecodeKernels::load(&cuda_dev, dtype)?;
             let w = uniform(&mut rng, n * k, 0.05);
             let (weight, _kept, w_values) = decode_weight("dense", &w, n, k, dtype, &dev)?;
             let GemvWeight::Dense { w: w_address } = weight else {
@@ -1519,13 +1517,10 @@ fn cuda_sample_rows_match_the_reference() -> Result<()> {
     use philo_kernels::sampling::{
         self, draw_weights, reference, same_up_to_rounding, RowSampling,
     };
-    let Some(dev) = gpu("cuda_sample_rows_match_the_reference") else {
+    let Some((dev, cuda_dev)) = cuda_gpu("cuda_sample_rows_match_the_reference") else {
         return Ok(());
     };
-    let Device::Cuda(cuda_dev) = &dev else {
-        unreachable!()
-    };
-    let kernels = DecodeKernels::load(cuda_dev, DType::BF16)?;
+    let kernels = DecodeKernels::load(&cuda_dev, DType::BF16)?;
     let mut rng = StdRng::seed_from_u64(31);
     let settings = |t: f32, k: u32, p: f32, min_p: f32| RowSampling {
         temperature: t,
@@ -1612,18 +1607,15 @@ fn cuda_sample_rows_match_the_reference() -> Result<()> {
 #[test]
 fn cuda_batched_lora_matches_the_reference() -> Result<()> {
     use philo_kernels::decode::*;
-    let Some(dev) = gpu("cuda_batched_lora_matches_the_reference") else {
+    let Some((dev, cuda_dev)) = cuda_gpu("cuda_batched_lora_matches_the_reference") else {
         return Ok(());
-    };
-    let Device::Cuda(cuda_dev) = &dev else {
-        unreachable!()
     };
     let mut rng = StdRng::seed_from_u64(41);
     let (k, n, max_rank) = (1024, 320, 64);
     let rows: [Option<usize>; 6] = [Some(0), None, Some(1), Some(0), None, Some(1)];
     let m = rows.len();
     for dtype in dtypes() {
-        let kernels = DecodeKernels::load(cuda_dev, dtype)?;
+        let kernels = DecodeKernels::load(&cuda_dev, dtype)?;
         let ranks = [16, 12];
         let mut adapters = Vec::new();
         let mut entries = Vec::new();
