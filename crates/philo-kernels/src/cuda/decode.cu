@@ -582,8 +582,8 @@ __device__ void gemv_tc(const T* x, const T* g, float eps, int mode, int m, int 
     }
 }
 
-// Two instances: one row, and several. Several rows' staging takes more registers (116-128 in
-// all, against 64-80), which would cost the one-row kernel its third resident block on INT8.
+// Two instances: one row, and several. Several rows' staging takes more registers (108-128 in
+// all, against 64-80 for one row), which the one-row kernel then does not carry.
 #define GEMV_TC_ROWS(fname, T, FMT, ROWS, suffix)                                                        \
     extern "C" __global__ void __launch_bounds__(256) gemv_tc_##fname##suffix(                           \
         const T* x, const T* g, float eps, int mode, int m, int n, int k, const void* w,                 \
