@@ -7,7 +7,8 @@ use clap::{Args, Subcommand};
 use philo::device::parse_dtype;
 use philo::quant::BaseQuant;
 
-use crate::{ServeShapeArgs, TrainShapeArgs};
+use crate::cli::serve::ServeShapeArgs;
+use crate::TrainShapeArgs;
 
 #[derive(Args)]
 pub struct PlanArgs {
