@@ -532,6 +532,7 @@ pub fn train(mut model: Phi3, options: &TrainBench) -> anyhow::Result<BenchResul
             &window(i),
             config,
             &mut context,
+            &philo_train::comm::SingleProcess,
         )?;
         Ok(())
     };

@@ -1,8 +1,10 @@
 //! LoRA / QLoRA fine-tuning of Phi-3: trainable adapters, loss and gradients (with gradient
-//! checkpointing), AdamW, learning-rate schedules, data, and the trainer.
+//! checkpointing), AdamW, learning-rate schedules, data, the trainer, and how the ranks of a
+//! data-parallel run combine their gradients.
 
 pub mod adamw;
 pub mod backward;
+pub mod comm;
 pub mod data;
 pub mod error;
 pub mod eval;

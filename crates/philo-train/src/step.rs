@@ -2,7 +2,9 @@
 //! backward of every micro-batch of an accumulation window into f32 accumulators (the loss
 //! normalised over the window's labelled tokens, so accumulation equals one big batch), then
 //! gradient-norm clipping and the AdamW update. In f16 the step runs under dynamic loss
-//! scaling (`backward::LossScaler`): a step whose gradients overflowed is skipped.
+//! scaling (`backward::LossScaler`): a step whose gradients overflowed is skipped. In a
+//! data-parallel run (`comm`) the window is this rank's share: the normaliser, the loss and
+//! the gradients are summed over the ranks, so every rank takes the update of the whole window.
 
 use candle_core::Tensor;
 use philo_kernels::profile::time;
@@ -10,6 +12,7 @@ use philo_model::{DropoutSeed, Phi3};
 
 use crate::adamw::{clip_grad_norm, AdamW};
 use crate::backward::{accumulate, GradBuffers, MicroBatch, PassOptions, StepContext};
+use crate::comm::Communicator;
 use crate::error::{Result, TrainError};
 use crate::lora_params::LoraParams;
 use crate::loss::count_targets;
@@ -40,9 +43,10 @@ pub struct WindowBatch {
     pub dropout: DropoutSeed,
 }
 
-/// Trains one optimizer step on `window`. Returns None (and changes nothing) when the window
-/// has no labelled token; `TrainError::Diverged` when the loss or the gradient norm is not
-/// finite, before the adapter is touched.
+/// Trains one optimizer step on `window` (this rank's share of it, see the module docs).
+/// Returns None (and changes nothing) when the whole window has no labelled token;
+/// `TrainError::Diverged` when the loss or the gradient norm is not finite, before the adapter
+/// is touched. Every rank calls it once per step, whatever its share holds.
 pub fn train_step(
     model: &Phi3,
     params: &LoraParams,
@@ -50,8 +54,14 @@ pub fn train_step(
     window: &[WindowBatch],
     config: StepConfig,
     context: &mut StepContext,
+    comm: &dyn Communicator,
 ) -> Result<Option<StepOutcome>> {
-    let normalizer: usize = window.iter().map(|w| count_targets(&w.batch.labels)).sum();
+    let mut targets = [window
+        .iter()
+        .map(|w| count_targets(&w.batch.labels))
+        .sum::<usize>() as f64];
+    comm.all_reduce_sum(&mut targets)?;
+    let normalizer = targets[0] as usize;
     if normalizer == 0 {
         return Ok(None);
     }
@@ -71,11 +81,14 @@ pub fn train_step(
             context,
         )?;
     }
-    let loss = loss_sum / normalizer as f64;
+    let mut loss_sums = [loss_sum];
+    comm.all_reduce_sum(&mut loss_sums)?;
+    let loss = loss_sums[0] / normalizer as f64;
     if !loss.is_finite() {
         return Err(TrainError::Diverged(format!("the loss became {loss}")));
     }
     let grads: Vec<Tensor> = buffers.grads;
+    comm.all_reduce_tensors(&grads)?;
     let device = model.device();
     let unscale = 1.0 / context.loss_scale();
     let (grad_norm, grad_scale) = time(device, "grad norm + clip", || {

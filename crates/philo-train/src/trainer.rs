@@ -1,5 +1,8 @@
 //! The fine-tuning loop: micro-batches from the prefetcher, gradient accumulation, clipping,
-//! AdamW with a schedule, logging to metrics.jsonl, evaluation, checkpoints and resume.
+//! AdamW with a schedule, logging to metrics.jsonl, evaluation, checkpoints and resume. In a
+//! data-parallel run (`Trainer::new_rank`) a window is `world_size` × the accumulation steps of
+//! micro-batches, rank r training on those at r, r + world_size, …; rank 0 alone logs,
+//! evaluates and writes checkpoints.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -14,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::adamw::{AdamW, AdamWConfig};
 use crate::backward::{MicroBatch, PassOptions, StepContext};
+use crate::comm::{Communicator, SingleProcess};
 use crate::data::{Batch, BatchPlan, BatchPosition, PrefetchLimit, Prefetcher, RowDataset};
 use crate::error::{Result, TrainError};
 use crate::gpu_reading::{GpuProbe, GpuReading};
@@ -114,7 +118,14 @@ struct TrainerState {
     total_steps: usize,
     batch_size: usize,
     gradient_accumulation_steps: usize,
+    /// Ranks of the run (checkpoints written before data parallelism: 1).
+    #[serde(default = "one_rank")]
+    world_size: usize,
     elapsed_seconds: f64,
+}
+
+fn one_rank() -> usize {
+    1
 }
 
 /// A fine-tune of the LoRA adapters on `model`.
@@ -133,16 +144,38 @@ pub struct Trainer {
     elapsed_before: f64,
     /// The newest checkpoint written or resumed from, named when a run must stop.
     last_checkpoint: Option<PathBuf>,
+    comm: Box<dyn Communicator>,
 }
 
 impl Trainer {
     /// Puts fresh adapters (`adapter_config`) on `model` and prepares the run.
     pub fn new(
+        model: Phi3,
+        adapter_config: AdapterConfig,
+        train: RowDataset,
+        eval: Option<RowDataset>,
+        config: TrainerConfig,
+    ) -> Result<Self> {
+        Self::new_rank(
+            model,
+            adapter_config,
+            train,
+            eval,
+            config,
+            Box::new(SingleProcess),
+        )
+    }
+
+    /// [`Trainer::new`] for one rank of a data-parallel run: every rank is given the same
+    /// model, data and config (the adapters start equal, from the seed), and `comm` joins it
+    /// to the others.
+    pub fn new_rank(
         mut model: Phi3,
         adapter_config: AdapterConfig,
         train: RowDataset,
         eval: Option<RowDataset>,
         config: TrainerConfig,
+        comm: Box<dyn Communicator>,
     ) -> Result<Self> {
         if config.batch_size == 0 || config.gradient_accumulation_steps == 0 {
             return Err(TrainError::Config(
@@ -155,7 +188,7 @@ impl Trainer {
             .map_err(|e| TrainError::Config(e.to_string()))?;
         let steps_per_epoch = plan
             .batches_per_epoch()
-            .div_ceil(config.gradient_accumulation_steps);
+            .div_ceil(config.gradient_accumulation_steps * comm.world_size());
         let total_steps = config
             .max_steps
             .unwrap_or(steps_per_epoch * config.epochs)
@@ -182,6 +215,7 @@ impl Trainer {
             position: BatchPosition::default(),
             elapsed_before: 0.0,
             last_checkpoint: None,
+            comm,
         })
     }
 
@@ -213,18 +247,20 @@ impl Trainer {
             state.total_steps,
             state.batch_size,
             state.gradient_accumulation_steps,
+            state.world_size,
         );
         let now = (
             self.config.seed,
             self.schedule.total_steps,
             self.config.batch_size,
             self.config.gradient_accumulation_steps,
+            self.comm.world_size(),
         );
         if saved != now {
             return Err(TrainError::Config(format!(
-                "{}: the checkpoint was trained with seed {}, {} total steps, batch size {}, accumulation {}; this run has {}, {}, {}, {}; resume with the same settings",
+                "{}: the checkpoint was trained with seed {}, {} total steps, batch size {}, accumulation {}, {} rank(s); this run has {}, {}, {}, {}, {}; resume with the same settings",
                 state_path.display(),
-                saved.0, saved.1, saved.2, saved.3, now.0, now.1, now.2, now.3
+                saved.0, saved.1, saved.2, saved.3, saved.4, now.0, now.1, now.2, now.3, now.4
             )));
         }
         let weights = dir.join("adapter_model.safetensors");
@@ -267,32 +303,48 @@ impl Trainer {
     /// Trains until the last step or until `stop` is set (then a checkpoint is saved and the
     /// run ends cleanly). A loss that is not finite stops the run with an error and keeps the
     /// last good checkpoint.
+    /// In a data-parallel run every rank calls it; `stop` on any rank stops them all at the
+    /// same step, and only rank 0 writes files and reports events.
     pub fn run(
         &mut self,
         stop: &AtomicBool,
         mut on_event: impl FnMut(TrainEvent),
     ) -> Result<TrainSummary> {
-        std::fs::create_dir_all(&self.config.output_dir).map_err(|e| TrainError::File {
-            path: self.config.output_dir.clone(),
-            message: e.to_string(),
-        })?;
+        let (rank, world) = (self.comm.rank(), self.comm.world_size());
+        let lead = rank == 0;
+        let mut on_event = |event: TrainEvent| {
+            if lead {
+                on_event(event)
+            }
+        };
         let metrics_path = self.config.output_dir.join("metrics.jsonl");
-        let mut metrics = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&metrics_path)
-            .map_err(|e| TrainError::File {
-                path: metrics_path.clone(),
+        let mut metrics = if lead {
+            std::fs::create_dir_all(&self.config.output_dir).map_err(|e| TrainError::File {
+                path: self.config.output_dir.clone(),
                 message: e.to_string(),
             })?;
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&metrics_path)
+                .map_err(|e| TrainError::File {
+                    path: metrics_path.clone(),
+                    message: e.to_string(),
+                })?;
+            Some(file)
+        } else {
+            None
+        };
         let total = self.schedule.total_steps;
         let accum = self.config.gradient_accumulation_steps;
+        // Micro-batches of one optimizer step, over all ranks.
+        let window_batches = accum * world;
         on_event(TrainEvent::Started {
             total_steps: total,
             start_step: self.step,
             trainable: self.params.count(),
         });
-        let remaining = (total.saturating_sub(self.step)) * accum;
+        let remaining = (total.saturating_sub(self.step)) * window_batches;
         let mut batches = Prefetcher::spawn(
             Arc::clone(&self.train),
             self.plan,
@@ -312,11 +364,14 @@ impl Trainer {
         let mut step_context = StepContext::new(self.model.device(), self.model.dtype());
         let probe = GpuProbe::for_device(self.model.device());
         while self.step < total {
-            if stop.load(Ordering::SeqCst) {
+            let mut stopping = [f64::from(u8::from(stop.load(Ordering::SeqCst)))];
+            self.comm.all_reduce_sum(&mut stopping)?;
+            if stopping[0] > 0.0 {
                 interrupted = true;
                 break;
             }
-            let micro: Vec<(BatchPosition, Batch)> = batches.by_ref().take(accum).collect();
+            let micro: Vec<(BatchPosition, Batch)> =
+                batches.by_ref().take(window_batches).collect();
             let Some((last_position, _)) = micro.last() else {
                 break;
             };
@@ -326,10 +381,16 @@ impl Trainer {
                 if count_targets(&batch.labels) == 0 {
                     continue;
                 }
+                // Every rank counts the whole window: the logged rate is the run's.
                 tokens_since_log += batch.batch_size() * batch.seq_len();
+                if i % world != rank {
+                    continue;
+                }
                 let tensors = batch.to_tensors(self.model.device())?;
+                // Seeded by the micro-batch's place in the whole window, so a run's dropout
+                // masks do not depend on how many ranks share it.
                 let seed = self.config.seed
-                    ^ ((self.step * accum + i) as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+                    ^ ((self.step * window_batches + i) as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
                 window.push(WindowBatch {
                     batch: MicroBatch {
                         input_ids: tensors.input_ids,
@@ -356,6 +417,7 @@ impl Trainer {
                 &window,
                 step_config,
                 &mut step_context,
+                self.comm.as_ref(),
             ) {
                 Ok(Some(outcome)) => outcome,
                 // A window without labelled tokens: nothing to learn, the data moves on.
@@ -378,7 +440,9 @@ impl Trainer {
             last_loss = Some(loss);
 
             let eval_loss = match (self.config.eval_steps, &self.eval) {
-                (Some(every), Some(_)) if self.step.is_multiple_of(every) || self.step == total => {
+                (Some(every), Some(_))
+                    if lead && (self.step.is_multiple_of(every) || self.step == total) =>
+                {
                     let value = self.evaluate()?;
                     last_eval = value;
                     value
@@ -393,7 +457,8 @@ impl Trainer {
                 let done = (self.step - start_step) as f64;
                 let entry = StepMetrics {
                     step: self.step,
-                    epoch: self.step as f64 * accum as f64 / self.plan.batches_per_epoch() as f64,
+                    epoch: (self.step * window_batches) as f64
+                        / self.plan.batches_per_epoch() as f64,
                     loss,
                     lr,
                     grad_norm,
@@ -407,15 +472,17 @@ impl Trainer {
                     skipped: outcome.skipped,
                     gpu,
                 };
-                writeln!(
-                    metrics,
-                    "{}",
-                    serde_json::to_string(&entry).expect("metrics serialise")
-                )
-                .map_err(|e| TrainError::File {
-                    path: metrics_path.clone(),
-                    message: e.to_string(),
-                })?;
+                if let Some(metrics) = &mut metrics {
+                    writeln!(
+                        metrics,
+                        "{}",
+                        serde_json::to_string(&entry).expect("metrics serialise")
+                    )
+                    .map_err(|e| TrainError::File {
+                        path: metrics_path.clone(),
+                        message: e.to_string(),
+                    })?;
+                }
                 on_event(TrainEvent::Step(&entry));
                 history.push(entry);
                 tokens_since_log = 0;
@@ -439,11 +506,13 @@ impl Trainer {
                 dir: &dir,
             });
         } else {
-            save_adapter(
-                &self.config.output_dir,
-                &self.adapter_config,
-                &mut self.model,
-            )?;
+            if lead {
+                save_adapter(
+                    &self.config.output_dir,
+                    &self.adapter_config,
+                    &mut self.model,
+                )?;
+            }
             on_event(TrainEvent::Saved {
                 step: self.step,
                 dir: &self.config.output_dir,
@@ -489,9 +558,14 @@ impl Trainer {
 
     /// Writes `checkpoint-{step}` (adapter, optimizer, state) through a temporary folder and a
     /// rename, so an interrupted save never leaves a half checkpoint.
+    /// Other ranks than 0 only note the folder rank 0 writes.
     fn save_checkpoint(&mut self, elapsed: f64) -> Result<PathBuf> {
         let out = &self.config.output_dir;
         let final_dir = out.join(format!("checkpoint-{}", self.step));
+        if self.comm.rank() != 0 {
+            self.last_checkpoint = Some(final_dir.clone());
+            return Ok(final_dir);
+        }
         let tmp = out.join(format!(".checkpoint-{}.tmp", self.step));
         let _ = std::fs::remove_dir_all(&tmp);
         save_adapter(&tmp, &self.adapter_config, &mut self.model)?;
@@ -504,6 +578,7 @@ impl Trainer {
             total_steps: self.schedule.total_steps,
             batch_size: self.config.batch_size,
             gradient_accumulation_steps: self.config.gradient_accumulation_steps,
+            world_size: self.comm.world_size(),
             elapsed_seconds: self.elapsed_before + elapsed,
         };
         write_atomic(

@@ -9,6 +9,7 @@ use philo_model::tiny::{random_weights, tiny_config};
 use philo_model::{DropoutSeed, Phi3, Phi3Config};
 use philo_train::adamw::{AdamW, AdamWConfig};
 use philo_train::backward::{LossScaler, MicroBatch, PassOptions, StepContext};
+use philo_train::comm::SingleProcess;
 use philo_train::lora_params::LoraParams;
 use philo_train::step::{train_step, StepConfig, WindowBatch};
 
@@ -65,9 +66,17 @@ fn overflowing_f16_steps_are_skipped_and_the_scale_halves() {
     let mut context = StepContext::new(&Device::Cpu, DType::F16);
     assert_eq!(context.scaler, Some(LossScaler::new(65536.0)));
     let step = |optimizer: &mut AdamW, context: &mut StepContext| {
-        train_step(&model, &params, optimizer, &window, step_config, context)
-            .unwrap()
-            .unwrap()
+        train_step(
+            &model,
+            &params,
+            optimizer,
+            &window,
+            step_config,
+            context,
+            &SingleProcess,
+        )
+        .unwrap()
+        .unwrap()
     };
 
     // Far beyond f16's range (65504): the gradients overflow.

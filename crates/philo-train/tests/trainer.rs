@@ -5,6 +5,8 @@
 //!   bit for bit (losses, learning rates, gradient norms, final adapter), with LoRA dropout and
 //!   gradient accumulation on, over an epoch boundary, on a dense and on an NF4 base;
 //! - gradient accumulation over two micro-batches equals one batch of both;
+//! - two data-parallel ranks (threads joined by an in-process communicator) train as one rank
+//!   accumulating both ranks' micro-batches, with dropout and clipping on; only rank 0 writes;
 //! - a loss that stops being finite ends the run with an error naming the loss and step, and
 //!   leaves the checkpoint saved before it untouched.
 //!
@@ -13,7 +15,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, Barrier, Mutex, OnceLock};
 
 use candle_core::{DType, Device, Tensor};
 use philo_model::adapter::AdapterConfig;
@@ -21,6 +23,7 @@ use philo_model::tiny::{random_weights, tiny_config};
 use philo_model::{Phi3, Phi3Config};
 use philo_text::{ChatTemplate, Tokenizer};
 use philo_train::adamw::AdamWConfig;
+use philo_train::comm::Communicator;
 use philo_train::data::{load_dataset, DataOptions, Example, RowDataset};
 use philo_train::schedule::ScheduleKind;
 use philo_train::trainer::{StepMetrics, TrainEvent, TrainSummary, Trainer, TrainerConfig};
@@ -389,6 +392,161 @@ fn gradient_accumulation_equals_one_big_batch() {
         big[0].loss
     );
     assert!(max_abs_diff(&big_adapter, &half_adapter) > 1e-4);
+}
+
+/// One rank of a data-parallel run whose ranks are threads of this process: a collective waits
+/// for every rank, then each rank sums all ranks' values in rank order (so every rank gets the
+/// same sums), and waits again before the slots are reused.
+struct LocalRank {
+    rank: usize,
+    group: Arc<LocalGroup>,
+}
+
+struct LocalGroup {
+    barrier: Barrier,
+    slots: Mutex<Vec<Vec<f64>>>,
+}
+
+impl LocalRank {
+    fn group(world: usize) -> Vec<LocalRank> {
+        let group = Arc::new(LocalGroup {
+            barrier: Barrier::new(world),
+            slots: Mutex::new(vec![Vec::new(); world]),
+        });
+        (0..world)
+            .map(|rank| LocalRank {
+                rank,
+                group: Arc::clone(&group),
+            })
+            .collect()
+    }
+
+    fn sum(&self, values: &[f64]) -> Vec<f64> {
+        self.group.slots.lock().unwrap()[self.rank] = values.to_vec();
+        self.group.barrier.wait();
+        let sums = {
+            let slots = self.group.slots.lock().unwrap();
+            (0..values.len())
+                .map(|i| slots.iter().map(|s| s[i]).sum())
+                .collect()
+        };
+        self.group.barrier.wait();
+        sums
+    }
+}
+
+impl Communicator for LocalRank {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.group.slots.lock().unwrap().len()
+    }
+
+    fn all_reduce_sum(&self, values: &mut [f64]) -> philo_train::Result<()> {
+        let sums = self.sum(values);
+        values.copy_from_slice(&sums);
+        Ok(())
+    }
+
+    fn all_reduce_tensors(&self, tensors: &[Tensor]) -> philo_train::Result<()> {
+        let flat: Vec<f64> = tensors
+            .iter()
+            .flat_map(|t| values(t).into_iter().map(f64::from))
+            .collect();
+        let sums = self.sum(&flat);
+        let mut at = 0;
+        for t in tensors {
+            let part: Vec<f32> = sums[at..at + t.elem_count()]
+                .iter()
+                .map(|&v| v as f32)
+                .collect();
+            at += t.elem_count();
+            t.slice_set(&Tensor::from_vec(part, t.shape(), t.device())?, 0, 0)?;
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn data_parallel_ranks_train_as_one_rank_with_the_whole_window() {
+    let work = tempfile::tempdir().unwrap();
+    // 8 rows in micro-batches of 2: two steps of 4 rows, with LoRA dropout (seeded by the
+    // micro-batch's place in the window) and clipping (of the summed gradients).
+    let config = |name: &str, accumulation: usize| TrainerConfig {
+        batch_size: 2,
+        gradient_accumulation_steps: accumulation,
+        max_steps: Some(2),
+        lr: 1e-3,
+        max_grad_norm: Some(1.0),
+        ..trainer_config(&work.path().join(name))
+    };
+    let mut one = Trainer::new(
+        dense_model(),
+        adapter_config(0.1),
+        rows(8),
+        None,
+        config("one", 2),
+    )
+    .unwrap();
+    let (one_summary, _) = run(&mut one, None);
+    let ranks: Vec<TrainSummary> = std::thread::scope(|scope| {
+        let handles: Vec<_> = LocalRank::group(2)
+            .into_iter()
+            .map(|comm| {
+                let config = config(&format!("rank{}", comm.rank), 1);
+                scope.spawn(move || {
+                    let mut trainer = Trainer::new_rank(
+                        dense_model(),
+                        adapter_config(0.1),
+                        rows(8),
+                        None,
+                        config,
+                        Box::new(comm),
+                    )
+                    .unwrap();
+                    assert_eq!(trainer.total_steps(), 2);
+                    run(&mut trainer, None).0
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(one_summary.history.len(), 2);
+    for rank in &ranks {
+        assert_eq!(rank.steps, 2);
+        assert_eq!(
+            trace(&rank.history),
+            trace(&ranks[0].history),
+            "ranks disagree"
+        );
+    }
+    for (o, d) in one_summary.history.iter().zip(&ranks[0].history) {
+        assert_eq!(o.step, d.step);
+        assert!(
+            (o.loss - d.loss).abs() <= 1e-5,
+            "step {}: loss {} on one rank, {} on two",
+            o.step,
+            o.loss,
+            d.loss
+        );
+        assert!(
+            (o.grad_norm - d.grad_norm).abs() <= 1e-5 * o.grad_norm,
+            "step {}: gradient norm {} on one rank, {} on two",
+            o.step,
+            o.grad_norm,
+            d.grad_norm
+        );
+    }
+    let one_adapter = tensors(&work.path().join("one/adapter_model.safetensors"));
+    let rank0_adapter = tensors(&work.path().join("rank0/adapter_model.safetensors"));
+    let diff = max_abs_diff(&one_adapter, &rank0_adapter);
+    assert!(diff <= 1e-5, "the adapters after 2 steps differ by {diff}");
+    assert!(
+        !work.path().join("rank1").exists(),
+        "rank 1 wrote files: only rank 0 logs and saves"
+    );
 }
 
 #[test]
