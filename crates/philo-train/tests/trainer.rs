@@ -550,6 +550,43 @@ fn data_parallel_ranks_train_as_one_rank_with_the_whole_window() {
 }
 
 #[test]
+fn resume_refuses_a_checkpoint_of_another_world_size() {
+    let work = tempfile::tempdir().unwrap();
+    let config = TrainerConfig {
+        max_steps: Some(2),
+        save_steps: Some(1),
+        ..trainer_config(&work.path().join("run"))
+    };
+    let mut one = Trainer::new(
+        dense_model(),
+        adapter_config(0.0),
+        rows(8),
+        None,
+        config.clone(),
+    )
+    .unwrap();
+    let (_, saved) = run(&mut one, None);
+    let (step, checkpoint) = &saved[0];
+    assert_eq!(*step, 1);
+    // Same seed, batch, accumulation and total steps: only the number of ranks differs.
+    let rank0 = LocalRank::group(2).remove(0);
+    let mut two = Trainer::new_rank(
+        dense_model(),
+        adapter_config(0.0),
+        rows(8),
+        None,
+        config,
+        Box::new(rank0),
+    )
+    .unwrap();
+    let error = two.resume_from(checkpoint).unwrap_err().to_string();
+    assert!(
+        error.contains("1 rank(s); this run has 42, 2, 2, 1, 2; resume with the same settings"),
+        "{error}"
+    );
+}
+
+#[test]
 fn nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint() {
     let work = tempfile::tempdir().unwrap();
     let out = work.path().join("out");
