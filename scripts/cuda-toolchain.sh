@@ -17,6 +17,15 @@ if [ ! -x "$root/bin/nvcc" ]; then
     nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 nvidia-cuda-nvrtc==13.0.88 \
     nvidia-curand==10.4.0.35 nvidia-cublas==13.0.2.14 >&2
 fi
+# NCCL for multi-GPU fine-tuning (`--features cuda,nccl`), only when asked: PHILO_NCCL=1.
+nccl="$dir/nvidia/nccl"
+if [ "${PHILO_NCCL:-0}" = 1 ] && [ ! -e "$nccl/lib/libnccl.so.2" ]; then
+  echo "installing the NCCL wheel into $dir ..." >&2
+  tmp=$(mktemp -d)
+  python3 -m pip install -q --no-deps --target "$tmp" nvidia-nccl-cu13==2.32.6 >&2
+  mkdir -p "$dir/nvidia" && rm -rf "$nccl" && mv "$tmp/nvidia/nccl" "$nccl" && rm -rf "$tmp"
+fi
+[ -e "$nccl/lib/libnccl.so.2" ] && ln -sf libnccl.so.2 "$nccl/lib/libnccl.so"
 # Unversioned names for the linker (libcublas.so -> libcublas.so.13, ...).
 for lib in "$root"/lib/lib*.so.*; do
   base=${lib##*/}
@@ -41,7 +50,7 @@ fi
 cat <<ENV
 export CUDA_ROOT="$root" CUDA_HOME="$root" CUDA_PATH="$root"
 export PATH="$root/bin:\$PATH"
-export LIBRARY_PATH="$root/lib:$root/lib/stubs:\${LIBRARY_PATH:-}"
-export LD_LIBRARY_PATH="$root/lib:\${LD_LIBRARY_PATH:-}"
+export LIBRARY_PATH="$root/lib:$root/lib/stubs:$nccl/lib:\${LIBRARY_PATH:-}"
+export LD_LIBRARY_PATH="$root/lib:$nccl/lib:\${LD_LIBRARY_PATH:-}"
 export CUDA_COMPUTE_CAP=\${CUDA_COMPUTE_CAP:-90} CUDAFORGE_THREADS=\${CUDAFORGE_THREADS:-2}
 ENV

@@ -70,6 +70,7 @@ pub fn demo(dir: &Path, steps: usize, stop: &AtomicBool) -> anyhow::Result<()> {
         resume: None,
         dtype: DType::F32,
         device: Device::Cpu,
+        rank: None,
     };
     println!("2. QLoRA fine-tune (NF4 base, r 16) on the sample dataset: animals and their sounds");
     let summary = finetune(&options, stop)?;

@@ -32,14 +32,17 @@ impl DeviceChoice {
             DeviceChoice::Auto => Ok(single_stream(
                 Device::cuda_if_available(0).unwrap_or(Device::Cpu),
             )),
-            DeviceChoice::Cuda => {
-                if !candle_core::utils::cuda_is_available() {
-                    anyhow::bail!("--device cuda: this philo was built without CUDA; rebuild with `cargo build --release --features cuda` (see README)");
-                }
-                Ok(single_stream(Device::new_cuda(0)?))
-            }
+            DeviceChoice::Cuda => open_cuda(0),
         }
     }
+}
+
+/// CUDA device `ordinal` (a data-parallel rank's GPU is its LOCAL_RANK).
+pub fn open_cuda(ordinal: usize) -> anyhow::Result<Device> {
+    if !candle_core::utils::cuda_is_available() {
+        anyhow::bail!("--device cuda: this philo was built without CUDA; rebuild with `cargo build --release --features cuda` (see README)");
+    }
+    Ok(single_stream(Device::new_cuda(ordinal)?))
 }
 
 /// philo runs all its GPU work on candle's one stream, so the per-buffer CUDA events that guard

@@ -47,6 +47,8 @@ pub struct FinetuneOptions {
     pub resume: Option<PathBuf>,
     pub dtype: DType,
     pub device: Device,
+    /// This process's rank in a multi-GPU run (`finetune --gpus N` starts one per GPU).
+    pub rank: Option<crate::launch::RankEnv>,
 }
 
 impl FinetuneOptions {
@@ -80,6 +82,8 @@ impl FinetuneOptions {
 pub fn finetune(options: &FinetuneOptions, stop: &AtomicBool) -> anyhow::Result<TrainSummary> {
     // Flags first: a bad one is reported before any file is read.
     philo_train::lora_params::check_dropout(options.lora_dropout)?;
+    // Rank 0 speaks for a multi-GPU run.
+    let lead = options.rank.as_ref().is_none_or(|env| env.rank == 0);
     let files = ModelFiles::resolve(&options.base_model)?;
     let config = Phi3Config::from_file(&files.config())?;
     let (tokenizer, template) = crate::pipeline::load_text(&files)?;
@@ -90,12 +94,16 @@ pub fn finetune(options: &FinetuneOptions, stop: &AtomicBool) -> anyhow::Result<
         packing: options.packing,
     };
     let train_data = load_dataset(&options.dataset, &tokenizer, &template, &data_options)?;
-    eprintln!("{}: {}", options.dataset.display(), train_data.stats);
+    if lead {
+        eprintln!("{}: {}", options.dataset.display(), train_data.stats);
+    }
     let pad = train_data.eos_id;
     let (train, eval) = match &options.eval_dataset {
         Some(path) => {
             let eval = load_dataset(path, &tokenizer, &template, &data_options)?;
-            eprintln!("{}: {}", path.display(), eval.stats);
+            if lead {
+                eprintln!("{}: {}", path.display(), eval.stats);
+            }
             (train_data.examples, eval.examples)
         }
         None => split_eval(
@@ -171,19 +179,30 @@ pub fn finetune(options: &FinetuneOptions, stop: &AtomicBool) -> anyhow::Result<
         options.use_rslora,
     );
     adapter.base_model_name_or_path = Some(options.base_model.clone());
-    let mut trainer = Trainer::new(model, adapter, train, eval, trainer_config).map_err(|e| {
-        crate::oom::explain(
-            e,
-            "allocating the LoRA adapters and their optimizer state",
-            &advice,
-        )
-    })?;
+    let comm: Box<dyn philo_train::comm::Communicator> = match &options.rank {
+        Some(env) => crate::launch::communicator(env, &options.device)?,
+        None => Box::new(philo_train::comm::SingleProcess),
+    };
+    let mut trainer = Trainer::new_rank(model, adapter, train, eval, trainer_config, comm)
+        .map_err(|e| {
+            crate::oom::explain(
+                e,
+                "allocating the LoRA adapters and their optimizer state",
+                &advice,
+            )
+        })?;
     if let Some(dir) = &options.resume {
         trainer.resume_from(dir)?;
-        eprintln!("resumed from {}", dir.display());
+        if lead {
+            eprintln!("resumed from {}", dir.display());
+        }
     }
 
-    let bar = ProgressBar::new(trainer.total_steps() as u64);
+    let bar = if lead {
+        ProgressBar::new(trainer.total_steps() as u64)
+    } else {
+        ProgressBar::hidden()
+    };
     // Without a terminal the bar is hidden; the step lines still go to stderr.
     let say = |line: String| {
         if bar.is_hidden() {
@@ -263,6 +282,9 @@ pub fn finetune(options: &FinetuneOptions, stop: &AtomicBool) -> anyhow::Result<
     };
     bar.finish();
     let out = &options.trainer.output_dir;
+    if !lead {
+        return Ok(summary);
+    }
     if let Err(e) =
         philo_train::loss_plot::write_loss_plot(&out.join("metrics.jsonl"), &out.join("loss.png"))
     {

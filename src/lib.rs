@@ -14,6 +14,7 @@ pub mod device;
 pub mod eval;
 pub mod export;
 pub mod finetune;
+pub mod launch;
 pub mod merge;
 pub mod monitor;
 pub mod oom;

@@ -376,6 +376,25 @@ struct FinetuneArgs {
     resume: Option<String>,
     #[arg(long, default_value = "auto")]
     device: DeviceChoice,
+    /// Data-parallel fine-tuning on this many GPUs of this node: one process per GPU, each
+    /// with --batch_size rows a micro-batch (the optimizer step sees gpus × nnodes × batch ×
+    /// accumulation rows). Needs a build with `--features cuda,nccl`.
+    #[arg(long, default_value_t = 1)]
+    gpus: usize,
+    /// Nodes of a multi-node run (start the same command on each, with its --node_rank).
+    #[arg(long, default_value_t = 1)]
+    nnodes: usize,
+    #[arg(long = "node_rank", alias = "node-rank", default_value_t = 0)]
+    node_rank: usize,
+    /// Node 0's address, where the ranks meet.
+    #[arg(
+        long = "master_addr",
+        alias = "master-addr",
+        default_value = "127.0.0.1"
+    )]
+    master_addr: String,
+    #[arg(long = "master_port", alias = "master-port", default_value_t = 29500)]
+    master_port: u16,
 }
 
 /// The flags of a fine-tune that set its memory and speed (`finetune` and `plan finetune`).
@@ -526,7 +545,23 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
 }
 
 fn finetune(args: FinetuneArgs) -> anyhow::Result<()> {
-    let device = args.device.open()?;
+    let rank = philo::launch::RankEnv::from_env()?;
+    let launch = philo::launch::Launch {
+        gpus: args.gpus,
+        nnodes: args.nnodes,
+        node_rank: args.node_rank,
+        master_addr: args.master_addr.clone(),
+        master_port: args.master_port,
+    };
+    if rank.is_none() && launch.world_size() != 1 {
+        // The launcher: this command again, once per GPU, each as one rank.
+        let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+        return launch.run(&std::env::current_exe()?, &args);
+    }
+    let device = match &rank {
+        Some(env) => philo::device::open_cuda(env.local_rank)?,
+        None => args.device.open()?,
+    };
     let dtype = args.shape.dtype.unwrap_or_else(|| default_dtype(&device));
     let mut trainer = philo::finetune::FinetuneOptions::default_trainer(args.output_dir.clone());
     trainer.gradient_accumulation_steps = args.shape.gradient_accumulation_steps;
@@ -584,9 +619,13 @@ fn finetune(args: FinetuneArgs) -> anyhow::Result<()> {
         resume,
         dtype,
         device,
+        rank,
     };
     let stop = stop_training_on_ctrl_c()?;
     let summary = philo::finetune::finetune(&options, &stop)?;
+    if options.rank.as_ref().is_some_and(|env| env.rank != 0) {
+        return Ok(());
+    }
     let eval = summary
         .final_eval_loss
         .map_or(String::new(), |e| format!(", eval loss {e:.4}"));

@@ -965,6 +965,44 @@ fn monitor_without_a_gpu_exits_1_with_the_reason() {
 }
 
 #[test]
+fn finetune_on_several_gpus_says_what_it_needs() {
+    let (work, model) = tiny_model();
+    let data = work.path().join("data.json");
+    std::fs::write(&data, r#"[{"text": "the cat says meow"}]"#).unwrap();
+    let output = work.path().join("out");
+    let finetune = |extra: &[&str]| {
+        let mut args = vec![
+            "finetune",
+            "--base_model",
+            path_str(&model),
+            "--dataset",
+            path_str(&data),
+            "--output_dir",
+            path_str(&output),
+        ];
+        args.extend_from_slice(extra);
+        run(work.path(), &args)
+    };
+    // This test binary is built without NCCL (CI builds without CUDA).
+    if !cfg!(feature = "nccl") {
+        let out = finetune(&["--gpus", "2"]);
+        assert_error_line(
+            &out,
+            &["fine-tuning on 2 GPUs needs NCCL", "--features cuda,nccl"],
+        );
+        let out = finetune(&["--gpus", "2", "--nnodes", "2", "--node_rank", "1"]);
+        assert_error_line(&out, &["fine-tuning on 4 GPUs needs NCCL"]);
+    }
+    let out = finetune(&["--gpus", "2", "--nnodes", "2", "--node_rank", "2"]);
+    assert_error_line(&out, &["--node_rank below --nnodes (got 2, 2, 2)"]);
+    assert!(
+        !output.exists(),
+        "a refused launch wrote {}",
+        output.display()
+    );
+}
+
+#[test]
 fn finetune_auto_sizing_needs_a_gpu() {
     let (work, model) = tiny_model();
     let data = work.path().join("data.json");

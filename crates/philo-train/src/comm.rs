@@ -11,7 +11,7 @@ use candle_core::Tensor;
 use crate::error::Result;
 
 /// The ranks of a run, as each rank sees them.
-pub trait Communicator: Send + Sync {
+pub trait Communicator {
     /// This rank, 0-based; rank 0 logs, evaluates and writes checkpoints.
     fn rank(&self) -> usize;
 

@@ -12,8 +12,11 @@ pub mod gpu_reading;
 pub mod lora_params;
 pub mod loss;
 pub mod loss_plot;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod offload;
 pub mod profile;
+pub mod rendezvous;
 pub mod schedule;
 pub mod step;
 pub mod trainer;
