@@ -469,15 +469,14 @@ impl Communicator for LocalRank {
     }
 }
 
-#[test]
-fn data_parallel_ranks_train_as_one_rank_with_the_whole_window() {
+/// `world` ranks with micro-batches of 2 rows against one rank that accumulates `world` of them:
+/// one epoch of `n_rows` rows in `steps` steps, with LoRA dropout (seeded by the micro-batch's
+/// place in the window) and clipping (of the summed gradients).
+fn check_data_parallel(n_rows: usize, world: usize, steps: usize) {
     let work = tempfile::tempdir().unwrap();
-    // 8 rows in micro-batches of 2: two steps of 4 rows, with LoRA dropout (seeded by the
-    // micro-batch's place in the window) and clipping (of the summed gradients).
     let config = |name: &str, accumulation: usize| TrainerConfig {
         batch_size: 2,
         gradient_accumulation_steps: accumulation,
-        max_steps: Some(2),
         lr: 1e-3,
         max_grad_norm: Some(1.0),
         ..trainer_config(&work.path().join(name))
@@ -485,14 +484,14 @@ fn data_parallel_ranks_train_as_one_rank_with_the_whole_window() {
     let mut one = Trainer::new(
         dense_model(),
         adapter_config(0.1),
-        rows(8),
+        rows(n_rows),
         None,
-        config("one", 2),
+        config("one", world),
     )
     .unwrap();
     let (one_summary, _) = run(&mut one, None);
     let ranks: Vec<TrainSummary> = std::thread::scope(|scope| {
-        let handles: Vec<_> = LocalRank::group(2)
+        let handles: Vec<_> = LocalRank::group(world)
             .into_iter()
             .map(|comm| {
                 let config = config(&format!("rank{}", comm.rank), 1);
@@ -500,40 +499,41 @@ fn data_parallel_ranks_train_as_one_rank_with_the_whole_window() {
                     let mut trainer = Trainer::new_rank(
                         dense_model(),
                         adapter_config(0.1),
-                        rows(8),
+                        rows(n_rows),
                         None,
                         config,
                         Box::new(comm),
                     )
                     .unwrap();
-                    assert_eq!(trainer.total_steps(), 2);
+                    assert_eq!(trainer.total_steps(), steps);
                     run(&mut trainer, None).0
                 })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    assert_eq!(one_summary.history.len(), 2);
+    let what = format!("{n_rows} rows on {world} ranks");
+    assert_eq!(one_summary.history.len(), steps, "{what}");
     for rank in &ranks {
-        assert_eq!(rank.steps, 2);
+        assert_eq!(rank.steps, steps, "{what}");
         assert_eq!(
             trace(&rank.history),
             trace(&ranks[0].history),
-            "ranks disagree"
+            "{what}: ranks disagree"
         );
     }
     for (o, d) in one_summary.history.iter().zip(&ranks[0].history) {
         assert_eq!(o.step, d.step);
         assert!(
             (o.loss - d.loss).abs() <= 1e-5,
-            "step {}: loss {} on one rank, {} on two",
+            "{what}, step {}: loss {} on one rank, {} on {world}",
             o.step,
             o.loss,
             d.loss
         );
         assert!(
             (o.grad_norm - d.grad_norm).abs() <= 1e-5 * o.grad_norm,
-            "step {}: gradient norm {} on one rank, {} on two",
+            "{what}, step {}: gradient norm {} on one rank, {} on {world}",
             o.step,
             o.grad_norm,
             d.grad_norm
@@ -542,11 +542,23 @@ fn data_parallel_ranks_train_as_one_rank_with_the_whole_window() {
     let one_adapter = tensors(&work.path().join("one/adapter_model.safetensors"));
     let rank0_adapter = tensors(&work.path().join("rank0/adapter_model.safetensors"));
     let diff = max_abs_diff(&one_adapter, &rank0_adapter);
-    assert!(diff <= 1e-5, "the adapters after 2 steps differ by {diff}");
-    assert!(
-        !work.path().join("rank1").exists(),
-        "rank 1 wrote files: only rank 0 logs and saves"
-    );
+    assert!(diff <= 1e-5, "{what}: the adapters differ by {diff}");
+    for rank in 1..world {
+        let dir = work.path().join(format!("rank{rank}"));
+        assert!(
+            !dir.exists(),
+            "{what}: rank {rank} wrote files: only rank 0 logs and saves"
+        );
+    }
+}
+
+#[test]
+fn data_parallel_ranks_train_as_one_rank_with_the_whole_window() {
+    // 4 micro-batches: two windows of two.
+    check_data_parallel(8, 2, 2);
+    // 5 micro-batches on 3 ranks: the second window has two, so rank 2 has none and still
+    // takes part in every sum.
+    check_data_parallel(10, 3, 2);
 }
 
 #[test]
