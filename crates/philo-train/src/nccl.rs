@@ -49,15 +49,13 @@ impl NcclCommunicator {
             id
         } else {
             let bytes = rendezvous::fetch(master, rank, deadline)?;
-            let internal: [std::ffi::c_char; 128] =
-                std::array::from_fn(|i| bytes.get(i).copied().unwrap_or(0) as std::ffi::c_char);
             if bytes.len() != 128 {
                 return Err(TrainError::Internal(format!(
                     "rendezvous: NCCL's id has 128 bytes, rank 0 sent {}",
                     bytes.len()
                 )));
             }
-            Id::uninit(internal)
+            Id::uninit(std::array::from_fn(|i| bytes[i] as std::ffi::c_char))
         };
         let comm = Comm::from_rank(device.cuda_stream(), rank, world_size, id)
             .map_err(|e| nccl_error("init", e))?;
