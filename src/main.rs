@@ -554,7 +554,15 @@ fn finetune(args: FinetuneArgs) -> anyhow::Result<()> {
         master_port: args.master_port,
     };
     if rank.is_none() && launch.world_size() != 1 {
-        // The launcher: this command again, once per GPU, each as one rank.
+        // The launcher: this command again, once per GPU, each as one rank. The ranks see
+        // Ctrl-C too and stop after their step; this process waits for them (a second Ctrl-C
+        // quits it).
+        let pressed = AtomicBool::new(false);
+        ctrlc::set_handler(move || {
+            if pressed.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+        })?;
         let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
         return launch.run(&std::env::current_exe()?, &args);
     }
@@ -621,9 +629,10 @@ fn finetune(args: FinetuneArgs) -> anyhow::Result<()> {
         device,
         rank,
     };
-    let stop = stop_training_on_ctrl_c()?;
+    let lead = options.rank.as_ref().is_none_or(|env| env.rank == 0);
+    let stop = stop_training_on_ctrl_c(lead)?;
     let summary = philo::finetune::finetune(&options, &stop)?;
-    if options.rank.as_ref().is_some_and(|env| env.rank != 0) {
+    if !lead {
         return Ok(());
     }
     let eval = summary
@@ -718,20 +727,25 @@ fn chat(args: ChatArgs) -> anyhow::Result<()> {
 
 fn demo(dir: Option<PathBuf>, steps: usize) -> anyhow::Result<()> {
     let dir = dir.unwrap_or_else(|| std::env::temp_dir().join("philo-demo"));
-    let stop = stop_training_on_ctrl_c()?;
+    let stop = stop_training_on_ctrl_c(true)?;
     philo::demo::demo(&dir, steps, &stop)
 }
 
 /// A flag the first Ctrl-C sets, so training saves a checkpoint and stops after the current
-/// step; a second Ctrl-C quits at once.
-fn stop_training_on_ctrl_c() -> anyhow::Result<Arc<AtomicBool>> {
+/// step (said on stderr when `say`: one rank speaks for a multi-GPU run); a second Ctrl-C quits
+/// at once.
+fn stop_training_on_ctrl_c(say: bool) -> anyhow::Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     ctrlc::set_handler(move || {
         if flag.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
         }
-        eprintln!("\nstopping after this step and saving a checkpoint (Ctrl-C again to quit now)");
+        if say {
+            eprintln!(
+                "\nstopping after this step and saving a checkpoint (Ctrl-C again to quit now)"
+            );
+        }
     })?;
     Ok(stop)
 }
