@@ -561,6 +561,89 @@ fn data_parallel_ranks_train_as_one_rank_with_the_whole_window() {
     check_data_parallel(10, 3, 2);
 }
 
+/// Trains `world` ranks on 16 rows (micro-batches of 2, one each a step: 8 / world steps) into
+/// `out`, each rank from `resume` when given. `stop_rank1_after`: rank 0's events set rank 1's
+/// stop flag once that step is logged (rank 0's own flag stays clear). Returns every rank's
+/// summary.
+fn train_ranks(
+    world: usize,
+    out: &Path,
+    resume: Option<&Path>,
+    stop_rank1_after: Option<usize>,
+) -> Vec<TrainSummary> {
+    let rank1_stop = AtomicBool::new(false);
+    let rank1_stop = &rank1_stop;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = LocalRank::group(world)
+            .into_iter()
+            .map(|comm| {
+                let config = TrainerConfig {
+                    batch_size: 2,
+                    lr: 1e-3,
+                    ..trainer_config(out)
+                };
+                scope.spawn(move || {
+                    let rank = comm.rank;
+                    let mut trainer = Trainer::new_rank(
+                        dense_model(),
+                        adapter_config(0.1),
+                        rows(16),
+                        None,
+                        config,
+                        Box::new(comm),
+                    )
+                    .unwrap();
+                    if let Some(dir) = resume {
+                        trainer.resume_from(dir).unwrap();
+                    }
+                    let own = AtomicBool::new(false);
+                    let stop = if rank == 1 { rank1_stop } else { &own };
+                    trainer
+                        .run(stop, |event| {
+                            if let TrainEvent::Step(m) = event {
+                                if Some(m.step) == stop_rank1_after {
+                                    rank1_stop.store(true, Ordering::SeqCst);
+                                }
+                            }
+                        })
+                        .unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+#[test]
+fn a_stop_on_any_rank_stops_all_and_the_run_resumes_as_if_uninterrupted() {
+    let work = tempfile::tempdir().unwrap();
+    let straight = train_ranks(2, &work.path().join("straight"), None, None);
+    assert_eq!(straight[0].steps, 4);
+    let interrupted_dir = work.path().join("interrupted");
+    // Rank 1's flag is set while it may already be in the next step's check: the ranks stop
+    // after step 1 or 2, but both at the same one.
+    let interrupted = train_ranks(2, &interrupted_dir, None, Some(1));
+    let stopped = interrupted[0].steps;
+    assert!((1..4).contains(&stopped), "stopped after step {stopped}");
+    for rank in &interrupted {
+        assert!(rank.interrupted);
+        assert_eq!(rank.steps, stopped, "the ranks stopped at different steps");
+    }
+    let checkpoint = interrupted_dir.join(format!("checkpoint-{stopped}"));
+    let resumed = train_ranks(2, &interrupted_dir, Some(&checkpoint), None);
+    assert_eq!(resumed[0].steps, 4);
+    assert_eq!(
+        trace(&resumed[0].history),
+        trace(&straight[0].history[stopped..]),
+        "the resumed steps repeat the straight run's"
+    );
+    assert_bitwise_equal(
+        &tensors(&work.path().join("straight/adapter_model.safetensors")),
+        &tensors(&interrupted_dir.join("adapter_model.safetensors")),
+        "adapter after resuming",
+    );
+}
+
 #[test]
 fn resume_refuses_a_checkpoint_of_another_world_size() {
     let work = tempfile::tempdir().unwrap();
