@@ -384,6 +384,7 @@ struct FinetuneArgs {
     /// Nodes of a multi-node run (start the same command on each, with its --node_rank).
     #[arg(long, default_value_t = 1)]
     nnodes: usize,
+    /// This node's place among the --nnodes (0 on the node at --master_addr).
     #[arg(long = "node_rank", alias = "node-rank", default_value_t = 0)]
     node_rank: usize,
     /// Node 0's address, where the ranks meet.
@@ -393,6 +394,7 @@ struct FinetuneArgs {
         default_value = "127.0.0.1"
     )]
     master_addr: String,
+    /// The port on --master_addr where rank 0 hands out NCCL's id.
     #[arg(long = "master_port", alias = "master-port", default_value_t = 29500)]
     master_port: u16,
 }
