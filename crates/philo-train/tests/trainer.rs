@@ -187,6 +187,34 @@ fn assert_bitwise_equal(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>
     }
 }
 
+/// Fails unless runs `a` and `b` logged the same steps, their losses within `loss_tolerance`
+/// of the step and their gradient norms within 1e-5 of `a`'s.
+fn assert_same_steps(
+    a: &[StepMetrics],
+    b: &[StepMetrics],
+    loss_tolerance: impl Fn(usize) -> f64,
+    what: &str,
+) {
+    assert_eq!(a.len(), b.len(), "{what}: steps logged");
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x.step, y.step, "{what}");
+        assert!(
+            (x.loss - y.loss).abs() <= loss_tolerance(x.step),
+            "{what}, step {}: loss {} against {}",
+            x.step,
+            x.loss,
+            y.loss
+        );
+        assert!(
+            (x.grad_norm - y.grad_norm).abs() <= 1e-5 * x.grad_norm,
+            "{what}, step {}: gradient norm {} against {}",
+            x.step,
+            x.grad_norm,
+            y.grad_norm
+        );
+    }
+}
+
 /// `(step, loss, lr, grad_norm)` of logged steps, the f64 values as bits so that comparing
 /// traces is bitwise.
 fn trace(history: &[StepMetrics]) -> Vec<(usize, u64, u64, u64)> {
@@ -360,26 +388,14 @@ fn gradient_accumulation_equals_one_big_batch() {
     let (accumulated, accumulated_adapter) = train("2x2", 2, 2);
     assert_eq!(big.len(), 2);
     assert_eq!(accumulated.len(), 2);
-    for (b, a) in big.iter().zip(&accumulated) {
-        assert_eq!(b.step, a.step);
-        // Step 1 starts from the same adapter (B = 0), so its loss matches to the last bits; the
-        // second sees f32 rounding differences of the first update (measured: 2.5e-6 of 10.6).
-        let tolerance = if b.step == 1 { 1e-6 } else { 1e-5 };
-        assert!(
-            (b.loss - a.loss).abs() <= tolerance,
-            "step {}: loss {} with one batch of 4, {} with 2 x 2",
-            b.step,
-            b.loss,
-            a.loss
-        );
-        assert!(
-            (b.grad_norm - a.grad_norm).abs() <= 1e-5 * b.grad_norm,
-            "step {}: gradient norm {} with one batch of 4, {} with 2 x 2",
-            b.step,
-            b.grad_norm,
-            a.grad_norm
-        );
-    }
+    // Step 1 starts from the same adapter (B = 0), so its loss matches to the last bits; the
+    // second sees f32 rounding differences of the first update (measured: 2.5e-6 of 10.6).
+    assert_same_steps(
+        &big,
+        &accumulated,
+        |step| if step == 1 { 1e-6 } else { 1e-5 },
+        "one batch of 4 against 2 x 2",
+    );
     let diff = max_abs_diff(&big_adapter, &accumulated_adapter);
     assert!(diff <= 1e-5, "the adapters after 2 steps differ by {diff}");
 
@@ -522,23 +538,12 @@ fn check_data_parallel(n_rows: usize, world: usize, steps: usize) {
             "{what}: ranks disagree"
         );
     }
-    for (o, d) in one_summary.history.iter().zip(&ranks[0].history) {
-        assert_eq!(o.step, d.step);
-        assert!(
-            (o.loss - d.loss).abs() <= 1e-5,
-            "{what}, step {}: loss {} on one rank, {} on {world}",
-            o.step,
-            o.loss,
-            d.loss
-        );
-        assert!(
-            (o.grad_norm - d.grad_norm).abs() <= 1e-5 * o.grad_norm,
-            "{what}, step {}: gradient norm {} on one rank, {} on {world}",
-            o.step,
-            o.grad_norm,
-            d.grad_norm
-        );
-    }
+    assert_same_steps(
+        &one_summary.history,
+        &ranks[0].history,
+        |_| 1e-5,
+        &format!("{what} against one rank"),
+    );
     let one_adapter = tensors(&work.path().join("one/adapter_model.safetensors"));
     let rank0_adapter = tensors(&work.path().join("rank0/adapter_model.safetensors"));
     let diff = max_abs_diff(&one_adapter, &rank0_adapter);
