@@ -575,7 +575,8 @@ pub fn train(mut model: Phi3, options: &TrainBench) -> anyhow::Result<BenchResul
 /// KV cache), each a `prompt_len`-token prompt and exactly `new_tokens` greedy tokens: aggregate
 /// generated tokens per second from the first submission to the last token. `engine` picks how
 /// the decode-only steps run (the graph; the same kernels launched one by one; candle's forward);
-/// `speculative_tokens` turns on the engine's prompt-lookup speculation.
+/// `speculative_tokens` turns on the engine's speculation: with `draft`'s proposals, else prompt
+/// lookup.
 pub fn serve(
     model: &Phi3,
     streams: usize,
@@ -583,6 +584,7 @@ pub fn serve(
     new_tokens: usize,
     decode: DecodeEngine,
     speculative_tokens: Option<usize>,
+    draft: Option<&Phi3>,
 ) -> anyhow::Result<BenchResult> {
     use philo_serve::engine::{DecodePath, EngineConfig, EngineHandle};
     use philo_serve::request::{Backend, GenerationEvent, GenerationRequest};
@@ -602,8 +604,17 @@ pub fn serve(
         },
         speculative_tokens,
     };
-    let engine = EngineHandle::start(model.clone(), config, Vec::new())?;
     let vocab = model.config().vocab_size;
+    let drafts = match draft {
+        Some(draft) if speculative_tokens.is_some() => Some(philo_serve::draft::DraftPool::new(
+            draft.clone(),
+            philo_serve::draft::STATES,
+            prompt_len + new_tokens + 1,
+            vocab,
+        )?),
+        _ => None,
+    };
+    let engine = EngineHandle::start_with_draft(model.clone(), config, Vec::new(), drafts)?;
     let request = |i: usize| GenerationRequest {
         model: "bench".into(),
         // Distinct prompts, so no prefix blocks are shared.
@@ -662,8 +673,9 @@ pub fn serve(
         engine: Some(match speculative_tokens {
             None => format!("{decode:?}").to_lowercase(),
             Some(k) => format!(
-                "{} + ngram k≤{k}: {} of {} proposed accepted",
+                "{} + {} k≤{k}: {} of {} proposed accepted",
                 format!("{decode:?}").to_lowercase(),
+                if draft.is_some() { "draft" } else { "ngram" },
                 stats.spec_accepted_tokens_total,
                 stats.spec_proposed_tokens_total
             ),

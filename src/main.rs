@@ -161,7 +161,7 @@ struct SamplingArgs {
     speculation: SpeculativeArgs,
 }
 
-/// Speculative decoding's flags (generate, chat, bench decode).
+/// Speculative decoding's flags (generate, chat, serve, bench decode and serve).
 #[derive(Args)]
 struct SpeculativeArgs {
     /// Speculative decoding: `ngram` proposes the tokens that followed the latest earlier
@@ -184,26 +184,17 @@ struct SpeculativeArgs {
 }
 
 impl SpeculativeArgs {
-    /// The engine's speculation (serve, bench serve): prompt lookup only.
-    fn serve_tokens(&self) -> anyhow::Result<Option<usize>> {
-        match self.speculative {
-            None if self.draft_model.is_some() => {
-                anyhow::bail!("--draft_model is the draft of `--speculative draft`; add that flag or drop --draft_model")
-            }
-            None => Ok(None),
-            Some(Speculative::Ngram) => Ok(Some(self.num_speculative_tokens)),
-            Some(Speculative::Draft) => anyhow::bail!(
-                "the server speculates by prompt lookup (--speculative ngram); a draft model runs in generate, chat and bench decode"
-            ),
-        }
+    /// The engine's speculation (serve, bench serve): the most tokens proposed a step (None:
+    /// off) and the draft model's folder or hub id (None: prompt lookup).
+    fn serve_speculation(&self) -> anyhow::Result<(Option<usize>, Option<String>)> {
+        let draft = self.draft(|dir| Ok(dir.to_string()))?;
+        let tokens = self.speculative.map(|_| self.num_speculative_tokens);
+        Ok((tokens, draft))
     }
 
     /// The draft model `--speculative draft` names, loaded by `load`; None for prompt lookup or
     /// no speculation. A draft without that flag, or the flag without a draft, is an error.
-    fn draft(
-        &self,
-        load: impl FnOnce(&str) -> anyhow::Result<philo_model::Phi3>,
-    ) -> anyhow::Result<Option<philo_model::Phi3>> {
+    fn draft<T>(&self, load: impl FnOnce(&str) -> anyhow::Result<T>) -> anyhow::Result<Option<T>> {
         match (self.speculative, &self.draft_model) {
             (Some(Speculative::Draft), Some(dir)) => Ok(Some(load(dir)?)),
             (Some(Speculative::Draft), None) => {

@@ -39,9 +39,11 @@ pub struct ServeOptions {
     pub quant: crate::quant::BaseQuant,
     /// Run every step through the general forward (no decode kernels or CUDA graphs).
     pub enforce_eager: bool,
-    /// Speculative decoding by prompt lookup, up to this many tokens a step (None: off; see
-    /// `EngineConfig::speculative_tokens`).
+    /// Speculative decoding, up to this many tokens a step (None: off; see
+    /// `EngineConfig::speculative_tokens`): by prompt lookup, or with `draft_model`.
     pub speculative_tokens: Option<usize>,
+    /// The draft model (folder or hub id) proposing when speculating; None: prompt lookup.
+    pub draft_model: Option<String>,
 }
 
 /// The id clients use for the base model when `--served-model-name` is not given: a local
@@ -172,12 +174,36 @@ pub fn run(options: ServeOptions, dtype: DType, device: &Device) -> anyhow::Resu
         merge_adapter: false,
     };
     let pipeline = Pipeline::load(&options.model, None, weights, dtype, device)?;
-    if options.speculative_tokens.is_some() && (options.enforce_eager || !device.is_cuda()) {
+    let speculating = options.speculative_tokens.is_some();
+    if speculating && (options.enforce_eager || !device.is_cuda()) {
         eprintln!(
             "philo serve: --speculative verifies on the GPU's decode step; with {} every step runs plain",
             if options.enforce_eager { "--enforce_eager" } else { "this device" }
         );
     }
+    // Loaded (with its states) before the KV cache is sized, which then counts its memory.
+    let draft = match &options.draft_model {
+        Some(dir) if speculating && !options.enforce_eager && device.is_cuda() => {
+            let draft = Pipeline::load(dir, None, weights, dtype, device)
+                .with_context(|| format!("--draft_model {dir}"))?
+                .model;
+            let capacity = pipeline
+                .model
+                .config()
+                .max_position_embeddings
+                .min(draft.config().max_position_embeddings);
+            let vocab = pipeline.model.config().vocab_size;
+            let pool = philo_serve::draft::DraftPool::new(
+                draft,
+                philo_serve::draft::STATES,
+                capacity,
+                vocab,
+            )
+            .with_context(|| format!("--draft_model {dir}"))?;
+            Some(pool)
+        }
+        _ => None,
+    };
     let mut adapters = Vec::new();
     for (name, dir) in &options.adapters {
         let adapter =
@@ -216,16 +242,18 @@ pub fn run(options: ServeOptions, dtype: DType, device: &Device) -> anyhow::Resu
         ..
     } = pipeline;
     let kv_advice = kv_cache_advice(&model, &options);
-    let engine = Arc::new(EngineHandle::start(model, config, adapters).map_err(|e| {
-        crate::oom::explain(
-            e,
-            &format!(
-                "allocating the KV cache ({num_blocks} blocks of {} tokens)",
-                options.block_size
-            ),
-            &kv_advice,
-        )
-    })?);
+    let engine = Arc::new(
+        EngineHandle::start_with_draft(model, config, adapters, draft).map_err(|e| {
+            crate::oom::explain(
+                e,
+                &format!(
+                    "allocating the KV cache ({num_blocks} blocks of {} tokens)",
+                    options.block_size
+                ),
+                &kv_advice,
+            )
+        })?,
+    );
     let state = ServerState::new(ServerConfig {
         backend: engine.clone(),
         tokenizer,

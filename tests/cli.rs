@@ -350,18 +350,20 @@ fn greedy_generate_streams_text_and_is_deterministic() {
         assert!(!out.status.success(), "{args:?} was accepted");
         assert!(stderr(&out).contains("--draft_model"), "{}", stderr(&out));
     }
-    // The server speculates by prompt lookup only: a draft model is refused, naming what works.
-    let out = philo_in(work.path())
-        .args(["serve", "--model", model, "--device", "cpu"])
-        .args(["--speculative", "draft", "--draft_model", model])
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "serve took a draft model");
-    assert!(
-        stderr(&out).contains("--speculative ngram"),
-        "{}",
-        stderr(&out)
-    );
+    // The server takes the same pairing of flags: either half alone is refused with the fix,
+    // before it loads anything.
+    for args in [
+        &["--speculative", "draft"][..],
+        &["--draft_model", model][..],
+    ] {
+        let out = philo_in(work.path())
+            .args(["serve", "--model", model, "--device", "cpu"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "serve took {args:?}");
+        assert!(stderr(&out).contains("--draft_model"), "{}", stderr(&out));
+    }
 
     // The kebab-case spelling sets the same option: greedy stops after 3 tokens (or earlier, at
     // the same stop token the 8-token run met).

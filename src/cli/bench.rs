@@ -283,6 +283,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         };
         results.push(philo::bench::train(model, &options)?);
     } else {
+        let serve_draft = match args.task {
+            BenchTask::Serve => args.speculation.draft(|dir| {
+                let weights = philo::pipeline::WeightOptions {
+                    quant: load_quant,
+                    merge_adapter: false,
+                };
+                Ok(Pipeline::load(dir, None, weights, dtype, &device)?.model)
+            })?,
+            _ => None,
+        };
         for &batch in &args.batch {
             results.push(match args.task {
                 BenchTask::Train | BenchTask::Attention => unreachable!("handled above"),
@@ -302,7 +312,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     args.seq.unwrap_or(128),
                     args.new_tokens,
                     args.engine,
-                    args.speculation.serve_tokens()?,
+                    args.speculation.serve_speculation()?.0,
+                    serve_draft.as_ref(),
                 )?,
             });
         }

@@ -44,9 +44,11 @@ pub struct ServeArgs {
     /// decode kernels or CUDA graphs, for comparing or working around them.
     #[arg(long = "enforce_eager", alias = "enforce-eager")]
     enforce_eager: bool,
-    /// Speculative decoding by prompt lookup (`--speculative ngram`): while at most 4
-    /// sequences decode, each step also verifies up to --num_speculative_tokens tokens per
-    /// sequence copied from its prompt and output; the output is unchanged.
+    /// Speculative decoding (`--speculative ngram`, or `draft` with --draft_model DIR): while at
+    /// most 4 sequences decode, each step also verifies up to --num_speculative_tokens tokens
+    /// per sequence, copied from its prompt and output or decoded ahead by the draft model
+    /// (which keeps one KV cache of the full context for each of 4 sequences); the output is
+    /// unchanged.
     #[command(flatten)]
     speculation: SpeculativeArgs,
     #[command(flatten)]
@@ -87,6 +89,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     );
     let device = args.device.open()?;
     let dtype = args.dtype.unwrap_or_else(|| default_dtype(&device));
+    let (speculative_tokens, draft_model) = args.speculation.serve_speculation()?;
     let options = philo::serve::ServeOptions {
         model: args.model,
         served_model_name: args.served_model_name,
@@ -101,7 +104,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         gpu_memory_utilization: args.shape.gpu_memory_utilization,
         quant: args.weights.quant(philo::quant::BaseQuant::None),
         enforce_eager: args.enforce_eager,
-        speculative_tokens: args.speculation.serve_tokens()?,
+        speculative_tokens,
+        draft_model,
     };
     philo::serve::run(options, dtype, &device)
 }

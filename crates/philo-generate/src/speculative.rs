@@ -54,14 +54,45 @@ pub fn prompt_lookup(tokens: &[u32], k: usize) -> Vec<u32> {
 pub enum Proposer<'m> {
     /// Prompt lookup ([`prompt_lookup`]).
     Ngram,
-    /// A draft model decoding greedily ahead (boxed: it holds its own KV cache and graph).
-    Draft(Box<DraftModel<'m>>),
+    /// A draft model decoding greedily ahead (its state boxed: it holds its own KV cache and
+    /// graph).
+    Draft {
+        model: &'m Phi3,
+        state: Box<DraftModel>,
+    },
 }
 
-/// A draft model with its own KV cache, kept in step with the sequence: after a verify step it
-/// drops what it had cached past the tokens the model kept.
-pub struct DraftModel<'m> {
-    model: &'m Phi3,
+impl<'m> Proposer<'m> {
+    /// Proposals from `model` decoding greedily ahead.
+    pub fn draft(model: &'m Phi3) -> Self {
+        Proposer::Draft {
+            model,
+            state: Box::new(DraftModel::new(model)),
+        }
+    }
+
+    /// Drafts on a decode graph of sequences up to `capacity` tokens, where a draft model has
+    /// one (see [`DraftModel::use_decode_graph`]); prompt lookup needs none.
+    pub fn use_decode_graph(&mut self, capacity: usize) -> Result<()> {
+        match self {
+            Proposer::Ngram => Ok(()),
+            Proposer::Draft { model, state } => state.use_decode_graph(model, capacity),
+        }
+    }
+
+    /// Up to `k` tokens guessed to follow `tokens`.
+    pub fn propose(&mut self, tokens: &[u32], k: usize) -> Result<Vec<u32>> {
+        match self {
+            Proposer::Ngram => Ok(prompt_lookup(tokens, k)),
+            Proposer::Draft { model, state } => state.propose(model, tokens, k),
+        }
+    }
+}
+
+/// The state of a draft model following one sequence: its own KV cache, kept in step with the
+/// sequence (after a verify step it drops what it had cached past the tokens the model kept).
+/// The model itself is passed to each call, so one model can serve many states.
+pub struct DraftModel {
     cache: KvCache,
     /// The draft's decode graph, once [`DraftModel::use_decode_graph`] found one (`cache` then
     /// stays empty).
@@ -70,30 +101,30 @@ pub struct DraftModel<'m> {
     cached: Vec<u32>,
 }
 
-impl<'m> DraftModel<'m> {
-    pub fn new(model: &'m Phi3) -> Self {
+impl DraftModel {
+    pub fn new(model: &Phi3) -> Self {
         DraftModel {
-            model,
             cache: model.new_cache(),
             graph: None,
             cached: Vec::new(),
         }
     }
 
-    /// Drafts on a [`DecodeGraph`] with room for sequences of `capacity` tokens, where the
-    /// draft model has one (else it stays on the general path).
-    pub fn use_decode_graph(&mut self, capacity: usize) -> Result<()> {
-        self.graph = DecodeGraph::new(self.model, 1, capacity, true)?;
+    /// Drafts on a [`DecodeGraph`] of `model` with room for sequences of `capacity` tokens,
+    /// where the model has one (else it stays on the general path).
+    pub fn use_decode_graph(&mut self, model: &Phi3, capacity: usize) -> Result<()> {
+        self.graph = DecodeGraph::new(model, 1, capacity, true)?;
         self.cache.clear();
         self.cached.clear();
         Ok(())
     }
 
-    /// The draft's `k` greedy tokens after `tokens` (fewer where its context ends).
-    pub fn propose(&mut self, tokens: &[u32], k: usize) -> Result<Vec<u32>> {
+    /// `model`'s `k` greedy tokens after `tokens` (fewer where its context ends). Whatever
+    /// this state holds of a prefix of `tokens` is reused; the rest is computed.
+    pub fn propose(&mut self, model: &Phi3, tokens: &[u32], k: usize) -> Result<Vec<u32>> {
         let context = match &self.graph {
             Some(graph) => graph.capacity(),
-            None => self.model.config().max_position_embeddings,
+            None => model.config().max_position_embeddings,
         };
         let k = k.min(context.saturating_sub(tokens.len()));
         if k == 0 || tokens.is_empty() {
@@ -102,7 +133,7 @@ impl<'m> DraftModel<'m> {
         // LongRoPE rotates every position with the factors of the sequence's length: the
         // cache is recomputed when the length crosses the switch, and one proposal never
         // crosses it (the draft feeds its guesses 1 .. k-1 at the positions after the sequence).
-        let rotary = self.model.rotary();
+        let rotary = model.rotary();
         let last = tokens.len() - 1;
         let k = 1
             + (1..k)
@@ -121,7 +152,7 @@ impl<'m> DraftModel<'m> {
             keep = 0;
         }
         if self.graph.is_some() {
-            return self.propose_on_graph(tokens, k, keep);
+            return self.propose_on_graph(model, tokens, k, keep);
         }
         if keep == 0 {
             self.cache.clear();
@@ -132,9 +163,8 @@ impl<'m> DraftModel<'m> {
         let mut input = tokens[keep..].to_vec();
         let mut proposal = Vec::with_capacity(k);
         while proposal.len() < k {
-            let ids = Tensor::new(input.as_slice(), self.model.device())?.unsqueeze(0)?;
-            let logits = self
-                .model
+            let ids = Tensor::new(input.as_slice(), model.device())?.unsqueeze(0)?;
+            let logits = model
                 .forward_last(&ids, None, Some(&mut self.cache))?
                 .squeeze(0)?
                 .to_vec1::<f32>()?;
@@ -147,12 +177,18 @@ impl<'m> DraftModel<'m> {
     }
 }
 
-impl DraftModel<'_> {
+impl DraftModel {
     /// [`DraftModel::propose`] on the draft's decode graph, keeping the first `keep` cached
     /// tokens: the tokens after them go in as one verify step where they fit (one or two after
     /// a verify step of the model), else the sequence is prefilled again; then one graph step
     /// per further token, the GPU's argmax alone coming back.
-    fn propose_on_graph(&mut self, tokens: &[u32], k: usize, keep: usize) -> Result<Vec<u32>> {
+    fn propose_on_graph(
+        &mut self,
+        model: &Phi3,
+        tokens: &[u32],
+        k: usize,
+        keep: usize,
+    ) -> Result<Vec<u32>> {
         let graph = self.graph.as_mut().expect("checked by the caller");
         let last = tokens.len() - 1;
         let first = if keep > 0 && tokens.len() - keep <= graph.verify_rows() {
@@ -160,8 +196,8 @@ impl DraftModel<'_> {
             graph.verify(0, &tokens[keep..])?;
             *graph.tokens()?.last().expect("one row per token fed")
         } else {
-            let long = self.model.rotary().uses_long_factors(last);
-            argmax(&graph.prefill(self.model, 0, tokens, long)?)
+            let long = model.rotary().uses_long_factors(last);
+            argmax(&graph.prefill(model, 0, tokens, long)?)
         };
         self.cached = tokens.to_vec();
         let mut proposal = vec![first];
@@ -197,9 +233,9 @@ fn argmax(values: &[f32]) -> u32 {
     best as u32
 }
 
-/// The adaptive state of one sequence's speculation.
-pub struct Speculation<'m> {
-    proposer: Proposer<'m>,
+/// The adaptive state of one sequence's speculation: how many tokens to propose next, and
+/// when to pause.
+pub struct Speculation {
     max_tokens: usize,
     /// Tokens proposed next time.
     tokens: usize,
@@ -213,11 +249,10 @@ pub struct Speculation<'m> {
     verified: usize,
 }
 
-impl<'m> Speculation<'m> {
-    /// Speculation from `proposer`, proposing at most `max_tokens` a step.
-    pub fn new(proposer: Proposer<'m>, max_tokens: usize) -> Self {
+impl Speculation {
+    /// Speculation proposing at most `max_tokens` a step.
+    pub fn new(max_tokens: usize) -> Self {
         Speculation {
-            proposer,
             max_tokens: max_tokens.max(1),
             tokens: max_tokens.max(1),
             misses: 0,
@@ -229,27 +264,14 @@ impl<'m> Speculation<'m> {
         }
     }
 
-    /// Drafts on a decode graph of sequences up to `capacity` tokens, where a draft model has
-    /// one (see [`DraftModel::use_decode_graph`]); prompt lookup needs none.
-    pub fn use_decode_graph(&mut self, capacity: usize) -> Result<()> {
-        match &mut self.proposer {
-            Proposer::Ngram => Ok(()),
-            Proposer::Draft(draft) => draft.use_decode_graph(capacity),
-        }
-    }
-
-    /// The proposal for the sequence `tokens`, at most `room` long; empty while paused (each
-    /// call then counts one plain step).
-    pub fn propose(&mut self, tokens: &[u32], room: usize) -> Result<Vec<u32>> {
+    /// How many tokens to propose this step, at most `room`; 0 while paused (each call then
+    /// counts one plain step).
+    pub fn next_length(&mut self, room: usize) -> usize {
         if self.paused_for > 0 {
             self.paused_for -= 1;
-            return Ok(Vec::new());
+            return 0;
         }
-        let k = self.tokens.min(room);
-        match &mut self.proposer {
-            Proposer::Ngram => Ok(prompt_lookup(tokens, k)),
-            Proposer::Draft(draft) => draft.propose(tokens, k),
-        }
+        self.tokens.min(room)
     }
 
     /// Records that `kept` of `proposed` tokens were accepted: all kept → propose one more next
@@ -309,9 +331,8 @@ mod tests {
 
     #[test]
     fn proposals_grow_shrink_and_pause() {
-        let tokens = [1, 2, 1, 2, 1, 2, 1, 2, 1, 2, 1];
-        let mut s = Speculation::new(Proposer::Ngram, 4);
-        let propose = |s: &mut Speculation, room| s.propose(&tokens, room).unwrap().len();
+        let mut s = Speculation::new(4);
+        let propose = |s: &mut Speculation, room| s.next_length(room);
         assert_eq!(propose(&mut s, 8), 4);
         s.record(4, 0);
         assert_eq!(propose(&mut s, 8), 2);
@@ -346,14 +367,14 @@ mod tests {
 
     #[test]
     fn pauses_stop_growing_at_the_longest() {
-        let mut s = Speculation::new(Proposer::Ngram, 4);
+        let mut s = Speculation::new(4);
         let mut pause = PAUSE_STEPS;
         for _ in 0..8 {
             for _ in 0..MISSES_BEFORE_PAUSE {
                 s.record(1, 0);
             }
             let mut paused = 0;
-            while s.propose(&[1, 2, 1, 2], 8).unwrap().is_empty() {
+            while s.next_length(8) == 0 {
                 paused += 1;
             }
             assert_eq!(paused, pause);

@@ -8,7 +8,7 @@ use philo_model::{DecodeGraph, KvCache, Phi3};
 
 use crate::error::{GenerateError, Result};
 use crate::sampling::{Sampler, SamplingParams};
-use crate::speculative::{greedy_kept, DraftModel, Proposer, Speculation};
+use crate::speculative::{greedy_kept, Proposer, Speculation};
 
 /// One sequence being generated: prompt + tokens so far, the cache, the sampler.
 pub struct TokenStream<'m> {
@@ -30,7 +30,7 @@ pub struct TokenStream<'m> {
     graph: Option<DecodeGraph>,
     /// Speculation, when [`TokenStream::with_speculation`] or [`TokenStream::with_draft`]
     /// asked for it.
-    speculation: Option<Speculation<'m>>,
+    speculation: Option<(Proposer<'m>, Speculation)>,
 }
 
 impl<'m> TokenStream<'m> {
@@ -64,7 +64,7 @@ impl<'m> TokenStream<'m> {
     /// `max_tokens` a step; the output is unchanged. On the decode graph the proposals are
     /// verified by its multi-row step ([`DecodeGraph::verify`]). Call before the first token.
     pub fn with_speculation(mut self, max_tokens: usize) -> Self {
-        self.speculation = Some(Speculation::new(Proposer::Ngram, max_tokens));
+        self.speculation = Some((Proposer::Ngram, Speculation::new(max_tokens)));
         self
     }
 
@@ -79,8 +79,7 @@ impl<'m> TokenStream<'m> {
                 draft: theirs,
             });
         }
-        let proposer = Proposer::Draft(Box::new(DraftModel::new(draft)));
-        self.speculation = Some(Speculation::new(proposer, max_tokens));
+        self.speculation = Some((Proposer::draft(draft), Speculation::new(max_tokens)));
         Ok(self)
     }
 
@@ -88,14 +87,14 @@ impl<'m> TokenStream<'m> {
     pub fn speculation_counts(&self) -> (usize, usize) {
         self.speculation
             .as_ref()
-            .map_or((0, 0), Speculation::counts)
+            .map_or((0, 0), |(_, s)| s.counts())
     }
 
     /// Speculation's verify steps so far.
     pub fn verify_steps(&self) -> usize {
         self.speculation
             .as_ref()
-            .map_or(0, Speculation::verify_steps)
+            .map_or(0, |(_, s)| s.verify_steps())
     }
 
     /// Decodes through a [`DecodeGraph`] where the model allows one (CUDA, bf16/f16, no
@@ -106,8 +105,8 @@ impl<'m> TokenStream<'m> {
         let context = self.model.config().max_position_embeddings;
         let capacity = (self.tokens.len() + max_new_tokens).min(context);
         self.graph = DecodeGraph::new(self.model, 1, capacity, true)?;
-        if let (Some(_), Some(speculation)) = (&self.graph, self.speculation.as_mut()) {
-            speculation.use_decode_graph(capacity)?;
+        if let (Some(_), Some((proposer, _))) = (&self.graph, self.speculation.as_mut()) {
+            proposer.use_decode_graph(capacity)?;
         }
         Ok(self)
     }
@@ -171,7 +170,7 @@ impl<'m> TokenStream<'m> {
     /// verify step takes), and never across LongRoPE's switch (that step recomputes the
     /// sequence instead).
     fn proposal(&mut self) -> Result<Option<Vec<u32>>> {
-        let Some(speculation) = self.speculation.as_mut() else {
+        let Some((proposer, speculation)) = self.speculation.as_mut() else {
             return Ok(None);
         };
         let last = self.tokens.len() - 1;
@@ -183,7 +182,10 @@ impl<'m> TokenStream<'m> {
             None => (self.model.config().max_position_embeddings, usize::MAX),
         };
         let room = context.saturating_sub(self.tokens.len() + 1).min(most);
-        let mut proposal = speculation.propose(&self.tokens, room)?;
+        let mut proposal = match speculation.next_length(room) {
+            0 => Vec::new(),
+            k => proposer.propose(&self.tokens, k)?,
+        };
         let rotary = self.model.rotary();
         // The cache holds positions up to last - 1: the verify step must not reach the long
         // factors from there (the plain step recomputes the sequence instead).
@@ -248,7 +250,7 @@ impl<'m> TokenStream<'m> {
 
     /// Tells speculation that `kept` of `proposed` tokens were accepted; returns `kept`.
     fn record(&mut self, proposed: usize, kept: usize) -> usize {
-        if let Some(s) = self.speculation.as_mut() {
+        if let Some((_, s)) = self.speculation.as_mut() {
             s.record(proposed, kept);
         }
         kept

@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use candle_core::{DType, Device, Tensor};
-use philo_generate::speculative::{greedy_kept, Proposer, Speculation};
+use philo_generate::speculative::{greedy_kept, prompt_lookup, Speculation};
 use philo_generate::{token_logprobs, Sampler};
 use philo_model::{
     Adapter, DecodeRow, DecodeStep, LoraBank, PagedKvCache, Phi3, RowSampling, SeqChunk,
@@ -22,6 +22,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::sync::oneshot;
 
 use crate::constraint::JsonConstraint;
+use crate::draft::DraftPool;
 use crate::request::{
     Backend, EngineStats, FinishReason, GenerationEvent, GenerationRequest, ModelInfo,
     SampledToken, SubmitError, UnloadError,
@@ -45,8 +46,8 @@ pub struct EngineConfig {
     pub num_blocks: usize,
     /// How steps that only decode run on a GPU.
     pub decode_path: DecodePath,
-    /// Speculative decoding by prompt lookup, proposing up to this many tokens per sequence
-    /// and step (None: off). It runs on the decode step only, and only while the step's rows
+    /// Speculative decoding, proposing up to this many tokens per sequence and step (None:
+    /// off): by prompt lookup, or by the draft model of [`EngineHandle::start_with_draft`]. It runs on the decode step only, and only while the step's rows
     /// (each sequence's last token and its proposals) number at most 8
     /// (`DecodeStep::MAX_GEMV_ROWS`), so up to 4 decoding sequences with (8 / sequences) − 1
     /// proposals each: there a step of 8 rows costs 1.3-1.5× one of a single row (H200), while
@@ -60,7 +61,7 @@ pub struct EngineConfig {
 /// in one CUDA graph per batch size, or as every other step runs (`Phi3::forward_paged`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DecodePath {
-    /// The decode kernels, one CUDA graph per batch size (captured on its first step).
+    /// The decode kernels, one CUDA graph per batch size (captured on its second step; the first launches them one by one).
     #[default]
     Graph,
     /// The same kernels launched one by one (`PHILO_PROFILE=1` times each).
@@ -131,6 +132,17 @@ impl EngineHandle {
         model: Phi3,
         config: EngineConfig,
         adapters: Vec<(String, Adapter)>,
+    ) -> anyhow::Result<EngineHandle> {
+        Self::start_with_draft(model, config, adapters, None)
+    }
+
+    /// [`EngineHandle::start`], speculating with `draft`'s proposals instead of prompt lookup
+    /// where `config.speculative_tokens` turns speculation on.
+    pub fn start_with_draft(
+        model: Phi3,
+        config: EngineConfig,
+        adapters: Vec<(String, Adapter)>,
+        draft: Option<DraftPool>,
     ) -> anyhow::Result<EngineHandle> {
         anyhow::ensure!(
             config.num_blocks > 0 && config.block_size > 0,
@@ -222,6 +234,7 @@ impl EngineHandle {
             shared: shared.clone(),
             model_id: config.model_id.clone(),
             speculative_tokens: config.speculative_tokens,
+            drafts: draft.filter(|_| config.speculative_tokens.is_some()),
         };
         let thread = std::thread::Builder::new()
             .name("philo-engine".into())
@@ -427,9 +440,9 @@ struct Sequence {
     started: bool,
     /// The seed of its draws on the GPU (the request's, or a random one).
     gpu_seed: u64,
-    /// Prompt-lookup speculation, when the engine speculates and the request allows it (no
+    /// How many tokens to propose, when the engine speculates and the request allows it (no
     /// grammar, no log-probabilities).
-    speculation: Option<Speculation<'static>>,
+    speculation: Option<Speculation>,
 }
 
 impl Sequence {
@@ -535,6 +548,8 @@ struct Engine {
     model_id: String,
     /// See [`EngineConfig::speculative_tokens`].
     speculative_tokens: Option<usize>,
+    /// Where proposals come from when speculating: the draft model, or prompt lookup (None).
+    drafts: Option<DraftPool>,
 }
 
 impl Engine {
@@ -653,7 +668,7 @@ impl Engine {
         let speculation = self
             .speculative_tokens
             .filter(|_| request.constraint.is_none() && request.sampling.logprobs.is_none())
-            .map(|k| Speculation::new(Proposer::Ngram, k));
+            .map(Speculation::new);
         let sampler = Sampler::new(request.sampling).map_err(|e| e.to_string())?;
         self.scheduler
             .add(
@@ -721,6 +736,9 @@ impl Engine {
     /// Removes a sequence, frees its blocks and sends its last event.
     fn end(&mut self, id: u64, last: Option<GenerationEvent>) {
         self.scheduler.finish(id);
+        if let Some(drafts) = self.drafts.as_mut() {
+            drafts.release(id);
+        }
         if let Some(seq) = self.sequences.remove(&id) {
             if !seq.started {
                 self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
@@ -754,7 +772,8 @@ impl Engine {
         result
     }
 
-    /// Adds prompt-lookup proposals to the plan's sequences where speculation runs (see
+    /// Adds proposals (the draft model's, else prompt lookup's) to the plan's sequences where
+    /// speculation runs (see
     /// [`EngineConfig::speculative_tokens`]): every sequence decodes one token on the decode
     /// step, all of them allow it, and the rows fit the fused GEMV with at least one proposal
     /// each. Returns how many tokens each sequence of the plan had proposed (all 0: a plain
@@ -790,10 +809,23 @@ impl Engine {
             let Some(speculation) = seq.speculation.as_mut() else {
                 continue;
             };
-            // Prompt lookup cannot fail; a proposal that does is dropped like an empty one.
-            let proposal = speculation
-                .propose(&seq.tokens, max_k.min(per_seq - 1))
-                .unwrap_or_default();
+            let length = speculation.next_length(max_k.min(per_seq - 1));
+            if length == 0 {
+                continue;
+            }
+            let proposal = match self.drafts.as_mut() {
+                None => prompt_lookup(&seq.tokens, length),
+                Some(drafts) => match drafts.propose(chunk.id, &seq.tokens, length) {
+                    Ok(proposal) => proposal,
+                    Err(e) => {
+                        // A draft that fails (a device error) is dropped; the model's own
+                        // output does not depend on it.
+                        eprintln!("philo serve: the draft model stops here ({e}); speculation continues by prompt lookup");
+                        self.drafts = None;
+                        Vec::new()
+                    }
+                },
+            };
             *k = self.scheduler.speculate(chunk, &proposal);
         }
         proposed

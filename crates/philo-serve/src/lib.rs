@@ -4,6 +4,7 @@
 
 pub mod block_allocator;
 pub mod constraint;
+pub mod draft;
 pub mod engine;
 pub mod http;
 pub mod request;
