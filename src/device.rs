@@ -42,7 +42,32 @@ pub fn open_cuda(ordinal: usize) -> anyhow::Result<Device> {
     if !candle_core::utils::cuda_is_available() {
         anyhow::bail!("--device cuda: this philo was built without CUDA; rebuild with `cargo build --release --features cuda` (see README)");
     }
-    Ok(single_stream(Device::new_cuda(ordinal)?))
+    let device = Device::new_cuda(ordinal).map_err(|e| {
+        // candle's message carries a backtrace after its first line.
+        let message = e.to_string();
+        let first = message.lines().next().unwrap_or_default();
+        match cuda_device_count() {
+            Some(n) if ordinal >= n => anyhow::anyhow!(
+                "there is no CUDA device {ordinal}: this machine has {n} (`nvidia-smi -L` lists them)"
+            ),
+            _ => anyhow::anyhow!("cannot open CUDA device {ordinal}: {first}"),
+        }
+    })?;
+    Ok(single_stream(device))
+}
+
+/// The CUDA devices this machine has; None when philo was built without CUDA or the driver
+/// cannot tell.
+pub fn cuda_device_count() -> Option<usize> {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::cuda_backend::cudarc::driver::CudaContext;
+        CudaContext::device_count().ok().map(|n| n.max(0) as usize)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        None
+    }
 }
 
 /// philo runs all its GPU work on candle's one stream, so the per-buffer CUDA events that guard

@@ -64,6 +64,13 @@ impl Launch {
                 self.world_size()
             );
         }
+        if let Some(n) = crate::device::cuda_device_count().filter(|&n| self.gpus > n) {
+            anyhow::bail!(
+                "--gpus {}: this machine has {n} CUDA device{} (`nvidia-smi -L` lists them)",
+                self.gpus,
+                if n == 1 { "" } else { "s" }
+            );
+        }
         run_ranks(self.commands(program, args))
     }
 }
