@@ -68,6 +68,11 @@ pub enum GemvOutput {
     AddTo(u64),
     /// f32, rounded through the compute dtype (logits).
     F32(u64),
+    /// W is the MLP's `[gate | up]` (n = 2·half rows): SwiGLU(gate, up), `[m, half]` in the
+    /// compute dtype, rounded as storing gate and up and then staging them with
+    /// [`GemvInput::SwiGlu`] would. The tensor-core GEMV only (see
+    /// [`DecodeKernels::takes_swiglu_output`]).
+    SwiGlu(u64),
 }
 
 /// One fused GEMV: `out = input(x) · Wᵀ` for `m ≤ MAX_ROWS` rows.
@@ -163,13 +168,7 @@ pub fn gemv_reference(
         }
         GemvInput::SwiGlu => x
             .chunks(2 * k)
-            .map(|row| {
-                let (gate, up) = row.split_at(k);
-                gate.iter()
-                    .zip(up)
-                    .map(|(g, u)| round(round(g / (1.0 + (-g).exp())) * u))
-                    .collect()
-            })
+            .map(|row| swiglu_reference(row, dtype))
             .collect(),
     };
     let mut out = Vec::with_capacity(rows.len() * n);
@@ -183,6 +182,18 @@ pub fn gemv_reference(
         }
     }
     out
+}
+
+/// SwiGLU of one `[gate | up]` row as the decode kernels round it in `dtype`: silu(gate)
+/// rounded, times up, rounded (the GEMV's SwiGLU input, and its SwiGLU output applied to the
+/// rounded `[gate | up]` it would otherwise store).
+pub fn swiglu_reference(row: &[f32], dtype: DType) -> Vec<f32> {
+    let round = |v: f32| round_to(v, dtype);
+    let (gate, up) = row.split_at(row.len() / 2);
+    gate.iter()
+        .zip(up)
+        .map(|(g, u)| round(round(g / (1.0 + (-g).exp())) * u))
+        .collect()
 }
 
 /// `v` stored in `dtype` and read back.
@@ -462,10 +473,11 @@ mod device {
                     } => (packed, 0, 0, quantized, code, absmax2, offset, block2),
                 },
             };
-            let (out, out_f32, residual) = match g.output {
-                GemvOutput::Store(p) => (p, 0u64, 0u64),
-                GemvOutput::AddTo(p) => (p, 0, p),
-                GemvOutput::F32(p) => (0, p, 0),
+            let (out, out_f32, residual, glu) = match g.output {
+                GemvOutput::Store(p) => (p, 0u64, 0u64, 0),
+                GemvOutput::AddTo(p) => (p, 0, p, 0),
+                GemvOutput::F32(p) => (0, p, 0, 0),
+                GemvOutput::SwiGlu(p) => (p, 0, 0, 1),
             };
             use Arg::*;
             // The two kernels' leading parameters.
@@ -486,6 +498,7 @@ mod device {
                     Ptr(out),
                     Ptr(out_f32),
                     Ptr(residual),
+                    I32(glu),
                 ];
                 return self.launch(
                     &plan.gemv.f,
@@ -493,6 +506,14 @@ mod device {
                     TC_THREADS as u32,
                     plan.smem as u32,
                     &[&common[..], &tail].concat(),
+                );
+            }
+            if glu == 1 {
+                candle_core::bail!(
+                    "gemv: the SwiGLU output needs the tensor-core GEMV ({} weights, n {}, k {})",
+                    FORMATS[g.weight.format()],
+                    g.n,
+                    g.k
                 );
             }
             let tpg = threads_per_group(row_bytes);
@@ -534,15 +555,22 @@ mod device {
             else {
                 return Ok(None);
             };
+            let glu = matches!(g.output, GemvOutput::SwiGlu(_));
             if !g.k.is_multiple_of(32 * tc.chunk_weights)
                 || (matches!(g.weight, GemvWeight::Int4 { .. }) && int4_group != 128)
+                || (glu && !g.n.is_multiple_of(16))
             {
                 return Ok(None);
             }
-            let groups = g.n.div_ceil(8);
+            // With the SwiGLU output a block owns groups of the gate half and as many of the
+            // up half (see decode.cu).
+            let (groups, owned) = match glu {
+                true => (g.n / 16, 2),
+                false => (g.n.div_ceil(8), 1),
+            };
             let warps = TC_THREADS / 32;
             let input = self.staged_bytes(g.m, g.k);
-            let row_sums = |per: usize| per * 8 * MAX_ROWS * 4;
+            let row_sums = |per: usize| owned * per * 8 * MAX_ROWS * 4;
             // Two resident blocks per multiprocessor before more stages: with one, the next
             // kernel's blocks cannot start (and prefetch) until this one's leave, which cost
             // a verify step of 3-8 rows about 10 % per row on the H200.
@@ -587,6 +615,21 @@ mod device {
                 }
             }
             Ok(best.map(|(_, plan)| plan))
+        }
+
+        /// Whether [`DecodeKernels::gemv`] takes `g` with a [`GemvOutput::SwiGlu`] output: on
+        /// the tensor-core GEMV (dense, INT8, INT4 in groups of 128; k a whole number of its
+        /// tiles) with n a multiple of 16.
+        pub fn takes_swiglu_output(&self, g: &Gemv) -> Result<bool> {
+            let group = match g.weight {
+                GemvWeight::Int4 { group, .. } => group,
+                _ => 0,
+            };
+            let g = Gemv {
+                output: GemvOutput::SwiGlu(0),
+                ..*g
+            };
+            Ok(self.tensor_core_plan(&g, group)?.is_some())
         }
 
         /// Most rows one GEMV takes with inputs of `k` (up to [`MAX_ROWS`]): as many as the
@@ -684,6 +727,9 @@ mod device {
                 GemvOutput::Store(p) => (p, self.dtype, 0.0),
                 GemvOutput::AddTo(p) => (p, self.dtype, 1.0),
                 GemvOutput::F32(p) => (p, DType::F32, 0.0),
+                GemvOutput::SwiGlu(_) => {
+                    candle_core::bail!("gemm: the SwiGLU output is the tensor-core GEMV's only")
+                }
             };
             let gemm = crate::gemm::RawGemm {
                 trans_a: false,

@@ -1125,6 +1125,7 @@ fn cuda_decode_gemv_every_format_and_input() -> Result<()> {
         return Ok(());
     };
     let mut rng = StdRng::seed_from_u64(21);
+    let mut swiglu_outputs = 0;
     // (rows, n, k): a QKV, a down projection and a ragged n that leaves a partial row group;
     // 5-8 rows (a verify step's) up to the down projection's width; rows of 640 are not whole
     // warps of 16-byte vectors (the norm's per-row sums then add lane by lane).
@@ -1191,10 +1192,50 @@ fn cuda_decode_gemv_every_format_and_input() -> Result<()> {
                             1e-2,
                         );
                     }
+                    // W as the MLP's [gate | up]: SwiGLU of the output, where the tensor-core
+                    // GEMV takes it.
+                    let glu = Tensor::zeros((m, n / 2), dtype, &dev)?;
+                    let gemv = Gemv {
+                        x: address(&x)?,
+                        input: gemv_input,
+                        m,
+                        n,
+                        k,
+                        weight,
+                        output: GemvOutput::SwiGlu(address(&glu)?),
+                    };
+                    let tensor_cores = ["dense", "int8", "int4"].contains(&format);
+                    if n % 16 == 0 && k % 1024 == 0 && tensor_cores {
+                        assert!(
+                            kernels.takes_swiglu_output(&gemv)?,
+                            "{format} m{m} n{n} k{k}"
+                        );
+                    }
+                    if kernels.takes_swiglu_output(&gemv)? {
+                        kernels.gemv(&gemv)?;
+                        let full = gemv_reference(&xs, gemv_input, norm, &w_values, k, None, dtype);
+                        let want: Vec<f32> = full
+                            .chunks(n)
+                            .flat_map(|row| swiglu_reference(row, dtype))
+                            .collect();
+                        check(
+                            &format!("decode gemv {format} {input} SwiGLU output {dtype:?} m{m} n{n} k{k}"),
+                            &host(&glu)?,
+                            &want,
+                            1e-2,
+                        );
+                        swiglu_outputs += 1;
+                    } else {
+                        assert!(
+                            kernels.gemv(&gemv).is_err(),
+                            "{format} m{m} n{n} k{k} took a SwiGLU output it says it does not"
+                        );
+                    }
                 }
             }
         }
     }
+    assert!(swiglu_outputs > 0, "no GEMV ran with the SwiGLU output");
     Ok(())
 }
 

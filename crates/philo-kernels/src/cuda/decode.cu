@@ -159,16 +159,18 @@ __device__ void stage_row(const T* x, const T* g, float eps, int mode, int k, T*
 }
 
 // stage_row for several rows: one row per group of warps at a time (the block's warps split
-// into as many groups as rows, up to one warp a row), each group walking its row in batches of
-// VPT vectors per thread. Staged one after another, every row cost a memory round trip and a
-// block reduction: about 2 µs per row and GEMV, a verify step's main cost.
+// into the power of two of groups at or above the rows, up to one warp a row, so that up to 8
+// rows take one round), each group walking its row in batches of VPT vectors per thread.
+// Staged one after another, every row cost a memory round trip and a block reduction: about
+// 2 µs per row and GEMV, a verify step's main cost. (H200, INT4 verify steps of 6-7 rows: 1.35
+// and 1.38× a one-row step in two rounds of 4 groups, 1.31 and 1.34× in one round.)
 template <typename T, bool PAIRS = false>
 __device__ void stage_rows(const T* x, const T* g, float eps, int mode, int m, int k, T* xs) {
     __shared__ float sums[32];
     const int nv = k / 8;
     const int warps = blockDim.x / 32;
     int groups = 1;
-    while (groups * 2 <= m && groups * 2 <= warps) groups *= 2;
+    while (groups < m && groups * 2 <= warps) groups *= 2;
     const int gw = warps / groups, gt = gw * 32;
     const int group = threadIdx.x / gt, t = threadIdx.x % gt;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -403,7 +405,11 @@ GEMV_FUSED(nf4_f16, __half, F_NF4)
 // Dequantising is then a few integer operations per pair, with no float conversion per weight:
 // the FMA path's per-weight work is what held INT4 and INT8 below the bandwidth.
 // Blocks own whole groups of 8 rows (balanced); the block's warps split its tiles evenly and
-// add their row sums into shared memory; the epilogue is gemv_fused's.
+// add their row sums into shared memory; the epilogue is gemv_fused's. With `glu`, W is the
+// MLP's [gate | up] (n = 2·half) and the output is SwiGLU(gate, up), [m, half], exactly as
+// storing gate and up then staging them with IN_SWIGLU rounds: a block owns row groups of the
+// gate half and the same groups of the up half, so its epilogue holds both. The down
+// projection then stages plain rows instead of computing every row's SwiGLU in every block.
 
 template <typename T> struct Nibbles;
 template <> struct Nibbles<__nv_bfloat16> {
@@ -438,20 +444,24 @@ template <int FMT> constexpr int tc_tile_bytes() { return 8 * 512 + (FMT == F_IN
 template <typename T, int FMT, bool ROWS>
 __device__ void gemv_tc(const T* x, const T* g, float eps, int mode, int m, int n, int k,
                         const void* w, const float* scales, int stages, T* out, float* out_f32,
-                        const T* residual) {
+                        const T* residual, int glu) {
     extern __shared__ __align__(16) unsigned char smem[];
     constexpr int E = Chunk<T, FMT>::E, TILE = tc_tile_bytes<FMT>();
     const int warps = blockDim.x / 32;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, t = lane % 4;
     const int tiles_per_group = k / (E * 32);
-    const int groups = (n + 7) / 8;
+    // Row groups shared out among the blocks (with glu, those of the gate half).
+    const int groups = glu ? n / 16 : (n + 7) / 8;
     const int per = groups / gridDim.x, extra = groups % gridDim.x;
     const int rg0 = blockIdx.x * per + min((int)blockIdx.x, extra);
     const int nrg = per + ((int)blockIdx.x < extra ? 1 : 0);
+    // The block's groups: its own nrg, and with glu the up half's nrg after them.
+    const int owned = glu ? 2 * nrg : nrg;
+    auto group_row = [&](int v) { return (rg0 + v + (v >= nrg ? groups - nrg : 0)) * 8; };
     unsigned char* tiles = smem + (size_t)warp * stages * TILE;
     T* xs = reinterpret_cast<T*>(smem + (size_t)warps * stages * TILE);
     float* red = reinterpret_cast<float*>(smem + (size_t)warps * stages * TILE + (size_t)m * (k + XPAD) * sizeof(T));
-    const int total = nrg * tiles_per_group;
+    const int total = owned * tiles_per_group;
     const int i0 = warp * total / warps, i1 = (warp + 1) * total / warps;
     const size_t row_bytes = (size_t)k * 16 / E;
     const unsigned char* wb = reinterpret_cast<const unsigned char*>(w);
@@ -462,7 +472,7 @@ __device__ void gemv_tc(const T* x, const T* g, float eps, int mode, int m, int 
     auto issue = [&]() {
         if (fi < i1) {
             unsigned char* dst = tiles + fstage * TILE;
-            int row0 = (rg0 + f_rg) * 8;
+            int row0 = group_row(f_rg);
 #pragma unroll
             for (int r = 0; r < 8; ++r) {
                 bool ok = row0 + r < n;
@@ -487,7 +497,7 @@ __device__ void gemv_tc(const T* x, const T* g, float eps, int mode, int m, int 
     };
     // The first tiles stream in while the previous kernel finishes.
     for (int s = 0; s < stages - 1; ++s) issue();
-    for (int i = threadIdx.x; i < nrg * 8 * MAXM; i += blockDim.x) red[i] = 0.f;
+    for (int i = threadIdx.x; i < owned * 8 * MAXM; i += blockDim.x) red[i] = 0.f;
     pdl_allow_next();
     pdl_wait_previous();
     if (ROWS) stage_rows<T, FMT == F_INT4>(x, g, eps, mode, m, k, xs);
@@ -575,6 +585,22 @@ __device__ void gemv_tc(const T* x, const T* g, float eps, int mode, int m, int 
     if (c_kt != 0) flush();
     cp_async_wait<0>();
     __syncthreads();
+    if (glu) {
+        const int half = n / 2;
+        for (int tt = threadIdx.x; tt < nrg * 8 * m; tt += blockDim.x) {
+            int i = tt / m, rr = tt % m, row = rg0 * 8 + i;
+            float gate = red[i * MAXM + rr], up = red[(nrg * 8 + i) * MAXM + rr];
+            if (FMT == F_INT8) {
+                gate = gate * scales[row] * (1.f / 127.f);
+                up = up * scales[row + half] * (1.f / 127.f);
+            }
+            // As stored (T), then as stage_vector's IN_SWIGLU transforms them.
+            gate = round_to<T>(gate);
+            up = round_to<T>(up);
+            out[(size_t)rr * half + row] = from_f32<T>(round_to<T>(gate / (1.f + __expf(-gate))) * up);
+        }
+        return;
+    }
     for (int tt = threadIdx.x; tt < nrg * 8 * m; tt += blockDim.x) {
         int i = tt / m, rr = tt % m, row = rg0 * 8 + i;
         if (row >= n) continue;
@@ -587,8 +613,8 @@ __device__ void gemv_tc(const T* x, const T* g, float eps, int mode, int m, int 
 #define GEMV_TC_ROWS(fname, T, FMT, ROWS, suffix)                                                        \
     extern "C" __global__ void __launch_bounds__(256) gemv_tc_##fname##suffix(                           \
         const T* x, const T* g, float eps, int mode, int m, int n, int k, const void* w,                 \
-        const float* scales, int stages, T* out, float* out_f32, const T* residual) {                    \
-        gemv_tc<T, FMT, ROWS>(x, g, eps, mode, m, n, k, w, scales, stages, out, out_f32, residual);      \
+        const float* scales, int stages, T* out, float* out_f32, const T* residual, int glu) {           \
+        gemv_tc<T, FMT, ROWS>(x, g, eps, mode, m, n, k, w, scales, stages, out, out_f32, residual, glu); \
     }
 #define GEMV_TC(fname, T, FMT) GEMV_TC_ROWS(fname, T, FMT, false, ) GEMV_TC_ROWS(fname, T, FMT, true, _rows)
 GEMV_TC(dense_bf16, __nv_bfloat16, F_DENSE)
