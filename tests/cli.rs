@@ -337,32 +337,24 @@ fn greedy_generate_streams_text_and_is_deterministic() {
         curve.iter().all(|c| c["ms"].as_f64().unwrap() > 0.0),
         "{json}"
     );
-    // A draft without --speculative draft, and the reverse, are refused with the fix.
-    for args in [
-        &["--speculative", "draft"][..],
-        &["--draft_model", model][..],
+    // A draft without --speculative draft, and the reverse, are refused with the fix, by
+    // generate and by the server (before it loads anything).
+    for command in [
+        &["generate", "--model", model, "--prompt", "Hi"][..],
+        &["serve", "--model", model, "--device", "cpu"][..],
     ] {
-        let out = philo_in(work.path())
-            .args(["generate", "--model", model, "--prompt", "Hi"])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(!out.status.success(), "{args:?} was accepted");
-        assert!(stderr(&out).contains("--draft_model"), "{}", stderr(&out));
-    }
-    // The server takes the same pairing of flags: either half alone is refused with the fix,
-    // before it loads anything.
-    for args in [
-        &["--speculative", "draft"][..],
-        &["--draft_model", model][..],
-    ] {
-        let out = philo_in(work.path())
-            .args(["serve", "--model", model, "--device", "cpu"])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(!out.status.success(), "serve took {args:?}");
-        assert!(stderr(&out).contains("--draft_model"), "{}", stderr(&out));
+        for args in [
+            &["--speculative", "draft"][..],
+            &["--draft_model", model][..],
+        ] {
+            let out = philo_in(work.path())
+                .args(command)
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(!out.status.success(), "{command:?} took {args:?}");
+            assert!(stderr(&out).contains("--draft_model"), "{}", stderr(&out));
+        }
     }
 
     // The kebab-case spelling sets the same option: greedy stops after 3 tokens (or earlier, at

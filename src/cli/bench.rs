@@ -214,17 +214,20 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         (None, false) => anyhow::bail!("philo bench needs --model DIR or --random"),
     };
-    if args.speculation.speculative.is_some() && !matches!(args.task, BenchTask::Serve) {
-        if !matches!(args.task, BenchTask::Decode) {
-            anyhow::bail!("--speculative goes with `bench decode` and `bench serve`");
-        }
-        let draft = args.speculation.draft(|dir| {
-            let weights = philo::pipeline::WeightOptions {
-                quant: load_quant,
-                merge_adapter: false,
-            };
-            Ok(Pipeline::load(dir, None, weights, dtype, &device)?.model)
-        })?;
+    if args.speculation.speculative.is_some()
+        && !matches!(args.task, BenchTask::Decode | BenchTask::Serve)
+    {
+        anyhow::bail!("--speculative goes with `bench decode` and `bench serve`");
+    }
+    // The draft model of --speculative draft, in the model's format, device and dtype.
+    let draft = args.speculation.draft(|dir| {
+        let weights = philo::pipeline::WeightOptions {
+            quant: load_quant,
+            merge_adapter: false,
+        };
+        Ok(Pipeline::load(dir, None, weights, dtype, &device)?.model)
+    })?;
+    if args.speculation.speculative.is_some() && matches!(args.task, BenchTask::Decode) {
         let r = philo::bench::speculative_decode(
             &model,
             draft.as_ref(),
@@ -283,16 +286,6 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         };
         results.push(philo::bench::train(model, &options)?);
     } else {
-        let serve_draft = match args.task {
-            BenchTask::Serve => args.speculation.draft(|dir| {
-                let weights = philo::pipeline::WeightOptions {
-                    quant: load_quant,
-                    merge_adapter: false,
-                };
-                Ok(Pipeline::load(dir, None, weights, dtype, &device)?.model)
-            })?,
-            _ => None,
-        };
         for &batch in &args.batch {
             results.push(match args.task {
                 BenchTask::Train | BenchTask::Attention => unreachable!("handled above"),
@@ -313,7 +306,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     args.new_tokens,
                     args.engine,
                     args.speculation.serve_speculation()?.0,
-                    serve_draft.as_ref(),
+                    draft.as_ref(),
                 )?,
             });
         }
