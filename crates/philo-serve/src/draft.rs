@@ -85,11 +85,6 @@ impl DraftPool {
             state.used = 0;
         }
     }
-
-    /// Which sequence each state follows (tests).
-    pub fn owners(&self) -> Vec<Option<u64>> {
-        self.states.iter().map(|s| s.owner).collect()
-    }
 }
 
 #[cfg(test)]
@@ -106,6 +101,11 @@ mod tests {
         let config = Phi3Config::from_file(&dir.join("config.json")).unwrap();
         let store = SafetensorsStore::open_dir(&dir).unwrap();
         Phi3::load(&config, &store, DType::F32, &Device::Cpu).unwrap()
+    }
+
+    /// Which sequence each state follows.
+    fn owners(pool: &DraftPool) -> Vec<Option<u64>> {
+        pool.states.iter().map(|s| s.owner).collect()
     }
 
     /// The model's own greedy continuation of `tokens`, through the plain generation loop.
@@ -125,22 +125,22 @@ mod tests {
         let c: Vec<u32> = (200..220).collect();
         assert_eq!(pool.propose(1, &a, 3).unwrap(), greedy(&model, &a, 3));
         assert_eq!(pool.propose(2, &b, 3).unwrap(), greedy(&model, &b, 3));
-        assert_eq!(pool.owners(), vec![Some(1), Some(2)]);
+        assert_eq!(owners(&pool), vec![Some(1), Some(2)]);
         // Sequence 1 grows by tokens its state has not seen; its state continues it.
         let a2 = [&a[..], &[7, 8]].concat();
         assert_eq!(pool.propose(1, &a2, 4).unwrap(), greedy(&model, &a2, 4));
         // A third sequence takes the state used least recently (sequence 2's) and proposes
         // from its own tokens, not from what the state held.
         assert_eq!(pool.propose(3, &c, 2).unwrap(), greedy(&model, &c, 2));
-        assert_eq!(pool.owners(), vec![Some(1), Some(3)]);
+        assert_eq!(owners(&pool), vec![Some(1), Some(3)]);
         // Sequence 2 comes back: it takes sequence 1's state (now the least recent) and starts
         // again there.
         assert_eq!(pool.propose(2, &b, 3).unwrap(), greedy(&model, &b, 3));
-        assert_eq!(pool.owners(), vec![Some(2), Some(3)]);
+        assert_eq!(owners(&pool), vec![Some(2), Some(3)]);
         // An ended sequence's state is the next one taken.
         pool.release(3);
         assert_eq!(pool.propose(4, &a, 1).unwrap(), greedy(&model, &a, 1));
-        assert_eq!(pool.owners(), vec![Some(2), Some(4)]);
+        assert_eq!(owners(&pool), vec![Some(2), Some(4)]);
     }
 
     #[test]

@@ -47,8 +47,9 @@ pub struct EngineConfig {
     /// How steps that only decode run on a GPU.
     pub decode_path: DecodePath,
     /// Speculative decoding, proposing up to this many tokens per sequence and step (None:
-    /// off): by prompt lookup, or by the draft model of [`EngineHandle::start_with_draft`]. It runs on the decode step only, and only while the step's rows
-    /// (each sequence's last token and its proposals) number at most 8
+    /// off): by prompt lookup, or by the draft model of [`EngineHandle::start_with_draft`]. It
+    /// runs on the decode step only, and only while the step's rows (each sequence's last token
+    /// and its proposals) number at most 8
     /// (`DecodeStep::MAX_GEMV_ROWS`), so up to 4 decoding sequences with (8 / sequences) − 1
     /// proposals each: there a step of 8 rows costs 1.3-1.5× one of a single row (H200), while
     /// with more sequences every extra row adds weight and KV traffic that rejected guesses
@@ -61,7 +62,8 @@ pub struct EngineConfig {
 /// in one CUDA graph per batch size, or as every other step runs (`Phi3::forward_paged`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DecodePath {
-    /// The decode kernels, one CUDA graph per batch size (captured on its second step; the first launches them one by one).
+    /// The decode kernels, one CUDA graph per batch size (captured on its second step; the
+    /// first launches them one by one).
     #[default]
     Graph,
     /// The same kernels launched one by one (`PHILO_PROFILE=1` times each).
@@ -773,10 +775,9 @@ impl Engine {
     }
 
     /// Adds proposals (the draft model's, else prompt lookup's) to the plan's sequences where
-    /// speculation runs (see
-    /// [`EngineConfig::speculative_tokens`]): every sequence decodes one token on the decode
-    /// step, all of them allow it, and the rows fit the fused GEMV with at least one proposal
-    /// each. Returns how many tokens each sequence of the plan had proposed (all 0: a plain
+    /// speculation runs (see [`EngineConfig::speculative_tokens`]): every sequence decodes one
+    /// token on the decode step, all of them allow it, and the rows fit the fused GEMV with at
+    /// least one proposal each. Returns how many tokens each sequence of the plan had proposed (all 0: a plain
     /// step).
     fn propose(&mut self, plan: &mut crate::scheduler::StepPlan) -> Vec<usize> {
         let n = plan.seqs.len();
