@@ -7,5 +7,7 @@ pub mod speculative;
 pub mod token_stream;
 
 pub use error::{GenerateError, Result};
-pub use sampling::{token_logprobs, Sampler, SamplingParams, TokenLogprobs};
+pub use sampling::{
+    token_logprobs, GpuSampling, Sampler, SamplingParams, TokenCounts, TokenLogprobs,
+};
 pub use token_stream::{generate, GenerateOptions, Generation, StopReason, TokenStream};

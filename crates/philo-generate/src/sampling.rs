@@ -19,6 +19,42 @@ use rand::{Rng, SeedableRng};
 /// them would overflow the logits.
 const GREEDY_TEMPERATURE: f32 = 1e-5;
 
+/// How often each token occurs in a sequence's context, kept up to date as tokens arrive: the
+/// penalties' input for the GPU without a pass over the whole context every step.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TokenCounts(std::collections::BTreeMap<u32, u32>);
+
+impl TokenCounts {
+    /// The counts of `tokens`.
+    pub fn new(tokens: &[u32]) -> TokenCounts {
+        let mut counts = TokenCounts::default();
+        for &token in tokens {
+            counts.push(token);
+        }
+        counts
+    }
+
+    /// Counts one more `token`.
+    pub fn push(&mut self, token: u32) {
+        *self.0.entry(token).or_insert(0) += 1;
+    }
+}
+
+/// How the GPU chooses a row's token as the host sampler would: the row's settings, and the
+/// logit bias and penalties applied to its logits first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GpuSampling {
+    pub row: philo_model::RowSampling,
+    pub adjustments: Vec<philo_kernels::sampling::LogitAdjustment>,
+}
+
+impl GpuSampling {
+    /// Whether the choice is the plain argmax of the logits (no bias, no penalty).
+    pub fn is_argmax(&self) -> bool {
+        self.row == philo_model::RowSampling::greedy() && self.adjustments.is_empty()
+    }
+}
+
 /// Settings for [`Sampler`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -100,7 +136,7 @@ impl SamplingParams {
 
     /// The same choice made on the GPU by the decode kernels (`philo_model::RowSampling`), for
     /// draw `counter` (the position sampled for) of a sequence seeded with `seed`; None where
-    /// only the host sampler can choose: penalties, logit bias, typical-p, log-probabilities.
+    /// only the host sampler can choose: penalties, logit bias, log-probabilities.
     /// The GPU draws its uniform number from a hash of (seed, counter), not from this
     /// sampler's RNG: a seeded request repeats itself on the GPU, but not token for token what
     /// the host would draw.
@@ -109,22 +145,87 @@ impl SamplingParams {
             || !self.logit_bias.is_empty()
             || self.repetition_penalty.is_some_and(|r| r != 1.0)
             || self.frequency_penalty != 0.0
-            || self.presence_penalty != 0.0
-            || self.typical_p.is_some_and(|t| t < 1.0);
-        if host_only {
+            || self.presence_penalty != 0.0;
+        (!host_only).then(|| self.row_sampling(seed, counter))
+    }
+
+    /// Everything the GPU needs to choose as the host sampler does for a row whose context
+    /// counts `context`, with `vocab` logits: the settings (as [`SamplingParams::on_gpu`]) and
+    /// the logit bias and penalties to apply first ([`SamplingParams::gpu_adjustments`]).
+    /// None where only the host can: log-probabilities, a bias naming a token twice.
+    pub fn gpu_sampling(
+        &self,
+        seed: u64,
+        counter: u32,
+        context: &TokenCounts,
+        vocab: usize,
+    ) -> Option<GpuSampling> {
+        if self.logprobs.is_some() {
             return None;
         }
+        Some(GpuSampling {
+            row: self.row_sampling(seed, counter),
+            adjustments: self.gpu_adjustments(context, vocab)?,
+        })
+    }
+
+    fn row_sampling(&self, seed: u64, counter: u32) -> philo_model::RowSampling {
         if self.is_greedy() {
-            return Some(philo_model::RowSampling::greedy());
+            return philo_model::RowSampling::greedy();
         }
-        Some(philo_model::RowSampling {
+        philo_model::RowSampling {
             temperature: self.temperature,
             top_k: self.top_k.map_or(0, |k| k.min(u32::MAX as usize) as u32),
             top_p: self.top_p.unwrap_or(1.0),
             min_p: self.min_p.unwrap_or(0.0),
+            typical_p: self.typical_p.unwrap_or(1.0),
             seed,
             counter,
-        })
+        }
+    }
+
+    /// The logit bias and penalties of these settings for a row whose context counts
+    /// `context`, as the GPU applies them before sampling: one entry per token the bias names
+    /// or the context holds (ids outside `vocab` skipped, as the host skips them), in id order;
+    /// empty when neither applies. None when the bias names a token twice (the host adds the
+    /// two one after the other, which one entry cannot round the same way).
+    pub fn gpu_adjustments(
+        &self,
+        context: &TokenCounts,
+        vocab: usize,
+    ) -> Option<Vec<philo_kernels::sampling::LogitAdjustment>> {
+        use philo_kernels::sampling::LogitAdjustment;
+        let untouched = |token| LogitAdjustment {
+            token,
+            bias: -0.0,
+            penalty: 1.0,
+            subtract: 0.0,
+        };
+        let mut by_token = std::collections::BTreeMap::new();
+        for &(token, bias) in &self.logit_bias {
+            if (token as usize) < vocab {
+                let entry = LogitAdjustment {
+                    bias,
+                    ..untouched(token)
+                };
+                if by_token.insert(token, entry).is_some() {
+                    return None;
+                }
+            }
+        }
+        let repetition = self.repetition_penalty.filter(|&p| p != 1.0);
+        let (frequency, presence) = (self.frequency_penalty, self.presence_penalty);
+        if repetition.is_some() || frequency != 0.0 || presence != 0.0 {
+            for (&token, &count) in &context.0 {
+                if token as usize >= vocab {
+                    continue;
+                }
+                let entry = by_token.entry(token).or_insert_with(|| untouched(token));
+                entry.penalty = repetition.unwrap_or(1.0);
+                entry.subtract = count as f32 * frequency + presence;
+            }
+        }
+        Some(by_token.into_values().collect())
     }
 
     /// Checks every parameter; the error names the first bad one.
@@ -307,19 +408,26 @@ impl Sampler {
 
     /// What [`Sampler::sample`] draws from: the argmax when greedy, else the probabilities after
     /// bias, penalties, temperature and the filters (summing to 1).
-    fn distribution(&self, logits: &[f32], previous_tokens: &[u32]) -> Distribution {
-        assert!(!logits.is_empty(), "cannot sample from an empty logits row");
-        let p = &self.params;
+    /// The logits the filters start from: NaN as `-inf`, the logit bias added, the penalties
+    /// applied for `previous_tokens`.
+    pub fn adjusted_logits(&self, logits: &[f32], previous_tokens: &[u32]) -> Vec<f32> {
         let mut scores: Vec<f32> = logits
             .iter()
             .map(|&x| if x.is_nan() { f32::NEG_INFINITY } else { x })
             .collect();
-        for &(id, bias) in &p.logit_bias {
+        for &(id, bias) in &self.params.logit_bias {
             if let Some(x) = scores.get_mut(id as usize) {
                 *x += bias;
             }
         }
-        apply_penalties(&mut scores, previous_tokens, p);
+        apply_penalties(&mut scores, previous_tokens, &self.params);
+        scores
+    }
+
+    fn distribution(&self, logits: &[f32], previous_tokens: &[u32]) -> Distribution {
+        assert!(!logits.is_empty(), "cannot sample from an empty logits row");
+        let p = &self.params;
+        let mut scores = self.adjusted_logits(logits, previous_tokens);
         if p.is_greedy() {
             return Distribution::Argmax(argmax(&scores));
         }
@@ -1273,23 +1381,95 @@ mod tests {
         }
     }
 
+    /// The GPU's logit adjustments (`gpu_adjustments`, applied by philo-kernels' reference as
+    /// `adjust_logits` applies them) give the host's adjusted logits bit for bit: bias,
+    /// repetition, frequency and presence penalties alone and together, ids outside the
+    /// vocabulary, signed zeros, NaN.
+    #[test]
+    fn gpu_adjustments_match_the_host_bit_for_bit() {
+        use philo_kernels::sampling::adjust_reference;
+        let mut rng = StdRng::seed_from_u64(8);
+        let vocab = 300;
+        let mut logits: Vec<f32> = (0..vocab).map(|_| rng.random_range(-4.0f32..4.0)).collect();
+        logits[0] = -0.0;
+        logits[1] = 0.0;
+        logits[2] = f32::NAN;
+        logits[3] = f32::NEG_INFINITY;
+        let previous: Vec<u32> = (0..400)
+            .map(|i| {
+                if i % 50 == 0 {
+                    7_000
+                } else {
+                    rng.random_range(0..60u32)
+                }
+            })
+            .chain([0, 0, 1, 2, 3])
+            .collect();
+        let bias = vec![(5, 2.5), (0, 0.0), (10, -100.0), (9_999, 1.0), (2, 1.0)];
+        let cases = [
+            (None, 0.0, 0.0, bias.clone()),
+            (Some(1.3), 0.0, 0.0, Vec::new()),
+            (None, 0.4, 0.0, Vec::new()),
+            (None, 0.0, -0.7, Vec::new()),
+            (Some(0.8), 0.25, 0.5, bias.clone()),
+            (Some(1.0), 0.0, 0.0, Vec::new()),
+        ];
+        for (repetition_penalty, frequency_penalty, presence_penalty, logit_bias) in cases {
+            let params = SamplingParams {
+                repetition_penalty,
+                frequency_penalty,
+                presence_penalty,
+                logit_bias,
+                ..SamplingParams::default()
+            };
+            let sampler = Sampler::new(params.clone()).unwrap();
+            let want = sampler.adjusted_logits(&logits, &previous);
+            let entries = params
+                .gpu_adjustments(&TokenCounts::new(&previous), vocab)
+                .unwrap();
+            let mut got: Vec<f32> = logits
+                .iter()
+                .map(|&x| if x.is_nan() { f32::NEG_INFINITY } else { x })
+                .collect();
+            adjust_reference(&mut got, vocab, &[entries]);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{params:?}");
+        }
+        // Nothing to adjust: no entries; a bias naming a token twice: the host's job.
+        assert_eq!(
+            SamplingParams::default().gpu_adjustments(&TokenCounts::new(&previous), vocab),
+            Some(Vec::new())
+        );
+        let twice = SamplingParams {
+            logit_bias: vec![(4, 1.0), (4, 2.0)],
+            ..SamplingParams::default()
+        };
+        assert_eq!(
+            twice.gpu_adjustments(&TokenCounts::new(&previous), vocab),
+            None
+        );
+    }
+
     /// The GPU sampler's reference (philo-kernels, what `sample_rows` is tested against) picks
     /// what this sampler picks for the same uniform number, over temperature, top-k, top-p,
-    /// min-p and their mix, on logits with and without ties and NaN.
+    /// min-p, typical-p and their mix, on logits with and without ties and NaN.
     #[test]
     fn gpu_sampling_reference_draws_as_the_host_sampler() {
         use philo_kernels::sampling::{draw_weights, reference, same_up_to_rounding};
         use philo_kernels::sampling::{uniform, RowSampling};
         let mut rng = StdRng::seed_from_u64(5);
         let settings = [
-            (1.0, None, None, None),
-            (0.7, None, None, None),
-            (0.7, Some(40), None, None),
-            (0.7, None, Some(0.9), None),
-            (1.3, None, Some(0.5), None),
-            (0.8, None, None, Some(0.05)),
-            (0.6, Some(50), Some(0.95), Some(0.02)),
-            (0.0, None, None, None),
+            (1.0, None, None, None, None),
+            (0.7, None, None, None, None),
+            (0.7, Some(40), None, None, None),
+            (0.7, None, Some(0.9), None, None),
+            (1.3, None, Some(0.5), None, None),
+            (0.8, None, None, Some(0.05), None),
+            (0.6, Some(50), Some(0.95), Some(0.02), None),
+            (0.0, None, None, None, None),
+            (1.0, None, None, None, Some(0.2)),
+            (0.7, None, None, None, Some(0.9)),
+            (0.8, Some(100), Some(0.9), None, Some(0.5)),
         ];
         let (mut draws, mut rounded) = (0, 0);
         for row in 0..16 {
@@ -1303,12 +1483,13 @@ mod tests {
                     .for_each(|x| *x = (*x * 4.0).round() / 4.0);
             }
             logits[7] = f32::NAN;
-            for (i, &(temperature, top_k, top_p, min_p)) in settings.iter().enumerate() {
+            for (i, &(temperature, top_k, top_p, min_p, typical_p)) in settings.iter().enumerate() {
                 let params = SamplingParams {
                     temperature,
                     top_k,
                     top_p,
                     min_p,
+                    typical_p,
                     seed: Some(1),
                     ..SamplingParams::default()
                 };
@@ -1319,9 +1500,17 @@ mod tests {
                         top_k: top_k.map_or(0, |k| k as u32),
                         top_p: top_p.unwrap_or(1.0),
                         min_p: min_p.unwrap_or(0.0),
+                        typical_p: typical_p.unwrap_or(1.0),
                         seed: (row * 100 + i) as u64,
                         counter,
                     };
+                    // The settings map to the GPU's as `on_gpu` maps them (greedy: the argmax).
+                    let mapped = sampler.params().on_gpu(gpu.seed, counter).unwrap();
+                    if temperature > 0.0 {
+                        assert_eq!(mapped, gpu);
+                    } else {
+                        assert_eq!(mapped, RowSampling::greedy());
+                    }
                     let u = uniform(gpu.seed, counter);
                     let host = sampler.sample_with_uniform(&logits, &[], f64::from(u));
                     let want = reference(&logits, &gpu);
@@ -1340,7 +1529,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(draws, 16 * 8 * 40);
+        assert_eq!(draws, 16 * settings.len() * 40);
         assert!(rounded <= 2, "{rounded} draws differ by rounding");
     }
 }

@@ -338,6 +338,7 @@ mod device {
         attention: [CudaFunction; 4],
         argmax: CudaFunction,
         sample: CudaFunction,
+        adjust: CudaFunction,
     }
 
     impl DecodeKernels {
@@ -422,6 +423,7 @@ mod device {
                 ],
                 argmax: function(dev, &DECODE, "argmax_rows")?,
                 sample: function(dev, &SAMPLING, "sample_rows")?,
+                adjust: function(dev, &SAMPLING, "adjust_logits")?,
             })
         }
 
@@ -853,6 +855,24 @@ mod device {
             use Arg::*;
             let args = [Ptr(logits), int(vocab), Ptr(params), int(stride), Ptr(out)];
             self.launch(&self.sample, (m as u32, 1, 1), 1024, 0, &args)
+        }
+
+        /// Applies the logit adjustments at `entries` (`crate::sampling::LogitAdjustment::words`,
+        /// as many as the u32 at `count` says, at most `max_entries`) to the f32 logits in place:
+        /// the logit bias and penalties of the rows [`DecodeKernels::sample`] draws from next.
+        pub fn adjust(
+            &self,
+            logits: u64,
+            entries: u64,
+            count: u64,
+            max_entries: usize,
+        ) -> Result<()> {
+            use Arg::*;
+            // Enough threads for every entry, up to a few blocks per multiprocessor (the
+            // kernel strides over the rest).
+            let blocks = max_entries.div_ceil(256).clamp(1, 4 * self.sms);
+            let args = [Ptr(logits), Ptr(entries), Ptr(count)];
+            self.launch(&self.adjust, (blocks as u32, 1, 1), 256, 0, &args)
         }
 
         /// Launches `f` on the device's stream, with programmatic dependent launch where the

@@ -1,6 +1,6 @@
 //! Sampling the next token on the GPU (`cuda/sampling.cu`, launched by
-//! `decode::DecodeKernels::sample`): greedy, or temperature, top-k, top-p and min-p in Hugging
-//! Face's order (as philo-generate's host sampler applies them), then one draw whose uniform
+//! `decode::DecodeKernels::sample`): greedy, or temperature, top-k, top-p, min-p and typical-p
+//! in Hugging Face's order (as philo-generate's host sampler applies them), then one draw whose uniform
 //! number is a hash of the row's seed and draw counter, so a seeded request repeats itself.
 //! [`reference`] is the plain version the kernel is tested against.
 
@@ -21,6 +21,9 @@ pub struct RowSampling {
     pub top_p: f32,
     /// Drop tokens below `min_p` times the top probability (0: off).
     pub min_p: f32,
+    /// Locally typical sampling's mass (1: off): keep the tokens whose surprisal is closest to
+    /// the entropy, up to this much probability (Hugging Face's `TypicalLogitsWarper`).
+    pub typical_p: f32,
     pub seed: u64,
     /// Which draw of the row this is (the position it samples for).
     pub counter: u32,
@@ -34,13 +37,14 @@ impl RowSampling {
             top_k: 0,
             top_p: 1.0,
             min_p: 0.0,
+            typical_p: 1.0,
             seed: 0,
             counter: 0,
         }
     }
 
     /// Words of the row in the kernel's parameter block (see [`RowSampling::write`]).
-    pub const WORDS: usize = 7;
+    pub const WORDS: usize = 8;
 
     /// Writes the row's settings into `params`, `WORDS` arrays of `stride` u32 words, at `row`.
     pub fn write(&self, params: &mut [u32], stride: usize, row: usize) {
@@ -52,9 +56,62 @@ impl RowSampling {
             self.seed as u32,
             (self.seed >> 32) as u32,
             self.counter,
+            self.typical_p.to_bits(),
         ];
         for (i, w) in words.into_iter().enumerate() {
             params[i * stride + row] = w;
+        }
+    }
+}
+
+/// One logit's change before a row is sampled: the logit bias and the penalties of that token,
+/// as philo-generate's host sampler applies them (`adjust_logits` in cuda/sampling.cu):
+/// `x + bias`, then divided by `penalty` when not negative and multiplied by it otherwise,
+/// then minus `subtract`. A token without a bias adds -0.0 (x + -0.0 is x for every x, -0.0
+/// included), one the row has not seen has penalty 1 and subtracts 0.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LogitAdjustment {
+    pub token: u32,
+    pub bias: f32,
+    /// The repetition penalty (1: none).
+    pub penalty: f32,
+    /// count · frequency penalty + presence penalty (0 for a token not seen).
+    pub subtract: f32,
+}
+
+impl LogitAdjustment {
+    /// Words of one adjustment in the kernel's list.
+    pub const WORDS: usize = 4;
+
+    /// The kernel's words for this adjustment of row `row` of `vocab` logits: the logit's
+    /// index, then bias, penalty and subtract as f32 bits.
+    pub fn words(&self, row: usize, vocab: usize) -> [u32; 4] {
+        [
+            (row * vocab) as u32 + self.token,
+            self.bias.to_bits(),
+            self.penalty.to_bits(),
+            self.subtract.to_bits(),
+        ]
+    }
+
+    /// `x` adjusted, as the kernel rounds it.
+    pub fn apply(&self, x: f32) -> f32 {
+        let x = x + self.bias;
+        let x = if x < 0.0 {
+            x * self.penalty
+        } else {
+            x / self.penalty
+        };
+        x - self.subtract
+    }
+}
+
+/// `logits` (rows of `vocab`) after `adjustments[row]` (distinct tokens within a row).
+pub fn adjust_reference(logits: &mut [f32], vocab: usize, adjustments: &[Vec<LogitAdjustment>]) {
+    for (row, list) in adjustments.iter().enumerate() {
+        for a in list {
+            let x = &mut logits[row * vocab + a.token as usize];
+            *x = a.apply(*x);
         }
     }
 }
@@ -144,7 +201,47 @@ pub fn draw_weights(logits: &[f32], s: &RowSampling) -> Option<Vec<f32>> {
             .filter(|x| **x < s.min_p)
             .for_each(|x| *x = 0.0);
     }
+    if s.typical_p < 1.0 && max > f32::NEG_INFINITY {
+        typical(&v, max, &mut e, s.typical_p);
+    }
     Some(e)
+}
+
+/// Locally typical sampling over the tokens still possible (weight > 0): their log-probability
+/// lp in f64 (from the logits `v` and their largest, `max`), the entropy H, and each token's
+/// distance |−lp − H|; the kept tokens are those within the smallest distance whose tokens
+/// weigh at least `mass` (all when rounding leaves even the whole set short of it). The kernel
+/// finds that distance by binary search over the distances' bits.
+fn typical(v: &[f32], max: f32, e: &mut [f32], mass: f32) {
+    let possible: Vec<usize> = (0..v.len()).filter(|&i| e[i] > 0.0).collect();
+    if possible.len() <= 1 {
+        return;
+    }
+    let shifted = |i: usize| f64::from(v[i]) - f64::from(max);
+    let log_z = possible.iter().map(|&i| shifted(i).exp()).sum::<f64>().ln();
+    let lp = |i: usize| shifted(i) - log_z;
+    let entropy: f64 = -possible.iter().map(|&i| lp(i).exp() * lp(i)).sum::<f64>();
+    let distance = |i: usize| (-lp(i) - entropy).abs();
+    let mut by_distance = possible.clone();
+    by_distance.sort_by(|&a, &b| distance(a).total_cmp(&distance(b)));
+    // The smallest distance whose tokens at or below it weigh at least `mass`.
+    let mut cutoff = f64::INFINITY;
+    let mut weight = 0.0f64;
+    for (j, &i) in by_distance.iter().enumerate() {
+        weight += lp(i).exp();
+        let last_of_equals = by_distance
+            .get(j + 1)
+            .is_none_or(|&next| distance(next) != distance(i));
+        if last_of_equals && weight >= f64::from(mass) {
+            cutoff = distance(i);
+            break;
+        }
+    }
+    for &i in &possible {
+        if distance(i) > cutoff {
+            e[i] = 0.0;
+        }
+    }
 }
 
 /// The first token whose running sum (f64) passes `u` (in [0, 1)) times the total weight; the
@@ -213,6 +310,7 @@ mod tests {
                 top_k: 1,
                 top_p: 1.0,
                 min_p: 0.0,
+                typical_p: 1.0,
                 seed: 9,
                 counter,
             };

@@ -1553,6 +1553,88 @@ fn cuda_transform_rows_then_gemm() -> Result<()> {
 /// together, on f32 logits and on bf16-rounded ones (many ties at the top-p threshold), a
 /// vocabulary that is not a multiple of the threads' share, and one with every logit -inf.
 #[test]
+fn cuda_adjust_logits_match_the_reference() -> Result<()> {
+    use philo_kernels::decode::{address, DecodeKernels};
+    use philo_kernels::sampling::{adjust_reference, LogitAdjustment};
+    use rand::seq::SliceRandom;
+    let Some((dev, cuda_dev)) = cuda_gpu("cuda_adjust_logits_match_the_reference") else {
+        return Ok(());
+    };
+    let kernels = DecodeKernels::load(&cuda_dev, DType::BF16)?;
+    let mut rng = StdRng::seed_from_u64(32);
+    let (rows, vocab) = (7, 32_064);
+    let mut logits = uniform(&mut rng, rows * vocab, 8.0);
+    logits[0] = -0.0;
+    logits[1] = 0.0;
+    logits[2] = f32::NEG_INFINITY;
+    // Per row: distinct tokens, biased or not, penalised or not; row 3 has none; row 5 more
+    // entries than one block's threads.
+    let mut adjustments = Vec::new();
+    for row in 0..rows {
+        let count = match row {
+            3 => 0,
+            5 => 3_000,
+            _ => 40 + row * 10,
+        };
+        let mut tokens: Vec<u32> = (0..vocab as u32).collect();
+        tokens.shuffle(&mut rng);
+        adjustments.push(
+            tokens[..count]
+                .iter()
+                .chain(if row == 0 { &[0u32, 1, 2][..] } else { &[][..] })
+                .enumerate()
+                .map(|(i, &token)| LogitAdjustment {
+                    token,
+                    bias: if i % 3 == 0 {
+                        -0.0
+                    } else {
+                        rng.random_range(-5.0f32..5.0)
+                    },
+                    penalty: if i % 2 == 0 {
+                        1.0
+                    } else {
+                        rng.random_range(0.5f32..2.0)
+                    },
+                    subtract: if i % 5 == 0 {
+                        0.0
+                    } else {
+                        rng.random_range(-1.0f32..3.0)
+                    },
+                })
+                .collect::<Vec<_>>(),
+        );
+    }
+    // The first row's tokens 0, 1 and 2 may repeat the shuffled ones: keep each token once.
+    adjustments[0].sort_by_key(|a| a.token);
+    adjustments[0].dedup_by_key(|a| a.token);
+    let words: Vec<u32> = adjustments
+        .iter()
+        .enumerate()
+        .flat_map(|(row, list)| list.iter().flat_map(move |a| a.words(row, vocab)))
+        .collect();
+    let n = words.len() / LogitAdjustment::WORDS;
+    let device_logits = Tensor::from_vec(logits.clone(), rows * vocab, &dev)?;
+    let entries = Tensor::from_vec(words, n * LogitAdjustment::WORDS, &dev)?;
+    let count = Tensor::new(&[n as u32], &dev)?;
+    // A grid sized for more entries than there are: the count bounds the work.
+    kernels.adjust(
+        address(&device_logits)?,
+        address(&entries)?,
+        address(&count)?,
+        n + 1_000,
+    )?;
+    let got = device_logits.to_vec1::<f32>()?;
+    let mut want = logits;
+    adjust_reference(&mut want, vocab, &adjustments);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert!(
+        bits(&got) == bits(&want),
+        "adjusted logits differ from the reference"
+    );
+    Ok(())
+}
+
+#[test]
 fn cuda_sample_rows_match_the_reference() -> Result<()> {
     use philo_kernels::decode::{address, DecodeKernels};
     use philo_kernels::sampling::{
@@ -1563,23 +1645,27 @@ fn cuda_sample_rows_match_the_reference() -> Result<()> {
     };
     let kernels = DecodeKernels::load(&cuda_dev, DType::BF16)?;
     let mut rng = StdRng::seed_from_u64(31);
-    let settings = |t: f32, k: u32, p: f32, min_p: f32| RowSampling {
+    let settings = |t: f32, k: u32, p: f32, min_p: f32, typical_p: f32| RowSampling {
         temperature: t,
         top_k: k,
         top_p: p,
         min_p,
+        typical_p,
         seed: 0,
         counter: 0,
     };
     let kinds = [
-        settings(0.0, 0, 1.0, 0.0),
-        settings(1.0, 0, 1.0, 0.0),
-        settings(0.7, 0, 1.0, 0.0),
-        settings(0.7, 40, 1.0, 0.0),
-        settings(0.7, 0, 0.9, 0.0),
-        settings(1.3, 0, 0.5, 0.0),
-        settings(0.8, 0, 1.0, 0.05),
-        settings(0.6, 50, 0.95, 0.02),
+        settings(0.0, 0, 1.0, 0.0, 1.0),
+        settings(1.0, 0, 1.0, 0.0, 1.0),
+        settings(0.7, 0, 1.0, 0.0, 1.0),
+        settings(0.7, 40, 1.0, 0.0, 1.0),
+        settings(0.7, 0, 0.9, 0.0, 1.0),
+        settings(1.3, 0, 0.5, 0.0, 1.0),
+        settings(0.8, 0, 1.0, 0.05, 1.0),
+        settings(0.6, 50, 0.95, 0.02, 1.0),
+        settings(1.0, 0, 1.0, 0.0, 0.2),
+        settings(0.7, 0, 1.0, 0.0, 0.9),
+        settings(0.8, 100, 0.9, 0.0, 0.5),
     ];
     for vocab in [32_064usize, 1000] {
         let rows = 64;

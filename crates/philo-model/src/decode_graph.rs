@@ -156,6 +156,7 @@ impl DecodeGraph {
                 long_rope: self.long_rope[r],
                 block_table: &self.tables[r],
                 sampling: sampling[r],
+                adjustments: &[],
                 adapter: None,
             })
             .collect();
@@ -204,6 +205,7 @@ impl DecodeGraph {
                 long_rope: self.long_rope[row],
                 block_table: &self.tables[row],
                 sampling: RowSampling::greedy(),
+                adjustments: &[],
                 adapter: None,
             })
             .collect();

@@ -3,7 +3,8 @@
 //! and replayed after (the first use launches the kernels one by one, so a shape used once, such
 //! as a verify step of a length speculation tries once, costs no capture). Per step the host
 //! writes each row's token, length, RoPE table choice, adapter, sampling settings and block table
-//! (one copy) and reads back the tokens the GPU chose or the logits.
+//! (one copy; a second for the rows' logit bias and penalties, when any has them) and reads back
+//! the tokens the GPU chose or the logits.
 //!
 //! The sequences' keys and values live in a [`PagedKvCache`] the caller owns: the serving
 //! engine's pool, or [`crate::DecodeGraph`]'s own. Up to [`DecodeStep::gemv_rows`] rows go
@@ -15,7 +16,7 @@ use crate::error::Result;
 use crate::lora_bank::LoraBank;
 use crate::paged_kv_cache::PagedKvCache;
 use crate::phi3::Phi3;
-pub use philo_kernels::sampling::RowSampling;
+pub use philo_kernels::sampling::{LogitAdjustment, RowSampling};
 
 /// One sequence's part of a decode step.
 #[derive(Debug, Clone, Copy)]
@@ -30,6 +31,10 @@ pub struct DecodeRow<'a> {
     pub block_table: &'a [u32],
     /// How the row's next token is chosen on the GPU (see [`DecodeStep::tokens`]).
     pub sampling: RowSampling,
+    /// The logit bias and penalties applied to the row's logits before it is sampled (distinct
+    /// tokens below the vocabulary size); only where the step samples
+    /// ([`DecodeStep::samples`]). [`DecodeStep::logits`] then gives the row's logits adjusted.
+    pub adjustments: &'a [LogitAdjustment],
     /// The row's adapter: a [`LoraBank`] slot made known with [`DecodeStep::set_adapters`].
     pub adapter: Option<usize>,
 }
@@ -228,6 +233,13 @@ mod imp {
             out: u64,
             m: usize,
         },
+        /// The rows' logit bias and penalties, before `Sample`.
+        Adjust {
+            logits: u64,
+            entries: u64,
+            count: u64,
+            max_entries: usize,
+        },
     }
 
     impl Launch {
@@ -244,6 +256,7 @@ mod imp {
                 Launch::Attention(_) => "attention",
                 Launch::Argmax { .. } => "argmax",
                 Launch::Sample { .. } => "sample",
+                Launch::Adjust { .. } => "logit adjustments",
             }
         }
 
@@ -291,6 +304,12 @@ mod imp {
                     out,
                     m,
                 } => k.sample(*logits, *vocab, *params, *stride, *out, *m),
+                Launch::Adjust {
+                    logits,
+                    entries,
+                    count,
+                    max_entries,
+                } => k.adjust(*logits, *entries, *count, *max_entries),
             }
         }
     }
@@ -308,6 +327,9 @@ mod imp {
     /// rows a verify step's cost fell from 1.43-1.50× a one-row step to 1.30-1.35×, and 8
     /// sequences decoded 12 % faster; up to 4 rows it was unchanged.
     const SWIGLU_APART_ROWS: usize = 5;
+
+    /// A captured step: its rows, whether it runs adapters, whether it adjusts logits.
+    type GraphKey = (usize, bool, bool);
 
     /// Where the block tables start in the state buffer, in rows of `max_rows` words.
     const TABLES_AT: usize = 4 + RowSampling::WORDS;
@@ -386,10 +408,15 @@ mod imp {
         tables: [u64; 4],
         caches: Vec<(u64, u64)>,
         buffers: Buffers,
-        /// The captured step by row count and whether it runs adapters.
-        graphs: HashMap<(usize, bool), Captured>,
-        /// The (row count, adapters) keys run once without a graph.
-        seen: HashSet<(usize, bool)>,
+        /// The captured steps.
+        graphs: HashMap<GraphKey, Captured>,
+        /// The keys run once without a graph.
+        seen: HashSet<GraphKey>,
+        /// The rows' logit adjustments: the entry count, then `LogitAdjustment::WORDS` words
+        /// per entry, room for `adjust_capacity` (grown on demand, which drops the graphs that
+        /// address it).
+        adjust: Option<CudaSlice<u32>>,
+        adjust_capacity: usize,
         /// Bank slot of each adapter table index.
         adapters: Vec<usize>,
         /// The adapters' weights the table points at.
@@ -573,6 +600,8 @@ mod imp {
                 buffers,
                 graphs: HashMap::new(),
                 seen: HashSet::new(),
+                adjust: None,
+                adjust_capacity: 0,
                 adapters: Vec::new(),
                 lora_kept: Vec::new(),
                 order: Vec::new(),
@@ -647,8 +676,8 @@ mod imp {
         }
 
         /// The step's launches for `m` rows, with the batched LoRA of each projection when
-        /// `lora`.
-        fn launches(&self, m: usize, lora: bool) -> Vec<Launch> {
+        /// `lora`, the logit adjustments before sampling when `adjust`.
+        fn launches(&self, m: usize, lora: bool, adjust: bool) -> Vec<Launch> {
             let c = &self.config;
             let (h, kvh, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
             let (hidden, inter) = (c.hidden_size, c.intermediate_size);
@@ -899,6 +928,15 @@ mod imp {
                 });
             }
             let out = slice_addr(&b.next, &self.device);
+            if let (true, Some(entries)) = (adjust, &self.adjust) {
+                let count = slice_addr(entries, &self.device);
+                launches.push(Launch::Adjust {
+                    logits,
+                    entries: count + 4,
+                    count,
+                    max_entries: self.adjust_capacity,
+                });
+            }
             launches.push(if self.samples() {
                 Launch::Sample {
                     logits,
@@ -973,12 +1011,13 @@ mod imp {
             stream
                 .memcpy_htod(&state, &mut dst)
                 .map_err(candle_core::Error::wrap)?;
+            let adjust = self.write_adjustments(rows, &order)?;
             self.order = order;
-            let key = (m, lora);
+            let key = (m, lora, adjust);
             // A key's first step runs launch by launch (which also lets cuBLAS set itself up
             // outside a capture); its second is captured, then replayed.
             if self.capture && !self.graphs.contains_key(&key) && !self.seen.insert(key) {
-                let launches = self.launches(m, lora);
+                let launches = self.launches(m, lora, adjust);
                 stream
                     .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
                     .map_err(candle_core::Error::wrap)?;
@@ -994,11 +1033,55 @@ mod imp {
             match self.graphs.get(&key) {
                 Some(graph) => graph.0.launch().map_err(candle_core::Error::wrap)?,
                 None => {
-                    let launches = self.launches(m, lora);
+                    let launches = self.launches(m, lora, adjust);
                     self.launch_all(&launches, philo_kernels::profile::enabled())?
                 }
             }
             Ok(())
+        }
+
+        /// Writes the rows' logit adjustments (device row d = caller's row `order[d]`) for the
+        /// step's `Adjust` launch; false when no row has any. Growing the buffer drops the
+        /// graphs that address the old one.
+        fn write_adjustments(&mut self, rows: &[DecodeRow], order: &[usize]) -> Result<bool> {
+            let entries: usize = rows.iter().map(|r| r.adjustments.len()).sum();
+            if entries == 0 {
+                return Ok(false);
+            }
+            let vocab = self.config.vocab_size;
+            if !self.samples() {
+                return Err(err(format!(
+                    "decode step: logit adjustments need GPU sampling, which a vocabulary of {vocab} does not have"
+                )));
+            }
+            const WORDS: usize = LogitAdjustment::WORDS;
+            let mut words = Vec::with_capacity(1 + WORDS * entries);
+            words.push(entries as u32);
+            for (d, &r) in order.iter().enumerate() {
+                for a in rows[r].adjustments {
+                    if a.token as usize >= vocab {
+                        return Err(err(format!(
+                            "decode step: row {r} adjusts token {}, past the vocabulary of {vocab}",
+                            a.token
+                        )));
+                    }
+                    words.extend(a.words(d, vocab));
+                }
+            }
+            if entries > self.adjust_capacity {
+                let capacity = entries.next_power_of_two().max(1024);
+                self.adjust = Some(self.device.alloc_zeros::<u32>(1 + WORDS * capacity)?);
+                self.adjust_capacity = capacity;
+                self.graphs.retain(|key, _| !key.2);
+                self.seen.retain(|key| !key.2);
+            }
+            let buffer = self.adjust.as_mut().expect("allocated above");
+            let mut dst = buffer.slice_mut(0..words.len());
+            self.device
+                .cuda_stream()
+                .memcpy_htod(&words, &mut dst)
+                .map_err(candle_core::Error::wrap)?;
+            Ok(true)
         }
 
         /// Launches `launches` in order; with `profile`, each is timed (see

@@ -8,9 +8,10 @@ mod common;
 
 use candle_core::{DType, Device};
 use common::*;
+use philo_kernels::sampling::adjust_reference;
 use philo_model::{
-    Adapter, DecodeGraph, DecodeRow, DecodeStep, LoraBank, PagedKvCache, Phi3, RowSampling,
-    SeqChunk, WeightFormat,
+    Adapter, DecodeGraph, DecodeRow, DecodeStep, LogitAdjustment, LoraBank, PagedKvCache, Phi3,
+    RowSampling, SeqChunk, WeightFormat,
 };
 
 fn prompt(seed: u32, len: usize, vocab: usize) -> Vec<u32> {
@@ -232,7 +233,9 @@ fn decode_graph_verifies_proposals_and_rewinds_on_cuda() {
 
 /// Decodes 10 greedy steps of one row per entry of `adapters` (bank slots) through a
 /// [`DecodeStep`] over scattered blocks of a shared cache, after a `forward_paged` prefill, and
-/// checks each row's logits against `reference(row, ids)` (the full forward of its model).
+/// checks each row's logits against `reference(row, ids)` (the full forward of its model). Odd
+/// rows carry logit adjustments (a bias, and penalties on their context's tokens), which their
+/// logits and token must show as the reference applies them.
 fn scattered_case(
     model: &Phi3,
     bank: &LoraBank,
@@ -284,16 +287,49 @@ fn scattered_case(
         for (ids, &t) in seqs.iter_mut().zip(&next) {
             ids.push(t);
         }
+        let adjustments: Vec<Vec<LogitAdjustment>> = seqs
+            .iter()
+            .enumerate()
+            .map(|(r, ids)| {
+                if r % 2 == 0 {
+                    return Vec::new();
+                }
+                let mut seen: Vec<u32> = ids.clone();
+                seen.sort_unstable();
+                seen.dedup();
+                let boosted = ((7 * step_index + r) % vocab) as u32;
+                let mut list: Vec<LogitAdjustment> = seen
+                    .iter()
+                    .map(|&token| LogitAdjustment {
+                        token,
+                        bias: if token == boosted { 3.0 } else { -0.0 },
+                        penalty: 1.3,
+                        subtract: 0.5,
+                    })
+                    .collect();
+                if !seen.contains(&boosted) {
+                    list.push(LogitAdjustment {
+                        token: boosted,
+                        bias: 3.0,
+                        penalty: 1.0,
+                        subtract: 0.0,
+                    });
+                }
+                list
+            })
+            .collect();
         let batch: Vec<DecodeRow> = seqs
             .iter()
             .zip(&tables)
             .zip(adapters)
-            .map(|((ids, table), &adapter)| DecodeRow {
+            .zip(&adjustments)
+            .map(|(((ids, table), &adapter), adjustments)| DecodeRow {
                 token: *ids.last().unwrap(),
                 len: ids.len(),
                 long_rope: false,
                 block_table: table,
                 sampling: RowSampling::greedy(),
+                adjustments,
                 adapter,
             })
             .collect();
@@ -308,7 +344,10 @@ fn scattered_case(
                 argmax(l),
                 "{rows} rows, step {step_index} row {r}"
             );
-            let want = reference(r, &seqs[r]);
+            // The step's logits of an adjusted row are adjusted: so is the reference.
+            let mut want = reference(r, &seqs[r]).to_vec1::<f32>().unwrap();
+            adjust_reference(&mut want, vocab, std::slice::from_ref(&adjustments[r]));
+            let want = candle_core::Tensor::new(want, &Device::Cpu).unwrap();
             let got = candle_core::Tensor::new(l, &Device::Cpu).unwrap();
             let diff = relative_diff(&got, &want);
             worst = worst.max(diff);
@@ -413,13 +452,17 @@ fn decode_graph_samples_as_the_reference_draws_on_cuda() {
         top_k,
         top_p,
         min_p,
+        typical_p: 1.0,
         seed,
         counter: 0,
     };
     let rows = [
         settings(0.8, 0, 0.9, 0.0, 11),
         settings(1.2, 20, 1.0, 0.0, 12),
-        settings(0.7, 0, 1.0, 0.05, 13),
+        RowSampling {
+            typical_p: 0.5,
+            ..settings(0.7, 0, 1.0, 0.05, 13)
+        },
     ];
     let mut next = Vec::new();
     for r in 0..3 {

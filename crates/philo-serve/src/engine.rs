@@ -14,7 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use candle_core::{DType, Device, Tensor};
 use philo_generate::speculative::{greedy_kept, prompt_lookup, Speculation};
-use philo_generate::{token_logprobs, Sampler};
+use philo_generate::{token_logprobs, GpuSampling, Sampler, TokenCounts};
 use philo_model::{
     Adapter, DecodeRow, DecodeStep, LoraBank, PagedKvCache, Phi3, RowSampling, SeqChunk,
 };
@@ -434,6 +434,8 @@ struct Sequence {
     sampler: Sampler,
     /// Prompt and generated tokens, for the repetition penalties.
     tokens: Vec<u32>,
+    /// How often each of `tokens` occurs: the penalties on the GPU.
+    counts: TokenCounts,
     stop_token_ids: Vec<u32>,
     /// The request's `response_format` grammar, advanced token by token.
     constraint: Option<JsonConstraint>,
@@ -448,20 +450,24 @@ struct Sequence {
 }
 
 impl Sequence {
-    /// How the GPU picks this sequence's next token, or None where only the host sampler can
-    /// (penalties, logit bias, typical-p, log-probabilities, a grammar).
-    fn gpu_sampling(&self) -> Option<RowSampling> {
+    /// How the GPU picks this sequence's next token from `vocab` logits (its settings, logit
+    /// bias and penalties), or None where only the host sampler can (log-probabilities, a
+    /// grammar, a bias naming a token twice).
+    fn gpu_sampling(&self, vocab: usize) -> Option<GpuSampling> {
         if self.constraint.is_some() {
             return None;
         }
-        self.sampler
-            .params()
-            .on_gpu(self.gpu_seed, self.tokens.len() as u32)
+        self.sampler.params().gpu_sampling(
+            self.gpu_seed,
+            self.tokens.len() as u32,
+            &self.counts,
+            vocab,
+        )
     }
 
     /// Whether its next token is the plain argmax, which the GPU takes for every row.
-    fn gpu_greedy(&self) -> bool {
-        self.gpu_sampling() == Some(RowSampling::greedy())
+    fn gpu_greedy(&self, vocab: usize) -> bool {
+        self.gpu_sampling(vocab).is_some_and(|g| g.is_argmax())
     }
 }
 
@@ -684,6 +690,7 @@ impl Engine {
             events,
             adapter,
             sampler,
+            counts: TokenCounts::new(&request.prompt),
             tokens: request.prompt,
             stop_token_ids: request.stop_token_ids,
             constraint: request.constraint,
@@ -847,25 +854,30 @@ impl Engine {
             .decode
             .as_mut()
             .ok_or_else(|| anyhow::anyhow!("speculation without the decode step"))?;
-        let mut rows = Vec::new();
-        let mut first_row = Vec::with_capacity(plan.seqs.len());
-        // Whether the GPU picks each sequence's tokens: greedy ones always, and a sequence
-        // without proposals that the GPU samples for; the others' rows go to the host.
-        let mut on_device = Vec::with_capacity(plan.seqs.len());
+        let vocab = self.model.config().vocab_size;
+        // Whether the GPU picks each sequence's tokens, and how: greedy ones always (the argmax
+        // of each row), and a sequence without proposals that the GPU samples for (with its
+        // logit bias and penalties); the others' rows go to the host.
+        let mut choices = Vec::with_capacity(plan.seqs.len());
         for chunk in &plan.seqs {
             let seq = self
                 .sequences
                 .get(&chunk.id)
                 .ok_or_else(|| anyhow::anyhow!("sequence {} is gone", chunk.id))?;
-            let long_rope = seq.long_rope;
             let gpu = seq
-                .gpu_sampling()
-                .filter(|s| decode.samples() || *s == RowSampling::greedy());
-            let (sampling, device) = match chunk.tokens.len() {
-                1 => (gpu.unwrap_or_else(RowSampling::greedy), gpu.is_some()),
-                _ => (RowSampling::greedy(), seq.gpu_greedy()),
-            };
-            on_device.push(device);
+                .gpu_sampling(vocab)
+                .filter(|g| decode.samples() || g.is_argmax());
+            choices.push(match (chunk.tokens.len(), gpu) {
+                (1, Some(g)) => (g.row, g.adjustments, true),
+                (1, None) => (RowSampling::greedy(), Vec::new(), false),
+                _ => (RowSampling::greedy(), Vec::new(), seq.gpu_greedy(vocab)),
+            });
+        }
+        let on_device: Vec<bool> = choices.iter().map(|c| c.2).collect();
+        let mut rows = Vec::new();
+        let mut first_row = Vec::with_capacity(plan.seqs.len());
+        for (chunk, (sampling, adjustments, _)) in plan.seqs.iter().zip(&choices) {
+            let long_rope = self.sequences.get(&chunk.id).is_some_and(|s| s.long_rope);
             first_row.push(rows.len());
             for (i, &token) in chunk.tokens.iter().enumerate() {
                 rows.push(DecodeRow {
@@ -873,7 +885,8 @@ impl Engine {
                     len: chunk.past + 1 + i,
                     long_rope,
                     block_table: &chunk.block_table,
-                    sampling,
+                    sampling: *sampling,
+                    adjustments,
                     adapter: chunk.adapter.map(|a| a as usize),
                 });
             }
@@ -884,7 +897,6 @@ impl Engine {
             true => None,
             false => Some(decode.logits()?),
         };
-        let vocab = self.model.config().vocab_size;
         let (mut emitted_total, mut accepted_total) = (0u64, 0u64);
         for (i, chunk) in plan.seqs.iter().enumerate() {
             let (k, row0) = (proposed[i], first_row[i]);
@@ -954,14 +966,14 @@ impl Engine {
                         c.tokens.len() == 1 && c.adapter.is_none_or(|a| decode.has_adapter(a))
                     }) =>
             {
-                let sampling: Vec<Option<RowSampling>> = plan
+                let vocab = self.model.config().vocab_size;
+                let sampling: Vec<Option<GpuSampling>> = plan
                     .seqs
                     .iter()
                     .map(|s| {
-                        let seq = self.sequences.get(&s.id)?;
-                        let gpu = seq.gpu_sampling()?;
+                        let gpu = self.sequences.get(&s.id)?.gpu_sampling(vocab)?;
                         // Without GPU sampling the kernels give the argmax only.
-                        (decode.samples() || gpu == RowSampling::greedy()).then_some(gpu)
+                        (decode.samples() || gpu.is_argmax()).then_some(gpu)
                     })
                     .collect();
                 let rows: Vec<DecodeRow> = chunks
@@ -972,7 +984,8 @@ impl Engine {
                         len: c.past + 1,
                         long_rope: c.long_rope,
                         block_table: c.block_table,
-                        sampling: gpu.unwrap_or_else(RowSampling::greedy),
+                        sampling: gpu.as_ref().map_or(RowSampling::greedy(), |g| g.row),
+                        adjustments: gpu.as_ref().map_or(&[], |g| &g.adjustments),
                         adapter: c.adapter,
                     })
                     .collect();
@@ -1033,6 +1046,7 @@ impl Engine {
         };
         let token_id = token.id;
         seq.tokens.push(token_id);
+        seq.counts.push(token_id);
         let status = append
             .then(|| self.scheduler.append_token(id, token_id))
             .flatten();

@@ -539,3 +539,66 @@ fn speculation_keeps_the_greedy_output_on_cuda() {
         "the model drafting for itself had {draft_accepted} of {drafted} proposals accepted"
     );
 }
+
+/// Logit bias and penalties on the GPU (the decode step adjusts the logits before it samples;
+/// runs only with PHILO_CUDA_TESTS=1 and the cuda feature), in one batch with a plain greedy
+/// request: a +100 bias makes every token the biased id; a presence penalty of 100 keeps every
+/// token of the context from coming back (greedy: the output's tokens are distinct and none is
+/// in the prompt); the plain request is what it is beside two plain ones.
+#[test]
+fn penalties_and_logit_bias_apply_on_cuda() {
+    if std::env::var("PHILO_CUDA_TESTS").as_deref() != Ok("1") {
+        eprintln!("skipped (set PHILO_CUDA_TESTS=1 to run the CUDA tests)");
+        return;
+    }
+    let device = Device::new_cuda(0).expect("PHILO_CUDA_TESTS=1 but no CUDA device 0");
+    let dir = case_dir();
+    let phi3 = Phi3Config::from_file(&dir.join("config.json")).unwrap();
+    let store = SafetensorsStore::open_dir(&dir).unwrap();
+    let model = Phi3::load(&phi3, &store, DType::BF16, &device).unwrap();
+    let new_tokens = 24;
+    let run = |requests: Vec<GenerationRequest>| {
+        let engine = EngineHandle::start(model.clone(), config(64, 256), Vec::new()).unwrap();
+        let mut receivers: Vec<_> = requests
+            .into_iter()
+            .map(|r| engine.submit(r).unwrap())
+            .collect();
+        let outputs: Vec<Vec<u32>> = receivers.iter_mut().map(|rx| collect(rx).0).collect();
+        engine.shutdown();
+        engine.join();
+        outputs
+    };
+    let plain_prompt = prompt(1, 7);
+    let unadjusted = run(vec![
+        request("tiny", plain_prompt.clone(), new_tokens),
+        request("tiny", prompt(2, 5), new_tokens),
+        request("tiny", prompt(3, 9), new_tokens),
+    ]);
+    let forced = (0..500u32).find(|t| !unadjusted[1].contains(t)).unwrap();
+    let mut biased = request("tiny", prompt(2, 5), new_tokens);
+    biased.sampling.logit_bias = vec![(forced, 100.0)];
+    let penalised_prompt = prompt(3, 9);
+    let mut penalised = request("tiny", penalised_prompt.clone(), new_tokens);
+    penalised.sampling.presence_penalty = 100.0;
+    penalised.sampling.repetition_penalty = Some(1.3);
+    let outputs = run(vec![
+        request("tiny", plain_prompt, new_tokens),
+        biased,
+        penalised,
+    ]);
+    assert_eq!(
+        outputs[0], unadjusted[0],
+        "the plain request beside adjusted ones"
+    );
+    assert_eq!(outputs[1], vec![forced; new_tokens], "the biased request");
+    let mut seen: Vec<u32> = penalised_prompt.clone();
+    for &t in &outputs[2] {
+        assert!(
+            !seen.contains(&t),
+            "token {t} came back under a presence penalty of 100: {:?}",
+            outputs[2]
+        );
+        seen.push(t);
+    }
+    assert_eq!(outputs[2].len(), new_tokens);
+}

@@ -1,5 +1,5 @@
 // One token per row of f32 logits, drawn on the GPU (reference: src/sampling.rs): greedy, or
-// temperature, top-k, top-p and min-p in Hugging Face's order, then a draw with a uniform number
+// temperature, top-k, top-p, min-p and typical-p in Hugging Face's order, then a draw with a uniform number
 // that is a hash of the row's seed and draw counter. Only the token id leaves the device.
 //
 // One block of 1,024 threads per row; each thread holds 32 consecutive logits in registers
@@ -65,8 +65,26 @@ __device__ __forceinline__ V block_exclusive_scan(V v, V* total) {
     return before + inclusive - v;
 }
 
+// The logit bias and penalties of the rows to sample (reference: LogitAdjustment in
+// src/sampling.rs), one thread per entry: 4 words each, the logit's index then bias, penalty
+// and subtract as f32 bits, `*count` entries (a device word, so a captured graph takes any
+// number). Entries of one row name distinct tokens, so no two threads write one logit.
+extern "C" __global__ void adjust_logits(float* logits, const uint32_t* entries, const uint32_t* count) {
+    pdl_allow_next();
+    pdl_wait_previous();
+    const uint32_t n = *count;
+    for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        const uint32_t* e = entries + 4 * (size_t)i;
+        float x = logits[e[0]] + __uint_as_float(e[1]);
+        const float penalty = __uint_as_float(e[2]);
+        x = x < 0.f ? x * penalty : x / penalty;
+        logits[e[0]] = x - __uint_as_float(e[3]);
+    }
+}
+
 // Row parameters, `stride` rows apart, as u32 words: temperature (f32 bits), top_k (0: off),
-// top_p (f32, 1: off), min_p (f32, 0: off), seed low, seed high, draw counter.
+// top_p (f32, 1: off), min_p (f32, 0: off), seed low, seed high, draw counter, typical_p (f32,
+// 1: off).
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     sample_rows(const float* logits, int vocab, const uint32_t* params, int stride, uint32_t* out) {
     __shared__ uint32_t chosen;
@@ -79,6 +97,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     const float min_p = __uint_as_float(params[3 * stride + row]);
     const uint64_t seed = params[4 * stride + row] | ((uint64_t)params[5 * stride + row] << 32);
     const uint32_t counter = params[6 * stride + row];
+    const float typical_p = __uint_as_float(params[7 * stride + row]);
     const float* x = logits + (size_t)row * vocab;
 
     float v[PER_THREAD];
@@ -186,6 +205,54 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
 #pragma unroll
         for (int i = 0; i < PER_THREAD; ++i)
             if (e[i] < min_p) e[i] = 0.f;
+    }
+
+    if (typical_p < 1.f && m > -INFINITY) {
+        // Locally typical sampling over the tokens still possible: log-probabilities in f64
+        // (as the host's filter computes them), the entropy H, and each token's distance
+        // |−lp − H|; keep those within the smallest distance whose tokens weigh at least
+        // typical_p, found by binary search over the distances' bits (non-negative doubles
+        // order as their bits). With one token or none left nothing changes.
+        uint32_t count = 0;
+        double z = 0.0;
+#pragma unroll
+        for (int i = 0; i < PER_THREAD; ++i) {
+            if (e[i] > 0.f) {
+                ++count;
+                z += exp((double)v[i] - (double)m);
+            }
+        }
+        if (block_total<uint32_t>(count) > 1) {
+            const double log_z = log(block_total<double>(z));
+            double h = 0.0;
+#pragma unroll
+            for (int i = 0; i < PER_THREAD; ++i) {
+                if (e[i] > 0.f) {
+                    double lp = (double)v[i] - (double)m - log_z;
+                    h -= exp(lp) * lp;
+                }
+            }
+            h = block_total<double>(h);
+            auto distance_bits = [&](int i) {
+                double lp = (double)v[i] - (double)m - log_z;
+                return (unsigned long long)__double_as_longlong(fabs(-lp - h));
+            };
+            // The smallest key whose tokens at or below it weigh at least typical_p; infinity's
+            // bits (all kept) when rounding leaves even the whole set short of it.
+            unsigned long long lo = 0, hi = 0x7FF0000000000000ull;
+            while (lo < hi) {
+                unsigned long long mid = lo + (hi - lo) / 2;
+                double w = 0.0;
+#pragma unroll
+                for (int i = 0; i < PER_THREAD; ++i)
+                    if (e[i] > 0.f && distance_bits(i) <= mid) w += exp((double)v[i] - (double)m - log_z);
+                if (block_total<double>(w) >= (double)typical_p) hi = mid;
+                else lo = mid + 1;
+            }
+#pragma unroll
+            for (int i = 0; i < PER_THREAD; ++i)
+                if (e[i] > 0.f && distance_bits(i) > lo) e[i] = 0.f;
+        }
     }
 
     // The draw: the first id whose running sum passes u · total.
