@@ -336,6 +336,8 @@ mod device {
         rope_kv: CudaFunction,
         /// By head dimension: 64, 96, 128, any other.
         attention: [CudaFunction; 4],
+        /// For more than [`MAX_ROWS`] rows, by head dimension: 64, 96, 128.
+        attention_many: [CudaFunction; 3],
         argmax: CudaFunction,
         sample: CudaFunction,
         adjust: CudaFunction,
@@ -396,6 +398,8 @@ mod device {
                 tc.push([load("")?, load("_rows")?]);
             }
             let sms = multiprocessors(dev)?;
+            let many =
+                |d| -> Result<String> { Ok(format!("{}_many", decode_kernel_name(dtype, d)?)) };
             let major = dev
                 .cuda_stream()
                 .context()
@@ -420,6 +424,11 @@ mod device {
                     function(dev, &PAGED_ATTENTION, &decode_kernel_name(dtype, 96)?)?,
                     function(dev, &PAGED_ATTENTION, &decode_kernel_name(dtype, 128)?)?,
                     function(dev, &PAGED_ATTENTION, &decode_kernel_name(dtype, 0)?)?,
+                ],
+                attention_many: [
+                    function(dev, &PAGED_ATTENTION, &many(64)?)?,
+                    function(dev, &PAGED_ATTENTION, &many(96)?)?,
+                    function(dev, &PAGED_ATTENTION, &many(128)?)?,
                 ],
                 argmax: function(dev, &DECODE, "argmax_rows")?,
                 sample: function(dev, &SAMPLING, "sample_rows")?,
@@ -799,13 +808,17 @@ mod device {
         /// Paged decode attention with the keys split over `splits` blocks per (row, head);
         /// `partial` holds `m·heads·splits·(head_dim + 2)` f32 and `counters` `m·heads` u32
         /// zeros (left zero after each launch).
+        /// More than [`MAX_ROWS`] rows take the staged kernel where the head dimension has one.
         pub fn attention(&self, a: &Attention) -> Result<()> {
-            let f = &self.attention[match a.head_dim {
-                64 => 0,
-                96 => 1,
-                128 => 2,
-                _ => 3,
-            }];
+            let f = match (a.head_dim, a.m > MAX_ROWS) {
+                (64, true) => &self.attention_many[0],
+                (96, true) => &self.attention_many[1],
+                (128, true) => &self.attention_many[2],
+                (64, false) => &self.attention[0],
+                (96, false) => &self.attention[1],
+                (128, false) => &self.attention[2],
+                _ => &self.attention[3],
+            };
             use Arg::*;
             let args = [
                 Ptr(a.q),

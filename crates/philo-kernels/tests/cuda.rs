@@ -879,10 +879,12 @@ fn cuda_paged_kv_cache() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(6);
     // (heads, kv heads, head_dim, block size, sequence lengths, window)
     type Case<'a> = (usize, usize, usize, usize, &'a [usize], usize);
-    let cases: [Case; 3] = [
+    // Head dims 64, 96 and 128 run the staged kernel, 80 the general one.
+    let cases: [Case; 4] = [
         (32, 32, 96, 16, &[1, 17, 130, 300], usize::MAX),
         (8, 2, 64, 8, &[5, 64, 9], 20),
         (4, 4, 128, 16, &[257], usize::MAX),
+        (4, 2, 80, 16, &[3, 200], 150),
     ];
     for (h, kvh, d, bs, lens, window) in cases {
         for dtype in [DType::BF16, DType::F16, DType::F32] {
@@ -1239,6 +1241,8 @@ fn cuda_decode_gemv_every_format_and_input() -> Result<()> {
     Ok(())
 }
 
+/// The decode step's attention (`DecodeKernels::attention`: keys split over blocks, the tiled
+/// kernel up to 8 rows and the staged one beyond) against the reference.
 #[test]
 fn cuda_paged_decode_split_matches_unsplit() -> Result<()> {
     use philo_kernels::decode::{address, Attention, DecodeKernels};
@@ -1248,11 +1252,16 @@ fn cuda_paged_decode_split_matches_unsplit() -> Result<()> {
     };
     let mut rng = StdRng::seed_from_u64(22);
     let (h, kvh, d, bs) = (8, 4, 96, 16);
-    // Lengths shorter than the split count (empty splits), ragged, and long; a window.
+    // Lengths shorter than the split count (empty splits), ragged, and long; a window. More
+    // than 8 rows run the staged kernel (split and not).
+    let many = vec![1u32, 5, 17, 33, 100, 129, 300, 64, 16, 250];
     for (lens, window, splits) in [
         (vec![3u32, 100, 1000], usize::MAX, 8),
         (vec![4096u32], 2047, 16),
         (vec![33u32, 517], 40, 5),
+        (many.clone(), usize::MAX, 1),
+        (many.clone(), 40, 3),
+        (many, usize::MAX, 32),
     ] {
         let dtype = DType::BF16;
         let kernels = DecodeKernels::load(&cuda_dev, dtype)?;
