@@ -7,7 +7,7 @@ use candle_core::Tensor;
 use philo_model::{DecodeGraph, KvCache, Phi3};
 
 use crate::error::{GenerateError, Result};
-use crate::sampling::{Sampler, SamplingParams};
+use crate::sampling::{Sampler, SamplingParams, TokenCounts};
 use crate::speculative::{greedy_kept, Proposer, Speculation};
 
 /// One sequence being generated: prompt + tokens so far, the cache, the sampler.
@@ -25,6 +25,10 @@ pub struct TokenStream<'m> {
     sampler: Sampler,
     /// The seed of the draws the GPU makes for this sequence (the request's, or a random one).
     gpu_seed: u64,
+    /// How often each of the first `counted` tokens occurs: the penalties on the GPU (`tokens`
+    /// only grows, so the counts catch up on the new ones when the GPU needs them).
+    counts: TokenCounts,
+    counted: usize,
     /// The GPU's graph-captured decode step, when [`TokenStream::use_decode_graph`] found one
     /// for the model; it holds its own KV cache and `cache` stays empty.
     graph: Option<DecodeGraph>,
@@ -54,6 +58,8 @@ impl<'m> TokenStream<'m> {
             tokens: prompt,
             cached: 0,
             gpu_seed: params.seed.unwrap_or_else(rand::random),
+            counts: TokenCounts::default(),
+            counted: 0,
             sampler: Sampler::new(params)?,
             graph: None,
             speculation: None,
@@ -260,23 +266,33 @@ impl<'m> TokenStream<'m> {
     /// start and at LongRoPE's switch, one graph step otherwise; a plain greedy choice is made
     /// on the GPU, anything else by the sampler on the step's logits.
     fn next_token_on_graph(&mut self) -> Result<()> {
+        for &token in &self.tokens[self.counted..] {
+            self.counts.push(token);
+        }
+        self.counted = self.tokens.len();
         let graph = self.graph.as_mut().expect("checked by the caller");
         let rotary = self.model.rotary();
         let last = self.tokens.len() - 1;
         let switches = self.cached > 0 && rotary.switches_between(self.cached - 1, last);
-        // The GPU chooses where it can (the token alone comes back): greedy, or sampled when
-        // the graph samples and the settings need no host-only step.
+        // The GPU chooses where it can (the token alone comes back): greedy, or sampled (logit
+        // bias and penalties applied there) when the graph samples and the settings need no
+        // host-only step.
         let on_gpu = self
             .sampler
             .params()
-            .on_gpu(self.gpu_seed, self.tokens.len() as u32)
-            .filter(|s| graph.samples() || *s == philo_model::RowSampling::greedy());
+            .gpu_sampling(
+                self.gpu_seed,
+                self.tokens.len() as u32,
+                &self.counts,
+                self.model.config().vocab_size,
+            )
+            .filter(|g| graph.samples() || g.is_argmax());
         let token = if self.cached == 0 || switches {
             let long = rotary.uses_long_factors(last);
             let logits = graph.prefill(self.model, 0, &self.tokens, long)?;
             self.sampler.sample(&logits, &self.tokens)
-        } else if let Some(sampling) = on_gpu {
-            graph.step_sampled(&[self.tokens[last]], &[sampling])?;
+        } else if let Some(gpu) = on_gpu {
+            graph.step_sampled(&[self.tokens[last]], &[gpu.row], &[&gpu.adjustments])?;
             graph.tokens()?[0]
         } else {
             graph.step(&[self.tokens[last]])?;

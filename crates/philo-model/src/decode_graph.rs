@@ -8,7 +8,7 @@
 //! holds them (dense, INT8, INT4, NF4); a model with an unmerged adapter or GGUF blocks keeps the
 //! general path ([`DecodeGraph::new`] returns None).
 
-use crate::decode_step::{DecodeRow, DecodeStep, RowSampling};
+use crate::decode_step::{DecodeRow, DecodeStep, LogitAdjustment, RowSampling};
 use crate::error::{ModelError, Result};
 use crate::lora_bank::LoraBank;
 use crate::paged_forward::SeqChunk;
@@ -124,18 +124,28 @@ impl DecodeGraph {
     /// and runs the step; the results are read with [`DecodeGraph::logits`] or
     /// [`DecodeGraph::tokens`].
     pub fn step(&mut self, tokens: &[u32]) -> Result<()> {
-        self.step_sampled(tokens, &vec![RowSampling::greedy(); tokens.len()])
+        self.step_sampled(tokens, &vec![RowSampling::greedy(); tokens.len()], &[])
     }
 
     /// [`DecodeGraph::step`] with each row's next token chosen on the GPU as `sampling[row]`
-    /// says (read it with [`DecodeGraph::tokens`]; where [`DecodeGraph::samples`] is false, the
-    /// GPU gives the argmax of every row).
-    pub fn step_sampled(&mut self, tokens: &[u32], sampling: &[RowSampling]) -> Result<()> {
-        if tokens.len() != self.rows() || sampling.len() != self.rows() {
+    /// says, after `adjustments[row]` (its logit bias and penalties; an empty list: none for
+    /// any row) — read it with [`DecodeGraph::tokens`]; where [`DecodeGraph::samples`] is false,
+    /// the GPU gives the argmax of every row and takes no adjustments.
+    pub fn step_sampled(
+        &mut self,
+        tokens: &[u32],
+        sampling: &[RowSampling],
+        adjustments: &[&[LogitAdjustment]],
+    ) -> Result<()> {
+        if tokens.len() != self.rows()
+            || sampling.len() != self.rows()
+            || !(adjustments.is_empty() || adjustments.len() == self.rows())
+        {
             return Err(err(format!(
-                "decode graph: {} tokens and {} sampling settings for {} rows",
+                "decode graph: {} tokens, {} sampling settings and {} adjustment lists for {} rows",
                 tokens.len(),
                 sampling.len(),
+                adjustments.len(),
                 self.rows()
             )));
         }
@@ -156,7 +166,7 @@ impl DecodeGraph {
                 long_rope: self.long_rope[r],
                 block_table: &self.tables[r],
                 sampling: sampling[r],
-                adjustments: &[],
+                adjustments: adjustments.get(r).copied().unwrap_or(&[]),
                 adapter: None,
             })
             .collect();

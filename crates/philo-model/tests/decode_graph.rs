@@ -436,7 +436,8 @@ fn decode_step_over_scattered_blocks_matches_the_full_forward_on_cuda() {
 
 /// `generate`'s sampled decoding on the GPU: each step's token is what the GPU sampler's
 /// reference draws from that step's logits with the row's settings (temperature with top-p,
-/// top-k, min-p), up to rounding at a boundary between two tokens.
+/// top-k, min-p, typical-p), up to rounding at a boundary between two tokens. Row 1 carries a
+/// logit bias of +50 on one token (the step's logits are the adjusted ones): it draws that token.
 #[test]
 fn decode_graph_samples_as_the_reference_draws_on_cuda() {
     use philo_kernels::sampling::{draw_weights, reference, same_up_to_rounding, uniform};
@@ -480,7 +481,15 @@ fn decode_graph_samples_as_the_reference_draws_on_cuda() {
                 ..*s
             })
             .collect();
-        graph.step_sampled(&next, &sampling).unwrap();
+        let forced = [LogitAdjustment {
+            token: 9,
+            bias: 50.0,
+            penalty: 1.0,
+            subtract: 0.0,
+        }];
+        graph
+            .step_sampled(&next, &sampling, &[&[], &forced, &[]])
+            .unwrap();
         let logits = graph.logits().unwrap();
         let tokens = graph.tokens().unwrap();
         for (r, s) in sampling.iter().enumerate() {
@@ -496,6 +505,9 @@ fn decode_graph_samples_as_the_reference_draws_on_cuda() {
                 "step {step} row {r}: {} vs {want}",
                 tokens[r]
             );
+            if r == 1 {
+                assert_eq!(tokens[r], 9, "step {step}: row 1's +50 bias");
+            }
             distinct.insert(tokens[r]);
         }
         next = tokens;
