@@ -149,6 +149,20 @@ struct SamplingArgs {
     min_p: Option<f32>,
     #[arg(long = "repetition_penalty", alias = "repetition-penalty")]
     repetition_penalty: Option<f32>,
+    /// OpenAI's: subtracts this times a token's count in the context from its logit.
+    #[arg(
+        long = "frequency_penalty",
+        alias = "frequency-penalty",
+        default_value_t = 0.0
+    )]
+    frequency_penalty: f32,
+    /// OpenAI's: subtracts this from the logit of every token the context holds.
+    #[arg(
+        long = "presence_penalty",
+        alias = "presence-penalty",
+        default_value_t = 0.0
+    )]
+    presence_penalty: f32,
     #[arg(long)]
     seed: Option<u64>,
     #[arg(
@@ -229,6 +243,8 @@ impl SamplingArgs {
                 typical_p: self.typical_p,
                 min_p: self.min_p,
                 repetition_penalty: self.repetition_penalty,
+                frequency_penalty: self.frequency_penalty,
+                presence_penalty: self.presence_penalty,
                 seed: self.seed,
                 ..SamplingParams::default()
             },

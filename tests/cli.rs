@@ -581,6 +581,8 @@ fn out_of_range_sampling_values_are_reported() {
         ("--min_p", "2", "min_p"),
         ("--typical_p", "0", "typical_p"),
         ("--repetition_penalty", "0", "repetition_penalty"),
+        ("--frequency_penalty", "NaN", "frequency_penalty"),
+        ("--presence-penalty", "inf", "presence_penalty"),
         ("--temperature", "-1", "temperature"),
     ] {
         // `--flag=value`, so clap takes a negative value as the value, not as a flag.
