@@ -20,6 +20,19 @@ fn case_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/hf-reference/dev/mini4k")
 }
 
+/// The tiny model in bf16 on CUDA device 0, or None (with a message) unless PHILO_CUDA_TESTS=1.
+fn cuda_model() -> Option<Phi3> {
+    if std::env::var("PHILO_CUDA_TESTS").as_deref() != Ok("1") {
+        eprintln!("skipped (set PHILO_CUDA_TESTS=1 to run the CUDA tests)");
+        return None;
+    }
+    let device = Device::new_cuda(0).expect("PHILO_CUDA_TESTS=1 but no CUDA device 0");
+    let dir = case_dir();
+    let phi3 = Phi3Config::from_file(&dir.join("config.json")).unwrap();
+    let store = SafetensorsStore::open_dir(&dir).unwrap();
+    Some(Phi3::load(&phi3, &store, DType::BF16, &device).unwrap())
+}
+
 fn model() -> Phi3 {
     let dir = case_dir();
     let config = Phi3Config::from_file(&dir.join("config.json")).unwrap();
@@ -443,15 +456,9 @@ fn greedy_with_logit_bias_follows_the_bias() {
 /// forward finds the two tokens tied within rounding.
 #[test]
 fn speculation_keeps_the_greedy_output_on_cuda() {
-    if std::env::var("PHILO_CUDA_TESTS").as_deref() != Ok("1") {
-        eprintln!("skipped (set PHILO_CUDA_TESTS=1 to run the CUDA tests)");
+    let Some(model) = cuda_model() else {
         return;
-    }
-    let device = Device::new_cuda(0).expect("PHILO_CUDA_TESTS=1 but no CUDA device 0");
-    let dir = case_dir();
-    let phi3 = Phi3Config::from_file(&dir.join("config.json")).unwrap();
-    let store = SafetensorsStore::open_dir(&dir).unwrap();
-    let model = Phi3::load(&phi3, &store, DType::BF16, &device).unwrap();
+    };
     let prompts: Vec<Vec<u32>> = (0..4).map(|i| prompt(i, 8).repeat(3)).collect();
     let new_tokens = 48;
     // With a draft: the model itself, so that its proposals are (up to rounding) all accepted.
@@ -503,7 +510,7 @@ fn speculation_keeps_the_greedy_output_on_cuda() {
                 continue;
             };
             let ids = [&prompts[i][..], &want[..d]].concat();
-            let input = candle_core::Tensor::new(ids.as_slice(), &device)
+            let input = candle_core::Tensor::new(ids.as_slice(), model.device())
                 .unwrap()
                 .unsqueeze(0)
                 .unwrap();
@@ -547,15 +554,9 @@ fn speculation_keeps_the_greedy_output_on_cuda() {
 /// in the prompt); the plain request is what it is beside two plain ones.
 #[test]
 fn penalties_and_logit_bias_apply_on_cuda() {
-    if std::env::var("PHILO_CUDA_TESTS").as_deref() != Ok("1") {
-        eprintln!("skipped (set PHILO_CUDA_TESTS=1 to run the CUDA tests)");
+    let Some(model) = cuda_model() else {
         return;
-    }
-    let device = Device::new_cuda(0).expect("PHILO_CUDA_TESTS=1 but no CUDA device 0");
-    let dir = case_dir();
-    let phi3 = Phi3Config::from_file(&dir.join("config.json")).unwrap();
-    let store = SafetensorsStore::open_dir(&dir).unwrap();
-    let model = Phi3::load(&phi3, &store, DType::BF16, &device).unwrap();
+    };
     let new_tokens = 24;
     let run = |requests: Vec<GenerationRequest>| {
         let engine = EngineHandle::start(model.clone(), config(64, 256), Vec::new()).unwrap();
