@@ -134,25 +134,14 @@ impl SamplingParams {
             && self.presence_penalty == 0.0
     }
 
-    /// The same choice made on the GPU by the decode kernels (`philo_model::RowSampling`), for
-    /// draw `counter` (the position sampled for) of a sequence seeded with `seed`; None where
-    /// only the host sampler can choose: penalties, logit bias, log-probabilities.
-    /// The GPU draws its uniform number from a hash of (seed, counter), not from this
-    /// sampler's RNG: a seeded request repeats itself on the GPU, but not token for token what
-    /// the host would draw.
-    pub fn on_gpu(&self, seed: u64, counter: u32) -> Option<philo_model::RowSampling> {
-        let host_only = self.logprobs.is_some()
-            || !self.logit_bias.is_empty()
-            || self.repetition_penalty.is_some_and(|r| r != 1.0)
-            || self.frequency_penalty != 0.0
-            || self.presence_penalty != 0.0;
-        (!host_only).then(|| self.row_sampling(seed, counter))
-    }
-
     /// Everything the GPU needs to choose as the host sampler does for a row whose context
-    /// counts `context`, with `vocab` logits: the settings (as [`SamplingParams::on_gpu`]) and
-    /// the logit bias and penalties to apply first ([`SamplingParams::gpu_adjustments`]).
-    /// None where only the host can: log-probabilities, a bias naming a token twice.
+    /// counts `context`, with `vocab` logits, for draw `counter` (the position sampled for) of a
+    /// sequence seeded with `seed`: the decode kernels' settings (`philo_model::RowSampling`)
+    /// and the logit bias and penalties to apply first ([`SamplingParams::gpu_adjustments`]).
+    /// None where only the host can: log-probabilities, a bias naming a token twice. The GPU
+    /// draws its uniform number from a hash of (seed, counter), not from this sampler's RNG: a
+    /// seeded request repeats itself on the GPU, but not token for token what the host would
+    /// draw.
     pub fn gpu_sampling(
         &self,
         seed: u64,
@@ -1504,8 +1493,14 @@ mod tests {
                         seed: (row * 100 + i) as u64,
                         counter,
                     };
-                    // The settings map to the GPU's as `on_gpu` maps them (greedy: the argmax).
-                    let mapped = sampler.params().on_gpu(gpu.seed, counter).unwrap();
+                    // The settings map to the GPU's as `gpu_sampling` maps them (greedy: the
+                    // argmax), with nothing to adjust.
+                    let mapped = sampler
+                        .params()
+                        .gpu_sampling(gpu.seed, counter, &TokenCounts::default(), logits.len())
+                        .unwrap();
+                    assert!(mapped.adjustments.is_empty());
+                    let mapped = mapped.row;
                     if temperature > 0.0 {
                         assert_eq!(mapped, gpu);
                     } else {

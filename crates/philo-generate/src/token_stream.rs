@@ -227,7 +227,8 @@ impl<'m> TokenStream<'m> {
         let mut ids = vec![self.tokens[last]];
         ids.extend(&proposal);
         graph.verify(0, &ids)?;
-        let greedy = self.sampler.params().on_gpu(0, 0) == Some(philo_model::RowSampling::greedy());
+        let params = self.sampler.params();
+        let greedy = params.is_plain_greedy() && params.logprobs.is_none();
         let kept = if greedy {
             let best = graph.tokens()?;
             let emitted = greedy_kept(&proposal, &best);
