@@ -464,11 +464,6 @@ impl Sequence {
             vocab,
         )
     }
-
-    /// Whether its next token is the plain argmax, which the GPU takes for every row.
-    fn gpu_greedy(&self, vocab: usize) -> bool {
-        self.gpu_sampling(vocab).is_some_and(|g| g.is_argmax())
-    }
 }
 
 /// The next token of one sequence from its row of logits on the host: sampled (among the tokens
@@ -867,17 +862,21 @@ impl Engine {
             let gpu = seq
                 .gpu_sampling(vocab)
                 .filter(|g| decode.samples() || g.is_argmax());
-            choices.push(match (chunk.tokens.len(), gpu) {
+            let (sampling, adjustments, device) = match (chunk.tokens.len(), gpu) {
                 (1, Some(g)) => (g.row, g.adjustments, true),
                 (1, None) => (RowSampling::greedy(), Vec::new(), false),
-                _ => (RowSampling::greedy(), Vec::new(), seq.gpu_greedy(vocab)),
-            });
+                (_, gpu) => (
+                    RowSampling::greedy(),
+                    Vec::new(),
+                    gpu.is_some_and(|g| g.is_argmax()),
+                ),
+            };
+            choices.push((sampling, adjustments, device, seq.long_rope));
         }
         let on_device: Vec<bool> = choices.iter().map(|c| c.2).collect();
         let mut rows = Vec::new();
         let mut first_row = Vec::with_capacity(plan.seqs.len());
-        for (chunk, (sampling, adjustments, _)) in plan.seqs.iter().zip(&choices) {
-            let long_rope = self.sequences.get(&chunk.id).is_some_and(|s| s.long_rope);
+        for (chunk, &(sampling, ref adjustments, _, long_rope)) in plan.seqs.iter().zip(&choices) {
             first_row.push(rows.len());
             for (i, &token) in chunk.tokens.iter().enumerate() {
                 rows.push(DecodeRow {
@@ -885,7 +884,7 @@ impl Engine {
                     len: chunk.past + 1 + i,
                     long_rope,
                     block_table: &chunk.block_table,
-                    sampling: *sampling,
+                    sampling,
                     adjustments,
                     adapter: chunk.adapter.map(|a| a as usize),
                 });
