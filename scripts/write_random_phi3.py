@@ -5,7 +5,10 @@ real shape where no real weights exist (speed does not depend on the values). Ne
 transformers (the GPU machine has both).
 
   python3 scripts/write_random_phi3.py OUT_DIR [--layers N] [--adapter ADAPTER_DIR]
-                                       [--copy_cycle L]
+                                       [--copy_cycle L] [--context 4k|128k]
+
+--context 128k takes the Phi-3-mini-128k-instruct config (LongRoPE factors, 131,072 positions,
+no sliding window in practice) instead of the 4k one; the weights' shapes are the same.
 
 --layers keeps N decoder layers (a smaller model of the same family and tokenizer, e.g. a
 speculative-decoding draft); --adapter also writes a random PEFT LoRA adapter for it (r 64,
@@ -36,14 +39,15 @@ def main():
     parser.add_argument("--layers", type=int)
     parser.add_argument("--adapter")
     parser.add_argument("--copy_cycle", type=int)
+    parser.add_argument("--context", choices=["4k", "128k"], default="4k")
     args = parser.parse_args()
     out = args.out
-    with open(os.path.join(ROOT, "tests/fixtures/configs/phi-3-mini-4k-instruct.config.json")) as f:
+    with open(os.path.join(ROOT, f"tests/fixtures/configs/phi-3-mini-{args.context}-instruct.config.json")) as f:
         raw = json.load(f)
     if args.layers:
         raw["num_hidden_layers"] = args.layers
     config = Phi3Config(**{k: v for k, v in raw.items()
-                           if not k.startswith("_") and k not in ("architectures", "torch_dtype")})
+                           if not k.startswith("_") and k not in ("architectures", "torch_dtype", "auto_map")})
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = Phi3ForCausalLM._from_config(config, dtype=torch.bfloat16)
