@@ -336,8 +336,9 @@ mod device {
         rope_kv: CudaFunction,
         /// By head dimension: 64, 96, 128, any other.
         attention: [CudaFunction; 4],
-        /// For more than [`MAX_ROWS`] rows, by head dimension: 64, 96, 128.
-        attention_many: [CudaFunction; 3],
+        /// The tensor-core kernel by head dimension: 64, 96, 128, with its dynamic shared
+        /// memory and how many of its blocks a multiprocessor holds.
+        attention_tc: [(CudaFunction, u32, usize); 3],
         argmax: CudaFunction,
         sample: CudaFunction,
         adjust: CudaFunction,
@@ -398,8 +399,23 @@ mod device {
                 tc.push([load("")?, load("_rows")?]);
             }
             let sms = multiprocessors(dev)?;
-            let many =
-                |d| -> Result<String> { Ok(format!("{}_many", decode_kernel_name(dtype, d)?)) };
+            // The tensor-core kernel's rings of stages (TcShape in paged_attention.cu): 4 warps,
+            // each `ring` stages of 16 keys and 16 values, rows padded by 16 bytes.
+            let tc_attention = |d: usize| -> Result<(CudaFunction, u32, usize)> {
+                let f = function(
+                    dev,
+                    &PAGED_ATTENTION,
+                    &format!("{}_tc", decode_kernel_name(dtype, d)?),
+                )?;
+                let ring = if d <= 96 { 4 } else { 3 };
+                let row = d + 16 / dtype.size_in_bytes();
+                let bytes = 4 * ring * 2 * 16 * row * dtype.size_in_bytes();
+                let smem = dynamic_smem(&f, bytes)?;
+                let blocks = f
+                    .occupancy_max_active_blocks_per_multiprocessor(128, bytes, None)
+                    .w()? as usize;
+                Ok((f, smem, blocks.max(1)))
+            };
             let major = dev
                 .cuda_stream()
                 .context()
@@ -425,11 +441,7 @@ mod device {
                     function(dev, &PAGED_ATTENTION, &decode_kernel_name(dtype, 128)?)?,
                     function(dev, &PAGED_ATTENTION, &decode_kernel_name(dtype, 0)?)?,
                 ],
-                attention_many: [
-                    function(dev, &PAGED_ATTENTION, &many(64)?)?,
-                    function(dev, &PAGED_ATTENTION, &many(96)?)?,
-                    function(dev, &PAGED_ATTENTION, &many(128)?)?,
-                ],
+                attention_tc: [tc_attention(64)?, tc_attention(96)?, tc_attention(128)?],
                 argmax: function(dev, &DECODE, "argmax_rows")?,
                 sample: function(dev, &SAMPLING, "sample_rows")?,
                 adjust: function(dev, &SAMPLING, "adjust_logits")?,
@@ -661,6 +673,19 @@ mod device {
             self.sms
         }
 
+        /// Blocks of the tensor-core attention kernel one multiprocessor holds at once (by its
+        /// shared memory), for a head dimension and cache block size it takes; None for others.
+        pub fn tensor_core_attention_blocks(
+            &self,
+            head_dim: usize,
+            block_size: usize,
+        ) -> Option<usize> {
+            let index = [64, 96, 128].iter().position(|&d| d == head_dim)?;
+            block_size
+                .is_multiple_of(16)
+                .then_some(self.attention_tc[index].2)
+        }
+
         /// `out` `[m, k]` = `input(x)`, the GEMV's input transform on its own (RMSNorm, SwiGLU
         /// of `x` `[m, 2k]`, or a copy): what a GEMM takes when more rows than [`MAX_ROWS`]
         /// decode together. `k` as the GEMV allows (a multiple of 8, at most 8,192).
@@ -807,17 +832,27 @@ mod device {
 
         /// Paged decode attention with the keys split over `splits` blocks per (row, head);
         /// `partial` holds `m·heads·splits·(head_dim + 2)` f32 and `counters` `m·heads` u32
-        /// zeros (left zero after each launch).
-        /// More than [`MAX_ROWS`] rows take the staged kernel where the head dimension has one.
+        /// zeros (left zero after each launch). The tensor-core kernel takes head dims 64, 96
+        /// and 128 (others run the tiled kernel) and cache blocks of a multiple of 16 positions.
         pub fn attention(&self, a: &Attention) -> Result<()> {
-            let f = match (a.head_dim, a.m > MAX_ROWS) {
-                (64, true) => &self.attention_many[0],
-                (96, true) => &self.attention_many[1],
-                (128, true) => &self.attention_many[2],
-                (64, false) => &self.attention[0],
-                (96, false) => &self.attention[1],
-                (128, false) => &self.attention[2],
-                _ => &self.attention[3],
+            let index = match a.head_dim {
+                64 => 0,
+                96 => 1,
+                128 => 2,
+                _ => 3,
+            };
+            let (f, smem) = match (a.kernel, index) {
+                (_, 3) | (AttentionKernel::Tiled, _) => (&self.attention[index], 0),
+                (AttentionKernel::TensorCore, _) => {
+                    if !a.block_size.is_multiple_of(16) {
+                        candle_core::bail!(
+                            "tensor-core decode attention: cache blocks of {} positions (needs a multiple of 16)",
+                            a.block_size
+                        );
+                    }
+                    let (f, smem, _) = &self.attention_tc[index];
+                    (f, *smem)
+                }
             };
             use Arg::*;
             let args = [
@@ -839,7 +874,7 @@ mod device {
                 Ptr(a.counters),
             ];
             let grid = (a.m as u32, a.heads as u32, a.splits as u32);
-            self.launch(f, grid, 128, 0, &args)
+            self.launch(f, grid, 128, smem, &args)
         }
 
         /// `out[b] = argmax(logits[b])` (u32; lowest id on ties, NaN ignored) for `m` rows of
@@ -1028,6 +1063,16 @@ pub struct RopeKv {
     pub block_size: usize,
 }
 
+/// Which paged decode attention kernel runs (paged_attention.cu).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionKernel {
+    /// Any head dimension: tiles of 128 keys, one thread a key, block-wide softmax.
+    Tiled,
+    /// Head dimensions 64, 96, 128: each warp streams its own stages of 16 keys, scores and
+    /// weighted sums on the tensor cores.
+    TensorCore,
+}
+
 /// Arguments of [`DecodeKernels::attention`]: `q` `[h, m, d]`, out `[m, h, d]`, the rest as
 /// `paged_attention::paged_decode_attention` takes them, plus the split workspace.
 #[derive(Debug, Clone, Copy)]
@@ -1046,6 +1091,7 @@ pub struct Attention {
     pub max_blocks: usize,
     pub window: usize,
     pub splits: usize,
+    pub kernel: AttentionKernel,
     pub partial: u64,
     pub counters: u64,
 }

@@ -1241,24 +1241,28 @@ fn cuda_decode_gemv_every_format_and_input() -> Result<()> {
     Ok(())
 }
 
-/// The decode step's attention (`DecodeKernels::attention`: keys split over blocks, the tiled
-/// kernel up to 8 rows and the staged one beyond) against the reference.
+/// The decode step's attention (`DecodeKernels::attention`: keys split over blocks; the tiled
+/// and the tensor-core kernel) against the reference.
 #[test]
 fn cuda_paged_decode_split_matches_unsplit() -> Result<()> {
-    use philo_kernels::decode::{address, Attention, DecodeKernels};
+    use philo_kernels::decode::{address, Attention, AttentionKernel, DecodeKernels};
     use philo_kernels::paged_attention::paged_decode_reference;
     let Some((dev, cuda_dev)) = cuda_gpu("cuda_paged_decode_split_matches_unsplit") else {
         return Ok(());
     };
     let mut rng = StdRng::seed_from_u64(22);
     let (h, kvh, d, bs) = (8, 4, 96, 16);
-    // Lengths shorter than the split count (empty splits), ragged, and long; a window. More
-    // than 8 rows run the staged kernel (split and not).
+    // Lengths shorter than the split count (empty splits), ragged (stages cut by the length),
+    // whole stages, and long; windows that start inside a stage; more than 8 rows (split and
+    // not).
     let many = vec![1u32, 5, 17, 33, 100, 129, 300, 64, 16, 250];
     for (lens, window, splits) in [
         (vec![3u32, 100, 1000], usize::MAX, 8),
         (vec![4096u32], 2047, 16),
         (vec![33u32, 517], 40, 5),
+        (vec![1u32, 16, 17, 32], usize::MAX, 1),
+        (vec![20_000u32, 77], usize::MAX, 12),
+        (vec![3000u32], 1001, 7),
         (many.clone(), usize::MAX, 1),
         (many.clone(), 40, 3),
         (many, usize::MAX, 32),
@@ -1279,34 +1283,40 @@ fn cuda_paged_decode_split_matches_unsplit() -> Result<()> {
         let tables_t = Tensor::from_vec(tables.clone(), blocks, &dev)?;
         let lens_t = Tensor::new(lens.as_slice(), &dev)?;
         let want = paged_decode_reference(&qh, &kh, &vh, &tables, &lens, h, kvh, bs, d, window);
-        // Twice: the counters must be back at zero after a launch.
-        for round in 0..2 {
-            kernels.attention(&Attention {
-                q: address(&q)?,
-                k_cache: address(&kc)?,
-                v_cache: address(&vc)?,
-                tables: address(&tables_t)?,
-                lens: address(&lens_t)?,
-                out: address(&out)?,
-                m: n,
-                heads: h,
-                kv_heads: kvh,
-                head_dim: d,
-                block_size: bs,
-                max_blocks,
-                window,
-                splits,
-                partial: address(&partial)?,
-                counters: address(&counters)?,
-            })?;
-            check(
-                &format!("split decode attention lens {lens:?} window {window} splits {splits} round {round}"),
-                &host(&out)?,
-                &want,
-                1e-2,
-            );
+        for kernel in [AttentionKernel::Tiled, AttentionKernel::TensorCore] {
+            // Twice: the counters must be back at zero after a launch.
+            for round in 0..2 {
+                out.zero_set()?;
+                kernels.attention(&Attention {
+                    q: address(&q)?,
+                    k_cache: address(&kc)?,
+                    v_cache: address(&vc)?,
+                    tables: address(&tables_t)?,
+                    lens: address(&lens_t)?,
+                    out: address(&out)?,
+                    m: n,
+                    heads: h,
+                    kv_heads: kvh,
+                    head_dim: d,
+                    block_size: bs,
+                    max_blocks,
+                    window,
+                    splits,
+                    kernel,
+                    partial: address(&partial)?,
+                    counters: address(&counters)?,
+                })?;
+                check(
+                    &format!(
+                        "{kernel:?} decode attention lens {lens:?} window {window} splits {splits} round {round}"
+                    ),
+                    &host(&out)?,
+                    &want,
+                    1e-2,
+                );
+            }
+            assert!(host(&counters)?.iter().all(|&c| c == 0.0), "counters reset");
         }
-        assert!(host(&counters)?.iter().all(|&c| c == 0.0), "counters reset");
     }
     Ok(())
 }

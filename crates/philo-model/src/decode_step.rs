@@ -175,8 +175,8 @@ mod imp {
     use candle_core::cuda_backend::cudarc::driver::{CudaGraph, CudaSlice, DevicePtr};
     use candle_core::{CudaDevice, DType, Device, Tensor};
     use philo_kernels::decode::{
-        lora_entry, Attention, BatchedLora, DecodeKernels, Gemv, GemvInput, GemvOutput, GemvWeight,
-        RopeKv, MAX_ROWS,
+        lora_entry, Attention, AttentionKernel, BatchedLora, DecodeKernels, Gemv, GemvInput,
+        GemvOutput, GemvWeight, RopeKv, MAX_ROWS,
     };
     use std::collections::{HashMap, HashSet};
 
@@ -399,6 +399,9 @@ mod imp {
         max_len: usize,
         max_blocks: usize,
         block_size: usize,
+        /// Blocks of the tensor-core attention kernel a multiprocessor holds, where it runs
+        /// (the tiled kernel elsewhere).
+        tc_blocks: Option<usize>,
         eps: f32,
         layers: Vec<LayerWeights>,
         head: Projection,
@@ -549,8 +552,9 @@ mod imp {
             if dense {
                 gemv_rows = gemv_rows.min(DENSE_GEMV_ROWS);
             }
+            let tc_blocks = kernels.tensor_core_attention_blocks(d, block_size);
             let split_floats = (1..=max_rows)
-                .map(|m| m * h * splits(m, max_len, h, sms) * (d + 2))
+                .map(|m| m * h * splits(m, max_len, h, sms, tc_blocks) * (d + 2))
                 .max()
                 .unwrap_or(0);
             let mut zeros =
@@ -590,6 +594,7 @@ mod imp {
                 max_len,
                 max_blocks,
                 block_size,
+                tc_blocks,
                 eps: c.rms_norm_eps as f32,
                 layers,
                 head,
@@ -788,7 +793,12 @@ mod imp {
                 m,
                 hidden,
             }];
-            let splits = splits(m, self.max_len, h, self.kernels.multiprocessors());
+            let sms = self.kernels.multiprocessors();
+            let splits = splits(m, self.max_len, h, sms, self.tc_blocks);
+            let kernel = match self.tc_blocks {
+                Some(_) => AttentionKernel::TensorCore,
+                None => AttentionKernel::Tiled,
+            };
             let qkv_shape = ((h + 2 * kvh) * d, hidden);
             let (o_shape, gu_shape, down_shape) =
                 ((hidden, h * d), (2 * inter, hidden), (hidden, inter));
@@ -844,6 +854,7 @@ mod imp {
                     max_blocks: self.max_blocks,
                     window: c.sliding_window.unwrap_or(usize::MAX),
                     splits,
+                    kernel,
                     partial: b.partial,
                     counters: b.counters,
                 }));
@@ -1131,17 +1142,23 @@ mod imp {
         }
     }
 
-    /// Blocks the attention splits each (row, head)'s keys over. Up to [`MAX_ROWS`] rows: about
-    /// 128 positions a split at the full length (short contexts still fill the GPU, long ones
-    /// stay bandwidth-bound). More rows fill the GPU by themselves: only as many splits as give
-    /// about eight blocks per multiprocessor, what the kernel holds at once (64 rows of 32
-    /// heads: no split, attention 10 % faster than with two on the H200).
-    fn splits(m: usize, max_len: usize, heads: usize, sms: usize) -> usize {
+    /// Blocks the attention splits each (row, head)'s keys over. The tensor-core kernel (which
+    /// a multiprocessor holds `tc_blocks` of): one wave of blocks, so that none idles at the
+    /// end (one sequence of 32 heads on the H200: 8 splits). The tiled kernel: up to
+    /// [`MAX_ROWS`] rows about 128 positions a split at the full length (short contexts still
+    /// fill the GPU), more rows only as many as give about eight blocks per multiprocessor.
+    fn splits(
+        m: usize,
+        max_len: usize,
+        heads: usize,
+        sms: usize,
+        tc_blocks: Option<usize>,
+    ) -> usize {
         let by_len = max_len.div_ceil(128);
-        let limit = if m <= MAX_ROWS {
-            by_len
-        } else {
-            by_len.min((8 * sms).div_ceil(m * heads))
+        let limit = match tc_blocks {
+            Some(blocks) => blocks * sms / (m * heads),
+            None if m <= MAX_ROWS => by_len,
+            None => by_len.min((8 * sms).div_ceil(m * heads)),
         };
         limit.clamp(1, 32)
     }

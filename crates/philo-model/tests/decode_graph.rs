@@ -151,6 +151,32 @@ fn decode_graph_matches_the_full_forward_on_cuda() {
     }
 }
 
+/// Phi-3-mini's head dimension (96; the fixtures' is 16, which runs the tiled attention kernel),
+/// which the decode step's tensor-core attention takes: one row past 1,024 positions, three rows
+/// of which one crosses the sliding window (2,047) and one is short, and ten rows (the GEMM
+/// path), each step against the full forward. A random model of 4 heads (2 key/value heads), 2
+/// layers.
+#[test]
+fn decode_graph_at_phi3_head_dim_matches_the_full_forward_on_cuda() {
+    let Some(device) = cuda_device() else {
+        return;
+    };
+    let mut config = philo_model::tiny::tiny_config();
+    config.hidden_size = 384;
+    config.num_attention_heads = 4;
+    config.num_key_value_heads = 2;
+    config.head_dim = 96;
+    config.rope.rotary_dim = 96;
+    config.num_hidden_layers = 2;
+    let weights = philo_model::tiny::random_weights(&config, 5, &Device::Cpu).unwrap();
+    let model = Phi3::load(&config, &weights, DType::BF16, &device).unwrap();
+    let tol = tolerance(WeightFormat::Dense);
+    check_case(&model, 1, &[1100], 6, true, tol);
+    check_case(&model, 3, &[2040, 5, 1030], 12, true, tol);
+    let many = [300, 17, 1, 1200, 3, 30, 2, 11, 700, 4];
+    check_case(&model, 10, &many, 3, true, tol);
+}
+
 /// Speculation's verify step: after a prefill, one step over the last token and `k` proposed
 /// tokens gives each row the logits of the full forward over the sequence up to that token; a
 /// rewind to fewer tokens and the next steps then continue as if the rejected ones were never

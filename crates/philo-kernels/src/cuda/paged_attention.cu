@@ -97,173 +97,14 @@ __device__ void finish_decode(const float* acc, float m, float total, T* out, in
     }
 }
 
-// Many rows (`*_many`: the serving engine's steps of more than 8), head dims 64, 96, 128. Keys and
-// values stream through shared memory in stages of 16 positions, `STAGES − 1` of them in flight (cp.async) while one is computed, so the
-// block keeps loads outstanding for its whole life instead of one round trip per tile. Each warp
-// takes 4 positions of a stage (8 lanes per key's score) and keeps its own running max, sum and
-// output: no block-wide reduction per stage, only the stage's barrier; the warps combine at the end.
-// At 64 rows of ~190 positions (bench decode) attention took 2.31 ms a step against 2.83 ms tiled.
-constexpr int STAGE_KEYS = 16;
-
-template <typename T, int D>
-__device__ void paged_decode_staged(const T* q, const T* kc, const T* vc, const uint32_t* tables,
-                                    const uint32_t* lens, T* out, int n, int h, int kvh, int bs, int max_blocks,
-                                    int window, int splits, float* partial_out, uint32_t* counters) {
-    constexpr int CHUNK = 16 / sizeof(T);  // elements per 16-byte copy
-    constexpr int STAGES = sizeof(T) == 4 ? 2 : 4;
-    constexpr int KEY_LANES = 32 * WARPS / STAGE_KEYS;  // lanes per key's score
-    constexpr int KEYS_PER_WARP = 32 / KEY_LANES;
-    constexpr int SCORE_PAIRS = D / 2 / KEY_LANES;  // pairs of dims per lane in a score
-    constexpr int OUT_PAIRS = (D / 2 + 31) / 32;    // pairs of output dims per lane
-    static_assert(D % (2 * KEY_LANES) == 0 && D % CHUNK == 0, "head dim");
-    __shared__ __align__(16) T keys[STAGES][STAGE_KEYS * D];
-    __shared__ __align__(16) T values[STAGES][STAGE_KEYS * D];
-    __shared__ float qs[D];
-    __shared__ float warp_max[WARPS], warp_sum[WARPS];
-    __shared__ float warp_acc[WARPS][D];
-    pdl_allow_next();
-    pdl_wait_previous();
-    int seq = blockIdx.x, head = blockIdx.y, tid = threadIdx.x;
-    int warp = tid / 32, lane = tid % 32;
-    int kh = head / (h / kvh);
-    KeyRange range = key_range(lens[seq], window, splits);
-    int first = range.first, end = range.end;
-    int stages_used = end > first ? (end - first + STAGE_KEYS - 1) / STAGE_KEYS : 0;
-    const uint32_t* table = tables + (size_t)seq * max_blocks;
-    // The block's cache blocks are read once into shared memory (up to TABLE_CACHE of them, the
-    // rest from the table), so that no stage's copies wait on a load of its block ids.
-    constexpr int TABLE_CACHE = 128;
-    __shared__ uint32_t block_ids[TABLE_CACHE];
-    int first_block = first / bs;
-    int named = stages_used > 0 ? (end - 1) / bs - first_block + 1 : 0;
-    for (int j = tid; j < min(named, TABLE_CACHE); j += blockDim.x) block_ids[j] = table[first_block + j];
-    for (int j = tid; j < D; j += blockDim.x) qs[j] = to_f32(q[((size_t)head * n + seq) * D + j]) * rsqrtf((float)D);
-    __syncthreads();
-    auto block_of = [&](int p) {
-        int j = p / bs - first_block;
-        return j < TABLE_CACHE ? block_ids[j] : table[p / bs];
-    };
-    // Copies stage `s` of the keys and values (positions past `end` zero-filled); always commits
-    // a group, so that waiting for "all but the newest STAGES − 2" means stage s has landed.
-    auto load_stage = [&](int s) {
-        if (s < stages_used) {
-            constexpr int ROW_CHUNKS = D / CHUNK, PER = STAGE_KEYS * ROW_CHUNKS;
-            int base = first + s * STAGE_KEYS;
-            for (int j = tid; j < 2 * PER; j += blockDim.x) {
-                int r = j % PER, i = r / ROW_CHUNKS, c = r % ROW_CHUNKS;
-                int p = base + i;
-                bool valid = p < end;
-                int at = valid ? p : base;
-                size_t row = ((size_t)block_of(at) * kvh + kh) * bs + at % bs;
-                bool is_key = j < PER;
-                const T* src = (is_key ? kc : vc) + row * D + c * CHUNK;
-                T* dst = (is_key ? keys[s % STAGES] : values[s % STAGES]) + i * D + c * CHUNK;
-                cp_async16(dst, src, valid);
-            }
-        }
-        cp_async_commit();
-    };
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) load_stage(s);
-    int key = lane / KEY_LANES, sub = lane % KEY_LANES;
-    float2 qr[SCORE_PAIRS];
-#pragma unroll
-    for (int i = 0; i < SCORE_PAIRS; ++i) qr[i] = make_float2(qs[2 * (sub + KEY_LANES * i)], qs[2 * (sub + KEY_LANES * i) + 1]);
-
-    float running_max = -INFINITY, running_sum = 0.f;
-    float acc[OUT_PAIRS][2] = {};
-    for (int s = 0; s < stages_used; ++s) {
-        cp_async_wait<STAGES - 2>();
-        __syncthreads();  // stage s is visible to all; stage s − 1 is read by all
-        load_stage(s + STAGES - 1);
-        const T* ks = keys[s % STAGES];
-        const T* vs = values[s % STAGES];
-        int i = warp * KEYS_PER_WARP + key;
-        int p = first + s * STAGE_KEYS + i;
-        float score = 0.f;
-#pragma unroll
-        for (int c = 0; c < SCORE_PAIRS; ++c) {
-            float2 k = load_pair(ks + i * D + 2 * (sub + KEY_LANES * c));
-            score += qr[c].x * k.x + qr[c].y * k.y;
-        }
-#pragma unroll
-        for (int o = KEY_LANES / 2; o > 0; o >>= 1) score += __shfl_xor_sync(0xffffffff, score, o);
-        if (p >= end) score = -INFINITY;
-        float tile_max = score;
-#pragma unroll
-        for (int o = KEY_LANES; o < 32; o <<= 1) tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, o));
-        float new_max = fmaxf(running_max, tile_max);
-        if (new_max == -INFINITY) continue;  // the warp has seen no key yet (uniform in the warp)
-        float prob = p < end ? __expf(score - new_max) : 0.f;
-        float correction = __expf(running_max - new_max);
-        float probs = prob;
-#pragma unroll
-        for (int o = KEY_LANES; o < 32; o <<= 1) probs += __shfl_xor_sync(0xffffffff, probs, o);
-        running_sum = running_sum * correction + probs;
-        running_max = new_max;
-#pragma unroll
-        for (int r = 0; r < OUT_PAIRS; ++r) {
-            acc[r][0] *= correction;
-            acc[r][1] *= correction;
-        }
-#pragma unroll
-        for (int kk = 0; kk < KEYS_PER_WARP; ++kk) {
-            float w = __shfl_sync(0xffffffff, prob, kk * KEY_LANES);
-            const T* v = vs + (warp * KEYS_PER_WARP + kk) * D;
-#pragma unroll
-            for (int r = 0; r < OUT_PAIRS; ++r) {
-                int j = 2 * (lane + 32 * r);
-                if (j < D) {
-                    float2 pair = load_pair(v + j);
-                    acc[r][0] += w * pair.x;
-                    acc[r][1] += w * pair.y;
-                }
-            }
-        }
-    }
-    if (lane == 0) {
-        warp_max[warp] = running_max;
-        warp_sum[warp] = running_sum;
-    }
-#pragma unroll
-    for (int r = 0; r < OUT_PAIRS; ++r) {
-        int j = 2 * (lane + 32 * r);
-        if (j < D) {
-            warp_acc[warp][j] = acc[r][0];
-            warp_acc[warp][j + 1] = acc[r][1];
-        }
-    }
-    __syncthreads();
-    float m = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w)
-        if (warp_sum[w] > 0.f) m = fmaxf(m, warp_max[w]);
-    float total = 0.f;
-    float weight[WARPS];
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) {
-        weight[w] = warp_sum[w] > 0.f ? __expf(warp_max[w] - m) : 0.f;
-        total += warp_sum[w] * weight[w];
-    }
-    // Each output dim is read and then written by the same thread: warp_acc[0] can take the sum.
-    for (int j = tid; j < D; j += blockDim.x) {
-        float sum = 0.f;
-#pragma unroll
-        for (int w = 0; w < WARPS; ++w) sum += weight[w] * warp_acc[w][j];
-        warp_acc[0][j] = sum;
-    }
-    __syncthreads();
-    finish_decode<T>(warp_acc[0], m, total, out, h, D, splits, partial_out, counters);
-}
-
-// One sequence (or a few) at a time: keys in tiles of 128, one thread scoring one key with
+// Any head dim, and f32 (the general forward's `paged_decode_attention`; the decode step runs the
+// tensor-core kernel below where it can): keys in tiles of 128, one thread scoring one key with
 // 16-byte loads and an online softmax across tiles; for the weighted sum of V each warp takes
 // every 4th key of the tile and its lanes cover the head's dimensions in pairs (128-byte
 // coalesced rows). D > 0 fixes the head dimension at compile time (a score's key loads then issue
 // together, and a tile's values within 32 KiB are copied into shared memory with cp.async as the
 // tile starts, arriving while its scores are computed); D = 0 takes any d ≤ 256 (a multiple of
-// 8). At up to 8 rows this is faster than the staged kernel (one sequence, bf16: 381 against
-// 366 tokens/s on the H200), whose copies and barriers cost latency that few blocks cannot hide.
+// 8).
 constexpr int TILE = 128;
 // Pairs of output dims per lane: d ≤ 2 * 32 * PAIRS = 256.
 constexpr int PAIRS = 4;
@@ -381,7 +222,178 @@ __device__ void paged_decode_tiled(const T* q, const T* kc, const T* vc, const u
     finish_decode<T>(partial[0], running_max, running_sum, out, h, d, splits, partial_out, counters);
 }
 
-// Both kinds take the same arguments (`d` unused by the staged one, which fixes it).
+// The decode step's kernel (`*_tc`: bf16/f16, head dims 64, 96, 128, cache blocks a multiple of
+// 16 positions), any row count and context. The key range is cut into stages of 16 positions
+// (16-aligned, so a stage lies in one cache block: 16 contiguous keys and values) and each warp
+// streams every WARPS-th stage through a ring of its own, RING − 1 stages in flight (cp.async; a
+// __syncwarp, no block barrier, per stage). Scores and the weighted sum are tensor-core products
+// with the query as row 0 of the A operand (the other 15 rows zero), the probabilities rounded to
+// T as flash attention does: per 16 positions a warp issues 12 + 12 MMAs (head dim 96) where
+// scalar lanes would issue hundreds of operations, so the kernel keeps up with the memory. Each
+// warp keeps its own running softmax; the warps combine at the end. Shared rows are padded by 16
+// bytes so that ldmatrix's 8 rows hit distinct banks. On the H200 it replaced a tiled kernel for
+// up to 8 rows and a staged one (scalar, block-wide stages) beyond: one sequence at 16,384
+// positions 170 → 251 tokens/s, at 128 positions 386 → 423; 64 rows 12,065 → 13,418.
+constexpr int TC_KEYS = 16;
+
+template <typename T, int D>
+struct TcShape {
+    static constexpr int LD = D + 16 / sizeof(T);     // padded row, elements
+    static constexpr int STAGE = 2 * TC_KEYS * LD;  // keys then values, elements
+    static constexpr int RING = D <= 96 ? 4 : 3;      // stages per warp: two blocks per H200 multiprocessor
+                                                      // (decode.rs computes the same size)
+    static constexpr int SMEM = WARPS * RING * STAGE * sizeof(T);
+};
+
+template <typename T, int D>
+__device__ void paged_decode_tc(const T* q, const T* kc, const T* vc, const uint32_t* tables,
+                                  const uint32_t* lens, T* out, int n, int h, int kvh, int bs, int max_blocks,
+                                  int window, int splits, float* partial_out, uint32_t* counters) {
+    using S = TcShape<T, D>;
+    constexpr int LD = S::LD, RING = S::RING;
+    constexpr int CHUNK = 16 / sizeof(T);          // elements per 16-byte copy
+    constexpr int CH = D / CHUNK;                   // copies per row
+    constexpr int PER_LANE = TC_KEYS * CH / 32;  // copies per lane per stage, keys and values each
+    static_assert(D % 16 == 0 && TC_KEYS * CH % 32 == 0, "head dim");
+    extern __shared__ __align__(16) unsigned char tc_smem[];
+    pdl_allow_next();
+    pdl_wait_previous();
+    int seq = blockIdx.x, head = blockIdx.y, tid = threadIdx.x;
+    int warp = tid / 32, lane = tid % 32, t = lane % 4;
+    int kh = head / (h / kvh);
+    T* ring = reinterpret_cast<T*>(tc_smem) + warp * RING * S::STAGE;
+    int len = lens[seq];
+    int lo = len > window ? len - window : 0;
+    // The split's share of the stages, then the warp's: every WARPS-th from its own.
+    int stage_lo = lo / TC_KEYS, stage_hi = (len + TC_KEYS - 1) / TC_KEYS;
+    int per = (stage_hi - stage_lo + splits - 1) / splits;
+    int first = min(stage_hi, stage_lo + (int)blockIdx.z * per) + warp;
+    int last = min(stage_hi, stage_lo + ((int)blockIdx.z + 1) * per);
+    int mine = last > first ? (last - first + WARPS - 1) / WARPS : 0;
+    const uint32_t* table = tables + (size_t)seq * max_blocks;
+    // The warp's i-th stage into ring slot i % RING (positions outside [lo, len) zero-filled);
+    // always commits a group, so that "all but the newest RING − 2" means stage i has landed.
+    auto load = [&](int i) {
+        if (i < mine) {
+            int p0 = (first + i * WARPS) * TC_KEYS;
+            size_t row0 = ((size_t)table[p0 / bs] * kvh + kh) * bs + p0 % bs;
+            const T* ks = kc + row0 * D;
+            const T* vs = vc + row0 * D;
+            T* dk = ring + (i % RING) * S::STAGE;
+            T* dv = dk + TC_KEYS * LD;
+#pragma unroll
+            for (int c = 0; c < PER_LANE; ++c) {
+                int j = lane + 32 * c, r = j / CH, col = (j % CH) * CHUNK;
+                bool valid = p0 + r >= lo && p0 + r < len;
+                cp_async16(dk + r * LD + col, ks + j * CHUNK, valid);
+                cp_async16(dv + r * LD + col, vs + j * CHUNK, valid);
+            }
+        }
+        cp_async_commit();
+    };
+#pragma unroll
+    for (int i = 0; i < RING - 1; ++i) load(i);
+    // A fragments of the query: row 0 (lanes 0-3, dims 16k + 2t, +1 and 16k + 8 + 2t, +1), rows
+    // 1-15 zero.
+    uint32_t qa[D / 16][4];
+    const T* qrow = q + ((size_t)head * n + seq) * D;
+#pragma unroll
+    for (int k = 0; k < D / 16; ++k) {
+        qa[k][0] = lane < 4 ? ld32(qrow + 16 * k + 2 * t) : 0u;
+        qa[k][2] = lane < 4 ? ld32(qrow + 16 * k + 8 + 2 * t) : 0u;
+        qa[k][1] = qa[k][3] = 0u;
+    }
+    float scale = rsqrtf((float)D);
+    float running_max = -INFINITY, running_sum = 0.f;
+    float acc[D / 8][4] = {};  // row 0 in lanes 0-3: dims 8j + 2t, +1
+    for (int i = 0; i < mine; ++i) {
+        cp_async_wait<RING - 2>();
+        __syncwarp();  // stage i landed for every lane; stage i − 1's slot read by every lane
+        load(i + RING - 1);
+        const T* ks = ring + (i % RING) * S::STAGE;
+        const T* vs = ks + TC_KEYS * LD;
+        float sc[2][4] = {};
+        mma_a_xt<T, D, 2>(sc, qa, ks, LD);
+        // Row 0's scores: keys 2t, 2t + 1 (tile 0) and 8 + 2t, 9 + 2t (tile 1).
+        int p0 = (first + i * WARPS) * TC_KEYS;
+        float x[4] = {sc[0][0], sc[0][1], sc[1][0], sc[1][1]};
+        float tile_max = -INFINITY;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            int p = p0 + (e / 2) * 8 + 2 * t + e % 2;
+            x[e] = p >= lo && p < len ? x[e] * scale : -INFINITY;
+            tile_max = fmaxf(tile_max, x[e]);
+        }
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 1));
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 2));
+        float new_max = fmaxf(running_max, __shfl_sync(0xffffffff, tile_max, 0));
+        if (new_max == -INFINITY) continue;  // nothing seen yet (uniform in the warp)
+        float prob[4], tile_sum = 0.f;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            prob[e] = __expf(x[e] - new_max);
+            tile_sum += prob[e];
+        }
+        tile_sum += __shfl_xor_sync(0xffffffff, tile_sum, 1);
+        tile_sum += __shfl_xor_sync(0xffffffff, tile_sum, 2);
+        float correction = __expf(running_max - new_max);
+        running_sum = running_sum * correction + __shfl_sync(0xffffffff, tile_sum, 0);
+        running_max = new_max;
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j) {
+            acc[j][0] *= correction;
+            acc[j][1] *= correction;
+        }
+        // The probabilities as row 0 of the A operand (keys 2t, 2t + 1 and 8 + 2t, 9 + 2t).
+        uint32_t pa[4] = {lane < 4 ? Mma<T>::pack(prob[0], prob[1]) : 0u, 0u,
+                          lane < 4 ? Mma<T>::pack(prob[2], prob[3]) : 0u, 0u};
+#pragma unroll
+        for (int j = 0; j < D / 16; ++j) {
+            uint32_t b[4];
+            load_b_trans_x4<T>(vs + 16 * j, LD, b);
+            Mma<T>::run(acc[2 * j], pa, b[0], b[1]);
+            Mma<T>::run(acc[2 * j + 1], pa, b[2], b[3]);
+        }
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // every ring is done with: its memory takes the warps' results
+    float* warp_acc = reinterpret_cast<float*>(tc_smem);  // [WARPS][D]
+    float* warp_max = warp_acc + WARPS * D;
+    float* warp_sum = warp_max + WARPS;
+    if (lane < 4) {
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j) {
+            warp_acc[warp * D + 8 * j + 2 * t] = acc[j][0];
+            warp_acc[warp * D + 8 * j + 2 * t + 1] = acc[j][1];
+        }
+    }
+    if (lane == 0) {
+        warp_max[warp] = running_max;
+        warp_sum[warp] = running_sum;
+    }
+    __syncthreads();
+    float m = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w)
+        if (warp_sum[w] > 0.f) m = fmaxf(m, warp_max[w]);
+    float total = 0.f;
+    float weight[WARPS];
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+        weight[w] = warp_sum[w] > 0.f ? __expf(warp_max[w] - m) : 0.f;
+        total += warp_sum[w] * weight[w];
+    }
+    // Each output dim is read and then written by the same thread: row 0 can take the sum.
+    for (int j = tid; j < D; j += blockDim.x) {
+        float sum = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) sum += weight[w] * warp_acc[w * D + j];
+        warp_acc[j] = sum;
+    }
+    __syncthreads();
+    finish_decode<T>(warp_acc, m, total, out, h, D, splits, partial_out, counters);
+}
+
 #define PAGED_DECODE(fname, T, D)                                                                          \
     extern "C" __global__ void fname(const T* q, const T* kc, const T* vc, const uint32_t* tables,            \
                                      const uint32_t* lens, T* out, int n, int h, int kvh, int d, int bs,      \
@@ -389,31 +401,30 @@ __device__ void paged_decode_tiled(const T* q, const T* kc, const T* vc, const u
                                      uint32_t* counters) {                                                     \
         paged_decode_tiled<T, D>(q, kc, vc, tables, lens, out, n, h, kvh, d, bs, max_blocks, window, splits,  \
                                  partial, counters);                                                          \
-    }                                                                                                          \
-    extern "C" __global__ void fname##_many(const T* q, const T* kc, const T* vc, const uint32_t* tables,     \
-                                            const uint32_t* lens, T* out, int n, int h, int kvh, int d,       \
-                                            int bs, int max_blocks, int window, int splits, float* partial,   \
-                                            uint32_t* counters) {                                              \
-        paged_decode_staged<T, D>(q, kc, vc, tables, lens, out, n, h, kvh, bs, max_blocks, window, splits,     \
-                                  partial, counters);                                                          \
-    }
-#define PAGED_DECODE_ANY(fname, T)                                                                         \
-    extern "C" __global__ void fname(const T* q, const T* kc, const T* vc, const uint32_t* tables,            \
-                                     const uint32_t* lens, T* out, int n, int h, int kvh, int d, int bs,      \
-                                     int max_blocks, int window, int splits, float* partial,                  \
-                                     uint32_t* counters) {                                                     \
-        paged_decode_tiled<T, 0>(q, kc, vc, tables, lens, out, n, h, kvh, d, bs, max_blocks, window, splits,  \
-                                 partial, counters);                                                          \
     }
 #define PAGED(name, T)                                                                                     \
     extern "C" __global__ void write_kv_##name(T* cache, const T* values, const uint32_t* slots, int t,    \
                                                int kvh, int bs, int d, uint32_t num_slots) {              \
         write_kv<T>(cache, values, slots, t, kvh, bs, d, num_slots);                                      \
     }                                                                                                      \
-    PAGED_DECODE_ANY(paged_decode_##name, T)                                                               \
+    PAGED_DECODE(paged_decode_##name, T, 0)                                                                \
     PAGED_DECODE(paged_decode_##name##_d64, T, 64)                                                         \
     PAGED_DECODE(paged_decode_##name##_d96, T, 96)                                                         \
     PAGED_DECODE(paged_decode_##name##_d128, T, 128)
+#define PAGED_DECODE_TC(fname, T, D)                                                                     \
+    extern "C" __global__ void fname##_tc(const T* q, const T* kc, const T* vc, const uint32_t* tables,     \
+                                            const uint32_t* lens, T* out, int n, int h, int kvh, int d,       \
+                                            int bs, int max_blocks, int window, int splits, float* partial,   \
+                                            uint32_t* counters) {                                              \
+        paged_decode_tc<T, D>(q, kc, vc, tables, lens, out, n, h, kvh, bs, max_blocks, window, splits,       \
+                                partial, counters);                                                           \
+    }
+#define PAGED_TC(name, T)                                                                                \
+    PAGED_DECODE_TC(paged_decode_##name##_d64, T, 64)                                                    \
+    PAGED_DECODE_TC(paged_decode_##name##_d96, T, 96)                                                    \
+    PAGED_DECODE_TC(paged_decode_##name##_d128, T, 128)
 PAGED(f32, float)
 PAGED(bf16, __nv_bfloat16)
 PAGED(f16, __half)
+PAGED_TC(bf16, __nv_bfloat16)
+PAGED_TC(f16, __half)
