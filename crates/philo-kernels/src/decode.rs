@@ -337,8 +337,9 @@ mod device {
         /// By head dimension: 64, 96, 128, any other.
         attention: [CudaFunction; 4],
         /// The tensor-core kernel by head dimension: 64, 96, 128, with its dynamic shared
-        /// memory and how many of its blocks a multiprocessor holds.
-        attention_tc: [(CudaFunction, u32, usize); 3],
+        /// memory and how many of its blocks a multiprocessor holds; None where a block's
+        /// shared memory is more than the GPU gives one (the tiled kernel runs instead).
+        attention_tc: [Option<(CudaFunction, u32, usize)>; 3],
         argmax: CudaFunction,
         sample: CudaFunction,
         adjust: CudaFunction,
@@ -400,21 +401,27 @@ mod device {
             }
             let sms = multiprocessors(dev)?;
             // The tensor-core kernel's rings of stages (TcShape in paged_attention.cu): 4 warps,
-            // each `ring` stages of 16 keys and 16 values, rows padded by 16 bytes.
-            let tc_attention = |d: usize| -> Result<(CudaFunction, u32, usize)> {
+            // each `ring` stages of 16 keys and 16 values, rows padded by 16 bytes: 104 KiB for
+            // head dim 96, which an H100/H200 gives a block (227 KiB) and an RTX 4090 (99 KiB)
+            // does not.
+            let tc_attention = |d: usize| -> Result<Option<(CudaFunction, u32, usize)>> {
+                let ring = if d <= 96 { 4 } else { 3 };
+                let row = d + 16 / dtype.size_in_bytes();
+                let bytes = 4 * ring * 2 * 16 * row * dtype.size_in_bytes();
+                // The kernel's static shared memory (the split's flag) is a few bytes.
+                if bytes + 64 > smem_limit {
+                    return Ok(None);
+                }
                 let f = function(
                     dev,
                     &PAGED_ATTENTION,
                     &format!("{}_tc", decode_kernel_name(dtype, d)?),
                 )?;
-                let ring = if d <= 96 { 4 } else { 3 };
-                let row = d + 16 / dtype.size_in_bytes();
-                let bytes = 4 * ring * 2 * 16 * row * dtype.size_in_bytes();
                 let smem = dynamic_smem(&f, bytes)?;
                 let blocks = f
                     .occupancy_max_active_blocks_per_multiprocessor(128, bytes, None)
                     .w()? as usize;
-                Ok((f, smem, blocks.max(1)))
+                Ok(Some((f, smem, blocks.max(1))))
             };
             let major = dev
                 .cuda_stream()
@@ -674,16 +681,16 @@ mod device {
         }
 
         /// Blocks of the tensor-core attention kernel one multiprocessor holds at once (by its
-        /// shared memory), for a head dimension and cache block size it takes; None for others.
+        /// shared memory), for a head dimension and cache block size it takes; None for others
+        /// and where the GPU gives a block too little shared memory for it.
         pub fn tensor_core_attention_blocks(
             &self,
             head_dim: usize,
             block_size: usize,
         ) -> Option<usize> {
             let index = [64, 96, 128].iter().position(|&d| d == head_dim)?;
-            block_size
-                .is_multiple_of(16)
-                .then_some(self.attention_tc[index].2)
+            let (_, _, blocks) = self.attention_tc[index].as_ref()?;
+            block_size.is_multiple_of(16).then_some(*blocks)
         }
 
         /// `out` `[m, k]` = `input(x)`, the GEMV's input transform on its own (RMSNorm, SwiGLU
@@ -850,7 +857,12 @@ mod device {
                             a.block_size
                         );
                     }
-                    let (f, smem, _) = &self.attention_tc[index];
+                    let Some((f, smem, _)) = &self.attention_tc[index] else {
+                        candle_core::bail!(
+                            "tensor-core decode attention: this GPU gives a block too little shared memory for head dim {}",
+                            a.head_dim
+                        );
+                    };
                     (f, *smem)
                 }
             };

@@ -1284,6 +1284,12 @@ fn cuda_paged_decode_split_matches_unsplit() -> Result<()> {
         let lens_t = Tensor::new(lens.as_slice(), &dev)?;
         let want = paged_decode_reference(&qh, &kh, &vh, &tables, &lens, h, kvh, bs, d, window);
         for kernel in [AttentionKernel::Tiled, AttentionKernel::TensorCore] {
+            if kernel == AttentionKernel::TensorCore
+                && kernels.tensor_core_attention_blocks(d, bs).is_none()
+            {
+                eprintln!("this GPU runs the tiled kernel only (too little shared memory)");
+                continue;
+            }
             // Twice: the counters must be back at zero after a launch.
             for round in 0..2 {
                 out.zero_set()?;
