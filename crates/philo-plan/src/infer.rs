@@ -13,23 +13,44 @@ use crate::{ALLOCATOR_RESERVE, CUDA_CONTEXT_BYTES, GIB, HEADROOM};
 /// 2,048-token bf16 prefill of Phi-3-mini peaks 0.36 GiB above its weights, 190 KB a token).
 const PREFILL_HIDDEN_COPIES: f64 = 31.0;
 
-/// Decode time model, fitted to bf16 and NF4 decoding of one sequence on the H200: the
-/// weights stream at DECODE_WEIGHT_EFFICIENCY of the bandwidth; a quantised base is
-/// dequantised per matmul (read the codes, write and read the dense copy) at
-/// DEQUANT_EFFICIENCY; each layer costs DECODE_LAYER_SECONDS of launches; each cached token
-/// costs its KV bytes at DECODE_KV_EFFICIENCY (philo's decode attention is not yet a
-/// bandwidth-bound kernel).
-const DECODE_WEIGHT_EFFICIENCY: f64 = 0.8;
+/// Decode time model of the graph-captured decode step, fitted on the H200 (2026-12-04,
+/// docs/plan.md). Up to the GEMV's rows (dense 4, quantised 8) the weights stream at their
+/// GEMV's efficiency (`gemv_fit`: the quantised GEMVs are latency-bound on the H200, so on a
+/// GPU of less bandwidth the prediction errs low) and every row past the first costs its
+/// staging; the LM head is read in the compute dtype. More rows of a dense base run cuBLAS:
+/// the weights at GEMM_WEIGHT_EFFICIENCY and GEMM_ROW_SECONDS a row. The KV cache is read at
+/// KV_EFFICIENCY (the tensor-core attention, any context). Each layer's RoPE, attention launch
+/// and norms are inside these fits.
+const GEMM_WEIGHT_EFFICIENCY: f64 = 0.52;
+const GEMM_ROW_SECONDS: f64 = 8.4e-6;
+const KV_EFFICIENCY: f64 = 0.795;
+/// Rows a dense base's decode step runs through the GEMV (`DENSE_GEMV_ROWS` in decode_step.rs)
+/// and a quantised one's (its `MAX_ROWS`).
+const DENSE_GEMV_ROWS: usize = 4;
+const QUANTISED_GEMV_ROWS: usize = 8;
+/// More rows of a quantised base run the general forward, which dequantises each projection per
+/// matmul (read the codes, write and read the dense copy) at DEQUANT_EFFICIENCY, launches
+/// GENERAL_LAYER_SECONDS a layer and reads the cache at GENERAL_KV_EFFICIENCY; its GEMMs run at
+/// GENERAL_GEMM_EFFICIENCY of the tensor peak (the earlier fit of the general forward).
 const DEQUANT_EFFICIENCY: f64 = 0.47;
-const DECODE_LAYER_SECONDS: f64 = 53e-6;
-const DECODE_KV_EFFICIENCY: f64 = 0.034;
-/// The serving engine's paged attention reads the cache at this fraction of the bandwidth,
-/// and each sequence of a step costs SEQUENCE_SECONDS of sampling and bookkeeping (fitted to
-/// `philo bench serve` on the H200).
-const PAGED_KV_EFFICIENCY: f64 = 0.3;
-const SEQUENCE_SECONDS: f64 = 20e-6;
-/// Projection GEMMs of a batched decode step, as a fraction of the tensor peak.
-const DECODE_GEMM_EFFICIENCY: f64 = 0.4;
+const GENERAL_LAYER_SECONDS: f64 = 53e-6;
+const GENERAL_KV_EFFICIENCY: f64 = 0.3;
+const GENERAL_GEMM_EFFICIENCY: f64 = 0.4;
+/// Each sequence of a serving step costs SEQUENCE_SECONDS: sampling, bookkeeping and its share
+/// of the prompts' prefill (fitted to `philo bench serve`, 128 + 128 tokens, 26 and 64
+/// streams).
+const SEQUENCE_SECONDS: f64 = 35e-6;
+
+/// A format's GEMV on the H200: the fraction of the bandwidth its weights stream at, one row,
+/// and the seconds each further row adds (fitted to `bench decode --batch 1/2/4/8`).
+fn gemv_fit(base: BaseFormat) -> (f64, f64) {
+    match base {
+        BaseFormat::Dense => (0.663, 100e-6),
+        BaseFormat::Int8 => (0.383, 48.7e-6),
+        BaseFormat::Int4 => (0.235, 53.3e-6),
+        BaseFormat::Nf4 { .. } => (0.142, 766e-6),
+    }
+}
 
 /// What generation needs, bytes.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -87,13 +108,12 @@ pub fn infer_memory(
     }
 }
 
-/// Which KV cache a decode step reads.
+/// Who runs the decode step: `generate`/`chat` (one sequence, nothing else per step) or the
+/// serving engine (sampling and bookkeeping per sequence, prompts prefilled between steps).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KvLayout {
-    /// `generate`/`chat`: one contiguous cache per sequence.
-    Contiguous,
-    /// `serve`: the engine's block tables.
-    Paged,
+pub enum Decoder {
+    Generate,
+    Serve,
 }
 
 /// Seconds of one decode step of `batch` sequences with `context` cached tokens each.
@@ -103,29 +123,44 @@ pub fn decode_step_seconds(
     dtype_bytes: usize,
     batch: usize,
     context: usize,
-    layout: KvLayout,
+    decoder: Decoder,
     gpu: &GpuSpec,
 ) -> f64 {
     let dt = dtype_bytes as f64;
     let bw = gpu.bandwidth_bytes_per_second;
     let projections = shape.projection_params() as f64;
-    let other = (shape.embedding_params() / if shape.tied_embeddings { 1 } else { 2 }) as f64 * dt;
-    let weights = match base {
-        BaseFormat::Dense => (projections * dt + other) / (DECODE_WEIGHT_EFFICIENCY * bw),
-        format => {
-            projections * (format.bytes_per_weight(dtype_bytes) + 2.0 * dt)
-                / (DEQUANT_EFFICIENCY * bw)
-                + other / (DECODE_WEIGHT_EFFICIENCY * bw)
-        }
+    let head = (shape.embedding_params() / if shape.tied_embeddings { 1 } else { 2 }) as f64 * dt;
+    // A row attends to its window's keys only.
+    let attended = shape.sliding_window.map_or(context, |w| context.min(w));
+    let kv_bytes = (batch * attended * shape.kv_bytes_per_token(dtype_bytes)) as f64;
+    let per_sequence = match decoder {
+        Decoder::Generate => 0.0,
+        Decoder::Serve => SEQUENCE_SECONDS,
     };
-    let kv_bytes = (batch * context * shape.kv_bytes_per_token(dtype_bytes)) as f64;
-    let (kv, per_sequence) = match layout {
-        KvLayout::Contiguous => (kv_bytes / (DECODE_KV_EFFICIENCY * bw), 0.0),
-        KvLayout::Paged => (kv_bytes / (PAGED_KV_EFFICIENCY * bw), SEQUENCE_SECONDS),
+    let (dense_efficiency, _) = gemv_fit(BaseFormat::Dense);
+    let gemv_rows = match base {
+        BaseFormat::Dense => DENSE_GEMV_ROWS,
+        _ => QUANTISED_GEMV_ROWS,
     };
-    let gemm = batch as f64 * 2.0 * shape.total_params() as f64
-        / (DECODE_GEMM_EFFICIENCY * gpu.tensor_flops);
-    weights + kv + gemm + batch as f64 * per_sequence + shape.layers as f64 * DECODE_LAYER_SECONDS
+    let step = if batch <= gemv_rows {
+        let (efficiency, row) = gemv_fit(base);
+        projections * base.bytes_per_weight(dtype_bytes) / (efficiency * bw)
+            + head / (dense_efficiency * bw)
+            + batch.saturating_sub(1) as f64 * row
+            + kv_bytes / (KV_EFFICIENCY * bw)
+    } else if base == BaseFormat::Dense {
+        (projections * dt + head) / (GEMM_WEIGHT_EFFICIENCY * bw)
+            + batch as f64 * GEMM_ROW_SECONDS
+            + kv_bytes / (KV_EFFICIENCY * bw)
+    } else {
+        projections * (base.bytes_per_weight(dtype_bytes) + 2.0 * dt) / (DEQUANT_EFFICIENCY * bw)
+            + head / (dense_efficiency * bw)
+            + batch as f64 * 2.0 * shape.total_params() as f64
+                / (GENERAL_GEMM_EFFICIENCY * gpu.tensor_flops)
+            + shape.layers as f64 * GENERAL_LAYER_SECONDS
+            + kv_bytes / (GENERAL_KV_EFFICIENCY * bw)
+    };
+    step + batch as f64 * per_sequence
 }
 
 /// A generation planned on a GPU (`philo plan generate`).
@@ -161,7 +196,7 @@ pub fn plan_generate(
     let memory = infer_memory(shape, base, dtype_bytes, 1, context, prompt_tokens);
     // The step time grows linearly with the context: its mean is the midpoint's.
     let mid = prompt_tokens + max_new_tokens / 2;
-    let step = decode_step_seconds(shape, base, dtype_bytes, 1, mid, KvLayout::Contiguous, gpu);
+    let step = decode_step_seconds(shape, base, dtype_bytes, 1, mid, Decoder::Generate, gpu);
     GeneratePlan {
         gpu: gpu.name.clone(),
         gpu_memory_gib: gpu.memory_gib(),
@@ -290,7 +325,7 @@ pub fn plan_serve(shape: &ModelShape, setup: &ServeSetup, gpu: &GpuSpec) -> Serv
         dt,
         running,
         context / 2,
-        KvLayout::Paged,
+        Decoder::Serve,
         gpu,
     );
     let peak = weights + workspace + kv_bytes;
@@ -318,6 +353,77 @@ pub fn plan_serve(shape: &ModelShape, setup: &ServeSetup, gpu: &GpuSpec) -> Serv
 #[cfg(test)]
 mod tests {
     use super::*;
+    use philo_model::Phi3Config;
+
+    /// The decode model against `philo bench decode` on the H200 (2026-12-04, the tensor-core
+    /// attention; random Phi-3-mini weights, greedy, `--batch B --seq P --new_tokens N`; the
+    /// long contexts with the 128k config): tokens/s within 8 %.
+    #[test]
+    fn decode_speed_follows_the_h200_measurements() {
+        let mini = ModelShape::from_config(&Phi3Config::phi3_mini_4k());
+        let long = ModelShape {
+            sliding_window: None,
+            max_position_embeddings: 131_072,
+            ..mini.clone()
+        };
+        let h200 = GpuSpec::parse("h200").unwrap();
+        let nf4 = BaseFormat::Nf4 { double_quant: true };
+        use BaseFormat::{Dense, Int4, Int8};
+        for (shape, base, batch, prompt, new, measured) in [
+            (&mini, Dense, 1, 128, 256, 422.6),
+            (&mini, Dense, 2, 128, 256, 798.8),
+            (&mini, Dense, 4, 128, 256, 1_472.2),
+            (&mini, Dense, 8, 128, 256, 2_526.1),
+            (&mini, Dense, 16, 128, 128, 4_519.9),
+            (&mini, Dense, 64, 128, 128, 13_418.0),
+            (&long, Dense, 1, 2048, 128, 387.5),
+            (&long, Dense, 1, 16_384, 256, 249.4),
+            (&long, Dense, 1, 32_768, 256, 175.2),
+            (&mini, Int8, 1, 128, 256, 486.2),
+            (&mini, Int8, 8, 128, 256, 3_097.3),
+            (&mini, Int4, 1, 128, 256, 556.9),
+            (&mini, Int4, 8, 128, 256, 3_398.3),
+            (&mini, nf4, 1, 128, 256, 353.3),
+            (&mini, nf4, 8, 128, 256, 954.7),
+        ] {
+            let mid = prompt + new / 2;
+            let step = decode_step_seconds(shape, base, 2, batch, mid, Decoder::Generate, &h200);
+            let predicted = batch as f64 / step;
+            let error = predicted / measured - 1.0;
+            assert!(
+                error.abs() < 0.08,
+                "{base:?} batch {batch} prompt {prompt}: predicted {predicted:.1}, measured {measured} ({:+.1} %)",
+                100.0 * error
+            );
+        }
+    }
+
+    /// `plan serve` against `philo bench serve --random --batch B` (128 + 128 tokens) on the
+    /// H200 (2026-12-04): within 8 %.
+    #[test]
+    fn serve_speed_follows_the_h200_measurements() {
+        let mini = ModelShape::from_config(&Phi3Config::phi3_mini_4k());
+        let h200 = GpuSpec::parse("h200").unwrap();
+        for (streams, measured) in [(26, 5_916.5), (64, 9_524.3)] {
+            let setup = ServeSetup {
+                base: BaseFormat::Dense,
+                dtype_bytes: 2,
+                max_batch: streams,
+                max_batch_tokens: 8192,
+                block_size: 16,
+                kv_cache_gib: Some(20.0),
+                gpu_memory_utilization: 0.9,
+                context: 256,
+            };
+            let predicted = plan_serve(&mini, &setup, &h200).tokens_per_second;
+            let error = predicted / measured - 1.0;
+            assert!(
+                error.abs() < 0.08,
+                "{streams} streams: predicted {predicted:.0}, measured {measured} ({:+.1} %)",
+                100.0 * error
+            );
+        }
+    }
 
     #[test]
     fn the_kv_cache_takes_what_the_utilization_leaves() {
