@@ -355,6 +355,15 @@ mod tests {
     use super::*;
     use philo_model::Phi3Config;
 
+    fn assert_within_8_percent(predicted: f64, measured: f64, what: &str) {
+        let error = predicted / measured - 1.0;
+        assert!(
+            error.abs() < 0.08,
+            "{what}: predicted {predicted:.1} tokens/s, measured {measured} ({:+.1} %)",
+            100.0 * error
+        );
+    }
+
     /// The decode model against `philo bench decode` on the H200 (2026-12-04, the tensor-core
     /// attention; random Phi-3-mini weights, greedy, `--batch B --seq P --new_tokens N`; the
     /// long contexts with the 128k config): tokens/s within 8 %.
@@ -388,13 +397,8 @@ mod tests {
         ] {
             let mid = prompt + new / 2;
             let step = decode_step_seconds(shape, base, 2, batch, mid, Decoder::Generate, &h200);
-            let predicted = batch as f64 / step;
-            let error = predicted / measured - 1.0;
-            assert!(
-                error.abs() < 0.08,
-                "{base:?} batch {batch} prompt {prompt}: predicted {predicted:.1}, measured {measured} ({:+.1} %)",
-                100.0 * error
-            );
+            let what = format!("{base:?} batch {batch} prompt {prompt}");
+            assert_within_8_percent(batch as f64 / step, measured, &what);
         }
     }
 
@@ -416,12 +420,7 @@ mod tests {
                 context: 256,
             };
             let predicted = plan_serve(&mini, &setup, &h200).tokens_per_second;
-            let error = predicted / measured - 1.0;
-            assert!(
-                error.abs() < 0.08,
-                "{streams} streams: predicted {predicted:.0}, measured {measured} ({:+.1} %)",
-                100.0 * error
-            );
+            assert_within_8_percent(predicted, measured, &format!("{streams} streams"));
         }
     }
 
