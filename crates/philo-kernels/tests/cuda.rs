@@ -879,7 +879,7 @@ fn cuda_paged_kv_cache() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(6);
     // (heads, kv heads, head_dim, block size, sequence lengths, window)
     type Case<'a> = (usize, usize, usize, usize, &'a [usize], usize);
-    // Head dims 64, 96 and 128 run the staged kernel, 80 the general one.
+    // Head dims 64, 96 and 128 run the tiled kernel compiled for them, 80 the general one.
     let cases: [Case; 4] = [
         (32, 32, 96, 16, &[1, 17, 130, 300], usize::MAX),
         (8, 2, 64, 8, &[5, 64, 9], 20),
