@@ -69,6 +69,11 @@ impl DecodeStep {
     /// this one.
     pub const MAX_GEMV_ROWS: usize = philo_kernels::decode::MAX_ROWS;
 
+    /// Most rows of a dense base that take the fused GEMV: from 5 rows cuBLAS is faster (H200,
+    /// one sequence's verify step: 8 rows on the GEMV 1.43× a one-row step, 9 on cuBLAS 1.27×;
+    /// 8 sequences 2,119 tokens/s on the GEMV). Quantised bases take the GEMV up to its limit.
+    pub const DENSE_GEMV_ROWS: usize = 4;
+
     /// Most rows the fused GEMV takes: on quantised weights 8 where the GPU's shared memory
     /// holds 8 staged inputs of the MLP's width (as on the H200), on a dense base 4 (cuBLAS is
     /// faster beyond); past it a dense base multiplies with cuBLAS.
@@ -314,11 +319,6 @@ mod imp {
         }
     }
 
-    /// Most rows of a dense base that take the fused GEMV: from 5 rows cuBLAS is faster (H200,
-    /// one sequence's verify step: 8 rows on the GEMV 1.43× a one-row step, 9 on cuBLAS 1.27×;
-    /// 8 sequences 2,119 tokens/s on the GEMV). Quantised bases take the GEMV up to its limit.
-    const DENSE_GEMV_ROWS: usize = 4;
-
     /// Where the gate_up GEMV does not write the SwiGLU itself (NF4's FMA GEMV; a step with
     /// adapters on gate_up), the rows from which the SwiGLU runs as a kernel of its own before
     /// the down projection's GEMV, which then stages plain rows: staged by the GEMV, every block
@@ -550,7 +550,7 @@ mod imp {
                 });
             let mut gemv_rows = kernels.gemv_rows(hidden.max(inter).max(h * d));
             if dense {
-                gemv_rows = gemv_rows.min(DENSE_GEMV_ROWS);
+                gemv_rows = gemv_rows.min(DecodeStep::DENSE_GEMV_ROWS);
             }
             let tc_blocks = kernels.tensor_core_attention_blocks(d, block_size);
             let split_floats = (1..=max_rows)

@@ -4,6 +4,8 @@
 
 use serde::Serialize;
 
+use philo_model::DecodeStep;
+
 use crate::gpu::GpuSpec;
 use crate::shape::ModelShape;
 use crate::train::BaseFormat;
@@ -24,10 +26,6 @@ const PREFILL_HIDDEN_COPIES: f64 = 31.0;
 const GEMM_WEIGHT_EFFICIENCY: f64 = 0.52;
 const GEMM_ROW_SECONDS: f64 = 8.4e-6;
 const KV_EFFICIENCY: f64 = 0.795;
-/// Rows a dense base's decode step runs through the GEMV (`DENSE_GEMV_ROWS` in decode_step.rs)
-/// and a quantised one's (its `MAX_ROWS`).
-const DENSE_GEMV_ROWS: usize = 4;
-const QUANTISED_GEMV_ROWS: usize = 8;
 /// More rows of a quantised base run the general forward, which dequantises each projection per
 /// matmul (read the codes, write and read the dense copy) at DEQUANT_EFFICIENCY, launches
 /// GENERAL_LAYER_SECONDS a layer and reads the cache at GENERAL_KV_EFFICIENCY; its GEMMs run at
@@ -138,9 +136,10 @@ pub fn decode_step_seconds(
         Decoder::Serve => SEQUENCE_SECONDS,
     };
     let (dense_efficiency, _) = gemv_fit(BaseFormat::Dense);
+    // The rows the decode step runs through its GEMV (quantised: as many as an H200 stages).
     let gemv_rows = match base {
-        BaseFormat::Dense => DENSE_GEMV_ROWS,
-        _ => QUANTISED_GEMV_ROWS,
+        BaseFormat::Dense => DecodeStep::DENSE_GEMV_ROWS,
+        _ => DecodeStep::MAX_GEMV_ROWS,
     };
     let step = if batch <= gemv_rows {
         let (efficiency, row) = gemv_fit(base);
