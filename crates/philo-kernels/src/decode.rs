@@ -688,8 +688,7 @@ mod device {
             head_dim: usize,
             block_size: usize,
         ) -> Option<usize> {
-            let index = [64, 96, 128].iter().position(|&d| d == head_dim)?;
-            let (_, _, blocks) = self.attention_tc[index].as_ref()?;
+            let (_, _, blocks) = self.attention_tc[compiled_head_dim(head_dim)?].as_ref()?;
             block_size.is_multiple_of(16).then_some(*blocks)
         }
 
@@ -842,12 +841,7 @@ mod device {
         /// zeros (left zero after each launch). The tensor-core kernel takes head dims 64, 96
         /// and 128 (others run the tiled kernel) and cache blocks of a multiple of 16 positions.
         pub fn attention(&self, a: &Attention) -> Result<()> {
-            let index = match a.head_dim {
-                64 => 0,
-                96 => 1,
-                128 => 2,
-                _ => 3,
-            };
+            let index = compiled_head_dim(a.head_dim).unwrap_or(3);
             let (f, smem) = match (a.kernel, index) {
                 (_, 3) | (AttentionKernel::Tiled, _) => (&self.attention[index], 0),
                 (AttentionKernel::TensorCore, _) => {
@@ -1073,6 +1067,13 @@ pub struct RopeKv {
     pub head_dim: usize,
     pub rotary_dim: usize,
     pub block_size: usize,
+}
+
+/// The index of `head_dim` among the head dims the attention kernels are compiled for (64, 96,
+/// 128), as their tables hold them.
+#[cfg(feature = "cuda")]
+fn compiled_head_dim(head_dim: usize) -> Option<usize> {
+    [64, 96, 128].iter().position(|&d| d == head_dim)
 }
 
 /// Which paged decode attention kernel runs (paged_attention.cu).
