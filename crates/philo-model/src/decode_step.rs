@@ -123,6 +123,20 @@ impl DecodeStep {
     pub fn samples(&self) -> bool {
         self.inner.samples()
     }
+
+    /// How the steps so far ran (graph replays, launch by launch, captures).
+    pub fn runs(&self) -> StepRuns {
+        self.inner.runs()
+    }
+}
+
+/// How a [`DecodeStep`]'s steps ran: a step whose (rows, adapters, adjustments) key has a
+/// graph replays it; the key's first step runs launch by launch, its second is captured.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StepRuns {
+    pub replayed: u64,
+    pub launched: u64,
+    pub captured: u64,
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -164,6 +178,9 @@ mod imp {
             match *self {}
         }
         pub fn samples(&self) -> bool {
+            match *self {}
+        }
+        pub fn runs(&self) -> StepRuns {
             match *self {}
         }
     }
@@ -415,6 +432,7 @@ mod imp {
         graphs: HashMap<GraphKey, Captured>,
         /// The keys run once without a graph.
         seen: HashSet<GraphKey>,
+        runs: StepRuns,
         /// The rows' logit adjustments: the entry count, then `LogitAdjustment::WORDS` words
         /// per entry, room for `adjust_capacity` (grown on demand, which drops the graphs that
         /// address it).
@@ -605,6 +623,7 @@ mod imp {
                 buffers,
                 graphs: HashMap::new(),
                 seen: HashSet::new(),
+                runs: StepRuns::default(),
                 adjust: None,
                 adjust_capacity: 0,
                 adapters: Vec::new(),
@@ -1039,16 +1058,25 @@ mod imp {
                 recorded?;
                 if let Some(graph) = graph {
                     self.graphs.insert(key, Captured(graph));
+                    self.runs.captured += 1;
                 }
             }
             match self.graphs.get(&key) {
-                Some(graph) => graph.0.launch().map_err(candle_core::Error::wrap)?,
+                Some(graph) => {
+                    graph.0.launch().map_err(candle_core::Error::wrap)?;
+                    self.runs.replayed += 1;
+                }
                 None => {
                     let launches = self.launches(m, lora, adjust);
-                    self.launch_all(&launches, philo_kernels::profile::enabled())?
+                    self.launch_all(&launches, philo_kernels::profile::enabled())?;
+                    self.runs.launched += 1;
                 }
             }
             Ok(())
+        }
+
+        pub fn runs(&self) -> StepRuns {
+            self.runs
         }
 
         /// Writes the rows' logit adjustments (device row d = caller's row `order[d]`) for the

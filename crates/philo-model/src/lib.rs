@@ -23,7 +23,7 @@ pub use adapter::{Adapter, AdapterConfig};
 pub use checkpoint::ModelFiles;
 pub use config::{Phi3Config, RopeConfig, RopeScaling};
 pub use decode_graph::DecodeGraph;
-pub use decode_step::{DecodeRow, DecodeStep, LogitAdjustment, RowSampling};
+pub use decode_step::{DecodeRow, DecodeStep, LogitAdjustment, RowSampling, StepRuns};
 pub use error::{ModelError, Result};
 pub use kv_cache::KvCache;
 pub use lora_bank::LoraBank;

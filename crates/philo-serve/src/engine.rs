@@ -28,6 +28,7 @@ use crate::request::{
     SampledToken, SubmitError, UnloadError,
 };
 use crate::scheduler::{Scheduler, SchedulerConfig, SeqStatus};
+use crate::step_profile::StepProfile;
 
 /// Sizes and budgets of the engine.
 #[derive(Debug, Clone)]
@@ -203,11 +204,10 @@ impl EngineHandle {
             path => DecodeStep::new(
                 &model,
                 &cache,
-                // Speculation's steps take up to the fused GEMV's rows, however few sequences run.
-                match config.speculative_tokens {
-                    Some(_) => config.max_running.max(DecodeStep::MAX_GEMV_ROWS),
-                    None => config.max_running,
-                },
+                // Joining prompts' tokens ride along (see `rides_decode_step`); speculation's steps
+                // take up to the fused GEMV's rows, however few sequences run.
+                (config.max_running + DECODE_STEP_PROMPT_ROWS.min(config.max_tokens_per_step))
+                    .max(DecodeStep::MAX_GEMV_ROWS),
                 context,
                 path == DecodePath::Graph,
             )?,
@@ -237,6 +237,7 @@ impl EngineHandle {
             model_id: config.model_id.clone(),
             speculative_tokens: config.speculative_tokens,
             drafts: draft.filter(|_| config.speculative_tokens.is_some()),
+            profile: StepProfile::from_env(),
         };
         let thread = std::thread::Builder::new()
             .name("philo-engine".into())
@@ -496,22 +497,29 @@ fn sample_row(s: &mut Sequence, row: &[f32]) -> Result<SampledToken, String> {
 enum StepLogits {
     /// The general forward's output.
     Tensor(Tensor),
-    /// The decode step's buffers (its last run), rows of `vocab`; the rows whose token the
-    /// GPU chose.
-    Decode { vocab: usize, on_device: Vec<bool> },
+    /// The decode step's buffers (its last run), rows of `vocab`: per sequence of the plan,
+    /// whether the GPU chose its token and the row of its last token.
+    Decode {
+        vocab: usize,
+        on_device: Vec<bool>,
+        last_rows: Vec<usize>,
+    },
 }
 
 impl StepLogits {
-    /// Each row's token as the device chose it: the argmax of the forward's logits, or what
-    /// the decode step sampled.
+    /// Each sequence's token as the device chose it: the argmax of the forward's logits, or
+    /// what the decode step sampled.
     fn device_tokens(&self, decode: Option<&DecodeStep>) -> anyhow::Result<Vec<u32>> {
         Ok(match self {
             StepLogits::Tensor(t) => t.argmax(1)?.to_vec1()?,
-            StepLogits::Decode { .. } => decoded(decode)?.tokens()?,
+            StepLogits::Decode { last_rows, .. } => {
+                let tokens = decoded(decode)?.tokens()?;
+                last_rows.iter().map(|&r| tokens[r]).collect()
+            }
         })
     }
 
-    /// The logits of `rows` on the host.
+    /// The logits of the sequences `rows` (indices into the plan) on the host.
     fn rows(&self, decode: Option<&DecodeStep>, rows: &[usize]) -> anyhow::Result<Vec<Vec<f32>>> {
         Ok(match self {
             StepLogits::Tensor(t) => {
@@ -522,10 +530,12 @@ impl StepLogits {
                     .to_dtype(DType::F32)?
                     .to_vec2::<f32>()?
             }
-            StepLogits::Decode { vocab, .. } => {
+            StepLogits::Decode {
+                vocab, last_rows, ..
+            } => {
                 let all = decoded(decode)?.logits()?;
                 rows.iter()
-                    .map(|&r| all[r * vocab..(r + 1) * vocab].to_vec())
+                    .map(|&r| all[last_rows[r] * vocab..(last_rows[r] + 1) * vocab].to_vec())
                     .collect()
             }
         })
@@ -534,6 +544,34 @@ impl StepLogits {
 
 fn decoded(decode: Option<&DecodeStep>) -> anyhow::Result<&DecodeStep> {
     decode.ok_or_else(|| anyhow::anyhow!("the step's logits are in a decode step that is gone"))
+}
+
+/// Most prompt tokens a step's chunks add to the decode step's rows (beyond the running
+/// sequences' one each).
+pub const DECODE_STEP_PROMPT_ROWS: usize = 256;
+
+/// Most positions the prompt rows of one decode step attend to, summed over the rows. Each row
+/// reads its sequence's keys and values up to itself, as a decoding row does: a chunk of 128
+/// tokens at the start of its sequence reads 8,256 positions (what 43 sequences decoding at 192
+/// tokens read); one of 128 tokens behind a cached prefix of 2,000 reads 272,000, which flash
+/// attention over the gathered chunk (the general forward) does far faster.
+pub const DECODE_STEP_PROMPT_POSITIONS: usize = 1 << 15;
+
+/// Whether a step's chunks run on the decode step: prompt chunks too (each token a row, see
+/// [`DECODE_STEP_PROMPT_POSITIONS`]), so that a sequence joining the batch does not send every
+/// running one through the general forward; every row's adapter held by the step.
+fn rides_decode_step(decode: &DecodeStep, chunks: &[SeqChunk]) -> bool {
+    let rows: usize = chunks.iter().map(|c| c.tokens.len()).sum();
+    let prompt_positions: usize = chunks
+        .iter()
+        .filter(|c| c.tokens.len() > 1)
+        .map(|c| (c.past + 1..=c.past + c.tokens.len()).sum::<usize>())
+        .sum();
+    decode.takes(rows)
+        && prompt_positions <= DECODE_STEP_PROMPT_POSITIONS
+        && chunks
+            .iter()
+            .all(|c| c.adapter.is_none_or(|a| decode.has_adapter(a)))
 }
 
 struct Engine {
@@ -553,6 +591,8 @@ struct Engine {
     speculative_tokens: Option<usize>,
     /// Where proposals come from when speculating: the draft model, or prompt lookup (None).
     drafts: Option<DraftPool>,
+    /// `PHILO_PROFILE=1`: the loop's time by phase.
+    profile: Option<StepProfile>,
 }
 
 impl Engine {
@@ -577,12 +617,36 @@ impl Engine {
                 self.handle(c);
             }
             self.drop_cancelled();
+            self.lap("commands");
             if let Err(e) = self.step() {
                 // A failed step fails the sequences it ran; the loop stays up for the others.
                 eprintln!("philo serve: step failed: {e}");
             }
             self.free_unloaded();
             self.publish_stats();
+            self.lap("stats");
+            if let Some(profile) = self.profile.as_mut() {
+                let (decode, shared) = (&self.decode, &self.shared);
+                profile.step_done(self.sequences.len(), || {
+                    let general = shared
+                        .stats
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .general_steps_total;
+                    let runs = decode.as_ref().map(DecodeStep::runs).unwrap_or_default();
+                    format!(
+                        "since start: {general} general steps, decode step {} replayed, {} launched, {} captured",
+                        runs.replayed, runs.launched, runs.captured
+                    )
+                });
+            }
+        }
+    }
+
+    /// `PHILO_PROFILE=1`: the time since the last lap goes to `phase`.
+    fn lap(&mut self, phase: &'static str) {
+        if let Some(profile) = self.profile.as_mut() {
+            profile.lap(phase);
         }
     }
 
@@ -763,6 +827,7 @@ impl Engine {
         }
         let ids: Vec<u64> = plan.seqs.iter().map(|s| s.id).collect();
         let proposed = self.propose(&mut plan);
+        self.lap("schedule");
         let result = if proposed.iter().any(|&k| k > 0) {
             self.run_speculative_plan(&plan, &proposed)
         } else {
@@ -946,6 +1011,16 @@ impl Engine {
         stats.spec_accepted_tokens_total += accepted;
     }
 
+    /// Counts a step that runs the general forward (`Phi3::forward_paged`), not the decode step.
+    fn count_general_step(&self) {
+        let mut stats = self
+            .shared
+            .stats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        stats.general_steps_total += 1;
+    }
+
     fn run_plan(&mut self, plan: &crate::scheduler::StepPlan) -> anyhow::Result<()> {
         let chunks: Vec<SeqChunk> = plan
             .seqs
@@ -959,12 +1034,7 @@ impl Engine {
             })
             .collect();
         let logits = match self.decode.as_mut() {
-            Some(decode)
-                if decode.takes(chunks.len())
-                    && chunks.iter().all(|c| {
-                        c.tokens.len() == 1 && c.adapter.is_none_or(|a| decode.has_adapter(a))
-                    }) =>
-            {
+            Some(decode) if rides_decode_step(decode, &chunks) => {
                 let vocab = self.model.config().vocab_size;
                 let sampling: Vec<Option<GpuSampling>> = plan
                     .seqs
@@ -975,31 +1045,49 @@ impl Engine {
                         (decode.samples() || gpu.is_argmax()).then_some(gpu)
                     })
                     .collect();
-                let rows: Vec<DecodeRow> = chunks
-                    .iter()
-                    .zip(&sampling)
-                    .map(|(c, gpu)| DecodeRow {
-                        token: c.tokens[0],
-                        len: c.past + 1,
-                        long_rope: c.long_rope,
-                        block_table: c.block_table,
-                        sampling: gpu.as_ref().map_or(RowSampling::greedy(), |g| g.row),
-                        adjustments: gpu.as_ref().map_or(&[], |g| &g.adjustments),
-                        adapter: c.adapter,
-                    })
-                    .collect();
+                // Each token of a chunk is a row at its own position (attending to the cache
+                // up to itself); only a chunk's last row is sampled as the sequence asks.
+                let mut rows = Vec::with_capacity(chunks.iter().map(|c| c.tokens.len()).sum());
+                let mut last_rows = Vec::with_capacity(chunks.len());
+                for (c, gpu) in chunks.iter().zip(&sampling) {
+                    for (i, &token) in c.tokens.iter().enumerate() {
+                        let last = i + 1 == c.tokens.len();
+                        let (sampling, adjustments) = match gpu {
+                            Some(g) if last => (g.row, g.adjustments.as_slice()),
+                            _ => (RowSampling::greedy(), &[][..]),
+                        };
+                        rows.push(DecodeRow {
+                            token,
+                            len: c.past + 1 + i,
+                            long_rope: c.long_rope,
+                            block_table: c.block_table,
+                            sampling,
+                            adjustments,
+                            adapter: c.adapter,
+                        });
+                    }
+                    last_rows.push(rows.len() - 1);
+                }
+                if let Some(profile) = self.profile.as_mut() {
+                    profile.lap("prepare");
+                }
                 decode.run(&rows)?;
                 StepLogits::Decode {
-                    vocab: self.model.config().vocab_size,
+                    vocab,
                     on_device: sampling.iter().map(Option::is_some).collect(),
+                    last_rows,
                 }
             }
-            _ => StepLogits::Tensor(self.model.forward_paged(
-                &chunks,
-                &mut self.cache,
-                &self.bank,
-            )?),
+            _ => {
+                self.count_general_step();
+                StepLogits::Tensor(self.model.forward_paged(
+                    &chunks,
+                    &mut self.cache,
+                    &self.bank,
+                )?)
+            }
         };
+        self.lap("launch");
         let rows: Vec<usize> = (0..plan.seqs.len())
             .filter(|&i| plan.seqs[i].samples)
             .collect();
@@ -1008,6 +1096,7 @@ impl Engine {
             &plan.seqs.iter().map(|s| s.id).collect::<Vec<_>>(),
             &rows,
         )?;
+        self.lap("wait + sample");
         self.count_step(next.len() as u64, 0, 0);
         for s in &plan.seqs {
             if let Some(seq) = self.sequences.get_mut(&s.id) {
@@ -1033,6 +1122,7 @@ impl Engine {
         for (id, token) in next {
             self.emit(id, token, true);
         }
+        self.lap("emit");
         Ok(())
     }
 

@@ -9,3 +9,4 @@ pub mod engine;
 pub mod http;
 pub mod request;
 pub mod scheduler;
+pub mod step_profile;

@@ -110,6 +110,9 @@ pub struct EngineStats {
     pub cached_prompt_tokens_total: u64,
     pub preemptions_total: u64,
     pub steps_total: u64,
+    /// Steps that ran the general forward (prompts too long to ride the decode step, or no
+    /// decode step), not the decode kernels.
+    pub general_steps_total: u64,
     /// Speculative decoding: tokens proposed, and those of them accepted.
     pub spec_proposed_tokens_total: u64,
     pub spec_accepted_tokens_total: u64,

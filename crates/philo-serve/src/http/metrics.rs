@@ -265,6 +265,11 @@ impl Collector for EngineCollector {
             ),
             ("engine_steps", "Engine forward steps.", stats.steps_total),
             (
+                "engine_general_steps",
+                "Engine steps that ran the general forward instead of the decode kernels.",
+                stats.general_steps_total,
+            ),
+            (
                 "spec_decode_proposed_tokens",
                 "Tokens proposed by speculative decoding (prompt lookup).",
                 stats.spec_proposed_tokens_total,
