@@ -9,7 +9,7 @@
 # greedy streams (128 + 128 tokens), speculative decoding at batch 1 (prompt lookup, and the
 # draft in bf16 and with an int4 base, each against plain decoding, with the verify step's
 # cost curve), then `philo serve` with the adapter loaded by `philo bench serve --http` at 64
-# streams, sampled, every second request on the adapter.
+# streams, sampled, every second request on the adapter (equal and varied lengths).
 set -u
 repo=$(cd "$(dirname "$0")/.." && pwd)
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
@@ -42,8 +42,14 @@ for _ in $(seq 120); do
   sleep 1
 done
 grep -iE "kv|cache|listening" /tmp/serve.log | head -3
-"$philo" bench serve --http http://127.0.0.1:$port/v1 --batch 64 --requests 256 --adapter tuned \
-  --seq 128 --new_tokens 128 2>&1 | grep -E "^streams|^[0-9]|rror"
+# A warm-up run first: a fresh process loads (and the driver compiles) its kernels on first use.
+"$philo" bench serve --http http://127.0.0.1:$port/v1 --batch 64 --requests 128 --adapter tuned \
+  --seq 128 --new_tokens 16 > /dev/null 2>&1
+# Equal lengths (streams finish in waves), then lengths varied so that requests join one by one.
+for lengths in "" "--varied_lengths"; do
+  "$philo" bench serve --http http://127.0.0.1:$port/v1 --batch 64 --requests 256 --adapter tuned \
+    --seq 128 --new_tokens 128 $lengths 2>&1 | grep -E "^streams|^[0-9]|rror"
+done
 kill $server
 wait $server 2>/dev/null
 echo "[${SECONDS}s]"

@@ -124,21 +124,30 @@ pub fn prefill(
 
 /// Greedy decoding of `new_tokens` per sequence after a `prompt_len` prefill, `batch` sequences,
 /// on `engine` (the graph engines fall back to candle where the model or batch does not fit
-/// them; the result names the engine that ran).
+/// them; the result names the engine that ran); with `adapter`, every sequence runs with it
+/// unmerged, as `philo serve` runs requests that name one (decode kernels only).
 pub fn decode(
     model: &Phi3,
     batch: usize,
     prompt_len: usize,
     new_tokens: usize,
     engine: DecodeEngine,
+    adapter: Option<&philo_model::Adapter>,
 ) -> anyhow::Result<BenchResult> {
     if engine != DecodeEngine::Candle {
         let capture = engine == DecodeEngine::Graph;
         let capacity = prompt_len + new_tokens + 1;
-        if let Some(graph) = philo_model::DecodeGraph::new(model, batch, capacity, capture)? {
+        if let Some(mut graph) = philo_model::DecodeGraph::new(model, batch, capacity, capture)? {
+            if let Some(adapter) = adapter {
+                graph.set_adapter(model, adapter)?;
+            }
             return decode_graph(model, graph, batch, prompt_len, new_tokens, engine);
         }
     }
+    anyhow::ensure!(
+        adapter.is_none(),
+        "bench decode --adapter runs on the decode kernels (--engine graph or kernels, a CUDA GPU, bf16/f16)"
+    );
     let device = model.device();
     let prompt = random_prompt(batch, prompt_len, model.config().vocab_size, device)?;
     let mut cache = model.new_cache();
@@ -673,7 +682,12 @@ pub fn serve(
         peak_memory_gib: peak_memory_gib(model.device()),
         host_ms_per_step: None,
         engine: Some(match speculative_tokens {
-            None => format!("{decode:?}").to_lowercase(),
+            None => format!(
+                "{}, {} of {} steps general",
+                format!("{decode:?}").to_lowercase(),
+                stats.general_steps_total,
+                stats.steps_total
+            ),
             Some(k) => format!(
                 "{} + {} k≤{k}: {} of {} proposed accepted",
                 format!("{decode:?}").to_lowercase(),

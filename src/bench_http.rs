@@ -31,8 +31,22 @@ pub struct HttpBench {
     /// Words of the user message (about 1.3 tokens each).
     pub prompt_words: usize,
     pub max_tokens: usize,
+    /// Request i asks for `max_tokens` × (1/2 + (i mod 8)/7), between a half and one and a half
+    /// times it, instead of `max_tokens` each: streams then finish apart and new requests join
+    /// a decoding batch one by one, as in real traffic (equal lengths finish in waves).
+    pub varied_lengths: bool,
     pub temperature: f32,
     pub top_p: f32,
+}
+
+impl HttpBench {
+    /// The `max_tokens` of request `i` (see [`HttpBench::varied_lengths`]).
+    pub fn max_tokens_of(&self, i: usize) -> usize {
+        match self.varied_lengths {
+            true => (self.max_tokens * (7 + 2 * (i % 8)) / 14).max(1),
+            false => self.max_tokens,
+        }
+    }
 }
 
 /// The 50th and 99th percentiles of a latency, ms.
@@ -57,6 +71,9 @@ pub struct HttpBenchResult {
     /// requests that named no adapter and for those that named it.
     pub base_stream_tokens_per_second: f64,
     pub adapter_stream_tokens_per_second: Option<f64>,
+    /// Time to first token of the requests that named no adapter and of those that named it.
+    pub base_time_to_first_token: Percentiles,
+    pub adapter_time_to_first_token: Option<Percentiles>,
 }
 
 /// One request's timings.
@@ -115,6 +132,14 @@ pub fn run(options: &HttpBench) -> anyhow::Result<HttpBenchResult> {
             .collect();
         (!rates.is_empty()).then(|| rates.iter().sum::<f64>() / rates.len() as f64)
     };
+    let first_token = |adapter: bool| {
+        let ttft: Vec<f64> = results
+            .iter()
+            .filter(|r| r.adapter == adapter)
+            .map(|r| ms(&r.ttft))
+            .collect();
+        (!ttft.is_empty()).then(|| percentiles(ttft))
+    };
     Ok(HttpBenchResult {
         streams: options.streams,
         requests: options.requests,
@@ -125,6 +150,8 @@ pub fn run(options: &HttpBench) -> anyhow::Result<HttpBenchResult> {
         inter_token_latency: percentiles(gaps),
         base_stream_tokens_per_second: rate(false).unwrap_or(0.0),
         adapter_stream_tokens_per_second: rate(true),
+        base_time_to_first_token: first_token(false).unwrap_or_default(),
+        adapter_time_to_first_token: first_token(true),
     })
 }
 
@@ -154,7 +181,7 @@ fn request(options: &HttpBench, i: usize) -> anyhow::Result<Timed> {
         .collect();
     let mut body = json!({
         "messages": [{"role": "user", "content": format!("Request {i}: {}", words.join(" "))}],
-        "max_tokens": options.max_tokens,
+        "max_tokens": options.max_tokens_of(i),
         "temperature": options.temperature,
         "top_p": options.top_p,
         "seed": i,
@@ -232,14 +259,18 @@ fn request(options: &HttpBench, i: usize) -> anyhow::Result<Timed> {
 /// The result as the table `bench` prints.
 pub fn table(results: &[HttpBenchResult]) -> String {
     let mut out = String::from(
-        "streams  requests  tokens   seconds   tok/s     TTFT p50/p99 ms   ITL p50/p99 ms   stream tok/s base / adapter\n",
+        "streams  requests  tokens   seconds   tok/s     TTFT p50/p99 ms   ITL p50/p99 ms   stream tok/s base / adapter   TTFT p50 base / adapter\n",
     );
     for r in results {
         let adapter = r
             .adapter_stream_tokens_per_second
             .map_or("-".to_string(), |v| format!("{v:.1}"));
+        let adapter_ttft = r
+            .adapter_time_to_first_token
+            .as_ref()
+            .map_or("-".to_string(), |p| format!("{:.1}", p.p50_ms));
         out.push_str(&format!(
-            "{:<8} {:<9} {:<8} {:<9.2} {:<9.1} {:>7.1} / {:<7.1} {:>6.1} / {:<7.1} {:.1} / {}\n",
+            "{:<8} {:<9} {:<8} {:<9.2} {:<9.1} {:>7.1} / {:<7.1} {:>6.1} / {:<7.1} {:>7.1} / {:<16} {:>7.1} / {}\n",
             r.streams,
             r.requests,
             r.completion_tokens,
@@ -250,7 +281,9 @@ pub fn table(results: &[HttpBenchResult]) -> String {
             r.inter_token_latency.p50_ms,
             r.inter_token_latency.p99_ms,
             r.base_stream_tokens_per_second,
-            adapter
+            adapter,
+            r.base_time_to_first_token.p50_ms,
+            adapter_ttft
         ));
     }
     out
@@ -259,6 +292,27 @@ pub fn table(results: &[HttpBenchResult]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn varied_lengths_span_a_half_to_one_and_a_half_times() {
+        let mut bench = HttpBench {
+            base_url: String::new(),
+            model: None,
+            adapter: None,
+            api_key: None,
+            streams: 1,
+            requests: 8,
+            prompt_words: 1,
+            max_tokens: 128,
+            varied_lengths: true,
+            temperature: 0.0,
+            top_p: 1.0,
+        };
+        let lengths: Vec<usize> = (0..8).map(|i| bench.max_tokens_of(i)).collect();
+        assert_eq!(lengths, [64, 82, 100, 118, 137, 155, 173, 192]);
+        bench.varied_lengths = false;
+        assert_eq!(bench.max_tokens_of(5), 128);
+    }
 
     #[test]
     fn percentiles_are_nearest_rank() {

@@ -1,7 +1,7 @@
 //! `philo bench prefill|decode|train|serve|attention`: the arguments and the printed report; the
 //! measurements are `philo::bench` and `philo::bench_http`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::DType;
 use clap::Args;
@@ -93,12 +93,18 @@ pub struct BenchArgs {
     /// Serve --http: the base model's id (default: the field is left out).
     #[arg(long = "served_model", alias = "served-model", requires = "http")]
     served_model: Option<String>,
-    /// Serve --http: an adapter that every second request names.
-    #[arg(long, requires = "http")]
+    /// Serve --http: an adapter (its served name) that every second request names. Decode: a
+    /// PEFT adapter folder every sequence runs with, unmerged, as serve runs adapter requests.
+    #[arg(long)]
     adapter: Option<String>,
     /// Serve --http: the server's API key.
     #[arg(long = "api_key", alias = "api-key", requires = "http")]
     api_key: Option<String>,
+    /// Serve --http: request i asks for --new_tokens × (1/2 + (i mod 8)/7) tokens, so that
+    /// streams finish apart and new requests join the decoding batch one by one (as in real
+    /// traffic; equal lengths finish in waves).
+    #[arg(long = "varied_lengths", alias = "varied-lengths", requires = "http")]
+    varied_lengths: bool,
     /// Serve --http: sampling temperature.
     #[arg(long, default_value_t = 0.7, requires = "http")]
     temperature: f32,
@@ -128,6 +134,7 @@ fn bench_http(args: &BenchArgs, base_url: &str) -> anyhow::Result<()> {
             requests: args.requests.unwrap_or(4 * streams),
             prompt_words: args.seq.unwrap_or(128) * 3 / 4,
             max_tokens: args.new_tokens,
+            varied_lengths: args.varied_lengths,
             temperature: args.temperature,
             top_p: args.top_p,
         };
@@ -267,6 +274,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    let adapter = match (&args.adapter, &args.task) {
+        (Some(dir), BenchTask::Decode) => Some(philo_model::Adapter::load(Path::new(dir))?),
+        (Some(_), _) => anyhow::bail!(
+            "--adapter goes with `bench decode` (a folder) and `bench serve --http` (a served name)"
+        ),
+        (None, _) => None,
+    };
     let mut results = Vec::new();
     if let BenchTask::Train = args.task {
         let [batch] = args.batch[..] else {
@@ -298,6 +312,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     args.seq.unwrap_or(128),
                     args.new_tokens,
                     args.engine,
+                    adapter.as_ref(),
                 )?,
                 BenchTask::Serve => philo::bench::serve(
                     &model,

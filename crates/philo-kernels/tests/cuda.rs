@@ -1764,7 +1764,16 @@ fn cuda_batched_lora_matches_the_reference() -> Result<()> {
     };
     let mut rng = StdRng::seed_from_u64(41);
     let (k, n, max_rank) = (1024, 320, 64);
-    let rows: [Option<usize>; 6] = [Some(0), None, Some(1), Some(0), None, Some(1)];
+    // 40 rows (ten of the expand kernel's groups of 4): runs of one adapter, rows without one
+    // and adapters interleaved, as a step's rows sorted by adapter and unsorted give them.
+    let rows: Vec<Option<usize>> = (0..40)
+        .map(|i| match i % 7 {
+            3 => None,
+            4 | 5 => Some(1),
+            _ if i >= 32 => None,
+            _ => Some(0),
+        })
+        .collect();
     let m = rows.len();
     for dtype in dtypes() {
         let kernels = DecodeKernels::load(&cuda_dev, dtype)?;

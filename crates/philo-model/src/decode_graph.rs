@@ -8,6 +8,7 @@
 //! holds them (dense, INT8, INT4, NF4); a model with an unmerged adapter or GGUF blocks keeps the
 //! general path ([`DecodeGraph::new`] returns None).
 
+use crate::adapter::Adapter;
 use crate::decode_step::{DecodeRow, DecodeStep, LogitAdjustment, RowSampling};
 use crate::error::{ModelError, Result};
 use crate::lora_bank::LoraBank;
@@ -31,6 +32,9 @@ pub struct DecodeGraph {
     lengths: Vec<usize>,
     /// Whether each row rotates with LongRoPE's long factors (as its last prefill decided).
     long_rope: Vec<bool>,
+    /// The adapter every row runs with, unmerged (see [`DecodeGraph::set_adapter`]).
+    bank: LoraBank,
+    adapter: Option<usize>,
 }
 
 fn err(message: String) -> ModelError {
@@ -76,7 +80,26 @@ impl DecodeGraph {
             tables,
             lengths: vec![0; rows],
             long_rope: vec![false; rows],
+            bank: LoraBank::new(),
+            adapter: None,
         }))
+    }
+
+    /// Runs every row with `adapter`, unmerged (its products beside the base's, as `philo
+    /// serve` runs a request that names one), from the next prefill on.
+    pub fn set_adapter(&mut self, model: &Phi3, adapter: &Adapter) -> Result<()> {
+        let mut bank = LoraBank::new();
+        let slot = bank.insert(adapter, model)?;
+        self.step.set_adapters(&bank)?;
+        if !self.step.has_adapter(slot) {
+            return Err(err(format!(
+                "decode graph: the decode step does not take this adapter (ranks up to {} in the model's dtype)",
+                DecodeStep::MAX_RANK
+            )));
+        }
+        self.bank = bank;
+        self.adapter = Some(slot);
+        Ok(())
     }
 
     /// Sequences the graph decodes together.
@@ -111,10 +134,10 @@ impl DecodeGraph {
             tokens,
             past: 0,
             block_table: &self.tables[row],
-            adapter: None,
+            adapter: self.adapter,
             long_rope,
         };
-        let logits = model.forward_paged(&[chunk], &mut self.cache, &LoraBank::new())?;
+        let logits = model.forward_paged(&[chunk], &mut self.cache, &self.bank)?;
         self.lengths[row] = tokens.len();
         self.long_rope[row] = long_rope;
         Ok(logits.flatten_all()?.to_vec1::<f32>()?)
@@ -167,7 +190,7 @@ impl DecodeGraph {
                 block_table: &self.tables[r],
                 sampling: sampling[r],
                 adjustments: adjustments.get(r).copied().unwrap_or(&[]),
-                adapter: None,
+                adapter: self.adapter,
             })
             .collect();
         self.step.run(&rows)?;
@@ -216,7 +239,7 @@ impl DecodeGraph {
                 block_table: &self.tables[row],
                 sampling: RowSampling::greedy(),
                 adjustments: &[],
-                adapter: None,
+                adapter: self.adapter,
             })
             .collect();
         self.step.run(&rows)?;
