@@ -724,8 +724,13 @@ mod device {
                 Ptr(l.t),
                 int(l.max_rank),
             ];
-            // A block per (row, 8 ranks); blocks past the row's adapter's rank return at once.
-            let grid = (l.m as u32, l.max_rank.div_ceil(8) as u32, 1);
+            // A block per (row, 8 ranks) up to the largest rank; blocks past the row's adapter's
+            // rank return at once.
+            let grid = (
+                l.m as u32,
+                l.ranks.clamp(1, l.max_rank).div_ceil(8) as u32,
+                1,
+            );
             self.launch(&self.lora_shrink, grid, 256, 0, &shrink)?;
             let expand = [
                 Ptr(l.t),
@@ -999,7 +1004,8 @@ mod device {
 /// `adapter_rows` (u32 index into `entries`, `u32::MAX` for none); `entries` holds per adapter
 /// the addresses of A `[rank, k]` and scale·B `[n, rank]` (compute dtype, contiguous) and the
 /// rank, three u64 each (see [`lora_entry`]); `x` `[m, k]`, `y` `[m, n]` (added to in place), `t`
-/// f32 `[m, max_rank]` scratch.
+/// f32 `[m, max_rank]` scratch; `ranks` the largest rank among the entries (the first product's
+/// blocks cover that many ranks, at most `max_rank`).
 #[derive(Debug, Clone, Copy)]
 pub struct BatchedLora {
     pub x: u64,
@@ -1011,6 +1017,7 @@ pub struct BatchedLora {
     pub entries: u64,
     pub t: u64,
     pub max_rank: usize,
+    pub ranks: usize,
 }
 
 /// The three u64 words of one adapter's entry in [`BatchedLora::entries`]: A, scale·B, rank (an

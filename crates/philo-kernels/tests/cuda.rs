@@ -1807,6 +1807,7 @@ fn cuda_batched_lora_matches_the_reference() -> Result<()> {
             entries: address(&entries)?,
             t: address(&t)?,
             max_rank,
+            ranks: 16,
         })?;
         let got = host(&y)?;
         for (r, adapter) in rows.iter().enumerate() {

@@ -442,6 +442,9 @@ mod imp {
         adapters: Vec<usize>,
         /// The adapters' weights the table points at.
         lora_kept: Vec<Tensor>,
+        /// The largest rank among the held adapters (the graphs of adapter steps launch as many
+        /// ranks' blocks).
+        lora_ranks: usize,
         /// Row order of the last step on the device (rows of one adapter together): device row
         /// i is the caller's row `order[i]`.
         order: Vec<usize>,
@@ -628,6 +631,7 @@ mod imp {
                 adjust_capacity: 0,
                 adapters: Vec::new(),
                 lora_kept: Vec::new(),
+                lora_ranks: 0,
                 order: Vec::new(),
                 rotary_dim: rotary.rotary_dim(),
                 dtype,
@@ -649,12 +653,13 @@ mod imp {
             let per_layer = MODULES.len() * DecodeStep::MAX_ADAPTERS * 3;
             let mut table = vec![0u64; self.layers.len() * per_layer];
             let (mut adapters, mut kept) = (Vec::new(), Vec::new());
+            let mut ranks = 0;
             'slots: for slot in bank.loaded() {
                 if adapters.len() == DecodeStep::MAX_ADAPTERS {
                     break;
                 }
                 let index = adapters.len();
-                let mut entries = Vec::new();
+                let (mut entries, mut slot_rank) = (Vec::new(), 0);
                 for layer in 0..self.layers.len() {
                     for (module_index, module) in MODULES.iter().enumerate() {
                         let at = ((layer * MODULES.len() + module_index)
@@ -674,6 +679,7 @@ mod imp {
                             // Not for these kernels: its rows take the general path.
                             continue 'slots;
                         }
+                        slot_rank = slot_rank.max(rank);
                         let a_address = philo_kernels::decode::address(a)?;
                         let b_address = philo_kernels::decode::address(b)?;
                         entries.push((at, lora_entry(a_address, b_address, rank)));
@@ -683,6 +689,7 @@ mod imp {
                 for (at, entry) in entries {
                     table[at..at + 3].copy_from_slice(&entry);
                 }
+                ranks = ranks.max(slot_rank);
                 adapters.push(slot);
             }
             let stream = self.device.cuda_stream();
@@ -692,6 +699,11 @@ mod imp {
             self.adapters = adapters;
             // The old weights are freed in stream order, after any step still reading them.
             self.lora_kept = kept;
+            if ranks != self.lora_ranks {
+                self.lora_ranks = ranks;
+                self.graphs.retain(|key, _| !key.1);
+                self.seen.retain(|key| !key.1);
+            }
             Ok(())
         }
 
@@ -792,6 +804,7 @@ mod imp {
                     entries,
                     t: b.lora_t,
                     max_rank: DecodeStep::MAX_RANK,
+                    ranks: self.lora_ranks,
                 }));
             };
             // The adapter table of (layer, module), when the step runs adapters.
