@@ -3,8 +3,10 @@
 //! already holds for it, each with its own LoRA adapter or none.
 //!
 //! All tokens of the step run through the linear layers as one matrix; only attention is per
-//! sequence: decoding sequences go together through the paged decode kernel, a prompt chunk
-//! gathers its sequence's blocks and runs flash attention with the cached keys in front.
+//! sequence: decoding sequences go together through the paged decode kernel, sequences' first
+//! chunks together through one flash attention over the step's own keys (packed, a segment
+//! each), and a later chunk gathers its sequence's blocks and runs flash attention with the
+//! cached keys in front.
 
 use std::ops::Range;
 
@@ -48,6 +50,13 @@ enum AttentionRun {
         rows: Range<usize>,
         blocks: Tensor,
         len: usize,
+    },
+    /// Consecutive chunks of several tokens, each its sequence's first (nothing cached before
+    /// it): one flash attention over the step's own keys and values, packed, each chunk a
+    /// segment (`[1, rows]` u32 ids; None for one chunk), no gather from the cache.
+    Fresh {
+        rows: Range<usize>,
+        segments: Option<Tensor>,
     },
 }
 
@@ -142,6 +151,21 @@ impl Phi3 {
                 AttentionRun::Decode { rows, tables, lens } => {
                     let q = q.narrow(1, rows.start, rows.len())?.contiguous()?;
                     paged_decode_attention(&q, k_cache, v_cache, tables, lens, window)?
+                        .reshape((rows.len(), h * d))?
+                }
+                AttentionRun::Fresh { rows, segments } => {
+                    let own = |at: usize, n: usize| -> Result<Tensor> {
+                        Ok(heads
+                            .narrow(0, at, n)?
+                            .narrow(1, rows.start, rows.len())?
+                            .unsqueeze(0)?
+                            .contiguous()?)
+                    };
+                    let mask = AttentionMask {
+                        window,
+                        segments: segments.clone(),
+                    };
+                    flash_attention(&own(0, h)?, &own(h, kvh)?, &own(h + kvh, kvh)?, &mask)?
                         .reshape((rows.len(), h * d))?
                 }
                 AttentionRun::Chunk { rows, blocks, len } => {
@@ -239,6 +263,29 @@ impl Phi3 {
                     lens: Tensor::from_vec(lens, run.len(), dev)?,
                 });
                 row += run.len();
+            } else if chunks[i].past == 0 {
+                // A run of sequences' first chunks: their keys are all in this step.
+                let start = i;
+                while i < chunks.len() && chunks[i].past == 0 && chunks[i].tokens.len() > 1 {
+                    i += 1;
+                }
+                let run = &chunks[start..i];
+                let n: usize = run.iter().map(|c| c.tokens.len()).sum();
+                let segments = match run.len() {
+                    1 => None,
+                    _ => {
+                        let ids: Vec<u32> = (1..=run.len() as u32)
+                            .zip(run)
+                            .flat_map(|(id, c)| std::iter::repeat_n(id, c.tokens.len()))
+                            .collect();
+                        Some(Tensor::from_vec(ids, (1, n), dev)?)
+                    }
+                };
+                runs.push(AttentionRun::Fresh {
+                    rows: row..row + n,
+                    segments,
+                });
+                row += n;
             } else {
                 let c = &chunks[i];
                 let len = c.past + c.tokens.len();
