@@ -134,8 +134,11 @@ impl DecodeStep {
 /// graph replays it; the key's first step runs launch by launch, its second is captured.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StepRuns {
+    /// Steps that replayed a captured graph.
     pub replayed: u64,
+    /// Steps launched kernel by kernel (a key's first step, profiles, a failed capture).
     pub launched: u64,
+    /// Graphs captured (each then replayed in the same step).
     pub captured: u64,
 }
 
