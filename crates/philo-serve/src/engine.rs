@@ -111,6 +111,13 @@ struct Shared {
     shutting_down: AtomicBool,
 }
 
+impl Shared {
+    /// The statistics, locked; a thread that panicked holding them leaves them readable.
+    fn stats(&self) -> std::sync::MutexGuard<'_, EngineStats> {
+        self.stats.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 /// The engine as seen from the HTTP layer (implements [`Backend`]).
 pub struct EngineHandle {
     commands: Mutex<Sender<Command>>,
@@ -412,12 +419,7 @@ impl Backend for EngineHandle {
     }
 
     fn stats(&self) -> EngineStats {
-        let mut stats = self
-            .shared
-            .stats
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+        let mut stats = self.shared.stats().clone();
         stats.queue_depth = self.shared.waiting.load(Ordering::SeqCst);
         stats
     }
@@ -628,14 +630,11 @@ impl Engine {
             if let Some(profile) = self.profile.as_mut() {
                 let (decode, shared) = (&self.decode, &self.shared);
                 profile.step_done(self.sequences.len(), || {
-                    let general = shared
-                        .stats
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .general_steps_total;
+                    let general = shared.stats().general_steps_total;
                     let runs = decode.as_ref().map(DecodeStep::runs).unwrap_or_default();
                     format!(
-                        "since start: {general} general steps, decode step {} replayed, {} launched, {} captured",
+                        "since start: {general} general steps, decode step {} replayed, \
+                         {} launched, {} captured",
                         runs.replayed, runs.launched, runs.captured
                     )
                 });
@@ -1000,11 +999,7 @@ impl Engine {
 
     /// Counts a step that generated `generated` tokens, `accepted` of `proposed` speculated.
     fn count_step(&self, generated: u64, proposed: u64, accepted: u64) {
-        let mut stats = self
-            .shared
-            .stats
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut stats = self.shared.stats();
         stats.steps_total += 1;
         stats.generated_tokens_total += generated;
         stats.spec_proposed_tokens_total += proposed;
@@ -1013,12 +1008,7 @@ impl Engine {
 
     /// Counts a step that runs the general forward (`Phi3::forward_paged`), not the decode step.
     fn count_general_step(&self) {
-        let mut stats = self
-            .shared
-            .stats
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        stats.general_steps_total += 1;
+        self.shared.stats().general_steps_total += 1;
     }
 
     fn run_plan(&mut self, plan: &crate::scheduler::StepPlan) -> anyhow::Result<()> {
@@ -1104,11 +1094,7 @@ impl Engine {
                     seq.started = true;
                     self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
                     let cached = self.scheduler.cached_prompt_tokens(s.id).unwrap_or(0);
-                    let mut stats = self
-                        .shared
-                        .stats
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner);
+                    let mut stats = self.shared.stats();
                     stats.prompt_tokens_total += seq.tokens.len() as u64;
                     stats.cached_prompt_tokens_total += cached as u64;
                     drop(stats);
@@ -1236,11 +1222,7 @@ impl Engine {
     }
 
     fn publish_stats(&self) {
-        let mut stats = self
-            .shared
-            .stats
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut stats = self.shared.stats();
         stats.running_sequences = self.scheduler.num_running();
         stats.kv_blocks_used = self.scheduler.blocks_used();
         stats.kv_blocks_free = self.scheduler.blocks_free();
