@@ -36,8 +36,8 @@ const GENERAL_KV_EFFICIENCY: f64 = 0.3;
 const GENERAL_GEMM_EFFICIENCY: f64 = 0.4;
 /// Each sequence of a serving step costs SEQUENCE_SECONDS: sampling, bookkeeping and its share
 /// of the prompts' prefill (fitted to `philo bench serve`, 128 + 128 tokens, 26 and 64
-/// streams).
-const SEQUENCE_SECONDS: f64 = 35e-6;
+/// streams, with fresh prompts prefilled packed).
+const SEQUENCE_SECONDS: f64 = 29e-6;
 
 /// A format's GEMV on the H200: the fraction of the bandwidth its weights stream at, one row,
 /// and the seconds each further row adds (fitted to `bench decode --batch 1/2/4/8`).
@@ -407,7 +407,7 @@ mod tests {
     fn serve_speed_follows_the_h200_measurements() {
         let mini = ModelShape::from_config(&Phi3Config::phi3_mini_4k());
         let h200 = GpuSpec::parse("h200").unwrap();
-        for (streams, measured) in [(26, 5_916.5), (64, 9_524.3)] {
+        for (streams, measured) in [(26, 5_999.5), (64, 10_338.4)] {
             let setup = ServeSetup {
                 base: BaseFormat::Dense,
                 dtype_bytes: 2,
