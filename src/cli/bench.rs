@@ -200,6 +200,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchTask::Train => BaseQuant::None,
         _ => quant,
     };
+    // The adapter is read, or --adapter refused, before the model loads (which takes a while).
+    let adapter = match (&args.adapter, &args.task) {
+        (Some(dir), BenchTask::Decode) => Some(philo_model::Adapter::load(Path::new(dir))?),
+        (Some(_), _) => anyhow::bail!(
+            "--adapter goes with `bench decode` (a folder) and `bench serve --http` (a served name)"
+        ),
+        (None, _) => None,
+    };
     let model = match (&args.model, args.random) {
         (Some(spec), _) => {
             let weights = philo::pipeline::WeightOptions {
@@ -274,13 +282,6 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let adapter = match (&args.adapter, &args.task) {
-        (Some(dir), BenchTask::Decode) => Some(philo_model::Adapter::load(Path::new(dir))?),
-        (Some(_), _) => anyhow::bail!(
-            "--adapter goes with `bench decode` (a folder) and `bench serve --http` (a served name)"
-        ),
-        (None, _) => None,
-    };
     let mut results = Vec::new();
     if let BenchTask::Train = args.task {
         let [batch] = args.batch[..] else {
