@@ -151,7 +151,31 @@ pub fn gemv_reference(
 ) -> Vec<f32> {
     let round = |v: f32| round_to(v, dtype);
     let n = w.len() / k;
-    let rows: Vec<Vec<f32>> = match input {
+    let rows = transform_reference(x, input, norm, k, dtype);
+    let mut out = Vec::with_capacity(rows.len() * n);
+    for (r, row) in rows.iter().enumerate() {
+        for (j, wr) in w.chunks(k).enumerate() {
+            let y = round(row.iter().zip(wr).map(|(a, b)| a * b).sum::<f32>());
+            out.push(match residual {
+                Some(res) => round(res[r * n + j] + y),
+                None => y,
+            });
+        }
+    }
+    out
+}
+
+/// The rows of `x` (`[m, k]`, `[m, 2k]` for SwiGLU) through the GEMV's input transform, as the
+/// decode kernels round it in `dtype` (`norm`: the RMSNorm weights).
+pub fn transform_reference(
+    x: &[f32],
+    input: GemvInput,
+    norm: Option<&[f32]>,
+    k: usize,
+    dtype: DType,
+) -> Vec<Vec<f32>> {
+    let round = |v: f32| round_to(v, dtype);
+    match input {
         GemvInput::Plain => x.chunks(k).map(<[f32]>::to_vec).collect(),
         GemvInput::RmsNorm { eps, .. } => {
             let g = norm.expect("RmsNorm needs its weights");
@@ -170,18 +194,7 @@ pub fn gemv_reference(
             .chunks(2 * k)
             .map(|row| swiglu_reference(row, dtype))
             .collect(),
-    };
-    let mut out = Vec::with_capacity(rows.len() * n);
-    for (r, row) in rows.iter().enumerate() {
-        for (j, wr) in w.chunks(k).enumerate() {
-            let y = round(row.iter().zip(wr).map(|(a, b)| a * b).sum::<f32>());
-            out.push(match residual {
-                Some(res) => round(res[r * n + j] + y),
-                None => y,
-            });
-        }
     }
-    out
 }
 
 /// SwiGLU of one `[gate | up]` row as the decode kernels round it in `dtype`: silu(gate)
@@ -271,7 +284,7 @@ mod device {
     use super::*;
     use crate::launch::*;
     use crate::paged_attention::decode_kernel_name;
-    use candle_core::cuda_backend::cudarc::driver::CudaFunction;
+    use candle_core::cuda_backend::cudarc::driver::{sys, CudaFunction, DriverError};
     use candle_core::CudaDevice;
 
     /// One kernel parameter.
@@ -312,6 +325,83 @@ mod device {
     /// Threads of a tensor-core GEMV block (8 warps).
     const TC_THREADS: usize = 256;
 
+    /// A second stream of the device's context with the two events that fork work onto it and
+    /// join it back: in a capture, a branch of the graph. Raw driver handles, so that cudarc
+    /// (and candle through it) stays in its one-stream mode, without event tracking on every
+    /// buffer.
+    struct SideStream {
+        stream: sys::CUstream,
+        fork: sys::CUevent,
+        done: sys::CUevent,
+    }
+
+    // SAFETY: driver handles, usable from any thread with the context bound (every call binds it).
+    unsafe impl Send for SideStream {}
+    unsafe impl Sync for SideStream {}
+
+    impl SideStream {
+        fn new(dev: &CudaDevice) -> Result<Self> {
+            use candle_core::cuda_backend::cudarc::driver::result;
+            dev.cuda_stream().context().bind_to_thread().w()?;
+            let no_timing = sys::CUevent_flags::CU_EVENT_DISABLE_TIMING;
+            Ok(SideStream {
+                stream: result::stream::create(result::stream::StreamKind::NonBlocking).w()?,
+                fork: result::event::create(no_timing).w()?,
+                done: result::event::create(no_timing).w()?,
+            })
+        }
+
+        /// The side stream waits for what `main` has queued so far.
+        fn fork_from(&self, main: sys::CUstream) -> std::result::Result<(), DriverError> {
+            use candle_core::cuda_backend::cudarc::driver::result;
+            // SAFETY: live handles of one context.
+            unsafe {
+                result::event::record(self.fork, main)?;
+                result::stream::wait_event(
+                    self.stream,
+                    self.fork,
+                    sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                )
+            }
+        }
+
+        /// Marks the end of what the side stream has queued so far.
+        fn record_done(&self) -> std::result::Result<(), DriverError> {
+            // SAFETY: live handles of one context.
+            unsafe {
+                candle_core::cuda_backend::cudarc::driver::result::event::record(
+                    self.done,
+                    self.stream,
+                )
+            }
+        }
+
+        /// `main` waits for the side stream's work up to [`SideStream::record_done`].
+        fn join_into(&self, main: sys::CUstream) -> std::result::Result<(), DriverError> {
+            // SAFETY: live handles of one context.
+            unsafe {
+                candle_core::cuda_backend::cudarc::driver::result::stream::wait_event(
+                    main,
+                    self.done,
+                    sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                )
+            }
+        }
+    }
+
+    impl Drop for SideStream {
+        fn drop(&mut self) {
+            use candle_core::cuda_backend::cudarc::driver::result;
+            // SAFETY: handles created in `new`, destroyed once; the driver defers the stream's
+            // destruction until its work is done.
+            unsafe {
+                let _ = result::event::destroy(self.fork);
+                let _ = result::event::destroy(self.done);
+                let _ = result::stream::destroy(self.stream);
+            }
+        }
+    }
+
     /// The decode kernels of one compute dtype, loaded once.
     pub struct DecodeKernels {
         dev: CudaDevice,
@@ -332,7 +422,10 @@ mod device {
         transform: CudaFunction,
         widen: CudaFunction,
         lora_shrink: CudaFunction,
-        lora_expand: CudaFunction,
+        /// The second product by columns a warp writes: 16, 64.
+        lora_expand: [CudaFunction; 2],
+        /// Where the LoRA shrink runs beside the base projection.
+        side: SideStream,
         rope_kv: CudaFunction,
         /// By head dimension: 64, 96, 128, any other.
         attention: [CudaFunction; 4],
@@ -440,7 +533,11 @@ mod device {
                 transform: function(dev, &DECODE, &format!("transform_rows_{suffix}"))?,
                 widen: function(dev, &DECODE, &format!("widen_rows_{suffix}"))?,
                 lora_shrink: function(dev, &DECODE, &format!("lora_shrink_{suffix}"))?,
-                lora_expand: function(dev, &DECODE, &format!("lora_expand_{suffix}"))?,
+                lora_expand: [
+                    function(dev, &DECODE, &format!("lora_expand_{suffix}"))?,
+                    function(dev, &DECODE, &format!("lora_expand_wide_{suffix}"))?,
+                ],
+                side: SideStream::new(dev)?,
                 rope_kv: function(dev, &DECODE, &format!("rope_write_kv_{suffix}"))?,
                 attention: [
                     function(dev, &PAGED_ATTENTION, &decode_kernel_name(dtype, 64)?)?,
@@ -712,27 +809,57 @@ mod device {
             self.launch(&self.transform, (m as u32, 1, 1), 256, 0, &args)
         }
 
-        /// Both products of the batched LoRA of one projection (see [`BatchedLora`]): `t` =
-        /// x·Aᵀ per row, then `y` += t·(scale·B)ᵀ in place, for the rows with an adapter.
-        pub fn lora(&self, l: &BatchedLora) -> Result<()> {
+        /// The first product of the batched LoRA of one projection (see [`BatchedLora`]): `t`
+        /// += x·Aᵀ per row with an adapter, and `t_next` zeroed. `beside`: on a side stream,
+        /// beside what the device's stream runs until [`DecodeKernels::lora_expand`] (the base
+        /// projection of the same input), which must not touch t, t_next or write x; else on
+        /// the device's stream (when profiling, so that its events time it).
+        pub fn lora_shrink(&self, l: &BatchedLora, beside: bool) -> Result<()> {
+            // The expand reads t in slices of 32 ranks, and the kernels' rows in 16-byte words.
+            if !l.max_rank.is_multiple_of(32) || !l.k.is_multiple_of(8) || l.t == l.t_next {
+                candle_core::bail!(
+                    "lora: max_rank {} (a multiple of 32), k {} (a multiple of 8) and two t buffers do not fit the kernels",
+                    l.max_rank,
+                    l.k
+                );
+            }
             use Arg::*;
-            let shrink = [
+            let (mode, norm, eps) = l.input.kernel_args();
+            let args = [
                 Ptr(l.x),
+                Ptr(norm),
+                F32(eps),
+                I32(mode),
+                int(l.m),
                 int(l.k),
                 Ptr(l.adapter_rows),
                 Ptr(l.entries),
                 Ptr(l.t),
+                Ptr(l.t_next),
                 int(l.max_rank),
             ];
-            // A block per (row, 8 ranks) up to the largest rank; blocks past the row's adapter's
-            // rank return at once.
-            let grid = (
-                l.m as u32,
-                l.ranks.clamp(1, l.max_rank).div_ceil(8) as u32,
-                1,
-            );
-            self.launch(&self.lora_shrink, grid, 256, 0, &shrink)?;
-            let expand = [
+            // Tiles of 16 rows by slices of 256 inputs (LORA_ROWS, LORA_SHRINK_BLOCK_K).
+            let grid = (l.m.div_ceil(16) as u32, l.k.div_ceil(256) as u32, 1);
+            if !beside {
+                return self.launch(&self.lora_shrink, grid, 128, 0, &args);
+            }
+            let main = self.dev.cuda_stream().cu_stream();
+            self.side.fork_from(main).w()?;
+            self.launch_on(self.side.stream, &self.lora_shrink, grid, 128, 0, &args)?;
+            self.side.record_done().w()
+        }
+
+        /// The second product (see [`BatchedLora`]): `y` += T(t)·(scale·B)ᵀ in place for the
+        /// rows with an adapter, after [`DecodeKernels::lora_shrink`] (`joined`: the device's
+        /// stream first waits for the side stream's, for a shrink that ran beside).
+        pub fn lora_expand(&self, l: &BatchedLora, joined: bool) -> Result<()> {
+            if joined {
+                self.side
+                    .join_into(self.dev.cuda_stream().cu_stream())
+                    .w()?;
+            }
+            use Arg::*;
+            let args = [
                 Ptr(l.t),
                 int(l.max_rank),
                 Ptr(l.adapter_rows),
@@ -741,8 +868,35 @@ mod device {
                 int(l.n),
                 int(l.m),
             ];
-            let grid = (l.n.div_ceil(128) as u32, l.m.div_ceil(4) as u32, 1);
-            self.launch(&self.lora_expand, grid, 128, 0, &expand)
+            // Blocks of 4 warps' columns by tiles of 16 rows: 64 columns a warp where that still
+            // gives a block per multiprocessor (fewer warps read each tile of t), else 16.
+            let tiles = l.m.div_ceil(16);
+            let wide = l.n.div_ceil(256) * tiles >= self.sms;
+            let columns = if wide { 256 } else { 64 };
+            let grid = (l.n.div_ceil(columns) as u32, tiles as u32, 1);
+            self.launch(&self.lora_expand[usize::from(wide)], grid, 128, 0, &args)
+        }
+
+        /// Both products of the batched LoRA of one projection, the first on the side stream.
+        pub fn lora(&self, l: &BatchedLora) -> Result<()> {
+            self.lora_shrink(l, true)?;
+            self.lora_expand(l, true)
+        }
+
+        /// Zeroes `bytes` bytes at `at` on the step's stream (a memset node in a captured graph).
+        pub fn zero(&self, at: u64, bytes: usize) -> Result<()> {
+            let stream = self.dev.cuda_stream();
+            stream.context().bind_to_thread().w()?;
+            // SAFETY: the caller's live device buffer of at least `bytes` bytes.
+            unsafe {
+                candle_core::cuda_backend::cudarc::driver::result::memset_d8_async(
+                    at,
+                    0,
+                    bytes,
+                    stream.cu_stream(),
+                )
+            }
+            .w()
         }
 
         /// `out[i]` = `x[i]` as f32 for `n` elements of the compute dtype.
@@ -944,7 +1098,26 @@ mod device {
             smem: u32,
             args: &[Arg],
         ) -> Result<()> {
-            use candle_core::cuda_backend::cudarc::driver::sys;
+            self.launch_on(
+                self.dev.cuda_stream().cu_stream(),
+                f,
+                grid,
+                block,
+                smem,
+                args,
+            )
+        }
+
+        /// [`DecodeKernels::launch`] on `stream` (the device's or the side stream).
+        fn launch_on(
+            &self,
+            on: candle_core::cuda_backend::cudarc::driver::sys::CUstream,
+            f: &CudaFunction,
+            grid: (u32, u32, u32),
+            block: u32,
+            smem: u32,
+            args: &[Arg],
+        ) -> Result<()> {
             // Each parameter in an 8-byte slot (the driver reads the parameter's own size).
             let mut slots: Vec<u64> = args
                 .iter()
@@ -976,7 +1149,7 @@ mod device {
                 blockDimY: 1,
                 blockDimZ: 1,
                 sharedMemBytes: smem,
-                hStream: stream.cu_stream(),
+                hStream: on,
                 attrs: if self.pdl {
                     &mut attribute
                 } else {
@@ -1003,12 +1176,18 @@ mod device {
 /// Arguments of [`DecodeKernels::lora`]: each of the `m` rows names an adapter in
 /// `adapter_rows` (u32 index into `entries`, `u32::MAX` for none); `entries` holds per adapter
 /// the addresses of A `[rank, k]` and scale·B `[n, rank]` (compute dtype, contiguous) and the
-/// rank, three u64 each (see [`lora_entry`]); `x` `[m, k]`, `y` `[m, n]` (added to in place), `t`
-/// f32 `[m, max_rank]` scratch; `ranks` the largest rank among the entries (the first product's
-/// blocks cover that many ranks, at most `max_rank`).
+/// rank, three u64 each (see [`lora_entry`]); `x` `[m, k]` before `input`, `y` `[m, n]` (added to
+/// in place);
+/// `t` f32 `[m, max_rank]` scratch, zero on entry (the first product adds into it), and
+/// `t_next` another, which the call zeroes for the next projection's `t` (so that a step of
+/// several needs one memset, before its first). `max_rank` a multiple of 32, at least every
+/// entry's rank.
 #[derive(Debug, Clone, Copy)]
 pub struct BatchedLora {
     pub x: u64,
+    /// The projection's input transform, applied to `x` by the first product (`x` then
+    /// `[m, 2k]` for SwiGLU).
+    pub input: GemvInput,
     pub y: u64,
     pub m: usize,
     pub n: usize,
@@ -1016,8 +1195,8 @@ pub struct BatchedLora {
     pub adapter_rows: u64,
     pub entries: u64,
     pub t: u64,
+    pub t_next: u64,
     pub max_rank: usize,
-    pub ranks: usize,
 }
 
 /// The three u64 words of one adapter's entry in [`BatchedLora::entries`]: A, scale·B, rank (an

@@ -1754,8 +1754,10 @@ fn cuda_sample_rows_match_the_reference() -> Result<()> {
 }
 
 /// The batched LoRA of the decode step (BGMV shrink and expand) against its reference: rows of
-/// two adapters (ranks 16 and 12, the latter on the scalar path) mixed with rows without one,
-/// which must stay as they were.
+/// three adapters (ranks 16, 12 and 72: a rank not a multiple of 8 loads element by element, one
+/// past 64 takes two passes) mixed with rows without one, which must stay as they were; k 1,000
+/// (not a whole number of the shrink's 256-input slices); 322 and 11,266 outputs (the expand's
+/// narrow and wide kernels); plain, RMSNorm and SwiGLU inputs, transformed by the first product.
 #[test]
 fn cuda_batched_lora_matches_the_reference() -> Result<()> {
     use philo_kernels::decode::*;
@@ -1763,21 +1765,22 @@ fn cuda_batched_lora_matches_the_reference() -> Result<()> {
         return Ok(());
     };
     let mut rng = StdRng::seed_from_u64(41);
-    let (k, n, max_rank) = (1024, 320, 64);
-    // 40 rows (ten of the expand kernel's groups of 4): runs of one adapter, rows without one
-    // and adapters interleaved, as a step's rows sorted by adapter and unsorted give them.
+    let (k, max_rank) = (1000, 96);
+    // 40 rows (two and a half of the kernels' tiles of 16): runs of one adapter, rows without
+    // one and adapters interleaved, as a step's rows sorted by adapter and unsorted give them.
     let rows: Vec<Option<usize>> = (0..40)
         .map(|i| match i % 7 {
             3 => None,
             4 | 5 => Some(1),
+            6 if i < 20 => Some(2),
             _ if i >= 32 => None,
             _ => Some(0),
         })
         .collect();
     let m = rows.len();
-    for dtype in dtypes() {
+    for (dtype, n) in dtypes().into_iter().flat_map(|d| [(d, 322), (d, 11_266)]) {
         let kernels = DecodeKernels::load(&cuda_dev, dtype)?;
-        let ranks = [16, 12];
+        let ranks = [16, 12, 72];
         let mut adapters = Vec::new();
         let mut entries = Vec::new();
         for &rank in &ranks {
@@ -1795,36 +1798,59 @@ fn cuda_batched_lora_matches_the_reference() -> Result<()> {
             .collect();
         let adapter_rows = Tensor::from_vec(adapter_rows, m, &dev)?;
         let (x, x_host) = upload(uniform(&mut rng, m * k, 1.0), &[m, k], dtype, &dev)?;
-        let (y, y_host) = upload(uniform(&mut rng, m * n, 1.0), &[m, n], dtype, &dev)?;
-        let t = Tensor::zeros(m * max_rank, DType::F32, &dev)?;
-        kernels.lora(&BatchedLora {
-            x: address(&x)?,
-            y: address(&y)?,
-            m,
-            n,
-            k,
-            adapter_rows: address(&adapter_rows)?,
-            entries: address(&entries)?,
-            t: address(&t)?,
-            max_rank,
-            ranks: 16,
-        })?;
-        let got = host(&y)?;
-        for (r, adapter) in rows.iter().enumerate() {
-            let before = &y_host[r * n..(r + 1) * n];
-            let want = match adapter {
-                None => before.to_vec(),
-                Some(i) => {
-                    let (_, a, _, b) = &adapters[*i];
-                    lora_reference(&x_host[r * k..(r + 1) * k], a, b, ranks[*i], before, dtype)
-                }
+        let (x2, x2_host) = upload(uniform(&mut rng, m * 2 * k, 2.0), &[m, 2 * k], dtype, &dev)?;
+        let (g, g_host) = upload(uniform(&mut rng, k, 1.0), &[k], dtype, &dev)?;
+        // Three projections in turn, as a step runs them, one per input transform: each zeroes
+        // the next one's t (the second's here starts full of ones).
+        let t = [
+            Tensor::zeros(m * max_rank, DType::F32, &dev)?,
+            Tensor::ones(m * max_rank, DType::F32, &dev)?,
+        ];
+        let inputs = [
+            GemvInput::Plain,
+            GemvInput::RmsNorm {
+                weight: address(&g)?,
+                eps: 1e-5,
+            },
+            GemvInput::SwiGlu,
+        ];
+        for (pass, input) in inputs.into_iter().enumerate() {
+            let (x, x_host) = match input {
+                GemvInput::SwiGlu => (&x2, &x2_host),
+                _ => (&x, &x_host),
             };
-            check(
-                &format!("batched lora {dtype:?} row {r} adapter {adapter:?}"),
-                &got[r * n..(r + 1) * n],
-                &want,
-                1e-2,
-            );
+            let (y, y_host) = upload(uniform(&mut rng, m * n, 1.0), &[m, n], dtype, &dev)?;
+            kernels.lora(&BatchedLora {
+                x: address(x)?,
+                input,
+                y: address(&y)?,
+                m,
+                n,
+                k,
+                adapter_rows: address(&adapter_rows)?,
+                entries: address(&entries)?,
+                t: address(&t[pass % 2])?,
+                t_next: address(&t[(pass + 1) % 2])?,
+                max_rank,
+            })?;
+            let got = host(&y)?;
+            let staged = transform_reference(x_host, input, Some(&g_host), k, dtype);
+            for (r, adapter) in rows.iter().enumerate() {
+                let before = &y_host[r * n..(r + 1) * n];
+                let want = match adapter {
+                    None => before.to_vec(),
+                    Some(i) => {
+                        let (_, a, _, b) = &adapters[*i];
+                        lora_reference(&staged[r], a, b, ranks[*i], before, dtype)
+                    }
+                };
+                check(
+                    &format!("batched lora {dtype:?} n {n} {input:?} row {r} adapter {adapter:?}"),
+                    &got[r * n..(r + 1) * n],
+                    &want,
+                    1e-2,
+                );
+            }
         }
     }
     Ok(())

@@ -234,8 +234,15 @@ mod imp {
             w: u64,
             output: GemvOutput,
         },
-        /// The batched LoRA products of a projection.
-        Lora(BatchedLora),
+        /// The batched LoRA's first product of a projection (beside its base projection).
+        LoraShrink(BatchedLora),
+        /// The batched LoRA's second product, added to the base projection's output.
+        LoraExpand(BatchedLora),
+        /// Zeroes the first projection's LoRA scratch (each zeroes the next one's).
+        Zero {
+            at: u64,
+            bytes: usize,
+        },
         /// Logits from the compute dtype to f32.
         Widen {
             x: u64,
@@ -275,7 +282,9 @@ mod imp {
                 Launch::Gemv(name, _) => name,
                 Launch::Transform { .. } => "norm / swiglu",
                 Launch::Gemm { name, .. } => name,
-                Launch::Lora(_) => "lora",
+                Launch::LoraShrink(_) => "lora shrink",
+                Launch::LoraExpand(_) => "lora expand",
+                Launch::Zero { .. } => "zero lora scratch",
                 Launch::Widen { .. } => "logits to f32",
                 Launch::RopeKv(_) => "rope + kv write",
                 Launch::Attention(_) => "attention",
@@ -285,7 +294,9 @@ mod imp {
             }
         }
 
-        fn run(&self, k: &DecodeKernels) -> candle_core::Result<()> {
+        /// Runs the launch; `beside`: LoRA shrinks on the side stream (not when profiling,
+        /// whose events time the device's stream).
+        fn run(&self, k: &DecodeKernels, beside: bool) -> candle_core::Result<()> {
             match self {
                 Launch::Embed {
                     table,
@@ -311,7 +322,9 @@ mod imp {
                     output,
                     ..
                 } => k.gemm(*a, *m, *n, *cols, *w, *output),
-                Launch::Lora(l) => k.lora(l),
+                Launch::LoraShrink(l) => k.lora_shrink(l, beside),
+                Launch::LoraExpand(l) => k.lora_expand(l, beside),
+                Launch::Zero { at, bytes } => k.zero(*at, *bytes),
                 Launch::Widen { x, out, n } => k.widen(*x, *out, *n),
                 Launch::RopeKv(a) => k.rope_write_kv(a),
                 Launch::Attention(a) => k.attention(a),
@@ -400,7 +413,8 @@ mod imp {
         state: CudaSlice<u32>,
         logits: CudaSlice<f32>,
         next: CudaSlice<u32>,
-        /// The batched LoRA's x·Aᵀ, f32 `[max_rows, MAX_RANK]`.
+        /// The batched LoRA's x·Aᵀ, f32 `[2, max_rows, MAX_RANK]`: projections take the halves
+        /// in turn (each zeroes the other for the next).
         lora_t: u64,
         /// Adapter entries (`lora_entry`) `[layers, MODULES, MAX_ADAPTERS]`.
         lora_table: CudaSlice<u64>,
@@ -445,9 +459,6 @@ mod imp {
         adapters: Vec<usize>,
         /// The adapters' weights the table points at.
         lora_kept: Vec<Tensor>,
-        /// The largest rank among the held adapters (the graphs of adapter steps launch as many
-        /// ranks' blocks).
-        lora_ranks: usize,
         /// Row order of the last step on the device (rows of one adapter together): device row
         /// i is the caller's row `order[i]`.
         order: Vec<usize>,
@@ -603,7 +614,7 @@ mod imp {
                 state: device.alloc_zeros::<u32>(max_rows * (TABLES_AT + max_blocks))?,
                 logits: device.alloc_zeros::<f32>(max_rows * c.vocab_size)?,
                 next: device.alloc_zeros::<u32>(max_rows)?,
-                lora_t: zeros(max_rows * DecodeStep::MAX_RANK, DType::F32)?,
+                lora_t: zeros(2 * max_rows * DecodeStep::MAX_RANK, DType::F32)?,
                 lora_table: device.alloc_zeros::<u64>(
                     model.layers.len() * MODULES.len() * DecodeStep::MAX_ADAPTERS * 3,
                 )?,
@@ -634,7 +645,6 @@ mod imp {
                 adjust_capacity: 0,
                 adapters: Vec::new(),
                 lora_kept: Vec::new(),
-                lora_ranks: 0,
                 order: Vec::new(),
                 rotary_dim: rotary.rotary_dim(),
                 dtype,
@@ -656,13 +666,12 @@ mod imp {
             let per_layer = MODULES.len() * DecodeStep::MAX_ADAPTERS * 3;
             let mut table = vec![0u64; self.layers.len() * per_layer];
             let (mut adapters, mut kept) = (Vec::new(), Vec::new());
-            let mut ranks = 0;
             'slots: for slot in bank.loaded() {
                 if adapters.len() == DecodeStep::MAX_ADAPTERS {
                     break;
                 }
                 let index = adapters.len();
-                let (mut entries, mut slot_rank) = (Vec::new(), 0);
+                let mut entries = Vec::new();
                 for layer in 0..self.layers.len() {
                     for (module_index, module) in MODULES.iter().enumerate() {
                         let at = ((layer * MODULES.len() + module_index)
@@ -682,7 +691,6 @@ mod imp {
                             // Not for these kernels: its rows take the general path.
                             continue 'slots;
                         }
-                        slot_rank = slot_rank.max(rank);
                         let a_address = philo_kernels::decode::address(a)?;
                         let b_address = philo_kernels::decode::address(b)?;
                         entries.push((at, lora_entry(a_address, b_address, rank)));
@@ -692,7 +700,6 @@ mod imp {
                 for (at, entry) in entries {
                     table[at..at + 3].copy_from_slice(&entry);
                 }
-                ranks = ranks.max(slot_rank);
                 adapters.push(slot);
             }
             let stream = self.device.cuda_stream();
@@ -702,11 +709,6 @@ mod imp {
             self.adapters = adapters;
             // The old weights are freed in stream order, after any step still reading them.
             self.lora_kept = kept;
-            if ranks != self.lora_ranks {
-                self.lora_ranks = ranks;
-                self.graphs.retain(|key, _| !key.1);
-                self.seen.retain(|key| !key.1);
-            }
             Ok(())
         }
 
@@ -727,6 +729,10 @@ mod imp {
                 (word(0), word(1), word(2), word(3), word(4), word(TABLES_AT));
             let lora_table = slice_addr(&b.lora_table, &self.device);
             let gemv_path = m <= self.gemv_rows;
+            // The LoRA scratch halves: projection i reads half i % 2 and zeroes the other.
+            let scratch_bytes = 4 * self.max_rows * DecodeStep::MAX_RANK;
+            let scratch = |i: usize| b.lora_t + ((i % 2) * scratch_bytes) as u64;
+            let lora_projections = std::cell::Cell::new(0);
             // One projection of `m` rows: the fused GEMV, or the input transform then cuBLAS;
             // then, with `entries` (an adapter table), the batched LoRA on the same input.
             let project = |launches: &mut Vec<Launch>,
@@ -737,7 +743,8 @@ mod imp {
                            p: &Projection,
                            output: GemvOutput,
                            entries: Option<u64>| {
-                let staged = |launches: &mut Vec<Launch>| {
+                // `x` through the projection's input transform, on its own (into `staged`).
+                let stage = |launches: &mut Vec<Launch>, x: u64, input: GemvInput| {
                     if input == GemvInput::Plain {
                         return x;
                     }
@@ -750,12 +757,50 @@ mod imp {
                     });
                     b.staged
                 };
-                let a = if gemv_path {
+                // The LoRA's first product runs beside the base projection. On the GEMV path it
+                // transforms its input itself, as the GEMV does; before cuBLAS the input is
+                // staged once, for both.
+                let lora = entries.map(|entries| {
+                    let y = match output {
+                        GemvOutput::Store(y) | GemvOutput::AddTo(y) => y,
+                        GemvOutput::F32(_) | GemvOutput::SwiGlu(_) => {
+                            unreachable!(
+                                "no adapter on the LM head or a GEMV with the SwiGLU output"
+                            )
+                        }
+                    };
+                    let i = lora_projections.get();
+                    lora_projections.set(i + 1);
+                    let (x, input) = match gemv_path {
+                        true => (x, input),
+                        false => (stage(launches, x, input), GemvInput::Plain),
+                    };
+                    let l = BatchedLora {
+                        x,
+                        input,
+                        y,
+                        m,
+                        n,
+                        k,
+                        adapter_rows,
+                        entries,
+                        t: scratch(i),
+                        t_next: scratch(i + 1),
+                        max_rank: DecodeStep::MAX_RANK,
+                    };
+                    launches.push(Launch::LoraShrink(l));
+                    l
+                });
+                let (x, input) = match &lora {
+                    Some(l) => (l.x, l.input),
+                    None => (x, input),
+                };
+                if gemv_path {
                     // Several rows' SwiGLU runs once, on its own: staged by the GEMV, every
                     // block would compute all of it.
                     let apart = m >= SWIGLU_APART_ROWS && input == GemvInput::SwiGlu;
                     let (gemv_x, gemv_input) = if apart {
-                        (staged(launches), GemvInput::Plain)
+                        (stage(launches, x, input), GemvInput::Plain)
                     } else {
                         (x, input)
                     };
@@ -771,13 +816,8 @@ mod imp {
                             output,
                         },
                     ));
-                    match entries {
-                        Some(_) if apart => gemv_x,
-                        Some(_) => staged(launches),
-                        None => return,
-                    }
                 } else {
-                    let a = staged(launches);
+                    let a = stage(launches, x, input);
                     launches.push(Launch::Gemm {
                         name,
                         a,
@@ -788,27 +828,10 @@ mod imp {
                             .expect("takes() admits many rows only on dense weights"),
                         output,
                     });
-                    a
-                };
-                let Some(entries) = entries else { return };
-                let y = match output {
-                    GemvOutput::Store(y) | GemvOutput::AddTo(y) => y,
-                    GemvOutput::F32(_) | GemvOutput::SwiGlu(_) => {
-                        unreachable!("no adapter on the LM head or a GEMV with the SwiGLU output")
-                    }
-                };
-                launches.push(Launch::Lora(BatchedLora {
-                    x: a,
-                    y,
-                    m,
-                    n,
-                    k,
-                    adapter_rows,
-                    entries,
-                    t: b.lora_t,
-                    max_rank: DecodeStep::MAX_RANK,
-                    ranks: self.lora_ranks,
-                }));
+                }
+                if let Some(l) = lora {
+                    launches.push(Launch::LoraExpand(l));
+                }
             };
             // The adapter table of (layer, module), when the step runs adapters.
             let entries = |layer: usize, module: usize| {
@@ -821,13 +844,20 @@ mod imp {
                 weight,
                 eps: self.eps,
             };
-            let mut launches = vec![Launch::Embed {
+            let mut launches = Vec::new();
+            if lora {
+                launches.push(Launch::Zero {
+                    at: scratch(0),
+                    bytes: 4 * m * DecodeStep::MAX_RANK,
+                });
+            }
+            launches.push(Launch::Embed {
                 table: self.embed,
                 tokens,
                 x: b.x,
                 m,
                 hidden,
-            }];
+            });
             let sms = self.kernels.multiprocessors();
             let splits = splits(m, self.max_len, h, sms, self.tc_blocks);
             let kernel = match self.tc_blocks {
@@ -1146,10 +1176,10 @@ mod imp {
             for launch in launches {
                 if profile {
                     philo_kernels::profile::time(&device, launch.name(), || {
-                        launch.run(&self.kernels)
+                        launch.run(&self.kernels, false)
                     })?;
                 } else {
-                    launch.run(&self.kernels)?;
+                    launch.run(&self.kernels, true)?;
                 }
             }
             Ok(())

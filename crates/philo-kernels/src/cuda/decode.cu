@@ -655,70 +655,270 @@ struct LoraEntry {
 // Rows without an adapter in the per-row adapter indices.
 constexpr uint32_t NO_ADAPTER = 0xFFFFFFFFu;
 
-// Batched LoRA, first product (as Punica's BGMV shrink): t[r, k] = x[r] · A[k] rounded to T, for
-// each row r whose adapter index is not NO_ADAPTER (entries[adapter[r]]). One block per (row,
-// 8 ranks from blockIdx.y · 8), a warp per rank; t is f32 [m, max_rank].
-template <typename T>
-__device__ void lora_shrink(const T* x, int in, const uint32_t* adapter, const LoraEntry* entries, float* t,
-                            int max_rank) {
-    pdl_allow_next();
-    pdl_wait_previous();
-    const int r = blockIdx.x;
-    const uint32_t a = adapter[r];
-    if (a == NO_ADAPTER) return;
-    const LoraEntry e = entries[a];
-    const T* xr = x + (size_t)r * in;
+// Batched LoRA (as Punica's BGMV shrink and expand) on tensor cores. Rows go in tiles of 16 (the
+// rows of mma.m16n8k16's A); a tile's rows may name different adapters (the decode step sorts
+// its rows by adapter, so mostly one or two): each pass takes one adapter and masks the tile's
+// other rows out. Within each 32-wide slice of the reduced dimension lane (g, t) holds elements
+// 8t .. 8t + 7 of both operands, one 16-byte load each: a permutation of the reduction order,
+// the same on both sides. Adapter weights (and the per-row adapter indices, written by the host
+// before the step) load before the wait for the previous kernel; activations after it.
+constexpr int LORA_ROWS = 16;
+// Shrink: each warp reduces 64 inputs (two slices), a block 256, for up to 64 ranks a pass.
+constexpr int LORA_SHRINK_WARP_K = 64, LORA_SHRINK_BLOCK_K = 4 * LORA_SHRINK_WARP_K, LORA_SHRINK_RANKS = 64;
+// Expand: each warp writes NT n8 tiles of columns, a block four warps' (NT 2 where that gives
+// too few blocks to fill the GPU, else 8: a tile of t is read by fewer warps).
+
+// Lane i < 16 gets the adapter of the tile's row i (`mine`); returns the rows with one, as bits.
+__device__ __forceinline__ uint32_t lora_tile_rows(const uint32_t* adapter, int row0, int m, uint32_t& mine) {
     const int lane = threadIdx.x % 32;
-    const int k = blockIdx.y * (blockDim.x / 32) + threadIdx.x / 32;
-    if (k < (int)e.rank) {
-        const T* ak = reinterpret_cast<const T*>(e.a) + (size_t)k * in;
-        float s = 0.f;
-#pragma unroll 4
-        for (int i = lane * 8; i < in; i += 256) {
-            float xf[8], af[8];
-            load8(xr + i, xf);
-            load8(ak + i, af);
-#pragma unroll
-            for (int j = 0; j < 8; ++j) s += xf[j] * af[j];
-        }
-        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
-        if (lane == 0) t[(size_t)r * max_rank + k] = round_to<T>(s);
-    }
+    mine = (lane < LORA_ROWS && row0 + lane < m) ? adapter[row0 + lane] : NO_ADAPTER;
+    return __ballot_sync(0xffffffffu, mine != NO_ADAPTER) & 0xFFFFu;
 }
 
-// Batched LoRA, second product (BGMV expand): y[r, j] = y[r, j] + T(t[r] · (scale·B)[j]) for the
-// rows with an adapter, y [m, out] in place (the projection's output or the residual stream).
-// Blocks of 128 columns × 4 rows; rows of one adapter next to each other reuse B from L1.
+// The adapter of the first pending row (into `a`) and the pending rows that name it.
+__device__ __forceinline__ uint32_t lora_next_adapter(uint32_t pending, uint32_t mine, uint32_t& a) {
+    a = __shfl_sync(0xffffffffu, mine, __ffs(pending) - 1);
+    return __ballot_sync(0xffffffffu, mine == a) & pending;
+}
+
+// Eight consecutive elements at p as one 16-byte word: a vector load where all `valid` (≥ 8)
+// and p is 16-byte aligned, else element by element, zero from element `valid` on.
 template <typename T>
-__device__ void lora_expand(const float* t, int max_rank, const uint32_t* adapter, const LoraEntry* entries,
-                            T* y, int out, int m) {
+__device__ __forceinline__ uint4 load8_or_zero(const T* p, int valid, bool aligned) {
+    if (valid >= 8 && aligned) return *reinterpret_cast<const uint4*>(p);
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    unsigned short* dst = reinterpret_cast<unsigned short*>(&v);
+    const unsigned short* src = reinterpret_cast<const unsigned short*>(p);
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+        if (i < valid) dst[i] = src[i];
+    return v;
+}
+
+// First product: t[r, j] += in(x[r]) · A[j] (f32, over this block's 256 inputs) for each row r
+// with an adapter (entries[adapter[r]]) and j < its rank, where in is the projection's input
+// transform (mode, g, eps as the GEMV's: x [m, k], or [m, 2k] for SwiGLU), applied here so that
+// the GEMV beside it stages its own input and no transform kernel runs before either; t [m, max_rank] must be zero before the
+// first block adds (the expand rounds the sums to T). Grid (row tiles, input slices of 256).
+// Also zeroes t_next [m, max_rank]: the next projection's t, which the step's previous expand
+// read (finished: every kernel before this one has, once it has waited).
+template <typename T>
+__device__ void lora_shrink(const T* x, const T* gw, float eps, int mode, int m, int k, const uint32_t* adapter,
+                            const LoraEntry* entries, float* t, float* t_next, int max_rank) {
+    __shared__ float red[4][LORA_ROWS][LORA_SHRINK_RANKS + 8];
+    __shared__ float inv[LORA_ROWS];
+    const size_t stride = mode == IN_SWIGLU ? 2 * (size_t)k : k;
     pdl_allow_next();
-    pdl_wait_previous();
-    const int j = blockIdx.x * blockDim.x + threadIdx.x;
-    if (j >= out) return;
-    const int r0 = blockIdx.y * 4, r1 = min(r0 + 4, m);
-    for (int r = r0; r < r1; ++r) {
-        const uint32_t a = adapter[r];
-        if (a == NO_ADAPTER) continue;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+    const int row0 = blockIdx.x * LORA_ROWS;
+    const int k0 = blockIdx.y * LORA_SHRINK_BLOCK_K + warp * LORA_SHRINK_WARP_K;
+    uint32_t mine;
+    uint32_t pending = lora_tile_rows(adapter, row0, m, mine);
+    bool waited = false;
+    while (pending) {
+        uint32_t a;
+        const uint32_t rows = lora_next_adapter(pending, mine, a);
+        pending &= ~rows;
         const LoraEntry e = entries[a];
         const int rank = (int)e.rank;
-        if (rank == 0) continue;
-        const T* b = reinterpret_cast<const T*>(e.b) + (size_t)j * rank;
-        const float* tr = t + (size_t)r * max_rank;
-        float s = 0.f;
-        if (rank % 8 == 0) {
-            for (int k = 0; k < rank; k += 8) {
-                float bf[8];
-                load8(b + k, bf);
+        const T* A = reinterpret_cast<const T*>(e.a);
+        for (int r0 = 0; r0 < rank; r0 += LORA_SHRINK_RANKS) {
+            uint4 w[2][8];
 #pragma unroll
-                for (int q = 0; q < 8; ++q) s += tr[k + q] * bf[q];
+            for (int s = 0; s < 2; ++s) {
+                const int kk = k0 + 32 * s + 8 * q;
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    const int r = r0 + 8 * j + g;
+                    w[s][j] = r < rank ? load8_or_zero(A + (size_t)r * k + kk, k - kk, true)
+                                       : make_uint4(0u, 0u, 0u, 0u);
+                }
             }
-        } else {
-            for (int k = 0; k < rank; ++k) s += tr[k] * to_f32(b[k]);
+            if (!waited) {
+                pdl_wait_previous();
+                waited = true;
+                if (mode == IN_RMSNORM) {
+                    // 1/rms of the tile's rows, a warp per row.
+                    for (int row = warp; row < LORA_ROWS; row += 4) {
+                        float ss = 0.f;
+                        if (row0 + row < m)
+                            for (int v = lane; v < k / 8; v += 32) {
+                                float f[8];
+                                load8(x + (size_t)(row0 + row) * stride + 8 * v, f);
+#pragma unroll
+                                for (int j = 0; j < 8; ++j) ss += f[j] * f[j];
+                            }
+                        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+                        if (lane == 0) inv[row] = rsqrtf(ss / k + eps);
+                    }
+                    __syncthreads();
+                }
+            }
+            float acc[8][4] = {};
+#pragma unroll
+            for (int s = 0; s < 2; ++s) {
+                const int kk = k0 + 32 * s + 8 * q;
+                uint4 xv[2];
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int row = g + 8 * h;
+                    xv[h] = make_uint4(0u, 0u, 0u, 0u);
+                    if (!((rows >> row) & 1u) || kk >= k) continue;
+                    // k % 8 == 0: the 8 inputs are all in the row.
+                    const T* xr = x + (size_t)(row0 + row) * stride + kk;
+                    const uint4 a = *reinterpret_cast<const uint4*>(xr);
+                    const uint4 b = mode == IN_SWIGLU    ? *reinterpret_cast<const uint4*>(xr + k)
+                                    : mode == IN_RMSNORM ? *reinterpret_cast<const uint4*>(gw + kk)
+                                                         : a;
+                    stage_vector<T, false>(a, b, mode == IN_RMSNORM ? inv[row] : 1.f, mode, reinterpret_cast<T*>(&xv[h]));
+                }
+                const uint32_t lo[4] = {xv[0].x, xv[1].x, xv[0].y, xv[1].y};
+                const uint32_t hi[4] = {xv[0].z, xv[1].z, xv[0].w, xv[1].w};
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    Mma<T>::run(acc[j], lo, w[s][j].x, w[s][j].y);
+                    Mma<T>::run(acc[j], hi, w[s][j].z, w[s][j].w);
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                *reinterpret_cast<float2*>(&red[warp][g][8 * j + 2 * q]) = make_float2(acc[j][0], acc[j][1]);
+                *reinterpret_cast<float2*>(&red[warp][g + 8][8 * j + 2 * q]) = make_float2(acc[j][2], acc[j][3]);
+            }
+            __syncthreads();
+            for (int i = threadIdx.x; i < LORA_ROWS * LORA_SHRINK_RANKS; i += blockDim.x) {
+                const int row = i / LORA_SHRINK_RANKS, r = r0 + i % LORA_SHRINK_RANKS;
+                if (!((rows >> row) & 1u) || r >= rank) continue;
+                const int c = i % LORA_SHRINK_RANKS;
+                atomicAdd(&t[(size_t)(row0 + row) * max_rank + r], red[0][row][c] + red[1][row][c] + red[2][row][c] + red[3][row][c]);
+            }
+            __syncthreads();
         }
-        const size_t at = (size_t)r * out + j;
-        y[at] = from_f32<T>(to_f32(y[at]) + round_to<T>(s));
     }
+    if (!waited) pdl_wait_previous();
+    const int blocks = gridDim.x * gridDim.y, block = blockIdx.y * gridDim.x + blockIdx.x;
+    for (int i = block * blockDim.x + threadIdx.x; i < m * max_rank; i += blocks * blockDim.x) t_next[i] = 0.f;
+}
+
+// Second product: y[r, c] = y[r, c] + T(T(t[r]) · (scale·B)[c]) for the rows with an adapter, y
+// [m, n] in place (the projection's output or the residual stream). Grid (column blocks of
+// 32·NT, row tiles); t's ranks past an adapter's own are zero (max_rank a multiple of 32, and ranks
+// past it read as zero).
+template <typename T, int NT>
+__device__ void lora_expand(const float* t, int max_rank, const uint32_t* adapter, const LoraEntry* entries,
+                            T* y, int n, int m) {
+    pdl_allow_next();
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+    const int row0 = blockIdx.y * LORA_ROWS;
+    const int col0 = (blockIdx.x * 4 + warp) * 8 * NT;
+    uint32_t mine;
+    uint32_t pending = lora_tile_rows(adapter, row0, m, mine);
+    bool waited = false;
+    while (pending) {
+        uint32_t a;
+        const uint32_t rows = lora_next_adapter(pending, mine, a);
+        pending &= ~rows;
+        const LoraEntry e = entries[a];
+        const int rank = (int)e.rank;
+        const T* B = reinterpret_cast<const T*>(e.b);
+        const bool aligned = rank % 8 == 0;
+        float acc[NT][4] = {};
+        // The output's pairs of columns this lane adds to (read with t, not after the products).
+        const bool pairs = n % 2 == 0;
+        uint32_t yv[NT][2] = {};
+        auto load_y = [&]() {
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int row = g + 8 * h, c = col0 + 8 * j + 2 * q;
+                    if (pairs && ((rows >> row) & 1u) && c < n)
+                        yv[j][h] = *reinterpret_cast<const uint32_t*>(y + (size_t)(row0 + row) * n + c);
+                }
+        };
+        // 64 ranks a round (two slices of 32), every load of the round issued before the first
+        // is used.
+        for (int r0 = 0; r0 < rank; r0 += 64) {
+            uint4 w[2][NT];
+#pragma unroll
+            for (int s = 0; s < 2; ++s) {
+                const int kk = r0 + 32 * s + 8 * q;
+#pragma unroll
+                for (int j = 0; j < NT; ++j) {
+                    const int c = col0 + 8 * j + g;
+                    w[s][j] = c < n ? load8_or_zero(B + (size_t)c * rank + kk, rank - kk, aligned)
+                                    : make_uint4(0u, 0u, 0u, 0u);
+                }
+            }
+            if (!waited) {
+                pdl_wait_previous();
+                waited = true;
+            }
+            if (r0 == 0) load_y();
+            // Rows g and g + 8 of t at ranks kk .. kk + 7 of each slice (past max_rank: zero).
+            float4 tv[2][2][2] = {};
+#pragma unroll
+            for (int s = 0; s < 2; ++s) {
+                const int kk = r0 + 32 * s + 8 * q;
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int row = g + 8 * h;
+                    if (((rows >> row) & 1u) && kk < max_rank) {
+                        const float4* src = reinterpret_cast<const float4*>(t + (size_t)(row0 + row) * max_rank + kk);
+                        tv[s][h][0] = src[0];
+                        tv[s][h][1] = src[1];
+                    }
+                }
+            }
+#pragma unroll
+            for (int s = 0; s < 2; ++s) {
+                // Rounded to T, as the reference rounds x·Aᵀ.
+                uint32_t p[2][4];
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const float4 lo = tv[s][h][0], hi = tv[s][h][1];
+                    p[h][0] = Mma<T>::pack(round_to<T>(lo.x), round_to<T>(lo.y));
+                    p[h][1] = Mma<T>::pack(round_to<T>(lo.z), round_to<T>(lo.w));
+                    p[h][2] = Mma<T>::pack(round_to<T>(hi.x), round_to<T>(hi.y));
+                    p[h][3] = Mma<T>::pack(round_to<T>(hi.z), round_to<T>(hi.w));
+                }
+                const uint32_t lo[4] = {p[0][0], p[1][0], p[0][1], p[1][1]};
+                const uint32_t hi[4] = {p[0][2], p[1][2], p[0][3], p[1][3]};
+#pragma unroll
+                for (int j = 0; j < NT; ++j) {
+                    Mma<T>::run(acc[j], lo, w[s][j].x, w[s][j].y);
+                    Mma<T>::run(acc[j], hi, w[s][j].z, w[s][j].w);
+                }
+            }
+        }
+        if (!waited) {
+            pdl_wait_previous();
+            waited = true;
+        }
+        if (rank == 0) continue;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int row = g + 8 * h, c = col0 + 8 * j + 2 * q;
+                if (!((rows >> row) & 1u) || c >= n) continue;
+                const size_t at = (size_t)(row0 + row) * n + c;
+                if (pairs) {
+                    // Both columns in one 4-byte word (n even: c + 1 < n).
+                    uint32_t pair = yv[j][h];
+                    const T* v = reinterpret_cast<const T*>(&pair);
+                    pair = Mma<T>::pack(round_to<T>(to_f32(v[0]) + round_to<T>(acc[j][2 * h])),
+                                        round_to<T>(to_f32(v[1]) + round_to<T>(acc[j][2 * h + 1])));
+                    *reinterpret_cast<uint32_t*>(y + at) = pair;
+                } else {
+#pragma unroll
+                    for (int i = 0; i < 2; ++i)
+                        if (c + i < n) y[at + i] = from_f32<T>(to_f32(y[at + i]) + round_to<T>(acc[j][2 * h + i]));
+                }
+            }
+        }
+    }
+    if (!waited) pdl_wait_previous();
 }
 
 // out[i] = x[i] as f32 for n elements: logits that cuBLAS wrote in T (cuBLAS's f32-output
@@ -818,13 +1018,20 @@ extern "C" __global__ void argmax_rows(const float* logits, int vocab, uint32_t*
         rope_write_kv<T>(qkv, cos_short, sin_short, cos_long, sin_long, long_rows, lens, tables,         \
                          max_blocks, q_out, kc, vc, m, h, kvh, d, rd, bs);                                \
     }                                                                                                     \
-    extern "C" __global__ void lora_shrink_##name(const T* x, int in, const uint32_t* adapter,        \
-                                                  const LoraEntry* entries, float* t, int max_rank) {   \
-        lora_shrink<T>(x, in, adapter, entries, t, max_rank);                                             \
+    extern "C" __global__ void __launch_bounds__(128) lora_shrink_##name(                               \
+        const T* x, const T* g, float eps, int mode, int m, int k, const uint32_t* adapter,               \
+        const LoraEntry* entries, float* t, float* t_next, int max_rank) {                                \
+        lora_shrink<T>(x, g, eps, mode, m, k, adapter, entries, t, t_next, max_rank);                     \
     }                                                                                                     \
-    extern "C" __global__ void lora_expand_##name(const float* t, int max_rank, const uint32_t* adapter, \
-                                                  const LoraEntry* entries, T* y, int out, int m) {     \
-        lora_expand<T>(t, max_rank, adapter, entries, y, out, m);                                         \
+    extern "C" __global__ void __launch_bounds__(128) lora_expand_##name(                               \
+        const float* t, int max_rank, const uint32_t* adapter, const LoraEntry* entries, T* y, int n,     \
+        int m) {                                                                                          \
+        lora_expand<T, 2>(t, max_rank, adapter, entries, y, n, m);                                        \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(128) lora_expand_wide_##name(                          \
+        const float* t, int max_rank, const uint32_t* adapter, const LoraEntry* entries, T* y, int n,     \
+        int m) {                                                                                          \
+        lora_expand<T, 8>(t, max_rank, adapter, entries, y, n, m);                                        \
     }                                                                                                     \
     extern "C" __global__ void widen_rows_##name(const T* x, float* out, int n) {                     \
         widen_rows<T>(x, out, n);                                                                         \
