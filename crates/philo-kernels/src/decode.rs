@@ -433,6 +433,8 @@ mod device {
         /// memory and how many of its blocks a multiprocessor holds; None where a block's
         /// shared memory is more than the GPU gives one (the tiled kernel runs instead).
         attention_tc: [Option<(CudaFunction, u32, usize)>; 3],
+        /// The same with the shallow ring ([`AttentionKernel::TensorCoreShallow`]).
+        attention_tc_shallow: [Option<(CudaFunction, u32, usize)>; 3],
         argmax: CudaFunction,
         sample: CudaFunction,
         adjust: CudaFunction,
@@ -495,27 +497,36 @@ mod device {
             let sms = multiprocessors(dev)?;
             // The tensor-core kernel's rings of stages (TcShape in paged_attention.cu): 4 warps,
             // each `ring` stages of 16 keys and 16 values, rows padded by 16 bytes: 104 KiB for
-            // head dim 96, which an H100/H200 gives a block (227 KiB) and an RTX 4090 (99 KiB)
-            // does not.
-            let tc_attention = |d: usize| -> Result<Option<(CudaFunction, u32, usize)>> {
-                let ring = if d <= 96 { 4 } else { 3 };
-                let row = d + 16 / dtype.size_in_bytes();
-                let bytes = 4 * ring * 2 * 16 * row * dtype.size_in_bytes();
-                // The kernel's static shared memory (the split's flag) is a few bytes.
-                if bytes + 64 > smem_limit {
-                    return Ok(None);
-                }
-                let f = function(
-                    dev,
-                    &PAGED_ATTENTION,
-                    &format!("{}_tc", decode_kernel_name(dtype, d)?),
-                )?;
-                let smem = dynamic_smem(&f, bytes)?;
-                let blocks = f
-                    .occupancy_max_active_blocks_per_multiprocessor(128, bytes, None)
-                    .w()? as usize;
-                Ok(Some((f, smem, blocks.max(1))))
-            };
+            // head dim 96 with the deep ring, which an H100/H200 gives a block (227 KiB) and an
+            // RTX 4090 (99 KiB) does not; 52 KiB with the shallow one.
+            let tc_attention =
+                |d: usize, shallow: bool| -> Result<Option<(CudaFunction, u32, usize)>> {
+                    let ring = match (shallow, d <= 96) {
+                        (true, _) => 2,
+                        (false, true) => 4,
+                        (false, false) => 3,
+                    };
+                    let row = d + 16 / dtype.size_in_bytes();
+                    let bytes = 4 * ring * 2 * 16 * row * dtype.size_in_bytes();
+                    // The kernel's static shared memory (the split's flag) is a few bytes.
+                    if bytes + 64 > smem_limit {
+                        return Ok(None);
+                    }
+                    let f = function(
+                        dev,
+                        &PAGED_ATTENTION,
+                        &format!(
+                            "{}_tc{}",
+                            decode_kernel_name(dtype, d)?,
+                            if shallow { "_shallow" } else { "" }
+                        ),
+                    )?;
+                    let smem = dynamic_smem(&f, bytes)?;
+                    let blocks = f
+                        .occupancy_max_active_blocks_per_multiprocessor(128, bytes, None)
+                        .w()? as usize;
+                    Ok(Some((f, smem, blocks.max(1))))
+                };
             let major = dev
                 .cuda_stream()
                 .context()
@@ -545,7 +556,16 @@ mod device {
                     function(dev, &PAGED_ATTENTION, &decode_kernel_name(dtype, 128)?)?,
                     function(dev, &PAGED_ATTENTION, &decode_kernel_name(dtype, 0)?)?,
                 ],
-                attention_tc: [tc_attention(64)?, tc_attention(96)?, tc_attention(128)?],
+                attention_tc: [
+                    tc_attention(64, false)?,
+                    tc_attention(96, false)?,
+                    tc_attention(128, false)?,
+                ],
+                attention_tc_shallow: [
+                    tc_attention(64, true)?,
+                    tc_attention(96, true)?,
+                    tc_attention(128, true)?,
+                ],
                 argmax: function(dev, &DECODE, "argmax_rows")?,
                 sample: function(dev, &SAMPLING, "sample_rows")?,
                 adjust: function(dev, &SAMPLING, "adjust_logits")?,
@@ -778,15 +798,58 @@ mod device {
         }
 
         /// Blocks of the tensor-core attention kernel one multiprocessor holds at once (by its
-        /// shared memory), for a head dimension and cache block size it takes; None for others
-        /// and where the GPU gives a block too little shared memory for it.
+        /// shared memory), for a head dimension and cache block size it takes: the deep ring's,
+        /// or the shallow one's where a block gets too little shared memory for the deep (an RTX
+        /// 4090); None for other shapes and where neither fits.
         pub fn tensor_core_attention_blocks(
             &self,
             head_dim: usize,
             block_size: usize,
         ) -> Option<usize> {
-            let (_, _, blocks) = self.attention_tc[compiled_head_dim(head_dim)?].as_ref()?;
+            let index = compiled_head_dim(head_dim)?;
+            let (_, _, blocks) = self.attention_tc[index]
+                .as_ref()
+                .or(self.attention_tc_shallow[index].as_ref())?;
             block_size.is_multiple_of(16).then_some(*blocks)
+        }
+
+        /// The tensor-core attention kernel for a grid of `blocks` (rows × heads × splits): the
+        /// deep ring up to one wave of it, the shallow ring past that (or where the deep does
+        /// not fit the GPU). For a head dimension [`DecodeKernels::tensor_core_attention_blocks`]
+        /// takes.
+        pub fn tensor_core_attention_kernel(
+            &self,
+            head_dim: usize,
+            blocks: usize,
+        ) -> AttentionKernel {
+            let Some(index) = compiled_head_dim(head_dim) else {
+                return AttentionKernel::Tiled;
+            };
+            match (&self.attention_tc[index], &self.attention_tc_shallow[index]) {
+                (Some((_, _, deep)), Some(_)) if blocks > deep * self.sms => {
+                    AttentionKernel::TensorCoreShallow
+                }
+                (Some(_), _) => AttentionKernel::TensorCore,
+                (None, Some(_)) => AttentionKernel::TensorCoreShallow,
+                (None, None) => AttentionKernel::Tiled,
+            }
+        }
+
+        /// Whether [`DecodeKernels::attention`] runs `kernel` for this head dimension and cache
+        /// block size on this GPU.
+        pub fn runs_attention(
+            &self,
+            kernel: AttentionKernel,
+            head_dim: usize,
+            block_size: usize,
+        ) -> bool {
+            let tc = match kernel {
+                AttentionKernel::Tiled => return true,
+                AttentionKernel::TensorCore => &self.attention_tc,
+                AttentionKernel::TensorCoreShallow => &self.attention_tc_shallow,
+            };
+            block_size.is_multiple_of(16)
+                && compiled_head_dim(head_dim).is_some_and(|i| tc[i].is_some())
         }
 
         /// `out` `[m, k]` = `input(x)`, the GEMV's input transform on its own (RMSNorm, SwiGLU
@@ -1003,14 +1066,18 @@ mod device {
             let index = compiled_head_dim(a.head_dim).unwrap_or(3);
             let (f, smem) = match (a.kernel, index) {
                 (_, 3) | (AttentionKernel::Tiled, _) => (&self.attention[index], 0),
-                (AttentionKernel::TensorCore, _) => {
+                (AttentionKernel::TensorCore | AttentionKernel::TensorCoreShallow, _) => {
                     if !a.block_size.is_multiple_of(16) {
                         candle_core::bail!(
                             "tensor-core decode attention: cache blocks of {} positions (needs a multiple of 16)",
                             a.block_size
                         );
                     }
-                    let Some((f, smem, _)) = &self.attention_tc[index] else {
+                    let kernels = match a.kernel {
+                        AttentionKernel::TensorCoreShallow => &self.attention_tc_shallow,
+                        _ => &self.attention_tc,
+                    };
+                    let Some((f, smem, _)) = &kernels[index] else {
                         candle_core::bail!(
                             "tensor-core decode attention: this GPU gives a block too little shared memory for head dim {}",
                             a.head_dim
@@ -1270,6 +1337,9 @@ pub enum AttentionKernel {
     /// Head dimensions 64, 96, 128: each warp streams its own stages of 16 keys, scores and
     /// weighted sums on the tensor cores.
     TensorCore,
+    /// The same with a ring of 2 stages a warp instead of 3-4: half the shared memory, twice the
+    /// blocks a multiprocessor holds (for grids past one wave of [`AttentionKernel::TensorCore`]).
+    TensorCoreShallow,
 }
 
 /// Arguments of [`DecodeKernels::attention`]: `q` `[h, m, d]`, out `[m, h, d]`, the rest as

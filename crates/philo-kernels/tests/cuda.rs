@@ -1283,11 +1283,13 @@ fn cuda_paged_decode_split_matches_unsplit() -> Result<()> {
         let tables_t = Tensor::from_vec(tables.clone(), blocks, &dev)?;
         let lens_t = Tensor::new(lens.as_slice(), &dev)?;
         let want = paged_decode_reference(&qh, &kh, &vh, &tables, &lens, h, kvh, bs, d, window);
-        for kernel in [AttentionKernel::Tiled, AttentionKernel::TensorCore] {
-            if kernel == AttentionKernel::TensorCore
-                && kernels.tensor_core_attention_blocks(d, bs).is_none()
-            {
-                eprintln!("this GPU runs the tiled kernel only (too little shared memory)");
+        for kernel in [
+            AttentionKernel::Tiled,
+            AttentionKernel::TensorCore,
+            AttentionKernel::TensorCoreShallow,
+        ] {
+            if !kernels.runs_attention(kernel, d, bs) {
+                eprintln!("this GPU does not run {kernel:?} (too little shared memory)");
                 continue;
             }
             // Twice: the counters must be back at zero after a launch.

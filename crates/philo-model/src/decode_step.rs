@@ -861,7 +861,7 @@ mod imp {
             let sms = self.kernels.multiprocessors();
             let splits = splits(m, self.max_len, h, sms, self.tc_blocks);
             let kernel = match self.tc_blocks {
-                Some(_) => AttentionKernel::TensorCore,
+                Some(_) => self.kernels.tensor_core_attention_kernel(d, m * h * splits),
                 None => AttentionKernel::Tiled,
             };
             let qkv_shape = ((h + 2 * kvh) * d, hidden);

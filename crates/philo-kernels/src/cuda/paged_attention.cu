@@ -236,20 +236,24 @@ __device__ void paged_decode_tiled(const T* q, const T* kc, const T* vc, const u
 // positions 170 → 251 tokens/s, at 128 positions 386 → 423; 64 rows 12,065 → 13,418.
 constexpr int TC_KEYS = 16;
 
-template <typename T, int D>
+// RING: stages per warp. The deep ring (4, or 3 past head dim 96) gives two blocks per H200
+// multiprocessor; the shallow one (2) four, for grids past one wave of the deep kernel: many
+// rows (a verify step of 9, 16 sequences), where blocks rather than stages in flight keep the
+// memory busy. decode.rs computes the same sizes.
+template <typename T, int D, int RING_>
 struct TcShape {
     static constexpr int LD = D + 16 / sizeof(T);     // padded row, elements
     static constexpr int STAGE = 2 * TC_KEYS * LD;  // keys then values, elements
-    static constexpr int RING = D <= 96 ? 4 : 3;      // stages per warp: two blocks per H200 multiprocessor
-                                                      // (decode.rs computes the same size)
+    static constexpr int RING = RING_;
     static constexpr int SMEM = WARPS * RING * STAGE * sizeof(T);
 };
+template <int D> constexpr int tc_deep_ring() { return D <= 96 ? 4 : 3; }
 
-template <typename T, int D>
+template <typename T, int D, int RING_>
 __device__ void paged_decode_tc(const T* q, const T* kc, const T* vc, const uint32_t* tables,
                                   const uint32_t* lens, T* out, int n, int h, int kvh, int bs, int max_blocks,
                                   int window, int splits, float* partial_out, uint32_t* counters) {
-    using S = TcShape<T, D>;
+    using S = TcShape<T, D, RING_>;
     constexpr int LD = S::LD, RING = S::RING;
     constexpr int CHUNK = 16 / sizeof(T);          // elements per 16-byte copy
     constexpr int CH = D / CHUNK;                   // copies per row
@@ -411,14 +415,17 @@ __device__ void paged_decode_tc(const T* q, const T* kc, const T* vc, const uint
     PAGED_DECODE(paged_decode_##name##_d64, T, 64)                                                         \
     PAGED_DECODE(paged_decode_##name##_d96, T, 96)                                                         \
     PAGED_DECODE(paged_decode_##name##_d128, T, 128)
-#define PAGED_DECODE_TC(fname, T, D)                                                                     \
-    extern "C" __global__ void fname##_tc(const T* q, const T* kc, const T* vc, const uint32_t* tables,     \
-                                            const uint32_t* lens, T* out, int n, int h, int kvh, int d,       \
-                                            int bs, int max_blocks, int window, int splits, float* partial,   \
-                                            uint32_t* counters) {                                              \
-        paged_decode_tc<T, D>(q, kc, vc, tables, lens, out, n, h, kvh, bs, max_blocks, window, splits,       \
-                                partial, counters);                                                           \
+#define PAGED_DECODE_TC_RING(fname, T, D, RING)                                                          \
+    extern "C" __global__ void fname(const T* q, const T* kc, const T* vc, const uint32_t* tables,          \
+                                     const uint32_t* lens, T* out, int n, int h, int kvh, int d, int bs,      \
+                                     int max_blocks, int window, int splits, float* partial,                  \
+                                     uint32_t* counters) {                                                     \
+        paged_decode_tc<T, D, RING>(q, kc, vc, tables, lens, out, n, h, kvh, bs, max_blocks, window, splits, \
+                                    partial, counters);                                                       \
     }
+#define PAGED_DECODE_TC(fname, T, D)                                   \
+    PAGED_DECODE_TC_RING(fname##_tc, T, D, tc_deep_ring<D>())          \
+    PAGED_DECODE_TC_RING(fname##_tc_shallow, T, D, 2)
 #define PAGED_TC(name, T)                                                                                \
     PAGED_DECODE_TC(paged_decode_##name##_d64, T, 64)                                                    \
     PAGED_DECODE_TC(paged_decode_##name##_d96, T, 96)                                                    \
