@@ -825,14 +825,9 @@ mod device {
             let Some(index) = compiled_head_dim(head_dim) else {
                 return AttentionKernel::Tiled;
             };
-            match (&self.attention_tc[index], &self.attention_tc_shallow[index]) {
-                (Some((_, _, deep)), Some(_)) if blocks > deep * self.sms => {
-                    AttentionKernel::TensorCoreShallow
-                }
-                (Some(_), _) => AttentionKernel::TensorCore,
-                (None, Some(_)) => AttentionKernel::TensorCoreShallow,
-                (None, None) => AttentionKernel::Tiled,
-            }
+            let deep = self.attention_tc[index].as_ref().map(|(_, _, b)| *b);
+            let shallow = self.attention_tc_shallow[index].is_some();
+            AttentionKernel::for_grid(deep, shallow, self.sms, blocks)
         }
 
         /// Whether [`DecodeKernels::attention`] runs `kernel` for this head dimension and cache
@@ -1342,6 +1337,21 @@ pub enum AttentionKernel {
     TensorCoreShallow,
 }
 
+impl AttentionKernel {
+    /// The tensor-core kernel for a grid of `blocks` on `sms` multiprocessors: the deep ring
+    /// (`deep`: its blocks per multiprocessor, None where it does not fit the GPU) up to one
+    /// wave of it, the shallow ring (where it fits: `shallow`) past that or without the deep
+    /// one; the tiled kernel where neither fits.
+    pub fn for_grid(deep: Option<usize>, shallow: bool, sms: usize, blocks: usize) -> Self {
+        match (deep, shallow) {
+            (Some(deep), true) if blocks > deep * sms => AttentionKernel::TensorCoreShallow,
+            (Some(_), _) => AttentionKernel::TensorCore,
+            (None, true) => AttentionKernel::TensorCoreShallow,
+            (None, false) => AttentionKernel::Tiled,
+        }
+    }
+}
+
 /// Arguments of [`DecodeKernels::attention`]: `q` `[h, m, d]`, out `[m, h, d]`, the rest as
 /// `paged_attention::paged_decode_attention` takes them, plus the split workspace.
 #[derive(Debug, Clone, Copy)]
@@ -1392,6 +1402,31 @@ mod tests {
         let out = gemv_reference(&x, GemvInput::SwiGlu, None, &w, 2, None, DType::F32);
         let silu2 = 2.0 / (1.0 + (-2.0f32).exp());
         assert!((out[0] - 7.0 * silu2).abs() < 1e-5);
+    }
+
+    #[test]
+    fn the_shallow_ring_takes_grids_past_one_deep_wave() {
+        use AttentionKernel::*;
+        // H200: 132 multiprocessors, two deep blocks each. One sequence's verify step of 8
+        // proposals (9 rows × 32 heads) is past one wave; 8 rows are not.
+        assert_eq!(
+            AttentionKernel::for_grid(Some(2), true, 132, 8 * 32),
+            TensorCore
+        );
+        assert_eq!(
+            AttentionKernel::for_grid(Some(2), true, 132, 9 * 32),
+            TensorCoreShallow
+        );
+        assert_eq!(
+            AttentionKernel::for_grid(Some(2), false, 132, 9 * 32),
+            TensorCore
+        );
+        // RTX 4090: the deep ring does not fit a block's shared memory.
+        assert_eq!(
+            AttentionKernel::for_grid(None, true, 128, 32),
+            TensorCoreShallow
+        );
+        assert_eq!(AttentionKernel::for_grid(None, false, 128, 32), Tiled);
     }
 
     #[cfg(feature = "cuda")]
