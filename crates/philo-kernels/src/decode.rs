@@ -881,6 +881,9 @@ mod device {
                     l.k
                 );
             }
+            if l.m == 0 || l.k == 0 {
+                return Ok(());
+            }
             use Arg::*;
             let (mode, norm, eps) = l.input.kernel_args();
             let args = [
@@ -911,10 +914,17 @@ mod device {
         /// rows with an adapter, after [`DecodeKernels::lora_shrink`] (`joined`: the device's
         /// stream first waits for the side stream's, for a shrink that ran beside).
         pub fn lora_expand(&self, l: &BatchedLora, joined: bool) -> Result<()> {
+            // No rows: the shrink forked nothing to join.
+            if l.m == 0 || l.k == 0 {
+                return Ok(());
+            }
             if joined {
                 self.side
                     .join_into(self.dev.cuda_stream().cu_stream())
                     .w()?;
+            }
+            if l.n == 0 {
+                return Ok(());
             }
             use Arg::*;
             let args = [
