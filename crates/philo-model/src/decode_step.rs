@@ -734,7 +734,8 @@ mod imp {
             let scratch = |i: usize| b.lora_t + ((i % 2) * scratch_bytes) as u64;
             let lora_projections = std::cell::Cell::new(0);
             // One projection of `m` rows: the fused GEMV, or the input transform then cuBLAS;
-            // then, with `entries` (an adapter table), the batched LoRA on the same input.
+            // with `entries` (an adapter table), the batched LoRA of the same input: its first
+            // product launched before the base (it runs beside it), its second after.
             let project = |launches: &mut Vec<Launch>,
                            name: &'static str,
                            x: u64,
