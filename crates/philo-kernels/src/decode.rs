@@ -284,7 +284,7 @@ mod device {
     use super::*;
     use crate::launch::*;
     use crate::paged_attention::decode_kernel_name;
-    use candle_core::cuda_backend::cudarc::driver::{sys, CudaFunction, DriverError};
+    use candle_core::cuda_backend::cudarc::driver::{result, sys, CudaFunction, DriverError};
     use candle_core::CudaDevice;
 
     /// One kernel parameter.
@@ -341,7 +341,6 @@ mod device {
 
     impl SideStream {
         fn new(dev: &CudaDevice) -> Result<Self> {
-            use candle_core::cuda_backend::cudarc::driver::result;
             dev.cuda_stream().context().bind_to_thread().w()?;
             let no_timing = sys::CUevent_flags::CU_EVENT_DISABLE_TIMING;
             Ok(SideStream {
@@ -353,7 +352,6 @@ mod device {
 
         /// The side stream waits for what `main` has queued so far.
         fn fork_from(&self, main: sys::CUstream) -> std::result::Result<(), DriverError> {
-            use candle_core::cuda_backend::cudarc::driver::result;
             // SAFETY: live handles of one context.
             unsafe {
                 result::event::record(self.fork, main)?;
@@ -368,19 +366,14 @@ mod device {
         /// Marks the end of what the side stream has queued so far.
         fn record_done(&self) -> std::result::Result<(), DriverError> {
             // SAFETY: live handles of one context.
-            unsafe {
-                candle_core::cuda_backend::cudarc::driver::result::event::record(
-                    self.done,
-                    self.stream,
-                )
-            }
+            unsafe { result::event::record(self.done, self.stream) }
         }
 
         /// `main` waits for the side stream's work up to [`SideStream::record_done`].
         fn join_into(&self, main: sys::CUstream) -> std::result::Result<(), DriverError> {
             // SAFETY: live handles of one context.
             unsafe {
-                candle_core::cuda_backend::cudarc::driver::result::stream::wait_event(
+                result::stream::wait_event(
                     main,
                     self.done,
                     sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
@@ -391,7 +384,6 @@ mod device {
 
     impl Drop for SideStream {
         fn drop(&mut self) {
-            use candle_core::cuda_backend::cudarc::driver::result;
             // SAFETY: handles created in `new`, destroyed once; the driver defers the stream's
             // destruction until its work is done.
             unsafe {
@@ -956,15 +948,7 @@ mod device {
             let stream = self.dev.cuda_stream();
             stream.context().bind_to_thread().w()?;
             // SAFETY: the caller's live device buffer of at least `bytes` bytes.
-            unsafe {
-                candle_core::cuda_backend::cudarc::driver::result::memset_d8_async(
-                    at,
-                    0,
-                    bytes,
-                    stream.cu_stream(),
-                )
-            }
-            .w()
+            unsafe { result::memset_d8_async(at, 0, bytes, stream.cu_stream()) }.w()
         }
 
         /// `out[i]` = `x[i]` as f32 for `n` elements of the compute dtype.
