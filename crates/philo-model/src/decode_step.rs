@@ -69,14 +69,11 @@ impl DecodeStep {
     /// this one.
     pub const MAX_GEMV_ROWS: usize = philo_kernels::decode::MAX_ROWS;
 
-    /// Most rows of a dense base that take the fused GEMV: from 5 rows cuBLAS is faster (H200,
-    /// one sequence's verify step: 8 rows on the GEMV 1.43× a one-row step, 9 on cuBLAS 1.27×;
-    /// 8 sequences 2,119 tokens/s on the GEMV). Quantised bases take the GEMV up to its limit.
-    pub const DENSE_GEMV_ROWS: usize = 4;
-
-    /// Most rows the fused GEMV takes: on quantised weights 8 where the GPU's shared memory
-    /// holds 8 staged inputs of the MLP's width (as on the H200), on a dense base 4 (cuBLAS is
-    /// faster beyond); past it a dense base multiplies with cuBLAS.
+    /// Most rows the fused GEMV takes: 8 where the GPU's shared memory holds 8 staged inputs
+    /// of the MLP's width (as on the H200); past it a dense base multiplies with cuBLAS. Up to
+    /// there the GEMV is the faster on dense weights too (H200, one sequence's verify step of 8
+    /// rows: 1.20-1.21× a one-row step on it, 1.27× on cuBLAS; 8 sequences 2,641 against 2,526
+    /// tokens/s).
     pub fn gemv_rows(&self) -> usize {
         self.inner.gemv_rows()
     }
@@ -425,8 +422,7 @@ mod imp {
         device: CudaDevice,
         capture: bool,
         max_rows: usize,
-        /// Most rows the fused GEMV takes (see `DecodeKernels::gemv_rows`; on a dense base at
-        /// most `DENSE_GEMV_ROWS`).
+        /// Most rows the fused GEMV takes (see `DecodeKernels::gemv_rows`).
         gemv_rows: usize,
         /// Every projection has dense weights: any row count runs (cuBLAS past `gemv_rows`).
         dense: bool,
@@ -583,10 +579,7 @@ mod imp {
                         .iter()
                         .all(|p| p.dense.is_some())
                 });
-            let mut gemv_rows = kernels.gemv_rows(hidden.max(inter).max(h * d));
-            if dense {
-                gemv_rows = gemv_rows.min(DecodeStep::DENSE_GEMV_ROWS);
-            }
+            let gemv_rows = kernels.gemv_rows(hidden.max(inter).max(h * d));
             let tc_blocks = kernels.tensor_core_attention_blocks(d, block_size);
             let split_floats = (1..=max_rows)
                 .map(|m| m * h * splits(m, max_len, h, sms, tc_blocks) * (d + 2))

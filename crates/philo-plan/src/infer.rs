@@ -16,7 +16,7 @@ use crate::{ALLOCATOR_RESERVE, CUDA_CONTEXT_BYTES, GIB, HEADROOM};
 const PREFILL_HIDDEN_COPIES: f64 = 31.0;
 
 /// Decode time model of the graph-captured decode step, fitted on the H200 (2026-12-04,
-/// docs/plan.md). Up to the GEMV's rows (dense 4, quantised 8) the weights stream at their
+/// docs/plan.md). Up to the GEMV's rows (8) the weights stream at their
 /// GEMV's efficiency (`gemv_fit`: the quantised GEMVs are latency-bound on the H200, so on a
 /// GPU of less bandwidth the prediction errs low) and every row past the first costs its
 /// staging; the LM head is read in the compute dtype. More rows of a dense base run cuBLAS:
@@ -43,7 +43,7 @@ const SEQUENCE_SECONDS: f64 = 29e-6;
 /// and the seconds each further row adds (fitted to `bench decode --batch 1/2/4/8`).
 fn gemv_fit(base: BaseFormat) -> (f64, f64) {
     match base {
-        BaseFormat::Dense => (0.663, 100e-6),
+        BaseFormat::Dense => (0.663, 72e-6),
         BaseFormat::Int8 => (0.383, 48.7e-6),
         BaseFormat::Int4 => (0.235, 53.3e-6),
         BaseFormat::Nf4 { .. } => (0.142, 766e-6),
@@ -136,11 +136,8 @@ pub fn decode_step_seconds(
         Decoder::Serve => SEQUENCE_SECONDS,
     };
     let (dense_efficiency, _) = gemv_fit(BaseFormat::Dense);
-    // The rows the decode step runs through its GEMV (quantised: as many as an H200 stages).
-    let gemv_rows = match base {
-        BaseFormat::Dense => DecodeStep::DENSE_GEMV_ROWS,
-        _ => DecodeStep::MAX_GEMV_ROWS,
-    };
+    // The rows the decode step runs through its GEMV (as many as an H200 stages).
+    let gemv_rows = DecodeStep::MAX_GEMV_ROWS;
     let step = if batch <= gemv_rows {
         let (efficiency, row) = gemv_fit(base);
         projections * base.bytes_per_weight(dtype_bytes) / (efficiency * bw)
@@ -381,7 +378,7 @@ mod tests {
             (&mini, Dense, 1, 128, 256, 422.6),
             (&mini, Dense, 2, 128, 256, 798.8),
             (&mini, Dense, 4, 128, 256, 1_472.2),
-            (&mini, Dense, 8, 128, 256, 2_526.1),
+            (&mini, Dense, 8, 128, 256, 2_647.3),
             (&mini, Dense, 16, 128, 128, 4_519.9),
             (&mini, Dense, 64, 128, 128, 13_418.0),
             (&long, Dense, 1, 2048, 128, 387.5),

@@ -52,7 +52,7 @@ pub struct EngineConfig {
     /// runs on the decode step only, and only while the step's rows (each sequence's last token
     /// and its proposals) number at most 8
     /// (`DecodeStep::MAX_GEMV_ROWS`), so up to 4 decoding sequences with (8 / sequences) − 1
-    /// proposals each: there a step of 8 rows costs 1.3-1.5× one of a single row (H200), while
+    /// proposals each: there a step of 8 rows costs 1.2-1.3× one of a single row (H200), while
     /// with more sequences every extra row adds weight and KV traffic that rejected guesses
     /// waste.
     pub speculative_tokens: Option<usize>,
