@@ -175,6 +175,22 @@ fn decode_graph_at_phi3_head_dim_matches_the_full_forward_on_cuda() {
     check_case(&model, 3, &[2040, 5, 1030], 12, true, tol);
     let many = [300, 17, 1, 1200, 3, 30, 2, 11, 700, 4];
     check_case(&model, 10, &many, 3, true, tol);
+
+    // Widths of whole 512-byte tiles (768 and 512) take the tensor-core GEMV (the fixtures'
+    // and the model above the FMA one): 8 rows through it, 10 through cuBLAS.
+    config.hidden_size = 768;
+    config.num_attention_heads = 8;
+    config.num_key_value_heads = 4;
+    config.intermediate_size = 512;
+    let weights = philo_model::tiny::random_weights(&config, 6, &Device::Cpu).unwrap();
+    let model = Phi3::load(&config, &weights, DType::BF16, &device).unwrap();
+    let cache = PagedKvCache::new(&config, 8, 16, DType::BF16, &device).unwrap();
+    let step = DecodeStep::new(&model, &cache, 10, 128, false)
+        .unwrap()
+        .unwrap();
+    assert_eq!(step.gemv_rows(), 8);
+    check_case(&model, 8, &many[..8], 3, true, tol);
+    check_case(&model, 10, &many, 3, true, tol);
 }
 
 /// Speculation's verify step: after a prefill, one step over the last token and `k` proposed
