@@ -302,7 +302,9 @@ fn greedy_generate_streams_text_and_is_deterministic() {
         "{}",
         stderr(&drafted)
     );
-    // `bench decode --speculative draft` reports the same output and what speculation did.
+    // `bench decode --speculative draft` reports the same output and what speculation did
+    // (also into --json's file).
+    let report = work.path().join("speculative.json");
     let out = run(
         work.path(),
         &[
@@ -320,6 +322,8 @@ fn greedy_generate_streams_text_and_is_deterministic() {
             "16",
             "--new_tokens",
             "12",
+            "--json",
+            report.to_str().unwrap(),
         ],
     );
     assert_success(&out, "philo bench decode --speculative draft");
@@ -327,6 +331,7 @@ fn greedy_generate_streams_text_and_is_deterministic() {
         .lines()
         .find_map(|l| serde_json::from_str(l).ok())
         .expect("a JSON line");
+    assert_eq!(read_json(&report), json, "--json wrote another report");
     assert_eq!(json["same_output"], true, "{json}");
     assert_eq!(json["accepted"], json["proposed"], "{json}");
     assert!(json["verify_steps"].as_u64().unwrap() > 0, "{json}");

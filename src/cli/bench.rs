@@ -154,9 +154,17 @@ fn report(
     json: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
     print!("{table}");
-    let text = serde_json::to_string_pretty(results)?;
-    println!("{text}");
+    println!("{}", serde_json::to_string_pretty(results)?);
+    write_json(json, results)
+}
+
+/// Writes `results` as JSON to `json` when given.
+fn write_json(
+    json: Option<&std::path::Path>,
+    results: &impl serde::Serialize,
+) -> anyhow::Result<()> {
     if let Some(path) = json {
+        let text = serde_json::to_string_pretty(results)?;
         std::fs::write(path, text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     }
     Ok(())
@@ -173,6 +181,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let dtype = args.dtype.unwrap_or_else(|| default_dtype(&device));
     if let BenchTask::Attention = args.task {
         let config = philo_model::Phi3Config::phi3_mini_4k();
+        let mut results = Vec::new();
         for &batch in &args.batch {
             let r = philo::bench::attention(
                 &config,
@@ -187,8 +196,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 r.batch, r.heads, r.seq, r.head_dim, r.forward_ms, r.forward_tflops, r.backward_ms, r.backward_tflops
             );
             println!("{}", serde_json::to_string(&r)?);
+            results.push(r);
         }
-        return Ok(());
+        return write_json(args.json.as_deref(), &results);
     }
     use philo::quant::BaseQuant;
     let quant = args.weights.quant(match args.task {
@@ -272,10 +282,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         let curve: Vec<String> = r
             .verify_cost
             .iter()
-            .map(|c| format!("k={} {:.2}×", c.k, c.relative))
+            .map(|c| format!("k={} {:.3}×", c.k, c.relative))
             .collect();
         println!("verify step against a plain step: {}", curve.join(", "));
         println!("{}", serde_json::to_string(&r)?);
+        write_json(args.json.as_deref(), &r)?;
         anyhow::ensure!(
             r.same_output || model.dtype() != DType::F32,
             "speculation changed the f32 greedy output"
