@@ -71,9 +71,9 @@ impl DecodeStep {
 
     /// Most rows the fused GEMV takes: 8 where the GPU's shared memory holds 8 staged inputs
     /// of the MLP's width (as on the H200); past it a dense base multiplies with cuBLAS. Up to
-    /// there the GEMV is the faster on dense weights too (H200, one sequence's verify step of 8
-    /// rows: 1.20-1.21× a one-row step on it, 1.27× on cuBLAS; 8 sequences 2,641 against 2,526
-    /// tokens/s).
+    /// there the GEMV is the faster on dense weights too (H200, one run: one sequence's verify
+    /// step of 8 rows 1.22-1.23× a one-row step on it, 1.27× on cuBLAS; 8 sequences 2,708
+    /// against 2,592 tokens/s).
     pub fn gemv_rows(&self) -> usize {
         self.inner.gemv_rows()
     }
