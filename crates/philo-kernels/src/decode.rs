@@ -209,6 +209,74 @@ pub fn swiglu_reference(row: &[f32], dtype: DType) -> Vec<f32> {
         .collect()
 }
 
+/// The host's view of a RoPE + KV write (see [`RopeKv`]): cos/sin `[positions, rotary_dim / 2]`,
+/// short and long; per row its long-table flag, length (with the new token) and block table
+/// `[m, max_blocks]`.
+pub struct RopeKvHost<'a> {
+    pub cos_short: &'a [f32],
+    pub sin_short: &'a [f32],
+    pub cos_long: &'a [f32],
+    pub sin_long: &'a [f32],
+    pub long_rows: &'a [u32],
+    pub lens: &'a [u32],
+    pub tables: &'a [u32],
+    pub max_blocks: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub rotary_dim: usize,
+    pub block_size: usize,
+}
+
+/// What `rope_write_kv` writes for the stored rows `qkv` `[m, (h + 2·kvh)·d]`, rounded in
+/// `dtype` as the kernel rounds: each q and k element rotated at the row's position `lens[b] − 1`
+/// (products rounded, then their sum), q into `q` `[h, m, d]`, k and v into the caches
+/// `[blocks, kvh, block_size, d]` at that position's slot.
+pub fn rope_kv_reference(
+    qkv: &[f32],
+    a: &RopeKvHost,
+    dtype: DType,
+    q: &mut [f32],
+    k_cache: &mut [f32],
+    v_cache: &mut [f32],
+) {
+    let round = |v: f32| round_to(v, dtype);
+    let (h, kvh, d, half) = (a.heads, a.kv_heads, a.head_dim, a.rotary_dim / 2);
+    let width = (h + 2 * kvh) * d;
+    let m = qkv.len() / width;
+    for (b, row) in qkv.chunks(width).enumerate() {
+        let pos = a.lens[b] as usize - 1;
+        let (cos, sin) = match a.long_rows[b] != 0 {
+            true => (a.cos_long, a.sin_long),
+            false => (a.cos_short, a.sin_short),
+        };
+        let (cs, sn) = (&cos[pos * half..][..half], &sin[pos * half..][..half]);
+        let block = a.tables[b * a.max_blocks + pos / a.block_size] as usize;
+        for head in 0..h + 2 * kvh {
+            let x = &row[head * d..][..d];
+            for j in 0..d {
+                let v = if head >= h + kvh || j >= 2 * half {
+                    x[j]
+                } else if j < half {
+                    round(x[j] * cs[j]) + round(-x[j + half] * sn[j])
+                } else {
+                    let i = j - half;
+                    round(x[j] * cs[i]) + round(x[i] * sn[i])
+                };
+                let v = round(v);
+                if head < h {
+                    q[(head * m + b) * d + j] = v;
+                } else {
+                    let is_k = head < h + kvh;
+                    let kh = head - h - if is_k { 0 } else { kvh };
+                    let cache = if is_k { &mut *k_cache } else { &mut *v_cache };
+                    cache[((block * kvh + kh) * a.block_size + pos % a.block_size) * d + j] = v;
+                }
+            }
+        }
+    }
+}
+
 /// `v` stored in `dtype` and read back.
 fn round_to(v: f32, dtype: DType) -> f32 {
     match dtype {

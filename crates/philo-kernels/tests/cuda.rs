@@ -1241,6 +1241,125 @@ fn cuda_decode_gemv_every_format_and_input() -> Result<()> {
     Ok(())
 }
 
+/// The decode step's RoPE + KV write (`rope_write_kv`, after the QKV GEMV stored its rows)
+/// against the GEMV's and RoPE's references: every tensor-core format, 1-8 rows at their own
+/// positions, short and long tables.
+#[test]
+fn cuda_rope_write_kv_matches_the_reference() -> Result<()> {
+    use philo_kernels::decode::*;
+    let Some((dev, cuda_dev)) = cuda_gpu("cuda_rope_write_kv_matches_the_reference") else {
+        return Ok(());
+    };
+    let mut rng = StdRng::seed_from_u64(23);
+    let (h, kvh, d, bs, k, positions) = (4, 2, 96, 16, 1024, 64);
+    let n = (h + 2 * kvh) * d;
+    let max_blocks = positions / bs;
+    let all_lens = [5u32, 33, 64, 17, 40, 2, 50, 16];
+    for m in [1, 3, 8] {
+        let lens = &all_lens[..m];
+        let long_rows: Vec<u32> = (0..m as u32).map(|b| b % 2).collect();
+        let blocks = m * max_blocks;
+        let tables: Vec<u32> = (0..blocks as u32).rev().collect();
+        for dtype in dtypes() {
+            let kernels = DecodeKernels::load(&cuda_dev, dtype)?;
+            let half = d / 2;
+            let table = |rng: &mut StdRng| {
+                upload(
+                    uniform(rng, positions * half, 1.0),
+                    &[positions * half],
+                    dtype,
+                    &dev,
+                )
+            };
+            let (cos_s, cos_s_host) = table(&mut rng)?;
+            let (sin_s, sin_s_host) = table(&mut rng)?;
+            let (cos_l, cos_l_host) = table(&mut rng)?;
+            let (sin_l, sin_l_host) = table(&mut rng)?;
+            let lens_t = Tensor::new(lens, &dev)?;
+            let long_t = Tensor::new(long_rows.as_slice(), &dev)?;
+            let tables_t = Tensor::new(tables.as_slice(), &dev)?;
+            let host_view = RopeKvHost {
+                cos_short: &cos_s_host,
+                sin_short: &sin_s_host,
+                cos_long: &cos_l_host,
+                sin_long: &sin_l_host,
+                long_rows: &long_rows,
+                lens,
+                tables: &tables,
+                max_blocks,
+                heads: h,
+                kv_heads: kvh,
+                head_dim: d,
+                rotary_dim: d,
+                block_size: bs,
+            };
+            for format in ["dense", "int8", "int4"] {
+                let w = uniform(&mut rng, n * k, 0.05);
+                let (weight, _kept, w_values) = decode_weight(format, &w, n, k, dtype, &dev)?;
+                let (x, xs) = upload(uniform(&mut rng, m * k, 1.0), &[m, k], dtype, &dev)?;
+                let (g, gs) = upload(uniform(&mut rng, k, 2.0), &[k], dtype, &dev)?;
+                let input = GemvInput::RmsNorm {
+                    weight: address(&g)?,
+                    eps: 1e-5,
+                };
+                let stored = gemv_reference(&xs, input, Some(&gs), &w_values, k, None, dtype);
+                let cache_len = blocks * kvh * bs * d;
+                let (mut q_want, mut k_want, mut v_want) = (
+                    vec![0f32; h * m * d],
+                    vec![0f32; cache_len],
+                    vec![0f32; cache_len],
+                );
+                rope_kv_reference(
+                    &stored,
+                    &host_view,
+                    dtype,
+                    &mut q_want,
+                    &mut k_want,
+                    &mut v_want,
+                );
+                let qkv = Tensor::zeros((m, n), dtype, &dev)?;
+                let q = Tensor::zeros(h * m * d, dtype, &dev)?;
+                let kc = Tensor::zeros(cache_len, dtype, &dev)?;
+                let vc = Tensor::zeros(cache_len, dtype, &dev)?;
+                kernels.gemv(&Gemv {
+                    x: address(&x)?,
+                    input,
+                    m,
+                    n,
+                    k,
+                    weight,
+                    output: GemvOutput::Store(address(&qkv)?),
+                })?;
+                kernels.rope_write_kv(&RopeKv {
+                    qkv: address(&qkv)?,
+                    cos_short: address(&cos_s)?,
+                    sin_short: address(&sin_s)?,
+                    cos_long: address(&cos_l)?,
+                    sin_long: address(&sin_l)?,
+                    long_rows: address(&long_t)?,
+                    lens: address(&lens_t)?,
+                    tables: address(&tables_t)?,
+                    max_blocks,
+                    q_out: address(&q)?,
+                    k_cache: address(&kc)?,
+                    v_cache: address(&vc)?,
+                    m,
+                    heads: h,
+                    kv_heads: kvh,
+                    head_dim: d,
+                    rotary_dim: d,
+                    block_size: bs,
+                })?;
+                let what = format!("{format} {dtype:?} m{m}");
+                check(&format!("RoPE q, {what}"), &host(&q)?, &q_want, 1e-2);
+                check(&format!("RoPE k cache, {what}"), &host(&kc)?, &k_want, 1e-2);
+                check(&format!("RoPE v cache, {what}"), &host(&vc)?, &v_want, 1e-2);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The decode step's attention (`DecodeKernels::attention`: keys split over blocks; the tiled
 /// and the tensor-core kernel) against the reference.
 #[test]
