@@ -1212,7 +1212,8 @@ mod imp {
 
     /// Blocks the attention splits each (row, head)'s keys over. The tensor-core kernel (which
     /// a multiprocessor holds `tc_blocks` of): one wave of blocks, so that none idles at the
-    /// end (one sequence of 32 heads on the H200: 8 splits). The tiled kernel: up to
+    /// end (one sequence of 32 heads on the H200: 8 splits); at run time a row uses only as
+    /// many as its length fills (see paged_attention.cu). The tiled kernel: up to
     /// [`MAX_ROWS`] rows about 128 positions a split at the full length (short contexts still
     /// fill the GPU), more rows only as many as give about eight blocks per multiprocessor.
     fn splits(

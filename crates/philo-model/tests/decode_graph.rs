@@ -177,7 +177,8 @@ fn decode_graph_at_phi3_head_dim_matches_the_full_forward_on_cuda() {
     check_case(&model, 10, &many, 3, true, tol);
 
     // Widths of whole 512-byte tiles (768 and 512) take the tensor-core GEMV (the fixtures'
-    // and the model above the FMA one): 8 rows through it, 10 through cuBLAS.
+    // and the model above the FMA one): 8 rows through it (8 sequences, then a verify step of 8
+    // rows of one), 10 through cuBLAS.
     config.hidden_size = 768;
     config.num_attention_heads = 8;
     config.num_key_value_heads = 4;
@@ -191,6 +192,7 @@ fn decode_graph_at_phi3_head_dim_matches_the_full_forward_on_cuda() {
     assert_eq!(step.gemv_rows(), 8);
     check_case(&model, 8, &many[..8], 3, true, tol);
     check_case(&model, 10, &many, 3, true, tol);
+    verify_case(&model, 40, 7, 3, tol);
 }
 
 /// Speculation's verify step: after a prefill, one step over the last token and `k` proposed

@@ -49,19 +49,20 @@ __device__ __forceinline__ KeyRange key_range(int len, int window, int splits) {
 
 // The end of every decode block, called by all its threads: `acc` [d] (shared memory) is its
 // unnormalised output relative to the score maximum `m`, `total` the softmax sum. Unsplit, the
-// row is written; split, each block writes (m, total, acc) to `partial_out` [n, h, splits, d + 2]
-// and the last block of a (sequence, head) to finish — counted in `counters` [n, h], which it
-// resets for the next launch — combines them.
+// row is written; split, each of the row's `splits` blocks writes (m, total, acc) to
+// `partial_out` [n, h, stride, d + 2] (stride: the grid's splits, at least `splits`) and the last
+// block of a (sequence, head) to finish — counted in `counters` [n, h], which it resets for the
+// next launch — combines them.
 template <typename T>
 __device__ void finish_decode(const float* acc, float m, float total, T* out, int h, int d, int splits,
-                              float* partial_out, uint32_t* counters) {
+                              int stride, float* partial_out, uint32_t* counters) {
     int seq = blockIdx.x, head = blockIdx.y, tid = threadIdx.x;
     T* o = out + ((size_t)seq * h + head) * d;
     if (splits == 1) {
         for (int j = tid; j < d; j += blockDim.x) o[j] = from_f32<T>(total > 0.f ? acc[j] / total : 0.f);
         return;
     }
-    float* mine = partial_out + (((size_t)seq * h + head) * splits + blockIdx.z) * (d + 2);
+    float* mine = partial_out + (((size_t)seq * h + head) * stride + blockIdx.z) * (d + 2);
     for (int j = tid; j < d; j += blockDim.x) mine[2 + j] = acc[j];
     if (tid == 0) {
         mine[0] = m;
@@ -78,7 +79,7 @@ __device__ void finish_decode(const float* acc, float m, float total, T* out, in
     __syncthreads();
     if (!last) return;
     __threadfence();
-    const float* all = partial_out + ((size_t)seq * h + head) * splits * (d + 2);
+    const float* all = partial_out + ((size_t)seq * h + head) * stride * (d + 2);
     float mx = -INFINITY;
     for (int s = 0; s < splits; ++s)
         if (all[s * (d + 2) + 1] > 0.f) mx = fmaxf(mx, all[s * (d + 2)]);
@@ -219,7 +220,7 @@ __device__ void paged_decode_tiled(const T* q, const T* kc, const T* vc, const u
         partial[0][j] = sum;
     }
     __syncthreads();
-    finish_decode<T>(partial[0], running_max, running_sum, out, h, d, splits, partial_out, counters);
+    finish_decode<T>(partial[0], running_max, running_sum, out, h, d, splits, splits, partial_out, counters);
 }
 
 // The decode step's kernel (`*_tc`: bf16/f16, head dims 64, 96, 128, cache blocks a multiple of
@@ -261,42 +262,70 @@ __device__ void paged_decode_tc(const T* q, const T* kc, const T* vc, const uint
     static_assert(D % 16 == 0 && TC_KEYS * CH % 32 == 0, "head dim");
     extern __shared__ __align__(16) unsigned char tc_smem[];
     pdl_allow_next();
-    pdl_wait_previous();
     int seq = blockIdx.x, head = blockIdx.y, tid = threadIdx.x;
     int warp = tid / 32, lane = tid % 32, t = lane % 4;
     int kh = head / (h / kvh);
     T* ring = reinterpret_cast<T*>(tc_smem) + warp * RING * S::STAGE;
+    // Lengths and block tables are the host's, written before the step: read before the wait.
     int len = lens[seq];
     int lo = len > window ? len - window : 0;
-    // The split's share of the stages, then the warp's: every WARPS-th from its own.
     int stage_lo = lo / TC_KEYS, stage_hi = (len + TC_KEYS - 1) / TC_KEYS;
-    int per = (stage_hi - stage_lo + splits - 1) / splits;
+    // Splits in use for this row: only as many as give every warp a full ring of stages (at
+    // 128 positions one block, without the combining round trip through global memory), up to
+    // the grid's; the others leave.
+    constexpr int PER_BLOCK = WARPS * (RING - 1);
+    int used = min(splits, max(1, (stage_hi - stage_lo + PER_BLOCK - 1) / PER_BLOCK));
+    if ((int)blockIdx.z >= used) return;
+    // The split's share of the stages, then the warp's: every WARPS-th from its own.
+    int per = (stage_hi - stage_lo + used - 1) / used;
     int first = min(stage_hi, stage_lo + (int)blockIdx.z * per) + warp;
     int last = min(stage_hi, stage_lo + ((int)blockIdx.z + 1) * per);
     int mine = last > first ? (last - first + WARPS - 1) / WARPS : 0;
     const uint32_t* table = tables + (size_t)seq * max_blocks;
-    // The warp's i-th stage into ring slot i % RING (positions outside [lo, len) zero-filled);
-    // always commits a group, so that "all but the newest RING − 2" means stage i has landed.
-    auto load = [&](int i) {
-        if (i < mine) {
-            int p0 = (first + i * WARPS) * TC_KEYS;
-            size_t row0 = ((size_t)table[p0 / bs] * kvh + kh) * bs + p0 % bs;
-            const T* ks = kc + row0 * D;
-            const T* vs = vc + row0 * D;
-            T* dk = ring + (i % RING) * S::STAGE;
-            T* dv = dk + TC_KEYS * LD;
+    // Positions from `fresh` on may be written by this step (each of the n rows writes its own
+    // position, rows of one sequence consecutive ones): the stages loaded before the wait leave
+    // them for after it. Earlier positions were written by earlier steps.
+    int fresh = max(lo, len - n);
+    // Copies the warp's i-th stage into ring slot i % RING, positions outside [lo, len)
+    // zero-filled: ALL of them, all but the fresh ones (BEFORE the wait), or ONLY_FRESH (after
+    // it; no two copies land on one address).
+    enum { ALL, BEFORE, ONLY_FRESH };
+    auto copy = [&](int i, int which) {
+        if (i >= mine) return;
+        int p0 = (first + i * WARPS) * TC_KEYS;
+        size_t row0 = ((size_t)table[p0 / bs] * kvh + kh) * bs + p0 % bs;
+        const T* ks = kc + row0 * D;
+        const T* vs = vc + row0 * D;
+        T* dk = ring + (i % RING) * S::STAGE;
+        T* dv = dk + TC_KEYS * LD;
 #pragma unroll
-            for (int c = 0; c < PER_LANE; ++c) {
-                int j = lane + 32 * c, r = j / CH, col = (j % CH) * CHUNK;
-                bool valid = p0 + r >= lo && p0 + r < len;
-                cp_async16(dk + r * LD + col, ks + j * CHUNK, valid);
-                cp_async16(dv + r * LD + col, vs + j * CHUNK, valid);
-            }
+        for (int c = 0; c < PER_LANE; ++c) {
+            int j = lane + 32 * c, r = j / CH, col = (j % CH) * CHUNK;
+            int p = p0 + r;
+            bool is_fresh = p >= fresh && p < len;
+            if ((which == BEFORE && is_fresh) || (which == ONLY_FRESH && !is_fresh)) continue;
+            bool valid = p >= lo && p < len;
+            cp_async16(dk + r * LD + col, ks + j * CHUNK, valid);
+            cp_async16(dv + r * LD + col, vs + j * CHUNK, valid);
         }
+    };
+    // One commit group per stage, so that "all but the newest RING − 2" means stage i landed.
+    auto load = [&](int i) {
+        copy(i, ALL);
         cp_async_commit();
     };
 #pragma unroll
-    for (int i = 0; i < RING - 1; ++i) load(i);
+    for (int i = 0; i < RING - 1; ++i) {
+        copy(i, BEFORE);
+        cp_async_commit();
+    }
+    pdl_wait_previous();
+    // The fresh positions of those stages in one more group: a stage holding one waits for all.
+#pragma unroll
+    for (int i = 0; i < RING - 1; ++i) copy(i, ONLY_FRESH);
+    cp_async_commit();
+    int to_fresh = fresh / TC_KEYS - first;  // the warp's first stage that may hold one
+    int fresh_stage = to_fresh <= 0 ? 0 : (to_fresh + WARPS - 1) / WARPS;
     // A fragments of the query: row 0 (lanes 0-3, dims 16k + 2t, +1 and 16k + 8 + 2t, +1), rows
     // 1-15 zero.
     uint32_t qa[D / 16][4];
@@ -311,7 +340,8 @@ __device__ void paged_decode_tc(const T* q, const T* kc, const T* vc, const uint
     float running_max = -INFINITY, running_sum = 0.f;
     float acc[D / 8][4] = {};  // row 0 in lanes 0-3: dims 8j + 2t, +1
     for (int i = 0; i < mine; ++i) {
-        cp_async_wait<RING - 2>();
+        if (i < RING - 1 && i >= fresh_stage) cp_async_wait<0>();
+        else cp_async_wait<RING - 2>();
         __syncwarp();  // stage i landed for every lane; stage i − 1's slot read by every lane
         load(i + RING - 1);
         const T* ks = ring + (i % RING) * S::STAGE;
@@ -395,7 +425,7 @@ __device__ void paged_decode_tc(const T* q, const T* kc, const T* vc, const uint
         warp_acc[j] = sum;
     }
     __syncthreads();
-    finish_decode<T>(warp_acc, m, total, out, h, D, splits, partial_out, counters);
+    finish_decode<T>(warp_acc, m, total, out, h, D, used, splits, partial_out, counters);
 }
 
 #define PAGED_DECODE(fname, T, D)                                                                          \
