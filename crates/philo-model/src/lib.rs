@@ -4,8 +4,10 @@
 pub mod adapter;
 pub mod checkpoint;
 pub mod config;
+mod contiguous_attention;
 pub mod decode_graph;
 pub mod decode_step;
+mod decoder_layer;
 pub mod error;
 pub mod kv_cache;
 pub mod lora_bank;

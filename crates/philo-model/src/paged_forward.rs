@@ -15,6 +15,7 @@ use philo_kernels::attention::{flash_attention, AttentionMask};
 use philo_kernels::paged_attention::{paged_decode_attention, write_kv};
 use philo_kernels::rope::{qkv_rope, QkvShape};
 
+use crate::decoder_layer::{AttentionCore, Projections};
 use crate::error::{ModelError, Result};
 use crate::lora_bank::LoraBank;
 use crate::lora_linear::LoraLinear;
@@ -92,10 +93,20 @@ impl Phi3 {
             .flat_map(|c| c.tokens.iter().copied())
             .collect();
         let ids = Tensor::from_vec(ids, (1, total), self.device())?;
+        let c = self.config();
+        let mut attention = PagedAttention {
+            ctx: &ctx,
+            cache,
+            heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            rotary_dim: self.rotary().rotary_dim(),
+            window: c.sliding_window.unwrap_or(usize::MAX),
+        };
         let mut x = self.embed(&ids)?;
         let mut pending: Option<Tensor> = None;
-        for i in 0..self.layers.len() {
-            let (residual, mlp) = self.paged_layer(i, &x, pending.as_ref(), &ctx, cache)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (residual, mlp) = layer.forward(i, &x, pending.as_ref(), &mut attention, &ctx)?;
             x = residual;
             pending = Some(mlp);
         }
@@ -112,86 +123,6 @@ impl Phi3 {
         let pending = pending.as_ref().map(pick).transpose()?;
         let hidden = self.norm.forward_after_add(&x, pending.as_ref())?.1;
         Ok(self.lm_head.forward(&hidden)?.to_dtype(DType::F32)?)
-    }
-
-    /// One decoder layer; like `DecoderLayer::forward_fused`, the previous MLP output is added
-    /// inside the input norm and this layer's MLP output is returned unadded.
-    fn paged_layer(
-        &self,
-        index: usize,
-        residual: &Tensor,
-        pending: Option<&Tensor>,
-        ctx: &StepContext,
-        cache: &PagedKvCache,
-    ) -> Result<(Tensor, Tensor)> {
-        let layer = &self.layers[index];
-        let c = self.config();
-        let (h, kvh, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let lin = |linear: &LoraLinear, module: &'static str, x: &Tensor| {
-            linear_with_adapters(linear, index, module, x, ctx)
-        };
-        let (x, normed) = layer.input_layernorm.forward_after_add(residual, pending)?;
-
-        let qkv = lin(&layer.self_attn.qkv_proj, "qkv_proj", &normed)?;
-        let shape = QkvShape {
-            heads: h,
-            kv_heads: kvh,
-            head_dim: d,
-            rotary_dim: self.rotary().rotary_dim(),
-        };
-        let heads = qkv_rope(&qkv, &ctx.cos, &ctx.sin, shape)?.squeeze(0)?;
-        let (k_cache, v_cache) = (&cache.keys[index], &cache.values[index]);
-        write_kv(k_cache, &heads.narrow(0, h, kvh)?, &ctx.slots)?;
-        write_kv(v_cache, &heads.narrow(0, h + kvh, kvh)?, &ctx.slots)?;
-        let q = heads.narrow(0, 0, h)?;
-        let window = c.sliding_window.unwrap_or(usize::MAX);
-        let mut pieces = Vec::with_capacity(ctx.runs.len());
-        for run in &ctx.runs {
-            let piece = match run {
-                AttentionRun::Decode { rows, tables, lens } => {
-                    let q = q.narrow(1, rows.start, rows.len())?.contiguous()?;
-                    paged_decode_attention(&q, k_cache, v_cache, tables, lens, window)?
-                        .reshape((rows.len(), h * d))?
-                }
-                AttentionRun::Fresh { rows, segments } => {
-                    let own = |at: usize, n: usize| -> Result<Tensor> {
-                        Ok(heads
-                            .narrow(0, at, n)?
-                            .narrow(1, rows.start, rows.len())?
-                            .unsqueeze(0)?
-                            .contiguous()?)
-                    };
-                    let mask = AttentionMask {
-                        window,
-                        segments: segments.clone(),
-                    };
-                    flash_attention(&own(0, h)?, &own(h, kvh)?, &own(h + kvh, kvh)?, &mask)?
-                        .reshape((rows.len(), h * d))?
-                }
-                AttentionRun::Chunk { rows, blocks, len } => {
-                    let q = q.narrow(1, rows.start, rows.len())?.unsqueeze(0)?;
-                    let k = gather(k_cache, blocks, *len)?;
-                    let v = gather(v_cache, blocks, *len)?;
-                    let mask = AttentionMask {
-                        window,
-                        segments: None,
-                    };
-                    flash_attention(&q.contiguous()?, &k, &v, &mask)?
-                        .reshape((rows.len(), h * d))?
-                }
-            };
-            pieces.push(piece);
-        }
-        let attn = Tensor::cat(&pieces, 0)?.unsqueeze(0)?;
-        let attn = lin(&layer.self_attn.o_proj, "o_proj", &attn)?;
-
-        let (x, normed) = layer
-            .post_attention_layernorm
-            .forward_after_add(&x, Some(&attn))?;
-        let gate_up = lin(&layer.mlp.gate_up_proj, "gate_up_proj", &normed)?;
-        let act = philo_kernels::swiglu::swiglu(&gate_up)?;
-        let mlp = lin(&layer.mlp.down_proj, "down_proj", &act)?;
-        Ok((x, mlp))
     }
 
     fn step_context<'a>(
@@ -329,6 +260,87 @@ impl Phi3 {
             adapters,
             bank,
         })
+    }
+}
+
+/// The serving step's attention core: the step's keys and values written into the paged
+/// cache, then each run of rows attended its own way (see [`AttentionRun`]).
+struct PagedAttention<'a> {
+    ctx: &'a StepContext<'a>,
+    cache: &'a PagedKvCache,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    rotary_dim: usize,
+    window: usize,
+}
+
+impl AttentionCore for PagedAttention<'_> {
+    fn attend(&mut self, layer: usize, qkv: &Tensor) -> Result<Tensor> {
+        let (h, kvh, d, window) = (self.heads, self.kv_heads, self.head_dim, self.window);
+        let ctx = self.ctx;
+        let shape = QkvShape {
+            heads: h,
+            kv_heads: kvh,
+            head_dim: d,
+            rotary_dim: self.rotary_dim,
+        };
+        let heads = qkv_rope(qkv, &ctx.cos, &ctx.sin, shape)?.squeeze(0)?;
+        let (k_cache, v_cache) = (&self.cache.keys[layer], &self.cache.values[layer]);
+        write_kv(k_cache, &heads.narrow(0, h, kvh)?, &ctx.slots)?;
+        write_kv(v_cache, &heads.narrow(0, h + kvh, kvh)?, &ctx.slots)?;
+        let q = heads.narrow(0, 0, h)?;
+        let mut pieces = Vec::with_capacity(ctx.runs.len());
+        for run in &ctx.runs {
+            let piece = match run {
+                AttentionRun::Decode { rows, tables, lens } => {
+                    let q = q.narrow(1, rows.start, rows.len())?.contiguous()?;
+                    paged_decode_attention(&q, k_cache, v_cache, tables, lens, window)?
+                        .reshape((rows.len(), h * d))?
+                }
+                AttentionRun::Fresh { rows, segments } => {
+                    let own = |at: usize, n: usize| -> Result<Tensor> {
+                        Ok(heads
+                            .narrow(0, at, n)?
+                            .narrow(1, rows.start, rows.len())?
+                            .unsqueeze(0)?
+                            .contiguous()?)
+                    };
+                    let mask = AttentionMask {
+                        window,
+                        segments: segments.clone(),
+                    };
+                    flash_attention(&own(0, h)?, &own(h, kvh)?, &own(h + kvh, kvh)?, &mask)?
+                        .reshape((rows.len(), h * d))?
+                }
+                AttentionRun::Chunk { rows, blocks, len } => {
+                    let q = q.narrow(1, rows.start, rows.len())?.unsqueeze(0)?;
+                    let k = gather(k_cache, blocks, *len)?;
+                    let v = gather(v_cache, blocks, *len)?;
+                    let mask = AttentionMask {
+                        window,
+                        segments: None,
+                    };
+                    flash_attention(&q.contiguous()?, &k, &v, &mask)?
+                        .reshape((rows.len(), h * d))?
+                }
+            };
+            pieces.push(piece);
+        }
+        Ok(Tensor::cat(&pieces, 0)?.unsqueeze(0)?)
+    }
+}
+
+/// Every row through the base projection, each adapter's rows through its delta too.
+impl Projections for StepContext<'_> {
+    fn project(
+        &self,
+        layer: usize,
+        module: &'static str,
+        linear: &LoraLinear,
+        x: &Tensor,
+    ) -> Result<Tensor> {
+        linear_with_adapters(linear, layer, module, x, self)
     }
 }
 

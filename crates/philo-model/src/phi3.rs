@@ -4,13 +4,14 @@
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::config::Phi3Config;
+use crate::contiguous_attention::ContiguousAttention;
+use crate::decoder_layer::OwnAdapters;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::lora_linear::{DropoutSeed, LoraLinear, WeightFormat};
 use crate::rope::RotaryEmbedding;
 use crate::weights::WeightSource;
-use philo_kernels::attention::{flash_attention, AttentionMask};
-use philo_kernels::rope::{qkv_rope, QkvShape};
+use philo_kernels::attention::AttentionMask;
 
 /// RMSNorm: the mean square is taken in f32 whatever the compute dtype.
 #[derive(Debug, Clone)]
@@ -66,20 +67,27 @@ impl RmsNorm {
                 pad,
             )?);
         }
-        let (sum, normed) = self.forward_after_add(x, Some(add))?;
+        // Training's hand-written layer is checked against the kernels' reference on the CPU.
+        let (sum, normed) = philo_kernels::rms_norm::add_rms_norm(x, add, &self.weight, self.eps)?;
         Ok((sum, pad_rows(&normed, pad)?))
     }
 
     /// `x + add` (when given) and its norm: (the sum, the normed sum). The add is fused into
-    /// the norm's kernel on the GPU, so a residual add costs no launch of its own.
+    /// the norm's kernel on the GPU, so a residual add costs no launch of its own; on the CPU
+    /// the sum is normed as [`RmsNorm::forward`] norms.
     pub fn forward_after_add(&self, x: &Tensor, add: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
         match add {
-            Some(add) => Ok(philo_kernels::rms_norm::add_rms_norm(
+            Some(add) if x.device().is_cuda() => Ok(philo_kernels::rms_norm::add_rms_norm(
                 x,
                 add,
                 &self.weight,
                 self.eps,
             )?),
+            Some(add) => {
+                let sum = (x + add)?;
+                let normed = self.forward(&sum)?;
+                Ok((sum, normed))
+            }
             None => Ok((x.clone(), self.forward(x)?)),
         }
     }
@@ -118,77 +126,6 @@ pub struct ForwardContext {
     pub(crate) dropout: Option<DropoutSeed>,
 }
 
-impl Attention {
-    fn forward(
-        &self,
-        x: &Tensor,
-        ctx: &ForwardContext,
-        rotary: &RotaryEmbedding,
-        layer: usize,
-        cache: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
-        let (b, s, _) = x.dims3()?;
-        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let qkv = self.qkv_proj.forward(x)?;
-        if ctx.fused {
-            // Fused: split + rotate in one kernel, then flash attention (masks on the device).
-            let shape = QkvShape {
-                heads: h,
-                kv_heads: kvh,
-                head_dim: d,
-                rotary_dim: rotary.rotary_dim(),
-            };
-            let heads = qkv_rope(&qkv, &ctx.cos, &ctx.sin, shape)?;
-            let q = heads.narrow(1, 0, h)?;
-            let k = heads.narrow(1, h, kvh)?;
-            let v = heads.narrow(1, h + kvh, kvh)?;
-            let (k, v) = match cache {
-                Some(cache) => cache.append(layer, &k, &v)?,
-                None => (k, v),
-            };
-            let out = flash_attention(&q, &k, &v, &ctx.attention)?.reshape((b, s, h * d))?;
-            return self.o_proj.forward(&out);
-        }
-        let split = |offset: usize, heads: usize| -> Result<Tensor> {
-            Ok(qkv
-                .narrow(2, offset * d, heads * d)?
-                .reshape((b, s, heads, d))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        let q = rotary.apply(&split(0, h)?, &ctx.cos, &ctx.sin)?;
-        let k = rotary.apply(&split(h, kvh)?, &ctx.cos, &ctx.sin)?;
-        let v = split(h + kvh, kvh)?;
-        let (k, v) = match cache {
-            Some(cache) => cache.append(layer, &k, &v)?,
-            None => (k, v),
-        };
-        let t = k.dim(2)?;
-        // Grouped-query attention without copying K/V: query head i uses KV head i / n_rep, so the
-        // n_rep query heads of one KV head are stacked along the sequence axis.
-        let n_rep = h / kvh;
-        let q = q.reshape((b, kvh, n_rep * s, d))?;
-        let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
-        let mut scores = scores.reshape((b, h, s, t))?.to_dtype(DType::F32)?;
-        if let Some(mask) = &ctx.mask {
-            scores = scores.broadcast_add(mask)?;
-        }
-        // The fused softmax has no backward; the composed one does, for training.
-        let probs = if scores.track_op() {
-            candle_nn::ops::softmax(&scores, D::Minus1)?
-        } else {
-            candle_nn::ops::softmax_last_dim(&scores)?
-        };
-        let probs = probs.to_dtype(v.dtype())?;
-        let out = probs.reshape((b, kvh, n_rep * s, t))?.matmul(&v)?;
-        let out = out
-            .reshape((b, h, s, d))?
-            .transpose(1, 2)?
-            .reshape((b, s, h * d))?;
-        self.o_proj.forward(&out)
-    }
-}
-
 /// SiLU-gated MLP with a fused `gate_up_proj` laid out [gate | up].
 #[derive(Debug, Clone)]
 pub struct Mlp {
@@ -198,17 +135,15 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate_up = self.gate_up_proj.forward(x)?;
+    /// SwiGLU of `gate_up` `[..., 2 · intermediate]`: silu(gate) · up (one kernel on the GPU).
+    pub(crate) fn activation(&self, gate_up: &Tensor) -> Result<Tensor> {
         if gate_up.device().is_cuda() {
-            let act = philo_kernels::swiglu::swiglu(&gate_up)?;
-            return self.down_proj.forward(&act);
+            return Ok(philo_kernels::swiglu::swiglu(gate_up)?);
         }
         let i = self.intermediate_size;
         let gate = gate_up.narrow(D::Minus1, 0, i)?;
         let up = gate_up.narrow(D::Minus1, i, i)?;
-        self.down_proj
-            .forward(&(candle_nn::ops::silu(&gate)? * up)?)
+        Ok((candle_nn::ops::silu(&gate)? * up)?)
     }
 }
 
@@ -219,48 +154,6 @@ pub struct DecoderLayer {
     pub self_attn: Attention,
     pub post_attention_layernorm: RmsNorm,
     pub mlp: Mlp,
-}
-
-impl DecoderLayer {
-    fn forward(
-        &self,
-        x: &Tensor,
-        ctx: &ForwardContext,
-        rotary: &RotaryEmbedding,
-        layer: usize,
-        cache: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
-        let attn =
-            self.self_attn
-                .forward(&self.input_layernorm.forward(x)?, ctx, rotary, layer, cache)?;
-        let x = (x + attn)?;
-        let mlp = self
-            .mlp
-            .forward(&self.post_attention_layernorm.forward(&x)?)?;
-        Ok((x + mlp)?)
-    }
-}
-
-impl DecoderLayer {
-    /// Inference on the fused kernels: the previous layer's MLP output (`pending`) is added to
-    /// the residual stream inside this layer's input norm, so each residual add costs no launch
-    /// of its own. Returns the residual stream and this layer's MLP output (still to be added).
-    fn forward_fused(
-        &self,
-        residual: &Tensor,
-        pending: Option<&Tensor>,
-        ctx: &ForwardContext,
-        rotary: &RotaryEmbedding,
-        layer: usize,
-        cache: Option<&mut KvCache>,
-    ) -> Result<(Tensor, Tensor)> {
-        let (x, normed) = self.input_layernorm.forward_after_add(residual, pending)?;
-        let attn = self.self_attn.forward(&normed, ctx, rotary, layer, cache)?;
-        let (x, normed) = self
-            .post_attention_layernorm
-            .forward_after_add(&x, Some(&attn))?;
-        Ok((x, self.mlp.forward(&normed)?))
-    }
 }
 
 /// Phi-3 for causal language modelling.
@@ -439,7 +332,7 @@ impl Phi3 {
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let past = cache.as_ref().map_or(0, |c| c.seq_len());
         let ctx = self.context(input_ids, attention_mask, past, None)?;
@@ -452,27 +345,24 @@ impl Phi3 {
                 )));
             }
         }
+        let c = &self.config;
+        let mut attention = ContiguousAttention {
+            ctx: &ctx.inner,
+            rotary: &self.rotary,
+            cache,
+            heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+        };
         let mut x = self.embed(input_ids)?;
-        if self.uses_fused_kernels() {
-            let mut pending = None;
-            for (i, layer) in self.layers.iter().enumerate() {
-                let (residual, mlp) = layer.forward_fused(
-                    &x,
-                    pending.as_ref(),
-                    &ctx.inner,
-                    &self.rotary,
-                    i,
-                    cache.as_deref_mut(),
-                )?;
-                x = residual;
-                pending = Some(mlp);
-            }
-            return Ok(self.norm.forward_after_add(&x, pending.as_ref())?.1);
-        }
+        let mut pending = None;
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, &ctx.inner, &self.rotary, i, cache.as_deref_mut())?;
+            let (residual, mlp) =
+                layer.forward(i, &x, pending.as_ref(), &mut attention, &OwnAdapters)?;
+            x = residual;
+            pending = Some(mlp);
         }
-        self.norm.forward(&x)
+        Ok(self.norm.forward_after_add(&x, pending.as_ref())?.1)
     }
 
     /// Token embeddings `[batch, seq, hidden]` of `input_ids` `[batch, seq]`.
