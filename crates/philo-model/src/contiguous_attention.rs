@@ -5,12 +5,12 @@
 
 use candle_core::{DType, Tensor, D};
 use philo_kernels::attention::flash_attention;
-use philo_kernels::rope::{qkv_rope, QkvShape};
+use philo_kernels::rope::qkv_rope;
 
 use crate::decoder_layer::AttentionCore;
 use crate::error::Result;
 use crate::kv_cache::KvCache;
-use crate::phi3::ForwardContext;
+use crate::phi3::{Attention, ForwardContext};
 use crate::rope::RotaryEmbedding;
 
 /// Attention over the new positions and what `cache` holds before them.
@@ -18,24 +18,16 @@ pub(crate) struct ContiguousAttention<'a> {
     pub(crate) ctx: &'a ForwardContext,
     pub(crate) rotary: &'a RotaryEmbedding,
     pub(crate) cache: Option<&'a mut KvCache>,
-    pub(crate) heads: usize,
-    pub(crate) kv_heads: usize,
-    pub(crate) head_dim: usize,
 }
 
 impl AttentionCore for ContiguousAttention<'_> {
-    fn attend(&mut self, layer: usize, qkv: &Tensor) -> Result<Tensor> {
+    fn attend(&mut self, layer: usize, heads: &Attention, qkv: &Tensor) -> Result<Tensor> {
         let (b, s, _) = qkv.dims3()?;
-        let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
+        let shape = heads.qkv_shape(self.rotary.rotary_dim());
+        let (h, kvh, d) = (shape.heads, shape.kv_heads, shape.head_dim);
         let ctx = self.ctx;
         if ctx.fused {
             // Fused: split + rotate in one kernel, then flash attention (masks on the device).
-            let shape = QkvShape {
-                heads: h,
-                kv_heads: kvh,
-                head_dim: d,
-                rotary_dim: self.rotary.rotary_dim(),
-            };
             let heads = qkv_rope(qkv, &ctx.cos, &ctx.sin, shape)?;
             let q = heads.narrow(1, 0, h)?;
             let k = heads.narrow(1, h, kvh)?;

@@ -6,14 +6,14 @@ use candle_core::Tensor;
 
 use crate::error::Result;
 use crate::lora_linear::LoraLinear;
-use crate::phi3::DecoderLayer;
+use crate::phi3::{Attention, DecoderLayer};
 
 /// What a decoder layer's attention reads and writes its keys and values through.
 pub(crate) trait AttentionCore {
-    /// The attention output `[b, s, heads · head_dim]` of layer `layer` for its QKV projection
-    /// `qkv` `[b, s, (heads + 2 · kv_heads) · head_dim]`: q and k rotated, the new keys and
-    /// values written to the cache, attended.
-    fn attend(&mut self, layer: usize, qkv: &Tensor) -> Result<Tensor>;
+    /// The attention output `[b, s, heads · head_dim]` of layer `layer` (its heads as `heads`
+    /// lays them out) for its QKV projection `qkv` `[b, s, (heads + 2 · kv_heads) · head_dim]`:
+    /// q and k rotated, the new keys and values written to the cache, attended.
+    fn attend(&mut self, layer: usize, heads: &Attention, qkv: &Tensor) -> Result<Tensor>;
 }
 
 /// How a decoder layer's projections run.
@@ -57,7 +57,7 @@ impl DecoderLayer {
     ) -> Result<(Tensor, Tensor)> {
         let (x, normed) = self.input_layernorm.forward_after_add(residual, pending)?;
         let qkv = linears.project(index, "qkv_proj", &self.self_attn.qkv_proj, &normed)?;
-        let attn = attention.attend(index, &qkv)?;
+        let attn = attention.attend(index, &self.self_attn, &qkv)?;
         let attn = linears.project(index, "o_proj", &self.self_attn.o_proj, &attn)?;
         let (x, normed) = self
             .post_attention_layernorm

@@ -13,14 +13,14 @@ use std::ops::Range;
 use candle_core::{DType, Tensor};
 use philo_kernels::attention::{flash_attention, AttentionMask};
 use philo_kernels::paged_attention::{paged_decode_attention, write_kv};
-use philo_kernels::rope::{qkv_rope, QkvShape};
+use philo_kernels::rope::qkv_rope;
 
 use crate::decoder_layer::{AttentionCore, Projections};
 use crate::error::{ModelError, Result};
 use crate::lora_bank::LoraBank;
 use crate::lora_linear::LoraLinear;
 use crate::paged_kv_cache::PagedKvCache;
-use crate::phi3::Phi3;
+use crate::phi3::{Attention, Phi3};
 
 /// One sequence's part of a step.
 #[derive(Debug, Clone, Copy)]
@@ -93,15 +93,11 @@ impl Phi3 {
             .flat_map(|c| c.tokens.iter().copied())
             .collect();
         let ids = Tensor::from_vec(ids, (1, total), self.device())?;
-        let c = self.config();
         let mut attention = PagedAttention {
             ctx: &ctx,
             cache,
-            heads: c.num_attention_heads,
-            kv_heads: c.num_key_value_heads,
-            head_dim: c.head_dim,
             rotary_dim: self.rotary().rotary_dim(),
-            window: c.sliding_window.unwrap_or(usize::MAX),
+            window: self.config().sliding_window.unwrap_or(usize::MAX),
         };
         let mut x = self.embed(&ids)?;
         let mut pending: Option<Tensor> = None;
@@ -268,23 +264,15 @@ impl Phi3 {
 struct PagedAttention<'a> {
     ctx: &'a StepContext<'a>,
     cache: &'a PagedKvCache,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
     rotary_dim: usize,
     window: usize,
 }
 
 impl AttentionCore for PagedAttention<'_> {
-    fn attend(&mut self, layer: usize, qkv: &Tensor) -> Result<Tensor> {
-        let (h, kvh, d, window) = (self.heads, self.kv_heads, self.head_dim, self.window);
+    fn attend(&mut self, layer: usize, heads: &Attention, qkv: &Tensor) -> Result<Tensor> {
+        let shape = heads.qkv_shape(self.rotary_dim);
+        let (h, kvh, d, window) = (shape.heads, shape.kv_heads, shape.head_dim, self.window);
         let ctx = self.ctx;
-        let shape = QkvShape {
-            heads: h,
-            kv_heads: kvh,
-            head_dim: d,
-            rotary_dim: self.rotary_dim,
-        };
         let heads = qkv_rope(qkv, &ctx.cos, &ctx.sin, shape)?.squeeze(0)?;
         let (k_cache, v_cache) = (&self.cache.keys[layer], &self.cache.values[layer]);
         write_kv(k_cache, &heads.narrow(0, h, kvh)?, &ctx.slots)?;

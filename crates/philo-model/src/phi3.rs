@@ -12,6 +12,7 @@ use crate::lora_linear::{DropoutSeed, LoraLinear, WeightFormat};
 use crate::rope::RotaryEmbedding;
 use crate::weights::WeightSource;
 use philo_kernels::attention::AttentionMask;
+use philo_kernels::rope::QkvShape;
 
 /// RMSNorm: the mean square is taken in f32 whatever the compute dtype.
 #[derive(Debug, Clone)]
@@ -124,6 +125,18 @@ pub struct ForwardContext {
     pub(crate) fused: bool,
     /// Set while training: LoRA dropout masks are drawn from it.
     pub(crate) dropout: Option<DropoutSeed>,
+}
+
+impl Attention {
+    /// The head layout of `qkv_proj`'s output, rotated over `rotary_dim`.
+    pub(crate) fn qkv_shape(&self, rotary_dim: usize) -> QkvShape {
+        QkvShape {
+            heads: self.num_heads,
+            kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
+            rotary_dim,
+        }
+    }
 }
 
 /// SiLU-gated MLP with a fused `gate_up_proj` laid out [gate | up].
@@ -345,14 +358,10 @@ impl Phi3 {
                 )));
             }
         }
-        let c = &self.config;
         let mut attention = ContiguousAttention {
             ctx: &ctx.inner,
             rotary: &self.rotary,
             cache,
-            heads: c.num_attention_heads,
-            kv_heads: c.num_key_value_heads,
-            head_dim: c.head_dim,
         };
         let mut x = self.embed(input_ids)?;
         let mut pending = None;

@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Tensor};
 use philo_kernels::attention::{flash_backward_qkv, flash_forward};
 use philo_kernels::gemm::{accumulate_at_b, gemm_into};
-use philo_kernels::rope::{qkv_rope, QkvShape};
+use philo_kernels::rope::qkv_rope;
 
 use crate::error::{ModelError, Result};
 use crate::lora_linear::{DropoutSeed, LoraLinear};
@@ -395,16 +395,6 @@ fn rows(t: &Tensor) -> Result<Tensor> {
 }
 
 impl DecoderLayer {
-    fn qkv_shape(&self, rotary_dim: usize) -> QkvShape {
-        let a = &self.self_attn;
-        QkvShape {
-            heads: a.num_heads,
-            kv_heads: a.num_kv_heads,
-            head_dim: a.head_dim,
-            rotary_dim,
-        }
-    }
-
     /// The layer on `x` `[b, s, hidden]`: its output when `output`, what its backward needs
     /// when `keep`, and the state a checkpoint keeps when `output` alone. A recompute for the
     /// backward asks for the second only, which spares the down projection's GEMM and the last
@@ -423,7 +413,7 @@ impl DecoderLayer {
     ) -> Result<(Option<Tensor>, Option<LayerSaved>, Option<CheckpointState>)> {
         let ctx = &ctx.inner;
         let (b, s, hidden) = x.dims3()?;
-        let shape = self.qkv_shape(rotary_dim);
+        let shape = self.self_attn.qkv_shape(rotary_dim);
         let (h, kvh) = (shape.heads, shape.kv_heads);
         let dev = x.device();
         let n1 = norm_padded(&self.input_layernorm, x, w.qkv.pad())?;
