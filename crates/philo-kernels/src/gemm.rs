@@ -113,9 +113,6 @@ pub fn accumulate_at_b(acc: &Tensor, a: &Tensor, b: &Tensor, alpha: f64) -> Resu
 }
 
 #[cfg(feature = "cuda")]
-pub(crate) use cuda::{raw_gemm, RawGemm};
-
-#[cfg(feature = "cuda")]
 mod cuda {
     use super::*;
     use crate::launch::*;
@@ -132,7 +129,7 @@ mod cuda {
 
     /// c `[m, n]` ← alpha·op(a)·op(b) + beta·c on device addresses, row-major as [`reference`]
     /// lays them out; `lda`/`ldb` are the row strides of a and b as stored.
-    pub(crate) struct RawGemm {
+    struct RawGemm {
         pub trans_a: bool,
         pub trans_b: bool,
         pub m: usize,
@@ -153,7 +150,7 @@ mod cuda {
     ///
     /// # Safety
     /// The addresses are live device buffers holding the shapes and strides `g` names.
-    pub(crate) unsafe fn raw_gemm(dev: &CudaDevice, g: &RawGemm) -> Result<()> {
+    unsafe fn raw_gemm(dev: &CudaDevice, g: &RawGemm) -> Result<()> {
         let blas = dev.cublas_handle();
         let (in_type, out_type) = (data_type(g.in_dtype)?, data_type(g.out_dtype)?);
         // Column-major view: cᵀ [n, m] = op(b)ᵀ [n, k] · op(a)ᵀ [k, m].

@@ -24,6 +24,8 @@ pub mod swiglu;
 
 #[cfg(feature = "cuda")]
 mod launch;
+#[cfg(feature = "cuda")]
+mod lt_gemm;
 
 pub use candle_core::{Error, Result};
 

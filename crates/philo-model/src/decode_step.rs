@@ -9,8 +9,9 @@
 //! The sequences' keys and values live in a [`PagedKvCache`] the caller owns: the serving
 //! engine's pool, or [`crate::DecodeGraph`]'s own. Up to [`DecodeStep::gemv_rows`] rows go
 //! through the fused GEMV (RMSNorm or SwiGLU on its input, the residual add in its epilogue, any
-//! weight format); more rows go through cuBLAS on a dense base, with the input transform as its
-//! own kernel and the residual added by the GEMM (beta = 1).
+//! weight format); more rows go through cuBLASLt on a dense base (each shape's fastest
+//! algorithm, timed when the step is built), with the input transform as its own kernel and the
+//! residual added by the GEMM (beta = 1).
 
 use crate::error::Result;
 use crate::lora_bank::LoraBank;
@@ -70,7 +71,7 @@ impl DecodeStep {
     pub const MAX_GEMV_ROWS: usize = philo_kernels::decode::MAX_ROWS;
 
     /// Most rows the fused GEMV takes: 8 where the GPU's shared memory holds 8 staged inputs
-    /// of the MLP's width (as on the H200); past it a dense base multiplies with cuBLAS. Up to
+    /// of the MLP's width (as on the H200); past it a dense base multiplies with cuBLASLt. Up to
     /// there the GEMV is the faster on dense weights too (H200, one run: one sequence's verify
     /// step of 8 rows 1.22-1.23× a one-row step on it, 1.27× on cuBLAS; 8 sequences 2,708
     /// against 2,592 tokens/s).
@@ -221,7 +222,7 @@ mod imp {
             k: usize,
             out: u64,
         },
-        /// A projection by cuBLAS on a dense weight, named for profiles.
+        /// A projection by cuBLASLt on a dense weight, named for profiles.
         Gemm {
             name: &'static str,
             a: u64,
@@ -424,7 +425,7 @@ mod imp {
         max_rows: usize,
         /// Most rows the fused GEMV takes (see `DecodeKernels::gemv_rows`).
         gemv_rows: usize,
-        /// Every projection has dense weights: any row count runs (cuBLAS past `gemv_rows`).
+        /// Every projection has dense weights: any row count runs (cuBLASLt past `gemv_rows`).
         dense: bool,
         max_len: usize,
         max_blocks: usize,
@@ -612,7 +613,7 @@ mod imp {
                     model.layers.len() * MODULES.len() * DecodeStep::MAX_ADAPTERS * 3,
                 )?,
             };
-            Ok(Some(Inner {
+            let inner = Inner {
                 kernels,
                 device: device.clone(),
                 capture,
@@ -644,7 +645,34 @@ mod imp {
                 config: c,
                 _kept: kept,
                 _weights: weights,
-            }))
+            };
+            inner.tune_gemms()?;
+            Ok(Some(inner))
+        }
+
+        /// Times the GEMMs of every row count past the GEMV's (dense bases) now, so that no
+        /// step pays for it: a step's first run would otherwise wait on the timing.
+        fn tune_gemms(&self) -> Result<()> {
+            if !self.dense {
+                return Ok(());
+            }
+            for m in self.gemv_rows + 1..=self.max_rows {
+                for launch in self.launches(m, false, false) {
+                    if let Launch::Gemm {
+                        a,
+                        m,
+                        n,
+                        k,
+                        w,
+                        output,
+                        ..
+                    } = launch
+                    {
+                        self.kernels.tune_gemm(a, m, n, k, w, output)?;
+                    }
+                }
+            }
+            Ok(())
         }
 
         pub fn takes(&self, rows: usize) -> bool {
@@ -726,7 +754,7 @@ mod imp {
             let scratch_bytes = 4 * self.max_rows * DecodeStep::MAX_RANK;
             let scratch = |i: usize| b.lora_t + ((i % 2) * scratch_bytes) as u64;
             let lora_projections = std::cell::Cell::new(0);
-            // One projection of `m` rows: the fused GEMV, or the input transform then cuBLAS;
+            // One projection of `m` rows: the fused GEMV, or the input transform then cuBLASLt;
             // with `entries` (an adapter table), the batched LoRA of the same input: its first
             // product launched before the base (it runs beside it), its second after.
             let project = |launches: &mut Vec<Launch>,
@@ -752,7 +780,7 @@ mod imp {
                     b.staged
                 };
                 // The LoRA's first product runs beside the base projection. On the GEMV path it
-                // transforms its input itself, as the GEMV does; before cuBLAS the input is
+                // transforms its input itself, as the GEMV does; before cuBLASLt the input is
                 // staged once, for both.
                 let lora = entries.map(|entries| {
                     let y = match output {
