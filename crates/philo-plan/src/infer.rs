@@ -19,12 +19,12 @@ const PREFILL_HIDDEN_COPIES: f64 = 31.0;
 /// docs/plan.md). Up to the GEMV's rows (8) the weights stream at their
 /// GEMV's efficiency (`gemv_fit`: the quantised GEMVs are latency-bound on the H200, so on a
 /// GPU of less bandwidth the prediction errs low) and every row past the first costs its
-/// staging; the LM head is read in the compute dtype. More rows of a dense base run cuBLAS:
+/// staging; the LM head is read in the compute dtype. More rows of a dense base run cuBLASLt:
 /// the weights at GEMM_WEIGHT_EFFICIENCY and GEMM_ROW_SECONDS a row. The KV cache is read at
 /// KV_EFFICIENCY (the tensor-core attention, any context). Each layer's RoPE, attention launch
 /// and norms are inside these fits.
-const GEMM_WEIGHT_EFFICIENCY: f64 = 0.52;
-const GEMM_ROW_SECONDS: f64 = 8.4e-6;
+const GEMM_WEIGHT_EFFICIENCY: f64 = 0.553;
+const GEMM_ROW_SECONDS: f64 = 5.25e-6;
 const KV_EFFICIENCY: f64 = 0.795;
 /// More rows of a quantised base run the general forward, which dequantises each projection per
 /// matmul (read the codes, write and read the dense copy) at DEQUANT_EFFICIENCY, launches
@@ -36,8 +36,8 @@ const GENERAL_KV_EFFICIENCY: f64 = 0.3;
 const GENERAL_GEMM_EFFICIENCY: f64 = 0.4;
 /// Each sequence of a serving step costs SEQUENCE_SECONDS: sampling, bookkeeping and its share
 /// of the prompts' prefill (fitted to `philo bench serve`, 128 + 128 tokens, 26 and 64
-/// streams, with fresh prompts prefilled packed).
-const SEQUENCE_SECONDS: f64 = 29e-6;
+/// streams, with fresh prompts prefilled packed; refitted with cuBLASLt's timed algorithms).
+const SEQUENCE_SECONDS: f64 = 33e-6;
 
 /// A format's GEMV on the H200: the fraction of the bandwidth its weights stream at, one row,
 /// and the seconds each further row adds (fitted to `bench decode --batch 1/2/4/8`).
@@ -380,8 +380,9 @@ mod tests {
             (&mini, Dense, 2, 128, 256, 798.8),
             (&mini, Dense, 4, 128, 256, 1_472.2),
             (&mini, Dense, 8, 128, 256, 2_647.3),
-            (&mini, Dense, 16, 128, 128, 4_519.9),
-            (&mini, Dense, 64, 128, 128, 13_418.0),
+            // cuBLASLt's timed algorithms (fifteenth session).
+            (&mini, Dense, 16, 128, 128, 4_993.2),
+            (&mini, Dense, 64, 128, 128, 14_525.0),
             (&long, Dense, 1, 2048, 128, 387.5),
             (&long, Dense, 1, 16_384, 256, 249.4),
             (&long, Dense, 1, 32_768, 256, 175.2),
@@ -405,7 +406,7 @@ mod tests {
     fn serve_speed_follows_the_h200_measurements() {
         let mini = ModelShape::from_config(&Phi3Config::phi3_mini_4k());
         let h200 = GpuSpec::parse("h200").unwrap();
-        for (streams, measured) in [(26, 5_999.5), (64, 10_338.4)] {
+        for (streams, measured) in [(26, 6_457.0), (64, 10_390.0)] {
             let setup = ServeSetup {
                 base: BaseFormat::Dense,
                 dtype_bytes: 2,
