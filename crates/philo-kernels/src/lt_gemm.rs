@@ -134,21 +134,17 @@ impl LtGemm {
         beta: f32,
     ) -> Result<()> {
         let shape = Shape { m, n, k, out_f32 };
-        let mut plans = self.plans()?;
-        let plan = match plans.entry(shape) {
-            Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(e) => {
-                let capturing = self.stream.capture_status().w()?
-                    != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
-                let plan = self.plan(shape, (x, w, y), beta, !capturing)?;
-                if capturing {
-                    // Untimed: run it, but time the shape at its next call outside a capture.
-                    return self.run(&plan, x, w, y, beta);
-                }
-                e.insert(plan)
-            }
-        };
-        self.run(plan, x, w, y, beta)
+        if let Some(plan) = self.plans()?.get(&shape) {
+            return self.run(plan, x, w, y, beta);
+        }
+        if self.stream.capture_status().w()? != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE
+        {
+            // Untimed: run it, but time the shape at its next call outside a capture.
+            let plan = self.plan(shape, (x, w, y), beta, false)?;
+            return self.run(&plan, x, w, y, beta);
+        }
+        self.tune((m, n, k), x, w, y, out_f32, beta)?;
+        self.run(&self.plans()?[&shape], x, w, y, beta)
     }
 
     /// Times the candidates of a shape ahead of its first [`LtGemm::gemm`], which then runs
