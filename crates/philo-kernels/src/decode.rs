@@ -1048,9 +1048,9 @@ mod device {
         }
 
         /// `out = a · Wᵀ` for `a` `[m, k]` and a dense weight `[n, k]` in the compute dtype, on
-        /// cuBLASLt with the fastest algorithm for the shape, timed at its first use (f32
-        /// accumulation): stored, added to the residual stream (beta = 1, rounded once), or
-        /// written as f32.
+        /// cuBLASLt with the fastest algorithm for the shape, timed ahead
+        /// ([`DecodeKernels::tune_gemm`]) or at its first call (f32 accumulation): stored,
+        /// added to the residual stream (beta = 1, rounded once), or written as f32.
         pub fn gemm(
             &self,
             a: u64,
