@@ -48,7 +48,7 @@ struct Plan {
 
 impl Drop for Plan {
     fn drop(&mut self) {
-        // SAFETY: created in `Plan::new`, destroyed once here.
+        // SAFETY: created in `LtGemm::plan`, destroyed once here.
         unsafe {
             let _ = result::destroy_matrix_layout(self.w);
             let _ = result::destroy_matrix_layout(self.x);
@@ -203,7 +203,6 @@ impl LtGemm {
 
     /// The descriptors of `s` and its algorithm: the fastest candidate when `time`, else the
     /// heuristic's first.
-    #[allow(clippy::too_many_arguments)]
     unsafe fn plan(
         &self,
         s: Shape,
