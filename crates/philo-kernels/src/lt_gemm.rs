@@ -48,12 +48,16 @@ struct Plan {
 
 impl Drop for Plan {
     fn drop(&mut self) {
-        // SAFETY: created in `LtGemm::plan`, destroyed once here.
+        // SAFETY: created in `LtGemm::plan` (null where it stopped early), destroyed once here.
         unsafe {
-            let _ = result::destroy_matrix_layout(self.w);
-            let _ = result::destroy_matrix_layout(self.x);
-            let _ = result::destroy_matrix_layout(self.y);
-            let _ = result::destroy_matmul_desc(self.desc);
+            for layout in [self.w, self.x, self.y] {
+                if !layout.is_null() {
+                    let _ = result::destroy_matrix_layout(layout);
+                }
+            }
+            if !self.desc.is_null() {
+                let _ = result::destroy_matmul_desc(self.desc);
+            }
         }
     }
 }
@@ -212,18 +216,23 @@ impl LtGemm {
     ) -> Result<Plan> {
         let in_type = data_type(self.dtype)?;
         let out_type = data_type(if s.out_f32 { DType::F32 } else { self.dtype })?;
-        let desc = result::create_matmul_desc(
+        // Filled in one by one: on an error, Drop destroys what was made.
+        let mut plan = Plan {
+            desc: std::ptr::null_mut(),
+            w: std::ptr::null_mut(),
+            x: std::ptr::null_mut(),
+            y: std::ptr::null_mut(),
+            algo: std::mem::zeroed(),
+        };
+        plan.desc = result::create_matmul_desc(
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
             sys::cudaDataType::CUDA_R_32F,
         )
         .lt()?;
-        let mut plan = Plan {
-            desc,
-            w: result::create_matrix_layout(in_type, s.k as u64, s.n as u64, s.k as i64).lt()?,
-            x: result::create_matrix_layout(in_type, s.k as u64, s.m as u64, s.k as i64).lt()?,
-            y: result::create_matrix_layout(out_type, s.n as u64, s.m as u64, s.n as i64).lt()?,
-            algo: std::mem::zeroed(),
-        };
+        plan.w = result::create_matrix_layout(in_type, s.k as u64, s.n as u64, s.k as i64).lt()?;
+        plan.x = result::create_matrix_layout(in_type, s.k as u64, s.m as u64, s.k as i64).lt()?;
+        plan.y = result::create_matrix_layout(out_type, s.n as u64, s.m as u64, s.n as i64).lt()?;
+        let desc = plan.desc;
         let (t, n) = (
             cublasOperation_t::CUBLAS_OP_T,
             cublasOperation_t::CUBLAS_OP_N,
