@@ -110,8 +110,9 @@ impl LtGemm {
     /// A handle and workspace on `stream` for inputs of `dtype` (bf16 or f16).
     pub(crate) fn new(stream: Arc<CudaStream>, dtype: DType) -> Result<Self> {
         data_type(dtype)?;
-        let handle = result::create_handle().lt()?;
+        // The workspace first: nothing to free if its allocation fails.
         let workspace = stream.alloc_zeros::<u8>(WORKSPACE).w()?;
+        let handle = result::create_handle().lt()?;
         Ok(Self {
             handle,
             stream,
