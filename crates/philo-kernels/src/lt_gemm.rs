@@ -309,7 +309,7 @@ impl LtGemm {
     /// workspace is overwritten (32 MiB through the L2, which evicts most of the weights a
     /// previous call left there). The calls write `y` when beta is 0 (the real call overwrites
     /// it next), else scratch output, so that the residual in `y` is left as it was. One
-    /// synchronisation for all (about 1 ms a shape on the H200).
+    /// synchronisation for all.
     #[allow(clippy::too_many_arguments)]
     unsafe fn fastest(
         &self,
@@ -338,30 +338,27 @@ impl LtGemm {
         };
         let (workspace, _sync) = self.workspace.device_ptr(&self.stream);
         let timing = Some(CUevent_flags::CU_EVENT_DEFAULT);
-        // Per candidate, its calls' (start, end) events, or None where a call failed (a
-        // candidate that fails at run time is passed over).
+        // Per candidate, its calls' (start, end) events; none where a call failed (a candidate
+        // that fails at run time is passed over).
         let mut events = Vec::with_capacity(candidates.len());
         for &algo in candidates {
             plan.algo = algo;
-            let mut calls = Some(Vec::with_capacity(TIMED_CALLS));
+            let mut calls = Vec::with_capacity(TIMED_CALLS);
             for _ in 0..TIMED_CALLS {
                 driver::memset_d8_async(workspace, 0, WORKSPACE, self.stream.cu_stream()).w()?;
                 let start = self.stream.record_event(timing).w()?;
                 if self.run(plan, x, w, out, 0.0).is_err() {
-                    calls = None;
+                    calls.clear();
                     break;
                 }
-                let end = self.stream.record_event(timing).w()?;
-                if let Some(c) = calls.as_mut() {
-                    c.push((start, end));
-                }
+                calls.push((start, self.stream.record_event(timing).w()?));
             }
             events.push(calls);
         }
         self.stream.synchronize().w()?;
         let mut best = (f32::INFINITY, candidates[0]);
         for (&algo, calls) in candidates.iter().zip(&events) {
-            for (start, end) in calls.iter().flatten() {
+            for (start, end) in calls {
                 let ms = start.elapsed_ms(end).w()?;
                 if ms < best.0 {
                     best = (ms, algo);
