@@ -138,6 +138,10 @@ pub struct StepRuns {
     pub launched: u64,
     /// Graphs captured (each then replayed in the same step).
     pub captured: u64,
+    /// Host time writing the steps' inputs to the GPU (rows' state, logit adjustments).
+    pub upload: std::time::Duration,
+    /// Host time launching the steps (capturing, replaying or launching their kernels).
+    pub launch: std::time::Duration,
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -1063,6 +1067,7 @@ mod imp {
                     self.max_rows, self.gemv_rows
                 )));
             }
+            let started = std::time::Instant::now();
             let mut adapter_index = Vec::with_capacity(m);
             for (r, row) in rows.iter().enumerate() {
                 let index = match row.adapter {
@@ -1111,6 +1116,8 @@ mod imp {
                 .map_err(candle_core::Error::wrap)?;
             let adjust = self.write_adjustments(rows, &order)?;
             self.order = order;
+            let uploaded = std::time::Instant::now();
+            self.runs.upload += uploaded - started;
             let key = (m, lora, adjust);
             // A key's first step runs launch by launch (which also lets cuBLAS set itself up
             // outside a capture); its second is captured, then replayed.
@@ -1140,6 +1147,7 @@ mod imp {
                     self.runs.launched += 1;
                 }
             }
+            self.runs.launch += uploaded.elapsed();
             Ok(())
         }
 

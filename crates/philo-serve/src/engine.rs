@@ -632,10 +632,17 @@ impl Engine {
                 profile.step_done(self.sequences.len(), || {
                     let general = shared.stats().general_steps_total;
                     let runs = decode.as_ref().map(DecodeStep::runs).unwrap_or_default();
+                    let steps = (runs.replayed + runs.launched).max(1) as f64;
+                    let per_step = |d: std::time::Duration| d.as_secs_f64() * 1e3 / steps;
                     format!(
                         "since start: {general} general steps, decode step {} replayed, \
-                         {} launched, {} captured",
-                        runs.replayed, runs.launched, runs.captured
+                         {} launched, {} captured, its host time {:.3} ms uploading and \
+                         {:.3} ms launching a step",
+                        runs.replayed,
+                        runs.launched,
+                        runs.captured,
+                        per_step(runs.upload),
+                        per_step(runs.launch)
                     )
                 });
             }
