@@ -30,6 +30,9 @@ pub struct BenchResult {
     /// Decode: which step ran (`graph`, `kernels` or `candle`, see [`DecodeEngine`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub engine: Option<String>,
+    /// Serve: the paged KV pool the engine ran with (every stream's blocks), GiB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kv_pool_gib: Option<f64>,
 }
 
 /// How `bench decode` runs a step.
@@ -118,6 +121,7 @@ pub fn prefill(
         tokens_per_second: tokens as f64 / best,
         peak_memory_gib: peak_memory_gib(model.device()),
         host_ms_per_step: None,
+        kv_pool_gib: None,
         engine: None,
     })
 }
@@ -369,6 +373,7 @@ impl DecodeSteps {
             tokens_per_second: tokens as f64 / self.seconds,
             peak_memory_gib: peak_memory_gib(model.device()),
             host_ms_per_step: Some(self.issuing * 1e3 / self.new_tokens.max(1) as f64),
+            kv_pool_gib: None,
             engine: Some(engine.into()),
         }
     }
@@ -578,6 +583,7 @@ pub fn train(mut model: Phi3, options: &TrainBench) -> anyhow::Result<BenchResul
         tokens_per_second: tokens as f64 / seconds,
         peak_memory_gib: peak_memory_gib(&device),
         host_ms_per_step: None,
+        kv_pool_gib: None,
         engine: None,
     })
 }
@@ -601,13 +607,19 @@ pub fn serve(
     use philo_serve::request::{Backend, GenerationEvent, GenerationRequest};
     let block_size = 16;
     let per_stream = (prompt_len + new_tokens).div_ceil(block_size);
+    // Every stream's blocks, and the one the warm-up request takes.
+    let num_blocks = streams * per_stream + 1;
+    let kv_gib = (num_blocks
+        * philo_model::PagedKvCache::bytes_per_block(model.config(), block_size, model.dtype()))
+        as f64
+        / (1u64 << 30) as f64;
     let config = EngineConfig {
         model_id: "bench".into(),
         max_running: streams,
         max_tokens_per_step: 4096,
         max_queue: streams,
         block_size,
-        num_blocks: streams * per_stream + 1,
+        num_blocks,
         decode_path: match decode {
             DecodeEngine::Graph => DecodePath::Graph,
             DecodeEngine::Kernels => DecodePath::Kernels,
@@ -681,9 +693,11 @@ pub fn serve(
         tokens_per_second: tokens as f64 / seconds,
         peak_memory_gib: peak_memory_gib(model.device()),
         host_ms_per_step: None,
+        kv_pool_gib: Some(kv_gib),
         engine: Some(match speculative_tokens {
             None => format!(
-                "{}, {} of {} steps general",
+                "{}, {} of {} steps general, KV pool {num_blocks} blocks of {block_size} \
+                 ({kv_gib:.2} GiB)",
                 format!("{decode:?}").to_lowercase(),
                 stats.general_steps_total,
                 stats.steps_total

@@ -342,6 +342,46 @@ fn greedy_generate_streams_text_and_is_deterministic() {
         curve.iter().all(|c| c["ms"].as_f64().unwrap() > 0.0),
         "{json}"
     );
+    // `bench serve` runs its streams through the engine and reports the KV pool it sized for
+    // them: 2 streams of 8 + 4 tokens, a block of 16 each, and one for the warm-up request.
+    let report = work.path().join("serve.json");
+    let out = run(
+        work.path(),
+        &[
+            "bench",
+            "serve",
+            "--model",
+            model,
+            "--device",
+            "cpu",
+            "--batch",
+            "2",
+            "--seq",
+            "8",
+            "--new_tokens",
+            "4",
+            "--json",
+            report.to_str().unwrap(),
+        ],
+    );
+    assert_success(&out, "philo bench serve");
+    let json = &read_json(&report)[0];
+    assert_eq!(json["tokens"], 8, "{json}");
+    let engine = json["engine"].as_str().unwrap();
+    assert!(engine.contains("KV pool 3 blocks of 16"), "{json}");
+    // The tiny model's block: 2 (keys, values) × layers × kv heads × head dim × 16 × f32.
+    let config = read_json(&Path::new(model).join("config.json"));
+    let field = |key: &str| config[key].as_u64().unwrap();
+    let head_dim = field("hidden_size") / field("num_attention_heads");
+    let kv_heads = config["num_key_value_heads"]
+        .as_u64()
+        .unwrap_or(field("num_attention_heads"));
+    let block_bytes = 2 * field("num_hidden_layers") * kv_heads * head_dim * 16 * 4;
+    let gib = json["kv_pool_gib"].as_f64().unwrap();
+    assert!(
+        (gib * (1u64 << 30) as f64 - (3 * block_bytes) as f64).abs() < 1.0,
+        "{json}"
+    );
     // A draft without --speculative draft, and the reverse, are refused with the fix, by
     // generate and by the server (before it loads anything).
     for command in [
