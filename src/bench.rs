@@ -681,6 +681,21 @@ pub fn serve(
         streams * new_tokens
     );
     let (device, dtype, layers) = describe(model);
+    let run = match speculative_tokens {
+        None => format!(
+            "{}, {} of {} steps general",
+            format!("{decode:?}").to_lowercase(),
+            stats.general_steps_total,
+            stats.steps_total
+        ),
+        Some(k) => format!(
+            "{} + {} k≤{k}: {} of {} proposed accepted",
+            format!("{decode:?}").to_lowercase(),
+            if draft.is_some() { "draft" } else { "ngram" },
+            stats.spec_accepted_tokens_total,
+            stats.spec_proposed_tokens_total
+        ),
+    };
     Ok(BenchResult {
         task: "serve".into(),
         device,
@@ -694,22 +709,9 @@ pub fn serve(
         peak_memory_gib: peak_memory_gib(model.device()),
         host_ms_per_step: None,
         kv_pool_gib: Some(kv_gib),
-        engine: Some(match speculative_tokens {
-            None => format!(
-                "{}, {} of {} steps general, KV pool {num_blocks} blocks of {block_size} \
-                 ({kv_gib:.2} GiB)",
-                format!("{decode:?}").to_lowercase(),
-                stats.general_steps_total,
-                stats.steps_total
-            ),
-            Some(k) => format!(
-                "{} + {} k≤{k}: {} of {} proposed accepted",
-                format!("{decode:?}").to_lowercase(),
-                if draft.is_some() { "draft" } else { "ngram" },
-                stats.spec_accepted_tokens_total,
-                stats.spec_proposed_tokens_total
-            ),
-        }),
+        engine: Some(format!(
+            "{run}, KV pool {num_blocks} blocks of {block_size} ({kv_gib:.2} GiB)"
+        )),
     })
 }
 
