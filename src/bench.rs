@@ -42,6 +42,9 @@ pub enum DecodeEngine {
     Graph,
     /// The same kernels launched one by one (what the graph saves).
     Kernels,
+    /// The graph with a one-sequence step's decoder layers in one persistent kernel (`bench
+    /// decode --batch 1` on dense, INT8 or INT4 weights; else as `graph`, and serve runs `graph`).
+    Layers,
     /// The general forward through candle with a growing KV cache.
     Candle,
 }
@@ -139,13 +142,21 @@ pub fn decode(
     adapter: Option<&philo_model::Adapter>,
 ) -> anyhow::Result<BenchResult> {
     if engine != DecodeEngine::Candle {
-        let capture = engine == DecodeEngine::Graph;
+        let capture = engine != DecodeEngine::Kernels;
         let capacity = prompt_len + new_tokens + 1;
         if let Some(mut graph) = philo_model::DecodeGraph::new(model, batch, capacity, capture)? {
             if let Some(adapter) = adapter {
                 graph.set_adapter(model, adapter)?;
             }
-            return decode_graph(model, graph, batch, prompt_len, new_tokens, engine);
+            let persistent = engine == DecodeEngine::Layers
+                && batch == 1
+                && adapter.is_none()
+                && graph.set_persistent_layers(true);
+            let ran = match engine {
+                DecodeEngine::Layers if !persistent => DecodeEngine::Graph,
+                other => other,
+            };
+            return decode_graph(model, graph, batch, prompt_len, new_tokens, ran);
         }
     }
     anyhow::ensure!(
@@ -621,7 +632,7 @@ pub fn serve(
         block_size,
         num_blocks,
         decode_path: match decode {
-            DecodeEngine::Graph => DecodePath::Graph,
+            DecodeEngine::Graph | DecodeEngine::Layers => DecodePath::Graph,
             DecodeEngine::Kernels => DecodePath::Kernels,
             DecodeEngine::Candle => DecodePath::Eager,
         },

@@ -288,6 +288,8 @@ fn round_to(v: f32, dtype: DType) -> f32 {
 
 #[cfg(feature = "cuda")]
 pub use device::DecodeKernels;
+#[cfg(feature = "cuda")]
+pub(crate) use device::{int, Arg};
 
 #[cfg(feature = "cuda")]
 impl GemvWeight {
@@ -357,14 +359,14 @@ mod device {
 
     /// One kernel parameter.
     #[derive(Clone, Copy)]
-    enum Arg {
+    pub(crate) enum Arg {
         Ptr(u64),
         I32(i32),
         F32(f32),
     }
 
     /// A size or count as the kernels' `int` (saturating: a window of usize::MAX means none).
-    fn int(v: usize) -> Arg {
+    pub(crate) fn int(v: usize) -> Arg {
         Arg::I32(v.min(i32::MAX as usize) as i32)
     }
 
@@ -1224,7 +1226,7 @@ mod device {
 
         /// Launches `f` on the device's stream, with programmatic dependent launch where the
         /// GPU has it (cudarc's builder cannot set launch attributes, hence the driver call).
-        fn launch(
+        pub(crate) fn launch(
             &self,
             f: &CudaFunction,
             grid: (u32, u32, u32),

@@ -37,6 +37,7 @@ module!(DROPOUT, "dropout");
 module!(GEMV, "gemv");
 module!(PAGED_ATTENTION, "paged_attention");
 module!(DECODE, "decode");
+module!(DECODE_LAYERS, "decode_layers");
 module!(LORA, "lora");
 module!(ADAMW, "adamw");
 module!(ROWS, "rows");

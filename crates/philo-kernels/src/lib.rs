@@ -9,6 +9,7 @@ pub mod adamw;
 pub mod attention;
 pub mod cross_entropy;
 pub mod decode;
+pub mod decode_layers;
 pub mod dropout;
 pub mod gemm;
 pub mod gemv;

@@ -102,6 +102,12 @@ impl DecodeGraph {
         Ok(())
     }
 
+    /// Runs one-sequence steps with every decoder layer in one persistent kernel when `on` (see
+    /// [`DecodeStep::set_persistent_layers`]); returns whether they now do.
+    pub fn set_persistent_layers(&mut self, on: bool) -> bool {
+        self.step.set_persistent_layers(on)
+    }
+
     /// Sequences the graph decodes together.
     fn rows(&self) -> usize {
         self.tables.len()

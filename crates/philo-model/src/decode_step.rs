@@ -126,6 +126,14 @@ impl DecodeStep {
     pub fn runs(&self) -> StepRuns {
         self.inner.runs()
     }
+
+    /// Runs one-row steps without adapters with every decoder layer in one persistent kernel
+    /// (`philo_kernels::decode_layers`) when `on`, else as a launch per kernel (the default);
+    /// returns whether one-row steps now run it: on dense, INT8 or INT4 weights of whole
+    /// 512-byte tiles, on a GPU whose blocks hold its rings.
+    pub fn set_persistent_layers(&mut self, on: bool) -> bool {
+        self.inner.set_persistent_layers(on)
+    }
 }
 
 /// How a [`DecodeStep`]'s steps ran: a step whose (rows, adapters, adjustments) key has a
@@ -188,6 +196,9 @@ mod imp {
         pub fn runs(&self) -> StepRuns {
             match *self {}
         }
+        pub fn set_persistent_layers(&mut self, _: bool) -> bool {
+            match *self {}
+        }
     }
 }
 
@@ -204,6 +215,9 @@ mod imp {
     use philo_kernels::decode::{
         lora_entry, Attention, AttentionKernel, BatchedLora, DecodeKernels, Gemv, GemvInput,
         GemvOutput, GemvWeight, RopeKv, MAX_ROWS,
+    };
+    use philo_kernels::decode_layers::{
+        layer_words, DecodeLayers, LayerBuffers, LayerKernel, LayerShape,
     };
     use std::collections::{HashMap, HashSet};
 
@@ -253,6 +267,8 @@ mod imp {
         },
         RopeKv(RopeKv),
         Attention(Attention),
+        /// Every decoder layer in one persistent kernel (one row).
+        Layers(LayerKernel, DecodeLayers),
         Argmax {
             logits: u64,
             vocab: usize,
@@ -290,6 +306,7 @@ mod imp {
                 Launch::Widen { .. } => "logits to f32",
                 Launch::RopeKv(_) => "rope + kv write",
                 Launch::Attention(_) => "attention",
+                Launch::Layers(..) => "decoder layers (persistent)",
                 Launch::Argmax { .. } => "argmax",
                 Launch::Sample { .. } => "sample",
                 Launch::Adjust { .. } => "logit adjustments",
@@ -330,6 +347,7 @@ mod imp {
                 Launch::Widen { x, out, n } => k.widen(*x, *out, *n),
                 Launch::RopeKv(a) => k.rope_write_kv(a),
                 Launch::Attention(a) => k.attention(a),
+                Launch::Layers(kernel, a) => kernel.launch(k, a),
                 Launch::Argmax {
                     logits,
                     vocab,
@@ -422,6 +440,19 @@ mod imp {
         lora_table: CudaSlice<u64>,
     }
 
+    /// The persistent kernel of one-row steps' decoder layers, with its buffers.
+    struct PersistentLayers {
+        kernel: LayerKernel,
+        /// The layers' table (`layer_words`), `[layers, LAYER_WORDS]`.
+        table: CudaSlice<u64>,
+        /// The attention's f32 partial results.
+        partial: CudaSlice<f32>,
+        /// The grid barrier's two counters.
+        sync: CudaSlice<u32>,
+        /// Whether one-row steps run it (see `DecodeStep::set_persistent_layers`).
+        on: bool,
+    }
+
     pub struct Inner {
         kernels: DecodeKernels,
         device: CudaDevice,
@@ -446,6 +477,8 @@ mod imp {
         tables: [u64; 4],
         caches: Vec<(u64, u64)>,
         buffers: Buffers,
+        /// The persistent layers kernel, where the weights and GPU take it.
+        persistent: Option<PersistentLayers>,
         /// The captured steps.
         graphs: HashMap<GraphKey, Captured>,
         /// The keys run once without a graph.
@@ -504,6 +537,66 @@ mod imp {
         };
         kept.push(linear.base.clone());
         Ok(Some(Projection { weight, dense }))
+    }
+
+    /// The persistent layers kernel for `layers` with its buffers (off until asked for), or None
+    /// where it does not run (see `LayerKernel::load`; every layer in one format).
+    fn persistent_layers(
+        layers: &[LayerWeights],
+        caches: &[(u64, u64)],
+        c: &crate::config::Phi3Config,
+        rotary_dim: usize,
+        block_size: usize,
+        dtype: DType,
+        device: &CudaDevice,
+    ) -> Result<Option<PersistentLayers>> {
+        let Some(first) = layers.first() else {
+            return Ok(None);
+        };
+        let format = std::mem::discriminant(&first.qkv.weight);
+        let mut words = Vec::new();
+        for (l, &(k_cache, v_cache)) in layers.iter().zip(caches) {
+            let buffers = LayerBuffers {
+                qkv: l.qkv.weight,
+                o: l.o.weight,
+                gate_up: l.gate_up.weight,
+                down: l.down.weight,
+                input_norm: l.input_norm,
+                post_norm: l.post_norm,
+                k_cache,
+                v_cache,
+            };
+            match layer_words(&buffers) {
+                Some(w) if std::mem::discriminant(&l.qkv.weight) == format => words.extend(w),
+                _ => return Ok(None),
+            }
+        }
+        let shape = LayerShape {
+            hidden: c.hidden_size,
+            inter: c.intermediate_size,
+            heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            rotary_dim,
+            block_size,
+            window: c.sliding_window.unwrap_or(usize::MAX),
+            eps: c.rms_norm_eps as f32,
+        };
+        let Some(kernel) = LayerKernel::load(device, dtype, &first.qkv.weight, shape)? else {
+            return Ok(None);
+        };
+        let mut table = device.alloc_zeros::<u64>(words.len())?;
+        device
+            .cuda_stream()
+            .memcpy_htod(&words, &mut table)
+            .map_err(candle_core::Error::wrap)?;
+        Ok(Some(PersistentLayers {
+            partial: device.alloc_zeros::<f32>(kernel.partial_floats())?,
+            sync: device.alloc_zeros::<u32>(2)?,
+            kernel,
+            table,
+            on: false,
+        }))
     }
 
     impl Inner {
@@ -617,7 +710,17 @@ mod imp {
                     model.layers.len() * MODULES.len() * DecodeStep::MAX_ADAPTERS * 3,
                 )?,
             };
+            let persistent = persistent_layers(
+                &layers,
+                &caches,
+                &c,
+                rotary.rotary_dim(),
+                block_size,
+                dtype,
+                device,
+            )?;
             let inner = Inner {
+                persistent,
                 kernels,
                 device: device.clone(),
                 capture,
@@ -739,6 +842,19 @@ mod imp {
 
         pub fn has_adapter(&self, slot: usize) -> bool {
             self.adapters.contains(&slot)
+        }
+
+        pub fn set_persistent_layers(&mut self, on: bool) -> bool {
+            let Some(p) = &mut self.persistent else {
+                return false;
+            };
+            if p.on != on {
+                p.on = on;
+                // One-row steps captured the other way.
+                self.graphs.retain(|key, _| key.0 != 1);
+                self.seen.retain(|key| key.0 != 1);
+            }
+            on
         }
 
         /// The step's launches for `m` rows, with the batched LoRA of each projection when
@@ -893,8 +1009,38 @@ mod imp {
             let qkv_shape = ((h + 2 * kvh) * d, hidden);
             let (o_shape, gu_shape, down_shape) =
                 ((hidden, h * d), (2 * inter, hidden), (hidden, inter));
-            for (i, (layer, &(k_cache, v_cache))) in
-                self.layers.iter().zip(&self.caches).enumerate()
+            // A one-row step without adapters may run every layer in the persistent kernel;
+            // else a launch per kernel, layer by layer.
+            let persistent = self.persistent.as_ref().filter(|p| p.on && m == 1 && !lora);
+            if let Some(p) = persistent {
+                launches.push(Launch::Layers(
+                    p.kernel.clone(),
+                    DecodeLayers {
+                        table: slice_addr(&p.table, &self.device),
+                        layers: self.layers.len(),
+                        x: b.x,
+                        qkv: b.qkv,
+                        h: b.gate_up,
+                        partial: slice_addr(&p.partial, &self.device),
+                        rope: self.tables,
+                        lens,
+                        long_rows,
+                        tables,
+                        sync: slice_addr(&p.sync, &self.device),
+                    },
+                ));
+            }
+            let launched_layers = if persistent.is_some() {
+                0
+            } else {
+                self.layers.len()
+            };
+            for (i, (layer, &(k_cache, v_cache))) in self
+                .layers
+                .iter()
+                .zip(&self.caches)
+                .enumerate()
+                .take(launched_layers)
             {
                 let l = &mut launches;
                 let store_qkv = GemvOutput::Store(b.qkv);

@@ -565,3 +565,87 @@ fn decode_graph_samples_as_the_reference_draws_on_cuda() {
     // Sampling, not argmax: the draws spread over several tokens.
     assert!(distinct.len() > 3, "{distinct:?}");
 }
+
+/// One sequence decoded greedily with every decoder layer in the persistent kernel
+/// (`DecodeGraph::set_persistent_layers`) and, beside it, with a launch per kernel: each
+/// step's logits against the full forward's and the other graph's.
+fn persistent_case(model: &Phi3, prompt_len: usize, steps: usize, tol: f32) {
+    let vocab = model.config().vocab_size;
+    let capacity = prompt_len + steps + 1;
+    let mut layers = DecodeGraph::new(model, 1, capacity, true)
+        .unwrap()
+        .expect("the graph takes this model");
+    assert!(
+        layers.set_persistent_layers(true),
+        "the persistent kernel takes this model"
+    );
+    let mut chain = DecodeGraph::new(model, 1, capacity, true).unwrap().unwrap();
+    let mut ids = prompt(1, prompt_len, vocab);
+    let long = model.rotary().uses_long_factors(ids.len() - 1);
+    let mut next = argmax(&layers.prefill(model, 0, &ids, long).unwrap());
+    chain.prefill(model, 0, &ids, long).unwrap();
+    let (mut worst_forward, mut worst_chain) = (0f32, 0f32);
+    for step in 0..steps {
+        ids.push(next);
+        layers.step(&[next]).unwrap();
+        chain.step(&[next]).unwrap();
+        let logits = layers.logits().unwrap();
+        assert_eq!(layers.tokens().unwrap()[0], argmax(&logits), "step {step}");
+        let got = candle_core::Tensor::new(logits.as_slice(), &Device::Cpu).unwrap();
+        let launched = chain.logits().unwrap();
+        let launched = candle_core::Tensor::new(launched.as_slice(), &Device::Cpu).unwrap();
+        let forward = relative_diff(&got, &last_logits(model, &ids));
+        let beside = relative_diff(&got, &launched);
+        worst_forward = worst_forward.max(forward);
+        worst_chain = worst_chain.max(beside);
+        assert!(
+            forward < tol && beside < tol,
+            "step {step} (length {}): relative diff {forward} from the full forward, {beside} from the launch-per-kernel step",
+            ids.len()
+        );
+        next = argmax(&logits);
+    }
+    eprintln!(
+        "  prompt {prompt_len}, {steps} steps: largest relative diff {worst_forward:.4} from the full forward, {worst_chain:.4} from the launch-per-kernel step"
+    );
+}
+
+/// The persistent layers kernel on Phi-3-mini's widths (3,072 hidden, 32 heads of 96; a
+/// narrower MLP of 2,048 and 2 layers, to keep the test small) in bf16, INT8 and INT4: a
+/// 300-token prompt (each head's positions split over three blocks), a short one, and, with 8
+/// key/value heads, a sliding window of 64 crossed while decoding. The fixtures' shapes (widths
+/// of 128) do not take it.
+#[test]
+fn persistent_layers_match_the_full_forward_on_cuda() {
+    let Some(device) = cuda_device() else {
+        return;
+    };
+    let tiny = load_case_bf16("mini4k", &device, WeightFormat::Dense);
+    let mut graph = DecodeGraph::new(&tiny, 1, 64, true).unwrap().unwrap();
+    assert!(!graph.set_persistent_layers(true));
+
+    let mut config = philo_model::tiny::tiny_config();
+    config.vocab_size = 4096;
+    config.hidden_size = 3072;
+    config.intermediate_size = 2048;
+    config.num_attention_heads = 32;
+    config.num_key_value_heads = 32;
+    config.head_dim = 96;
+    config.rope.rotary_dim = 96;
+    config.num_hidden_layers = 2;
+    let weights = philo_model::tiny::random_weights(&config, 7, &Device::Cpu).unwrap();
+    let mut windowed = config.clone();
+    windowed.sliding_window = Some(64);
+    windowed.num_key_value_heads = 8;
+    let windowed_weights = philo_model::tiny::random_weights(&windowed, 8, &Device::Cpu).unwrap();
+    for format in [WeightFormat::Dense, WeightFormat::Int8, WeightFormat::Int4] {
+        let tol = tolerance(format);
+        eprintln!("{format:?}");
+        let model = Phi3::load_as(&config, &weights, DType::BF16, &device, format).unwrap();
+        persistent_case(&model, 300, 8, tol);
+        persistent_case(&model, 7, 4, tol);
+        let model =
+            Phi3::load_as(&windowed, &windowed_weights, DType::BF16, &device, format).unwrap();
+        persistent_case(&model, 50, 30, tol);
+    }
+}

@@ -1,0 +1,547 @@
+// Every decoder layer of a one-row decode step in one persistent kernel (the launch-per-kernel
+// step of decode.cu is its reference: same inputs, same outputs, rounded the same way up to the
+// order of the sums). One block per multiprocessor runs each layer's phases in turn:
+//
+//   G0  RMSNorm + QKV GEMV                         → qkv
+//   A   RoPE of q and k, k and v into the paged cache, attention over the row's positions
+//       (a head's positions split over blocks at long context)  → f32 partial results
+//   G1  the partials combined, O GEMV, added to the residual stream x
+//   G2  RMSNorm + gate/up GEMV writing SwiGLU(gate, up)        → h
+//   G3  down GEMV of h, added to x
+//
+// with a grid-wide barrier (a counter in global memory) between phases. What a chain of
+// launches cannot do, this does: each warp streams its share of every projection's weights
+// through its ring of tiles in the order it will use them, across phase and layer boundaries, so
+// that while its block waits at a barrier, stages an input or runs attention, the next
+// projection's tiles are already being copied in. The GEMV's tiles and arithmetic are the
+// tensor-core GEMV's (gemv_tc in decode.cu) for one input row.
+#include "decode_common.cuh"
+
+// Tiles each warp keeps in flight (its ring of stages).
+constexpr int LAYER_STAGES = 4;
+// Attention: positions per chunk of keys and values, and chunks in flight.
+constexpr int ATT_CHUNK = 32;
+constexpr int ATT_BUFS = 4;
+// Fewest positions one split of a head's positions takes.
+constexpr int ATT_SPLIT_MIN = 128;
+// Words per layer in the layer table: the four projections' weights (qkv, o, gate_up, down),
+// their scales (INT8 absmax per row, INT4 per group of 128; 0 for dense), the two norm weights,
+// the key and value caches.
+constexpr int LAYER_WORDS = 12;
+
+// The model's shape and the step's fixed sizes, as the kernel's parameters give them.
+struct LayerDims {
+    int hidden, inter, heads, kv_heads, d, rd, bs, window, max_splits, region_bytes;
+    float eps;
+};
+
+// One projection's share of work for this block and warp, as gemv_tc splits it: blocks own
+// whole groups of 8 weight rows (with glu: groups of the gate half and the same groups of the
+// up half), the block's warps split its tiles (8 rows × 512 bytes) evenly.
+struct Share {
+    const unsigned char* w;
+    const float* s;
+    int n, k, glu;
+    int groups, rg0, nrg, tiles, i0, i1;
+    // First weight row of the block's v-th owned group.
+    __device__ __forceinline__ int row_of(int v) const { return (rg0 + v + (v >= nrg ? groups - nrg : 0)) * 8; }
+};
+
+template <typename T, int FMT>
+__device__ __forceinline__ Share share_of(const unsigned long long* layer, int proj, const LayerDims& dm) {
+    constexpr int E = Chunk<T, FMT>::E;
+    Share a;
+    a.w = reinterpret_cast<const unsigned char*>(layer[proj]);
+    a.s = reinterpret_cast<const float*>(layer[4 + proj]);
+    const int qkv_n = (dm.heads + 2 * dm.kv_heads) * dm.d;
+    a.n = proj == 0 ? qkv_n : proj == 2 ? 2 * dm.inter : dm.hidden;
+    a.k = proj == 1 ? dm.heads * dm.d : proj == 3 ? dm.inter : dm.hidden;
+    a.glu = proj == 2;
+    a.groups = a.glu ? a.n / 16 : (a.n + 7) / 8;
+    const int per = a.groups / gridDim.x, extra = a.groups % gridDim.x;
+    a.rg0 = blockIdx.x * per + min((int)blockIdx.x, extra);
+    a.nrg = per + ((int)blockIdx.x < extra ? 1 : 0);
+    a.tiles = a.k / (E * 32);
+    const int total = (a.glu ? 2 * a.nrg : a.nrg) * a.tiles;
+    const int warps = blockDim.x / 32, warp = threadIdx.x / 32;
+    a.i0 = warp * total / warps;
+    a.i1 = (warp + 1) * total / warps;
+    return a;
+}
+
+// A warp's copy cursor over every tile it will use in the step, in order: layer by layer,
+// projection by projection, its share of each. Each `issue` copies the next tile into the next
+// stage of the warp's ring (one cp.async group; an empty group once the step's tiles are done).
+template <typename T, int FMT>
+struct TileStream {
+    const unsigned long long* layers;
+    int n_layers;
+    unsigned char* ring;
+    Share a;
+    int layer, proj, i, rg, kt, stage;
+
+    __device__ void start(const unsigned long long* table, int count, unsigned char* warp_ring, const LayerDims& dm) {
+        layers = table;
+        n_layers = count;
+        ring = warp_ring;
+        layer = 0;
+        proj = 0;
+        stage = 0;
+        a = share_of<T, FMT>(layers, 0, dm);
+        seek();
+    }
+
+    __device__ __forceinline__ void seek() {
+        i = a.i0;
+        rg = a.i0 / a.tiles;
+        kt = a.i0 % a.tiles;
+    }
+
+    __device__ void issue(const LayerDims& dm) {
+        constexpr int E = Chunk<T, FMT>::E, TILE = tc_tile_bytes<FMT>();
+        const int lane = threadIdx.x % 32;
+        while (layer < n_layers && i >= a.i1) {
+            if (++proj == 4) {
+                proj = 0;
+                ++layer;
+            }
+            if (layer < n_layers) {
+                a = share_of<T, FMT>(layers + (size_t)layer * LAYER_WORDS, proj, dm);
+                seek();
+            }
+        }
+        if (layer < n_layers) {
+            unsigned char* dst = ring + stage * TILE;
+            const int row0 = a.row_of(rg);
+            const size_t row_bytes = (size_t)a.k * 16 / E;
+#pragma unroll
+            for (int r = 0; r < 8; ++r) {
+                const bool ok = row0 + r < a.n;
+                const unsigned char* src = a.w + (ok ? (size_t)(row0 + r) * row_bytes + (size_t)kt * 512 + lane * 16 : 0);
+                cp_async16(dst + r * 512 + ((lane ^ r) * 16), src, ok);
+            }
+            if (FMT == F_INT4 && lane < 16) {
+                const int row = row0 + lane / 2;
+                const bool ok = row < a.n;
+                const float* src = a.s + (ok ? (size_t)row * (a.k / 128) + kt * 8 + (lane % 2) * 4 : 0);
+                cp_async16(dst + 8 * 512 + lane * 16, src, ok);
+            }
+            ++i;
+            if (++kt == a.tiles) {
+                kt = 0;
+                ++rg;
+            }
+        }
+        cp_async_commit();
+        stage = stage + 1 == LAYER_STAGES ? 0 : stage + 1;
+    }
+};
+
+// Grid-wide barrier halves, as cooperative groups' grid sync: every block adds one to the
+// counter when its writes of a phase are done; a block waits until the counter reaches the
+// phase's target (blocks × phases completed). Data other blocks wrote is then read through L2
+// (__ldcg): L1 is not coherent between multiprocessors.
+__device__ __forceinline__ void grid_arrive(unsigned* counter) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        atomicAdd(counter, 1u);
+    }
+}
+
+// A wait past about two seconds means some block never arrived (not resident beside the others,
+// or faulted): the kernel traps, an error for the host, instead of hanging the GPU.
+__device__ __forceinline__ void grid_wait(const unsigned* counter, unsigned target) {
+    if (threadIdx.x == 0) {
+        const long long start = clock64();
+        unsigned v;
+        do {
+            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(counter) : "memory");
+            if (v < target && clock64() - start > 4000000000LL) __trap();
+        } while (v < target);
+        __threadfence();
+    }
+    __syncthreads();
+}
+
+// One projection for the staged input row xs: the block's tiles, then its outputs. `out` by
+// projection: qkv (stored), x (added to in place), h (SwiGLU of gate and up).
+template <typename T, int FMT>
+__device__ void gemv_phase(TileStream<T, FMT>& st, int& cstage, const Share& a, const T* xs, float* red, T* out,
+                           bool add, const LayerDims& dm) {
+    constexpr int E = Chunk<T, FMT>::E, TILE = tc_tile_bytes<FMT>();
+    const int lane = threadIdx.x % 32, gq = lane / 4, t = lane % 4;
+    const unsigned char* ring = st.ring;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    int c_rg = a.i0 / a.tiles, c_kt = a.i0 % a.tiles;
+    // Lane (0, t) holds the sums of weight rows 2t and 2t + 1 of the group (the input row is
+    // the mma's row 0; lanes of rows 1-7 multiply zeros).
+    auto flush = [&]() {
+        if (gq == 0) {
+            atomicAdd(&red[c_rg * 8 + 2 * t], acc[0]);
+            atomicAdd(&red[c_rg * 8 + 2 * t + 1], acc[1]);
+        }
+        acc[0] = acc[1] = 0.f;
+    };
+    for (int i = a.i0; i < a.i1; ++i) {
+        __syncwarp();  // every lane is done with the stage the next copy overwrites
+        st.issue(dm);
+        cp_async_wait<LAYER_STAGES - 1>();
+        __syncwarp();
+        const unsigned char* tile = ring + cstage * TILE;
+        const int kbase = c_kt * 32 * E;
+#pragma unroll
+        for (int q = 0; q < 8; ++q) {
+            uint32_t r[4];
+            ldsm_x4<false>(tile + (lane % 8) * 512 + (((4 * q + lane / 8) ^ (lane % 8)) * 16), r);
+            if constexpr (FMT == F_DENSE) {
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int k0 = kbase + (4 * q + 2 * h) * 8;
+                    uint32_t x4[4] = {0u, 0u, 0u, 0u};
+                    if (gq == 0) {
+                        x4[0] = *reinterpret_cast<const uint32_t*>(xs + k0 + 2 * t);
+                        x4[2] = *reinterpret_cast<const uint32_t*>(xs + k0 + 8 + 2 * t);
+                    }
+                    Mma<T>::run(acc, x4, r[2 * h], r[2 * h + 1]);
+                }
+            } else if constexpr (FMT == F_INT8) {
+#pragma unroll
+                for (int h = 0; h < 4; ++h) {
+                    const int k0 = kbase + (4 * q + h) * 16 + 4 * t;
+                    uint32_t x4[4] = {0u, 0u, 0u, 0u};
+                    if (gq == 0) {
+                        const uint2 xv = *reinterpret_cast<const uint2*>(xs + k0);
+                        x4[0] = xv.x;
+                        x4[2] = xv.y;
+                    }
+                    Mma<T>::run(acc, x4, int8_pair<T>(r[h], 0), int8_pair<T>(r[h], 2));
+                }
+            } else {
+                float dq[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+                for (int h = 0; h < 4; ++h) {
+                    const int k0 = kbase + (4 * q + h) * 32 + 8 * t;
+                    uint32_t a0[4] = {0u, 0u, 0u, 0u}, a1[4] = {0u, 0u, 0u, 0u};
+                    if (gq == 0) {
+                        const uint4 xv = *reinterpret_cast<const uint4*>(xs + k0);
+                        a0[0] = xv.x;
+                        a0[2] = xv.y;
+                        a1[0] = xv.z;
+                        a1[2] = xv.w;
+                    }
+                    const uint32_t u = r[h];
+                    Mma<T>::run(dq, a0, Nibbles<T>::pair(u), Nibbles<T>::pair(u >> 4));
+                    Mma<T>::run(dq, a1, Nibbles<T>::pair(u >> 8), Nibbles<T>::pair(u >> 12));
+                }
+                const float* ts = reinterpret_cast<const float*>(tile + 8 * 512);
+                acc[0] += dq[0] * ts[(2 * t) * 8 + q];
+                acc[1] += dq[1] * ts[(2 * t + 1) * 8 + q];
+            }
+        }
+        cstage = cstage + 1 == LAYER_STAGES ? 0 : cstage + 1;
+        if (++c_kt == a.tiles) {
+            flush();
+            c_kt = 0;
+            ++c_rg;
+        }
+    }
+    if (c_kt != 0) flush();
+    __syncthreads();
+    if (a.glu) {
+        const int half = a.n / 2;
+        for (int i = threadIdx.x; i < a.nrg * 8; i += blockDim.x) {
+            const int row = a.rg0 * 8 + i;
+            float gate = red[i], up = red[a.nrg * 8 + i];
+            if (FMT == F_INT8) {
+                gate = gate * a.s[row] * (1.f / 127.f);
+                up = up * a.s[row + half] * (1.f / 127.f);
+            }
+            gate = round_to<T>(gate);
+            up = round_to<T>(up);
+            out[row] = from_f32<T>(round_to<T>(gate / (1.f + __expf(-gate))) * up);
+        }
+        return;
+    }
+    for (int i = threadIdx.x; i < a.nrg * 8; i += blockDim.x) {
+        const int row = a.rg0 * 8 + i;
+        if (row >= a.n) continue;
+        float v = red[i];
+        if (FMT == F_INT8) v = v * a.s[row] * (1.f / 127.f);
+        out[row] = add ? from_f32<T>(to_f32(__ldcg(out + row)) + round_to<T>(v)) : from_f32<T>(v);
+    }
+}
+
+// Element j of one head's row x rotated at the table rows cs / sn (as rope_write_kv rounds).
+template <typename T>
+__device__ __forceinline__ float rotate(const T* x, int j, int rd, const T* cs, const T* sn) {
+    const int half = rd / 2;
+    const float xj = to_f32(__ldcg(x + j));
+    if (j >= rd) return xj;
+    if (j < half) return round_to<T>(xj * to_f32(cs[j])) + round_to<T>(-to_f32(__ldcg(x + j + half)) * to_f32(sn[j]));
+    const int i = j - half;
+    return round_to<T>(xj * to_f32(cs[i])) + round_to<T>(to_f32(__ldcg(x + i)) * to_f32(sn[i]));
+}
+
+// Splits of each head's positions this step: one per ATT_SPLIT_MIN positions, at most
+// `max_splits` (what the grid holds beside the heads). Both the attention and the combine in
+// the next phase compute it from the row's length.
+__device__ __forceinline__ int attention_splits(int span, int max_splits) {
+    return max(1, min(max_splits, (span + ATT_SPLIT_MIN - 1) / ATT_SPLIT_MIN));
+}
+
+// The attention phase's work of this block: (head, split) items. A split's keys and values
+// stream through a ring of chunks in shared memory (the first before the wait for the QKV
+// phase: only the new position is written this step), the new position's from registers; an
+// online softmax over the chunks leaves (max, sum, unnormalised output) in `partial`, per (head,
+// split) d + 4 floats: max, sum, two unused, then the d outputs.
+template <typename T>
+__device__ void attention_phase(const T* qkv, T* k_cache, T* v_cache, const uint32_t* table, int len,
+                                const T* cs, const T* sn, float* partial, unsigned char* region, const LayerDims& dm,
+                                const unsigned* sync, unsigned target) {
+    const int d = dm.d, pos = len - 1;
+    const int first = len > dm.window ? len - dm.window : 0, span = len - first;
+    const int nsplit = attention_splits(span, dm.max_splits), per = (span + nsplit - 1) / nsplit;
+    const int items = dm.heads * nsplit, group = dm.heads / dm.kv_heads;
+    T* ring = reinterpret_cast<T*>(region);
+    float* qf = reinterpret_cast<float*>(region + (size_t)ATT_BUFS * 2 * ATT_CHUNK * d * sizeof(T));
+    float* sc = qf + d;
+    T* knew = reinterpret_cast<T*>(sc + ATT_CHUNK);
+    T* vnew = knew + d;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    const float scale = rsqrtf((float)d);
+    bool waited = false;
+    for (int it = blockIdx.x; it < items; it += gridDim.x) {
+        const int head = it / nsplit, split = it % nsplit, kh = head / group;
+        const int p0 = first + split * per, p1 = min(len, p0 + per);
+        const int chunks = (p1 - p0 + ATT_CHUNK - 1) / ATT_CHUNK;
+        const int vecs = d / 8;
+        auto issue_chunk = [&](int c) {
+            if (c < chunks) {
+                T* kb = ring + (size_t)(c % ATT_BUFS) * 2 * ATT_CHUNK * d;
+                for (int e = threadIdx.x; e < 2 * ATT_CHUNK * vecs; e += blockDim.x) {
+                    const int which = e / (ATT_CHUNK * vecs), rem = e % (ATT_CHUNK * vecs);
+                    const int r = rem / vecs, v = rem % vecs, p = p0 + c * ATT_CHUNK + r;
+                    if (p < p1 && p != pos) {
+                        const size_t block = table[p / dm.bs];
+                        const T* src = (which ? v_cache : k_cache) + ((block * dm.kv_heads + kh) * dm.bs + p % dm.bs) * d + v * 8;
+                        cp_async16(kb + (size_t)which * ATT_CHUNK * d + r * d + v * 8, src, true);
+                    }
+                }
+            }
+            cp_async_commit();
+        };
+        for (int c = 0; c < ATT_BUFS - 1; ++c) issue_chunk(c);
+        if (!waited) {
+            grid_wait(sync, target);
+            waited = true;
+        }
+        const bool holds_new = p0 <= pos && pos < p1;
+        for (int j = threadIdx.x; j < d; j += blockDim.x) {
+            qf[j] = round_to<T>(rotate<T>(qkv + (size_t)head * d, j, dm.rd, cs, sn));
+            if (holds_new) {
+                const T k = from_f32<T>(rotate<T>(qkv + (size_t)(dm.heads + kh) * d, j, dm.rd, cs, sn));
+                const T v = __ldcg(qkv + (size_t)(dm.heads + dm.kv_heads + kh) * d + j);
+                knew[j] = k;
+                vnew[j] = v;
+                if (head % group == 0) {
+                    const size_t block = table[pos / dm.bs];
+                    const size_t at = ((block * dm.kv_heads + kh) * dm.bs + pos % dm.bs) * d + j;
+                    k_cache[at] = k;
+                    v_cache[at] = v;
+                }
+            }
+        }
+        float m_run = -INFINITY, l_run = 0.f, acc = 0.f;
+        const int j = threadIdx.x;
+        for (int c = 0; c < chunks; ++c) {
+            issue_chunk(c + ATT_BUFS - 1);
+            cp_async_wait<ATT_BUFS - 1>();
+            __syncthreads();
+            T* kb = ring + (size_t)(c % ATT_BUFS) * 2 * ATT_CHUNK * d;
+            T* vb = kb + ATT_CHUNK * d;
+            const int c0 = p0 + c * ATT_CHUNK;
+            if (holds_new && pos >= c0 && pos < c0 + ATT_CHUNK) {
+                for (int e = threadIdx.x; e < d; e += blockDim.x) {
+                    kb[(pos - c0) * d + e] = knew[e];
+                    vb[(pos - c0) * d + e] = vnew[e];
+                }
+                __syncthreads();
+            }
+            for (int r = warp; r < ATT_CHUNK; r += warps) {
+                float dot = 0.f;
+                if (c0 + r < p1)
+                    for (int e = lane; e < d; e += 32) dot += qf[e] * to_f32(kb[r * d + e]);
+                for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffff, dot, o);
+                if (lane == 0) sc[r] = c0 + r < p1 ? dot * scale : -INFINITY;
+            }
+            __syncthreads();
+            float cmax = -INFINITY;
+            for (int r = 0; r < ATT_CHUNK; ++r) cmax = fmaxf(cmax, sc[r]);
+            const float m_new = fmaxf(m_run, cmax), corr = __expf(m_run - m_new);
+            float lsum = 0.f, part = 0.f;
+            for (int r = 0; r < ATT_CHUNK; ++r) {
+                const float e = __expf(sc[r] - m_new);
+                lsum += e;
+                if (j < d) part += e * to_f32(vb[r * d + j]);
+            }
+            acc = acc * corr + part;
+            l_run = l_run * corr + lsum;
+            m_run = m_new;
+            __syncthreads();  // the chunk's buffer and scores are written again next
+        }
+        float* out = partial + ((size_t)head * dm.max_splits + split) * (d + 4);
+        if (j < d) out[4 + j] = acc;
+        if (j == 0) {
+            out[0] = m_run;
+            out[1] = l_run;
+        }
+        cp_async_wait<0>();
+        __syncthreads();
+    }
+}
+
+// Stages the attention's output for the O projection: each head's split results combined
+// (rescaled to the largest max), divided by the sum and rounded to T, as the attention kernel's
+// output would be stored; PAIRS as stage_row orders INT4's input.
+template <typename T, bool PAIRS>
+__device__ void stage_attention(const float* partial, int len, const LayerDims& dm, T* xs) {
+    const int d = dm.d, first = len > dm.window ? len - dm.window : 0;
+    const int nsplit = attention_splits(len - first, dm.max_splits);
+    const int nv = dm.heads * d / 8;
+    for (int v = threadIdx.x; v < nv; v += blockDim.x) {
+        const int head = v * 8 / d, j0 = v * 8 % d;
+        const float* base = partial + (size_t)head * dm.max_splits * (d + 4);
+        float m = -INFINITY;
+        for (int s = 0; s < nsplit; ++s) m = fmaxf(m, __ldcg(base + (size_t)s * (d + 4)));
+        float l = 0.f, o[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        for (int s = 0; s < nsplit; ++s) {
+            const float* e = base + (size_t)s * (d + 4);
+            const float w = __expf(__ldcg(e) - m);
+            l += __ldcg(e + 1) * w;
+            const float4 lo = __ldcg(reinterpret_cast<const float4*>(e + 4 + j0));
+            const float4 hi = __ldcg(reinterpret_cast<const float4*>(e + 4 + j0 + 4));
+            o[0] += lo.x * w;
+            o[1] += lo.y * w;
+            o[2] += lo.z * w;
+            o[3] += lo.w * w;
+            o[4] += hi.x * w;
+            o[5] += hi.y * w;
+            o[6] += hi.z * w;
+            o[7] += hi.w * w;
+        }
+        float r[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) r[e] = o[e] / l;
+        uint4 packed;
+        store8(reinterpret_cast<T*>(&packed), r);
+        stage_vector<T, PAIRS>(packed, packed, 1.f, IN_PLAIN, xs + (size_t)v * 8);
+    }
+    __syncthreads();
+}
+
+template <typename T, int FMT>
+__device__ void decode_layers(const unsigned long long* layers, int n_layers, T* x, T* qkv, T* h, float* partial,
+                              const T* cos_short, const T* sin_short, const T* cos_long, const T* sin_long,
+                              const uint32_t* lens, const uint32_t* long_rows, const uint32_t* tables,
+                              const LayerDims dm, unsigned* sync) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    constexpr int TILE = tc_tile_bytes<FMT>();
+    constexpr bool PAIRS = FMT == F_INT4;
+    const int warps = blockDim.x / 32, warp = threadIdx.x / 32;
+    unsigned char* region = smem + (size_t)warps * LAYER_STAGES * TILE;
+    T* xs = reinterpret_cast<T*>(region);
+    float* red = reinterpret_cast<float*>(region + dm.region_bytes);
+    const unsigned grid = gridDim.x;
+
+    TileStream<T, FMT> st;
+    st.start(layers, n_layers, smem + (size_t)warp * LAYER_STAGES * TILE, dm);
+    // Layer 0's first tiles stream in while the embedding finishes.
+    for (int s = 0; s < LAYER_STAGES - 1; ++s) st.issue(dm);
+    int cstage = 0;
+    pdl_allow_next();
+    pdl_wait_previous();
+    const int len = lens[0], pos = len - 1, half = dm.rd / 2;
+    const bool long_rope = long_rows[0] != 0;
+    const T* cs = (long_rope ? cos_long : cos_short) + (size_t)pos * half;
+    const T* sn = (long_rope ? sin_long : sin_short) + (size_t)pos * half;
+    unsigned done = 0;  // phases the whole grid has finished, once waited for
+    // Zeroes the block's row sums; the staging that follows ends with a block barrier.
+    auto zero_red = [&](const Share& a) {
+        for (int i = threadIdx.x; i < (a.glu ? 2 * a.nrg : a.nrg) * 8; i += blockDim.x) red[i] = 0.f;
+    };
+    for (int l = 0; l < n_layers; ++l) {
+        const unsigned long long* L = layers + (size_t)l * LAYER_WORDS;
+        T* k_cache = reinterpret_cast<T*>(L[10]);
+        T* v_cache = reinterpret_cast<T*>(L[11]);
+        // G0: norm + QKV.
+        if (l > 0) grid_wait(sync, done * grid);
+        Share a = share_of<T, FMT>(L, 0, dm);
+        zero_red(a);
+        stage_row<T, PAIRS, true>(x, reinterpret_cast<const T*>(L[8]), dm.eps, IN_RMSNORM, dm.hidden, xs);
+        gemv_phase<T, FMT>(st, cstage, a, xs, red, qkv, false, dm);
+        grid_arrive(sync);
+        ++done;
+        // A: RoPE, KV write, attention (blocks without an item go straight on).
+        attention_phase<T>(qkv, k_cache, v_cache, tables, len, cs, sn, partial, region, dm, sync,
+                           done * grid);
+        grid_arrive(sync);
+        ++done;
+        // G1: O projection into the residual stream.
+        grid_wait(sync, done * grid);
+        a = share_of<T, FMT>(L, 1, dm);
+        zero_red(a);
+        stage_attention<T, PAIRS>(partial, len, dm, xs);
+        gemv_phase<T, FMT>(st, cstage, a, xs, red, x, true, dm);
+        grid_arrive(sync);
+        ++done;
+        // G2: norm + gate/up, SwiGLU.
+        grid_wait(sync, done * grid);
+        a = share_of<T, FMT>(L, 2, dm);
+        zero_red(a);
+        stage_row<T, PAIRS, true>(x, reinterpret_cast<const T*>(L[9]), dm.eps, IN_RMSNORM, dm.hidden, xs);
+        gemv_phase<T, FMT>(st, cstage, a, xs, red, h, false, dm);
+        grid_arrive(sync);
+        ++done;
+        // G3: down projection into the residual stream.
+        grid_wait(sync, done * grid);
+        a = share_of<T, FMT>(L, 3, dm);
+        zero_red(a);
+        stage_row<T, PAIRS, true>(h, nullptr, 0.f, IN_PLAIN, dm.inter, xs);
+        gemv_phase<T, FMT>(st, cstage, a, xs, red, x, true, dm);
+        if (l + 1 < n_layers) {
+            grid_arrive(sync);
+            ++done;
+        }
+    }
+    cp_async_wait<0>();
+    // The last block out resets the counters for the next step: every block has passed its last
+    // wait by the time it counts itself here.
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        if (atomicAdd(&sync[1], 1u) == grid - 1) {
+            atomicExch(&sync[0], 0u);
+            atomicExch(&sync[1], 0u);
+        }
+    }
+}
+
+#define DECODE_LAYERS(fname, T, FMT)                                                                       \
+    extern "C" __global__ void __launch_bounds__(256, 1) decode_layers_##fname(                            \
+        const unsigned long long* layers, int n_layers, T* x, T* qkv, T* h, float* partial,                \
+        const T* cos_short, const T* sin_short, const T* cos_long, const T* sin_long, const uint32_t* lens, \
+        const uint32_t* long_rows, const uint32_t* tables, int hidden, int inter, int heads, int kv_heads,  \
+        int d, int rd, int bs, int window, int max_splits, int region_bytes, float eps,                     \
+        unsigned* sync) {                                                                                  \
+        const LayerDims dm{hidden, inter, heads, kv_heads, d, rd, bs, window, max_splits,                   \
+                           region_bytes, eps};                                                             \
+        decode_layers<T, FMT>(layers, n_layers, x, qkv, h, partial, cos_short, sin_short, cos_long,        \
+                              sin_long, lens, long_rows, tables, dm, sync);                                \
+    }
+DECODE_LAYERS(dense_bf16, __nv_bfloat16, F_DENSE)
+DECODE_LAYERS(int8_bf16, __nv_bfloat16, F_INT8)
+DECODE_LAYERS(int4_bf16, __nv_bfloat16, F_INT4)
+DECODE_LAYERS(dense_f16, __half, F_DENSE)
+DECODE_LAYERS(int8_f16, __half, F_INT8)
+DECODE_LAYERS(int4_f16, __half, F_INT4)

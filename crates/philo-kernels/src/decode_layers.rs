@@ -1,0 +1,316 @@
+//! Every decoder layer of a one-row decode step in one persistent kernel
+//! (`cuda/decode_layers.cu`): one block per multiprocessor runs each layer's projections and
+//! attention as phases separated by grid-wide barriers, and each warp streams its share of the
+//! weights through shared memory in the order it uses them, across phases and layers, so that
+//! the weights keep flowing while blocks wait for each other. Its reference is the
+//! launch-per-kernel step of [`crate::decode`] (the same buffers, rounded the same way up to the
+//! order of the sums); `philo_model`'s decode-graph tests check it against the full forward.
+
+use crate::decode::GemvWeight;
+
+/// Words per layer in the kernel's layer table (`LAYER_WORDS` in decode_layers.cu).
+pub const LAYER_WORDS: usize = 12;
+
+/// The model's shape as the kernel runs it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LayerShape {
+    pub hidden: usize,
+    pub inter: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub rotary_dim: usize,
+    /// Tokens per block of the paged KV cache.
+    pub block_size: usize,
+    /// Keys at least this far behind the query are masked (`usize::MAX`: none).
+    pub window: usize,
+    pub eps: f32,
+}
+
+/// One decoder layer's buffers as the kernel reads them: the four projections (one format for
+/// all), the norm weights and the layer's key and value caches.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LayerBuffers {
+    pub qkv: GemvWeight,
+    pub o: GemvWeight,
+    pub gate_up: GemvWeight,
+    pub down: GemvWeight,
+    pub input_norm: u64,
+    pub post_norm: u64,
+    pub k_cache: u64,
+    pub v_cache: u64,
+}
+
+/// The layer's words in the kernel's table, or None where the kernel does not read its weights:
+/// NF4, INT4 in groups other than 128, or projections of different formats.
+pub fn layer_words(l: &LayerBuffers) -> Option<[u64; LAYER_WORDS]> {
+    let projections = [l.qkv, l.o, l.gate_up, l.down];
+    let mut words = [0u64; LAYER_WORDS];
+    for (i, p) in projections.iter().enumerate() {
+        if std::mem::discriminant(p) != std::mem::discriminant(&l.qkv) {
+            return None;
+        }
+        let (w, s) = match *p {
+            GemvWeight::Dense { w } => (w, 0),
+            GemvWeight::Int8 { codes, absmax } => (codes, absmax),
+            GemvWeight::Int4 {
+                packed,
+                scales,
+                group: 128,
+            } => (packed, scales),
+            GemvWeight::Int4 { .. } | GemvWeight::Nf4 { .. } => return None,
+        };
+        words[i] = w;
+        words[4 + i] = s;
+    }
+    words[8..].copy_from_slice(&[l.input_norm, l.post_norm, l.k_cache, l.v_cache]);
+    Some(words)
+}
+
+/// One launch: the table of `layers` layers (see [`layer_words`]), the step's buffers (the
+/// residual stream `x` `[hidden]`, `qkv`, the SwiGLU output `h` `[inter]`, the attention's
+/// f32 partial results, [`LayerKernel::partial_floats`]), the RoPE tables (cos/sin, short then
+/// long, `[positions, rotary_dim / 2]`), the row's length, LongRoPE choice and block table (u32
+/// each, as the decode step's state holds them), and two u32 of barrier counters, zero before
+/// the first launch (each launch leaves them zero).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DecodeLayers {
+    pub table: u64,
+    pub layers: usize,
+    pub x: u64,
+    pub qkv: u64,
+    pub h: u64,
+    pub partial: u64,
+    pub rope: [u64; 4],
+    pub lens: u64,
+    pub long_rows: u64,
+    pub tables: u64,
+    pub sync: u64,
+}
+
+#[cfg(feature = "cuda")]
+pub use device::LayerKernel;
+
+#[cfg(feature = "cuda")]
+mod device {
+    use super::*;
+    use crate::decode::{int, Arg, DecodeKernels};
+    use crate::launch::*;
+    use candle_core::cuda_backend::cudarc::driver::CudaFunction;
+    use candle_core::{CudaDevice, DType, Result};
+
+    /// Threads of a block (8 warps), tiles each warp keeps in flight, and the attention's ring
+    /// (positions per chunk, chunks): as decode_layers.cu.
+    const THREADS: usize = 256;
+    const STAGES: usize = 4;
+    const ATT_CHUNK: usize = 32;
+    const ATT_BUFS: usize = 4;
+    /// Most splits of one head's positions.
+    const MAX_SPLITS: usize = 16;
+
+    /// The persistent kernel for one weight format and model shape, with its launch geometry.
+    #[derive(Clone)]
+    pub struct LayerKernel {
+        f: CudaFunction,
+        shape: LayerShape,
+        blocks: usize,
+        smem: usize,
+        /// Bytes of the shared region for the staged input row or the attention's chunks.
+        region: usize,
+        max_splits: usize,
+    }
+
+    impl LayerKernel {
+        /// The kernel for layers whose projections are all like `weight` (see [`layer_words`]),
+        /// or None where it does not run: widths that are not whole 512-byte tiles or exceed
+        /// what a block stages (8,192), a head dimension past 256 or not a multiple of 8, or
+        /// a GPU whose blocks cannot hold the rings (it needs one block per multiprocessor).
+        pub fn load(
+            dev: &CudaDevice,
+            dtype: DType,
+            weight: &GemvWeight,
+            shape: LayerShape,
+        ) -> Result<Option<Self>> {
+            let (format, chunk_weights, tile_bytes) = match weight {
+                GemvWeight::Dense { .. } => ("dense", 16 / dtype.size_in_bytes(), 8 * 512),
+                GemvWeight::Int8 { .. } => ("int8", 16, 8 * 512),
+                GemvWeight::Int4 { group: 128, .. } => ("int4", 32, 8 * 512 + 256),
+                _ => return Ok(None),
+            };
+            let s = shape;
+            let widths = [s.hidden, s.inter, s.heads * s.head_dim];
+            if dtype == DType::F32
+                || s.heads == 0
+                || s.kv_heads == 0
+                || !s.heads.is_multiple_of(s.kv_heads)
+                || !s.head_dim.is_multiple_of(8)
+                || s.head_dim > THREADS
+                || s.rotary_dim > s.head_dim
+                || !s.rotary_dim.is_multiple_of(2)
+                || widths
+                    .iter()
+                    .any(|&k| k == 0 || !k.is_multiple_of(32 * chunk_weights) || k > 8192)
+            {
+                return Ok(None);
+            }
+            let f = function(
+                dev,
+                &DECODE_LAYERS,
+                &format!("decode_layers_{format}_{}", suffix(dtype)?),
+            )?;
+            let blocks = multiprocessors(dev)?;
+            let size = dtype.size_in_bytes();
+            let d = s.head_dim;
+            let staged = (widths.iter().max().unwrap() + 8) * size;
+            let attention =
+                ATT_BUFS * 2 * ATT_CHUNK * d * size + d * 4 + ATT_CHUNK * 4 + 2 * d * size;
+            let region = staged.max(attention).next_multiple_of(16);
+            // Each projection's row groups a block owns (the gate/up's in pairs), 8 sums each.
+            let owned =
+                |groups: usize, pairs: bool| groups.div_ceil(blocks) * if pairs { 2 } else { 1 };
+            let qkv_rows = (s.heads + 2 * s.kv_heads) * d;
+            let red = [
+                owned(qkv_rows.div_ceil(8), false),
+                owned(s.hidden.div_ceil(8), false),
+                owned(2 * s.inter / 16, true),
+            ]
+            .into_iter()
+            .max()
+            .unwrap()
+                * 8
+                * 4;
+            let smem = THREADS / 32 * STAGES * tile_bytes + region + red;
+            use candle_core::cuda_backend::cudarc::driver::sys::{
+                CUdevice_attribute, CUfunction_attribute_enum,
+            };
+            let limit = dev
+                .cuda_stream()
+                .context()
+                .attribute(
+                    CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+                )
+                .w()? as usize;
+            let static_smem = f
+                .get_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
+                .w()? as usize;
+            if smem + static_smem > limit {
+                return Ok(None);
+            }
+            dynamic_smem(&f, smem)?;
+            // Every block must be resident at once: they wait for each other.
+            let per_sm = f
+                .occupancy_max_active_blocks_per_multiprocessor(THREADS as u32, smem, None)
+                .w()?;
+            if per_sm < 1 {
+                return Ok(None);
+            }
+            Ok(Some(LayerKernel {
+                f,
+                shape,
+                blocks,
+                smem,
+                region,
+                max_splits: (blocks / s.heads).clamp(1, MAX_SPLITS),
+            }))
+        }
+
+        /// f32 elements of the attention's partial results (`DecodeLayers::partial`).
+        pub fn partial_floats(&self) -> usize {
+            self.shape.heads * self.max_splits * (self.shape.head_dim + 4)
+        }
+
+        /// Launches the layers of one decode step on the device's stream (after the embedding,
+        /// before the final norm and LM head; with programmatic dependent launch where the GPU
+        /// has it, like the step's other kernels).
+        pub fn launch(&self, kernels: &DecodeKernels, a: &DecodeLayers) -> Result<()> {
+            let s = &self.shape;
+            use Arg::*;
+            let args = [
+                Ptr(a.table),
+                int(a.layers),
+                Ptr(a.x),
+                Ptr(a.qkv),
+                Ptr(a.h),
+                Ptr(a.partial),
+                Ptr(a.rope[0]),
+                Ptr(a.rope[1]),
+                Ptr(a.rope[2]),
+                Ptr(a.rope[3]),
+                Ptr(a.lens),
+                Ptr(a.long_rows),
+                Ptr(a.tables),
+                int(s.hidden),
+                int(s.inter),
+                int(s.heads),
+                int(s.kv_heads),
+                int(s.head_dim),
+                int(s.rotary_dim),
+                int(s.block_size),
+                int(s.window),
+                int(self.max_splits),
+                int(self.region),
+                F32(s.eps),
+                Ptr(a.sync),
+            ];
+            kernels.launch(
+                &self.f,
+                (self.blocks as u32, 1, 1),
+                THREADS as u32,
+                self.smem as u32,
+                &args,
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(weight: impl Fn(u64) -> GemvWeight) -> LayerBuffers {
+        LayerBuffers {
+            qkv: weight(0x100),
+            o: weight(0x200),
+            gate_up: weight(0x300),
+            down: weight(0x400),
+            input_norm: 0x10,
+            post_norm: 0x20,
+            k_cache: 0x30,
+            v_cache: 0x40,
+        }
+    }
+
+    #[test]
+    fn the_table_holds_weights_then_scales_then_norms_and_caches() {
+        let int4 = |w: u64| GemvWeight::Int4 {
+            packed: w,
+            scales: w + 1,
+            group: 128,
+        };
+        assert_eq!(
+            layer_words(&layer(int4)),
+            Some([0x100, 0x200, 0x300, 0x400, 0x101, 0x201, 0x301, 0x401, 0x10, 0x20, 0x30, 0x40])
+        );
+        let dense = |w: u64| GemvWeight::Dense { w };
+        assert_eq!(
+            layer_words(&layer(dense)).map(|w| w[4..8].to_vec()),
+            Some(vec![0; 4])
+        );
+    }
+
+    #[test]
+    fn formats_the_kernel_does_not_read_have_no_table() {
+        let group_64 = |w: u64| GemvWeight::Int4 {
+            packed: w,
+            scales: w,
+            group: 64,
+        };
+        assert_eq!(layer_words(&layer(group_64)), None);
+        let mut mixed = layer(|w| GemvWeight::Dense { w });
+        mixed.down = GemvWeight::Int8 {
+            codes: 1,
+            absmax: 2,
+        };
+        assert_eq!(layer_words(&mixed), None);
+    }
+}
