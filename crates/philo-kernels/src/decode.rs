@@ -489,7 +489,7 @@ mod device {
         gemv: Vec<[CudaFunction; 4]>,
         /// Dynamic shared memory the FMA GEMV may take for its staged input rows.
         gemv_smem: usize,
-        /// The tensor-core GEMV by format (dense, INT8, INT4), with its tile stages: the one-row
+        /// The tensor-core GEMV by format (dense, INT8, INT4, NF4), with its tile stages: the one-row
         /// instance, then the several-row one.
         tc: Vec<[TensorCoreGemv; 2]>,
         embed: CudaFunction,
@@ -548,6 +548,7 @@ mod device {
                 ("dense", 16 / dtype.size_in_bytes(), 8 * 512, 3),
                 ("int8", 16, 8 * 512, 2),
                 ("int4", 32, 8 * 512 + 256, 3),
+                ("nf4", 32, 8 * 512 + 512, 3),
             ] {
                 // One instance for one row, one for several (see decode.cu).
                 let load = |rows: &str| -> Result<TensorCoreGemv> {
@@ -723,6 +724,11 @@ mod device {
                     Ptr(out_f32),
                     Ptr(residual),
                     I32(glu),
+                    Ptr(q2),
+                    Ptr(code2),
+                    Ptr(absmax2),
+                    F32(offset2),
+                    I32(block2 as i32),
                 ];
                 return self.launch(
                     &plan.gemv.f,
@@ -780,8 +786,17 @@ mod device {
                 return Ok(None);
             };
             let glu = matches!(g.output, GemvOutput::SwiGlu(_));
+            // A tile's 16 NF4 blocks share one second-level scale (see decode_common.cuh).
+            let nf4_block2 = match g.weight {
+                GemvWeight::Nf4 {
+                    scales: Nf4BlockScales::Double { block2, .. },
+                    ..
+                } => block2,
+                _ => 16,
+            };
             if !g.k.is_multiple_of(32 * tc.chunk_weights)
                 || (matches!(g.weight, GemvWeight::Int4 { .. }) && int4_group != 128)
+                || !nf4_block2.is_multiple_of(16)
                 || (glu && !g.n.is_multiple_of(16))
             {
                 return Ok(None);
@@ -842,8 +857,8 @@ mod device {
         }
 
         /// Whether [`DecodeKernels::gemv`] takes `g` with a [`GemvOutput::SwiGlu`] output: on
-        /// the tensor-core GEMV (dense, INT8, INT4 in groups of 128; k a whole number of its
-        /// tiles) with n a multiple of 16.
+        /// the tensor-core GEMV (dense, INT8, INT4 in groups of 128, NF4; k a whole number of
+        /// its tiles, and the staged rows fit beside its tiles) with n a multiple of 16.
         pub fn takes_swiglu_output(&self, g: &Gemv) -> Result<bool> {
             let group = match g.weight {
                 GemvWeight::Int4 { group, .. } => group,

@@ -6,10 +6,12 @@
 //! launch-per-kernel step of [`crate::decode`] (the same buffers, rounded the same way up to the
 //! order of the sums); `philo_model`'s decode-graph tests check it against the full forward.
 
-use crate::decode::GemvWeight;
+use crate::decode::{GemvWeight, Nf4BlockScales};
 
-/// Words per layer in the kernel's layer table (`LAYER_WORDS` in decode_layers.cu).
-pub const LAYER_WORDS: usize = 12;
+/// Words per projection and per layer in the kernel's layer table (`PROJ_WORDS`, `LAYER_WORDS`
+/// in decode_layers.cu).
+const PROJ_WORDS: usize = 5;
+pub const LAYER_WORDS: usize = 4 * PROJ_WORDS + 4;
 
 /// The model's shape as the kernel runs it.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -41,8 +43,11 @@ pub struct LayerBuffers {
     pub v_cache: u64,
 }
 
-/// The layer's words in the kernel's table, or None where the kernel does not read its weights:
-/// NF4, INT4 in groups other than 128, or projections of different formats.
+/// The layer's words in the kernel's table, or None where the kernel does not read its weights
+/// (INT4 in groups other than 128, NF4 whose second-level blocks are not whole tiles) or its
+/// projections differ in format. Per projection: weights, scales (INT8 absmax, INT4 group
+/// scales, NF4 block absmax or their 8-bit codes), NF4's code book, second-level absmax and
+/// (offset bits << 32 | block2); then the norms and the caches.
 pub fn layer_words(l: &LayerBuffers) -> Option<[u64; LAYER_WORDS]> {
     let projections = [l.qkv, l.o, l.gate_up, l.down];
     let mut words = [0u64; LAYER_WORDS];
@@ -50,20 +55,36 @@ pub fn layer_words(l: &LayerBuffers) -> Option<[u64; LAYER_WORDS]> {
         if std::mem::discriminant(p) != std::mem::discriminant(&l.qkv) {
             return None;
         }
-        let (w, s) = match *p {
-            GemvWeight::Dense { w } => (w, 0),
-            GemvWeight::Int8 { codes, absmax } => (codes, absmax),
+        let entry = match *p {
+            GemvWeight::Dense { w } => [w, 0, 0, 0, 0],
+            GemvWeight::Int8 { codes, absmax } => [codes, absmax, 0, 0, 0],
             GemvWeight::Int4 {
                 packed,
                 scales,
                 group: 128,
-            } => (packed, scales),
-            GemvWeight::Int4 { .. } | GemvWeight::Nf4 { .. } => return None,
+            } => [packed, scales, 0, 0, 0],
+            GemvWeight::Int4 { .. } => return None,
+            GemvWeight::Nf4 { packed, scales } => match scales {
+                Nf4BlockScales::Plain { absmax } => [packed, absmax, 0, 0, 0],
+                Nf4BlockScales::Double {
+                    quantized,
+                    code,
+                    absmax2,
+                    offset,
+                    block2,
+                } if block2.is_multiple_of(16) && block2 <= u32::MAX as usize => [
+                    packed,
+                    quantized,
+                    code,
+                    absmax2,
+                    (u64::from(offset.to_bits()) << 32) | block2 as u64,
+                ],
+                Nf4BlockScales::Double { .. } => return None,
+            },
         };
-        words[i] = w;
-        words[4 + i] = s;
+        words[i * PROJ_WORDS..][..PROJ_WORDS].copy_from_slice(&entry);
     }
-    words[8..].copy_from_slice(&[l.input_norm, l.post_norm, l.k_cache, l.v_cache]);
+    words[4 * PROJ_WORDS..].copy_from_slice(&[l.input_norm, l.post_norm, l.k_cache, l.v_cache]);
     Some(words)
 }
 
@@ -99,10 +120,9 @@ mod device {
     use candle_core::cuda_backend::cudarc::driver::CudaFunction;
     use candle_core::{CudaDevice, DType, Result};
 
-    /// Threads of a block (8 warps), tiles each warp keeps in flight, and the attention's ring
-    /// (positions per chunk, chunks): as decode_layers.cu.
+    /// Threads of a block (8 warps) and the attention's ring (positions per chunk, chunks): as
+    /// decode_layers.cu.
     const THREADS: usize = 256;
-    const STAGES: usize = 4;
     const ATT_CHUNK: usize = 32;
     const ATT_BUFS: usize = 4;
     /// Most splits of one head's positions.
@@ -131,11 +151,14 @@ mod device {
             weight: &GemvWeight,
             shape: LayerShape,
         ) -> Result<Option<Self>> {
-            let (format, chunk_weights, tile_bytes) = match weight {
-                GemvWeight::Dense { .. } => ("dense", 16 / dtype.size_in_bytes(), 8 * 512),
-                GemvWeight::Int8 { .. } => ("int8", 16, 8 * 512),
-                GemvWeight::Int4 { group: 128, .. } => ("int4", 32, 8 * 512 + 256),
-                _ => return Ok(None),
+            // Weights per 16-byte chunk, a warp tile's bytes and the tiles each warp keeps in
+            // flight (`layer_stages` in decode_layers.cu).
+            let (format, chunk_weights, tile_bytes, stages) = match weight {
+                GemvWeight::Dense { .. } => ("dense", 16 / dtype.size_in_bytes(), 8 * 512, 4),
+                GemvWeight::Int8 { .. } => ("int8", 16, 8 * 512, 4),
+                GemvWeight::Int4 { group: 128, .. } => ("int4", 32, 8 * 512 + 256, 4),
+                GemvWeight::Int4 { .. } => return Ok(None),
+                GemvWeight::Nf4 { .. } => ("nf4", 32, 8 * 512 + 512, 3),
             };
             let s = shape;
             let widths = [s.hidden, s.inter, s.heads * s.head_dim];
@@ -179,7 +202,7 @@ mod device {
             .unwrap()
                 * 8
                 * 4;
-            let smem = THREADS / 32 * STAGES * tile_bytes + region + red;
+            let smem = THREADS / 32 * stages * tile_bytes + region + red;
             use candle_core::cuda_backend::cudarc::driver::sys::{
                 CUdevice_attribute, CUfunction_attribute_enum,
             };
@@ -287,14 +310,31 @@ mod tests {
             scales: w + 1,
             group: 128,
         };
+        let words = layer_words(&layer(int4)).unwrap();
+        for (i, w) in [0x100, 0x200, 0x300, 0x400].into_iter().enumerate() {
+            assert_eq!(words[i * PROJ_WORDS..][..PROJ_WORDS], [w, w + 1, 0, 0, 0]);
+        }
+        assert_eq!(words[4 * PROJ_WORDS..], [0x10, 0x20, 0x30, 0x40]);
+        let nf4 = |w: u64| GemvWeight::Nf4 {
+            packed: w,
+            scales: Nf4BlockScales::Double {
+                quantized: w + 1,
+                code: 0x7000,
+                absmax2: w + 2,
+                offset: 0.5,
+                block2: 256,
+            },
+        };
+        let words = layer_words(&layer(nf4)).unwrap();
         assert_eq!(
-            layer_words(&layer(int4)),
-            Some([0x100, 0x200, 0x300, 0x400, 0x101, 0x201, 0x301, 0x401, 0x10, 0x20, 0x30, 0x40])
-        );
-        let dense = |w: u64| GemvWeight::Dense { w };
-        assert_eq!(
-            layer_words(&layer(dense)).map(|w| w[4..8].to_vec()),
-            Some(vec![0; 4])
+            words[PROJ_WORDS..][..PROJ_WORDS],
+            [
+                0x200,
+                0x201,
+                0x7000,
+                0x202,
+                (0.5f32.to_bits() as u64) << 32 | 256
+            ]
         );
     }
 
@@ -306,6 +346,17 @@ mod tests {
             group: 64,
         };
         assert_eq!(layer_words(&layer(group_64)), None);
+        let block2_8 = |w: u64| GemvWeight::Nf4 {
+            packed: w,
+            scales: Nf4BlockScales::Double {
+                quantized: w,
+                code: w,
+                absmax2: w,
+                offset: 0.0,
+                block2: 8,
+            },
+        };
+        assert_eq!(layer_words(&layer(block2_8)), None);
         let mut mixed = layer(|w| GemvWeight::Dense { w });
         mixed.down = GemvWeight::Int8 {
             codes: 1,

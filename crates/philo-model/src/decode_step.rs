@@ -372,8 +372,8 @@ mod imp {
         }
     }
 
-    /// Where the gate_up GEMV does not write the SwiGLU itself (NF4's FMA GEMV; a step with
-    /// adapters on gate_up), the rows from which the SwiGLU runs as a kernel of its own before
+    /// Where the gate_up GEMV does not write the SwiGLU itself (the FMA GEMV, e.g. NF4 rows
+    /// that do not fit beside the tensor-core GEMV's tiles; a step with adapters on gate_up), the rows from which the SwiGLU runs as a kernel of its own before
     /// the down projection's GEMV, which then stages plain rows: staged by the GEMV, every block
     /// computes the SwiGLU of every row (at 8 rows of 8,192, 65,536 exponentials and 256 KB from
     /// L2 per block). Measured on an H200 with INT4 weights (before the fused output): from 5

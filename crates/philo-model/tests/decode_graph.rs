@@ -611,7 +611,8 @@ fn persistent_case(model: &Phi3, prompt_len: usize, steps: usize, tol: f32) {
 }
 
 /// The persistent layers kernel on Phi-3-mini's widths (3,072 hidden, 32 heads of 96; a
-/// narrower MLP of 2,048 and 2 layers, to keep the test small) in bf16, INT8 and INT4: a
+/// narrower MLP of 2,048 and 2 layers, to keep the test small) in bf16, INT8, INT4 and NF4 (its
+/// block scales plain and double-quantised): a
 /// 300-token prompt (each head's positions split over three blocks), a short one, and, with 8
 /// key/value heads, a sliding window of 64 crossed while decoding. The fixtures' shapes (widths
 /// of 128) do not take it.
@@ -638,7 +639,15 @@ fn persistent_layers_match_the_full_forward_on_cuda() {
     windowed.sliding_window = Some(64);
     windowed.num_key_value_heads = 8;
     let windowed_weights = philo_model::tiny::random_weights(&windowed, 8, &Device::Cpu).unwrap();
-    for format in [WeightFormat::Dense, WeightFormat::Int8, WeightFormat::Int4] {
+    for format in [
+        WeightFormat::Dense,
+        WeightFormat::Int8,
+        WeightFormat::Int4,
+        WeightFormat::Nf4 { double_quant: true },
+        WeightFormat::Nf4 {
+            double_quant: false,
+        },
+    ] {
         let tol = tolerance(format);
         eprintln!("{format:?}");
         let model = Phi3::load_as(&config, &weights, DType::BF16, &device, format).unwrap();

@@ -150,10 +150,11 @@ GEMV_FUSED(int4_f16, __half, F_INT4)
 GEMV_FUSED(nf4_f16, __half, F_NF4)
 
 // ---------------------------------------------------------------------------------------------
-// The same GEMV on tensor cores, for dense, INT8 and INT4 weights (n any, k a multiple of 32·E;
-// INT4 in groups of 128). A warp's tile is 8 weight rows × 512 bytes: cp.async copies it with
-// one instruction per row (512 contiguous bytes, what DRAM streams best), S tiles in flight per
-// warp, storing chunk c of row r at c ^ r so that ldmatrix reads without bank conflicts.
+// The same GEMV on tensor cores, for dense, INT8, INT4 and NF4 weights (n any, k a multiple of
+// 32·E; INT4 in groups of 128; NF4 through a table of byte pairs, see fill_nf4_pairs). A
+// warp's tile is 8 weight rows × 512 bytes: cp.async copies it with one instruction per row
+// (512 contiguous bytes, what DRAM streams best), S tiles in flight per warp, storing chunk c
+// of row r at c ^ r so that ldmatrix reads without bank conflicts.
 // ldmatrix turns four chunks of the 8 rows into B fragments of mma.m16n8k16 (column g = row
 // g); the input rows are the A operand (rows 0..m−1, the rest zero). k may be permuted freely
 // as long as x and W agree: each lane's weight pairs stay in its own fragment slots, and the
@@ -170,9 +171,11 @@ GEMV_FUSED(nf4_f16, __half, F_NF4)
 
 template <typename T, int FMT, bool ROWS>
 __device__ void gemv_tc(const T* x, const T* g, float eps, int mode, int m, int n, int k,
-                        const void* w, const float* scales, int stages, T* out, float* out_f32,
+                        const void* w, const Scales sc, int stages, T* out, float* out_f32,
                         const T* residual, int glu) {
     extern __shared__ __align__(16) unsigned char smem[];
+    __shared__ uint32_t nf4_pairs[FMT == F_NF4 ? NF4_PAIR_WORDS : 1];
+    const float* scales = sc.s;
     constexpr int E = Chunk<T, FMT>::E, TILE = tc_tile_bytes<FMT>();
     const int warps = blockDim.x / 32;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, t = lane % 4;
@@ -192,7 +195,6 @@ __device__ void gemv_tc(const T* x, const T* g, float eps, int mode, int m, int 
     const int i0 = warp * total / warps, i1 = (warp + 1) * total / warps;
     const size_t row_bytes = (size_t)k * 16 / E;
     const unsigned char* wb = reinterpret_cast<const unsigned char*>(w);
-    const int groups_per_row = FMT == F_INT4 ? k / 128 : 0;
 
     // The copy cursor runs stages − 1 tiles ahead of the compute cursor.
     int f_rg = i0 / tiles_per_group, f_kt = i0 % tiles_per_group, fi = i0, fstage = 0;
@@ -206,13 +208,7 @@ __device__ void gemv_tc(const T* x, const T* g, float eps, int mode, int m, int 
                 const unsigned char* src = wb + (ok ? (size_t)(row0 + r) * row_bytes + (size_t)f_kt * 512 + lane * 16 : 0);
                 cp_async16(dst + r * 512 + ((lane ^ r) * 16), src, ok);
             }
-            if (FMT == F_INT4 && lane < 16) {
-                // Row lane / 2's scales of the tile's 8 groups, 4 at a time.
-                int row = row0 + lane / 2;
-                bool ok = row < n;
-                const float* src = scales + (ok ? (size_t)row * groups_per_row + f_kt * 8 + (lane % 2) * 4 : 0);
-                cp_async16(dst + 8 * 512 + lane * 16, src, ok);
-            }
+            tc_copy_scales<FMT>(dst, sc, row0, n, k, f_kt, lane);
         }
         cp_async_commit();
         ++fi;
@@ -225,6 +221,7 @@ __device__ void gemv_tc(const T* x, const T* g, float eps, int mode, int m, int 
     // The first tiles stream in while the previous kernel finishes.
     for (int s = 0; s < stages - 1; ++s) issue();
     for (int i = threadIdx.x; i < owned * 8 * MAXM; i += blockDim.x) red[i] = 0.f;
+    if (FMT == F_NF4) fill_nf4_pairs<T>(nf4_pairs);
     pdl_allow_next();
     pdl_wait_previous();
     if (ROWS) stage_rows<T, FMT == F_INT4>(x, g, eps, mode, m, k, xs);
@@ -248,60 +245,8 @@ __device__ void gemv_tc(const T* x, const T* g, float eps, int mode, int m, int 
         else cp_async_wait<1>();
         __syncwarp();
         const unsigned char* tile = tiles + cstage * TILE;
-        const int kbase = c_kt * 32 * E;
-#pragma unroll
-        for (int q = 0; q < 8; ++q) {
-            // Chunks 4q .. 4q + 3 of the 8 rows: lane 8i + j addresses row j of chunk 4q + i.
-            uint32_t r[4];
-            ldsm_x4<false>(tile + (lane % 8) * 512 + (((4 * q + lane / 8) ^ (lane % 8)) * 16), r);
-            if constexpr (FMT == F_DENSE) {
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    int k0 = kbase + (4 * q + 2 * h) * 8;
-                    uint32_t a[4] = {0u, 0u, 0u, 0u};
-                    if (gq < m) {
-                        a[0] = *reinterpret_cast<const uint32_t*>(xrow + k0 + 2 * t);
-                        a[2] = *reinterpret_cast<const uint32_t*>(xrow + k0 + 8 + 2 * t);
-                    }
-                    Mma<T>::run(acc, a, r[2 * h], r[2 * h + 1]);
-                }
-            } else if constexpr (FMT == F_INT8) {
-                // Lane t holds bytes 4t .. 4t + 3 of each chunk.
-#pragma unroll
-                for (int h = 0; h < 4; ++h) {
-                    int k0 = kbase + (4 * q + h) * 16 + 4 * t;
-                    uint32_t a[4] = {0u, 0u, 0u, 0u};
-                    if (gq < m) {
-                        uint2 xv = *reinterpret_cast<const uint2*>(xrow + k0);
-                        a[0] = xv.x;
-                        a[2] = xv.y;
-                    }
-                    Mma<T>::run(acc, a, int8_pair<T>(r[h], 0), int8_pair<T>(r[h], 2));
-                }
-            } else {
-                // Lane t holds nibbles 8t .. 8t + 7 of each chunk; the four chunks are one
-                // group of 128, scaled once.
-                float d[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-                for (int h = 0; h < 4; ++h) {
-                    int k0 = kbase + (4 * q + h) * 32 + 8 * t;
-                    uint32_t a0[4] = {0u, 0u, 0u, 0u}, a1[4] = {0u, 0u, 0u, 0u};
-                    if (gq < m) {
-                        uint4 xv = *reinterpret_cast<const uint4*>(xrow + k0);
-                        a0[0] = xv.x;
-                        a0[2] = xv.y;
-                        a1[0] = xv.z;
-                        a1[2] = xv.w;
-                    }
-                    uint32_t u = r[h];
-                    Mma<T>::run(d, a0, Nibbles<T>::pair(u), Nibbles<T>::pair(u >> 4));
-                    Mma<T>::run(d, a1, Nibbles<T>::pair(u >> 8), Nibbles<T>::pair(u >> 12));
-                }
-                const float* ts = reinterpret_cast<const float*>(tile + 8 * 512);
-                acc[0] += d[0] * ts[(2 * t) * 8 + q];
-                acc[1] += d[1] * ts[(2 * t + 1) * 8 + q];
-            }
-        }
+        const Nf4Tile nf = nf4_tile<FMT>(sc, group_row(c_rg), n, k, c_kt, t);
+        tc_tile_product<T, FMT>(tile, xrow, gq < m, c_kt * 32 * E, nf, nf4_pairs, acc);
         cstage = cstage + 1 == stages ? 0 : cstage + 1;
         if (++c_kt == tiles_per_group) {
             flush();
@@ -337,19 +282,23 @@ __device__ void gemv_tc(const T* x, const T* g, float eps, int mode, int m, int 
 
 // Two instances: one row, and several. Several rows' staging takes more registers (108-128 in
 // all, against 64-80 for one row), which the one-row kernel then does not carry.
-#define GEMV_TC_ROWS(fname, T, FMT, ROWS, suffix)                                                        \
-    extern "C" __global__ void __launch_bounds__(256) gemv_tc_##fname##suffix(                           \
-        const T* x, const T* g, float eps, int mode, int m, int n, int k, const void* w,                 \
-        const float* scales, int stages, T* out, float* out_f32, const T* residual, int glu) {           \
-        gemv_tc<T, FMT, ROWS>(x, g, eps, mode, m, n, k, w, scales, stages, out, out_f32, residual, glu); \
+#define GEMV_TC_ROWS(fname, T, FMT, ROWS, suffix)                                                          \
+    extern "C" __global__ void __launch_bounds__(256) gemv_tc_##fname##suffix(                             \
+        const T* x, const T* g, float eps, int mode, int m, int n, int k, const void* w,                   \
+        const float* scales, int stages, T* out, float* out_f32, const T* residual, int glu,               \
+        const uint8_t* q2, const float* code2, const float* absmax2, float offset2, int block2) {          \
+        const Scales sc{scales, 128, q2, code2, absmax2, offset2, block2};                                 \
+        gemv_tc<T, FMT, ROWS>(x, g, eps, mode, m, n, k, w, sc, stages, out, out_f32, residual, glu);       \
     }
 #define GEMV_TC(fname, T, FMT) GEMV_TC_ROWS(fname, T, FMT, false, ) GEMV_TC_ROWS(fname, T, FMT, true, _rows)
 GEMV_TC(dense_bf16, __nv_bfloat16, F_DENSE)
 GEMV_TC(int8_bf16, __nv_bfloat16, F_INT8)
 GEMV_TC(int4_bf16, __nv_bfloat16, F_INT4)
+GEMV_TC(nf4_bf16, __nv_bfloat16, F_NF4)
 GEMV_TC(dense_f16, __half, F_DENSE)
 GEMV_TC(int8_f16, __half, F_INT8)
 GEMV_TC(int4_f16, __half, F_INT4)
+GEMV_TC(nf4_f16, __half, F_NF4)
 
 // x[b] = embed[tokens[b]]; one block per row.
 template <typename T>

@@ -277,4 +277,172 @@ __device__ __forceinline__ uint32_t int8_pair(uint32_t u, int j) {
 }
 
 // Bytes of one warp tile in shared memory: 8 rows × 512, and for INT4 the tile's 8 × 8 scales.
-template <int FMT> constexpr int tc_tile_bytes() { return 8 * 512 + (FMT == F_INT4 ? 256 : 0); }
+// Bytes of one warp tile in shared memory: 8 rows × 512, and the tile's scales: INT4's 8 × 8
+// groups of 128, NF4's 8 × 16 blocks of 64 (f32, or their 8-bit codes when double-quantised).
+template <int FMT> constexpr int tc_tile_bytes() { return 8 * 512 + (FMT == F_INT4 ? 256 : FMT == F_NF4 ? 512 : 0); }
+
+// Copies the scales of the tile at 512-byte column kt of rows row0 .. row0 + 7 (rows past n
+// zero-filled) behind its weights, one cp.async of 16 bytes per lane at most (k a multiple of
+// 1,024 for the 4-bit formats, so a row's scales of one tile are 16-byte aligned).
+template <int FMT>
+__device__ __forceinline__ void tc_copy_scales(unsigned char* dst, const Scales& sc, int row0, int n, int k, int kt,
+                                               int lane) {
+    if constexpr (FMT == F_INT4) {
+        if (lane < 16) {
+            // Row lane / 2's scales of the tile's 8 groups, 4 at a time.
+            const int row = row0 + lane / 2;
+            const bool ok = row < n;
+            const float* src = sc.s + (ok ? (size_t)row * (k / 128) + kt * 8 + (lane % 2) * 4 : 0);
+            cp_async16(dst + 8 * 512 + lane * 16, src, ok);
+        }
+    } else if constexpr (FMT == F_NF4) {
+        if (sc.q2 == nullptr) {
+            // Row lane / 4's 16 block scales, 4 at a time.
+            const int row = row0 + lane / 4;
+            const bool ok = row < n;
+            const float* src = sc.s + (ok ? (size_t)row * (k / 64) + kt * 16 + (lane % 4) * 4 : 0);
+            cp_async16(dst + 8 * 512 + lane * 16, src, ok);
+        } else if (lane < 8) {
+            // Row lane's 16 codes of its block scales.
+            const int row = row0 + lane;
+            const bool ok = row < n;
+            const uint8_t* src = sc.q2 + (ok ? (size_t)row * (k / 64) + kt * 16 : 0);
+            cp_async16(dst + 8 * 512 + lane * 16, src, ok);
+        }
+    }
+}
+
+// NF4 on the tensor cores: each byte (two weights, the first in its high nibble) becomes a pair
+// of T by a table of its 256 values in shared memory, one copy per lane (entry b of lane l at
+// b · 32 + l), so that every lookup is free of bank conflicts. The pairs are the NF4 codes
+// rounded to T; the block scale multiplies the f32 sums.
+constexpr int NF4_PAIR_WORDS = 256 * 32;
+
+template <typename T>
+__device__ __forceinline__ void fill_nf4_pairs(uint32_t* pairs) {
+    for (int i = threadIdx.x; i < NF4_PAIR_WORDS; i += blockDim.x) {
+        const int b = i / 32;
+        pairs[i] = Mma<T>::pack(NF4[b >> 4], NF4[b & 15]);
+    }
+}
+
+// What an NF4 tile's scales need besides the tile: with double quantisation, the code book and
+// offset, and the second-level absmax of the lane's two weight rows (one per row and tile: a
+// tile's 16 blocks lie in one group of block2, a multiple of 16).
+struct Nf4Tile {
+    const float* code2;
+    float absmax2[2];
+    float offset;
+};
+
+template <int FMT>
+__device__ __forceinline__ Nf4Tile nf4_tile(const Scales& sc, int row0, int n, int k, int kt, int t) {
+    Nf4Tile nf{nullptr, {0.f, 0.f}, 0.f};
+    if constexpr (FMT == F_NF4) {
+        if (sc.q2 != nullptr) {
+            nf.code2 = sc.code2;
+            nf.offset = sc.offset2;
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                const int row = row0 + 2 * t + i;
+                if (row < n) nf.absmax2[i] = __ldg(sc.absmax2 + ((size_t)row * (k / 64) + kt * 16) / sc.block2);
+            }
+        }
+    }
+    return nf;
+}
+
+// Scale of block b of the tile's row 2t + i (row r), rounded as bitsandbytes computes it.
+__device__ __forceinline__ float nf4_tile_scale(const unsigned char* tile, const Nf4Tile& nf, int r, int b, int i) {
+    if (nf.code2 == nullptr) return reinterpret_cast<const float*>(tile + 8 * 512)[r * 16 + b];
+    return __fadd_rn(__fmul_rn(__ldg(nf.code2 + tile[8 * 512 + r * 16 + b]), nf.absmax2[i]), nf.offset);
+}
+
+// One tile's products (8 weight rows × 512 bytes, at input column kbase) added to acc: lane
+// (g, t) gets input row g's sums of weight rows 2t and 2t + 1 in acc[0], acc[1]; `xrow` is row
+// g's staged input, `live` whether g is an input row. Each 8 × 8 matrix of ldmatrix is 8 rows
+// of one 16-byte chunk, lane t holding bytes 4t .. 4t + 3 of each: the weights' k order within
+// a lane may be permuted as long as the staged input matches (INT4 stages pairs (0,4), (1,5), …;
+// NF4's bytes hold consecutive pairs, staged in order).
+template <typename T, int FMT>
+__device__ __forceinline__ void tc_tile_product(const unsigned char* tile, const T* xrow, bool live, int kbase,
+                                                const Nf4Tile& nf, const uint32_t* nf4_pairs, float (&acc)[4]) {
+    const int lane = threadIdx.x % 32, t = lane % 4;
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+        // Chunks 4q .. 4q + 3 of the 8 rows: lane 8i + j addresses row j of chunk 4q + i.
+        uint32_t r[4];
+        ldsm_x4<false>(tile + (lane % 8) * 512 + (((4 * q + lane / 8) ^ (lane % 8)) * 16), r);
+        if constexpr (FMT == F_DENSE) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                int k0 = kbase + (4 * q + 2 * h) * 8;
+                uint32_t a[4] = {0u, 0u, 0u, 0u};
+                if (live) {
+                    a[0] = *reinterpret_cast<const uint32_t*>(xrow + k0 + 2 * t);
+                    a[2] = *reinterpret_cast<const uint32_t*>(xrow + k0 + 8 + 2 * t);
+                }
+                Mma<T>::run(acc, a, r[2 * h], r[2 * h + 1]);
+            }
+        } else if constexpr (FMT == F_INT8) {
+            // Lane t holds bytes 4t .. 4t + 3 of each chunk.
+#pragma unroll
+            for (int h = 0; h < 4; ++h) {
+                int k0 = kbase + (4 * q + h) * 16 + 4 * t;
+                uint32_t a[4] = {0u, 0u, 0u, 0u};
+                if (live) {
+                    uint2 xv = *reinterpret_cast<const uint2*>(xrow + k0);
+                    a[0] = xv.x;
+                    a[2] = xv.y;
+                }
+                Mma<T>::run(acc, a, int8_pair<T>(r[h], 0), int8_pair<T>(r[h], 2));
+            }
+        } else if constexpr (FMT == F_INT4) {
+            // Lane t holds nibbles 8t .. 8t + 7 of each chunk; the four chunks are one
+            // group of 128, scaled once.
+            float d[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+            for (int h = 0; h < 4; ++h) {
+                int k0 = kbase + (4 * q + h) * 32 + 8 * t;
+                uint32_t a0[4] = {0u, 0u, 0u, 0u}, a1[4] = {0u, 0u, 0u, 0u};
+                if (live) {
+                    uint4 xv = *reinterpret_cast<const uint4*>(xrow + k0);
+                    a0[0] = xv.x;
+                    a0[2] = xv.y;
+                    a1[0] = xv.z;
+                    a1[2] = xv.w;
+                }
+                uint32_t u = r[h];
+                Mma<T>::run(d, a0, Nibbles<T>::pair(u), Nibbles<T>::pair(u >> 4));
+                Mma<T>::run(d, a1, Nibbles<T>::pair(u >> 8), Nibbles<T>::pair(u >> 12));
+            }
+            const float* ts = reinterpret_cast<const float*>(tile + 8 * 512);
+            acc[0] += d[0] * ts[(2 * t) * 8 + q];
+            acc[1] += d[1] * ts[(2 * t + 1) * 8 + q];
+        } else {
+            // NF4: lane t holds bytes 4t .. 4t + 3 of each chunk, weights 8t .. 8t + 7 in order;
+            // chunks 4q and 4q + 1 are block 2q of 64, chunks 4q + 2 and 4q + 3 block 2q + 1.
+            float d0[4] = {0.f, 0.f, 0.f, 0.f}, d1[4] = {0.f, 0.f, 0.f, 0.f};
+            const uint32_t* pairs = nf4_pairs + lane;
+#pragma unroll
+            for (int h = 0; h < 4; ++h) {
+                int k0 = kbase + (4 * q + h) * 32 + 8 * t;
+                uint32_t a0[4] = {0u, 0u, 0u, 0u}, a1[4] = {0u, 0u, 0u, 0u};
+                if (live) {
+                    uint4 xv = *reinterpret_cast<const uint4*>(xrow + k0);
+                    a0[0] = xv.x;
+                    a0[2] = xv.y;
+                    a1[0] = xv.z;
+                    a1[2] = xv.w;
+                }
+                const uint32_t u = r[h];
+                float* d = h < 2 ? d0 : d1;
+                Mma<T>::run(d, a0, pairs[(u & 255u) * 32], pairs[((u >> 8) & 255u) * 32]);
+                Mma<T>::run(d, a1, pairs[((u >> 16) & 255u) * 32], pairs[(u >> 24) * 32]);
+            }
+            acc[0] += d0[0] * nf4_tile_scale(tile, nf, 2 * t, 2 * q, 0) + d1[0] * nf4_tile_scale(tile, nf, 2 * t, 2 * q + 1, 0);
+            acc[1] += d0[1] * nf4_tile_scale(tile, nf, 2 * t + 1, 2 * q, 1) +
+                      d1[1] * nf4_tile_scale(tile, nf, 2 * t + 1, 2 * q + 1, 1);
+        }
+    }
+}

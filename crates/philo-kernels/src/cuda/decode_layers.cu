@@ -17,17 +17,22 @@
 // tensor-core GEMV's (gemv_tc in decode.cu) for one input row.
 #include "decode_common.cuh"
 
-// Tiles each warp keeps in flight (its ring of stages).
-constexpr int LAYER_STAGES = 4;
+// Tiles each warp keeps in flight (its ring of stages): NF4's table of byte pairs (32 KiB) leaves
+// room for three.
+template <int FMT> constexpr int layer_stages() { return FMT == F_NF4 ? 3 : 4; }
 // Attention: positions per chunk of keys and values, and chunks in flight.
 constexpr int ATT_CHUNK = 32;
 constexpr int ATT_BUFS = 4;
 // Fewest positions one split of a head's positions takes.
 constexpr int ATT_SPLIT_MIN = 128;
-// Words per layer in the layer table: the four projections' weights (qkv, o, gate_up, down),
-// their scales (INT8 absmax per row, INT4 per group of 128; 0 for dense), the two norm weights,
+// Words per layer in the layer table: per projection (qkv, o, gate_up, down) five — its weights,
+// its scales (INT8 absmax per row, INT4 per group of 128, NF4 per block of 64 as f32 or, double
+// quantised, as 8-bit codes; 0 for dense), NF4's code book, second-level absmax and
+// (offset bits << 32 | block2) (0 without double quantisation) — then the two norm weights and
 // the key and value caches.
-constexpr int LAYER_WORDS = 12;
+constexpr int PROJ_WORDS = 5;
+constexpr int LAYER_WORDS = 4 * PROJ_WORDS + 4;
+constexpr int NORM_WORDS = 4 * PROJ_WORDS;
 
 // The model's shape and the step's fixed sizes, as the kernel's parameters give them.
 struct LayerDims {
@@ -40,7 +45,7 @@ struct LayerDims {
 // up half), the block's warps split its tiles (8 rows × 512 bytes) evenly.
 struct Share {
     const unsigned char* w;
-    const float* s;
+    Scales sc;
     int n, k, glu;
     int groups, rg0, nrg, tiles, i0, i1;
     // First weight row of the block's v-th owned group.
@@ -51,8 +56,16 @@ template <typename T, int FMT>
 __device__ __forceinline__ Share share_of(const unsigned long long* layer, int proj, const LayerDims& dm) {
     constexpr int E = Chunk<T, FMT>::E;
     Share a;
-    a.w = reinterpret_cast<const unsigned char*>(layer[proj]);
-    a.s = reinterpret_cast<const float*>(layer[4 + proj]);
+    const unsigned long long* words = layer + proj * PROJ_WORDS;
+    a.w = reinterpret_cast<const unsigned char*>(words[0]);
+    const bool dq = words[2] != 0;
+    a.sc.s = dq ? nullptr : reinterpret_cast<const float*>(words[1]);
+    a.sc.group = 128;
+    a.sc.q2 = dq ? reinterpret_cast<const uint8_t*>(words[1]) : nullptr;
+    a.sc.code2 = reinterpret_cast<const float*>(words[2]);
+    a.sc.absmax2 = reinterpret_cast<const float*>(words[3]);
+    a.sc.offset2 = __uint_as_float((unsigned)(words[4] >> 32));
+    a.sc.block2 = (int)(words[4] & 0xffffffffu);
     const int qkv_n = (dm.heads + 2 * dm.kv_heads) * dm.d;
     a.n = proj == 0 ? qkv_n : proj == 2 ? 2 * dm.inter : dm.hidden;
     a.k = proj == 1 ? dm.heads * dm.d : proj == 3 ? dm.inter : dm.hidden;
@@ -120,12 +133,7 @@ struct TileStream {
                 const unsigned char* src = a.w + (ok ? (size_t)(row0 + r) * row_bytes + (size_t)kt * 512 + lane * 16 : 0);
                 cp_async16(dst + r * 512 + ((lane ^ r) * 16), src, ok);
             }
-            if (FMT == F_INT4 && lane < 16) {
-                const int row = row0 + lane / 2;
-                const bool ok = row < a.n;
-                const float* src = a.s + (ok ? (size_t)row * (a.k / 128) + kt * 8 + (lane % 2) * 4 : 0);
-                cp_async16(dst + 8 * 512 + lane * 16, src, ok);
-            }
+            tc_copy_scales<FMT>(dst, a.sc, row0, a.n, a.k, kt, lane);
             ++i;
             if (++kt == a.tiles) {
                 kt = 0;
@@ -133,7 +141,7 @@ struct TileStream {
             }
         }
         cp_async_commit();
-        stage = stage + 1 == LAYER_STAGES ? 0 : stage + 1;
+        stage = stage + 1 == layer_stages<FMT>() ? 0 : stage + 1;
     }
 };
 
@@ -168,8 +176,8 @@ __device__ __forceinline__ void grid_wait(const unsigned* counter, unsigned targ
 // projection: qkv (stored), x (added to in place), h (SwiGLU of gate and up).
 template <typename T, int FMT>
 __device__ void gemv_phase(TileStream<T, FMT>& st, int& cstage, const Share& a, const T* xs, float* red, T* out,
-                           bool add, const LayerDims& dm) {
-    constexpr int E = Chunk<T, FMT>::E, TILE = tc_tile_bytes<FMT>();
+                           bool add, const uint32_t* nf4_pairs, const LayerDims& dm) {
+    constexpr int E = Chunk<T, FMT>::E, TILE = tc_tile_bytes<FMT>(), S = layer_stages<FMT>();
     const int lane = threadIdx.x % 32, gq = lane / 4, t = lane % 4;
     const unsigned char* ring = st.ring;
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
@@ -186,60 +194,12 @@ __device__ void gemv_phase(TileStream<T, FMT>& st, int& cstage, const Share& a, 
     for (int i = a.i0; i < a.i1; ++i) {
         __syncwarp();  // every lane is done with the stage the next copy overwrites
         st.issue(dm);
-        cp_async_wait<LAYER_STAGES - 1>();
+        cp_async_wait<S - 1>();
         __syncwarp();
         const unsigned char* tile = ring + cstage * TILE;
-        const int kbase = c_kt * 32 * E;
-#pragma unroll
-        for (int q = 0; q < 8; ++q) {
-            uint32_t r[4];
-            ldsm_x4<false>(tile + (lane % 8) * 512 + (((4 * q + lane / 8) ^ (lane % 8)) * 16), r);
-            if constexpr (FMT == F_DENSE) {
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const int k0 = kbase + (4 * q + 2 * h) * 8;
-                    uint32_t x4[4] = {0u, 0u, 0u, 0u};
-                    if (gq == 0) {
-                        x4[0] = *reinterpret_cast<const uint32_t*>(xs + k0 + 2 * t);
-                        x4[2] = *reinterpret_cast<const uint32_t*>(xs + k0 + 8 + 2 * t);
-                    }
-                    Mma<T>::run(acc, x4, r[2 * h], r[2 * h + 1]);
-                }
-            } else if constexpr (FMT == F_INT8) {
-#pragma unroll
-                for (int h = 0; h < 4; ++h) {
-                    const int k0 = kbase + (4 * q + h) * 16 + 4 * t;
-                    uint32_t x4[4] = {0u, 0u, 0u, 0u};
-                    if (gq == 0) {
-                        const uint2 xv = *reinterpret_cast<const uint2*>(xs + k0);
-                        x4[0] = xv.x;
-                        x4[2] = xv.y;
-                    }
-                    Mma<T>::run(acc, x4, int8_pair<T>(r[h], 0), int8_pair<T>(r[h], 2));
-                }
-            } else {
-                float dq[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-                for (int h = 0; h < 4; ++h) {
-                    const int k0 = kbase + (4 * q + h) * 32 + 8 * t;
-                    uint32_t a0[4] = {0u, 0u, 0u, 0u}, a1[4] = {0u, 0u, 0u, 0u};
-                    if (gq == 0) {
-                        const uint4 xv = *reinterpret_cast<const uint4*>(xs + k0);
-                        a0[0] = xv.x;
-                        a0[2] = xv.y;
-                        a1[0] = xv.z;
-                        a1[2] = xv.w;
-                    }
-                    const uint32_t u = r[h];
-                    Mma<T>::run(dq, a0, Nibbles<T>::pair(u), Nibbles<T>::pair(u >> 4));
-                    Mma<T>::run(dq, a1, Nibbles<T>::pair(u >> 8), Nibbles<T>::pair(u >> 12));
-                }
-                const float* ts = reinterpret_cast<const float*>(tile + 8 * 512);
-                acc[0] += dq[0] * ts[(2 * t) * 8 + q];
-                acc[1] += dq[1] * ts[(2 * t + 1) * 8 + q];
-            }
-        }
-        cstage = cstage + 1 == LAYER_STAGES ? 0 : cstage + 1;
+        const Nf4Tile nf = nf4_tile<FMT>(a.sc, a.row_of(c_rg), a.n, a.k, c_kt, t);
+        tc_tile_product<T, FMT>(tile, xs, gq == 0, c_kt * 32 * E, nf, nf4_pairs, acc);
+        cstage = cstage + 1 == S ? 0 : cstage + 1;
         if (++c_kt == a.tiles) {
             flush();
             c_kt = 0;
@@ -254,8 +214,8 @@ __device__ void gemv_phase(TileStream<T, FMT>& st, int& cstage, const Share& a, 
             const int row = a.rg0 * 8 + i;
             float gate = red[i], up = red[a.nrg * 8 + i];
             if (FMT == F_INT8) {
-                gate = gate * a.s[row] * (1.f / 127.f);
-                up = up * a.s[row + half] * (1.f / 127.f);
+                gate = gate * a.sc.s[row] * (1.f / 127.f);
+                up = up * a.sc.s[row + half] * (1.f / 127.f);
             }
             gate = round_to<T>(gate);
             up = round_to<T>(up);
@@ -267,7 +227,7 @@ __device__ void gemv_phase(TileStream<T, FMT>& st, int& cstage, const Share& a, 
         const int row = a.rg0 * 8 + i;
         if (row >= a.n) continue;
         float v = red[i];
-        if (FMT == F_INT8) v = v * a.s[row] * (1.f / 127.f);
+        if (FMT == F_INT8) v = v * a.sc.s[row] * (1.f / 127.f);
         out[row] = add ? from_f32<T>(to_f32(__ldcg(out + row)) + round_to<T>(v)) : from_f32<T>(v);
     }
 }
@@ -446,18 +406,20 @@ __device__ void decode_layers(const unsigned long long* layers, int n_layers, T*
                               const uint32_t* lens, const uint32_t* long_rows, const uint32_t* tables,
                               const LayerDims dm, unsigned* sync) {
     extern __shared__ __align__(16) unsigned char smem[];
-    constexpr int TILE = tc_tile_bytes<FMT>();
+    __shared__ uint32_t nf4_pairs[FMT == F_NF4 ? NF4_PAIR_WORDS : 1];
+    constexpr int TILE = tc_tile_bytes<FMT>(), S = layer_stages<FMT>();
     constexpr bool PAIRS = FMT == F_INT4;
     const int warps = blockDim.x / 32, warp = threadIdx.x / 32;
-    unsigned char* region = smem + (size_t)warps * LAYER_STAGES * TILE;
+    unsigned char* region = smem + (size_t)warps * S * TILE;
     T* xs = reinterpret_cast<T*>(region);
     float* red = reinterpret_cast<float*>(region + dm.region_bytes);
     const unsigned grid = gridDim.x;
 
     TileStream<T, FMT> st;
-    st.start(layers, n_layers, smem + (size_t)warp * LAYER_STAGES * TILE, dm);
+    st.start(layers, n_layers, smem + (size_t)warp * S * TILE, dm);
     // Layer 0's first tiles stream in while the embedding finishes.
-    for (int s = 0; s < LAYER_STAGES - 1; ++s) st.issue(dm);
+    for (int s = 0; s < S - 1; ++s) st.issue(dm);
+    if (FMT == F_NF4) fill_nf4_pairs<T>(nf4_pairs);  // the first staging's barrier publishes it
     int cstage = 0;
     pdl_allow_next();
     pdl_wait_previous();
@@ -472,14 +434,14 @@ __device__ void decode_layers(const unsigned long long* layers, int n_layers, T*
     };
     for (int l = 0; l < n_layers; ++l) {
         const unsigned long long* L = layers + (size_t)l * LAYER_WORDS;
-        T* k_cache = reinterpret_cast<T*>(L[10]);
-        T* v_cache = reinterpret_cast<T*>(L[11]);
+        T* k_cache = reinterpret_cast<T*>(L[NORM_WORDS + 2]);
+        T* v_cache = reinterpret_cast<T*>(L[NORM_WORDS + 3]);
         // G0: norm + QKV.
         if (l > 0) grid_wait(sync, done * grid);
         Share a = share_of<T, FMT>(L, 0, dm);
         zero_red(a);
-        stage_row<T, PAIRS, true>(x, reinterpret_cast<const T*>(L[8]), dm.eps, IN_RMSNORM, dm.hidden, xs);
-        gemv_phase<T, FMT>(st, cstage, a, xs, red, qkv, false, dm);
+        stage_row<T, PAIRS, true>(x, reinterpret_cast<const T*>(L[NORM_WORDS]), dm.eps, IN_RMSNORM, dm.hidden, xs);
+        gemv_phase<T, FMT>(st, cstage, a, xs, red, qkv, false, nf4_pairs, dm);
         grid_arrive(sync);
         ++done;
         // A: RoPE, KV write, attention (blocks without an item go straight on).
@@ -492,15 +454,16 @@ __device__ void decode_layers(const unsigned long long* layers, int n_layers, T*
         a = share_of<T, FMT>(L, 1, dm);
         zero_red(a);
         stage_attention<T, PAIRS>(partial, len, dm, xs);
-        gemv_phase<T, FMT>(st, cstage, a, xs, red, x, true, dm);
+        gemv_phase<T, FMT>(st, cstage, a, xs, red, x, true, nf4_pairs, dm);
         grid_arrive(sync);
         ++done;
         // G2: norm + gate/up, SwiGLU.
         grid_wait(sync, done * grid);
         a = share_of<T, FMT>(L, 2, dm);
         zero_red(a);
-        stage_row<T, PAIRS, true>(x, reinterpret_cast<const T*>(L[9]), dm.eps, IN_RMSNORM, dm.hidden, xs);
-        gemv_phase<T, FMT>(st, cstage, a, xs, red, h, false, dm);
+        stage_row<T, PAIRS, true>(x, reinterpret_cast<const T*>(L[NORM_WORDS + 1]), dm.eps, IN_RMSNORM, dm.hidden,
+                                  xs);
+        gemv_phase<T, FMT>(st, cstage, a, xs, red, h, false, nf4_pairs, dm);
         grid_arrive(sync);
         ++done;
         // G3: down projection into the residual stream.
@@ -508,7 +471,7 @@ __device__ void decode_layers(const unsigned long long* layers, int n_layers, T*
         a = share_of<T, FMT>(L, 3, dm);
         zero_red(a);
         stage_row<T, PAIRS, true>(h, nullptr, 0.f, IN_PLAIN, dm.inter, xs);
-        gemv_phase<T, FMT>(st, cstage, a, xs, red, x, true, dm);
+        gemv_phase<T, FMT>(st, cstage, a, xs, red, x, true, nf4_pairs, dm);
         if (l + 1 < n_layers) {
             grid_arrive(sync);
             ++done;
@@ -542,6 +505,8 @@ __device__ void decode_layers(const unsigned long long* layers, int n_layers, T*
 DECODE_LAYERS(dense_bf16, __nv_bfloat16, F_DENSE)
 DECODE_LAYERS(int8_bf16, __nv_bfloat16, F_INT8)
 DECODE_LAYERS(int4_bf16, __nv_bfloat16, F_INT4)
+DECODE_LAYERS(nf4_bf16, __nv_bfloat16, F_NF4)
 DECODE_LAYERS(dense_f16, __half, F_DENSE)
 DECODE_LAYERS(int8_f16, __half, F_INT8)
 DECODE_LAYERS(int4_f16, __half, F_INT4)
+DECODE_LAYERS(nf4_f16, __half, F_NF4)
