@@ -42,8 +42,9 @@ pub enum DecodeEngine {
     Graph,
     /// The same kernels launched one by one (what the graph saves).
     Kernels,
-    /// The graph with a one-sequence step's decoder layers in one persistent kernel (`bench
-    /// decode --batch 1` on dense, INT8 or INT4 weights; else as `graph`, and serve runs `graph`).
+    /// The graph with the decoder layers of a step of up to 8 rows in one persistent kernel
+    /// (`bench decode` of few sequences, and the verify steps' cost curve; dense, INT8, INT4 or
+    /// NF4 weights; else as `graph`; serve runs `graph`).
     Layers,
     /// The general forward through candle with a growing KV cache.
     Candle,
@@ -149,9 +150,8 @@ pub fn decode(
                 graph.set_adapter(model, adapter)?;
             }
             let persistent = engine == DecodeEngine::Layers
-                && batch == 1
                 && adapter.is_none()
-                && graph.set_persistent_layers(true);
+                && graph.set_persistent_layers(true) >= batch;
             let ran = match engine {
                 DecodeEngine::Layers if !persistent => DecodeEngine::Graph,
                 other => other,
@@ -227,16 +227,19 @@ pub struct VerifyCost {
 
 /// The time of a forward over 1 + k tokens after `prompt_len` cached ones, k = 0..=max_k, where
 /// speculation verifies: the decode graph's multi-row step where the model has one (as many
-/// k as it takes), else the general path; each the mean of 8 after a warm-up.
+/// k as it takes; its layers in the persistent kernel when `persistent`, up to the rows it
+/// takes), else the general path; each the mean of 8 after a warm-up.
 pub fn verify_cost_curve(
     model: &Phi3,
     prompt_len: usize,
     max_k: usize,
+    persistent: bool,
 ) -> anyhow::Result<Vec<VerifyCost>> {
     let device = model.device();
     let vocab = model.config().vocab_size;
     if let Some(mut graph) = philo_model::DecodeGraph::new(model, 1, prompt_len + max_k + 2, true)?
     {
+        graph.set_persistent_layers(persistent);
         let prompt: Vec<u32> = (0..prompt_len.max(1))
             .map(|i| (i * 7919 % vocab) as u32)
             .collect();
@@ -297,13 +300,15 @@ fn cost_curve(
 /// from 1,024, twice, so prompt lookup finds matches; `scripts/write_random_phi3.py
 /// --copy_cycle 64` writes a model that repeats it), plain and speculating with `draft` (a
 /// model with the same vocabulary) or by prompt lookup, proposing at most `max_tokens` a step;
-/// both on the decode graph where the model has one.
+/// both on the decode graph where the model has one; the verify steps' cost curve with the
+/// persistent layers kernel when `persistent`.
 pub fn speculative_decode(
     model: &Phi3,
     draft: Option<&Phi3>,
     prompt_len: usize,
     new_tokens: usize,
     max_tokens: usize,
+    persistent: bool,
 ) -> anyhow::Result<SpeculativeDecode> {
     use philo_generate::{SamplingParams, TokenStream};
     let vocab = model.config().vocab_size;
@@ -354,7 +359,7 @@ pub fn speculative_decode(
         tokens_per_verify_step: (accepted + verify_steps) as f64 / verify_steps.max(1) as f64,
         same_output: first_difference.is_none(),
         first_difference,
-        verify_cost: verify_cost_curve(model, prompt.len(), 8)?,
+        verify_cost: verify_cost_curve(model, prompt.len(), 8, persistent)?,
     })
 }
 

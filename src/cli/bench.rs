@@ -260,6 +260,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             args.seq.unwrap_or(128),
             args.new_tokens,
             args.speculation.num_speculative_tokens,
+            args.engine == philo::bench::DecodeEngine::Layers,
         )?;
         println!(
             "speculative decode ({}, k ≤ {}): {:.1} tok/s against {:.1} plain ({:.2}×); {} of {} proposed tokens accepted, {:.2} tokens per verify step over {} steps; output {}",

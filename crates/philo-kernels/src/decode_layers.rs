@@ -88,12 +88,13 @@ pub fn layer_words(l: &LayerBuffers) -> Option<[u64; LAYER_WORDS]> {
     Some(words)
 }
 
-/// One launch: the table of `layers` layers (see [`layer_words`]), the step's buffers (the
-/// residual stream `x` `[hidden]`, `qkv`, the SwiGLU output `h` `[inter]`, the attention's
-/// f32 partial results, [`LayerKernel::partial_floats`]), the RoPE tables (cos/sin, short then
-/// long, `[positions, rotary_dim / 2]`), the row's length, LongRoPE choice and block table (u32
-/// each, as the decode step's state holds them), and two u32 of barrier counters, zero before
-/// the first launch (each launch leaves them zero).
+/// One launch of `m` rows: the table of `layers` layers (see [`layer_words`]), the step's
+/// buffers (the residual stream `x` `[m, hidden]`, `qkv`, the SwiGLU output `h` `[m, inter]`,
+/// the attention's f32 partial results, [`LayerKernel::partial_floats`]), the RoPE tables
+/// (cos/sin, short then long, `[positions, rotary_dim / 2]`), the rows' lengths, LongRoPE
+/// choices (u32 each) and block tables (`[rows, max_blocks]` u32, as the decode step's state
+/// holds them), and two u32 of barrier counters, zero before the first launch (each launch
+/// leaves them zero).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DecodeLayers {
     pub table: u64,
@@ -106,6 +107,8 @@ pub struct DecodeLayers {
     pub lens: u64,
     pub long_rows: u64,
     pub tables: u64,
+    pub max_blocks: usize,
+    pub m: usize,
     pub sync: u64,
 }
 
@@ -128,15 +131,27 @@ mod device {
     /// Most splits of one head's positions.
     const MAX_SPLITS: usize = 16;
 
-    /// The persistent kernel for one weight format and model shape, with its launch geometry.
+    /// Most rows of the several-row instance (`MAXM` in decode_common.cuh).
+    const MAXM: usize = 8;
+
+    /// One instance of the kernel with its dynamic shared memory and the bytes of its shared
+    /// region (the staged input rows, or the attention's chunks).
+    #[derive(Clone)]
+    struct Instance {
+        f: CudaFunction,
+        smem: usize,
+        region: usize,
+    }
+
+    /// The persistent kernel for one weight format and model shape, with its launch geometry:
+    /// the one-row instance, and the several-row one where its rows fit in shared memory.
     #[derive(Clone)]
     pub struct LayerKernel {
-        f: CudaFunction,
+        one: Instance,
+        /// With the most rows it takes (at least 2).
+        rows: Option<(Instance, usize)>,
         shape: LayerShape,
         blocks: usize,
-        smem: usize,
-        /// Bytes of the shared region for the staged input row or the attention's chunks.
-        region: usize,
         max_splits: usize,
     }
 
@@ -152,7 +167,7 @@ mod device {
             shape: LayerShape,
         ) -> Result<Option<Self>> {
             // Weights per 16-byte chunk, a warp tile's bytes and the tiles each warp keeps in
-            // flight (`layer_stages` in decode_layers.cu).
+            // flight with one row (`layer_stages` in decode_layers.cu; two with several).
             let (format, chunk_weights, tile_bytes, stages) = match weight {
                 GemvWeight::Dense { .. } => ("dense", 16 / dtype.size_in_bytes(), 8 * 512, 4),
                 GemvWeight::Int8 { .. } => ("int8", 16, 8 * 512, 4),
@@ -176,36 +191,25 @@ mod device {
             {
                 return Ok(None);
             }
-            let f = function(
-                dev,
-                &DECODE_LAYERS,
-                &format!("decode_layers_{format}_{}", suffix(dtype)?),
-            )?;
             let blocks = multiprocessors(dev)?;
             let size = dtype.size_in_bytes();
             let d = s.head_dim;
-            let staged = (widths.iter().max().unwrap() + 8) * size;
-            let attention =
-                ATT_BUFS * 2 * ATT_CHUNK * d * size + d * 4 + ATT_CHUNK * 4 + 2 * d * size;
-            let region = staged.max(attention).next_multiple_of(16);
-            // Each projection's row groups a block owns (the gate/up's in pairs), 8 sums each.
+            let staged_row = (widths.iter().max().unwrap() + 8) * size;
+            let attention = ATT_BUFS * 2 * ATT_CHUNK * d * size + d * 4 + ATT_CHUNK * 4;
+            // Each projection's row groups a block owns (the gate/up's in pairs), 8 weight rows
+            // each, a sum per input row.
             let owned =
                 |groups: usize, pairs: bool| groups.div_ceil(blocks) * if pairs { 2 } else { 1 };
             let qkv_rows = (s.heads + 2 * s.kv_heads) * d;
-            let red = [
+            let row_groups = [
                 owned(qkv_rows.div_ceil(8), false),
                 owned(s.hidden.div_ceil(8), false),
                 owned(2 * s.inter / 16, true),
             ]
             .into_iter()
             .max()
-            .unwrap()
-                * 8
-                * 4;
-            let smem = THREADS / 32 * stages * tile_bytes + region + red;
-            use candle_core::cuda_backend::cudarc::driver::sys::{
-                CUdevice_attribute, CUfunction_attribute_enum,
-            };
+            .unwrap();
+            use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
             let limit = dev
                 .cuda_stream()
                 .context()
@@ -213,33 +217,54 @@ mod device {
                     CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
                 )
                 .w()? as usize;
-            let static_smem = f
-                .get_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
-                .w()? as usize;
-            if smem + static_smem > limit {
+            // The instance for `rows` input rows with `stages` tiles a warp, where it fits.
+            let instance = |name: &str, stages: usize, rows: usize| -> Result<Option<Instance>> {
+                use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
+                let f = function(dev, &DECODE_LAYERS, name)?;
+                let region = (rows * staged_row).max(attention).next_multiple_of(16);
+                let red = row_groups * 8 * rows.max(if rows > 1 { MAXM } else { 1 }) * 4;
+                let smem = THREADS / 32 * stages * tile_bytes + region + red;
+                let static_smem = f
+                    .get_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
+                    .w()? as usize;
+                if smem + static_smem > limit {
+                    return Ok(None);
+                }
+                dynamic_smem(&f, smem)?;
+                // Every block must be resident at once: they wait for each other.
+                let per_sm = f
+                    .occupancy_max_active_blocks_per_multiprocessor(THREADS as u32, smem, None)
+                    .w()?;
+                Ok((per_sm >= 1).then_some(Instance { f, smem, region }))
+            };
+            let base = format!("decode_layers_{format}_{}", suffix(dtype)?);
+            let Some(one) = instance(&base, stages, 1)? else {
                 return Ok(None);
-            }
-            dynamic_smem(&f, smem)?;
-            // Every block must be resident at once: they wait for each other.
-            let per_sm = f
-                .occupancy_max_active_blocks_per_multiprocessor(THREADS as u32, smem, None)
-                .w()?;
-            if per_sm < 1 {
-                return Ok(None);
+            };
+            let mut rows = None;
+            for m in (2..=MAXM).rev() {
+                if let Some(i) = instance(&format!("{base}_rows"), 2, m)? {
+                    rows = Some((i, m));
+                    break;
+                }
             }
             Ok(Some(LayerKernel {
-                f,
+                one,
+                rows,
                 shape,
                 blocks,
-                smem,
-                region,
                 max_splits: (blocks / s.heads).clamp(1, MAX_SPLITS),
             }))
         }
 
+        /// Most rows one launch takes.
+        pub fn max_rows(&self) -> usize {
+            self.rows.as_ref().map_or(1, |(_, m)| *m)
+        }
+
         /// f32 elements of the attention's partial results (`DecodeLayers::partial`).
         pub fn partial_floats(&self) -> usize {
-            self.shape.heads * self.max_splits * (self.shape.head_dim + 4)
+            MAXM * self.shape.heads * self.max_splits * (self.shape.head_dim + 4)
         }
 
         /// Launches the layers of one decode step on the device's stream (after the embedding,
@@ -247,6 +272,14 @@ mod device {
         /// has it, like the step's other kernels).
         pub fn launch(&self, kernels: &DecodeKernels, a: &DecodeLayers) -> Result<()> {
             let s = &self.shape;
+            let kernel = match (a.m, &self.rows) {
+                (1, _) => &self.one,
+                (m, Some((rows, most))) if (2..=*most).contains(&m) => rows,
+                (m, _) => candle_core::bail!(
+                    "decode layers: {m} rows (the kernel takes up to {})",
+                    self.max_rows()
+                ),
+            };
             use Arg::*;
             let args = [
                 Ptr(a.table),
@@ -262,6 +295,8 @@ mod device {
                 Ptr(a.lens),
                 Ptr(a.long_rows),
                 Ptr(a.tables),
+                int(a.max_blocks),
+                int(a.m),
                 int(s.hidden),
                 int(s.inter),
                 int(s.heads),
@@ -271,15 +306,15 @@ mod device {
                 int(s.block_size),
                 int(s.window),
                 int(self.max_splits),
-                int(self.region),
+                int(kernel.region),
                 F32(s.eps),
                 Ptr(a.sync),
             ];
             kernels.launch(
-                &self.f,
+                &kernel.f,
                 (self.blocks as u32, 1, 1),
                 THREADS as u32,
-                self.smem as u32,
+                kernel.smem as u32,
                 &args,
             )
         }

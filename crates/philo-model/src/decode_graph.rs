@@ -102,9 +102,10 @@ impl DecodeGraph {
         Ok(())
     }
 
-    /// Runs one-sequence steps with every decoder layer in one persistent kernel when `on` (see
-    /// [`DecodeStep::set_persistent_layers`]); returns whether they now do.
-    pub fn set_persistent_layers(&mut self, on: bool) -> bool {
+    /// Runs steps (one sequence's, a verify step's, a few sequences') with every decoder layer in
+    /// one persistent kernel when `on` (see [`DecodeStep::set_persistent_layers`]); returns the
+    /// most rows a step runs it with (0: none).
+    pub fn set_persistent_layers(&mut self, on: bool) -> usize {
         self.step.set_persistent_layers(on)
     }
 

@@ -127,11 +127,12 @@ impl DecodeStep {
         self.inner.runs()
     }
 
-    /// Runs one-row steps without adapters with every decoder layer in one persistent kernel
-    /// (`philo_kernels::decode_layers`) when `on`, else as a launch per kernel (the default);
-    /// returns whether one-row steps now run it: on dense, INT8 or INT4 weights of whole
-    /// 512-byte tiles, on a GPU whose blocks hold its rings.
-    pub fn set_persistent_layers(&mut self, on: bool) -> bool {
+    /// Runs steps without adapters of up to 8 rows (as many as the GPU's shared memory holds
+    /// staged) with every decoder layer in one persistent kernel (`philo_kernels::decode_layers`)
+    /// when `on`, else as a launch per kernel (the default); returns the most rows a step now
+    /// runs it with (0: none) — on dense, INT8, INT4 or NF4 weights of whole 512-byte tiles, on
+    /// a GPU whose blocks hold its rings.
+    pub fn set_persistent_layers(&mut self, on: bool) -> usize {
         self.inner.set_persistent_layers(on)
     }
 }
@@ -196,7 +197,7 @@ mod imp {
         pub fn runs(&self) -> StepRuns {
             match *self {}
         }
-        pub fn set_persistent_layers(&mut self, _: bool) -> bool {
+        pub fn set_persistent_layers(&mut self, _: bool) -> usize {
             match *self {}
         }
     }
@@ -267,7 +268,7 @@ mod imp {
         },
         RopeKv(RopeKv),
         Attention(Attention),
-        /// Every decoder layer in one persistent kernel (one row).
+        /// Every decoder layer in one persistent kernel (few rows).
         Layers(LayerKernel, DecodeLayers),
         Argmax {
             logits: u64,
@@ -440,7 +441,7 @@ mod imp {
         lora_table: CudaSlice<u64>,
     }
 
-    /// The persistent kernel of one-row steps' decoder layers, with its buffers.
+    /// The persistent kernel of few-row steps' decoder layers, with its buffers.
     struct PersistentLayers {
         kernel: LayerKernel,
         /// The layers' table (`layer_words`), `[layers, LAYER_WORDS]`.
@@ -449,7 +450,7 @@ mod imp {
         partial: CudaSlice<f32>,
         /// The grid barrier's two counters.
         sync: CudaSlice<u32>,
-        /// Whether one-row steps run it (see `DecodeStep::set_persistent_layers`).
+        /// Whether steps of up to its rows run it (see `DecodeStep::set_persistent_layers`).
         on: bool,
     }
 
@@ -844,17 +845,22 @@ mod imp {
             self.adapters.contains(&slot)
         }
 
-        pub fn set_persistent_layers(&mut self, on: bool) -> bool {
+        pub fn set_persistent_layers(&mut self, on: bool) -> usize {
             let Some(p) = &mut self.persistent else {
-                return false;
+                return 0;
             };
+            let max_rows = p.kernel.max_rows();
             if p.on != on {
                 p.on = on;
-                // One-row steps captured the other way.
-                self.graphs.retain(|key, _| key.0 != 1);
-                self.seen.retain(|key| key.0 != 1);
+                // Steps captured the other way.
+                self.graphs.retain(|key, _| key.0 > max_rows);
+                self.seen.retain(|key| key.0 > max_rows);
             }
-            on
+            if on {
+                max_rows
+            } else {
+                0
+            }
         }
 
         /// The step's launches for `m` rows, with the batched LoRA of each projection when
@@ -1009,9 +1015,12 @@ mod imp {
             let qkv_shape = ((h + 2 * kvh) * d, hidden);
             let (o_shape, gu_shape, down_shape) =
                 ((hidden, h * d), (2 * inter, hidden), (hidden, inter));
-            // A one-row step without adapters may run every layer in the persistent kernel;
+            // A step of few rows without adapters may run every layer in the persistent kernel;
             // else a launch per kernel, layer by layer.
-            let persistent = self.persistent.as_ref().filter(|p| p.on && m == 1 && !lora);
+            let persistent = self
+                .persistent
+                .as_ref()
+                .filter(|p| p.on && m <= p.kernel.max_rows() && !lora);
             if let Some(p) = persistent {
                 launches.push(Launch::Layers(
                     p.kernel.clone(),
@@ -1026,6 +1035,8 @@ mod imp {
                         lens,
                         long_rows,
                         tables,
+                        max_blocks: self.max_blocks,
+                        m,
                         sync: slice_addr(&p.sync, &self.device),
                     },
                 ));

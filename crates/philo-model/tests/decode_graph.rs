@@ -31,11 +31,28 @@ fn check_case(
     capture: bool,
     tol: f32,
 ) {
+    check_case_with(model, rows, prompt_lens, steps, capture, tol, false);
+}
+
+/// [`check_case`], with the decoder layers in the persistent kernel when `persistent` (which
+/// must take the rows).
+fn check_case_with(
+    model: &Phi3,
+    rows: usize,
+    prompt_lens: &[usize],
+    steps: usize,
+    capture: bool,
+    tol: f32,
+    persistent: bool,
+) {
     let vocab = model.config().vocab_size;
     let capacity = prompt_lens.iter().max().unwrap() + steps + 1;
     let mut graph = DecodeGraph::new(model, rows, capacity, capture)
         .unwrap()
         .expect("the graph takes this model");
+    if persistent {
+        assert!(graph.set_persistent_layers(true) >= rows, "{rows} rows");
+    }
     let rotary = model.rotary();
     let mut seqs: Vec<Vec<u32>> = (0..rows)
         .map(|r| prompt(r as u32 + 1, prompt_lens[r], vocab))
@@ -200,11 +217,27 @@ fn decode_graph_at_phi3_head_dim_matches_the_full_forward_on_cuda() {
 /// rewind to fewer tokens and the next steps then continue as if the rejected ones were never
 /// fed (their cache slots are written again).
 fn verify_case(model: &Phi3, prompt_len: usize, k: usize, keep: usize, tol: f32) {
+    verify_case_with(model, prompt_len, k, keep, tol, false);
+}
+
+/// [`verify_case`], with the decoder layers in the persistent kernel when `persistent` (which
+/// must take the k + 1 rows).
+fn verify_case_with(
+    model: &Phi3,
+    prompt_len: usize,
+    k: usize,
+    keep: usize,
+    tol: f32,
+    persistent: bool,
+) {
     let vocab = model.config().vocab_size;
     let rotary = model.rotary();
     let mut graph = DecodeGraph::new(model, 1, prompt_len + k + 8, true)
         .unwrap()
         .expect("the graph takes this model");
+    if persistent {
+        assert!(graph.set_persistent_layers(true) > k, "{} rows", k + 1);
+    }
     assert!(graph.verify_rows() > k, "{} rows", graph.verify_rows());
     let mut seq = prompt(3, prompt_len, vocab);
     let long = rotary.uses_long_factors(prompt_len - 1);
@@ -576,7 +609,7 @@ fn persistent_case(model: &Phi3, prompt_len: usize, steps: usize, tol: f32) {
         .unwrap()
         .expect("the graph takes this model");
     assert!(
-        layers.set_persistent_layers(true),
+        layers.set_persistent_layers(true) >= 1,
         "the persistent kernel takes this model"
     );
     let mut chain = DecodeGraph::new(model, 1, capacity, true).unwrap().unwrap();
@@ -612,10 +645,10 @@ fn persistent_case(model: &Phi3, prompt_len: usize, steps: usize, tol: f32) {
 
 /// The persistent layers kernel on Phi-3-mini's widths (3,072 hidden, 32 heads of 96; a
 /// narrower MLP of 2,048 and 2 layers, to keep the test small) in bf16, INT8, INT4 and NF4 (its
-/// block scales plain and double-quantised): a
-/// 300-token prompt (each head's positions split over three blocks), a short one, and, with 8
-/// key/value heads, a sliding window of 64 crossed while decoding. The fixtures' shapes (widths
-/// of 128) do not take it.
+/// block scales plain and double-quantised): a 300-token prompt (each head's positions split
+/// over three blocks), a short one, three sequences, verify steps of 8 and 3 rows, and, with 8
+/// key/value heads, a sliding window of 64 crossed while decoding (one and two sequences, and a
+/// verify step across it). The fixtures' shapes (widths of 128) do not take it.
 #[test]
 fn persistent_layers_match_the_full_forward_on_cuda() {
     let Some(device) = cuda_device() else {
@@ -623,7 +656,7 @@ fn persistent_layers_match_the_full_forward_on_cuda() {
     };
     let tiny = load_case_bf16("mini4k", &device, WeightFormat::Dense);
     let mut graph = DecodeGraph::new(&tiny, 1, 64, true).unwrap().unwrap();
-    assert!(!graph.set_persistent_layers(true));
+    assert_eq!(graph.set_persistent_layers(true), 0);
 
     let mut config = philo_model::tiny::tiny_config();
     config.vocab_size = 4096;
@@ -653,8 +686,15 @@ fn persistent_layers_match_the_full_forward_on_cuda() {
         let model = Phi3::load_as(&config, &weights, DType::BF16, &device, format).unwrap();
         persistent_case(&model, 300, 8, tol);
         persistent_case(&model, 7, 4, tol);
+        // Several sequences, and verify steps (rows of one sequence that see each other's new
+        // keys and values), then a rewind.
+        check_case_with(&model, 3, &[5, 140, 1], 6, true, tol, true);
+        verify_case_with(&model, 40, 7, 3, tol, true);
+        verify_case_with(&model, 9, 2, 0, tol, true);
         let model =
             Phi3::load_as(&windowed, &windowed_weights, DType::BF16, &device, format).unwrap();
         persistent_case(&model, 50, 30, tol);
+        check_case_with(&model, 2, &[50, 70], 20, true, tol, true);
+        verify_case_with(&model, 60, 7, 5, tol, true);
     }
 }

@@ -164,7 +164,7 @@ __device__ void stage_row(const T* x, const T* g, float eps, int mode, int k, T*
 // Staged one after another, every row cost a memory round trip and a block reduction: about
 // 2 µs per row and GEMV, a verify step's main cost. (H200, INT4 verify steps of 6-7 rows: 1.35
 // and 1.38× a one-row step in two rounds of 4 groups, 1.31 and 1.34× in one round.)
-template <typename T, bool PAIRS = false>
+template <typename T, bool PAIRS = false, bool CG = false>
 __device__ void stage_rows(const T* x, const T* g, float eps, int mode, int m, int k, T* xs) {
     __shared__ float sums[32];
     const int nv = k / 8;
@@ -189,7 +189,7 @@ __device__ void stage_rows(const T* x, const T* g, float eps, int mode, int m, i
 #pragma unroll
                 for (int i = 0; i < VPT; ++i) {
                     int v = v0 + t + i * gt;
-                    if (active && v < nv) a[i] = src[v];
+                    if (active && v < nv) a[i] = CG ? __ldcg(src + v) : src[v];
                 }
 #pragma unroll
                 for (int i = 0; i < VPT; ++i) {
@@ -217,8 +217,8 @@ __device__ void stage_rows(const T* x, const T* g, float eps, int mode, int m, i
             for (int i = 0; i < VPT; ++i) {
                 int v = v0 + t + i * gt;
                 if (v < nv) {
-                    a[i] = src[v];
-                    if (mode == IN_SWIGLU) b[i] = src[nv + v];
+                    a[i] = CG ? __ldcg(src + v) : src[v];
+                    if (mode == IN_SWIGLU) b[i] = CG ? __ldcg(src + nv + v) : src[nv + v];
                     else if (mode == IN_RMSNORM) b[i] = g4[v];
                 }
             }

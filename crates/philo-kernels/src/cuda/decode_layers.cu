@@ -1,6 +1,7 @@
-// Every decoder layer of a one-row decode step in one persistent kernel (the launch-per-kernel
-// step of decode.cu is its reference: same inputs, same outputs, rounded the same way up to the
-// order of the sums). One block per multiprocessor runs each layer's phases in turn:
+// Every decoder layer of a decode step of up to MAXM rows in one persistent kernel (the
+// launch-per-kernel step of decode.cu is its reference: same inputs, same outputs, rounded the
+// same way up to the order of the sums). One block per multiprocessor runs each layer's phases
+// in turn:
 //
 //   G0  RMSNorm + QKV GEMV                         → qkv
 //   A   RoPE of q and k, k and v into the paged cache, attention over the row's positions
@@ -14,7 +15,7 @@
 // through its ring of tiles in the order it will use them, across phase and layer boundaries, so
 // that while its block waits at a barrier, stages an input or runs attention, the next
 // projection's tiles are already being copied in. The GEMV's tiles and arithmetic are the
-// tensor-core GEMV's (gemv_tc in decode.cu) for one input row.
+// tensor-core GEMV's (gemv_tc in decode.cu).
 #include "decode_common.cuh"
 
 // Tiles each warp keeps in flight (its ring of stages): NF4's table of byte pairs (32 KiB) leaves
@@ -84,8 +85,9 @@ __device__ __forceinline__ Share share_of(const unsigned long long* layer, int p
 
 // A warp's copy cursor over every tile it will use in the step, in order: layer by layer,
 // projection by projection, its share of each. Each `issue` copies the next tile into the next
-// stage of the warp's ring (one cp.async group; an empty group once the step's tiles are done).
-template <typename T, int FMT>
+// stage of the warp's ring of S (one cp.async group; an empty group once the step's tiles are
+// done).
+template <typename T, int FMT, int S>
 struct TileStream {
     const unsigned long long* layers;
     int n_layers;
@@ -141,7 +143,7 @@ struct TileStream {
             }
         }
         cp_async_commit();
-        stage = stage + 1 == layer_stages<FMT>() ? 0 : stage + 1;
+        stage = stage + 1 == S ? 0 : stage + 1;
     }
 };
 
@@ -172,22 +174,33 @@ __device__ __forceinline__ void grid_wait(const unsigned* counter, unsigned targ
     __syncthreads();
 }
 
-// One projection for the staged input row xs: the block's tiles, then its outputs. `out` by
-// projection: qkv (stored), x (added to in place), h (SwiGLU of gate and up).
-template <typename T, int FMT>
-__device__ void gemv_phase(TileStream<T, FMT>& st, int& cstage, const Share& a, const T* xs, float* red, T* out,
-                           bool add, const uint32_t* nf4_pairs, const LayerDims& dm) {
-    constexpr int E = Chunk<T, FMT>::E, TILE = tc_tile_bytes<FMT>(), S = layer_stages<FMT>();
+// The step's rows: each one token of a sequence at position lens[r] − 1, with its LongRoPE
+// choice and block table (a verify step's rows share one sequence's table).
+struct StepRows {
+    const uint32_t* lens;
+    const uint32_t* long_rows;
+    const uint32_t* tables;
+    int max_blocks, m;
+};
+
+// One projection for the staged input rows xs (row r at r · (k + XPAD)): the block's tiles,
+// then its outputs [m, n] (RS: the row sums' stride per weight row, MAXM with several rows).
+// `out` by projection: qkv (stored), x (added to in place), h (SwiGLU of gate and up).
+template <typename T, int FMT, int S, int RS>
+__device__ void gemv_phase(TileStream<T, FMT, S>& st, int& cstage, const Share& a, const T* xs, int m, float* red,
+                           T* out, bool add, const uint32_t* nf4_pairs, const LayerDims& dm) {
+    constexpr int E = Chunk<T, FMT>::E, TILE = tc_tile_bytes<FMT>();
     const int lane = threadIdx.x % 32, gq = lane / 4, t = lane % 4;
     const unsigned char* ring = st.ring;
+    const bool live = gq < m;
+    const T* xrow = xs + (size_t)(live ? gq : 0) * (a.k + XPAD);
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     int c_rg = a.i0 / a.tiles, c_kt = a.i0 % a.tiles;
-    // Lane (0, t) holds the sums of weight rows 2t and 2t + 1 of the group (the input row is
-    // the mma's row 0; lanes of rows 1-7 multiply zeros).
+    // Lane (g, t) holds the sums of weight rows 2t and 2t + 1 of the group for input row g.
     auto flush = [&]() {
-        if (gq == 0) {
-            atomicAdd(&red[c_rg * 8 + 2 * t], acc[0]);
-            atomicAdd(&red[c_rg * 8 + 2 * t + 1], acc[1]);
+        if (live) {
+            atomicAdd(&red[(c_rg * 8 + 2 * t) * RS + gq], acc[0]);
+            atomicAdd(&red[(c_rg * 8 + 2 * t + 1) * RS + gq], acc[1]);
         }
         acc[0] = acc[1] = 0.f;
     };
@@ -198,7 +211,7 @@ __device__ void gemv_phase(TileStream<T, FMT>& st, int& cstage, const Share& a, 
         __syncwarp();
         const unsigned char* tile = ring + cstage * TILE;
         const Nf4Tile nf = nf4_tile<FMT>(a.sc, a.row_of(c_rg), a.n, a.k, c_kt, t);
-        tc_tile_product<T, FMT>(tile, xs, gq == 0, c_kt * 32 * E, nf, nf4_pairs, acc);
+        tc_tile_product<T, FMT>(tile, xrow, live, c_kt * 32 * E, nf, nf4_pairs, acc);
         cstage = cstage + 1 == S ? 0 : cstage + 1;
         if (++c_kt == a.tiles) {
             flush();
@@ -210,25 +223,26 @@ __device__ void gemv_phase(TileStream<T, FMT>& st, int& cstage, const Share& a, 
     __syncthreads();
     if (a.glu) {
         const int half = a.n / 2;
-        for (int i = threadIdx.x; i < a.nrg * 8; i += blockDim.x) {
-            const int row = a.rg0 * 8 + i;
-            float gate = red[i], up = red[a.nrg * 8 + i];
+        for (int tt = threadIdx.x; tt < a.nrg * 8 * m; tt += blockDim.x) {
+            const int i = tt / m, r = tt % m, row = a.rg0 * 8 + i;
+            float gate = red[i * RS + r], up = red[(a.nrg * 8 + i) * RS + r];
             if (FMT == F_INT8) {
                 gate = gate * a.sc.s[row] * (1.f / 127.f);
                 up = up * a.sc.s[row + half] * (1.f / 127.f);
             }
             gate = round_to<T>(gate);
             up = round_to<T>(up);
-            out[row] = from_f32<T>(round_to<T>(gate / (1.f + __expf(-gate))) * up);
+            out[(size_t)r * half + row] = from_f32<T>(round_to<T>(gate / (1.f + __expf(-gate))) * up);
         }
         return;
     }
-    for (int i = threadIdx.x; i < a.nrg * 8; i += blockDim.x) {
-        const int row = a.rg0 * 8 + i;
+    for (int tt = threadIdx.x; tt < a.nrg * 8 * m; tt += blockDim.x) {
+        const int i = tt / m, r = tt % m, row = a.rg0 * 8 + i;
         if (row >= a.n) continue;
-        float v = red[i];
+        float v = red[i * RS + r];
         if (FMT == F_INT8) v = v * a.sc.s[row] * (1.f / 127.f);
-        out[row] = add ? from_f32<T>(to_f32(__ldcg(out + row)) + round_to<T>(v)) : from_f32<T>(v);
+        T* o = out + (size_t)r * a.n + row;
+        *o = add ? from_f32<T>(to_f32(__ldcg(o)) + round_to<T>(v)) : from_f32<T>(v);
     }
 }
 
@@ -243,49 +257,88 @@ __device__ __forceinline__ float rotate(const T* x, int j, int rd, const T* cs, 
     return round_to<T>(xj * to_f32(cs[i])) + round_to<T>(to_f32(__ldcg(x + i)) * to_f32(sn[i]));
 }
 
-// Splits of each head's positions this step: one per ATT_SPLIT_MIN positions, at most
-// `max_splits` (what the grid holds beside the heads). Both the attention and the combine in
-// the next phase compute it from the row's length.
-__device__ __forceinline__ int attention_splits(int span, int max_splits) {
-    return max(1, min(max_splits, (span + ATT_SPLIT_MIN - 1) / ATT_SPLIT_MIN));
+// Splits of a head's positions: at most `splits` (what the grid holds beside the step's rows
+// and heads), one per ATT_SPLIT_MIN positions. The attention and the combine in the next phase
+// both compute it from the row's length.
+__device__ __forceinline__ int attention_splits(int span, int splits) {
+    return max(1, min(splits, (span + ATT_SPLIT_MIN - 1) / ATT_SPLIT_MIN));
 }
 
-// The attention phase's work of this block: (head, split) items. A split's keys and values
-// stream through a ring of chunks in shared memory (the first before the wait for the QKV
-// phase: only the new position is written this step), the new position's from registers; an
-// online softmax over the chunks leaves (max, sum, unnormalised output) in `partial`, per (head,
-// split) d + 4 floats: max, sum, two unused, then the d outputs.
+// Splits the grid gives each (row, head) this step (dm.max_splits for one row).
+__device__ __forceinline__ int grid_splits(const LayerDims& dm, int m) {
+    return max(1, min(dm.max_splits, (int)gridDim.x / (m * dm.heads)));
+}
+
+// The rows' RoPE tables at their positions.
 template <typename T>
-__device__ void attention_phase(const T* qkv, T* k_cache, T* v_cache, const uint32_t* table, int len,
-                                const T* cs, const T* sn, float* partial, unsigned char* region, const LayerDims& dm,
-                                const unsigned* sync, unsigned target) {
-    const int d = dm.d, pos = len - 1;
-    const int first = len > dm.window ? len - dm.window : 0, span = len - first;
-    const int nsplit = attention_splits(span, dm.max_splits), per = (span + nsplit - 1) / nsplit;
-    const int items = dm.heads * nsplit, group = dm.heads / dm.kv_heads;
+struct RowRope {
+    const T* cos_short;
+    const T* sin_short;
+    const T* cos_long;
+    const T* sin_long;
+    __device__ __forceinline__ const T* cs(const StepRows& rows, int r, int rd) const {
+        const size_t at = (size_t)(rows.lens[r] - 1) * (rd / 2);
+        return (rows.long_rows[r] != 0 ? cos_long : cos_short) + at;
+    }
+    __device__ __forceinline__ const T* sn(const StepRows& rows, int r, int rd) const {
+        const size_t at = (size_t)(rows.lens[r] - 1) * (rd / 2);
+        return (rows.long_rows[r] != 0 ? sin_long : sin_short) + at;
+    }
+};
+
+// The attention phase's work of this block: (row, head, split) items. A split's keys and values
+// stream through a ring of chunks in shared memory (the first before the wait for the QKV
+// phase); the positions this step writes — the rows' own, where they fall in the same cache
+// slots as the item's row (a verify step's rows of one sequence) — come from the QKV output
+// instead, rotated here. The item's own row also writes its key and value into the cache (one
+// block per row and key/value head). An online softmax over the chunks leaves (max, sum,
+// unnormalised output) in `partial`, per (row, head, split) d + 4 floats: max, sum, two unused,
+// then the d outputs.
+template <typename T>
+__device__ void attention_phase(const T* qkv, T* k_cache, T* v_cache, const StepRows& rows, const RowRope<T>& rope,
+                                float* partial, unsigned char* region, const LayerDims& dm, const unsigned* sync,
+                                unsigned target) {
+    const int d = dm.d, m = rows.m, splits = grid_splits(dm, m);
+    const int items = m * dm.heads * splits, group = dm.heads / dm.kv_heads, qkv_row = (dm.heads + 2 * dm.kv_heads) * d;
     T* ring = reinterpret_cast<T*>(region);
     float* qf = reinterpret_cast<float*>(region + (size_t)ATT_BUFS * 2 * ATT_CHUNK * d * sizeof(T));
     float* sc = qf + d;
-    T* knew = reinterpret_cast<T*>(sc + ATT_CHUNK);
-    T* vnew = knew + d;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
     const float scale = rsqrtf((float)d);
+    const int vecs = d / 8;
     bool waited = false;
     for (int it = blockIdx.x; it < items; it += gridDim.x) {
-        const int head = it / nsplit, split = it % nsplit, kh = head / group;
+        const int r = it / (dm.heads * splits), head = it / splits % dm.heads, split = it % splits;
+        const int len = rows.lens[r], pos = len - 1;
+        const int first = len > dm.window ? len - dm.window : 0, span = len - first;
+        const int nsplit = attention_splits(span, splits);
+        if (split >= nsplit) continue;
+        const int per = (span + nsplit - 1) / nsplit, kh = head / group;
         const int p0 = first + split * per, p1 = min(len, p0 + per);
         const int chunks = (p1 - p0 + ATT_CHUNK - 1) / ATT_CHUNK;
-        const int vecs = d / 8;
+        const uint32_t* table = rows.tables + (size_t)r * rows.max_blocks;
+        // Rows whose new position lies in this split, in this row's cache slots.
+        unsigned fresh = 0;
+        for (int q = 0; q < m; ++q) {
+            const int pq = (int)rows.lens[q] - 1;
+            if (pq >= p0 && pq < p1 && rows.tables[(size_t)q * rows.max_blocks + pq / dm.bs] == table[pq / dm.bs])
+                fresh |= 1u << q;
+        }
+        auto written = [&](int p) {
+            for (unsigned f = fresh; f != 0; f &= f - 1)
+                if ((int)rows.lens[__ffs(f) - 1] - 1 == p) return true;
+            return false;
+        };
         auto issue_chunk = [&](int c) {
             if (c < chunks) {
                 T* kb = ring + (size_t)(c % ATT_BUFS) * 2 * ATT_CHUNK * d;
                 for (int e = threadIdx.x; e < 2 * ATT_CHUNK * vecs; e += blockDim.x) {
                     const int which = e / (ATT_CHUNK * vecs), rem = e % (ATT_CHUNK * vecs);
-                    const int r = rem / vecs, v = rem % vecs, p = p0 + c * ATT_CHUNK + r;
-                    if (p < p1 && p != pos) {
+                    const int row = rem / vecs, v = rem % vecs, p = p0 + c * ATT_CHUNK + row;
+                    if (p < p1 && !written(p)) {
                         const size_t block = table[p / dm.bs];
                         const T* src = (which ? v_cache : k_cache) + ((block * dm.kv_heads + kh) * dm.bs + p % dm.bs) * d + v * 8;
-                        cp_async16(kb + (size_t)which * ATT_CHUNK * d + r * d + v * 8, src, true);
+                        cp_async16(kb + (size_t)which * ATT_CHUNK * d + row * d + v * 8, src, true);
                     }
                 }
             }
@@ -296,20 +349,15 @@ __device__ void attention_phase(const T* qkv, T* k_cache, T* v_cache, const uint
             grid_wait(sync, target);
             waited = true;
         }
-        const bool holds_new = p0 <= pos && pos < p1;
+        const T* own = qkv + (size_t)r * qkv_row;
+        const T* cs = rope.cs(rows, r, dm.rd);
+        const T* sn = rope.sn(rows, r, dm.rd);
         for (int j = threadIdx.x; j < d; j += blockDim.x) {
-            qf[j] = round_to<T>(rotate<T>(qkv + (size_t)head * d, j, dm.rd, cs, sn));
-            if (holds_new) {
-                const T k = from_f32<T>(rotate<T>(qkv + (size_t)(dm.heads + kh) * d, j, dm.rd, cs, sn));
-                const T v = __ldcg(qkv + (size_t)(dm.heads + dm.kv_heads + kh) * d + j);
-                knew[j] = k;
-                vnew[j] = v;
-                if (head % group == 0) {
-                    const size_t block = table[pos / dm.bs];
-                    const size_t at = ((block * dm.kv_heads + kh) * dm.bs + pos % dm.bs) * d + j;
-                    k_cache[at] = k;
-                    v_cache[at] = v;
-                }
+            qf[j] = round_to<T>(rotate<T>(own + (size_t)head * d, j, dm.rd, cs, sn));
+            if (head % group == 0 && pos >= p0 && pos < p1) {
+                const size_t at = ((table[pos / dm.bs] * dm.kv_heads + kh) * dm.bs + pos % dm.bs) * d + j;
+                k_cache[at] = from_f32<T>(rotate<T>(own + (size_t)(dm.heads + kh) * d, j, dm.rd, cs, sn));
+                v_cache[at] = __ldcg(own + (size_t)(dm.heads + dm.kv_heads + kh) * d + j);
             }
         }
         float m_run = -INFINITY, l_run = 0.f, acc = 0.f;
@@ -321,36 +369,44 @@ __device__ void attention_phase(const T* qkv, T* k_cache, T* v_cache, const uint
             T* kb = ring + (size_t)(c % ATT_BUFS) * 2 * ATT_CHUNK * d;
             T* vb = kb + ATT_CHUNK * d;
             const int c0 = p0 + c * ATT_CHUNK;
-            if (holds_new && pos >= c0 && pos < c0 + ATT_CHUNK) {
+            // The positions written this step, from the QKV output of the row that writes each.
+            bool filled = false;
+            for (unsigned f = fresh; f != 0; f &= f - 1) {
+                const int q = __ffs(f) - 1, pq = (int)rows.lens[q] - 1;
+                if (pq < c0 || pq >= c0 + ATT_CHUNK) continue;
+                const T* src = qkv + (size_t)q * qkv_row;
+                const T* qcs = rope.cs(rows, q, dm.rd);
+                const T* qsn = rope.sn(rows, q, dm.rd);
                 for (int e = threadIdx.x; e < d; e += blockDim.x) {
-                    kb[(pos - c0) * d + e] = knew[e];
-                    vb[(pos - c0) * d + e] = vnew[e];
+                    kb[(pq - c0) * d + e] = from_f32<T>(rotate<T>(src + (size_t)(dm.heads + kh) * d, e, dm.rd, qcs, qsn));
+                    vb[(pq - c0) * d + e] = __ldcg(src + (size_t)(dm.heads + dm.kv_heads + kh) * d + e);
                 }
-                __syncthreads();
+                filled = true;
             }
-            for (int r = warp; r < ATT_CHUNK; r += warps) {
+            if (filled) __syncthreads();
+            for (int row = warp; row < ATT_CHUNK; row += warps) {
                 float dot = 0.f;
-                if (c0 + r < p1)
-                    for (int e = lane; e < d; e += 32) dot += qf[e] * to_f32(kb[r * d + e]);
+                if (c0 + row < p1)
+                    for (int e = lane; e < d; e += 32) dot += qf[e] * to_f32(kb[row * d + e]);
                 for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffff, dot, o);
-                if (lane == 0) sc[r] = c0 + r < p1 ? dot * scale : -INFINITY;
+                if (lane == 0) sc[row] = c0 + row < p1 ? dot * scale : -INFINITY;
             }
             __syncthreads();
             float cmax = -INFINITY;
-            for (int r = 0; r < ATT_CHUNK; ++r) cmax = fmaxf(cmax, sc[r]);
+            for (int row = 0; row < ATT_CHUNK; ++row) cmax = fmaxf(cmax, sc[row]);
             const float m_new = fmaxf(m_run, cmax), corr = __expf(m_run - m_new);
             float lsum = 0.f, part = 0.f;
-            for (int r = 0; r < ATT_CHUNK; ++r) {
-                const float e = __expf(sc[r] - m_new);
+            for (int row = 0; row < ATT_CHUNK; ++row) {
+                const float e = __expf(sc[row] - m_new);
                 lsum += e;
-                if (j < d) part += e * to_f32(vb[r * d + j]);
+                if (j < d) part += e * to_f32(vb[row * d + j]);
             }
             acc = acc * corr + part;
             l_run = l_run * corr + lsum;
             m_run = m_new;
             __syncthreads();  // the chunk's buffer and scores are written again next
         }
-        float* out = partial + ((size_t)head * dm.max_splits + split) * (d + 4);
+        float* out = partial + (((size_t)r * dm.heads + head) * dm.max_splits + split) * (d + 4);
         if (j < d) out[4 + j] = acc;
         if (j == 0) {
             out[0] = m_run;
@@ -361,23 +417,24 @@ __device__ void attention_phase(const T* qkv, T* k_cache, T* v_cache, const uint
     }
 }
 
-// Stages the attention's output for the O projection: each head's split results combined
+// Stages the attention's output for the O projection: each (row, head)'s split results combined
 // (rescaled to the largest max), divided by the sum and rounded to T, as the attention kernel's
-// output would be stored; PAIRS as stage_row orders INT4's input.
+// output would be stored; row r at xs + r · (heads · d + XPAD); PAIRS as stage_row orders
+// INT4's input.
 template <typename T, bool PAIRS>
-__device__ void stage_attention(const float* partial, int len, const LayerDims& dm, T* xs) {
-    const int d = dm.d, first = len > dm.window ? len - dm.window : 0;
-    const int nsplit = attention_splits(len - first, dm.max_splits);
-    const int nv = dm.heads * d / 8;
-    for (int v = threadIdx.x; v < nv; v += blockDim.x) {
-        const int head = v * 8 / d, j0 = v * 8 % d;
-        const float* base = partial + (size_t)head * dm.max_splits * (d + 4);
-        float m = -INFINITY;
-        for (int s = 0; s < nsplit; ++s) m = fmaxf(m, __ldcg(base + (size_t)s * (d + 4)));
+__device__ void stage_attention(const float* partial, const StepRows& rows, const LayerDims& dm, T* xs) {
+    const int d = dm.d, width = dm.heads * d, per_row = width / 8, splits = grid_splits(dm, rows.m);
+    for (int v = threadIdx.x; v < rows.m * per_row; v += blockDim.x) {
+        const int r = v / per_row, head = v % per_row * 8 / d, j0 = v % per_row * 8 % d;
+        const int len = rows.lens[r], first = len > dm.window ? len - dm.window : 0;
+        const int nsplit = attention_splits(len - first, splits);
+        const float* base = partial + ((size_t)r * dm.heads + head) * dm.max_splits * (d + 4);
+        float mx = -INFINITY;
+        for (int s = 0; s < nsplit; ++s) mx = fmaxf(mx, __ldcg(base + (size_t)s * (d + 4)));
         float l = 0.f, o[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
         for (int s = 0; s < nsplit; ++s) {
             const float* e = base + (size_t)s * (d + 4);
-            const float w = __expf(__ldcg(e) - m);
+            const float w = __expf(__ldcg(e) - mx);
             l += __ldcg(e + 1) * w;
             const float4 lo = __ldcg(reinterpret_cast<const float4*>(e + 4 + j0));
             const float4 hi = __ldcg(reinterpret_cast<const float4*>(e + 4 + j0 + 4));
@@ -390,32 +447,39 @@ __device__ void stage_attention(const float* partial, int len, const LayerDims& 
             o[6] += hi.z * w;
             o[7] += hi.w * w;
         }
-        float r[8];
+        float out[8];
 #pragma unroll
-        for (int e = 0; e < 8; ++e) r[e] = o[e] / l;
+        for (int e = 0; e < 8; ++e) out[e] = o[e] / l;
         uint4 packed;
-        store8(reinterpret_cast<T*>(&packed), r);
-        stage_vector<T, PAIRS>(packed, packed, 1.f, IN_PLAIN, xs + (size_t)v * 8);
+        store8(reinterpret_cast<T*>(&packed), out);
+        stage_vector<T, PAIRS>(packed, packed, 1.f, IN_PLAIN, xs + (size_t)r * (width + XPAD) + (size_t)(v % per_row) * 8);
     }
     __syncthreads();
 }
 
-template <typename T, int FMT>
+// The input rows of a projection staged as its GEMV wants them (one row in registers, several
+// by groups of warps), read through L2.
+template <typename T, bool PAIRS, bool ROWS>
+__device__ __forceinline__ void stage_input(const T* x, const T* g, float eps, int mode, int m, int k, T* xs) {
+    if (ROWS) stage_rows<T, PAIRS, true>(x, g, eps, mode, m, k, xs);
+    else stage_row<T, PAIRS, true>(x, g, eps, mode, k, xs);
+}
+
+template <typename T, int FMT, bool ROWS>
 __device__ void decode_layers(const unsigned long long* layers, int n_layers, T* x, T* qkv, T* h, float* partial,
-                              const T* cos_short, const T* sin_short, const T* cos_long, const T* sin_long,
-                              const uint32_t* lens, const uint32_t* long_rows, const uint32_t* tables,
-                              const LayerDims dm, unsigned* sync) {
+                              const RowRope<T> rope, const StepRows rows, const LayerDims dm, unsigned* sync) {
     extern __shared__ __align__(16) unsigned char smem[];
     __shared__ uint32_t nf4_pairs[FMT == F_NF4 ? NF4_PAIR_WORDS : 1];
-    constexpr int TILE = tc_tile_bytes<FMT>(), S = layer_stages<FMT>();
+    // Several rows' staged inputs leave room for two tiles a warp.
+    constexpr int TILE = tc_tile_bytes<FMT>(), S = ROWS ? 2 : layer_stages<FMT>(), RS = ROWS ? MAXM : 1;
     constexpr bool PAIRS = FMT == F_INT4;
-    const int warps = blockDim.x / 32, warp = threadIdx.x / 32;
+    const int warps = blockDim.x / 32, warp = threadIdx.x / 32, m = ROWS ? rows.m : 1;
     unsigned char* region = smem + (size_t)warps * S * TILE;
     T* xs = reinterpret_cast<T*>(region);
     float* red = reinterpret_cast<float*>(region + dm.region_bytes);
     const unsigned grid = gridDim.x;
 
-    TileStream<T, FMT> st;
+    TileStream<T, FMT, S> st;
     st.start(layers, n_layers, smem + (size_t)warp * S * TILE, dm);
     // Layer 0's first tiles stream in while the embedding finishes.
     for (int s = 0; s < S - 1; ++s) st.issue(dm);
@@ -423,14 +487,10 @@ __device__ void decode_layers(const unsigned long long* layers, int n_layers, T*
     int cstage = 0;
     pdl_allow_next();
     pdl_wait_previous();
-    const int len = lens[0], pos = len - 1, half = dm.rd / 2;
-    const bool long_rope = long_rows[0] != 0;
-    const T* cs = (long_rope ? cos_long : cos_short) + (size_t)pos * half;
-    const T* sn = (long_rope ? sin_long : sin_short) + (size_t)pos * half;
     unsigned done = 0;  // phases the whole grid has finished, once waited for
     // Zeroes the block's row sums; the staging that follows ends with a block barrier.
     auto zero_red = [&](const Share& a) {
-        for (int i = threadIdx.x; i < (a.glu ? 2 * a.nrg : a.nrg) * 8; i += blockDim.x) red[i] = 0.f;
+        for (int i = threadIdx.x; i < (a.glu ? 2 * a.nrg : a.nrg) * 8 * RS; i += blockDim.x) red[i] = 0.f;
     };
     for (int l = 0; l < n_layers; ++l) {
         const unsigned long long* L = layers + (size_t)l * LAYER_WORDS;
@@ -440,38 +500,37 @@ __device__ void decode_layers(const unsigned long long* layers, int n_layers, T*
         if (l > 0) grid_wait(sync, done * grid);
         Share a = share_of<T, FMT>(L, 0, dm);
         zero_red(a);
-        stage_row<T, PAIRS, true>(x, reinterpret_cast<const T*>(L[NORM_WORDS]), dm.eps, IN_RMSNORM, dm.hidden, xs);
-        gemv_phase<T, FMT>(st, cstage, a, xs, red, qkv, false, nf4_pairs, dm);
+        stage_input<T, PAIRS, ROWS>(x, reinterpret_cast<const T*>(L[NORM_WORDS]), dm.eps, IN_RMSNORM, m, dm.hidden, xs);
+        gemv_phase<T, FMT, S, RS>(st, cstage, a, xs, m, red, qkv, false, nf4_pairs, dm);
         grid_arrive(sync);
         ++done;
         // A: RoPE, KV write, attention (blocks without an item go straight on).
-        attention_phase<T>(qkv, k_cache, v_cache, tables, len, cs, sn, partial, region, dm, sync,
-                           done * grid);
+        attention_phase<T>(qkv, k_cache, v_cache, rows, rope, partial, region, dm, sync, done * grid);
         grid_arrive(sync);
         ++done;
         // G1: O projection into the residual stream.
         grid_wait(sync, done * grid);
         a = share_of<T, FMT>(L, 1, dm);
         zero_red(a);
-        stage_attention<T, PAIRS>(partial, len, dm, xs);
-        gemv_phase<T, FMT>(st, cstage, a, xs, red, x, true, nf4_pairs, dm);
+        stage_attention<T, PAIRS>(partial, rows, dm, xs);
+        gemv_phase<T, FMT, S, RS>(st, cstage, a, xs, m, red, x, true, nf4_pairs, dm);
         grid_arrive(sync);
         ++done;
         // G2: norm + gate/up, SwiGLU.
         grid_wait(sync, done * grid);
         a = share_of<T, FMT>(L, 2, dm);
         zero_red(a);
-        stage_row<T, PAIRS, true>(x, reinterpret_cast<const T*>(L[NORM_WORDS + 1]), dm.eps, IN_RMSNORM, dm.hidden,
-                                  xs);
-        gemv_phase<T, FMT>(st, cstage, a, xs, red, h, false, nf4_pairs, dm);
+        stage_input<T, PAIRS, ROWS>(x, reinterpret_cast<const T*>(L[NORM_WORDS + 1]), dm.eps, IN_RMSNORM, m, dm.hidden,
+                                    xs);
+        gemv_phase<T, FMT, S, RS>(st, cstage, a, xs, m, red, h, false, nf4_pairs, dm);
         grid_arrive(sync);
         ++done;
         // G3: down projection into the residual stream.
         grid_wait(sync, done * grid);
         a = share_of<T, FMT>(L, 3, dm);
         zero_red(a);
-        stage_row<T, PAIRS, true>(h, nullptr, 0.f, IN_PLAIN, dm.inter, xs);
-        gemv_phase<T, FMT>(st, cstage, a, xs, red, x, true, nf4_pairs, dm);
+        stage_input<T, PAIRS, ROWS>(h, nullptr, 0.f, IN_PLAIN, m, dm.inter, xs);
+        gemv_phase<T, FMT, S, RS>(st, cstage, a, xs, m, red, x, true, nf4_pairs, dm);
         if (l + 1 < n_layers) {
             grid_arrive(sync);
             ++done;
@@ -490,18 +549,21 @@ __device__ void decode_layers(const unsigned long long* layers, int n_layers, T*
     }
 }
 
-#define DECODE_LAYERS(fname, T, FMT)                                                                       \
-    extern "C" __global__ void __launch_bounds__(256, 1) decode_layers_##fname(                            \
-        const unsigned long long* layers, int n_layers, T* x, T* qkv, T* h, float* partial,                \
-        const T* cos_short, const T* sin_short, const T* cos_long, const T* sin_long, const uint32_t* lens, \
-        const uint32_t* long_rows, const uint32_t* tables, int hidden, int inter, int heads, int kv_heads,  \
-        int d, int rd, int bs, int window, int max_splits, int region_bytes, float eps,                     \
-        unsigned* sync) {                                                                                  \
-        const LayerDims dm{hidden, inter, heads, kv_heads, d, rd, bs, window, max_splits,                   \
-                           region_bytes, eps};                                                             \
-        decode_layers<T, FMT>(layers, n_layers, x, qkv, h, partial, cos_short, sin_short, cos_long,        \
-                              sin_long, lens, long_rows, tables, dm, sync);                                \
+// Two instances per format: one row (its ring of layer_stages tiles), and up to MAXM rows.
+#define DECODE_LAYERS_ROWS(fname, T, FMT, ROWS, suffix)                                                      \
+    extern "C" __global__ void __launch_bounds__(256, 1) decode_layers_##fname##suffix(                      \
+        const unsigned long long* layers, int n_layers, T* x, T* qkv, T* h, float* partial,                  \
+        const T* cos_short, const T* sin_short, const T* cos_long, const T* sin_long, const uint32_t* lens,   \
+        const uint32_t* long_rows, const uint32_t* tables, int max_blocks, int m, int hidden, int inter,      \
+        int heads, int kv_heads, int d, int rd, int bs, int window, int max_splits, int region_bytes,         \
+        float eps, unsigned* sync) {                                                                         \
+        const LayerDims dm{hidden, inter, heads, kv_heads, d, rd, bs, window, max_splits, region_bytes, eps}; \
+        const RowRope<T> rope{cos_short, sin_short, cos_long, sin_long};                                     \
+        const StepRows rows{lens, long_rows, tables, max_blocks, m};                                         \
+        decode_layers<T, FMT, ROWS>(layers, n_layers, x, qkv, h, partial, rope, rows, dm, sync);             \
     }
+#define DECODE_LAYERS(fname, T, FMT) \
+    DECODE_LAYERS_ROWS(fname, T, FMT, false, ) DECODE_LAYERS_ROWS(fname, T, FMT, true, _rows)
 DECODE_LAYERS(dense_bf16, __nv_bfloat16, F_DENSE)
 DECODE_LAYERS(int8_bf16, __nv_bfloat16, F_INT8)
 DECODE_LAYERS(int4_bf16, __nv_bfloat16, F_INT4)
