@@ -43,8 +43,8 @@ pub enum DecodeEngine {
     /// The same kernels launched one by one (what the graph saves).
     Kernels,
     /// The graph with the decoder layers of a step of up to 8 rows in one persistent kernel
-    /// (`bench decode` of few sequences, and the verify steps' cost curve; dense, INT8, INT4 or
-    /// NF4 weights; else as `graph`; serve runs `graph`).
+    /// (`bench decode` of few sequences and the verify steps' cost curve, `bench serve`'s steps
+    /// of few rows; dense, INT8, INT4 or NF4 weights; else as `graph`).
     Layers,
     /// The general forward through candle with a growing KV cache.
     Candle,
@@ -637,7 +637,8 @@ pub fn serve(
         block_size,
         num_blocks,
         decode_path: match decode {
-            DecodeEngine::Graph | DecodeEngine::Layers => DecodePath::Graph,
+            DecodeEngine::Graph => DecodePath::Graph,
+            DecodeEngine::Layers => DecodePath::Layers,
             DecodeEngine::Kernels => DecodePath::Kernels,
             DecodeEngine::Candle => DecodePath::Eager,
         },

@@ -69,6 +69,9 @@ pub enum DecodePath {
     Graph,
     /// The same kernels launched one by one (`PHILO_PROFILE=1` times each).
     Kernels,
+    /// As `Graph`, with the decoder layers of steps of up to 8 rows without adapters in one
+    /// persistent kernel (see `DecodeStep::set_persistent_layers`).
+    Layers,
     /// The general forward op by op, as vLLM's --enforce-eager.
     Eager,
 }
@@ -216,11 +219,12 @@ impl EngineHandle {
                 (config.max_running + DECODE_STEP_PROMPT_ROWS.min(config.max_tokens_per_step))
                     .max(DecodeStep::MAX_GEMV_ROWS),
                 context,
-                path == DecodePath::Graph,
+                path != DecodePath::Kernels,
             )?,
         };
         if let Some(decode) = decode.as_mut() {
             decode.set_adapters(&bank)?;
+            decode.set_persistent_layers(config.decode_path == DecodePath::Layers);
         }
         let (tx, rx) = mpsc::channel();
         let scheduler = Scheduler::new(SchedulerConfig {
