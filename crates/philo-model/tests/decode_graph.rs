@@ -648,7 +648,8 @@ fn persistent_case(model: &Phi3, prompt_len: usize, steps: usize, tol: f32) {
 /// block scales plain and double-quantised): a 300-token prompt (each head's positions split
 /// over three blocks), a short one, three sequences, verify steps of 8 and 3 rows, and, with 8
 /// key/value heads, a sliding window of 64 crossed while decoding (one and two sequences, and a
-/// verify step across it). The fixtures' shapes (widths of 128) do not take it.
+/// verify step across it); LongRoPE's switch with a partial rotation. The fixtures' shapes
+/// (widths of 128) do not take it.
 #[test]
 fn persistent_layers_match_the_full_forward_on_cuda() {
     let Some(device) = cuda_device() else {
@@ -672,6 +673,14 @@ fn persistent_layers_match_the_full_forward_on_cuda() {
     windowed.sliding_window = Some(64);
     windowed.num_key_value_heads = 8;
     let windowed_weights = philo_model::tiny::random_weights(&windowed, 8, &Device::Cpu).unwrap();
+    let mut longrope = config.clone();
+    longrope.rope.rotary_dim = 64;
+    longrope.rope.scaling = philo_model::RopeScaling::LongRope {
+        short_factor: (0..32).map(|i| 1.0 + 0.05 * i as f64).collect(),
+        long_factor: (0..32).map(|i| 2.0 + 0.5 * i as f64).collect(),
+        original_max_position_embeddings: 32,
+        attention_factor: 1.2,
+    };
     for format in [
         WeightFormat::Dense,
         WeightFormat::Int8,
@@ -696,5 +705,8 @@ fn persistent_layers_match_the_full_forward_on_cuda() {
         persistent_case(&model, 50, 30, tol);
         check_case_with(&model, 2, &[50, 70], 20, true, tol, true);
         verify_case_with(&model, 60, 7, 5, tol, true);
+        // LongRoPE with a partial rotation (64 of 96): the 13th new token crosses the switch.
+        let model = Phi3::load_as(&longrope, &weights, DType::BF16, &device, format).unwrap();
+        check_case_with(&model, 1, &[20], 24, true, tol, true);
     }
 }
