@@ -103,8 +103,8 @@ impl<'m> TokenStream<'m> {
             .map_or(0, |(_, s)| s.verify_steps())
     }
 
-    /// Decodes through a [`DecodeGraph`] where the model allows one (CUDA, bf16/f16, no
-    /// unmerged adapter, weights philo's kernels read), with room for `max_new_tokens` more
+    /// Decodes through a [`DecodeGraph`] where the model allows one (CUDA, bf16/f16, weights
+    /// philo's kernels read; an attached adapter runs unmerged), with room for `max_new_tokens` more
     /// tokens; elsewhere, or past that room, the stream runs as before. Call before the first
     /// token.
     pub fn use_decode_graph(mut self, max_new_tokens: usize) -> Result<Self> {

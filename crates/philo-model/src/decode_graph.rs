@@ -5,8 +5,10 @@
 //!
 //! Prompts are prefilled by [`Phi3::forward_paged`] into the same paged KV cache the graph
 //! reads, so a sequence's keys and values never move. Weights are read in the format the model
-//! holds them (dense, INT8, INT4, NF4); a model with an unmerged adapter or GGUF blocks keeps the
-//! general path ([`DecodeGraph::new`] returns None).
+//! holds them (dense, INT8, INT4, NF4); an adapter attached to the model unmerged (a quantised
+//! base's, as `chat --use_4bit --adapter` loads it) runs beside the base weights through the
+//! step's batched LoRA; a model with GGUF blocks keeps the general path ([`DecodeGraph::new`]
+//! returns None).
 
 use crate::adapter::Adapter;
 use crate::decode_step::{DecodeRow, DecodeStep, LogitAdjustment, RowSampling};
@@ -35,6 +37,8 @@ pub struct DecodeGraph {
     /// The adapter every row runs with, unmerged (see [`DecodeGraph::set_adapter`]).
     bank: LoraBank,
     adapter: Option<usize>,
+    /// The adapter is the one attached to the model: its prefills apply it themselves.
+    attached: bool,
 }
 
 fn err(message: String) -> ModelError {
@@ -42,9 +46,11 @@ fn err(message: String) -> ModelError {
 }
 
 impl DecodeGraph {
-    /// A decode graph for `model`, or None where it cannot run: not on CUDA, not bf16/f16, an
-    /// unmerged adapter, weights held as GGUF blocks or NF4 on the host, or more rows of
-    /// quantised weights than [`DecodeStep::gemv_rows`]. `capture` false runs the same
+    /// A decode graph for `model`, or None where it cannot run: not on CUDA, not bf16/f16,
+    /// weights held as GGUF blocks or NF4 on the host, more rows of quantised weights than
+    /// [`DecodeStep::gemv_rows`], or an attached adapter the step's LoRA kernels do not take
+    /// (ranks past [`DecodeStep::MAX_RANK`]). An adapter attached to `model` runs unmerged on
+    /// every row, from the step's own copy of its weights. `capture` false runs the same
     /// kernels launch by launch (for measuring what the graph saves).
     pub fn new(model: &Phi3, rows: usize, capacity: usize, capture: bool) -> Result<Option<Self>> {
         if !model.device().is_cuda() || rows == 0 {
@@ -61,9 +67,32 @@ impl DecodeGraph {
         )?;
         // Room for a verify step's rows beside the sequences' own.
         let max_rows = rows.max(MAX_VERIFY_ROWS);
-        let Some(step) = DecodeStep::new(model, &cache, max_rows, capacity, capture)? else {
+        // The step reads the base weights; an attached adapter goes into the graph's bank.
+        let mut bank = LoraBank::new();
+        let attached = bank.insert_attached(model)?;
+        let base = attached.map(|_| {
+            let mut base = model.clone();
+            for (_, _, linear) in base.linears_mut() {
+                linear.lora = None;
+            }
+            base
+        });
+        let Some(mut step) = DecodeStep::new(
+            base.as_ref().unwrap_or(model),
+            &cache,
+            max_rows,
+            capacity,
+            capture,
+        )?
+        else {
             return Ok(None);
         };
+        if let Some(slot) = attached {
+            step.set_adapters(&bank)?;
+            if !step.has_adapter(slot) {
+                return Ok(None);
+            }
+        }
         if !step.takes(rows) {
             return Ok(None);
         }
@@ -80,14 +109,22 @@ impl DecodeGraph {
             tables,
             lengths: vec![0; rows],
             long_rope: vec![false; rows],
-            bank: LoraBank::new(),
-            adapter: None,
+            bank,
+            adapter: attached,
+            attached: attached.is_some(),
         }))
     }
 
     /// Runs every row with `adapter`, unmerged (its products beside the base's, as `philo
-    /// serve` runs a request that names one), from the next prefill on.
+    /// serve` runs a request that names one), from the next prefill on. A graph of a model with
+    /// an adapter attached runs that one and refuses another.
     pub fn set_adapter(&mut self, model: &Phi3, adapter: &Adapter) -> Result<()> {
+        if self.attached {
+            return Err(err(
+                "decode graph: the model has an adapter attached; build the graph from the base model to run another"
+                    .into(),
+            ));
+        }
         let mut bank = LoraBank::new();
         let slot = bank.insert(adapter, model)?;
         self.step.set_adapters(&bank)?;
@@ -141,7 +178,8 @@ impl DecodeGraph {
             tokens,
             past: 0,
             block_table: &self.tables[row],
-            adapter: self.adapter,
+            // An attached adapter applies in the model's own forward.
+            adapter: self.adapter.filter(|_| !self.attached),
             long_rope,
         };
         let logits = model.forward_paged(&[chunk], &mut self.cache, &self.bank)?;

@@ -49,6 +49,24 @@ impl LoraBank {
         Ok(self.slots.len() - 1)
     }
 
+    /// The adapter attached to `model`'s layers (`Adapter::attach`) as a new slot, or None
+    /// where none is attached.
+    pub fn insert_attached(&mut self, model: &Phi3) -> Result<Option<usize>> {
+        let mut banked = HashMap::new();
+        for (layer, module, linear) in model.linears() {
+            if let Some(lora) = &linear.lora {
+                let scaled_b = (&lora.b * lora.scale)?;
+                let a = lora.a.clone();
+                banked.insert((layer, module), BankedLora { a, scaled_b });
+            }
+        }
+        if banked.is_empty() {
+            return Ok(None);
+        }
+        self.slots.push(Some(banked));
+        Ok(Some(self.slots.len() - 1))
+    }
+
     /// Unloads the adapter of `slot` (a no-op for an empty slot).
     pub fn remove(&mut self, slot: usize) {
         if let Some(s) = self.slots.get_mut(slot) {
