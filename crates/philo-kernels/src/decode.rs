@@ -103,6 +103,69 @@ impl GemvInput {
     }
 }
 
+/// A weight's buffers as the kernels take them (zero where the format has none): the weights
+/// (or packed codes), the f32 scales (INT8 absmax, INT4 group scales, plain NF4 absmax), INT4's
+/// group, and double-quantised NF4's 8-bit scale codes, their code book, second-level absmax,
+/// offset and second-level block.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub(crate) struct WeightArgs {
+    pub w: u64,
+    pub s: u64,
+    pub group: usize,
+    pub q2: u64,
+    pub code2: u64,
+    pub absmax2: u64,
+    pub offset2: f32,
+    pub block2: usize,
+}
+
+impl GemvWeight {
+    /// The weight's buffers as the kernels take them.
+    pub(crate) fn kernel_args(&self) -> WeightArgs {
+        let none = WeightArgs::default();
+        match *self {
+            GemvWeight::Dense { w } => WeightArgs { w, ..none },
+            GemvWeight::Int8 { codes, absmax } => WeightArgs {
+                w: codes,
+                s: absmax,
+                ..none
+            },
+            GemvWeight::Int4 {
+                packed,
+                scales,
+                group,
+            } => WeightArgs {
+                w: packed,
+                s: scales,
+                group,
+                ..none
+            },
+            GemvWeight::Nf4 { packed, scales } => match scales {
+                Nf4BlockScales::Plain { absmax } => WeightArgs {
+                    w: packed,
+                    s: absmax,
+                    ..none
+                },
+                Nf4BlockScales::Double {
+                    quantized,
+                    code,
+                    absmax2,
+                    offset,
+                    block2,
+                } => WeightArgs {
+                    w: packed,
+                    q2: quantized,
+                    code2: code,
+                    absmax2,
+                    offset2: offset,
+                    block2,
+                    ..none
+                },
+            },
+        }
+    }
+}
+
 #[cfg(feature = "cuda")]
 impl GemvWeight {
     /// Index of the weight's format in [`FORMATS`].
@@ -522,16 +585,8 @@ mod device {
             if dtype == DType::F32 {
                 candle_core::bail!("the decode kernels run bf16 or f16");
             }
-            use candle_core::cuda_backend::cudarc::driver::sys::{
-                CUdevice_attribute, CUfunction_attribute_enum,
-            };
-            let smem_limit = dev
-                .cuda_stream()
-                .context()
-                .attribute(
-                    CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
-                )
-                .w()? as usize;
+            use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+            let smem_limit = block_smem_limit(dev)?;
             // The FMA GEMV's static shared memory (its reduction and NF4 table) is under 2 KiB.
             let gemv_smem = smem_limit.saturating_sub(2048);
             let mut gemv = Vec::new();
@@ -554,12 +609,7 @@ mod device {
                 let load = |rows: &str| -> Result<TensorCoreGemv> {
                     let f = function(dev, &DECODE, &format!("gemv_tc_{format}_{suffix}{rows}"))?;
                     // What the block may take beyond its static shared memory.
-                    let static_smem = f
-                        .get_attribute(
-                            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
-                        )
-                        .w()? as usize;
-                    let dynamic = smem_limit.saturating_sub(static_smem);
+                    let dynamic = smem_limit.saturating_sub(static_smem(&f)?);
                     dynamic_smem(&f, dynamic)?;
                     Ok(TensorCoreGemv {
                         f,
@@ -679,25 +729,16 @@ mod device {
                 _ => 3,
             }];
             let (mode, norm, eps) = g.input.kernel_args();
-            let (w, s, group, q2, code2, absmax2, offset2, block2) = match g.weight {
-                GemvWeight::Dense { w } => (w, 0u64, 0usize, 0u64, 0u64, 0u64, 0f32, 0usize),
-                GemvWeight::Int8 { codes, absmax } => (codes, absmax, 0, 0, 0, 0, 0.0, 0),
-                GemvWeight::Int4 {
-                    packed,
-                    scales,
-                    group,
-                } => (packed, scales, group, 0, 0, 0, 0.0, 0),
-                GemvWeight::Nf4 { packed, scales } => match scales {
-                    Nf4BlockScales::Plain { absmax } => (packed, absmax, 0, 0, 0, 0, 0.0, 0),
-                    Nf4BlockScales::Double {
-                        quantized,
-                        code,
-                        absmax2,
-                        offset,
-                        block2,
-                    } => (packed, 0, 0, quantized, code, absmax2, offset, block2),
-                },
-            };
+            let WeightArgs {
+                w,
+                s,
+                group,
+                q2,
+                code2,
+                absmax2,
+                offset2,
+                block2,
+            } = g.weight.kernel_args();
             let (out, out_f32, residual, glu) = match g.output {
                 GemvOutput::Store(p) => (p, 0u64, 0u64, 0),
                 GemvOutput::AddTo(p) => (p, 0, p, 0),

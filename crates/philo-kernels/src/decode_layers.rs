@@ -6,7 +6,7 @@
 //! launch-per-kernel step of [`crate::decode`] (the same buffers, rounded the same way up to the
 //! order of the sums); `philo_model`'s decode-graph tests check it against the full forward.
 
-use crate::decode::{GemvWeight, Nf4BlockScales};
+use crate::decode::GemvWeight;
 
 /// Words per projection and per layer in the kernel's layer table (`PROJ_WORDS`, `LAYER_WORDS`
 /// in decode_layers.cu).
@@ -55,32 +55,23 @@ pub fn layer_words(l: &LayerBuffers) -> Option<[u64; LAYER_WORDS]> {
         if std::mem::discriminant(p) != std::mem::discriminant(&l.qkv) {
             return None;
         }
-        let entry = match *p {
-            GemvWeight::Dense { w } => [w, 0, 0, 0, 0],
-            GemvWeight::Int8 { codes, absmax } => [codes, absmax, 0, 0, 0],
-            GemvWeight::Int4 {
-                packed,
-                scales,
-                group: 128,
-            } => [packed, scales, 0, 0, 0],
-            GemvWeight::Int4 { .. } => return None,
-            GemvWeight::Nf4 { packed, scales } => match scales {
-                Nf4BlockScales::Plain { absmax } => [packed, absmax, 0, 0, 0],
-                Nf4BlockScales::Double {
-                    quantized,
-                    code,
-                    absmax2,
-                    offset,
-                    block2,
-                } if block2.is_multiple_of(16) && block2 <= u32::MAX as usize => [
-                    packed,
-                    quantized,
-                    code,
-                    absmax2,
-                    (u64::from(offset.to_bits()) << 32) | block2 as u64,
-                ],
-                Nf4BlockScales::Double { .. } => return None,
-            },
+        let a = p.kernel_args();
+        let int4 = matches!(p, GemvWeight::Int4 { .. });
+        let double = a.q2 != 0;
+        if (int4 && a.group != 128)
+            || (double && (!a.block2.is_multiple_of(16) || a.block2 > u32::MAX as usize))
+        {
+            return None;
+        }
+        let entry = match double {
+            false => [a.w, a.s, 0, 0, 0],
+            true => [
+                a.w,
+                a.q2,
+                a.code2,
+                a.absmax2,
+                (u64::from(a.offset2.to_bits()) << 32) | a.block2 as u64,
+            ],
         };
         words[i * PROJ_WORDS..][..PROJ_WORDS].copy_from_slice(&entry);
     }
@@ -209,25 +200,14 @@ mod device {
             .into_iter()
             .max()
             .unwrap();
-            use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
-            let limit = dev
-                .cuda_stream()
-                .context()
-                .attribute(
-                    CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
-                )
-                .w()? as usize;
+            let limit = block_smem_limit(dev)?;
             // The instance for `rows` input rows with `stages` tiles a warp, where it fits.
             let instance = |name: &str, stages: usize, rows: usize| -> Result<Option<Instance>> {
-                use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
                 let f = function(dev, &DECODE_LAYERS, name)?;
                 let region = (rows * staged_row).max(attention).next_multiple_of(16);
                 let red = row_groups * 8 * rows.max(if rows > 1 { MAXM } else { 1 }) * 4;
                 let smem = THREADS / 32 * stages * tile_bytes + region + red;
-                let static_smem = f
-                    .get_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
-                    .w()? as usize;
-                if smem + static_smem > limit {
+                if smem + static_smem(&f)? > limit {
                     return Ok(None);
                 }
                 dynamic_smem(&f, smem)?;
@@ -324,6 +304,7 @@ mod device {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decode::Nf4BlockScales;
 
     fn layer(weight: impl Fn(u64) -> GemvWeight) -> LayerBuffers {
         LayerBuffers {

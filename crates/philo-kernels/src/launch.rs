@@ -262,6 +262,28 @@ pub(crate) fn dynamic_smem(
     Ok(bytes as u32)
 }
 
+/// Shared memory one block may take on `dev` when its kernel opts in (static and dynamic
+/// together).
+pub(crate) fn block_smem_limit(dev: &CudaDevice) -> Result<usize> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+    Ok(dev
+        .cuda_stream()
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .w()? as usize)
+}
+
+/// The static shared memory of `f`'s blocks.
+pub(crate) fn static_smem(
+    f: &candle_core::cuda_backend::cudarc::driver::CudaFunction,
+) -> Result<usize> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
+    Ok(
+        f.get_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
+            .w()? as usize,
+    )
+}
+
 /// The device's streaming multiprocessors.
 pub(crate) fn multiprocessors(dev: &CudaDevice) -> Result<usize> {
     use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;

@@ -358,6 +358,22 @@ __device__ __forceinline__ float nf4_tile_scale(const unsigned char* tile, const
     return __fadd_rn(__fmul_rn(__ldg(nf.code2 + tile[8 * 512 + r * 16 + b]), nf.absmax2[i]), nf.offset);
 }
 
+// The A fragments of two mma.m16n8k16 over a lane's 8 staged inputs at x (row g, columns 2t ..
+// 2t + 1 and 2t + 8 .. 2t + 9 of each): inputs 0-1 and 2-3 in a0, 4-5 and 6-7 in a1; zero
+// where the lane's row is not an input row.
+template <typename T>
+__device__ __forceinline__ void x8_fragments(const T* x, bool live, uint32_t (&a0)[4], uint32_t (&a1)[4]) {
+    a0[0] = a0[1] = a0[2] = a0[3] = 0u;
+    a1[0] = a1[1] = a1[2] = a1[3] = 0u;
+    if (live) {
+        const uint4 xv = *reinterpret_cast<const uint4*>(x);
+        a0[0] = xv.x;
+        a0[2] = xv.y;
+        a1[0] = xv.z;
+        a1[2] = xv.w;
+    }
+}
+
 // One tile's products (8 weight rows × 512 bytes, at input column kbase) added to acc: lane
 // (g, t) gets input row g's sums of weight rows 2t and 2t + 1 in acc[0], acc[1]; `xrow` is row
 // g's staged input, `live` whether g is an input row. Each 8 × 8 matrix of ldmatrix is 8 rows
@@ -403,15 +419,8 @@ __device__ __forceinline__ void tc_tile_product(const unsigned char* tile, const
             float d[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
             for (int h = 0; h < 4; ++h) {
-                int k0 = kbase + (4 * q + h) * 32 + 8 * t;
-                uint32_t a0[4] = {0u, 0u, 0u, 0u}, a1[4] = {0u, 0u, 0u, 0u};
-                if (live) {
-                    uint4 xv = *reinterpret_cast<const uint4*>(xrow + k0);
-                    a0[0] = xv.x;
-                    a0[2] = xv.y;
-                    a1[0] = xv.z;
-                    a1[2] = xv.w;
-                }
+                uint32_t a0[4], a1[4];
+                x8_fragments(xrow + kbase + (4 * q + h) * 32 + 8 * t, live, a0, a1);
                 uint32_t u = r[h];
                 Mma<T>::run(d, a0, Nibbles<T>::pair(u), Nibbles<T>::pair(u >> 4));
                 Mma<T>::run(d, a1, Nibbles<T>::pair(u >> 8), Nibbles<T>::pair(u >> 12));
@@ -426,15 +435,8 @@ __device__ __forceinline__ void tc_tile_product(const unsigned char* tile, const
             const uint32_t* pairs = nf4_pairs + lane;
 #pragma unroll
             for (int h = 0; h < 4; ++h) {
-                int k0 = kbase + (4 * q + h) * 32 + 8 * t;
-                uint32_t a0[4] = {0u, 0u, 0u, 0u}, a1[4] = {0u, 0u, 0u, 0u};
-                if (live) {
-                    uint4 xv = *reinterpret_cast<const uint4*>(xrow + k0);
-                    a0[0] = xv.x;
-                    a0[2] = xv.y;
-                    a1[0] = xv.z;
-                    a1[2] = xv.w;
-                }
+                uint32_t a0[4], a1[4];
+                x8_fragments(xrow + kbase + (4 * q + h) * 32 + 8 * t, live, a0, a1);
                 const uint32_t u = r[h];
                 float* d = h < 2 ? d0 : d1;
                 Mma<T>::run(d, a0, pairs[(u & 255u) * 32], pairs[((u >> 8) & 255u) * 32]);

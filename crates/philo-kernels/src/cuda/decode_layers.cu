@@ -488,53 +488,41 @@ __device__ void decode_layers(const unsigned long long* layers, int n_layers, T*
     pdl_allow_next();
     pdl_wait_previous();
     unsigned done = 0;  // phases the whole grid has finished, once waited for
-    // Zeroes the block's row sums; the staging that follows ends with a block barrier.
-    auto zero_red = [&](const Share& a) {
+    // One projection of layer L: once the grid's previous phase is done, zero the block's row
+    // sums, stage the input (`stage`, which ends with a block barrier) and multiply; then count
+    // the block's part of the phase done, unless it is the step's last.
+    auto project = [&](const unsigned long long* L, int proj, auto stage, T* out, bool add, bool last) {
+        grid_wait(sync, done * grid);
+        const Share a = share_of<T, FMT>(L, proj, dm);
         for (int i = threadIdx.x; i < (a.glu ? 2 * a.nrg : a.nrg) * 8 * RS; i += blockDim.x) red[i] = 0.f;
+        stage();
+        gemv_phase<T, FMT, S, RS>(st, cstage, a, xs, m, red, out, add, nf4_pairs, dm);
+        if (!last) {
+            grid_arrive(sync);
+            ++done;
+        }
     };
     for (int l = 0; l < n_layers; ++l) {
         const unsigned long long* L = layers + (size_t)l * LAYER_WORDS;
+        const T* input_norm = reinterpret_cast<const T*>(L[NORM_WORDS]);
+        const T* post_norm = reinterpret_cast<const T*>(L[NORM_WORDS + 1]);
         T* k_cache = reinterpret_cast<T*>(L[NORM_WORDS + 2]);
         T* v_cache = reinterpret_cast<T*>(L[NORM_WORDS + 3]);
         // G0: norm + QKV.
-        if (l > 0) grid_wait(sync, done * grid);
-        Share a = share_of<T, FMT>(L, 0, dm);
-        zero_red(a);
-        stage_input<T, PAIRS, ROWS>(x, reinterpret_cast<const T*>(L[NORM_WORDS]), dm.eps, IN_RMSNORM, m, dm.hidden, xs);
-        gemv_phase<T, FMT, S, RS>(st, cstage, a, xs, m, red, qkv, false, nf4_pairs, dm);
-        grid_arrive(sync);
-        ++done;
+        project(L, 0, [&] { stage_input<T, PAIRS, ROWS>(x, input_norm, dm.eps, IN_RMSNORM, m, dm.hidden, xs); }, qkv,
+                false, false);
         // A: RoPE, KV write, attention (blocks without an item go straight on).
         attention_phase<T>(qkv, k_cache, v_cache, rows, rope, partial, region, dm, sync, done * grid);
         grid_arrive(sync);
         ++done;
         // G1: O projection into the residual stream.
-        grid_wait(sync, done * grid);
-        a = share_of<T, FMT>(L, 1, dm);
-        zero_red(a);
-        stage_attention<T, PAIRS>(partial, rows, dm, xs);
-        gemv_phase<T, FMT, S, RS>(st, cstage, a, xs, m, red, x, true, nf4_pairs, dm);
-        grid_arrive(sync);
-        ++done;
+        project(L, 1, [&] { stage_attention<T, PAIRS>(partial, rows, dm, xs); }, x, true, false);
         // G2: norm + gate/up, SwiGLU.
-        grid_wait(sync, done * grid);
-        a = share_of<T, FMT>(L, 2, dm);
-        zero_red(a);
-        stage_input<T, PAIRS, ROWS>(x, reinterpret_cast<const T*>(L[NORM_WORDS + 1]), dm.eps, IN_RMSNORM, m, dm.hidden,
-                                    xs);
-        gemv_phase<T, FMT, S, RS>(st, cstage, a, xs, m, red, h, false, nf4_pairs, dm);
-        grid_arrive(sync);
-        ++done;
+        project(L, 2, [&] { stage_input<T, PAIRS, ROWS>(x, post_norm, dm.eps, IN_RMSNORM, m, dm.hidden, xs); }, h,
+                false, false);
         // G3: down projection into the residual stream.
-        grid_wait(sync, done * grid);
-        a = share_of<T, FMT>(L, 3, dm);
-        zero_red(a);
-        stage_input<T, PAIRS, ROWS>(h, nullptr, 0.f, IN_PLAIN, m, dm.inter, xs);
-        gemv_phase<T, FMT, S, RS>(st, cstage, a, xs, m, red, x, true, nf4_pairs, dm);
-        if (l + 1 < n_layers) {
-            grid_arrive(sync);
-            ++done;
-        }
+        project(L, 3, [&] { stage_input<T, PAIRS, ROWS>(h, nullptr, 0.f, IN_PLAIN, m, dm.inter, xs); }, x, true,
+                l + 1 == n_layers);
     }
     cp_async_wait<0>();
     // The last block out resets the counters for the next step: every block has passed its last
