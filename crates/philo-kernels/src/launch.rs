@@ -38,6 +38,7 @@ module!(GEMV, "gemv");
 module!(PAGED_ATTENTION, "paged_attention");
 module!(DECODE, "decode");
 module!(DECODE_LAYERS, "decode_layers");
+module!(DEQUANTIZE, "dequantize");
 module!(LORA, "lora");
 module!(ADAMW, "adamw");
 module!(ROWS, "rows");

@@ -10,6 +10,7 @@ pub mod attention;
 pub mod cross_entropy;
 pub mod decode;
 pub mod decode_layers;
+pub mod dequantize;
 pub mod dropout;
 pub mod gemm;
 pub mod gemv;

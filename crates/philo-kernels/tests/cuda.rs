@@ -363,6 +363,55 @@ fn cuda_scatter_rows() -> Result<()> {
 }
 
 // ------------------------------------------------------------------------------------------------
+// INT8 / INT4 dequantisation
+
+/// The one-pass INT8 and INT4 dequantisation on the GPU (`philo_kernels::dequantize`) gives,
+/// bit for bit, the host reference rounded to the dtype (`Int8Tensor::to_tensor`,
+/// `Int4Tensor::to_tensor`), for f32, bf16 and f16 and shapes of one and many rows.
+#[test]
+fn cuda_int_dequantize_matches_the_host_reference() -> Result<()> {
+    use philo_quant::device::{Int4Weight, Int8Weight};
+    use philo_quant::{Int4Tensor, Int8Tensor, INT4_GROUP};
+    let Some(dev) = gpu("cuda_int_dequantize_matches_the_host_reference") else {
+        return Ok(());
+    };
+    let quant = |e: philo_quant::QuantError| candle_core::Error::Msg(e.to_string());
+    let mut rng = StdRng::seed_from_u64(31);
+    for (rows, cols) in [(1, 1024), (37, 3072), (96, 8192)] {
+        let w = uniform(&mut rng, rows * cols, 0.05);
+        let q8 = Int8Tensor::quantize(&w, rows, cols).map_err(quant)?;
+        let q4 = Int4Tensor::quantize(&w, rows, cols, INT4_GROUP).map_err(quant)?;
+        let d8 = Int8Weight::from_host(&q8, &dev).map_err(quant)?;
+        let d4 = Int4Weight::from_host(&q4, &dev)
+            .map_err(quant)?
+            .expect("whole groups");
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            for (what, got, want) in [
+                (
+                    "int8",
+                    philo_kernels::dequantize::int8(&d8, dtype)?,
+                    q8.to_tensor(dtype, &Device::Cpu).map_err(quant)?,
+                ),
+                (
+                    "int4",
+                    philo_kernels::dequantize::int4(&d4, dtype)?,
+                    q4.to_tensor(dtype, &Device::Cpu).map_err(quant)?,
+                ),
+            ] {
+                let got = host(&got)?;
+                let want = host(&want)?;
+                let differ = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+                assert_eq!(
+                    (got.len(), differ),
+                    (rows * cols, 0),
+                    "{what} [{rows}, {cols}] {dtype:?}"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 // NF4
 
 #[test]

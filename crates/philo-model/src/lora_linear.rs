@@ -159,14 +159,8 @@ impl LoraLinear {
             BaseWeight::Dense(w) => w.to_dtype(dtype)?.to_device(device)?,
             BaseWeight::Nf4(w) => w.to_tensor(dtype, device).map_err(quant_error)?,
             BaseWeight::Nf4Device(w) => w.dequantize(dtype)?.to_device(device)?,
-            BaseWeight::Int8(w) => w
-                .dequantize(dtype)
-                .map_err(quant_error)?
-                .to_device(device)?,
-            BaseWeight::Int4(w) => w
-                .dequantize(dtype)
-                .map_err(quant_error)?
-                .to_device(device)?,
+            BaseWeight::Int8(w) => philo_kernels::dequantize::int8(w, dtype)?.to_device(device)?,
+            BaseWeight::Int4(w) => philo_kernels::dequantize::int4(w, dtype)?.to_device(device)?,
             BaseWeight::Ggml(w) => w.dequantize(device)?.to_dtype(dtype)?,
         })
     }
@@ -252,10 +246,10 @@ impl LoraLinear {
             BaseWeight::Dense(w) => frozen_matmul_t(x, w)?,
             BaseWeight::Nf4(w) => dequantize_matmul(x, w, x.dtype()).map_err(quant_error)?,
             BaseWeight::Int8(w) => {
-                frozen_matmul_t(x, &w.dequantize(x.dtype()).map_err(quant_error)?)?
+                frozen_matmul_t(x, &philo_kernels::dequantize::int8(w, x.dtype())?)?
             }
             BaseWeight::Int4(w) => {
-                frozen_matmul_t(x, &w.dequantize(x.dtype()).map_err(quant_error)?)?
+                frozen_matmul_t(x, &philo_kernels::dequantize::int4(w, x.dtype())?)?
             }
             // The dequantised copy lives for this matmul only.
             BaseWeight::Nf4Device(w) => frozen_matmul_t(x, &w.dequantize(x.dtype())?)?,
