@@ -674,6 +674,19 @@ fn persistent_layers_match_the_full_forward_on_cuda() {
     config.rope.rotary_dim = 96;
     config.num_hidden_layers = 2;
     let weights = philo_model::tiny::random_weights(&config, 7, &Device::Cpu).unwrap();
+    // First the simplest case, one layer and a short prompt, so that a failure there points at
+    // a phase rather than at what runs across layers.
+    let mut one_layer = config.clone();
+    one_layer.num_hidden_layers = 1;
+    let model = Phi3::load_as(
+        &one_layer,
+        &weights,
+        DType::BF16,
+        &device,
+        WeightFormat::Dense,
+    )
+    .unwrap();
+    persistent_case(&model, 7, 3, tolerance(WeightFormat::Dense));
     let mut windowed = config.clone();
     windowed.sliding_window = Some(64);
     windowed.num_key_value_heads = 8;
