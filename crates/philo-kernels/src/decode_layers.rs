@@ -122,8 +122,9 @@ mod device {
     /// Most splits of one head's positions.
     const MAX_SPLITS: usize = 16;
 
-    /// Most rows of the several-row instance (`MAXM` in decode_common.cuh).
-    const MAXM: usize = 8;
+    /// The several-row instances by the most rows each takes (`_rows`: up to `MAXM` of
+    /// decode_common.cuh; `_rows16`: the mma's second half of rows too).
+    const ROW_INSTANCES: [(&str, usize); 2] = [("_rows", 8), ("_rows16", 16)];
 
     /// One instance of the kernel with its dynamic shared memory and the bytes of its shared
     /// region (the staged input rows, or the attention's chunks).
@@ -135,12 +136,13 @@ mod device {
     }
 
     /// The persistent kernel for one weight format and model shape, with its launch geometry:
-    /// the one-row instance, and the several-row one where its rows fit in shared memory.
+    /// the one-row instance, and the several-row ones where their rows fit in shared memory.
     #[derive(Clone)]
     pub struct LayerKernel {
         one: Instance,
-        /// With the most rows it takes (at least 2).
-        rows: Option<(Instance, usize)>,
+        /// Each with the most rows it takes here, ascending (an instance takes rows past the
+        /// one before it).
+        rows: Vec<(Instance, usize)>,
         shape: LayerShape,
         blocks: usize,
         max_splits: usize,
@@ -205,7 +207,13 @@ mod device {
             let instance = |name: &str, stages: usize, rows: usize| -> Result<Option<Instance>> {
                 let f = function(dev, &DECODE_LAYERS, name)?;
                 let region = (rows * staged_row).max(attention).next_multiple_of(16);
-                let red = row_groups * 8 * rows.max(if rows > 1 { MAXM } else { 1 }) * 4;
+                // Row sums are strided by the instance's most rows.
+                let stride = ROW_INSTANCES
+                    .iter()
+                    .map(|&(_, most)| most)
+                    .find(|&most| rows > 1 && rows <= most)
+                    .unwrap_or(1);
+                let red = row_groups * 8 * stride * 4;
                 let smem = THREADS / 32 * stages * tile_bytes + region + red;
                 if smem + static_smem(&f)? > limit {
                     return Ok(None);
@@ -221,11 +229,19 @@ mod device {
             let Some(one) = instance(&base, stages, 1)? else {
                 return Ok(None);
             };
-            let mut rows = None;
-            for m in (2..=MAXM).rev() {
-                if let Some(i) = instance(&format!("{base}_rows"), 2, m)? {
-                    rows = Some((i, m));
-                    break;
+            // Each several-row instance with as many rows as fit, past the previous one's.
+            let mut rows: Vec<(Instance, usize)> = Vec::new();
+            let mut least = 2;
+            for (suffix, most) in ROW_INSTANCES {
+                for m in (least..=most).rev() {
+                    if let Some(i) = instance(&format!("{base}{suffix}"), 2, m)? {
+                        rows.push((i, m));
+                        break;
+                    }
+                }
+                match rows.last() {
+                    Some(&(_, m)) if m == most => least = most + 1,
+                    _ => break,
                 }
             }
             Ok(Some(LayerKernel {
@@ -239,12 +255,15 @@ mod device {
 
         /// Most rows one launch takes.
         pub fn max_rows(&self) -> usize {
-            self.rows.as_ref().map_or(1, |(_, m)| *m)
+            self.rows.last().map_or(1, |(_, m)| *m)
         }
 
         /// f32 elements of the attention's partial results (`DecodeLayers::partial`).
         pub fn partial_floats(&self) -> usize {
-            MAXM * self.shape.heads * self.max_splits * (self.shape.head_dim + 4)
+            ROW_INSTANCES[ROW_INSTANCES.len() - 1].1
+                * self.shape.heads
+                * self.max_splits
+                * (self.shape.head_dim + 4)
         }
 
         /// Launches the layers of one decode step on the device's stream (after the embedding,
@@ -252,13 +271,15 @@ mod device {
         /// has it, like the step's other kernels).
         pub fn launch(&self, kernels: &DecodeKernels, a: &DecodeLayers) -> Result<()> {
             let s = &self.shape;
-            let kernel = match (a.m, &self.rows) {
-                (1, _) => &self.one,
-                (m, Some((rows, most))) if (2..=*most).contains(&m) => rows,
-                (m, _) => candle_core::bail!(
-                    "decode layers: {m} rows (the kernel takes up to {})",
-                    self.max_rows()
-                ),
+            let kernel = match a.m {
+                1 => &self.one,
+                m => match self.rows.iter().find(|(_, most)| m <= *most) {
+                    Some((rows, _)) => rows,
+                    None => candle_core::bail!(
+                        "decode layers: {m} rows (the kernel takes up to {})",
+                        self.max_rows()
+                    ),
+                },
             };
             use Arg::*;
             let args = [

@@ -61,7 +61,8 @@ impl DecodeStep {
     }
 
     /// Whether a step of `rows` sequences runs here: at most `max_rows`, and more than
-    /// [`DecodeStep::gemv_rows`] only on a dense base.
+    /// [`DecodeStep::gemv_rows`] only on a dense base, or in the persistent layers kernel (see
+    /// [`DecodeStep::set_persistent_layers`]) while the step holds no adapters.
     pub fn takes(&self, rows: usize) -> bool {
         self.inner.takes(rows)
     }
@@ -784,7 +785,18 @@ mod imp {
         }
 
         pub fn takes(&self, rows: usize) -> bool {
-            (1..=self.max_rows).contains(&rows) && (rows <= self.gemv_rows || self.dense)
+            (1..=self.max_rows).contains(&rows)
+                && (rows <= self.gemv_rows || self.dense || rows <= self.persistent_rows())
+        }
+
+        /// Most rows of a step the persistent layers kernel runs (0: it is off). Past the
+        /// GEMV's rows a quantised base has no other path, which adapters' rows do not take:
+        /// none while the step holds adapters.
+        fn persistent_rows(&self) -> usize {
+            match &self.persistent {
+                Some(p) if p.on && self.adapters.is_empty() => p.kernel.max_rows(),
+                _ => 0,
+            }
         }
 
         pub fn gemv_rows(&self) -> usize {
@@ -1220,7 +1232,7 @@ mod imp {
             let m = rows.len();
             if !self.takes(m) {
                 return Err(err(format!(
-                    "decode step: {m} rows do not fit (at most {}; more than {} only on a dense base)",
+                    "decode step: {m} rows do not fit (at most {}; more than {} only on a dense base or in the persistent layers kernel)",
                     self.max_rows, self.gemv_rows
                 )));
             }

@@ -651,10 +651,10 @@ fn persistent_case(model: &Phi3, prompt_len: usize, steps: usize, tol: f32) {
 /// The persistent layers kernel on Phi-3-mini's widths (3,072 hidden, 32 heads of 96; a
 /// narrower MLP of 2,048 and 2 layers, to keep the test small) in bf16, INT8, INT4 and NF4 (its
 /// block scales plain and double-quantised): a 300-token prompt (each head's positions split
-/// over three blocks), a short one, three sequences, verify steps of 8 and 3 rows, and, with 8
-/// key/value heads, a sliding window of 64 crossed while decoding (one and two sequences, and a
-/// verify step across it); LongRoPE's switch with a partial rotation. The fixtures' shapes
-/// (widths of 128) do not take it.
+/// over three blocks), a short one, three sequences (twelve on the dense base), verify steps of
+/// 9, 8 and 3 rows, and, with 8 key/value heads, a sliding window of 64 crossed while decoding
+/// (one and two sequences, and a verify step across it); LongRoPE's switch with a partial
+/// rotation. The fixtures' shapes (widths of 128) do not take it.
 #[test]
 fn persistent_layers_match_the_full_forward_on_cuda() {
     let Some(device) = cuda_device() else {
@@ -718,6 +718,20 @@ fn persistent_layers_match_the_full_forward_on_cuda() {
         check_case_with(&model, 3, &[5, 140, 1], 6, true, tol, true);
         verify_case_with(&model, 40, 7, 3, tol, true);
         verify_case_with(&model, 9, 2, 0, tol, true);
+        // 9 rows (8 proposals: the mma's second half of rows), which a quantised base has no
+        // other path for (on the full shape NF4's table leaves no room for them).
+        verify_case_with(&model, 40, 8, 8, tol, true);
+        if format == WeightFormat::Dense {
+            check_case_with(
+                &model,
+                12,
+                &[5, 17, 1, 9, 3, 30, 2, 11, 7, 4, 60, 6],
+                4,
+                true,
+                tol,
+                true,
+            );
+        }
         let model =
             Phi3::load_as(&windowed, &windowed_weights, DType::BF16, &device, format).unwrap();
         persistent_case(&model, 50, 30, tol);

@@ -360,9 +360,10 @@ __device__ __forceinline__ float nf4_tile_scale(const unsigned char* tile, const
 
 // The A fragments of two mma.m16n8k16 over a lane's 8 staged inputs at x (row g, columns 2t ..
 // 2t + 1 and 2t + 8 .. 2t + 9 of each): inputs 0-1 and 2-3 in a0, 4-5 and 6-7 in a1; zero
-// where the lane's row is not an input row.
-template <typename T>
-__device__ __forceinline__ void x8_fragments(const T* x, bool live, uint32_t (&a0)[4], uint32_t (&a1)[4]) {
+// where the lane's row is not an input row. With HI, row g + 8's at xhi likewise.
+template <typename T, bool HI = false>
+__device__ __forceinline__ void x8_fragments(const T* x, bool live, uint32_t (&a0)[4], uint32_t (&a1)[4],
+                                             const T* xhi = nullptr, bool live_hi = false) {
     a0[0] = a0[1] = a0[2] = a0[3] = 0u;
     a1[0] = a1[1] = a1[2] = a1[3] = 0u;
     if (live) {
@@ -372,17 +373,26 @@ __device__ __forceinline__ void x8_fragments(const T* x, bool live, uint32_t (&a
         a1[0] = xv.z;
         a1[2] = xv.w;
     }
+    if (HI && live_hi) {
+        const uint4 xv = *reinterpret_cast<const uint4*>(xhi);
+        a0[1] = xv.x;
+        a0[3] = xv.y;
+        a1[1] = xv.z;
+        a1[3] = xv.w;
+    }
 }
 
 // One tile's products (8 weight rows × 512 bytes, at input column kbase) added to acc: lane
 // (g, t) gets input row g's sums of weight rows 2t and 2t + 1 in acc[0], acc[1]; `xrow` is row
-// g's staged input, `live` whether g is an input row. Each 8 × 8 matrix of ldmatrix is 8 rows
+// g's staged input, `live` whether g is an input row. With HI, also input row g + 8's (`xhi`,
+// `live_hi`) in acc[2], acc[3]: the mma's second half of rows. Each 8 × 8 matrix of ldmatrix is 8 rows
 // of one 16-byte chunk, lane t holding bytes 4t .. 4t + 3 of each: the weights' k order within
 // a lane may be permuted as long as the staged input matches (INT4 stages pairs (0,4), (1,5), …;
 // NF4's bytes hold consecutive pairs, staged in order).
-template <typename T, int FMT>
+template <typename T, int FMT, bool HI = false>
 __device__ __forceinline__ void tc_tile_product(const unsigned char* tile, const T* xrow, bool live, int kbase,
-                                                const Nf4Tile& nf, const uint32_t* nf4_pairs, float (&acc)[4]) {
+                                                const Nf4Tile& nf, const uint32_t* nf4_pairs, float (&acc)[4],
+                                                const T* xhi = nullptr, bool live_hi = false) {
     const int lane = threadIdx.x % 32, t = lane % 4;
 #pragma unroll
     for (int q = 0; q < 8; ++q) {
@@ -398,6 +408,10 @@ __device__ __forceinline__ void tc_tile_product(const unsigned char* tile, const
                     a[0] = *reinterpret_cast<const uint32_t*>(xrow + k0 + 2 * t);
                     a[2] = *reinterpret_cast<const uint32_t*>(xrow + k0 + 8 + 2 * t);
                 }
+                if (HI && live_hi) {
+                    a[1] = *reinterpret_cast<const uint32_t*>(xhi + k0 + 2 * t);
+                    a[3] = *reinterpret_cast<const uint32_t*>(xhi + k0 + 8 + 2 * t);
+                }
                 Mma<T>::run(acc, a, r[2 * h], r[2 * h + 1]);
             }
         } else if constexpr (FMT == F_INT8) {
@@ -411,6 +425,11 @@ __device__ __forceinline__ void tc_tile_product(const unsigned char* tile, const
                     a[0] = xv.x;
                     a[2] = xv.y;
                 }
+                if (HI && live_hi) {
+                    const uint2 xv = *reinterpret_cast<const uint2*>(xhi + k0);
+                    a[1] = xv.x;
+                    a[3] = xv.y;
+                }
                 Mma<T>::run(acc, a, int8_pair<T>(r[h], 0), int8_pair<T>(r[h], 2));
             }
         } else if constexpr (FMT == F_INT4) {
@@ -420,7 +439,8 @@ __device__ __forceinline__ void tc_tile_product(const unsigned char* tile, const
 #pragma unroll
             for (int h = 0; h < 4; ++h) {
                 uint32_t a0[4], a1[4];
-                x8_fragments(xrow + kbase + (4 * q + h) * 32 + 8 * t, live, a0, a1);
+                const int k0 = kbase + (4 * q + h) * 32 + 8 * t;
+                x8_fragments<T, HI>(xrow + k0, live, a0, a1, HI ? xhi + k0 : nullptr, live_hi);
                 uint32_t u = r[h];
                 Mma<T>::run(d, a0, Nibbles<T>::pair(u), Nibbles<T>::pair(u >> 4));
                 Mma<T>::run(d, a1, Nibbles<T>::pair(u >> 8), Nibbles<T>::pair(u >> 12));
@@ -428,6 +448,10 @@ __device__ __forceinline__ void tc_tile_product(const unsigned char* tile, const
             const float* ts = reinterpret_cast<const float*>(tile + 8 * 512);
             acc[0] += d[0] * ts[(2 * t) * 8 + q];
             acc[1] += d[1] * ts[(2 * t + 1) * 8 + q];
+            if (HI) {
+                acc[2] += d[2] * ts[(2 * t) * 8 + q];
+                acc[3] += d[3] * ts[(2 * t + 1) * 8 + q];
+            }
         } else {
             // NF4: lane t holds bytes 4t .. 4t + 3 of each chunk, weights 8t .. 8t + 7 in order;
             // chunks 4q and 4q + 1 are block 2q of 64, chunks 4q + 2 and 4q + 3 block 2q + 1.
@@ -436,15 +460,23 @@ __device__ __forceinline__ void tc_tile_product(const unsigned char* tile, const
 #pragma unroll
             for (int h = 0; h < 4; ++h) {
                 uint32_t a0[4], a1[4];
-                x8_fragments(xrow + kbase + (4 * q + h) * 32 + 8 * t, live, a0, a1);
+                const int k0 = kbase + (4 * q + h) * 32 + 8 * t;
+                x8_fragments<T, HI>(xrow + k0, live, a0, a1, HI ? xhi + k0 : nullptr, live_hi);
                 const uint32_t u = r[h];
                 float* d = h < 2 ? d0 : d1;
                 Mma<T>::run(d, a0, pairs[(u & 255u) * 32], pairs[((u >> 8) & 255u) * 32]);
                 Mma<T>::run(d, a1, pairs[((u >> 16) & 255u) * 32], pairs[(u >> 24) * 32]);
             }
-            acc[0] += d0[0] * nf4_tile_scale(tile, nf, 2 * t, 2 * q, 0) + d1[0] * nf4_tile_scale(tile, nf, 2 * t, 2 * q + 1, 0);
-            acc[1] += d0[1] * nf4_tile_scale(tile, nf, 2 * t + 1, 2 * q, 1) +
-                      d1[1] * nf4_tile_scale(tile, nf, 2 * t + 1, 2 * q + 1, 1);
+            const float s00 = nf4_tile_scale(tile, nf, 2 * t, 2 * q, 0);
+            const float s01 = nf4_tile_scale(tile, nf, 2 * t, 2 * q + 1, 0);
+            const float s10 = nf4_tile_scale(tile, nf, 2 * t + 1, 2 * q, 1);
+            const float s11 = nf4_tile_scale(tile, nf, 2 * t + 1, 2 * q + 1, 1);
+            acc[0] += d0[0] * s00 + d1[0] * s01;
+            acc[1] += d0[1] * s10 + d1[1] * s11;
+            if (HI) {
+                acc[2] += d0[2] * s00 + d1[2] * s01;
+                acc[3] += d0[3] * s10 + d1[3] * s11;
+            }
         }
     }
 }

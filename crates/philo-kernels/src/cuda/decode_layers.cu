@@ -184,25 +184,33 @@ struct StepRows {
 };
 
 // One projection for the staged input rows xs (row r at r · (k + XPAD)): the block's tiles,
-// then its outputs [m, n] (RS: the row sums' stride per weight row, MAXM with several rows).
-// `out` by projection: qkv (stored), x (added to in place), h (SwiGLU of gate and up).
+// then its outputs [m, n]. RS: the row sums' stride per weight row (the most rows, 1, 8 or 16;
+// past 8 the mma's second half of rows carries rows 8-15). `out` by projection: qkv (stored), x
+// (added to in place), h (SwiGLU of gate and up).
 template <typename T, int FMT, int S, int RS>
 __device__ void gemv_phase(TileStream<T, FMT, S>& st, int& cstage, const Share& a, const T* xs, int m, float* red,
                            T* out, bool add, const uint32_t* nf4_pairs, const LayerDims& dm) {
     constexpr int E = Chunk<T, FMT>::E, TILE = tc_tile_bytes<FMT>();
+    constexpr bool HI = RS > 8;
     const int lane = threadIdx.x % 32, gq = lane / 4, t = lane % 4;
     const unsigned char* ring = st.ring;
-    const bool live = gq < m;
+    const bool live = gq < m, live_hi = HI && gq + 8 < m;
     const T* xrow = xs + (size_t)(live ? gq : 0) * (a.k + XPAD);
+    const T* xhi = xs + (size_t)(live_hi ? gq + 8 : 0) * (a.k + XPAD);
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     int c_rg = a.i0 / a.tiles, c_kt = a.i0 % a.tiles;
-    // Lane (g, t) holds the sums of weight rows 2t and 2t + 1 of the group for input row g.
+    // Lane (g, t) holds the sums of weight rows 2t and 2t + 1 of the group for input row g (and
+    // g + 8 in acc[2], acc[3]).
     auto flush = [&]() {
         if (live) {
             atomicAdd(&red[(c_rg * 8 + 2 * t) * RS + gq], acc[0]);
             atomicAdd(&red[(c_rg * 8 + 2 * t + 1) * RS + gq], acc[1]);
         }
-        acc[0] = acc[1] = 0.f;
+        if (live_hi) {
+            atomicAdd(&red[(c_rg * 8 + 2 * t) * RS + gq + 8], acc[2]);
+            atomicAdd(&red[(c_rg * 8 + 2 * t + 1) * RS + gq + 8], acc[3]);
+        }
+        acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
     };
     for (int i = a.i0; i < a.i1; ++i) {
         __syncwarp();  // every lane is done with the stage the next copy overwrites
@@ -211,7 +219,7 @@ __device__ void gemv_phase(TileStream<T, FMT, S>& st, int& cstage, const Share& 
         __syncwarp();
         const unsigned char* tile = ring + cstage * TILE;
         const Nf4Tile nf = nf4_tile<FMT>(a.sc, a.row_of(c_rg), a.n, a.k, c_kt, t);
-        tc_tile_product<T, FMT>(tile, xrow, live, c_kt * 32 * E, nf, nf4_pairs, acc);
+        tc_tile_product<T, FMT, HI>(tile, xrow, live, c_kt * 32 * E, nf, nf4_pairs, acc, xhi, live_hi);
         cstage = cstage + 1 == S ? 0 : cstage + 1;
         if (++c_kt == a.tiles) {
             flush();
@@ -459,21 +467,22 @@ __device__ void stage_attention(const float* partial, const StepRows& rows, cons
 
 // The input rows of a projection staged as its GEMV wants them (one row in registers, several
 // by groups of warps), read through L2.
-template <typename T, bool PAIRS, bool ROWS>
+template <typename T, bool PAIRS, int ROWS>
 __device__ __forceinline__ void stage_input(const T* x, const T* g, float eps, int mode, int m, int k, T* xs) {
-    if (ROWS) stage_rows<T, PAIRS, true>(x, g, eps, mode, m, k, xs);
+    if (ROWS > 1) stage_rows<T, PAIRS, true>(x, g, eps, mode, m, k, xs);
     else stage_row<T, PAIRS, true>(x, g, eps, mode, k, xs);
 }
 
-template <typename T, int FMT, bool ROWS>
+// ROWS: the most rows the instance takes (1, 8 or 16).
+template <typename T, int FMT, int ROWS>
 __device__ void decode_layers(const unsigned long long* layers, int n_layers, T* x, T* qkv, T* h, float* partial,
                               const RowRope<T> rope, const StepRows rows, const LayerDims dm, unsigned* sync) {
     extern __shared__ __align__(16) unsigned char smem[];
     __shared__ uint32_t nf4_pairs[FMT == F_NF4 ? NF4_PAIR_WORDS : 1];
     // Several rows' staged inputs leave room for two tiles a warp.
-    constexpr int TILE = tc_tile_bytes<FMT>(), S = ROWS ? 2 : layer_stages<FMT>(), RS = ROWS ? MAXM : 1;
+    constexpr int TILE = tc_tile_bytes<FMT>(), S = ROWS > 1 ? 2 : layer_stages<FMT>(), RS = ROWS;
     constexpr bool PAIRS = FMT == F_INT4;
-    const int warps = blockDim.x / 32, warp = threadIdx.x / 32, m = ROWS ? rows.m : 1;
+    const int warps = blockDim.x / 32, warp = threadIdx.x / 32, m = ROWS > 1 ? rows.m : 1;
     unsigned char* region = smem + (size_t)warps * S * TILE;
     T* xs = reinterpret_cast<T*>(region);
     float* red = reinterpret_cast<float*>(region + dm.region_bytes);
@@ -537,7 +546,8 @@ __device__ void decode_layers(const unsigned long long* layers, int n_layers, T*
     }
 }
 
-// Two instances per format: one row (its ring of layer_stages tiles), and up to MAXM rows.
+// Three instances per format: one row (its ring of layer_stages tiles), up to 8 rows, and up to
+// 16 (a verify step of 8 proposals; the mma's second half of rows).
 #define DECODE_LAYERS_ROWS(fname, T, FMT, ROWS, suffix)                                                      \
     extern "C" __global__ void __launch_bounds__(256, 1) decode_layers_##fname##suffix(                      \
         const unsigned long long* layers, int n_layers, T* x, T* qkv, T* h, float* partial,                  \
@@ -550,8 +560,9 @@ __device__ void decode_layers(const unsigned long long* layers, int n_layers, T*
         const StepRows rows{lens, long_rows, tables, max_blocks, m};                                         \
         decode_layers<T, FMT, ROWS>(layers, n_layers, x, qkv, h, partial, rope, rows, dm, sync);             \
     }
-#define DECODE_LAYERS(fname, T, FMT) \
-    DECODE_LAYERS_ROWS(fname, T, FMT, false, ) DECODE_LAYERS_ROWS(fname, T, FMT, true, _rows)
+#define DECODE_LAYERS(fname, T, FMT)                                              \
+    DECODE_LAYERS_ROWS(fname, T, FMT, 1, ) DECODE_LAYERS_ROWS(fname, T, FMT, 8, _rows) \
+    DECODE_LAYERS_ROWS(fname, T, FMT, 16, _rows16)
 DECODE_LAYERS(dense_bf16, __nv_bfloat16, F_DENSE)
 DECODE_LAYERS(int8_bf16, __nv_bfloat16, F_INT8)
 DECODE_LAYERS(int4_bf16, __nv_bfloat16, F_INT4)
