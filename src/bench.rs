@@ -42,7 +42,7 @@ pub enum DecodeEngine {
     Graph,
     /// The same kernels launched one by one (what the graph saves).
     Kernels,
-    /// The graph with the decoder layers of a step of up to 8 rows in one persistent kernel
+    /// The graph with the decoder layers of a step of up to 16 rows in one persistent kernel
     /// (`bench decode` of few sequences and the verify steps' cost curve, `bench serve`'s steps
     /// of few rows; dense, INT8, INT4 or NF4 weights; else as `graph`).
     Layers,

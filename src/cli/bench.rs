@@ -74,8 +74,8 @@ pub struct BenchArgs {
     #[arg(long = "lora_dropout", alias = "lora-dropout", default_value_t = 0.05)]
     lora_dropout: f32,
     /// Decode and serve: how a decode step runs (graph: philo's kernels in one CUDA graph;
-    /// kernels: the same launched one by one; layers: the graph with one sequence's decoder
-    /// layers in one persistent kernel; candle: the general forward).
+    /// kernels: the same launched one by one; layers: the graph with the decoder layers of
+    /// steps of up to 16 rows in one persistent kernel; candle: the general forward).
     #[arg(long, value_enum, default_value = "graph")]
     engine: philo::bench::DecodeEngine,
     /// Decode with --speculative: batch 1, greedy, against plain decoding on the same prompt (a

@@ -128,7 +128,7 @@ impl DecodeStep {
         self.inner.runs()
     }
 
-    /// Runs steps without adapters of up to 8 rows (as many as the GPU's shared memory holds
+    /// Runs steps without adapters of up to 16 rows (as many as the GPU's shared memory holds
     /// staged) with every decoder layer in one persistent kernel (`philo_kernels::decode_layers`)
     /// when `on`, else as a launch per kernel (the default); returns the most rows a step now
     /// runs it with (0: none) — on dense, INT8, INT4 or NF4 weights of whole 512-byte tiles, on

@@ -69,7 +69,7 @@ pub enum DecodePath {
     Graph,
     /// The same kernels launched one by one (`PHILO_PROFILE=1` times each).
     Kernels,
-    /// As `Graph`, with the decoder layers of steps of up to 8 rows without adapters in one
+    /// As `Graph`, with the decoder layers of steps of up to 16 rows without adapters in one
     /// persistent kernel (see `DecodeStep::set_persistent_layers`).
     Layers,
     /// The general forward op by op, as vLLM's --enforce-eager.
