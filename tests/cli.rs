@@ -342,6 +342,31 @@ fn greedy_generate_streams_text_and_is_deterministic() {
         curve.iter().all(|c| c["ms"].as_f64().unwrap() > 0.0),
         "{json}"
     );
+    // `--engine layers` (the persistent decode kernel, CUDA only) falls back to the general
+    // forward on the CPU and names the engine that ran.
+    let report = work.path().join("layers.json");
+    let out = run(
+        work.path(),
+        &[
+            "bench",
+            "decode",
+            "--model",
+            model,
+            "--device",
+            "cpu",
+            "--seq",
+            "8",
+            "--new_tokens",
+            "4",
+            "--engine",
+            "layers",
+            "--json",
+            report.to_str().unwrap(),
+        ],
+    );
+    assert_success(&out, "philo bench decode --engine layers");
+    let json = &read_json(&report)[0];
+    assert_eq!(json["engine"], "candle", "{json}");
     // `bench serve` runs its streams through the engine and reports the KV pool it sized for
     // them: 2 streams of 8 + 4 tokens, a block of 16 each, and one for the warm-up request.
     let report = work.path().join("serve.json");
