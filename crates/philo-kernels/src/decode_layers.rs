@@ -1,4 +1,4 @@
-//! Every decoder layer of a one-row decode step in one persistent kernel
+//! Every decoder layer of a decode step of up to 16 rows in one persistent kernel
 //! (`cuda/decode_layers.cu`): one block per multiprocessor runs each layer's projections and
 //! attention as phases separated by grid-wide barriers, and each warp streams its share of the
 //! weights through shared memory in the order it uses them, across phases and layers, so that
