@@ -1,4 +1,4 @@
-// Every decoder layer of a decode step of up to MAXM rows in one persistent kernel (the
+// Every decoder layer of a decode step of up to 16 rows in one persistent kernel (the
 // launch-per-kernel step of decode.cu is its reference: same inputs, same outputs, rounded the
 // same way up to the order of the sums). One block per multiprocessor runs each layer's phases
 // in turn:
