@@ -215,10 +215,13 @@ mod device {
                     .unwrap_or(1);
                 let red = row_groups * 8 * stride * 4;
                 let smem = THREADS / 32 * stages * tile_bytes + region + red;
-                if smem + static_smem(&f)? > limit {
+                let dynamic = limit.saturating_sub(static_smem(&f)?);
+                if smem > dynamic {
                     return Ok(None);
                 }
-                dynamic_smem(&f, smem)?;
+                // The function is shared by every model of the process: allow it all it may
+                // take, not this shape's bytes (a smaller shape loaded later would lower it).
+                dynamic_smem(&f, dynamic)?;
                 // Every block must be resident at once: they wait for each other.
                 let per_sm = f
                     .occupancy_max_active_blocks_per_multiprocessor(THREADS as u32, smem, None)

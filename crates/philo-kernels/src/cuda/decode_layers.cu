@@ -343,10 +343,15 @@ __device__ void attention_phase(const T* qkv, T* k_cache, T* v_cache, const Step
                 for (int e = threadIdx.x; e < 2 * ATT_CHUNK * vecs; e += blockDim.x) {
                     const int which = e / (ATT_CHUNK * vecs), rem = e % (ATT_CHUNK * vecs);
                     const int row = rem / vecs, v = rem % vecs, p = p0 + c * ATT_CHUNK + row;
-                    if (p < p1 && !written(p)) {
+                    T* dst = kb + (size_t)which * ATT_CHUNK * d + row * d + v * 8;
+                    if (p >= p1) {
+                        // Zeros past the split: their weight is 0, and 0 × whatever the shared
+                        // memory held (Inf or NaN from another kernel's bytes) would not be.
+                        cp_async16(dst, k_cache, false);
+                    } else if (!written(p)) {
                         const size_t block = table[p / dm.bs];
                         const T* src = (which ? v_cache : k_cache) + ((block * dm.kv_heads + kh) * dm.bs + p % dm.bs) * d + v * 8;
-                        cp_async16(kb + (size_t)which * ATT_CHUNK * d + row * d + v * 8, src, true);
+                        cp_async16(dst, src, true);
                     }
                 }
             }
@@ -363,7 +368,7 @@ __device__ void attention_phase(const T* qkv, T* k_cache, T* v_cache, const Step
         for (int j = threadIdx.x; j < d; j += blockDim.x) {
             qf[j] = round_to<T>(rotate<T>(own + (size_t)head * d, j, dm.rd, cs, sn));
             if (head % group == 0 && pos >= p0 && pos < p1) {
-                const size_t at = ((table[pos / dm.bs] * dm.kv_heads + kh) * dm.bs + pos % dm.bs) * d + j;
+                const size_t at = (((size_t)table[pos / dm.bs] * dm.kv_heads + kh) * dm.bs + pos % dm.bs) * d + j;
                 k_cache[at] = from_f32<T>(rotate<T>(own + (size_t)(dm.heads + kh) * d, j, dm.rd, cs, sn));
                 v_cache[at] = __ldcg(own + (size_t)(dm.heads + dm.kv_heads + kh) * d + j);
             }
@@ -423,6 +428,10 @@ __device__ void attention_phase(const T* qkv, T* k_cache, T* v_cache, const Step
         cp_async_wait<0>();
         __syncthreads();
     }
+    // A block without an item still waits for the QKV phase before it counts itself done with
+    // this one: otherwise its count could complete the attention's target while blocks are
+    // still writing qkv.
+    if (!waited) grid_wait(sync, target);
 }
 
 // Stages the attention's output for the O projection: each (row, head)'s split results combined
@@ -520,7 +529,7 @@ __device__ void decode_layers(const unsigned long long* layers, int n_layers, T*
         // G0: norm + QKV.
         project(L, 0, [&] { stage_input<T, PAIRS, ROWS>(x, input_norm, dm.eps, IN_RMSNORM, m, dm.hidden, xs); }, qkv,
                 false, false);
-        // A: RoPE, KV write, attention (blocks without an item go straight on).
+        // A: RoPE, KV write, attention (every block waits for G0 first, with an item or without).
         attention_phase<T>(qkv, k_cache, v_cache, rows, rope, partial, region, dm, sync, done * grid);
         grid_arrive(sync);
         ++done;
