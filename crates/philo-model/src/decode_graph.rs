@@ -116,8 +116,10 @@ impl DecodeGraph {
     }
 
     /// Runs every row with `adapter`, unmerged (its products beside the base's, as `philo
-    /// serve` runs a request that names one), from the next prefill on. A graph of a model with
-    /// an adapter attached runs that one and refuses another.
+    /// serve` runs a request that names one). The rows' caches were computed without it, so
+    /// every row is emptied: prefill it again before the next step. A graph of a model with an
+    /// adapter attached runs that one and refuses another; an adapter the step does not take
+    /// is refused and the graph keeps the one it had.
     pub fn set_adapter(&mut self, model: &Phi3, adapter: &Adapter) -> Result<()> {
         if self.attached {
             return Err(err(
@@ -129,6 +131,7 @@ impl DecodeGraph {
         let slot = bank.insert(adapter, model)?;
         self.step.set_adapters(&bank)?;
         if !self.step.has_adapter(slot) {
+            self.step.set_adapters(&self.bank)?;
             return Err(err(format!(
                 "decode graph: the decode step does not take this adapter (ranks up to {} in the model's dtype)",
                 DecodeStep::MAX_RANK
@@ -136,6 +139,7 @@ impl DecodeGraph {
         }
         self.bank = bank;
         self.adapter = Some(slot);
+        self.lengths.fill(0);
         Ok(())
     }
 

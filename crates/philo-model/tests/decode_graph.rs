@@ -770,3 +770,64 @@ fn decode_graph_runs_an_attached_adapter_on_cuda() {
         assert!(graph.set_adapter(&base, &adapter).is_err());
     }
 }
+
+/// The reference adapter padded with zeros to `rank` (the same products; `r` in its config).
+fn padded_adapter(dir: &std::path::Path, rank: usize) -> (tempfile::TempDir, Adapter) {
+    let tmp = tempfile::tempdir().unwrap();
+    let tensors: std::collections::HashMap<String, candle_core::Tensor> =
+        candle_core::safetensors::load(dir.join("adapter/adapter_model.safetensors"), &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .map(|(name, t)| {
+                // lora_A [r, in] grows rows, lora_B [out, r] columns.
+                let axis = if name.contains("lora_A") { 0 } else { 1 };
+                let missing = rank - t.dim(axis).unwrap();
+                let mut shape = t.dims().to_vec();
+                shape[axis] = missing;
+                let zeros = candle_core::Tensor::zeros(shape, t.dtype(), &Device::Cpu).unwrap();
+                (name, candle_core::Tensor::cat(&[&t, &zeros], axis).unwrap())
+            })
+            .collect();
+    let mut config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    config["r"] = rank.into();
+    std::fs::write(tmp.path().join("adapter_config.json"), config.to_string()).unwrap();
+    candle_core::safetensors::save(&tensors, tmp.path().join("adapter_model.safetensors")).unwrap();
+    let adapter = Adapter::load(tmp.path()).unwrap();
+    (tmp, adapter)
+}
+
+/// An adapter the step does not take (rank past `DecodeStep::MAX_RANK`) is refused and the
+/// graph goes on with the one it had, step for step as if the refusal had not been asked for;
+/// a new adapter empties the rows (their caches were computed without it).
+#[test]
+fn decode_graph_keeps_its_adapter_when_it_refuses_one_on_cuda() {
+    let Some(device) = cuda_device() else {
+        return;
+    };
+    let dir = case_dir("mini4k");
+    let (_guard, adapter) = negated_adapter(&dir);
+    let (_wide_guard, wide) = padded_adapter(&dir, DecodeStep::MAX_RANK + 32);
+    let model = load_case_bf16("mini4k", &device, WeightFormat::Dense);
+    let run = |refuse: bool| -> Vec<f32> {
+        let mut graph = DecodeGraph::new(&model, 1, 64, true).unwrap().unwrap();
+        graph.set_adapter(&model, &adapter).unwrap();
+        if refuse {
+            assert!(graph.set_adapter(&model, &wide).is_err());
+        }
+        graph.prefill(&model, 0, &[1, 5, 9, 13], false).unwrap();
+        graph.step(&[7]).unwrap();
+        graph.step(&[11]).unwrap();
+        graph.logits().unwrap()
+    };
+    assert_eq!(run(false), run(true));
+    let mut graph = DecodeGraph::new(&model, 1, 64, true).unwrap().unwrap();
+    graph.prefill(&model, 0, &[1, 5, 9, 13], false).unwrap();
+    graph.set_adapter(&model, &adapter).unwrap();
+    assert!(
+        graph.step(&[7]).is_err(),
+        "a row prefilled without the adapter decoded with it"
+    );
+}
