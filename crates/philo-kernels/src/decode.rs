@@ -811,8 +811,9 @@ mod device {
         }
 
         /// The tensor-core GEMV for `g` with its stages, grid and shared memory, or None where
-        /// it does not apply (NF4, INT4 groups other than 128, k not a whole number of 512-byte
-        /// tiles, or tiles that do not fit in shared memory): then the FMA kernel runs.
+        /// it does not apply (INT4 groups other than 128, NF4 second-level blocks not a multiple
+        /// of 16, k not a whole number of 512-byte tiles, or tiles that do not fit in shared
+        /// memory): then the FMA kernel runs.
         fn tensor_core_plan(
             &self,
             g: &Gemv,

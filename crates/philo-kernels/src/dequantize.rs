@@ -36,10 +36,12 @@ mod device {
     use super::*;
     use crate::launch::*;
 
-    /// Whether the kernel takes a `[rows, cols]` matrix stored in `t` (u8): on CUDA, rows of
-    /// whole 8-element runs, the storage 8-byte aligned where it starts.
-    fn takes(t: &Tensor, cols: usize) -> bool {
+    /// Whether the kernel takes a `[rows, cols]` matrix stored in `t` (u8) into `dtype`: on
+    /// CUDA, into f32, bf16 or f16, rows of whole 8-element runs, the storage 8-byte aligned
+    /// where it starts.
+    fn takes(t: &Tensor, cols: usize, dtype: DType) -> bool {
         t.device().is_cuda()
+            && matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
             && cols.is_multiple_of(8)
             && t.is_contiguous()
             && t.layout().start_offset().is_multiple_of(8)
@@ -47,7 +49,7 @@ mod device {
 
     pub fn int8(w: &Int8Weight, dtype: DType) -> Result<Option<Tensor>> {
         let (rows, cols) = w.shape();
-        if !takes(w.codes(), cols) || !w.absmax().is_contiguous() {
+        if !takes(w.codes(), cols, dtype) || !w.absmax().is_contiguous() {
             return Ok(None);
         }
         let dev = device(w.codes())?;
@@ -71,7 +73,7 @@ mod device {
     pub fn int4(w: &Int4Weight, dtype: DType) -> Result<Option<Tensor>> {
         let (rows, cols) = w.shape();
         let group = w.group();
-        if !takes(w.packed(), cols)
+        if !takes(w.packed(), cols, dtype)
             || !group.is_multiple_of(8)
             || !cols.is_multiple_of(group)
             || !w.scales().is_contiguous()

@@ -276,7 +276,6 @@ __device__ __forceinline__ uint32_t int8_pair(uint32_t u, int j) {
     return Mma<T>::pack(lo, hi);
 }
 
-// Bytes of one warp tile in shared memory: 8 rows × 512, and for INT4 the tile's 8 × 8 scales.
 // Bytes of one warp tile in shared memory: 8 rows × 512, and the tile's scales: INT4's 8 × 8
 // groups of 128, NF4's 8 × 16 blocks of 64 (f32, or their 8-bit codes when double-quantised).
 template <int FMT> constexpr int tc_tile_bytes() { return 8 * 512 + (FMT == F_INT4 ? 256 : FMT == F_NF4 ? 512 : 0); }
