@@ -145,13 +145,21 @@ pub fn decode(
     if engine != DecodeEngine::Candle {
         let capture = engine != DecodeEngine::Kernels;
         let capacity = prompt_len + new_tokens + 1;
-        if let Some(mut graph) = philo_model::DecodeGraph::new(model, batch, capacity, capture)? {
+        // The persistent kernel where it takes the batch (with 9-16 sequences on a quantised
+        // base, the only graph that does), else the launch-per-kernel graph.
+        let layers = match engine == DecodeEngine::Layers && adapter.is_none() {
+            true => philo_model::DecodeGraph::with_persistent_layers(model, batch, capacity, true)?,
+            false => None,
+        };
+        let persistent = layers.is_some();
+        let graph = match layers {
+            Some(graph) => Some(graph),
+            None => philo_model::DecodeGraph::new(model, batch, capacity, capture)?,
+        };
+        if let Some(mut graph) = graph {
             if let Some(adapter) = adapter {
                 graph.set_adapter(model, adapter)?;
             }
-            let persistent = engine == DecodeEngine::Layers
-                && adapter.is_none()
-                && graph.set_persistent_layers(true) >= batch;
             let ran = match engine {
                 DecodeEngine::Layers if !persistent => DecodeEngine::Graph,
                 other => other,
@@ -300,8 +308,8 @@ fn cost_curve(
 /// from 1,024, twice, so prompt lookup finds matches; `scripts/write_random_phi3.py
 /// --copy_cycle 64` writes a model that repeats it), plain and speculating with `draft` (a
 /// model with the same vocabulary) or by prompt lookup, proposing at most `max_tokens` a step;
-/// both on the decode graph where the model has one; the verify steps' cost curve with the
-/// persistent layers kernel when `persistent`.
+/// both on the decode graph where the model has one, its layers (and the verify steps' cost
+/// curve) in the persistent kernel when `persistent`.
 pub fn speculative_decode(
     model: &Phi3,
     draft: Option<&Phi3>,
@@ -323,7 +331,10 @@ pub fn speculative_decode(
                 None => stream.with_speculation(max_tokens),
             };
         }
-        let mut stream = stream.use_decode_graph(new_tokens + 1)?;
+        let mut stream = match persistent {
+            true => stream.use_persistent_decode_graph(new_tokens + 1)?,
+            false => stream.use_decode_graph(new_tokens + 1)?,
+        };
         // The first token (the prefill) is not timed.
         let mut out = vec![stream.next_token()?];
         synchronize(model.device())?;

@@ -53,6 +53,29 @@ impl DecodeGraph {
     /// every row, from the step's own copy of its weights. `capture` false runs the same
     /// kernels launch by launch (for measuring what the graph saves).
     pub fn new(model: &Phi3, rows: usize, capacity: usize, capture: bool) -> Result<Option<Self>> {
+        Self::build(model, rows, capacity, capture, false)
+    }
+
+    /// [`DecodeGraph::new`] with the decoder layers in one persistent kernel (see
+    /// [`DecodeGraph::set_persistent_layers`]), or None where the kernel does not take `rows`
+    /// either: so that a quantised base decodes 9 to 16 sequences, which the GEMV does not
+    /// take. Turning the kernel off on such a graph makes its steps fail.
+    pub fn with_persistent_layers(
+        model: &Phi3,
+        rows: usize,
+        capacity: usize,
+        capture: bool,
+    ) -> Result<Option<Self>> {
+        Self::build(model, rows, capacity, capture, true)
+    }
+
+    fn build(
+        model: &Phi3,
+        rows: usize,
+        capacity: usize,
+        capture: bool,
+        persistent: bool,
+    ) -> Result<Option<Self>> {
         if !model.device().is_cuda() || rows == 0 {
             return Ok(None);
         }
@@ -92,6 +115,9 @@ impl DecodeGraph {
             if !step.has_adapter(slot) {
                 return Ok(None);
             }
+        }
+        if persistent && step.set_persistent_layers(true) < rows {
+            return Ok(None);
         }
         if !step.takes(rows) {
             return Ok(None);

@@ -712,6 +712,8 @@ mod imp {
                     model.layers.len() * MODULES.len() * DecodeStep::MAX_ADAPTERS * 3,
                 )?,
             };
+            // Off by default and not yet run on every GPU: a failure to load it leaves the
+            // launch-per-kernel step, which every step can run.
             let persistent = persistent_layers(
                 &layers,
                 &caches,
@@ -720,7 +722,11 @@ mod imp {
                 block_size,
                 dtype,
                 device,
-            )?;
+            )
+            .unwrap_or_else(|e| {
+                eprintln!("warning: the persistent layers kernel did not load ({e}); decode steps launch their kernels one by one");
+                None
+            });
             let inner = Inner {
                 persistent,
                 kernels,
@@ -869,7 +875,7 @@ mod imp {
                 self.seen.retain(|key| key.0 > max_rows);
             }
             if on {
-                max_rows
+                max_rows.min(self.max_rows)
             } else {
                 0
             }

@@ -47,12 +47,12 @@ fn check_case_with(
 ) {
     let vocab = model.config().vocab_size;
     let capacity = prompt_lens.iter().max().unwrap() + steps + 1;
-    let mut graph = DecodeGraph::new(model, rows, capacity, capture)
-        .unwrap()
-        .expect("the graph takes this model");
-    if persistent {
-        assert!(graph.set_persistent_layers(true) >= rows, "{rows} rows");
+    let mut graph = match persistent {
+        true => DecodeGraph::with_persistent_layers(model, rows, capacity, capture),
+        false => DecodeGraph::new(model, rows, capacity, capture),
     }
+    .unwrap()
+    .unwrap_or_else(|| panic!("the graph takes this model with {rows} rows"));
     let rotary = model.rotary();
     let mut seqs: Vec<Vec<u32>> = (0..rows)
         .map(|r| prompt(r as u32 + 1, prompt_lens[r], vocab))
@@ -651,10 +651,10 @@ fn persistent_case(model: &Phi3, prompt_len: usize, steps: usize, tol: f32) {
 /// The persistent layers kernel on Phi-3-mini's widths (3,072 hidden, 32 heads of 96; a
 /// narrower MLP of 2,048 and 2 layers, to keep the test small) in bf16, INT8, INT4 and NF4 (its
 /// block scales plain and double-quantised): a 300-token prompt (each head's positions split
-/// over three blocks), a short one, three sequences (twelve on the dense base), verify steps of
-/// 9, 8 and 3 rows, and, with 8 key/value heads, a sliding window of 64 crossed while decoding
-/// (one and two sequences, and a verify step across it); LongRoPE's switch with a partial
-/// rotation. The fixtures' shapes (widths of 128) do not take it.
+/// over three blocks), a short one, three and twelve sequences (past the GEMV's 8 rows), verify
+/// steps of 9, 8 and 3 rows, and, with 8 key/value heads, a sliding window of 64 crossed while
+/// decoding (one and two sequences, and a verify step across it); LongRoPE's switch with a
+/// partial rotation. The fixtures' shapes (widths of 128) do not take it.
 #[test]
 fn persistent_layers_match_the_full_forward_on_cuda() {
     let Some(device) = cuda_device() else {
@@ -721,17 +721,16 @@ fn persistent_layers_match_the_full_forward_on_cuda() {
         // 9 rows (8 proposals: the mma's second half of rows), which a quantised base has no
         // other path for (on the full shape NF4's table leaves no room for them).
         verify_case_with(&model, 40, 8, 8, tol, true);
-        if format == WeightFormat::Dense {
-            check_case_with(
-                &model,
-                12,
-                &[5, 17, 1, 9, 3, 30, 2, 11, 7, 4, 60, 6],
-                4,
-                true,
-                tol,
-                true,
-            );
-        }
+        // 12 sequences: on a quantised base only the persistent kernel takes more than 8.
+        check_case_with(
+            &model,
+            12,
+            &[5, 17, 1, 9, 3, 30, 2, 11, 7, 4, 60, 6],
+            4,
+            true,
+            tol,
+            true,
+        );
         let model =
             Phi3::load_as(&windowed, &windowed_weights, DType::BF16, &device, format).unwrap();
         persistent_case(&model, 50, 30, tol);
