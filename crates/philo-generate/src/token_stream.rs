@@ -107,10 +107,27 @@ impl<'m> TokenStream<'m> {
     /// philo's kernels read; an attached adapter runs unmerged), with room for `max_new_tokens` more
     /// tokens; elsewhere, or past that room, the stream runs as before. Call before the first
     /// token.
-    pub fn use_decode_graph(mut self, max_new_tokens: usize) -> Result<Self> {
+    pub fn use_decode_graph(self, max_new_tokens: usize) -> Result<Self> {
+        self.decode_graph(max_new_tokens, false)
+    }
+
+    /// [`TokenStream::use_decode_graph`] with the graph's decoder layers in one persistent
+    /// kernel where it takes the model (`DecodeGraph::with_persistent_layers`; off by default
+    /// until measured), else the launch-per-kernel graph.
+    pub fn use_persistent_decode_graph(self, max_new_tokens: usize) -> Result<Self> {
+        self.decode_graph(max_new_tokens, true)
+    }
+
+    fn decode_graph(mut self, max_new_tokens: usize, persistent: bool) -> Result<Self> {
         let context = self.model.config().max_position_embeddings;
         let capacity = (self.tokens.len() + max_new_tokens).min(context);
-        self.graph = DecodeGraph::new(self.model, 1, capacity, true)?;
+        self.graph = match persistent {
+            true => DecodeGraph::with_persistent_layers(self.model, 1, capacity, true)?,
+            false => None,
+        };
+        if self.graph.is_none() {
+            self.graph = DecodeGraph::new(self.model, 1, capacity, true)?;
+        }
         if let (Some(_), Some((proposer, _))) = (&self.graph, self.speculation.as_mut()) {
             proposer.use_decode_graph(capacity)?;
         }
