@@ -224,7 +224,12 @@ impl EngineHandle {
         };
         if let Some(decode) = decode.as_mut() {
             decode.set_adapters(&bank)?;
-            decode.set_persistent_layers(config.decode_path == DecodePath::Layers);
+            let layers = config.decode_path == DecodePath::Layers;
+            if decode.set_persistent_layers(layers) == 0 && layers {
+                eprintln!(
+                    "philo serve: the persistent layers kernel does not take this model; decode steps run as a CUDA graph of one launch per kernel"
+                );
+            }
         }
         let (tx, rx) = mpsc::channel();
         let scheduler = Scheduler::new(SchedulerConfig {
