@@ -50,6 +50,8 @@ if [[ -z "${PHILO:-}" ]]; then
     PHILO="$root/target/debug/philo"
 fi
 [[ -x "$PHILO" ]] || { echo "schemathesis.sh: $PHILO is not an executable" >&2; exit 2; }
+# The server starts from a temporary folder: a relative path would not reach the binary there.
+PHILO="$(realpath "$PHILO")"
 
 work="$(mktemp -d)"
 server_pid=""
