@@ -48,6 +48,7 @@ bench() { # bench LABEL BINARY ARGS...: the result lines of one `philo bench`
 }
 
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv,noheader
+echo "bundle $bundle: $(cat "$bundle/commit" 2>/dev/null)${baseline:+; baseline $BASELINE: $(cat "$BASELINE/commit" 2>/dev/null)}"
 for part in "$@"; do
   echo "== $part [${SECONDS}s]"
   case $part in

@@ -43,5 +43,7 @@ philo-model paged paged
 philo-serve engine engine
 philo hf_parity hf_parity
 EOF
-# Where the test binaries look for tests/fixtures (their CARGO_MANIFEST_DIR, compiled in).
+# Where the test binaries look for tests/fixtures (their CARGO_MANIFEST_DIR, compiled in), and
+# the commit they were built from.
 echo "$repo" > "$out/built_at"
+git describe --always --dirty > "$out/commit"
