@@ -31,7 +31,7 @@ SECONDS=0
 unpack() { # unpack BUNDLE NAME -> path of the executable
   local dest
   dest=/tmp/bundle-$(echo "$1" | tr / _)-$2
-  [ -x "$dest" ] || { xz -dc "$1/$2.xz" > "$dest" && chmod +x "$dest"; }
+  xz -dc "$1/$2.xz" > "$dest" && chmod +x "$dest"
   echo "$dest"
 }
 philo=$(unpack "$bundle" philo)
