@@ -724,7 +724,7 @@ mod imp {
                 device,
             )
             .unwrap_or_else(|e| {
-                eprintln!("warning: the persistent layers kernel did not load ({e}); decode steps launch their kernels one by one");
+                eprintln!("warning: the persistent layers kernel did not load ({e}); decode steps run without it");
                 None
             });
             let inner = Inner {
