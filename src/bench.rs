@@ -147,21 +147,16 @@ pub fn decode(
         let capacity = prompt_len + new_tokens + 1;
         // The persistent kernel where it takes the batch (with 9-16 sequences on a quantised
         // base, the only graph that does), else the launch-per-kernel graph.
-        let layers = match engine == DecodeEngine::Layers && adapter.is_none() {
+        let graph = match engine == DecodeEngine::Layers && adapter.is_none() {
             true => philo_model::DecodeGraph::with_persistent_layers(model, batch, capacity, true)?,
-            false => None,
-        };
-        let persistent = layers.is_some();
-        let graph = match layers {
-            Some(graph) => Some(graph),
-            None => philo_model::DecodeGraph::new(model, batch, capacity, capture)?,
+            false => philo_model::DecodeGraph::new(model, batch, capacity, capture)?,
         };
         if let Some(mut graph) = graph {
             if let Some(adapter) = adapter {
                 graph.set_adapter(model, adapter)?;
             }
             let ran = match engine {
-                DecodeEngine::Layers if !persistent => DecodeEngine::Graph,
+                DecodeEngine::Layers if !graph.persistent_layers() => DecodeEngine::Graph,
                 other => other,
             };
             return decode_graph(model, graph, batch, prompt_len, new_tokens, ran);

@@ -123,11 +123,8 @@ impl<'m> TokenStream<'m> {
         let capacity = (self.tokens.len() + max_new_tokens).min(context);
         self.graph = match persistent {
             true => DecodeGraph::with_persistent_layers(self.model, 1, capacity, true)?,
-            false => None,
+            false => DecodeGraph::new(self.model, 1, capacity, true)?,
         };
-        if self.graph.is_none() {
-            self.graph = DecodeGraph::new(self.model, 1, capacity, true)?;
-        }
         if let (Some(_), Some((proposer, _))) = (&self.graph, self.speculation.as_mut()) {
             proposer.use_decode_graph(capacity)?;
         }

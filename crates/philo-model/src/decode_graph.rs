@@ -39,6 +39,8 @@ pub struct DecodeGraph {
     adapter: Option<usize>,
     /// The adapter is the one attached to the model: its prefills apply it themselves.
     attached: bool,
+    /// Steps of every row run their decoder layers in the persistent kernel.
+    persistent: bool,
 }
 
 fn err(message: String) -> ModelError {
@@ -56,10 +58,11 @@ impl DecodeGraph {
         Self::build(model, rows, capacity, capture, false)
     }
 
-    /// [`DecodeGraph::new`] with the decoder layers in one persistent kernel (see
-    /// [`DecodeGraph::set_persistent_layers`]), or None where the kernel does not take `rows`
-    /// either: so that a quantised base decodes 9 to 16 sequences, which the GEMV does not
-    /// take. Turning the kernel off on such a graph makes its steps fail.
+    /// [`DecodeGraph::new`] with the decoder layers in one persistent kernel where it takes
+    /// `rows` sequences (see [`DecodeGraph::set_persistent_layers`];
+    /// [`DecodeGraph::persistent_layers`] says whether it did), else as `new` builds it: so
+    /// that a quantised base also decodes 9 to 16 sequences, which the GEMV does not take.
+    /// Turning the kernel off on such a graph makes its steps fail.
     pub fn with_persistent_layers(
         model: &Phi3,
         rows: usize,
@@ -116,8 +119,9 @@ impl DecodeGraph {
                 return Ok(None);
             }
         }
-        if persistent && step.set_persistent_layers(true) < rows {
-            return Ok(None);
+        let persistent = persistent && step.set_persistent_layers(true) >= rows;
+        if !persistent {
+            step.set_persistent_layers(false);
         }
         if !step.takes(rows) {
             return Ok(None);
@@ -138,6 +142,7 @@ impl DecodeGraph {
             bank,
             adapter: attached,
             attached: attached.is_some(),
+            persistent,
         }))
     }
 
@@ -173,7 +178,14 @@ impl DecodeGraph {
     /// one persistent kernel when `on` (see [`DecodeStep::set_persistent_layers`]); returns the
     /// most rows a step runs it with (0: none).
     pub fn set_persistent_layers(&mut self, on: bool) -> usize {
-        self.step.set_persistent_layers(on)
+        let most = self.step.set_persistent_layers(on);
+        self.persistent = most >= self.rows();
+        most
+    }
+
+    /// Whether steps of every row run their decoder layers in the persistent kernel.
+    pub fn persistent_layers(&self) -> bool {
+        self.persistent
     }
 
     /// Sequences the graph decodes together.

@@ -53,6 +53,10 @@ fn check_case_with(
     }
     .unwrap()
     .unwrap_or_else(|| panic!("the graph takes this model with {rows} rows"));
+    assert!(
+        !persistent || graph.persistent_layers(),
+        "the persistent kernel takes {rows} rows"
+    );
     let rotary = model.rotary();
     let mut seqs: Vec<Vec<u32>> = (0..rows)
         .map(|r| prompt(r as u32 + 1, prompt_lens[r], vocab))
@@ -772,30 +776,18 @@ fn decode_graph_runs_an_attached_adapter_on_cuda() {
 
 /// The reference adapter padded with zeros to `rank` (the same products; `r` in its config).
 fn padded_adapter(dir: &std::path::Path, rank: usize) -> (tempfile::TempDir, Adapter) {
-    let tmp = tempfile::tempdir().unwrap();
-    let tensors: std::collections::HashMap<String, candle_core::Tensor> =
-        candle_core::safetensors::load(dir.join("adapter/adapter_model.safetensors"), &Device::Cpu)
-            .unwrap()
-            .into_iter()
-            .map(|(name, t)| {
-                // lora_A [r, in] grows rows, lora_B [out, r] columns.
-                let axis = if name.contains("lora_A") { 0 } else { 1 };
-                let missing = rank - t.dim(axis).unwrap();
-                let mut shape = t.dims().to_vec();
-                shape[axis] = missing;
-                let zeros = candle_core::Tensor::zeros(shape, t.dtype(), &Device::Cpu).unwrap();
-                (name, candle_core::Tensor::cat(&[&t, &zeros], axis).unwrap())
-            })
-            .collect();
-    let mut config: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("adapter/adapter_config.json")).unwrap(),
+    rewritten_adapter(
+        dir,
+        |name, t| {
+            // lora_A [r, in] grows rows, lora_B [out, r] columns.
+            let axis = if name.contains("lora_A") { 0 } else { 1 };
+            let mut shape = t.dims().to_vec();
+            shape[axis] = rank - shape[axis];
+            let zeros = candle_core::Tensor::zeros(shape, t.dtype(), &Device::Cpu).unwrap();
+            candle_core::Tensor::cat(&[&t, &zeros], axis).unwrap()
+        },
+        |config| config["r"] = rank.into(),
     )
-    .unwrap();
-    config["r"] = rank.into();
-    std::fs::write(tmp.path().join("adapter_config.json"), config.to_string()).unwrap();
-    candle_core::safetensors::save(&tensors, tmp.path().join("adapter_model.safetensors")).unwrap();
-    let adapter = Adapter::load(tmp.path()).unwrap();
-    (tmp, adapter)
 }
 
 /// An adapter the step does not take (rank past `DecodeStep::MAX_RANK`) is refused and the
