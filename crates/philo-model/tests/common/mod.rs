@@ -92,25 +92,40 @@ pub fn last_logits(model: &Phi3, ids: &[u32]) -> Tensor {
 /// A second adapter for `dir`'s (mini4k's): the same A, B negated and scaled by 1.5, written as
 /// PEFT files into a temporary folder (kept alive by the returned guard).
 pub fn negated_adapter(dir: &Path) -> (tempfile::TempDir, philo_model::Adapter) {
+    rewritten_adapter(
+        dir,
+        |name, t| match name.contains("lora_B") {
+            true => (t * -1.5).unwrap(),
+            false => t,
+        },
+        |_| {},
+    )
+}
+
+/// `dir`'s (mini4k's) adapter with each tensor passed through `tensor` (given its name) and
+/// its config through `config`, written as PEFT files into a temporary folder (kept alive by
+/// the returned guard).
+pub fn rewritten_adapter(
+    dir: &Path,
+    tensor: impl Fn(&str, Tensor) -> Tensor,
+    config: impl FnOnce(&mut serde_json::Value),
+) -> (tempfile::TempDir, philo_model::Adapter) {
     let tmp = tempfile::tempdir().unwrap();
     let tensors: std::collections::HashMap<String, Tensor> =
         candle_core::safetensors::load(dir.join("adapter/adapter_model.safetensors"), &Device::Cpu)
             .unwrap()
             .into_iter()
             .map(|(name, t)| {
-                let t = if name.contains("lora_B") {
-                    (t * -1.5).unwrap()
-                } else {
-                    t
-                };
+                let t = tensor(&name, t);
                 (name, t)
             })
             .collect();
-    std::fs::copy(
-        dir.join("adapter/adapter_config.json"),
-        tmp.path().join("adapter_config.json"),
+    let mut json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("adapter/adapter_config.json")).unwrap(),
     )
     .unwrap();
+    config(&mut json);
+    std::fs::write(tmp.path().join("adapter_config.json"), json.to_string()).unwrap();
     candle_core::safetensors::save(&tensors, tmp.path().join("adapter_model.safetensors")).unwrap();
     let adapter = philo_model::Adapter::load(tmp.path()).unwrap();
     (tmp, adapter)
